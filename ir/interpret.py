@@ -1,0 +1,71 @@
+"""The numpy reference interpreter: the ground truth every pass and backend is checked against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reshift.errors import InputError
+from reshift.ir.graph import Graph, Value
+from reshift.ir.ops import get_op, resolve_symbolic_attrs
+from reshift.ir.types import numpy_dtype, split_dim
+
+
+def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.ndarray], dict[str, int]]:
+    """Check names, dtypes and shapes of ``inputs`` against the graph; bind symbolic dims."""
+    expected = {v.name: v for v in graph.inputs}
+    missing = sorted(set(expected) - set(inputs))
+    unexpected = sorted(set(inputs) - set(expected))
+    if missing or unexpected:
+        raise InputError(
+            f"graph {graph.name} takes inputs {sorted(expected)}; "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {unexpected}" if unexpected else "")
+        )
+    bindings: dict[str, int] = {}
+    env: dict[Value, np.ndarray] = {}
+    for name, value in expected.items():
+        array = np.asarray(inputs[name])
+        if array.dtype != numpy_dtype(value.dtype):
+            raise InputError(f"input {name!r}: expected dtype {value.dtype}, got {array.dtype} (cast it first)")
+        if array.ndim != value.type.rank:
+            raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape}")
+        for axis, (dim, actual) in enumerate(zip(value.shape, array.shape)):
+            coefficient, symbol = split_dim(dim)
+            if symbol is None:
+                if actual != coefficient:
+                    raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape} (axis {axis})")
+            elif actual % coefficient or bindings.setdefault(symbol, actual // coefficient) != actual // coefficient:
+                raise InputError(f"input {name!r}: axis {axis} is {actual}, inconsistent with {symbol}={bindings[symbol]}")
+        env[value] = array
+    return env, bindings
+
+
+def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False) -> dict[str, np.ndarray]:
+    """Run ``graph`` on numpy arrays; returns ``{output name: array}``.
+
+    With ``return_all`` every value computed is returned, keyed by value name.
+    """
+    env, bindings = bind_inputs(graph, inputs)
+    env.update({c: c.data for c in graph.constants.values()})
+    for node in graph.nodes:
+        opdef = get_op(node.op)
+        attrs = resolve_symbolic_attrs(opdef, node.attrs, bindings)
+        args = [env[v] if v is not None else None for v in node.inputs]
+        with np.errstate(all="ignore"):
+            results = opdef.reference(*args, **attrs)
+        results = results if isinstance(results, tuple) else (results,)
+        for value, array in zip(node.outputs, results):
+            array = np.asarray(array)
+            expected_shape = value.type.concrete_shape(bindings)
+            if array.shape != expected_shape or array.dtype != numpy_dtype(value.dtype):
+                raise AssertionError(
+                    f"reference of {node.op} (node {node.name}) produced {array.dtype}{list(array.shape)}, "
+                    f"expected {value.type} = {list(expected_shape)}: a bug in ir/ops.py"
+                )
+            env[value] = array
+    if return_all:
+        return {v.name: a for v, a in env.items()}
+    return {v.name: env[v] for v in graph.outputs}

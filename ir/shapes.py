@@ -1,0 +1,66 @@
+"""Shape-inference helpers shared by the op declarations in :mod:`reshift.ir.ops`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from reshift.errors import IRTypeError
+from reshift.ir.numpy_kernels import pool_output_size
+from reshift.ir.types import Dim, TensorType, dim_div, dims_product, split_dim
+
+
+def normalize_axis(axis: int, rank: int, op: str = "") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise IRTypeError(f"{op}: axis {axis} out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def broadcast_shapes(*shapes: Sequence[Dim], op: str = "") -> tuple[Dim, ...]:
+    """Numpy broadcasting of shapes with symbolic dims (equal, or one side is 1)."""
+    rank = max(len(s) for s in shapes)
+    padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    result: list[Dim] = []
+    for dims in zip(*padded):
+        distinct = {d for d in dims if d != 1}
+        if len(distinct) > 1:
+            raise IRTypeError(f"{op}: shapes {[tuple(s) for s in shapes]} do not broadcast")
+        result.append(distinct.pop() if distinct else 1)
+    return tuple(result)
+
+
+def reshape_shape(src: Sequence[Dim], target: Sequence[Dim], op: str = "reshape") -> tuple[Dim, ...]:
+    """Resolve a reshape target (one ``-1`` allowed) against the source shape."""
+    if sum(1 for d in target if d == -1) > 1:
+        raise IRTypeError(f"{op}: more than one -1 in target shape {list(target)}")
+    total = dims_product(list(src))
+    known = [d for d in target if d != -1]
+    if -1 in target:
+        inferred = dim_div(total, dims_product(known))
+        result = tuple(inferred if d == -1 else d for d in target)
+    else:
+        result = tuple(target)
+    if split_dim(dims_product(list(result))) != split_dim(total):
+        raise IRTypeError(f"{op}: cannot reshape {tuple(src)} into {tuple(target)}")
+    return result
+
+
+def window_output(x: TensorType, kernel, stride, padding, dilation, ceil_mode=False) -> tuple[Dim, Dim]:
+    """Spatial output size of a 2-D convolution or pooling window over NCHW input."""
+    h, w = x.shape[2], x.shape[3]
+    if isinstance(h, str) or isinstance(w, str):
+        raise IRTypeError("spatial dimensions must be static")
+    top, left, bottom, right = padding
+    return (
+        pool_output_size(h, kernel[0], stride[0], top, bottom, dilation[0], ceil_mode),
+        pool_output_size(w, kernel[1], stride[1], left, right, dilation[1], ceil_mode),
+    )
+
+
+def require_rank(t: TensorType, rank: int, op: str, what: str = "input") -> None:
+    if t.rank != rank:
+        raise IRTypeError(f"{op}: {what} must have rank {rank}, got {t}")
+
+
+def require_float(t: TensorType, op: str) -> None:
+    if t.dtype not in ("float32", "float16", "bfloat16"):
+        raise IRTypeError(f"{op}: expected a float tensor, got {t}")
