@@ -138,8 +138,11 @@ class Graph:
 
     def add_constant(self, array: np.ndarray, name: str | None = None) -> Value:
         array = np.asarray(array)
-        name = name if name is not None and not self.name_taken(name) else None
-        value = Value(name or self.fresh_name("c"), TensorType.of(array), array)
+        if name is None or self.name_taken(name):
+            name = self.fresh_name(name or "c")
+        else:
+            self._taken_names().add(name)
+        value = Value(name, TensorType.of(array), array)
         self.constants[value.name] = value
         return value
 

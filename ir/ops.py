@@ -492,7 +492,7 @@ def _transpose_infer(x, perm):
     return [x.with_shape([x.shape[p] for p in perm])]
 
 
-register("transpose", ["x"], {"perm": Attr("ints")}, _transpose_infer, np.transpose, "permute axes", tags={"layout"})
+register("transpose", ["x"], {"perm": Attr("ints")}, _transpose_infer, lambda x, perm: np.transpose(x, perm), "permute axes", tags={"layout"})
 
 
 def _concat_infer(*xs, axis):
