@@ -150,7 +150,7 @@ for _name, _fn in UNARY_FLOAT.items():
     register(_name, ["x"], {}, _float_same, _fn, f"elementwise {_name}", tags={"elementwise", "unary"})
 
 register("neg", ["x"], {}, _same, np.negative, "elementwise -x", tags={"elementwise", "unary"})
-register("abs", ["x"], {}, _same, np.abs, "elementwise |x|", tags={"elementwise", "unary"})
+register("abs", ["x"], {}, _same, np.abs, "elementwise absolute value", tags={"elementwise", "unary"})
 register("identity", ["x"], {}, _same, lambda x: x, "no-op copy", tags={"elementwise", "unary"})
 register(
     "gelu",

@@ -1,0 +1,39 @@
+# reshift: `make demo` and `make test` work on a fresh machine with only python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test test-fast bench ops-table lint clean
+
+# torch 2.13.0 first: it is the CPU wheel on these machines; any other version pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python examples/quickstart.py
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/agreement.py
+
+ops-table: install
+	$(BIN)/python -c "from pathlib import Path; from reshift.ir.op_table import splice_into; p = Path('README.md'); p.write_text(splice_into(p.read_text()))"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
