@@ -621,6 +621,22 @@ register(
 )
 
 
+def _arange_infer(shape, start, step, dtype):
+    if len(shape) != 1:
+        raise IRTypeError(f"arange: shape must hold one dimension (the length), got {list(shape)}")
+    return [TensorType(tuple(shape), dtype)]
+
+
+register(
+    "arange",
+    [],
+    {"shape": Attr("shape"), "start": Attr("float", 0.0), "step": Attr("float", 1.0), "dtype": Attr("dtype", "int64")},
+    _arange_infer,
+    lambda shape, start, step, dtype: (start + step * np.arange(shape[0])).astype(numpy_dtype(dtype)),
+    "start + step * [0, 1, ..., length-1]; the length (shape[0]) may be the batch symbol",
+)
+
+
 def resolve_symbolic_attrs(opdef: OpDef, attrs: dict[str, Any], bindings: dict[str, int]) -> dict[str, Any]:
     """Replace symbolic dimensions in ``shape`` attributes by their bound values."""
     return {

@@ -1,7 +1,7 @@
 """Graph rewrites: rules, the pass manager and the named pipelines.
 
-    g2, report = reshift.passes.run(g, pipeline="exact")
-    print(report)
+g2, report = reshift.passes.run(g, pipeline="exact")
+print(report)
 """
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ import numpy as np
 
 from reshift.errors import PassError
 from reshift.ir.graph import Graph
+from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
 from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
 from reshift.passes.pattern import Any, Const, Match, Op, Opt
 from reshift.passes.rules import Rule, apply_rules
 
-PASSES: dict[str, Pass] = {p.name: p for p in FOLD_PASSES}
+PASSES: dict[str, Pass] = {p.name: p for p in FOLD_PASSES + BRANCH_PASSES}
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
 PIPELINES: dict[str, list[str]] = {
     "none": [],
-    "exact": ["fold_constants", "remove_noops", "fold_batch_norm", "dead_code"],
+    "exact": ["fold_constants", "remove_noops", "fold_batch_norm", "fold_affine", "fuse_branches", "dead_code"],
 }
 
 

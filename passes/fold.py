@@ -1,4 +1,4 @@
-"""Exact cleanup rewrites: constant folding, dead code, no-op removal, BatchNorm folding.
+"""Exact cleanup rewrites: constant folding, dead code, no-op removal, BatchNorm and affine folding.
 
 BatchNorm folding is the first step of every structural reparameterization (RepVGG, Ding et
 al. 2021, Sec. 3.3): ``BN(W*x + b) = (gamma/sigma) W * x + (beta + gamma/sigma (b - mu))`` with
@@ -93,9 +93,19 @@ NOOP_RULES = [
     Rule("remove_identity_transpose", Op("transpose", Any("x")), _check_identity_perm, _forward_input),
     Rule("remove_full_slice", Op("slice", Any("x")), _check_full_slice, _forward_input),
     Rule("remove_single_concat", Op("concat", Any("x")), _same_type, _forward_input),
-    Rule("remove_add_zero", Op("add", Any("x"), Const("c"), commutative=True), _check_neutral_constant(0.0), _forward_input),
+    Rule(
+        "remove_add_zero",
+        Op("add", Any("x"), Const("c"), commutative=True),
+        _check_neutral_constant(0.0),
+        _forward_input,
+    ),
     Rule("remove_sub_zero", Op("sub", Any("x"), Const("c")), _check_neutral_constant(0.0), _forward_input),
-    Rule("remove_mul_one", Op("mul", Any("x"), Const("c"), commutative=True), _check_neutral_constant(1.0), _forward_input),
+    Rule(
+        "remove_mul_one",
+        Op("mul", Any("x"), Const("c"), commutative=True),
+        _check_neutral_constant(1.0),
+        _forward_input,
+    ),
     Rule("remove_div_one", Op("div", Any("x"), Const("c")), _check_neutral_constant(1.0), _forward_input),
 ]
 
@@ -159,11 +169,86 @@ BATCH_NORM_RULES = [
     ),
 ]
 
+
+# -- per-channel affine after a conv/linear: LayerScale, bias adds, scalar scales -------------------
+def per_channel(c: np.ndarray, channels: int, rank: int, axis: int) -> np.ndarray | None:
+    """``c`` as a float64 [channels] vector if it broadcasts along ``axis`` only (or is a scalar)."""
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis % rank) or shape[axis % rank] not in (1, channels):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def _check_affine_after(m: Match, graph: Graph) -> str | None:
+    node, out = m.nodes["layer"], m["layer"].type
+    if m["affine"].type != out:
+        return f"{m.nodes['affine'].op} with {m['c'].type} broadcasts {out} to {m['affine'].type}"
+    c = per_channel(
+        m.array("c"), out.shape[1 if node.op == "conv2d" else -1], out.rank, 1 if node.op == "conv2d" else -1
+    )
+    if c is None:
+        return f"constant {m['c'].type} is not per output channel of {out}"
+    if m.nodes["affine"].op == "div" and not np.all(c != 0):
+        return "divides by zero"
+    if not np.all(np.isfinite(c)):
+        return "constant is not finite"
+    users = graph.users()
+    for name in ("weight", "bias"):
+        value = m.get(name)
+        if value is not None and len(users.get(value, [])) > 1:
+            return f"weight %{value.name} is also read elsewhere; folding would duplicate it"
+    return None if m["weight"].dtype == "float32" else f"weight dtype {m['weight'].dtype} is not float32"
+
+
+def _fold_affine_after(m: Match, ctx) -> Value:
+    node, affine = m.nodes["layer"], m.nodes["affine"].op
+    weight = m.array("weight").astype(np.float64)
+    bias = m.array("bias")
+    bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    out = m["layer"].type
+    axis = 1 if node.op == "conv2d" else -1
+    c = per_channel(m.array("c"), out.shape[axis], out.rank, axis)
+    scale = {"mul": c, "div": 1.0 / c}.get(affine, np.ones_like(c))
+    shift = {"add": c, "sub": -c}.get(affine, np.zeros_like(c))
+    new_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    dtype = m["weight"].data.dtype
+    return ctx.op(
+        node.op,
+        m["x"],
+        ctx.constant(new_weight.astype(dtype), f"{node.name}_weight"),
+        ctx.constant((bias * scale + shift).astype(dtype), f"{node.name}_bias"),
+        **node.attrs,
+    )
+
+
+def _affine_after(op: str, affine: str) -> Op:
+    layer = Op(op, Any("x"), Const("weight"), Opt(Const("bias")), name="layer")
+    return Op(affine, layer, Const("c"), name="affine", commutative=affine in ("add", "mul"))
+
+
+AFFINE_RULES = [
+    Rule(f"fold_{affine}_into_{op}", _affine_after(op, affine), _check_affine_after, _fold_affine_after)
+    for op in ("conv2d", "linear")
+    for affine in ("mul", "div", "add", "sub")
+]
+
 FOLD_PASSES = [
     Pass("fold_constants", fold_constants, doc="evaluate nodes whose inputs are all constants"),
     rule_pass("remove_noops", NOOP_RULES, "drop identity-like nodes"),
     rule_pass("fold_batch_norm", BATCH_NORM_RULES, "BN into the preceding conv/linear (RepVGG Sec. 3.3)"),
+    rule_pass("fold_affine", AFFINE_RULES, "per-channel scale/shift (LayerScale, bias adds) into the conv/linear"),
     Pass("dead_code", eliminate_dead_code, doc="drop nodes and constants nothing reads"),
 ]
 
-__all__ = ["FOLD_PASSES", "NOOP_RULES", "BATCH_NORM_RULES", "fold_constants", "eliminate_dead_code", "replace_value"]
+__all__ = [
+    "AFFINE_RULES",
+    "FOLD_PASSES",
+    "NOOP_RULES",
+    "BATCH_NORM_RULES",
+    "per_channel",
+    "fold_constants",
+    "eliminate_dead_code",
+    "replace_value",
+]

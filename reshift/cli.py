@@ -6,11 +6,15 @@ Bad input exits with code 2 and a one-paragraph message (``--debug`` shows the t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from reshift.errors import ModelLoadError, ReshiftError
+from reshift.errors import InputError, ModelLoadError, ReshiftError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -41,6 +45,8 @@ def inspect_model(args: argparse.Namespace) -> int:
     from reshift import passes
     from reshift.ir.analysis import graph_macs
 
+    if Path(args.model).is_dir():
+        return inspect_artifact(args.model)
     graph = load_graph(args.model)
     print(graph.summary())
     print(f"MACs (batch 1): {graph_macs(graph):,}")
@@ -57,6 +63,25 @@ def inspect_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def inspect_artifact(directory: str) -> int:
+    """Print an artifact's meta.json: inputs, outputs, target, pipeline, versions, checksums."""
+    from reshift.runtime.artifact import SO_NAME, read_meta
+
+    meta = read_meta(directory)
+    so = Path(directory) / SO_NAME
+    print(f"artifact {directory}: model {meta.get('name', '?')}")
+    for key in ("inputs", "outputs"):
+        for spec in meta[key]:
+            print(f"  {key[:-1]:<6} {spec['name']}: {spec['dtype']}{spec['shape']}")
+    target = meta["target"]
+    print(f"  target {target.get('name')} ({target.get('device_type')}): {target.get('tvm_target')}")
+    print(f"  pipeline {meta.get('pipeline')}; reshift {meta.get('reshift_version')}; tvm {meta.get('tvm_version')}")
+    size = f"{so.stat().st_size:,} bytes" if so.is_file() else "MISSING"
+    print(f"  {SO_NAME} {size}, sha256 {meta['so_sha256']}")
+    print(f"  source graph sha256 {meta.get('graph_sha256')}; created {meta.get('created')}")
+    return 0
+
+
 @command("ops")
 def list_ops(args: argparse.Namespace) -> int:
     """Print the supported-op table (markdown with --markdown)."""
@@ -66,15 +91,294 @@ def list_ops(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- progress ----------------------------------------------------------------------------------
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def stage(console, name: str) -> Iterator[None]:
+    """A spinner while a stage runs, then one line with its duration."""
+    start = time.perf_counter()
+    with console.status(f"{name}...", spinner="dots"):
+        yield
+    console.print(f"[green]done[/] {name} ({time.perf_counter() - start:.1f} s)")
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence TVM's C++ log lines (``Warning: Scope Saving``) written straight to fd 2."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _is_artifact(path: str) -> bool:
+    return Path(path).is_dir()
+
+
+def _set_threads(threads: int | None) -> None:
+    """TVM reads TVM_NUM_THREADS when its thread pool starts, so set it before the first run."""
+    if threads:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = False):
+    """ONNX file -> CompiledModel, one spinner per stage (load, passes, build)."""
+    from reshift import passes
+    from reshift.api import CompiledModel, _calibration, tune_and_build
+    from reshift.codegen import tvm as tvm_codegen
+
+    spec = tvm_codegen.resolve_target(target)  # a bad --target fails before any work
+    with stage(console, f"load {args.model}"):
+        graph = load_graph(args.model)
+    with stage(console, f"passes ({args.pipeline})"):
+        calibration = _calibration(getattr(args, "calib", None))
+        optimized, report = passes.run(graph, args.pipeline, calibration=calibration)
+    if tune:
+        with tune_progress(console, args.trials) as progress:
+            built = tune_and_build(optimized, spec, args.trials, args.db, progress)
+    else:
+        with stage(console, f"build for {spec.name}"):
+            built = tvm_codegen.build(optimized, spec)
+    return CompiledModel(optimized, graph, report, built, args.pipeline)
+
+
+@contextlib.contextmanager
+def tune_progress(console, trials: int) -> Iterator[Callable[..., None]]:
+    """A progress bar over tuning trials; yields the callback handed to ``codegen.tvm.tune``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        task = bar.add_task("tune", total=trials)
+
+        def progress(done: int | None = None, total: int | None = None, *_: Any, **__: Any) -> None:
+            if total:
+                bar.update(task, total=total)
+            if done is None:
+                bar.advance(task)
+            else:
+                bar.update(task, completed=done)
+
+        yield progress
+
+
+@command("compile")
+def compile_model(args: argparse.Namespace) -> int:
+    """Compile an ONNX model to an artifact directory (model.so + meta.json)."""
+    console = _console()
+    compiled = compile_onnx(args, console, args.target, tune=args.tune)
+    with stage(console, f"save {args.output}"), quiet_native_stderr():
+        compiled.save(args.output)
+    meta = compiled.meta
+    print(f"wrote {args.output}: {compiled.graph.name} for {compiled.target} (pipeline {args.pipeline})")
+    for spec in meta["inputs"]:
+        print(f"  input  {spec['name']}: {spec['dtype']}{spec['shape']}")
+    for spec in meta["outputs"]:
+        print(f"  output {spec['name']}: {spec['dtype']}{spec['shape']}")
+    return 0
+
+
+@command("tune")
+def tune_model(args: argparse.Namespace) -> int:
+    """Tune an ONNX model's kernels with MetaSchedule into a database directory."""
+    from reshift.codegen import tvm as tvm_codegen
+
+    console = _console()
+    compiled = compile_onnx(args, console, args.target, tune=True)
+    spec = tvm_codegen.resolve_target(args.target)
+    print(f"tuned {compiled.graph.name} for {spec.name}: {args.trials} trials, database {args.db}")
+    return 0
+
+
+def _load_npz(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such input file (expected an .npz with one array per model input)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # numpy raises ValueError/OSError/BadZipFile for non-npz files
+        raise InputError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+@command("run")
+def run_model(args: argparse.Namespace) -> int:
+    """Run an artifact on inputs from an .npz; save the outputs or print a preview."""
+    import numpy as np
+
+    from reshift.runtime import load
+
+    arrays = _load_npz(args.input)
+    with quiet_native_stderr():
+        model = load(args.model, device=args.device)
+    names = model.input_names
+    if set(arrays) != set(names) and len(arrays) == len(names):  # np.savez(f, x) names it arr_0
+        arrays = dict(zip(names, arrays.values(), strict=False))
+    start = time.perf_counter()
+    outputs = model.run_dict(arrays)
+    elapsed = (time.perf_counter() - start) * 1e3
+    if args.output:
+        np.savez(args.output, **outputs)
+        print(f"wrote {len(outputs)} output(s) to {args.output} ({elapsed:.2f} ms)")
+        return 0
+    print(f"{len(outputs)} output(s) in {elapsed:.2f} ms")
+    for name, array in outputs.items():
+        flat = array.reshape(-1)[:6]
+        preview = ", ".join(f"{v:.6g}" if array.dtype.kind == "f" else str(v) for v in flat.tolist())
+        more = ", ..." if array.size > 6 else ""
+        print(f"  {name}: {array.dtype}{list(array.shape)} [{preview}{more}]")
+    return 0
+
+
+def random_inputs(specs: list[dict[str, Any]], batch: int, seed: int = 0) -> dict[str, Any]:
+    """Inputs matching meta specs, symbolic dims bound to ``batch`` (floats normal, ints zero)."""
+    import numpy as np
+
+    from reshift.runtime.artifact import split_dim
+
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        shape = []
+        for dim in spec["shape"]:
+            coefficient, symbol = split_dim(dim)
+            shape.append(coefficient * (batch if symbol else 1))
+        dtype = spec["dtype"]
+        if dtype in ("float32", "float16", "bfloat16"):
+            inputs[spec["name"]] = rng.standard_normal(shape).astype(np.float32).astype(_np_dtype(dtype))
+        elif dtype == "bool":
+            inputs[spec["name"]] = np.ones(shape, dtype=bool)
+        else:
+            inputs[spec["name"]] = np.zeros(shape, dtype=dtype)
+    return inputs
+
+
+def _np_dtype(dtype: str):
+    import numpy as np
+
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _time_ort(model_path: str, inputs: list[Any], threads: int | None, repeat: int, warmup: int) -> dict[str, float]:
+    import onnxruntime as ort
+
+    from reshift.runtime.module import latency_stats
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    feed = {i.name: x for i, x in zip(session.get_inputs(), inputs, strict=False)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return latency_stats(times)
+
+
+@command("bench")
+def bench_model(args: argparse.Namespace) -> int:
+    """Latency (median, p90) and throughput of an artifact, or of an ONNX model against onnxruntime."""
+    _set_threads(args.threads)
+    from reshift.codegen.tvm import describe_host_cpu
+
+    console = _console()
+    onnx_model = not _is_artifact(args.model)
+    if onnx_model:
+        compiled = compile_onnx(args, console, "cpu")
+        model = compiled._module()
+    else:
+        from reshift.runtime import load
+
+        with quiet_native_stderr():
+            model = load(args.model)
+    inputs = random_inputs(model.meta["inputs"], args.batch)
+    threads = args.threads or os.environ.get("TVM_NUM_THREADS") or "default"
+    print(f"host: {describe_host_cpu()}")
+    print(f"model {model.meta.get('name', '?')} batch {args.batch}, {args.repeat} runs, threads {threads}")
+    with stage(console, "time reshift"):
+        ours = model.benchmark(repeat=args.repeat, warmup=args.warmup, **inputs)
+    rows = [("reshift (tvm)", ours)]
+    if onnx_model:
+        with stage(console, "time onnxruntime"):
+            ort = _time_ort(args.model, list(inputs.values()), args.threads, args.repeat, args.warmup)
+        rows.append(("onnxruntime", ort))
+    print(f"{'runtime':<16} {'median ms':>10} {'p90 ms':>10} {'items/s':>12}")
+    for name, stats in rows:
+        throughput = args.batch / (stats["median_ms"] / 1e3) if stats["median_ms"] > 0 else float("inf")
+        print(f"{name:<16} {stats['median_ms']:>10.3f} {stats['p90_ms']:>10.3f} {throughput:>12.1f}")
+    if onnx_model:
+        ratio = rows[1][1]["median_ms"] / ours["median_ms"] if ours["median_ms"] > 0 else float("inf")
+        print(f"speedup over onnxruntime (median): {ratio:.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reshift", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report")
-    p.add_argument("model", help="MODEL.onnx")
+    p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report (or an artifact's meta)")
+    p.add_argument("model", help="MODEL.onnx or an artifact directory")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
     sub.add_parser("ops", help="list the supported ops (markdown table)")
+
+    p = sub.add_parser("compile", help="compile an ONNX model to an artifact directory (model.so + meta.json)")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--target", default="cpu", help="cpu, arm64, cuda, cuda-sm80, cuda-sm87, cuda-sm90 (default: cpu)")
+    p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
+    p.add_argument("--calib", help="calibration inputs (.npz, one array per model input)")
+    p.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule first")
+    p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
+    p.add_argument("--db", default="reshift_tune_db", help="tuning database directory (default: reshift_tune_db)")
+
+    p = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
+    p.add_argument("model", help="artifact directory")
+    p.add_argument("--input", "-i", required=True, help="inputs (.npz, one array per model input)")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz instead of printing them")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
+
+    p = sub.add_parser("bench", help="time an artifact, or an ONNX model against onnxruntime")
+    p.add_argument("model", help="artifact directory or MODEL.onnx")
+    p.add_argument("--batch", type=int, default=1, help="batch size for a symbolic batch (default: 1)")
+    p.add_argument("--repeat", type=int, default=50, help="timed runs (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
+    p.add_argument("--threads", type=int, help="CPU threads for both runtimes (default: all)")
+    p.add_argument("--pipeline", default="exact", help="pass pipeline when compiling an ONNX model")
+
+    p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
+    p.add_argument("--db", required=True, help="tuning database directory (reused by later builds)")
+    p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
+    p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     return parser
 
 
@@ -91,6 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in reshift, not bad input: say so without a wall of traceback
+        if args.debug:
+            raise
+        print(
+            f"reshift {args.command}: internal error: {type(exc).__name__}: {exc}\n"
+            "This is a bug in reshift; rerun with --debug for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,8 @@
+"""The reshift runtime: load a compiled artifact (``model.so`` + ``meta.json``) and run it.
+
+Imports neither torch nor onnx (an edge device has only the runtime); tvm loads on first use.
+"""
+
+from reshift.runtime.module import LoadedModel, load
+
+__all__ = ["LoadedModel", "load"]

@@ -54,6 +54,26 @@ _SPECS = (
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}
 
+
+def _register_reparam_models() -> None:
+    """Branch-merging reference nets (passes/branches.py): ACNet and DBB, training and merged forms."""
+    from .acnet import acnet_small
+    from .dbb import dbb_example_inputs, dbb_net
+
+    def small_image(batch: int) -> tuple[torch.Tensor, ...]:
+        return image_inputs(batch, 32)
+
+    for spec in (
+        ModelSpec("acnet_train", acnet_small, small_image),
+        ModelSpec("acnet_deploy", partial(acnet_small, deploy=True), small_image),
+        ModelSpec("dbb_train", dbb_net, dbb_example_inputs),
+        ModelSpec("dbb_deploy", partial(dbb_net, deploy=True), dbb_example_inputs),
+    ):
+        MODELS[spec.name] = spec
+
+
+_register_reparam_models()
+
 __all__ = [
     "MODELS",
     "ModelSpec",

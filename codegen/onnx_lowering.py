@@ -1,0 +1,250 @@
+"""The lowering table of :mod:`reshift.codegen.onnx`: one entry per registry op.
+
+``lower(em, node, inputs) -> output names``; ``inputs`` are ONNX names (``""`` for an absent
+optional input). The last node a lowering emits goes through ``em.final`` so it writes the IR
+value names, which keeps the exported graph readable next to ``print(graph)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from reshift.codegen.onnx import IR_TO_ONNX_DTYPE, ONNX_LOWERINGS, OnnxEmitter, lowering
+from reshift.ir import Node
+from reshift.ir.types import numpy_dtype, split_dim
+
+SIMPLE = {
+    "relu": "Relu",
+    "sigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "erf": "Erf",
+    "exp": "Exp",
+    "log": "Log",
+    "sqrt": "Sqrt",
+    "reciprocal": "Reciprocal",
+    "sin": "Sin",
+    "cos": "Cos",
+    "neg": "Neg",
+    "abs": "Abs",
+    "identity": "Identity",
+    "logical_not": "Not",
+    "add": "Add",
+    "sub": "Sub",
+    "mul": "Mul",
+    "div": "Div",
+    "pow": "Pow",
+    "maximum": "Max",
+    "minimum": "Min",
+    "equal": "Equal",
+    "less": "Less",
+    "less_equal": "LessOrEqual",
+    "greater": "Greater",
+    "greater_equal": "GreaterOrEqual",
+    "logical_and": "And",
+    "logical_or": "Or",
+    "where": "Where",
+    "matmul": "MatMul",
+}
+
+
+def _simple(op_type: str):
+    return lambda em, node, ins: em.final(node, op_type, ins)
+
+
+for _ir, _onnx in SIMPLE.items():
+    ONNX_LOWERINGS[_ir] = _simple(_onnx)
+
+
+@lowering("silu")
+def _silu(em: OnnxEmitter, node: Node, ins):
+    return em.final(node, "Mul", [ins[0], em.one("Sigmoid", ins)])
+
+
+@lowering("rsqrt")
+def _rsqrt(em, node, ins):
+    return em.final(node, "Reciprocal", [em.one("Sqrt", ins)])
+
+
+@lowering("gelu")
+def _gelu(em, node, ins):
+    x, like, approximate = ins[0], node.inputs[0], node.attrs["approximate"]
+    if em.opset >= 20:
+        return em.final(node, "Gelu", [x], approximate=approximate)
+    if approximate == "tanh":
+        cube = em.one("Mul", [em.one("Mul", [x, x]), x])
+        inner = em.one("Add", [x, em.one("Mul", [cube, em.scalar(0.044715, like)])])
+        gate = em.one("Tanh", [em.one("Mul", [inner, em.scalar(math.sqrt(2.0 / math.pi), like)])])
+    else:
+        gate = em.one("Erf", [em.one("Mul", [x, em.scalar(1.0 / math.sqrt(2.0), like)])])
+    half_x = em.one("Mul", [x, em.scalar(0.5, like)])
+    return em.final(node, "Mul", [half_x, em.one("Add", [gate, em.scalar(1.0, like)])])
+
+
+@lowering("clip")
+def _clip(em, node, ins):
+    like = node.inputs[0]
+    bounds = ["" if node.attrs[k] is None else em.scalar(node.attrs[k], like) for k in ("min", "max")]
+    while bounds and bounds[-1] == "":
+        bounds.pop()
+    return em.final(node, "Clip", [ins[0], *bounds])
+
+
+@lowering("cast")
+def _cast(em, node, ins):
+    return em.final(node, "Cast", ins, to=IR_TO_ONNX_DTYPE[node.attrs["dtype"]])
+
+
+@lowering("linear")
+def _linear(em, node, ins):
+    x, w, b = node.inputs
+    if x.type.rank == 2:
+        return em.final(node, "Gemm", [n for n in ins if n], transB=1)
+    if w.is_constant:
+        weight_t = em.const(np.ascontiguousarray(w.data.T), f"{w.name}_t")
+    else:
+        weight_t = em.one("Transpose", [ins[1]], perm=[1, 0])
+    if b is None:
+        return em.final(node, "MatMul", [ins[0], weight_t])
+    return em.final(node, "Add", [em.one("MatMul", [ins[0], weight_t]), ins[2]])
+
+
+@lowering("conv2d")
+def _conv2d(em, node, ins):
+    a = node.attrs
+    kernel = list(node.inputs[1].shape[2:])
+    return em.final(
+        node,
+        "Conv",
+        [n for n in ins if n],
+        kernel_shape=kernel,
+        strides=list(a["stride"]),
+        pads=list(a["padding"]),  # (top, left, bottom, right) is ONNX's (h_begin, w_begin, h_end, w_end)
+        dilations=list(a["dilation"]),
+        group=a["groups"],
+    )
+
+
+@lowering("batch_norm")
+def _batch_norm(em, node, ins):
+    return em.final(node, "BatchNormalization", ins, epsilon=node.attrs["eps"])
+
+
+@lowering("layer_norm")
+def _layer_norm(em, node, ins):
+    x = node.inputs[0]
+    axis, eps = node.attrs["axis"] % x.type.rank, node.attrs["eps"]
+    weight = ins[1] if len(ins) > 1 and ins[1] else ""
+    bias = ins[2] if len(ins) > 2 and ins[2] else ""
+    if em.opset >= 17:
+        if not weight:
+            normalized = [split_dim(d)[0] for d in x.shape[axis:]]
+            weight = em.const(np.ones(normalized, numpy_dtype(x.dtype)), "ln_weight")
+        return em.final(node, "LayerNormalization", [ins[0], weight] + ([bias] if bias else []), axis=axis, epsilon=eps)
+    axes = list(range(axis, x.type.rank))
+    centered = em.one("Sub", [ins[0], em.reduce("ReduceMean", ins[0], axes, True)])
+    variance = em.reduce("ReduceMean", em.one("Mul", [centered, centered]), axes, True)
+    y = em.one("Div", [centered, em.one("Sqrt", [em.one("Add", [variance, em.scalar(eps, x)])])])
+    steps = [("Mul", weight), ("Add", bias)]
+    steps = [(op, operand) for op, operand in steps if operand]
+    for op, operand in steps[:-1]:
+        y = em.one(op, [y, operand])
+    if not steps:
+        return em.final(node, "Identity", [y])
+    return em.final(node, steps[-1][0], [y, steps[-1][1]])
+
+
+@lowering("softmax", "log_softmax")
+def _softmax(em, node, ins):
+    return em.final(node, "Softmax" if node.op == "softmax" else "LogSoftmax", ins, axis=node.attrs["axis"])
+
+
+_REDUCE = {"reduce_mean": "ReduceMean", "reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin"}
+
+
+@lowering(*_REDUCE)
+def _reduce(em, node, ins):
+    return [em.reduce(_REDUCE[node.op], ins[0], node.attrs["axes"], node.attrs["keepdims"], [node.output.name])]
+
+
+@lowering("max_pool2d", "avg_pool2d")
+def _pool(em, node, ins):
+    a = node.attrs
+    attrs = {
+        "kernel_shape": list(a["kernel"]),
+        "strides": list(a["stride"]),
+        "pads": list(a["padding"]),
+        "ceil_mode": int(a["ceil_mode"]),
+    }
+    if node.op == "max_pool2d":
+        return em.final(node, "MaxPool", ins, dilations=list(a["dilation"]), **attrs)
+    return em.final(node, "AveragePool", ins, count_include_pad=int(a["count_include_pad"]), **attrs)
+
+
+@lowering("reshape")
+def _reshape(em, node, ins):
+    x, target = node.inputs[0], list(node.attrs["shape"])
+    symbolic = [i for i, d in enumerate(target) if d != -1 and split_dim(d)[1] is not None]
+    literal_zero = any(d == 0 for d in target)
+    if not literal_zero and all(i < x.type.rank and x.shape[i] == target[i] for i in symbolic):
+        dims = [0 if i in symbolic else d for i, d in enumerate(target)]  # 0 copies the input dim
+        shape = em.const(np.asarray(dims, np.int64), "shape")
+        return em.final(node, "Reshape", [ins[0], shape])
+    out_dims = list(node.outputs[0].shape)
+    allowzero = 1 if literal_zero else None
+    return em.final(node, "Reshape", [ins[0], em.shape_tensor(out_dims)], allowzero=allowzero)
+
+
+@lowering("expand")
+def _expand(em, node, ins):
+    return em.final(node, "Expand", [ins[0], em.shape_tensor(node.outputs[0].shape)])
+
+
+@lowering("transpose")
+def _transpose(em, node, ins):
+    return em.final(node, "Transpose", ins, perm=list(node.attrs["perm"]))
+
+
+@lowering("concat")
+def _concat(em, node, ins):
+    return em.final(node, "Concat", ins, axis=node.attrs["axis"])
+
+
+@lowering("split")
+def _split(em, node, ins):
+    sizes = em.const(np.asarray(node.attrs["sizes"], np.int64), "split")
+    return em.final(node, "Split", [ins[0], sizes], axis=node.attrs["axis"])
+
+
+@lowering("slice")
+def _slice(em, node, ins):
+    a = node.attrs
+    vectors = [em.const(np.asarray(a[k], np.int64), k) for k in ("starts", "ends", "axes", "steps")]
+    return em.final(node, "Slice", [ins[0], *vectors])
+
+
+@lowering("gather")
+def _gather(em, node, ins):
+    return em.final(node, "Gather", ins, axis=node.attrs["axis"])
+
+
+@lowering("pad")
+def _pad(em, node, ins):
+    pads = em.const(np.asarray(node.attrs["pads"], np.int64), "pads")
+    return em.final(node, "Pad", [ins[0], pads, em.scalar(node.attrs["value"], node.inputs[0])], mode="constant")
+
+
+@lowering("arange")
+def _arange(em, node, ins):
+    a, out = node.attrs, node.outputs[0]
+    length = em.symbolic_dim(a["shape"][0])
+    limit = em.one("Squeeze", [length, em.const(np.asarray([0], np.int64), "axes")])
+    zero, one = em.const(np.asarray(0, np.int64), "zero"), em.const(np.asarray(1, np.int64), "one")
+    y = em.one("Range", [zero, limit, one])
+    if out.dtype != "int64":
+        y = em.one("Cast", [y], to=IR_TO_ONNX_DTYPE[out.dtype])
+    if a["step"] != 1.0:
+        y = em.one("Mul", [y, em.scalar(a["step"], out)])
+    if a["start"] != 0.0:
+        y = em.one("Add", [y, em.scalar(a["start"], out)])
+    return em.final(node, "Identity", [y])

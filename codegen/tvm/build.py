@@ -1,0 +1,136 @@
+"""Building an IR graph into a Relax VM executable for a target, and exporting it as a shared library.
+
+CPU and arm64 use Relax's fused CPU pipeline (legalize, fold constants, fuse, FuseTIR); CUDA uses
+TVM's CUDA pipeline, which schedules every kernel with dlight. A CUDA build is checked to really
+hold device code (without dlight TVM silently emits host loops, NOTES_tvm.md §2b).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from reshift.codegen.tvm.lower import lower
+from reshift.codegen.tvm.targets import TargetSpec, resolve_target
+from reshift.errors import CodegenError
+from reshift.ir.graph import Graph
+
+
+@dataclass
+class BuildResult:
+    """A built model: the Relax VM executable, its target, the lowered module and the build time."""
+
+    executable: relax.VMExecutable
+    target: TargetSpec
+    module: tvm.IRModule
+    seconds: float
+
+
+def build(graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.IRModule | None = None) -> BuildResult:
+    """Lower ``graph`` (unless ``module`` is given, e.g. a tuned one) and compile it for ``target``."""
+    spec = resolve_target(target)
+    start = time.perf_counter()
+    mod = module if module is not None else lower(graph)
+    tvm_target = spec.target()
+    with _tvm_errors(f"building graph {graph.name!r} for target {spec.name}"), _cuda_toolchain(spec):
+        if spec.is_gpu:
+            executable = tvm.compile(mod, tvm_target)  # the CUDA default pipeline applies dlight schedules
+        else:
+            pipeline = relax.backend.cpu_generic.get_default_pipeline(tvm_target)
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
+    if spec.is_gpu:
+        device_modules = [m.kind for m in _walk(executable.mod) if m.kind in ("cuda", "ptx", "nvptx")]
+        if not device_modules:
+            raise CodegenError(
+                f"the build of {graph.name!r} for {spec.name} produced no CUDA kernels (only host code): "
+                "the dlight schedules did not apply; report this with the graph"
+            )
+    return BuildResult(executable, spec, mod, time.perf_counter() - start)
+
+
+def export_library(result: BuildResult, path: str | os.PathLike) -> Path:
+    """Write the executable as one shared library (weights, VM bytecode and kernels inside)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = result.target
+    kwargs = {}
+    if spec.cross_compiler:
+        if shutil.which(spec.cross_compiler) is None:
+            raise CodegenError(
+                f"exporting for {spec.name} needs the cross compiler {spec.cross_compiler!r}, which is not on PATH; "
+                "install it (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)"
+            )
+        kwargs["cc"] = spec.cross_compiler
+    with _tvm_errors(f"exporting the {spec.name} build to {path}"), _cuda_toolchain(spec):
+        result.executable.export_library(str(path), **kwargs)
+    return path
+
+
+def _walk(module) -> Iterator:
+    yield module
+    for child in module.imports:
+        yield from _walk(child)
+
+
+@contextlib.contextmanager
+def _tvm_errors(what: str) -> Iterator[None]:
+    """Turn a TVM exception into a CodegenError with context and a hint (no bare TVM traceback)."""
+    try:
+        yield
+    except CodegenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- TVM raises TVMError, ValueError, InternalError, ...
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        message = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        kernel = next((line.strip() for line in lines if "PrimFunc" in line or "def " in line), "")
+        hint = "rerun with target='cpu' to check the graph itself, or report the graph (print(graph)) with this message"
+        raise CodegenError(f"{what} failed: {type(exc).__name__}: {message.strip()[:500]}{' in ' + kernel[:120] if kernel else ''}; {hint}") from None
+
+
+@contextlib.contextmanager
+def _cuda_toolchain(spec: TargetSpec) -> Iterator[None]:
+    """For CUDA builds, compile device code with nvcc from a real CUDA_PATH (NOTES_tvm.md §2b), only here."""
+    if not spec.is_gpu:
+        yield
+        return
+    updates = {}
+    if "TVM_CUDA_COMPILE_MODE" not in os.environ and not _have_nvrtc():
+        updates["TVM_CUDA_COMPILE_MODE"] = "nvcc"
+    if "CUDA_PATH" not in os.environ:
+        cuda_path = _find_cuda_path()
+        if cuda_path:
+            updates["CUDA_PATH"] = cuda_path
+    saved = {key: os.environ.get(key) for key in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _have_nvrtc() -> bool:
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def _find_cuda_path() -> str | None:
+    for candidate in ("/usr/local/cuda", "/usr/cuda", "/opt/cuda"):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    return None

@@ -1,0 +1,139 @@
+"""Lowering reshift's IR to a Relax IRModule: one function per op in the ``LOWERINGS`` table.
+
+``lower(graph)`` makes a Relax function ``main`` whose parameters are the graph inputs (the batch
+symbol ``N`` becomes one ``tirx.Var("N", "int64")``, ``"197*N"`` becomes ``197 * N``), whose weights
+are bound as ``relax.const`` and which returns one tensor, or a tuple in graph-output order.
+Each lowering gets the context, the node and the Relax expressions of its inputs (``None`` for an
+absent optional input) and returns one expression or a list (one per node output). Where a Relax
+op's semantics differ from ``ir/ops.py`` the lowering builds a TE compute instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+
+from reshift.errors import CodegenError
+from reshift.ir.graph import Graph, Node, Value
+from reshift.ir.types import Dim, numpy_dtype, split_dim
+
+op = relax.op
+
+Lowering = Callable[..., Any]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(*names: str) -> Callable[[Lowering], Lowering]:
+    """Register one lowering function for the ops ``names``."""
+
+    def register(fn: Lowering) -> Lowering:
+        for name in names:
+            if name in LOWERINGS:
+                raise ValueError(f"op {name!r} has two TVM lowerings")
+            LOWERINGS[name] = fn
+        return fn
+
+    return register
+
+
+class LowerContext:
+    """What a lowering needs: the block builder and the graph's symbolic dimensions."""
+
+    def __init__(self, bb: relax.BlockBuilder, symbols: dict[str, tirx.PrimExpr], multiples: dict[str, tuple[int, tirx.Var]]):
+        self.bb = bb
+        self.symbols = symbols
+        self.multiples = multiples  # symbol -> (k, M) when only k*symbol is an input dimension
+
+    def dim(self, dim: Dim) -> int | tirx.PrimExpr:
+        coefficient, symbol = split_dim(dim)
+        if symbol is None:
+            return coefficient
+        if symbol in self.multiples and coefficient % self.multiples[symbol][0] == 0:
+            k, total = self.multiples[symbol]
+            return total if coefficient == k else total * (coefficient // k)
+        if symbol not in self.symbols:
+            self.symbols[symbol] = tirx.Var(symbol, "int64")
+        var = self.symbols[symbol]
+        return var if coefficient == 1 else var * coefficient
+
+    def shape(self, value: Value) -> list[int | tirx.PrimExpr]:
+        return [self.dim(d) for d in value.shape]
+
+    def emit(self, expr: relax.Expr) -> relax.Expr:
+        return self.bb.emit(expr)
+
+    def te(self, fn: Callable, *args: Any, name: str, **kwargs: Any) -> relax.Expr:
+        return self.bb.emit(self.bb.call_te(fn, *args, primfunc_name_hint=name, **kwargs))
+
+
+def scalar(value: float | int | bool, dtype: str) -> relax.Constant:
+    return relax.const(np.array(value, dtype=numpy_dtype(dtype)))
+
+
+def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
+    """``graph`` as a Relax IRModule with one function ``func_name`` (weights bound as constants)."""
+    missing = sorted({n.op for n in graph.nodes if n.op not in LOWERINGS})
+    if missing:
+        nodes = {m: [n.name for n in graph.nodes if n.op == m][:3] for m in missing}
+        raise CodegenError(
+            "the TVM backend cannot lower op(s) "
+            + "; ".join(f"{m} (node {', '.join(ns)})" for m, ns in nodes.items())
+            + ": add a lowering to codegen/tvm/lower.py or rewrite the graph with a reshift pass"
+        )
+    bb = relax.BlockBuilder()
+    ctx = LowerContext(bb, *_input_symbols(graph))
+    params = [relax.Var(v.name, relax.TensorType(ctx.shape(v), v.dtype)) for v in graph.inputs]
+    env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params))
+    env.update({c: relax.const(c.data) for c in graph.constants.values()})
+    with bb.function(func_name, params):
+        with bb.dataflow():
+            for node in graph.nodes:
+                args = [env[v] if v is not None else None for v in node.inputs]
+                try:
+                    result = LOWERINGS[node.op](ctx, node, *args)
+                except CodegenError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 -- TVM raises many types; name the node
+                    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                    raise CodegenError(
+                        f"lowering {node.op} (node {node.name}) to Relax failed: {first}; "
+                        "check the node's attributes and input types (print the graph), or report it"
+                    ) from None
+                results = result if isinstance(result, (list, tuple)) else [result]
+                if len(results) != len(node.outputs):
+                    raise CodegenError(f"lowering of {node.op} (node {node.name}) gave {len(results)} outputs, expected {len(node.outputs)}")
+                env.update(zip(node.outputs, results))
+            outputs = [env[v] for v in graph.outputs]
+            out = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tuple[int, tirx.Var]]]:
+    """One int64 var per symbol; if a symbol only appears as ``k*N`` in the inputs, define N = M / k."""
+    symbols: dict[str, tirx.PrimExpr] = {}
+    multiples: dict[str, tuple[int, tirx.Var]] = {}
+    coefficients: dict[str, set[int]] = {}
+    for value in graph.inputs:
+        for dim in value.shape:
+            coefficient, symbol = split_dim(dim)
+            if symbol is not None:
+                coefficients.setdefault(symbol, set()).add(coefficient)
+    for symbol, seen in coefficients.items():
+        if 1 in seen:
+            symbols[symbol] = tirx.Var(symbol, "int64")
+        else:  # e.g. input [197*N, 384]: the function can only read M = 197*N from a shape
+            k = min(seen)
+            total = tirx.Var(f"{k}x{symbol}", "int64")
+            multiples[symbol] = (k, total)
+            symbols[symbol] = tirx.floordiv(total, k)
+    return symbols, multiples
+
+
+# The op lowerings themselves live in lower_ops.py (elementwise, contraction, normalization)
+# and lower_shape.py (data movement, pooling, gathers); importing them fills LOWERINGS.
+from reshift.codegen.tvm import lower_ops, lower_shape  # noqa: E402,F401

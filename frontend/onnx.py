@@ -1,0 +1,389 @@
+"""ONNX frontend: ``from_onnx(path_or_proto) -> reshift.ir.Graph``.
+
+Loading validates the file (present, parseable, ``onnx.checker`` clean, default-domain opset
+13..21), then every node's op type is looked up in :data:`ONNX_CONVERTERS`; all unsupported op
+types are reported at once. Conversion walks the nodes in order with a partial evaluator:
+initializers, ``Constant`` nodes and shapes (which may hold the batch symbol ``N``) are *known*
+values, any node whose inputs are all known is folded with the op registry's numpy reference,
+and only the rest becomes IR nodes, so ``Reshape``/``Expand``/``Slice`` get static attributes.
+Nodes of the ``ai.reshift`` domain (written by :mod:`reshift.codegen.onnx`) map back to the
+registry op of the same name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
+from reshift.frontend.shape_eval import SYM_OPS, SYM_PASSTHROUGH, SYMBOL, ShapeEvalError, has_sym, normalize
+from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
+from reshift.ir.ops import REQUIRED
+from reshift.ir.types import TensorType
+
+from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, UnsupportedOpError
+
+MIN_OPSET, MAX_OPSET = 13, 21
+PROBE_BATCHES = (2, 3)  # concrete batch sizes for telling batch-invariant shape values apart
+CUSTOM_DOMAIN = "ai.reshift"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+# ONNX TensorProto element type -> IR dtype name
+ONNX_DTYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+Operand = Value | np.ndarray
+
+
+def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> Graph:
+    """Convert an ONNX model (a path or a ``ModelProto``) to a verified reshift IR graph.
+
+    ``input_shapes`` overrides the declared shapes of graph inputs (e.g. to fix a symbolic
+    sequence length); a symbolic first dimension always becomes the batch symbol ``N``.
+    """
+    proto, source = load_model(model)
+    opset = check_model(proto, source)
+    unsupported: dict[str, list[str]] = defaultdict(list)
+    for index, node in enumerate(proto.graph.node):
+        key = _op_key(node)
+        if key not in ONNX_CONVERTERS and not (node.domain == CUSTOM_DOMAIN and node.op_type in _registry_ops()):
+            unsupported[key].append(node.name or f"#{index}")
+    if unsupported:
+        raise UnsupportedOpError(source, dict(unsupported))
+    return _Conversion(proto, source, opset, input_shapes or {}).run()
+
+
+def _registry_ops() -> set[str]:
+    from reshift.ir import OPS
+
+    return set(OPS)
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}::{node.op_type}"
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """Read a model file (or take a proto); :class:`ModelLoadError` if missing or malformed."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "<onnx.ModelProto>"
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelLoadError(f"from_onnx expects a path or an onnx.ModelProto, got {type(model).__name__}")
+    path = Path(model)
+    source = str(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{source}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{source}: the file is empty (0 bytes); re-export the model")
+    try:
+        proto = onnx.load(source)
+    except Exception as exc:  # protobuf DecodeError, external-data OSError, ...
+        raise ModelLoadError(
+            f"{source}: not a readable ONNX model ({size:,} bytes; {type(exc).__name__}: {exc}). "
+            "The file may be truncated or not an ONNX protobuf; re-export or re-download it."
+        ) from None
+    return proto, source
+
+
+def check_model(proto: onnx.ModelProto, source: str) -> int:
+    """Run the ONNX checker and return the default-domain opset (13..21 supported)."""
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelLoadError(f"{source}: the model has an empty graph (truncated or not an ONNX model)")
+    opsets = {entry.domain: entry.version for entry in proto.opset_import}
+    opset = opsets.get("", opsets.get("ai.onnx"))
+    if opset is None:
+        raise ModelLoadError(f"{source}: the model imports no default-domain opset; re-export it with opset 13..21")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(
+            f"{source}: opset {opset} is not supported; reshift reads opsets {MIN_OPSET}..{MAX_OPSET}. "
+            f"Re-export with e.g. torch.onnx.export(..., opset_version=17) or convert with "
+            f"onnx.version_converter.convert_version(model, 17)."
+        )
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first})") from None
+    return opset
+
+
+class _Conversion:
+    """State of one conversion: the graph being built and what every ONNX name stands for."""
+
+    def __init__(
+        self, proto: onnx.ModelProto, source: str, opset: int, input_shapes: dict[str, tuple], probe: bool = False
+    ):
+        self.proto = proto
+        self.probe = probe
+        self.shape_only: set[int] = set()  # ids of IR values computed from shapes alone
+        self._probe_envs: list[dict[str, Operand]] | None = None
+        self.source = source
+        self.opset = opset
+        self.input_shapes = input_shapes
+        self.builder = GraphBuilder(sanitize_name(proto.graph.name or "main"))
+        self.graph = self.builder.graph
+        self.env: dict[str, Operand] = {}
+        self.missing: dict[str, str] = {}  # ONNX name -> why it has no value
+        self.node: onnx.NodeProto | None = None
+        self._hint = "v"
+        self._materialized: dict[int, tuple[np.ndarray, Value]] = {}
+        self._names: dict[int, str] = {}
+
+    # -- the API converters use ---------------------------------------------------------------
+    def op(self, op: str, *inputs: Operand | None, **attrs: Any) -> Operand | list[Operand]:
+        """Apply registry op ``op``: folded if every input is known, else a new IR node."""
+        opdef = get_op(op)
+        if all(x is None or isinstance(x, np.ndarray) for x in inputs) and not _symbolic_attrs(opdef, attrs):
+            return self._fold(op, opdef, inputs, attrs)
+        values = [None if x is None else self.value(x) for x in inputs]
+        while values and values[-1] is None and len(values) > opdef.arity()[0]:
+            values.pop()
+        name = self._hint if not self.graph.name_taken(self._hint) else self.graph.fresh_name(self._hint)
+        node = create_node(self.graph, op, values, attrs, name=name)
+        self.graph.nodes.append(node)
+        return node.outputs if len(node.outputs) != 1 else node.outputs[0]
+
+    def _fold(self, op, opdef, inputs, attrs):
+        if any(x is not None and has_sym(x) for x in inputs):
+            if op in SYM_OPS:
+                result = SYM_OPS[op](*inputs, **attrs)
+            elif op in SYM_PASSTHROUGH:
+                result = opdef.reference(*inputs, **opdef.normalize_attrs(attrs))
+            else:
+                raise ShapeEvalError(f"{op} on a batch-dependent shape cannot be evaluated at conversion time")
+        else:
+            with np.errstate(all="ignore"):
+                result = opdef.reference(*inputs, **opdef.normalize_attrs(attrs))
+        if isinstance(result, (tuple, list)):
+            return [normalize(np.asarray(r)) for r in result]
+        return normalize(np.asarray(result))
+
+    def value(self, x: Operand) -> Value:
+        """An IR value for an operand; a known array becomes a graph constant (once)."""
+        if isinstance(x, Value):
+            return x
+        if has_sym(x):
+            raise ShapeEvalError("a shape that depends on the batch size is used as a run-time tensor")
+        cached = self._materialized.get(id(x))
+        if cached is not None:
+            return cached[1]
+        hint = sanitize_name(self._names.get(id(x), f"{self._hint}_const"))
+        try:
+            constant = self.graph.add_constant(np.asarray(x, order="C"), hint)
+        except IRTypeError as exc:
+            raise NotConvertible(f"constant {hint!r}: {exc}") from None
+        self._materialized[id(x)] = (x, constant)
+        return constant
+
+    def shape(self, x: Operand) -> tuple:
+        return tuple(x.shape)
+
+    def dtype(self, x: Operand) -> str:
+        return x.dtype if isinstance(x, Value) else np.asarray(x).dtype.name
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        graph = self.proto.graph
+        initializers = {t.name for t in graph.initializer}
+        for tensor in graph.initializer:
+            self._bind_known(tensor.name, numpy_helper.to_array(tensor))
+        for value_info in graph.input:
+            if value_info.name not in initializers:
+                self.env[value_info.name] = self.builder.input(
+                    sanitize_name(value_info.name), self._input_type(value_info)
+                )
+        for node in graph.node:
+            self._convert_node(node)
+        for value_info in graph.output:
+            self._add_output(value_info.name)
+        self.graph.remove_unused()
+        from reshift.ir.verify import verify
+
+        verify(self.graph)
+        return self.graph
+
+    def _bind_known(self, name: str, array: np.ndarray) -> None:
+        self.env[name] = array
+        self._names[id(array)] = name
+
+    def _input_type(self, value_info: onnx.ValueInfoProto) -> TensorType:
+        where = f"{self.source}: graph input {value_info.name!r}"
+        tensor_type = value_info.type.tensor_type
+        if not value_info.type.HasField("tensor_type") or tensor_type.elem_type not in ONNX_DTYPES:
+            elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
+            raise ModelLoadError(f"{where} has type {elem}; supported: {', '.join(ONNX_DTYPES.values())}")
+        dtype = ONNX_DTYPES[tensor_type.elem_type]
+        if value_info.name in self.input_shapes:
+            return TensorType(tuple(self.input_shapes[value_info.name]), dtype)
+        if not tensor_type.HasField("shape"):
+            raise ModelLoadError(f"{where} has no declared shape; pass input_shapes={{{value_info.name!r}: (...)}}")
+        dims: list = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                dims.append(int(dim.dim_value))
+            elif axis == 0:
+                dims.append(SYMBOL)
+            else:
+                label = dim.dim_param or "?"
+                raise ModelLoadError(
+                    f"{where}: axis {axis} is symbolic ({label!r}); reshift allows a symbolic batch (axis 0) "
+                    f"only. Export with a fixed size or pass input_shapes={{{value_info.name!r}: (...)}}."
+                )
+        return TensorType(tuple(dims), dtype)
+
+    def _lookup(self, name: str) -> Operand | None:
+        if not name:
+            return None
+        if name in self.env:
+            return self.env[name]
+        raise NotConvertible(self.missing.get(name, f"input {name!r} is not defined before use"))
+
+    def _convert_node(self, node: onnx.NodeProto) -> None:
+        self.node = node
+        label = node.name or (node.output[0] if node.output else node.op_type)
+        self._hint = sanitize_name(label)
+        where = f"{self.source}: node {label!r} ({node.op_type})"
+        try:
+            inputs = [self._lookup(name) for name in node.input]
+            shape_only = all(x is None or isinstance(x, np.ndarray) or id(x) in self.shape_only for x in inputs)
+            results = self._from_probes(node) if shape_only and len(self.shape_only) else None
+            if results is None:
+                results = self._convert(node, inputs, shape_only)
+            if shape_only:
+                for result in results if isinstance(results, list) else [results]:
+                    if isinstance(result, Value):
+                        self.shape_only.add(id(result))
+        except (NotConvertible, ShapeEvalError, IRTypeError) as exc:
+            raise ModelLoadError(f"{where}: {exc}") from None
+        except ReshiftError:
+            raise
+        except Exception as exc:  # a numpy failure while folding: report the node, keep the cause
+            raise ModelLoadError(f"{where}: conversion failed ({type(exc).__name__}: {exc})") from exc
+        results = results if isinstance(results, list) else [results]
+        for index, name in enumerate(node.output):
+            if not name:
+                continue
+            if index < len(results):
+                result = results[index]
+                if isinstance(result, np.ndarray):
+                    self._names.setdefault(id(result), name)
+                self.env[name] = result
+            else:
+                self.missing[name] = f"output {index} of node {label!r} ({node.op_type}) is not supported"
+
+    def _convert(self, node: onnx.NodeProto, inputs: list, shape_only: bool):
+        attrs = onnx_attrs(node)
+        try:
+            if node.domain == CUSTOM_DOMAIN:
+                results = _convert_custom(self, node, inputs, attrs)
+            else:
+                results = ONNX_CONVERTERS[_op_key(node)](self, node, inputs, attrs)
+        except (NotConvertible, ShapeEvalError):
+            results = self._from_probes(node) if shape_only else None
+            if results is None:
+                raise
+        return results
+
+    # -- batch-invariant shape computations ---------------------------------------------------
+    def _from_probes(self, node: onnx.NodeProto) -> list[Operand] | None:
+        """Outputs of a node that depends on the batch size only, if they do not vary with it.
+
+        The model is converted at two concrete batch sizes, where every such value is a known
+        array (masks built with ``arange(batch)``, ``CumSum``, ``GatherND``...). A value equal at
+        both sizes is a constant; one that repeats a block along one axis becomes an ``expand``.
+        """
+        if self.probe:
+            return None
+        if self._probe_envs is None:
+            self._probe_envs = [self._probe_env(batch) for batch in PROBE_BATCHES]
+        results: list[Operand] = []
+        for name in node.output:
+            found = [env.get(name) for env in self._probe_envs]
+            if not name or not all(isinstance(a, np.ndarray) and a.dtype != object for a in found):
+                return None
+            result = self._batch_invariant(*found)
+            if result is None:
+                return None
+            results.append(result)
+        return results
+
+    def _probe_env(self, batch: int) -> dict[str, Operand]:
+        shapes = dict(self.input_shapes)
+        for value_info in self.proto.graph.input:
+            dims = value_info.type.tensor_type.shape.dim
+            if value_info.name not in shapes and dims and not dims[0].HasField("dim_value"):
+                shapes[value_info.name] = (batch,) + tuple(d.dim_value for d in dims[1:])
+        probe = _Conversion(self.proto, self.source, self.opset, shapes, probe=True)
+        try:
+            probe.run()
+        except Exception:  # noqa: BLE001  (a partial environment is still useful)
+            pass
+        return probe.env
+
+    def _batch_invariant(self, small: np.ndarray, large: np.ndarray) -> Operand | None:
+        if small.shape == large.shape:
+            return small if np.array_equal(small, large) else None
+        axes = [i for i, (a, b) in enumerate(zip(small.shape, large.shape, strict=False)) if a != b]
+        if small.ndim != large.ndim or len(axes) != 1:
+            return None
+        axis = axes[0]
+        block, (lo, hi) = large.shape[axis] - small.shape[axis], PROBE_BATCHES
+        if block * (hi - lo) != large.shape[axis] - small.shape[axis] or small.shape[axis] != block * lo:
+            return None
+        chunk = np.take(small, np.arange(block), axis=axis)
+        reps = [1] * small.ndim
+        for array, count in ((small, lo), (large, hi)):
+            reps[axis] = count
+            if not np.array_equal(np.tile(chunk, reps), array):
+                return None
+        dims = list(small.shape)
+        if block == 1:
+            dims[axis] = SYMBOL
+            return self.op("expand", chunk, shape=dims)
+        grouped = self.op("expand", np.expand_dims(chunk, axis), shape=dims[:axis] + [SYMBOL] + dims[axis:])
+        dims[axis] = f"{block}*{SYMBOL}"
+        return self.op("reshape", grouped, shape=dims)
+
+    def _add_output(self, name: str) -> None:
+        try:
+            value = self.value(self._lookup(name))
+        except (NotConvertible, ShapeEvalError) as exc:
+            raise ModelLoadError(f"{self.source}: graph output {name!r}: {exc}") from None
+        clean = sanitize_name(name)
+        renamed = {v.name for v in self.graph.outputs}
+        if value in self.graph.outputs or value in self.graph.inputs or value.is_constant:
+            self._hint = clean if clean not in renamed else f"{clean}_out"
+            value = self.op("identity", value)
+        if clean != value.name and not self.graph.name_taken(clean) and clean not in renamed:
+            value.name = clean  # the ONNX output name, so results line up with onnxruntime's
+        self.graph.outputs.append(value)
+
+
+def _symbolic_attrs(opdef, attrs: dict[str, Any]) -> bool:
+    """True if a shape attribute names the batch symbol (then the op cannot be folded)."""
+    return any(
+        opdef.attrs[k].kind == "shape" and any(isinstance(d, str) for d in v)
+        for k, v in attrs.items()
+        if k in opdef.attrs and v is not None and v is not REQUIRED
+    )
+
+
+def _convert_custom(ctx: _Conversion, node, inputs, attrs):
+    """An ``ai.reshift`` node: the registry op of the same name with the node's attributes."""
+    opdef = get_op(node.op_type)
+    attrs = {k: v for k, v in attrs.items() if k in opdef.attrs}
+    return ctx.op(node.op_type, *inputs, **attrs)

@@ -1,0 +1,248 @@
+"""Load a compiled artifact and call it on numpy arrays or torch tensors.
+
+    m = reshift.load("out_dir")          # checks meta.json, the .so checksum and the target
+    y = m(x)                             # numpy in -> numpy out; torch in -> torch out (DLPack)
+    y1, y2 = m(x=x, mask=mask)           # by name; a tuple when the model has several outputs
+
+This module never imports torch: torch tensors are recognized by their type's module and cross
+through ``__dlpack__`` (zero-copy in, zero-copy out via the already imported ``torch.from_dlpack``).
+tvm is imported on first load.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from reshift.runtime.artifact import check_target, read_meta, split_dim, verify_so
+
+from reshift.errors import ArtifactError, InputError
+
+# dtype names of meta.json -> numpy dtypes (bfloat16 resolved lazily through ml_dtypes)
+_NUMPY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _dtype_name(x: Any) -> str:
+    if _is_torch(x):
+        return str(x.dtype).removeprefix("torch.")
+    return np.asarray(x).dtype.name if not hasattr(x, "dtype") else np.dtype(x.dtype).name
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def tvm_device(device: str):
+    """A TVM device from ``"cpu"``, ``"cuda"`` or ``"cuda:1"``."""
+    import tvm
+
+    kind, _, index = device.partition(":")
+    try:
+        return tvm.device(kind, int(index or 0))
+    except Exception as exc:
+        raise ArtifactError(f"unknown device {device!r} ({exc}); use 'cpu' or 'cuda[:index]'") from None
+
+
+class LoadedModel:
+    """A compiled model ready to run: a Relax VM over the executable plus the artifact's meta."""
+
+    def __init__(self, executable: Any, meta: dict[str, Any], device: str = "cpu", path: str | Path | None = None):
+        from tvm import relax
+
+        self.meta = meta
+        self.device = device
+        self.path = Path(path) if path is not None else None
+        self._dev = tvm_device(device)
+        try:
+            self._vm = relax.VirtualMachine(executable, self._dev)
+        except Exception as exc:  # a TVM error here means the module does not fit this device
+            raise ArtifactError(
+                f"{self.path or 'model'} cannot be initialized on {device}: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            ) from None
+        self._main = self._vm["main"]
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [s["name"] for s in self.meta["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s["name"] for s in self.meta["outputs"]]
+
+    @property
+    def target(self) -> str:
+        return self.meta["target"].get("name", "?")
+
+    def __repr__(self) -> str:
+        ins = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self.meta["inputs"])
+        outs = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in self.meta["outputs"])
+        return f"<LoadedModel {self.meta.get('name', '')} ({ins}) -> ({outs}) on {self.device}>"
+
+    # -- calling -------------------------------------------------------------------------------
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+        """Inputs in meta order, checked for names, dtypes and shapes (InputError otherwise)."""
+        specs = self.meta["inputs"]
+        names = [s["name"] for s in specs]
+        if len(args) > len(specs):
+            raise InputError(f"model takes {len(specs)} input(s) {names}, got {len(args)} positional arguments")
+        bound: dict[str, Any] = dict(zip(names, args, strict=False))
+        for key, value in kwargs.items():
+            if key not in names:
+                raise InputError(f"unexpected input {key!r}; the model takes {names}")
+            if key in bound:
+                raise InputError(f"input {key!r} given both by position and by name")
+            bound[key] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model takes {names}")
+        bindings: dict[str, int] = {}
+        ordered = []
+        for spec in specs:
+            x = bound[spec["name"]]
+            if not _is_torch(x) and not isinstance(x, np.ndarray):
+                x = np.asarray(x)
+            self._check(spec, x, bindings)
+            ordered.append(x)
+        return ordered
+
+    def _check(self, spec: dict[str, Any], x: Any, bindings: dict[str, int]) -> None:
+        name, expected = spec["name"], spec["shape"]
+        dtype = _dtype_name(x)
+        if dtype != spec["dtype"]:
+            raise InputError(f"input {name!r}: expected dtype {spec['dtype']}, got {dtype} (cast it first)")
+        shape = tuple(int(d) for d in x.shape)
+        if len(shape) != len(expected):
+            raise InputError(f"input {name!r}: expected shape {expected}, got {list(shape)} (rank differs)")
+        for axis, (dim, actual) in enumerate(zip(expected, shape, strict=False)):
+            coefficient, symbol = split_dim(dim)
+            if symbol is None:
+                if actual != coefficient:
+                    raise InputError(f"input {name!r}: expected shape {expected}, got {list(shape)} (axis {axis})")
+                continue
+            if actual % coefficient or actual == 0:
+                raise InputError(f"input {name!r}: axis {axis} is {actual}, not a positive multiple of {coefficient}")
+            bound = bindings.setdefault(symbol, actual // coefficient)
+            if bound != actual // coefficient:
+                raise InputError(
+                    f"input {name!r}: axis {axis} is {actual}, inconsistent with {symbol}={bound} from another input"
+                )
+        if _is_torch(x) and x.device.type != self._dev_kind():
+            raise InputError(f"input {name!r} is on {x.device}, the model runs on {self.device}; move it first")
+
+    def _dev_kind(self) -> str:
+        kind = self.device.split(":")[0]
+        return "cpu" if kind in ("cpu", "llvm") else kind
+
+    def _to_tvm(self, x: Any):
+        import tvm
+
+        if _is_torch(x):
+            x = x.detach()
+            if not x.is_contiguous() or x.data_ptr() % 64:  # TVM needs contiguous, 64-byte aligned data
+                x = x.clone(memory_format=sys.modules["torch"].contiguous_format)  # torch's allocator aligns
+            return tvm.runtime.from_dlpack(x)  # zero-copy
+        x = np.ascontiguousarray(x)
+        if self._dev_kind() == "cpu" and x.ctypes.data % 64 == 0 and x.size:
+            try:
+                return tvm.runtime.from_dlpack(x)  # zero-copy
+            except Exception:  # alignment or dtype the DLPack path refuses: copy instead
+                pass
+        return tvm.runtime.tensor(x, self._dev)
+
+    def run(self, inputs: list[Any]) -> list[Any]:
+        """Run on already bound inputs; returns the raw TVM output tensors."""
+        result = self._main(*[self._to_tvm(x) for x in inputs])
+        outputs = _flatten(result)
+        if len(outputs) != len(self.meta["outputs"]):
+            raise ArtifactError(
+                f"model returned {len(outputs)} output(s), meta.json lists {len(self.meta['outputs'])}; "
+                "the artifact is inconsistent (recompile it)"
+            )
+        return outputs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self.bind(args, kwargs)
+        as_torch = any(_is_torch(x) for x in inputs)
+        outputs = self.run(inputs)
+        if as_torch:
+            torch = sys.modules["torch"]  # the caller passed torch tensors, so torch is imported
+            converted = [torch.from_dlpack(o) for o in outputs]
+        else:
+            converted = [o.numpy() for o in outputs]
+        return converted[0] if len(converted) == 1 else tuple(converted)
+
+    def run_dict(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``{input name: array} -> {output name: numpy array}`` (used by ``reshift run``)."""
+        outputs = self.run(self.bind((), inputs))
+        return {name: o.numpy() for name, o in zip(self.output_names, outputs, strict=False)}
+
+    def benchmark(self, *args: Any, repeat: int = 50, warmup: int = 5, **kwargs: Any) -> dict[str, float]:
+        """Latency in milliseconds over ``repeat`` calls (inputs bound and converted once)."""
+        tensors = [self._to_tvm(x) for x in self.bind(args, kwargs)]
+        for _ in range(warmup):
+            _flatten(self._main(*tensors))
+        self._sync()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            _flatten(self._main(*tensors))
+            self._sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return latency_stats(times)
+
+    def _sync(self) -> None:
+        if self._dev_kind() != "cpu":
+            self._dev.sync()
+
+
+def latency_stats(times_ms: list[float]) -> dict[str, float]:
+    array = np.asarray(times_ms, dtype=np.float64)
+    return {
+        "median_ms": float(np.median(array)),
+        "p90_ms": float(np.percentile(array, 90)),
+        "mean_ms": float(array.mean()),
+        "min_ms": float(array.min()),
+        "repeat": len(times_ms),
+    }
+
+
+def _flatten(result: Any) -> list[Any]:
+    """A VM result (tensor or nested tuple of tensors) as a flat list of tensors."""
+    if hasattr(result, "numpy") or hasattr(result, "__dlpack__"):
+        return [result]
+    out: list[Any] = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+def load(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load an artifact directory written by ``CompiledModel.save`` / ``reshift compile``.
+
+    Raises :class:`~reshift.errors.ArtifactError` for a missing or corrupted directory, a .so that
+    does not match its checksum, or an artifact built for another device or CPU architecture.
+    """
+    meta = read_meta(path)
+    check_target(meta, device, path)
+    so = verify_so(path, meta)
+    import tvm
+
+    try:
+        executable = tvm.runtime.load_module(str(so))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{so} cannot be loaded: {reason}; recompile the model") from None
+    return LoadedModel(executable, meta, device, path)

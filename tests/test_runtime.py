@@ -1,0 +1,192 @@
+"""The runtime: artifact save/load round trip, corrupted artifacts, input checks, DLPack, no torch/onnx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import reshift
+from reshift.errors import ArtifactError, InputError
+from reshift.ir import interpret, parse
+
+GRAPH = """
+graph two_heads(%x: f32[N,4], %bias: f32[3]) {
+  const %w: f32[3,4] = [0.5, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75, -2.0, 1.5, 0.125, -0.25]
+  %y: f32[N,3] = linear(%x, %w, %bias) @fc
+  %r: f32[N,3] = relu(%y) @act
+  %s: f32[N,3] = sigmoid(%y) @gate
+  return %r, %s
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return parse(GRAPH)
+
+
+@pytest.fixture(scope="module")
+def compiled(graph):
+    return reshift.compile(graph, pipeline="none")
+
+
+@pytest.fixture(scope="module")
+def artifact(compiled, tmp_path_factory):
+    return compiled.save(tmp_path_factory.mktemp("artifact") / "two_heads")
+
+
+@pytest.fixture
+def inputs(rng):
+    return {"x": rng.standard_normal((5, 4)).astype(np.float32), "bias": rng.standard_normal(3).astype(np.float32)}
+
+
+@pytest.fixture
+def copy_of(artifact, tmp_path):
+    def make():
+        target = tmp_path / "copy"
+        shutil.copytree(artifact, target)
+        return target
+
+    return make
+
+
+def test_artifact_layout_and_meta(artifact):
+    assert sorted(p.name for p in artifact.iterdir()) == ["meta.json", "model.so"]
+    meta = json.loads((artifact / "meta.json").read_text())
+    assert [s["name"] for s in meta["inputs"]] == ["x", "bias"]
+    assert meta["inputs"][0]["shape"] == ["N", 4] and meta["inputs"][0]["dtype"] == "float32"
+    assert [s["name"] for s in meta["outputs"]] == ["r", "s"]
+    assert meta["target"]["name"] == "cpu" and meta["target"]["device_type"] == "cpu"
+    assert meta["target"]["tvm_target"]["kind"] == "llvm"
+    assert meta["pipeline"] == "none" and meta["reshift_version"] == reshift.__version__
+    assert len(meta["so_sha256"]) == 64 and len(meta["graph_sha256"]) == 64 and meta["created"]
+
+
+def test_round_trip_matches_interpreter(graph, artifact, inputs):
+    model = reshift.load(artifact)
+    r, s = model(inputs["x"], inputs["bias"])
+    expected = interpret(graph, inputs)
+    np.testing.assert_allclose(r, expected["r"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s, expected["s"], rtol=1e-5, atol=1e-6)
+    by_name = model(bias=inputs["bias"], x=inputs["x"])
+    np.testing.assert_array_equal(by_name[0], r)
+    assert model.input_names == ["x", "bias"] and model.output_names == ["r", "s"]
+    assert isinstance(model, reshift.runtime.LoadedModel)
+
+
+def test_symbolic_batch_and_outputs_stay_valid(artifact, rng):
+    model = reshift.load(artifact)
+    bias = np.zeros(3, np.float32)
+    first = model(np.ones((1, 4), np.float32), bias)[0]
+    kept = first.copy()
+    second = model(rng.standard_normal((9, 4)).astype(np.float32), bias)[0]
+    assert second.shape == (9, 3)
+    np.testing.assert_array_equal(first, kept)  # a later call must not overwrite earlier outputs
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((np.ones((2, 5), np.float32), np.ones(3, np.float32)), {}, "axis 1"),
+        ((np.ones((2, 4), np.float64), np.ones(3, np.float32)), {}, "dtype float32, got float64"),
+        ((np.ones((2, 4, 1), np.float32), np.ones(3, np.float32)), {}, "rank"),
+        ((np.ones((2, 4), np.float32),), {}, "missing input(s) ['bias']"),
+        ((), {"x": np.ones((2, 4), np.float32), "b": np.ones(3, np.float32)}, "unexpected input 'b'"),
+        ((np.ones((2, 4), np.float32), np.ones(3, np.float32), np.ones(1)), {}, "got 3 positional"),
+    ],
+)
+def test_wrong_inputs_raise_input_error(artifact, args, kwargs, message):
+    model = reshift.load(artifact)
+    with pytest.raises(InputError) as info:
+        model(*args, **kwargs)
+    assert message in str(info.value)
+
+
+def test_missing_directory_and_files(tmp_path, copy_of):
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        reshift.load(tmp_path / "nowhere")
+    broken = copy_of()
+    (broken / "model.so").unlink()
+    with pytest.raises(ArtifactError, match="has no model.so"):
+        reshift.load(broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(ArtifactError, match="has no meta.json"):
+        reshift.load(broken)
+
+
+def test_corrupted_meta(copy_of):
+    broken = copy_of()
+    (broken / "meta.json").write_text('{"format": 1, "inputs": [')
+    with pytest.raises(ArtifactError, match="corrupted"):
+        reshift.load(broken)
+    (broken / "meta.json").write_text(json.dumps({"format": 1, "inputs": []}))
+    with pytest.raises(ArtifactError, match="missing outputs, target, so_sha256"):
+        reshift.load(broken)
+
+
+def test_corrupted_so_fails_checksum(copy_of):
+    broken = copy_of()
+    with open(broken / "model.so", "ab") as f:
+        f.write(b"\0garbage")
+    with pytest.raises(ArtifactError, match="does not match its checksum"):
+        reshift.load(broken)
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ({"name": "arm64", "tvm_target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "device_type": "cpu"}, "aarch64"),
+        ({"name": "cuda", "tvm_target": {"kind": "cuda", "arch": "sm_90"}, "device_type": "cuda"}, "cannot run on device"),
+    ],
+)
+def test_target_mismatch(copy_of, target, message):
+    broken = copy_of()
+    meta = json.loads((broken / "meta.json").read_text())
+    meta["target"] = target
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message):
+        reshift.load(broken, device="cpu")
+
+
+def test_torch_tensors_in_and_out(artifact, graph, inputs):
+    torch = pytest.importorskip("torch")
+    model = reshift.load(artifact)
+    x = torch.from_numpy(inputs["x"]).requires_grad_(True)
+    bias = torch.from_numpy(inputs["bias"])
+    r, s = model(x, bias)
+    assert isinstance(r, torch.Tensor) and isinstance(s, torch.Tensor)
+    expected = interpret(graph, inputs)
+    np.testing.assert_allclose(r.numpy(), expected["r"], rtol=1e-5, atol=1e-6)
+    transposed = torch.from_numpy(np.ascontiguousarray(inputs["x"].T)).T  # non-contiguous input
+    np.testing.assert_allclose(model(transposed, bias)[1].numpy(), expected["s"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="dtype float32, got float64"):
+        model(x.double(), bias)
+
+
+def test_runtime_never_imports_torch_or_onnx(artifact, inputs, tmp_path):
+    np.savez(tmp_path / "in.npz", **inputs)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch or onnx now raises ImportError
+        sys.modules["onnx"] = None
+        import numpy as np
+        import reshift.runtime
+        model = reshift.runtime.load({str(artifact)!r})
+        data = np.load({str(tmp_path / "in.npz")!r})
+        r, s = model(data["x"], bias=data["bias"])
+        assert r.shape == (5, 3) and s.shape == (5, 3)
+        assert sys.modules["torch"] is None and sys.modules["onnx"] is None
+        assert "reshift.frontend.torch" not in sys.modules and "reshift.api" not in sys.modules
+        print("ok", float(r.sum()))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
