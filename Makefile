@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not edge"
 
 bench: install
 	$(BIN)/python benchmarks/agreement.py

@@ -651,3 +651,4 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
         return opdef.infer(*input_types, **attrs)
     except IRTypeError as exc:
         raise IRTypeError(f"{opdef.name}: {exc}") from None
+from reshift.ir import ops_lowbit as _ops_lowbit  # noqa: E402,F401

@@ -10,18 +10,24 @@ import numpy as np
 
 from reshift.errors import PassError
 from reshift.ir.graph import Graph
+from reshift.passes.bcq import BCQ_PASSES
 from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
 from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
 from reshift.passes.pattern import Any, Const, Match, Op, Opt
 from reshift.passes.rules import Rule, apply_rules
+from reshift.passes.shift import SHIFT_PASSES
 
-PASSES: dict[str, Pass] = {p.name: p for p in FOLD_PASSES + BRANCH_PASSES}
+PASSES: dict[str, Pass] = {p.name: p for p in FOLD_PASSES + BRANCH_PASSES + SHIFT_PASSES + BCQ_PASSES}
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
 PIPELINES: dict[str, list[str]] = {
     "none": [],
     "exact": ["fold_constants", "remove_noops", "fold_batch_norm", "fold_affine", "fuse_branches", "dead_code"],
+    # lossy weight quantizers (options: skip, shift_bits / bits, bcq_q, group_size; calibration)
+    "shift": ["shift_weights"],
+    "bcq": ["bcq_weights"],
+    "ternary": ["ternary_weights"],
 }
 
 

@@ -72,6 +72,7 @@ class PassRecord:
     parameter_bytes: tuple[int, int]
     max_error: float | None
     seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -105,6 +106,14 @@ class PassReport:
         return result
 
     @property
+    def details(self) -> dict[str, Any]:
+        """Per-layer facts passes reported (e.g. ``{"addmm_1": {"bits": 3, "output_error": ...}}``), merged."""
+        merged: dict[str, Any] = {}
+        for record in self.records:
+            merged.update(record.details)
+        return merged
+
+    @property
     def max_error(self) -> float | None:
         errors = [r.max_error for r in self.records if r.max_error is not None]
         return max(errors) if errors else None
@@ -123,6 +132,9 @@ class PassReport:
             lines.append(f"  applied {rule} x{count}")
         for refusal in self.refusals:
             lines.append(f"  refused {refusal.rule} at {refusal.node}: {refusal.reason}")
+        for r in self.records:
+            for key, value in r.details.items():
+                lines.append(f"  {r.name} {key}: {value}")
         return "\n".join(lines)
 
 
@@ -184,6 +196,7 @@ class PassManager:
                             (before[2], after[2]),
                             error,
                             seconds,
+                            dict(stats.details),
                         )
                     )
                 changed |= record_changed

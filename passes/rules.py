@@ -63,6 +63,7 @@ class RuleStats:
 
     matches: dict[str, int] = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # per-layer facts a pass reports (bits, errors)
 
     @property
     def changed(self) -> bool:

@@ -75,14 +75,11 @@ class CompiledModel:
     """
 
     def __init__(self, graph: Graph, source_graph: Graph, report: Any, build: Any, pipeline: str):
-        from reshift.ir.text import print_graph
-
         self.graph = graph
         self.source_graph = source_graph
         self.report = report
         self.build = build
         self.pipeline = pipeline
-        self._source_text = print_graph(source_graph, weights="full")
         self._loaded = None
         self.meta = {
             "format": 1,
@@ -121,6 +118,7 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the artifact (``model.so`` + ``meta.json``) to ``directory``; returns it."""
         from reshift.codegen.tvm import export_library
+        from reshift.ir.text import print_graph
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -128,7 +126,8 @@ class CompiledModel:
         directory.mkdir(parents=True, exist_ok=True)
         so = directory / SO_NAME
         export_library(self.build, str(so))
-        self.meta = make_meta(self.graph, self.build.target, self.pipeline, so, self._source_text)
+        source_text = print_graph(self.source_graph, weights="full")  # hashed into meta.json
+        self.meta = make_meta(self.graph, self.build.target, self.pipeline, so, source_text)
         write_meta(directory, self.meta)
         return directory
 

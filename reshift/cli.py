@@ -168,7 +168,11 @@ def tune_progress(console, trials: int) -> Iterator[Callable[..., None]]:
     ) as bar:
         task = bar.add_task("tune", total=trials)
 
-        def progress(done: int | None = None, total: int | None = None, *_: Any, **__: Any) -> None:
+        def progress(*args: Any, **kwargs: Any) -> None:
+            """Accepts ``(done, total)`` positionally or by name; anything else just advances."""
+            numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+            done = kwargs.get("done", numbers[0] if numbers else None)
+            total = kwargs.get("total", numbers[1] if len(numbers) > 1 else None)
             if total:
                 bar.update(task, total=total)
             if done is None:

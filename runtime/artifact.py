@@ -219,7 +219,7 @@ def check_target(meta: dict[str, Any], device: str, directory: str | Path = "") 
     if built_for == "cpu" and arch is not None and arch != host:
         raise ArtifactError(
             f"{directory or 'artifact'} was built for target {name!r} ({arch}) but this machine is {host}; "
-            f"copy it to a {arch} device (or run it over RPC), or recompile with --target cpu"
+            f"run it on an {arch} device (or over RPC), or recompile with --target cpu"
         )
 
 

@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from reshift.cli import main
 from reshift.frontend import from_onnx
 from reshift.ir import interpret
+
+from reshift.cli import main
 
 
 def _model(extra_topk: bool = False) -> onnx.ModelProto:
@@ -111,7 +111,7 @@ def test_tune_exits_0_or_2_cleanly(files, tmp_path):
     assert out.returncode in (0, 2), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     if out.returncode == 2:
-        assert out.stderr.startswith("reshift tune: error:")
+        assert "reshift tune: error:" in out.stderr
 
 
 def test_console_script_compile_and_run(files, tmp_path):

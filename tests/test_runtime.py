@@ -10,10 +10,10 @@ import textwrap
 
 import numpy as np
 import pytest
+from reshift.ir import interpret, parse
 
 import reshift
 from reshift.errors import ArtifactError, InputError
-from reshift.ir import interpret, parse
 
 GRAPH = """
 graph two_heads(%x: f32[N,4], %bias: f32[3]) {
@@ -141,8 +141,14 @@ def test_corrupted_so_fails_checksum(copy_of):
 @pytest.mark.parametrize(
     "target, message",
     [
-        ({"name": "arm64", "tvm_target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "device_type": "cpu"}, "aarch64"),
-        ({"name": "cuda", "tvm_target": {"kind": "cuda", "arch": "sm_90"}, "device_type": "cuda"}, "cannot run on device"),
+        (
+            {"name": "arm64", "tvm_target": {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}, "device_type": "cpu"},
+            "aarch64",
+        ),
+        (
+            {"name": "cuda", "tvm_target": {"kind": "cuda", "arch": "sm_90"}, "device_type": "cuda"},
+            "cannot run on device",
+        ),
     ],
 )
 def test_target_mismatch(copy_of, target, message):

@@ -1,0 +1,271 @@
+"""reshift's multiplication-free weight ops: shift, binary-coded (BCQ) and ternary linear layers.
+
+Each numpy reference here is the exact specification the TVM kernels are checked against:
+
+* ``shift_linear`` (DeepShift-PS, Elhoushi et al. 2021): ``W[o,i] = scale[o] * sign[o,i] *
+  2^-exponent[o,i]``. Activations are quantized per row to int8; the inner loop is integer
+  shifts and adds; one float rescale per output.
+* ``bcq_linear`` (ShiftAddLLM, You et al. 2024, Eq. 2): ``W[o, group g] = sum_i alpha[o,g,i] *
+  B_i[o, group g]`` with ``B_i`` in {-1,+1}, bit-packed; the kernel's lookup tables must match
+  the float32 reference within 1e-5 relative.
+* ``ternary_linear`` (BitNet b1.58, Ma et al. 2024): ``W[o, group g] = scale[o,g] * T``, ``T`` in
+  {-1,0,+1}, 2 bits per weight.
+
+Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged
+``custom`` so the ONNX exporter writes them in the ``ai.reshift`` domain. Their ``macs`` count
+the multiplies that remain (activation quantization, per-output or per-group rescaling): the
+inner loop over the input features has none, only adds; :func:`inner_adds` counts those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reshift.errors import IRTypeError
+from reshift.ir.ops import Attr, register
+from reshift.ir.shapes import require_float, require_rank
+from reshift.ir.types import TensorType
+
+INT32_MAX = 2**31 - 1
+INT8_QMAX = 127
+
+
+def _rows(shape) -> int:
+    return int(np.prod(shape[:-1]))
+
+
+def _check_weight_type(op: str, t: TensorType, name: str, dtype: str, shape: tuple) -> None:
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise IRTypeError(f"{op}: {name} must be {dtype}{list(shape)}, got {t}")
+
+
+def _check_x_bias(op: str, x: TensorType, k: int, out: int, bias: TensorType | None) -> list[TensorType]:
+    require_float(x, op)
+    if x.rank < 1 or x.shape[-1] != k:
+        raise IRTypeError(f"{op}: input {x} must end in the {k} input features")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != x.dtype):
+        raise IRTypeError(f"{op}: bias {bias} must be {x.dtype}[{out}]")
+    return [x.with_shape(x.shape[:-1] + (out,))]
+
+
+def _finish(y: np.ndarray, bias: np.ndarray | None, lead: tuple) -> np.ndarray:
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return y.astype(np.float32).reshape(lead + (y.shape[-1],))
+
+
+# -- shift_linear -------------------------------------------------------------------------------
+def quantize_rows_int8(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row symmetric int8: ``s = max|row| / 127``, ``q = clip(rint(x / s), -127, 127)``.
+
+    ``rint`` rounds half to even; an all-zero row has ``s = 0, q = 0``. Returns ``(q int32, s
+    float32, finite)``: a row holding NaN or +-inf is not finite and its outputs are NaN.
+    """
+    x2 = x2.astype(np.float32)
+    amax = np.max(np.abs(x2), axis=1) if x2.shape[1] else np.zeros(x2.shape[0], np.float32)
+    s = (amax / np.float32(INT8_QMAX)).astype(np.float32)
+    finite = np.isfinite(s)
+    safe = np.where(finite & (s > 0), s, np.float32(1)).astype(np.float32)
+    q = np.rint(np.where(finite[:, None], x2, np.float32(0)) / safe[:, None])
+    return np.clip(q, -INT8_QMAX, INT8_QMAX).astype(np.int32), s, finite
+
+
+def shift_accumulator_bound(sign: np.ndarray, exponent: np.ndarray, exponent_bits: int) -> np.ndarray:
+    """Per output channel, the largest possible ``|acc|``: ``127 * sum_i |sign| * 2^(E - exponent)``.
+
+    The int32 kernel is exact iff this is at most 2^31 - 1. Every term is below 2^(7+E), so any
+    ``K <= (2^31 - 1) // (127 * 2^E)`` is always safe (516 for E = 15, 132104 for E = 7).
+    """
+    e_max = 2**exponent_bits - 1
+    shifts = np.left_shift(np.int64(1), (e_max - exponent.astype(np.int64)))
+    return INT8_QMAX * np.sum(np.abs(sign.astype(np.int64)) * shifts, axis=-1)
+
+
+def _shift_reference(x, sign, exponent, scale, bias, exponent_bits):
+    """The kernel, stated exactly (see module docstring and :func:`quantize_rows_int8`).
+
+    ``acc[r,o] = sum_i sign[o,i] * (q[r,i] << (E - exponent[o,i]))`` in int32 (here: int64,
+    checked to fit int32), ``E = 2^exponent_bits - 1``; then in float32, left to right:
+    ``y = float32(acc) * 2^-E * s[r] * scale[o] + bias[o]``.
+    """
+    e_max = 2**exponent_bits - 1
+    if sign.size and (np.any(np.abs(sign.astype(np.int64)) > 1) or int(exponent.max()) > e_max):
+        raise ValueError(f"shift_linear: sign must be in {{-1,0,1}} and exponent in [0, {e_max}]")
+    if sign.size and int(shift_accumulator_bound(sign, exponent, exponent_bits).max()) > INT32_MAX:
+        raise ValueError("shift_linear: weights can overflow the int32 accumulator; split K or lower exponent_bits")
+    lead, k = x.shape[:-1], x.shape[-1]
+    q, s, finite = quantize_rows_int8(x.reshape(-1, k))
+    w_int = sign.astype(np.int64) * np.left_shift(np.int64(1), e_max - exponent.astype(np.int64))
+    acc = q.astype(np.int64) @ w_int.T
+    y = acc.astype(np.float32) * np.float32(2.0**-e_max)
+    y = y * s[:, None]
+    y = y * scale.astype(np.float32)[None, :]
+    y[~finite] = np.nan
+    return _finish(y, bias, lead)
+
+
+def _shift_infer(x, sign, exponent, scale, bias, exponent_bits):
+    require_rank(sign, 2, "shift_linear", "sign")
+    out, k = sign.shape
+    if not 1 <= exponent_bits <= 5:
+        raise IRTypeError(f"shift_linear: exponent_bits {exponent_bits} must be in 1..5 (shift up to 31)")
+    _check_weight_type("shift_linear", sign, "sign", "int8", (out, k))
+    _check_weight_type("shift_linear", exponent, "exponent", "uint8", (out, k))
+    _check_weight_type("shift_linear", scale, "scale", "float32", (out,))
+    return _check_x_bias("shift_linear", x, k, out, bias)
+
+
+def _shift_macs(out_shape, x, sign, *_):
+    return _rows(out_shape) * (int(sign[0]) + int(x[-1]))  # one rescale per output, one per quantized input
+
+
+register(
+    "shift_linear",
+    ["x", "sign", "exponent", "scale", "bias?"],
+    {"exponent_bits": Attr("int", 4)},
+    _shift_infer,
+    _shift_reference,
+    "DeepShift-PS y = x @ (scale*sign*2^-exponent)^T + bias; int8 per-row activations, int32 shift-add "
+    "accumulation, one float rescale per output",
+    macs=_shift_macs,
+    tags={"custom", "contraction"},
+)
+
+
+# -- bit packing ----------------------------------------------------------------------------
+def pack_signs(b: np.ndarray) -> np.ndarray:
+    """``[..., K]`` of {-1,+1} to ``uint8[..., ceil(K/8)]``: bit 1 = +1, weight k at bit k%8 of byte k//8
+    (LSB first); padding bits are 0."""
+    return np.packbits(np.asarray(b) > 0, axis=-1, bitorder="little")
+
+
+def unpack_signs(bits: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_signs`: int8 {-1,+1} ``[..., k]``."""
+    planes = np.unpackbits(bits, axis=-1, count=k, bitorder="little")
+    return (planes.astype(np.int8) * 2 - 1).astype(np.int8)
+
+
+def pack_trits(t: np.ndarray) -> np.ndarray:
+    """``[..., K]`` of {-1,0,+1} to ``uint8[..., ceil(K/4)]``: code ``t + 1`` (0: -1, 1: 0, 2: +1; 3 is
+    invalid) in bits ``2*(k%4)`` and ``2*(k%4)+1`` of byte ``k//4`` (LSB first); padding holds code 1."""
+    t = np.asarray(t)
+    k = t.shape[-1]
+    padded = np.ones(t.shape[:-1] + (-(-k // 4) * 4,), np.uint8)
+    padded[..., :k] = (t + 1).astype(np.uint8)
+    quads = padded.reshape(t.shape[:-1] + (-1, 4))
+    return (quads[..., 0] | quads[..., 1] << 2 | quads[..., 2] << 4 | quads[..., 3] << 6).astype(np.uint8)
+
+
+def unpack_trits(trits: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_trits`: int8 {-1,0,+1} ``[..., k]``; raises on code 3."""
+    codes = (trits[..., :, None] >> np.array([0, 2, 4, 6], np.uint8)) & np.uint8(3)
+    codes = codes.reshape(trits.shape[:-1] + (-1,))[..., :k]
+    if np.any(codes == 3):
+        raise ValueError("ternary_linear: trit code 3 is invalid (codes are t + 1 in {0, 1, 2})")
+    return (codes.astype(np.int8) - 1).astype(np.int8)
+
+
+def groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+# -- bcq_linear -----------------------------------------------------------------------------
+def bcq_weight(bits: np.ndarray, alpha: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
+    """``W[o,k] = sum_i alpha[o, k // G, i] * B_i[o,k]`` in float32, summed in order i = 0, 1, ..."""
+    signs = unpack_signs(bits, in_features).astype(np.float32)  # [q, O, K]
+    scales = np.repeat(alpha.astype(np.float32), group_size, axis=1)[:, :in_features, :]  # [O, K, q]
+    w = np.zeros(signs.shape[1:], np.float32)
+    for i in range(signs.shape[0]):
+        w += scales[:, :, i] * signs[i]
+    return w
+
+
+def _bcq_reference(x, bits, alpha, bias, group_size, in_features):
+    """Float32 ``x @ W^T + bias`` with ``W`` from :func:`bcq_weight`: what the LUT kernel must match."""
+    lead = x.shape[:-1]
+    w = bcq_weight(bits, alpha, group_size, in_features)
+    return _finish(x.reshape(-1, in_features).astype(np.float32) @ w.T, bias, lead)
+
+
+def _bcq_infer(x, bits, alpha, bias, group_size, in_features):
+    require_rank(bits, 3, "bcq_linear", "bits")
+    q, out, _ = bits.shape
+    if group_size < 1 or in_features < 1:
+        raise IRTypeError("bcq_linear: group_size and in_features must be positive")
+    _check_weight_type("bcq_linear", bits, "bits", "uint8", (q, out, groups(in_features, 8)))
+    _check_weight_type("bcq_linear", alpha, "alpha", "float32", (out, groups(in_features, group_size), q))
+    return _check_x_bias("bcq_linear", x, in_features, out, bias)
+
+
+def _bcq_macs(out_shape, x, bits, alpha, *_):
+    return _rows(out_shape) * int(np.prod(alpha))  # one alpha multiply per (output, group, bit plane)
+
+
+register(
+    "bcq_linear",
+    ["x", "bits", "alpha", "bias?"],
+    {"group_size": Attr("int", 128), "in_features": Attr("int")},
+    _bcq_infer,
+    _bcq_reference,
+    "ShiftAddLLM BCQ y = x @ W^T + bias, W[o,k] = sum_i alpha[o,k//group_size,i] * B_i[o,k]; "
+    "bits uint8[q, out, ceil(in/8)] (bit 1 = +1, LSB first), alpha f32[out, ceil(in/group_size), q]",
+    macs=_bcq_macs,
+    tags={"custom", "contraction"},
+)
+
+
+# -- ternary_linear -------------------------------------------------------------------------
+def ternary_weight(trits: np.ndarray, scale: np.ndarray, group_size: int, in_features: int) -> np.ndarray:
+    t = unpack_trits(trits, in_features).astype(np.float32)
+    return np.repeat(scale.astype(np.float32), group_size, axis=1)[:, :in_features] * t
+
+
+def _ternary_reference(x, trits, scale, bias, group_size, in_features):
+    """Float32 ``x @ W^T + bias``, ``W[o,k] = scale[o, k // G] * T[o,k]``."""
+    lead = x.shape[:-1]
+    w = ternary_weight(trits, scale, group_size, in_features)
+    return _finish(x.reshape(-1, in_features).astype(np.float32) @ w.T, bias, lead)
+
+
+def _ternary_infer(x, trits, scale, bias, group_size, in_features):
+    require_rank(trits, 2, "ternary_linear", "trits")
+    out = trits.shape[0]
+    if group_size < 1 or in_features < 1:
+        raise IRTypeError("ternary_linear: group_size and in_features must be positive")
+    _check_weight_type("ternary_linear", trits, "trits", "uint8", (out, groups(in_features, 4)))
+    _check_weight_type("ternary_linear", scale, "scale", "float32", (out, groups(in_features, group_size)))
+    return _check_x_bias("ternary_linear", x, in_features, out, bias)
+
+
+register(
+    "ternary_linear",
+    ["x", "trits", "scale", "bias?"],
+    {"group_size": Attr("int", 128), "in_features": Attr("int")},
+    _ternary_infer,
+    _ternary_reference,
+    "BitNet b1.58 y = x @ W^T + bias, W[o,k] = scale[o,k//group_size] * T[o,k], T in {-1,0,1} packed "
+    "2 bits each as code T+1 (LSB first) in uint8[out, ceil(in/4)]",
+    macs=lambda out, x, trits, scale, *_: _rows(out) * int(np.prod(scale)),
+    tags={"custom", "contraction"},
+)
+
+
+def inner_adds(op: str, out_shape, x_shape, weight_shape) -> int:
+    """Adds in the inner loop of a low-bit op (``weight_shape``: sign / bits / trits)."""
+    planes = int(weight_shape[0]) if op == "bcq_linear" else 1
+    return _rows(out_shape) * int(out_shape[-1]) * int(x_shape[-1]) * planes
+
+
+__all__ = [
+    "INT32_MAX",
+    "bcq_weight",
+    "groups",
+    "inner_adds",
+    "pack_signs",
+    "pack_trits",
+    "quantize_rows_int8",
+    "shift_accumulator_bound",
+    "ternary_weight",
+    "unpack_signs",
+    "unpack_trits",
+]

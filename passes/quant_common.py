@@ -1,0 +1,176 @@
+"""What the weight quantizers (``shift.py``, ``bcq.py``) share: which linears they may touch,
+calibration activations, output-aware least-squares scale refits, and the rewrite driver.
+
+Layer selection follows common post-training-quantization practice (ShiftAddLLM, GPTQ): the
+first and last weight layers, embeddings and the LM head stay in float unless the ``skip``
+option says otherwise. ``skip`` is a list of fnmatch patterns matched against the node name and
+the weight's name; ``"@first"`` and ``"@last"`` name the first and last weight layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from typing import Any as AnyType
+
+import numpy as np
+
+from reshift.ir.graph import Graph, Node, Value
+from reshift.ir.interpret import interpret
+from reshift.passes.manager import PassContext
+from reshift.passes.pattern import Any, Match, Op, Opt, match
+from reshift.passes.rules import RewriteContext, Rule, RuleStats, apply_rules
+
+LINEAR = Op("linear", Any("x"), Any("weight"), Opt(Any("bias")), name="linear")
+WEIGHT_LAYER_OPS = ("linear", "conv2d", "shift_linear", "shift_conv2d", "bcq_linear", "ternary_linear")
+DEFAULT_SKIP = ("@first", "@last", "*embed*", "*wte*", "*wpe*", "*lm_head*")
+
+
+@dataclass
+class LayerPlan:
+    """A quantizer's decision for one linear: a replacement builder, or why not; plus report facts."""
+
+    build: Callable[[Match, RewriteContext], Value] | None = None
+    reason: str | None = None
+    details: dict[str, AnyType] = field(default_factory=dict)
+
+
+def skip_reason(node: Node, weight: Value, graph: Graph, patterns) -> str | None:
+    """Why ``node`` is excluded by the ``skip`` patterns, or None."""
+    layers = [n.name for n in graph.nodes if n.op in WEIGHT_LAYER_OPS]
+    for pattern in patterns:
+        if pattern == "@first" and layers and layers[0] == node.name:
+            return "first weight layer is kept in float (skip '@first')"
+        if pattern == "@last" and layers and layers[-1] == node.name:
+            return "last weight layer is kept in float (skip '@last')"
+        if not pattern.startswith("@") and (fnmatch(node.name, pattern) or fnmatch(weight.name, pattern)):
+            return f"layer {node.name} (weight %{weight.name}) matches skip pattern {pattern!r}"
+    return None
+
+
+def candidate_reason(m: Match, graph: Graph, users: dict[Value, list[Node]], options: dict) -> str | None:
+    """Why the matched ``linear`` may not be quantized at all (before any fitting), or None."""
+    weight = m["weight"]
+    if not weight.is_constant:
+        return f"weight %{weight.name} is not a constant (computed at run time)"
+    if weight.dtype != "float32" or weight.type.rank != 2:
+        return f"weight %{weight.name} is {weight.type}, expected a float32 matrix"
+    if not np.all(np.isfinite(weight.data)):
+        return f"weight %{weight.name} holds NaN or inf"
+    if m["x"].dtype != "float32":
+        return f"input %{m['x'].name} is {m['x'].type}, expected float32"
+    readers = [n.name for n in users.get(weight, []) if n is not m.root]
+    if readers:
+        return f"weight %{weight.name} is shared with {', '.join(readers)} (tied weights stay float)"
+    return skip_reason(m.root, weight, graph, options.get("skip", DEFAULT_SKIP))
+
+
+def capture_activations(
+    graph: Graph, calibration: list[dict[str, np.ndarray]] | None, values: list[Value], max_rows: int = 2048
+) -> dict[str, np.ndarray]:
+    """Each value's rows ``[M, K]`` (float64) over all calibration batches, at most ``max_rows``
+    (evenly spaced) per value. One interpreter run per batch."""
+    if not calibration or not values:
+        return {}
+    rows: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
+    for batch in calibration:
+        env = interpret(graph, batch, return_all=True)
+        for v in values:
+            rows[v.name].append(env[v.name].reshape(-1, v.shape[-1]).astype(np.float64))
+    result = {}
+    for name, parts in rows.items():
+        x = np.concatenate(parts)
+        x = x[np.all(np.isfinite(x), axis=1)]
+        if len(x) > max_rows:
+            x = x[np.linspace(0, len(x) - 1, max_rows).astype(int)]
+        result[name] = x
+    return result
+
+
+def hessian(x: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """``X^T X + lambda I`` with ``lambda = damp * mean(diag)``; dead inputs get a unit diagonal."""
+    h = x.T @ x
+    diag = np.diag(h).copy()
+    diag[diag == 0] = 1.0
+    np.fill_diagonal(h, diag)
+    h[np.diag_indices_from(h)] += damp * float(np.mean(diag))
+    return h
+
+
+def group_masks(k: int, group_size: int) -> np.ndarray:
+    """One-hot ``[num_groups, K]``: column k belongs to group ``k // group_size``."""
+    ng = -(-k // group_size)
+    return (np.arange(k)[None, :] // group_size == np.arange(ng)[:, None]).astype(np.float64)
+
+
+def refit_scales_output(
+    w: np.ndarray, codes: np.ndarray, group_size: int, h: np.ndarray, chunk_bytes: int = 1 << 26
+) -> np.ndarray:
+    """Group scales minimizing ``||X W^T - X W_hat^T||_F`` for fixed codes: ``[O, groups, q]``.
+
+    ``W_hat[o,k] = sum_i a[o, k//G, i] * codes[i,o,k]`` is linear in ``a``, so per output row
+    ``o`` the normal equations are ``(M H M^T) a = M H w_o`` with ``M[(g,i), k] = codes[i,o,k]
+    [k in g]`` and ``H = X^T X`` (ShiftAddLLM Sec. 3.1, the scale step of its alternating fit).
+    """
+    q, out, k = codes.shape
+    masks = group_masks(k, group_size)
+    ng = masks.shape[0]
+    result = np.zeros((out, ng, q))
+    step = max(1, chunk_bytes // (8 * ng * q * k))
+    for start in range(0, out, step):
+        c = codes[:, start : start + step].astype(np.float64).transpose(1, 0, 2)  # [o, q, K]
+        m = (masks[None, :, None, :] * c[:, None, :, :]).reshape(len(c), ng * q, k)
+        mh = m @ h
+        system = mh @ m.transpose(0, 2, 1)
+        rhs = np.einsum("onk,ok->on", mh, w[start : start + step].astype(np.float64))
+        ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2) / (ng * q), 1e-30)
+        system[:, np.arange(ng * q), np.arange(ng * q)] += ridge[:, None]
+        result[start : start + step] = np.linalg.solve(system, rhs[..., None])[..., 0].reshape(-1, ng, q)
+    return result
+
+
+def relative_output_error(w: np.ndarray, w_hat: np.ndarray, x: np.ndarray | None) -> float:
+    """``||X (W - W_hat)^T||_F / ||X W^T||_F``, or the weight-space ratio without ``X``."""
+    diff, ref = (w - w_hat).astype(np.float64), w.astype(np.float64)
+    if x is not None:
+        diff, ref = x @ diff.T, x @ ref.T
+    return float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+
+
+def quantize_linears(
+    graph: Graph,
+    ctx: PassContext,
+    rule_name: str,
+    plan: Callable[[list[Match], dict[str, np.ndarray], dict], dict[str, LayerPlan]],
+) -> RuleStats:
+    """Select candidate linears, capture their calibration inputs, let ``plan`` fit all of them at
+    once (bit allocation needs every layer), then apply the one rule ``rule_name`` they decided."""
+    producers, users = graph.producers(), graph.users()
+    refusals: dict[str, str] = {}
+    candidates: list[Match] = []
+    for node in graph.nodes:
+        if node.op != "linear":
+            continue
+        m = match(LINEAR, node, producers)
+        reason = candidate_reason(m, graph, users, ctx.options) if m is not None else "not linear(x, W, b)"
+        if reason:
+            refusals[node.name] = reason
+        else:
+            candidates.append(m)
+    max_rows = int(ctx.options.get("calib_rows", 2048))
+    xs = capture_activations(graph, ctx.calibration, [m["x"] for m in candidates], max_rows)
+    plans = plan(candidates, xs, ctx.options) if candidates else {}
+
+    def check(m: Match, g: Graph) -> str | None:
+        if m.root.name in refusals:
+            return refusals[m.root.name]
+        layer = plans.get(m.root.name)
+        return "not planned" if layer is None else layer.reason
+
+    def rewrite(m: Match, rc: RewriteContext) -> Value:
+        return plans[m.root.name].build(m, rc)
+
+    stats = apply_rules(graph, [Rule(rule_name, LINEAR, check, rewrite)])
+    stats.details = {name: p.details for name, p in plans.items() if p.details}
+    return stats

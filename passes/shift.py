@@ -1,0 +1,92 @@
+"""Power-of-two weights: ``linear`` -> ``shift_linear`` (DeepShift-PS, Elhoushi et al. 2021, Eq. 4;
+ShiftAddViT's shift layers).
+
+``W[o,i] ~ scale[o] * sign[o,i] * 2^-p[o,i]`` with ``scale[o] = max_i |W[o,i]|`` and
+``p = clamp(rint(-log2(|W| / scale)), 0, 2^b - 1)``: rounding in the log domain, so the level
+boundary between ``2^-p`` and ``2^-(p+1)`` is their geometric mean ``2^-(p+1/2)``; ties (exact
+half exponents) go to the even ``p``. A weight below half the smallest level,
+``|W| < scale * 2^-(2^b - 1) / 2``, becomes 0 (sign 0). ``b`` = option ``shift_bits`` (default
+4: 1 sign + 4 exponent bits = 5 bits per weight).
+
+The layer is refused when its int32 accumulator could overflow (see
+:func:`reshift.ir.ops_lowbit.shift_accumulator_bound`): split the layer or lower ``shift_bits``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reshift.ir.graph import Graph
+from reshift.ir.ops_lowbit import INT32_MAX, shift_accumulator_bound
+from reshift.passes.manager import Pass, PassContext
+from reshift.passes.pattern import Match
+from reshift.passes.quant_common import LayerPlan, quantize_linears, relative_output_error
+from reshift.passes.rules import RuleStats
+
+DEFAULT_SHIFT_BITS = 4
+
+
+def quantize_shift(w: np.ndarray, exponent_bits: int = DEFAULT_SHIFT_BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sign int8 [O,K], exponent uint8 [O,K], scale float32 [O])`` per the module docstring."""
+    e_max = 2**exponent_bits - 1
+    w = np.asarray(w, dtype=np.float64)
+    scale = np.max(np.abs(w), axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    safe = np.where(scale > 0, scale, 1.0)
+    ratio = np.abs(w) / safe[:, None]
+    with np.errstate(divide="ignore"):
+        p = np.rint(-np.log2(ratio))
+    exponent = np.clip(np.nan_to_num(p, posinf=e_max), 0, e_max).astype(np.uint8)
+    sign = np.sign(w).astype(np.int8)
+    sign[ratio < 2.0 ** -(e_max + 1)] = 0
+    exponent[sign == 0] = 0
+    return sign, exponent, scale.astype(np.float32)
+
+
+def shift_weight(sign: np.ndarray, exponent: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float weight the shift parameters stand for (the activation-quantization-free view)."""
+    return scale[:, None].astype(np.float64) * sign * 2.0 ** -exponent.astype(np.float64)
+
+
+def _plan(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
+    bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
+    plans = {}
+    for m in candidates:
+        w = m.array("weight")
+        sign, exponent, scale = quantize_shift(w, bits)
+        bound = int(shift_accumulator_bound(sign, exponent, bits).max()) if sign.size else 0
+        if bound > INT32_MAX:
+            reason = (
+                f"K={w.shape[1]} with shift_bits={bits} can reach |acc| = {bound:,} > 2^31-1 in the int32 "
+                "accumulator; lower shift_bits or split the layer"
+            )
+            plans[m.root.name] = LayerPlan(reason=reason)
+            continue
+        error = relative_output_error(w, shift_weight(sign, exponent, scale), xs.get(m["x"].name))
+        details = {"bits": 1 + bits, "error": error, "error_kind": "output" if m["x"].name in xs else "weight"}
+
+        def build(m, rc, sign=sign, exponent=exponent, scale=scale):
+            name = m.root.name
+            return rc.op(
+                "shift_linear",
+                m["x"],
+                rc.constant(sign, f"{name}_sign"),
+                rc.constant(exponent, f"{name}_exponent"),
+                rc.constant(scale, f"{name}_scale"),
+                m.get("bias"),
+                exponent_bits=bits,
+            )
+
+        plans[m.root.name] = LayerPlan(build=build, details=details)
+    return plans
+
+
+def shift_weights(graph: Graph, ctx: PassContext) -> RuleStats:
+    """Rewrite every eligible ``linear(x, W, b)`` into ``shift_linear``."""
+    return quantize_linears(graph, ctx, "linear_to_shift", _plan)
+
+
+SHIFT_PASSES = [
+    Pass("shift_weights", shift_weights, exact=False, doc="linear -> shift_linear, W = scale*sign*2^-p (DeepShift-PS)")
+]
+
+__all__ = ["DEFAULT_SHIFT_BITS", "SHIFT_PASSES", "quantize_shift", "shift_weight", "shift_weights"]

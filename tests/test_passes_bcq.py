@@ -1,0 +1,225 @@
+"""bcq_linear / ternary_linear references and passes/bcq.py: packing, fitting, allocation, passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reshift import ir, passes
+from reshift.ir.ops_lowbit import bcq_weight, pack_signs, pack_trits, unpack_signs, unpack_trits
+from reshift.passes.bcq import (
+    LayerSensitivity,
+    allocate_bits,
+    bits_per_weight,
+    fit_bcq,
+    fit_ternary,
+    ternary_dequant,
+)
+from reshift.passes.quant_common import relative_output_error
+
+from .test_passes_shift import calibration, gpt2, mlp  # noqa: F401  (gpt2 is a fixture)
+
+
+def signs(rng, shape):
+    return np.where(rng.random(shape) < 0.5, -1, 1).astype(np.int8)
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 13, 130])
+def test_pack_unpack_round_trip(rng, k):
+    b = signs(rng, (3, 5, k))
+    packed = pack_signs(b)
+    assert packed.shape == (3, 5, -(-k // 8)) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(unpack_signs(packed, k), b)
+    t = rng.integers(-1, 2, (5, k)).astype(np.int8)
+    assert pack_trits(t).shape == (5, -(-k // 4))
+    np.testing.assert_array_equal(unpack_trits(pack_trits(t), k), t)
+
+
+def test_bit_layouts_are_lsb_first():
+    assert pack_signs(np.array([1, -1, -1, -1, -1, -1, -1, -1, 1]))[0] == 1
+    assert pack_trits(np.array([1, -1, 0, 0]))[0] == 0b01_01_00_10
+    with pytest.raises(ValueError, match="code 3"):
+        unpack_trits(np.array([[0xFF]], np.uint8), 4)
+
+
+def bcq_graph(rng, out=3, k=13, q=2, group=5, bias=True):
+    b = ir.GraphBuilder("bcq")
+    x = b.input("x", f"f32[N,{k}]")
+    codes = signs(rng, (q, out, k))
+    alpha = rng.random((out, -(-k // group), q)).astype(np.float32)
+    bias_v = b.constant(rng.standard_normal(out).astype(np.float32)) if bias else None
+    y = b.bcq_linear(x, b.constant(pack_signs(codes)), b.constant(alpha), bias_v, group_size=group, in_features=k)
+    return b.build(y), codes, alpha
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_bcq_reference_matches_float64_dequantized_weight(rng, batch):
+    g, codes, alpha = bcq_graph(rng)  # K=13: neither a multiple of the group (5) nor of 8
+    w = sum(np.repeat(alpha[:, :, i].astype(np.float64), 5, axis=1)[:, :13] * codes[i] for i in range(2))
+    bias = next(c.data for c in g.constants.values() if c.data.shape == (3,) and c.data.dtype == np.float32)
+    x = rng.standard_normal((batch, 13)).astype(np.float32)
+    y = ir.interpret(g, {"x": x})[g.outputs[0].name]
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_bcq_reference_one_plane_unit_alpha_is_exact_and_nan_propagates(rng):
+    g, codes, alpha = bcq_graph(rng, q=1, bias=False)
+    for c in g.constants.values():
+        if c.data.dtype == np.float32:
+            c.data[:] = 1.0
+    x = rng.integers(-4, 5, (4, 13)).astype(np.float32)
+    x[2, 3] = np.nan
+    y = ir.interpret(g, {"x": x})[g.outputs[0].name]
+    clean = [0, 1, 3]
+    np.testing.assert_array_equal(y[clean], x[clean] @ codes[0].T.astype(np.float32))
+    assert np.isnan(y[2]).all()
+
+
+def test_ternary_reference(rng):
+    t = rng.integers(-1, 2, (3, 10)).astype(np.int8)
+    scale = rng.random((3, 3)).astype(np.float32)
+    b = ir.GraphBuilder()
+    x = b.input("x", "f32[N,10]")
+    g = b.build(b.ternary_linear(x, b.constant(pack_trits(t)), b.constant(scale), None, group_size=4, in_features=10))
+    xs = rng.standard_normal((17, 10)).astype(np.float32)
+    w = np.repeat(scale.astype(np.float64), 4, axis=1)[:, :10] * t
+    np.testing.assert_allclose(ir.interpret(g, {"x": xs})[g.outputs[0].name], xs @ w.T, rtol=1e-5, atol=1e-6)
+
+
+def test_lowbit_type_inference_rejects_wrong_shapes(rng):
+    b = ir.GraphBuilder()
+    x = b.input("x", "f32[N,13]")
+    with pytest.raises(ir.types.IRTypeError, match="alpha"):
+        b.bcq_linear(x, b.constant(np.zeros((2, 3, 2), np.uint8)), b.constant(np.zeros((3, 2, 2), np.float32)), group_size=5, in_features=13)
+
+
+# -- fitting ----------------------------------------------------------------------------------
+def correlated(rng, rows, k):
+    """Activations with strongly unequal, correlated channels (as after LayerNorm in an LLM)."""
+    mix = rng.standard_normal((k, k)) * np.exp(1.5 * rng.standard_normal(k))[None, :]
+    return rng.standard_normal((rows, k)) @ mix
+
+
+def test_fit_bcq_als_is_monotone_and_beats_greedy(rng):
+    w = rng.standard_normal((32, 100))
+    for q in (1, 2, 3, 4):
+        fit = fit_bcq(w, q, group_size=32, iters=8)
+        history = np.array(fit.history)
+        assert np.all(np.diff(history) <= 1e-9 * history[0]), history
+        assert q == 1 or history[-1] < 0.97 * history[0]
+        assert np.isclose(np.linalg.norm(w - fit.weight(32)), history[-1])
+        assert set(np.unique(fit.codes)) <= {-1, 1} and fit.alpha.shape == (32, 4, q)
+    errors = [relative_output_error(w, fit_bcq(w, q, 32).weight(32), None) for q in (1, 2, 3, 4)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_fit_bcq_is_exact_on_representable_weights(rng):
+    codes = signs(rng, (2, 4, 16)).astype(np.float64)
+    w = 0.75 * codes[0] + 0.25 * codes[1]
+    assert relative_output_error(w, fit_bcq(w, 2, group_size=16).weight(16), None) < 1e-9
+
+
+def test_activation_aware_fit_has_lower_output_error(rng):
+    w = rng.standard_normal((48, 96))
+    x = correlated(rng, 512, 96)
+    for q in (2, 3):
+        weight_only = relative_output_error(w, fit_bcq(w, q, 32).weight(32), x)
+        aware = relative_output_error(w, fit_bcq(w, q, 32, x=x).weight(32), x)
+        assert aware < 0.8 * weight_only, (q, aware, weight_only)
+
+
+def test_fit_ternary(rng):
+    w = rng.standard_normal((8, 70))
+    t0, s0 = fit_ternary(w, 32, refit=False)
+    assert set(np.unique(t0)) <= {-1, 0, 1}
+    np.testing.assert_allclose(s0[:, 0], np.abs(w[:, :32]).mean(1))
+    t1, s1 = fit_ternary(w, 32, refit=True)
+    e0, e1 = (relative_output_error(w, ternary_dequant(t, s, 32), None) for t, s in ((t0, s0), (t1, s1)))
+    assert e1 < e0
+    exact = 0.5 * rng.integers(-1, 2, (4, 32))
+    t, s = fit_ternary(exact, 32)
+    np.testing.assert_allclose(ternary_dequant(t, s, 32), exact)
+    x = correlated(rng, 256, 70)
+    t2, s2 = fit_ternary(w, 32, x=x)
+    assert relative_output_error(w, ternary_dequant(t2, s2, 32), x) <= relative_output_error(w, ternary_dequant(t1, s1, 32), x)
+
+
+# -- bit allocation ---------------------------------------------------------------------------
+def test_allocate_bits_meets_budget_and_beats_uniform(rng):
+    layers = []
+    for i, gain in enumerate((0.1, 1.0, 10.0, 100.0)):  # activation scale sets each layer's sensitivity
+        w = rng.standard_normal((32, 128))
+        x = gain * rng.standard_normal((128, 128))
+        errors = {q: float(np.sum((x @ (w - fit_bcq(w, q, 128).weight(128)).T) ** 2)) for q in (2, 3, 4)}
+        layers.append(LayerSensitivity(f"fc{i}", w.size, errors))
+    budget = 3.0  # uniform q=3 costs 3.375 bits with 128-wide groups, so uniform must be q=2
+    choice = allocate_bits(layers, budget, group_size=128)
+    params = sum(layer.params for layer in layers)
+    used = sum(layer.params * bits_per_weight(choice[layer.name], 128) for layer in layers) / params
+    assert used <= budget
+    total = sum(layer.errors[choice[layer.name]] for layer in layers)
+    uniform = sum(layer.errors[2] for layer in layers)
+    assert total < 0.5 * uniform
+    assert choice["fc3"] == 4 and choice["fc0"] == 2
+    with pytest.raises(ValueError, match="budget"):
+        allocate_bits(layers, 2.0, group_size=128)
+
+
+# -- the passes -------------------------------------------------------------------------------
+def test_bcq_pass_on_mlp_with_calibration(rng):
+    g = mlp(rng)
+    inputs = {"x": rng.standard_normal((5, 16)).astype(np.float32)}
+    g2, report = passes.run(g, "exact+bcq", calibration=calibration(rng), inputs=inputs, group_size=16)
+    ir.verify(g2)
+    assert g2.op_histogram()["bcq_linear"] == 2 and report.matches["linear_to_bcq"] == 2
+    for layer in report.details.values():
+        assert layer["bits"] == 3 and layer["error_kind"] == "output" and layer["error"] < 0.15
+    assert report.max_error < 0.2
+    node = next(n for n in g2.nodes if n.op == "bcq_linear")
+    assert node.attrs == {"group_size": 16, "in_features": 32}
+    assert node.inputs[1].data.shape == (3, 32, 4)
+
+
+def test_bcq_pass_bit_budget_mixes_bits(rng):
+    g = mlp(rng, widths=(16, 64, 64, 64, 64, 8))
+    g2, report = passes.run(g, "bcq", calibration=calibration(rng), bits=3.0, group_size=32)
+    bits = {name: d["bits"] for name, d in report.details.items()}
+    sizes = {n.name: n.inputs[1].data.size for n in g.nodes if n.name in bits}
+    average = sum(sizes[n] * bits_per_weight(q, 32) for n, q in bits.items()) / sum(sizes.values())
+    assert average <= 3.0 and len(set(bits.values())) >= 1 and g2.op_histogram()["bcq_linear"] == 3
+
+
+def test_ternary_pass_and_refusals(rng):
+    g = mlp(rng, widths=(16, 32, 32, 32, 8), shared=True)
+    g2, report = passes.run(g, "ternary", group_size=16)
+    reasons = {r.node: r.reason for r in report.refusals}
+    assert "shared with" in reasons["fc1"] and "first" in reasons["fc0"] and "last" in reasons["fc3"]
+    assert g2.op_histogram().get("ternary_linear", 0) == 0
+    g2, report = passes.run(mlp(rng), "ternary", group_size=16, skip=["*fc1*"])
+    assert g2.op_histogram()["ternary_linear"] == 3 and "skip pattern" in report.refusals[0].reason
+    b = ir.GraphBuilder()
+    x, w = b.input("x", "f32[N,4]"), b.input("w", "f32[3,4]")
+    _, report = passes.run(b.build(b.linear(x, w, None)), "bcq", skip=[])
+    assert "not a constant" in report.refusals[0].reason
+
+
+def test_bcq_and_ternary_on_gpt2(gpt2):  # noqa: F811
+    graph, calib, inputs = gpt2
+    g2, report = passes.run(graph, "bcq", calibration=calib, inputs=inputs, bits=3.0, bcq_iters=4)
+    assert g2.op_histogram()["bcq_linear"] == 7
+    details = report.details
+    print("gpt2 bcq:", {k: (d["bits"], round(d["error"], 4)) for k, d in details.items()}, report.max_error)
+    sizes = {n.name: n.inputs[1].data.size for n in graph.nodes if n.name in details}
+    average = sum(sizes[n] * d["bits_per_weight"] for n, d in details.items()) / sum(sizes.values())
+    assert average <= 3.0 and max(d["error"] for d in details.values()) < 0.3
+    assert report.max_error < 0.5
+    g3, report3 = passes.run(graph, "ternary", calibration=calib, inputs=inputs)
+    print("gpt2 ternary:", {k: round(d["error"], 4) for k, d in report3.details.items()}, report3.max_error)
+    assert g3.op_histogram()["ternary_linear"] == 7 and report3.max_error < 1.0
+
+
+def test_bcq_weight_helper_matches_fit(rng):
+    w = rng.standard_normal((6, 21))
+    fit = fit_bcq(w, 3, group_size=8)
+    got = bcq_weight(pack_signs(fit.codes), fit.alpha.astype(np.float32), 8, 21)
+    np.testing.assert_allclose(got, fit.weight(8), rtol=1e-5, atol=1e-6)
