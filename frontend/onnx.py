@@ -55,7 +55,7 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str
     sequence length); a symbolic first dimension always becomes the batch symbol ``N``.
     """
     proto, source = load_model(model)
-    opset = check_model(proto, source)
+    opset = check_model(proto, source, None if isinstance(model, onnx.ModelProto) else source)
     unsupported: dict[str, list[str]] = defaultdict(list)
     for index, node in enumerate(proto.graph.node):
         key = _op_key(node)
@@ -99,8 +99,11 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
     return proto, source
 
 
-def check_model(proto: onnx.ModelProto, source: str) -> int:
-    """Run the ONNX checker and return the default-domain opset (13..21 supported)."""
+def check_model(proto: onnx.ModelProto, source: str, path: str | None = None) -> int:
+    """Run the ONNX checker and return the default-domain opset (13..21 supported).
+
+    With ``path`` the checker reads the file, which also works past protobuf's 2 GiB limit.
+    """
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{source}: the model has an empty graph (truncated or not an ONNX model)")
     opsets = {entry.domain: entry.version for entry in proto.opset_import}
@@ -114,7 +117,7 @@ def check_model(proto: onnx.ModelProto, source: str) -> int:
             f"onnx.version_converter.convert_version(model, 17)."
         )
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(path if path is not None and proto.ByteSize() > 2**31 - 1 else proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first})") from None

@@ -274,7 +274,7 @@ def _linear_infer(x: TensorType, w: TensorType, b: TensorType | None) -> list[Te
 
 
 def _linear(x, w, b):
-    y = np.matmul(x, w.T)
+    y = (np.ascontiguousarray(x).reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
     return (y + b if b is not None else y).astype(x.dtype)
 
 

@@ -115,12 +115,17 @@ def _fit_weight_only(w: np.ndarray, q: int, group_size: int, iters: int) -> BCQF
     return BCQFit(bg.reshape(q, w.shape[0], -1)[:, :, :k].astype(np.int8), alpha, history)
 
 
-def _fit_gptq(w: np.ndarray, q: int, group_size: int, x: np.ndarray, iters: int, damp: float) -> BCQFit:
-    out, k = w.shape
+def _hessian_factor(x: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``H = X^T X + lambda I``, the upper Cholesky factor of ``H^-1``, and the dead-input mask."""
     h = hessian(x, damp)
+    return h, np.linalg.cholesky(np.linalg.inv(h)).T, np.all(x == 0, axis=0)
+
+
+def _fit_gptq(w: np.ndarray, q: int, group_size: int, factor: tuple, iters: int) -> BCQFit:
+    out, k = w.shape
+    h, u, dead = factor
     work = w.astype(np.float64).copy()
-    work[:, np.all(x == 0, axis=0)] = 0.0
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
+    work[:, dead] = 0.0
     combos = _combos(q)
     codes = np.empty((q, out, k), np.int8)
     alpha = np.zeros((out, -(-k // group_size), q))
@@ -134,9 +139,7 @@ def _fit_gptq(w: np.ndarray, q: int, group_size: int, x: np.ndarray, iters: int,
             error = (work[:, col] - values[np.arange(out), best]) / u[col, col]
             work[:, col + 1 :] -= np.outer(error, u[col, col + 1 :])
     alpha = refit_scales_output(w, codes, group_size, h)
-    fit = BCQFit(codes, alpha, [])
-    fit.history.append(float(np.linalg.norm(x @ (w - fit.weight(group_size)).T)))
-    return fit
+    return BCQFit(codes, alpha, [])
 
 
 def fit_bcq(
@@ -146,15 +149,18 @@ def fit_bcq(
     x: np.ndarray | None = None,
     iters: int = 10,
     damp: float = 0.01,
+    factor: tuple | None = None,
 ) -> BCQFit:
     """Fit ``q`` binary planes with group-wise alphas to ``w`` [O, K]; to the output ``x @ w^T``
-    when calibration rows ``x`` [M, K] are given (see module docstring)."""
+    when calibration rows ``x`` [M, K] are given (see module docstring). ``factor`` reuses a
+    :func:`_hessian_factor` of ``x`` across calls (bit allocation fits each layer several times)."""
     if not 1 <= q <= 4:
         raise ValueError(f"fit_bcq: q={q} bit planes; supported 1..4 (exhaustive code search is 2^q)")
     w = np.asarray(w, dtype=np.float64)
     if x is None:
         return _fit_weight_only(w, q, group_size, iters)
-    return _fit_gptq(w, q, group_size, np.asarray(x, dtype=np.float64), iters, damp)
+    factor = factor or _hessian_factor(np.asarray(x, dtype=np.float64), damp)
+    return _fit_gptq(w, q, group_size, factor, iters)
 
 
 def fit_ternary(
@@ -239,7 +245,8 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
     sensitivity = []
     for m in candidates:
         w, x = m.array("weight"), xs.get(m["x"].name)
-        fits[m.root.name] = {q: fit_bcq(w, q, group_size, x, iters, damp) for q in choices}
+        factor = _hessian_factor(x, damp) if x is not None else None
+        fits[m.root.name] = {q: fit_bcq(w, q, group_size, x, iters, damp, factor) for q in choices}
         errors = {}
         for q, fit in fits[m.root.name].items():
             diff = w - fit.weight(group_size)

@@ -98,12 +98,6 @@ def hessian(x: np.ndarray, damp: float = 0.01) -> np.ndarray:
     return h
 
 
-def group_masks(k: int, group_size: int) -> np.ndarray:
-    """One-hot ``[num_groups, K]``: column k belongs to group ``k // group_size``."""
-    ng = -(-k // group_size)
-    return (np.arange(k)[None, :] // group_size == np.arange(ng)[:, None]).astype(np.float64)
-
-
 def refit_scales_output(
     w: np.ndarray, codes: np.ndarray, group_size: int, h: np.ndarray, chunk_bytes: int = 1 << 26
 ) -> np.ndarray:
@@ -114,16 +108,23 @@ def refit_scales_output(
     [k in g]`` and ``H = X^T X`` (ShiftAddLLM Sec. 3.1, the scale step of its alternating fit).
     """
     q, out, k = codes.shape
-    masks = group_masks(k, group_size)
-    ng = masks.shape[0]
+    ng = -(-k // group_size)
+    h_pad = np.zeros((ng * group_size, k))
+    h_pad[:k] = h
+    h_groups = h_pad.reshape(ng, group_size, k)
     result = np.zeros((out, ng, q))
     step = max(1, chunk_bytes // (8 * ng * q * k))
     for start in range(0, out, step):
-        c = codes[:, start : start + step].astype(np.float64).transpose(1, 0, 2)  # [o, q, K]
-        m = (masks[None, :, None, :] * c[:, None, :, :]).reshape(len(c), ng * q, k)
-        mh = m @ h
-        system = mh @ m.transpose(0, 2, 1)
-        rhs = np.einsum("onk,ok->on", mh, w[start : start + step].astype(np.float64))
+        c = np.zeros((min(step, out - start), q, ng * group_size))
+        c[:, :, :k] = codes[:, start : start + step].transpose(1, 0, 2)
+        c = c.reshape(len(c), q, ng, group_size)
+        # p[o, g, i, l] = sum_{k in g} codes[i,o,k] H[k,l]
+        p = np.stack([(c[:, :, g].reshape(-1, group_size) @ h_groups[g]).reshape(len(c), q, k) for g in range(ng)], 1)
+        p_pad = np.zeros(p.shape[:3] + (ng * group_size,))
+        p_pad[..., :k] = p
+        p_pad = p_pad.reshape(p.shape[:3] + (ng, group_size))
+        system = np.einsum("ogiht,ojht->ogihj", p_pad, c).reshape(len(c), ng * q, ng * q)
+        rhs = np.einsum("ogil,ol->ogi", p, w[start : start + step].astype(np.float64)).reshape(len(c), ng * q)
         ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2) / (ng * q), 1e-30)
         system[:, np.arange(ng * q), np.arange(ng * q)] += ridge[:, None]
         result[start : start + step] = np.linalg.solve(system, rhs[..., None])[..., 0].reshape(-1, ng, q)

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 
 from reshift.codegen.tvm.lower import lower
+from reshift.codegen.tvm.schedule_cpu import schedule_passes
 from reshift.codegen.tvm.targets import TargetSpec, resolve_target
 from reshift.errors import CodegenError
 from reshift.ir.graph import Graph
@@ -34,8 +35,13 @@ class BuildResult:
     seconds: float
 
 
-def build(graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.IRModule | None = None) -> BuildResult:
-    """Lower ``graph`` (unless ``module`` is given, e.g. a tuned one) and compile it for ``target``."""
+def build(
+    graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.IRModule | None = None, schedule: bool = True
+) -> BuildResult:
+    """Lower ``graph`` (unless ``module`` is given, e.g. a tuned one) and compile it for ``target``.
+
+    ``schedule=False`` keeps the naive CPU loops (for comparisons); CUDA always gets dlight schedules.
+    """
     spec = resolve_target(target)
     start = time.perf_counter()
     mod = module if module is not None else lower(graph)
@@ -44,8 +50,7 @@ def build(graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.
         if spec.is_gpu:
             executable = tvm.compile(mod, tvm_target)  # the CUDA default pipeline applies dlight schedules
         else:
-            pipeline = relax.backend.cpu_generic.get_default_pipeline(tvm_target)
-            executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target, schedule))
     if spec.is_gpu:
         device_modules = [m.kind for m in _walk(executable.mod) if m.kind in ("cuda", "ptx", "nvptx")]
         if not device_modules:
@@ -54,6 +59,24 @@ def build(graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.
                 "the dlight schedules did not apply; report this with the graph"
             )
     return BuildResult(executable, spec, mod, time.perf_counter() - start)
+
+
+def cpu_pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
+    """Relax's fused CPU pipeline, plus the generic parallel/SIMD schedule of schedule_cpu.py."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    passes = [*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target)]
+    if schedule:
+        passes += schedule_passes()
+    passes += [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
+    sequence = tvm.transform.Sequential(passes)
+
+    @tvm.transform.module_pass(opt_level=0, name="ReshiftCPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return sequence(mod)
+
+    return _pipeline
 
 
 def export_library(result: BuildResult, path: str | os.PathLike) -> Path:

@@ -1,0 +1,111 @@
+"""A generic, untuned CPU schedule: parallel outer loops, SIMD on a contiguous inner loop.
+
+Relax's fused CPU pipeline leaves every kernel as naive scalar loops (NOTES_tvm.md §2), which makes
+a ViT-S forward take seconds. This dlight rule applies the two cheap wins to every fused kernel:
+- the spatial loops are fused and run in parallel;
+- if the output's innermost spatial axis is also innermost (or absent) in every buffer the block
+  touches, that axis is split by the SIMD width and vectorized; for a reduction (matmul, conv)
+  the reduction loops move outside the vector lane (``C[i, j:j+16] += A[i, k] * B[k, j:j+16]``).
+MetaSchedule tuning, where it works, replaces this.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+from tvm.target import Target
+
+
+class ParallelVectorize(dl.cpu.base.CPUScheduleRule):
+    """Parallelize and vectorize every block of a fused CPU kernel (see the module docstring)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if infos is None:
+            return None
+        lanes = _vector_lanes(target)
+        for info in infos:
+            try:
+                _schedule_block(sch, info, lanes)
+            except Exception:  # noqa: BLE001,S112 -- a block this simple rule cannot handle stays naive
+                continue
+        return sch
+
+
+def _vector_lanes(target: Target) -> int:
+    """float32 lanes of one SIMD register (16 on AVX-512, 8 on AVX2, 4 on NEON)."""
+    try:
+        bits = int(tvm.target.codegen.llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 -- unknown CPU: assume 128-bit SIMD
+        bits = 128
+    return max(4, bits // 32)
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+def _vars_in(expr) -> list:
+    return list(tirx.analysis.undefined_vars(expr))
+
+
+def _innermost_everywhere(block, var: tirx.Var) -> bool:
+    """``var`` indexes only the last dimension (or nothing) of every buffer region of the block."""
+    for region in list(block.reads) + list(block.writes):
+        ranges = list(region.region)
+        for dim, rng in enumerate(ranges):
+            if any(v.same_as(var) for v in _vars_in(rng.min)) and dim != len(ranges) - 1:
+                return False
+    return True
+
+
+def _vector_factor(extent: int | None, lanes: int) -> int | None:
+    if extent is None:
+        return None
+    for factor in (lanes, lanes // 2, lanes // 4):
+        if factor >= 4 and extent % factor == 0:
+            return factor
+    return None
+
+
+def _schedule_block(sch: s_tir.Schedule, info, lanes: int) -> None:
+    block = info.block_rv
+    loops = sch.get_loops(block)
+    kinds = info.dom_kind()
+    if len(loops) != len(kinds) or "O" in kinds:
+        return
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    stmt = sch.get(block)
+    inner = None
+    if spatial:
+        last = [i for i, kind in enumerate(kinds) if kind == "S"][-1]
+        factor = _vector_factor(_static(info.iters[last].dom), lanes)
+        if factor and _innermost_everywhere(stmt, stmt.iter_vars[last].var):
+            outer, inner = sch.split(spatial[-1], factors=[None, factor])
+            spatial = spatial[:-1] + [outer]
+    if reduce and inner is not None:
+        sch.reorder(*spatial, *reduce, inner)
+        sch.decompose_reduction(block, reduce[0])
+    elif reduce:
+        sch.reorder(*spatial, *reduce)
+    if len(spatial) > 1:
+        sch.parallel(sch.fuse(*spatial))
+    elif spatial:
+        sch.parallel(spatial[0])
+    if inner is not None:
+        sch.vectorize(inner)
+        if reduce:  # the init block made by decompose_reduction
+            init = sch.get_loops(sch.get_sblock(stmt.name_hint + "_init"))[-1]
+            sch.vectorize(init)
+
+
+def schedule_passes() -> list[tvm.transform.Pass]:
+    """The CPU scheduling passes to run after FuseTIR (under ``with target``)."""
+    return [dl.ApplyDefaultSchedule(ParallelVectorize())]
