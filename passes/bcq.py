@@ -26,7 +26,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-
 from reshift.ir.graph import Graph
 from reshift.ir.ops_lowbit import pack_signs, pack_trits
 from reshift.passes.manager import Pass, PassContext
@@ -202,7 +201,9 @@ class LayerSensitivity:
     errors: dict[int, float]
 
 
-def allocate_bits(layers: list[LayerSensitivity], budget_bits: float, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
+def allocate_bits(
+    layers: list[LayerSensitivity], budget_bits: float, group_size: int = DEFAULT_GROUP_SIZE
+) -> dict[str, int]:
     """``q`` per layer minimizing the summed error with parameter-weighted average bits <= budget.
 
     Greedy by marginal error reduction per added bit (every upgrade to any larger ``q`` is a
@@ -240,7 +241,11 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
     iters = int(options.get("bcq_iters", 10))
     damp = float(options.get("damp", 0.01))
     budget = options.get("bits")
-    choices = tuple(options.get("bit_choices", BIT_CHOICES)) if budget is not None else (int(options.get("bcq_q", DEFAULT_Q)),)
+    choices = (
+        tuple(options.get("bit_choices", BIT_CHOICES))
+        if budget is not None
+        else (int(options.get("bcq_q", DEFAULT_Q)),)
+    )
     fits: dict[str, dict[int, BCQFit]] = {}
     sensitivity = []
     for m in candidates:

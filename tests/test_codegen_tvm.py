@@ -42,7 +42,10 @@ def assert_matches(actual: np.ndarray, reference: np.ndarray, rtol: float, what:
     if reference.dtype.kind in "biu":
         np.testing.assert_array_equal(actual, reference, err_msg=what)
         return
-    ref = reference.astype(np.float64)
+    special = ~np.isfinite(reference)  # NaN and inf must sit in the same places (equal_nan compares them)
+    np.testing.assert_array_equal(actual[special], reference[special], err_msg=f"{what}: non-finite values differ")
+    ref = np.where(special, 0.0, reference.astype(np.float64))
+    actual = np.where(special, 0.0, actual)
     scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-30)
     error = float(np.max(np.abs(actual.astype(np.float64) - ref))) / scale if ref.size else 0.0
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol}"
@@ -184,7 +187,38 @@ def graph_shape():
     return b.build(*outs), lambda n: {"x": f32(n, 4, 6), "ids": RNG.integers(-10, 10, (n, 5)), "y": f32(3 * n, 2)}
 
 
-OP_GRAPHS = {fn.__name__: fn for fn in (graph_unary, graph_binary, graph_contraction, graph_norm, graph_pool, graph_shape)}
+def graph_lowbit():
+    from reshift.ir.ops_lowbit import pack_signs, pack_trits
+
+    b = GraphBuilder("lowbit")
+    x = b.input("x", "f32[N,3,20]")
+    out, k = 6, 20
+    sign = RNG.integers(-1, 2, (out, k)).astype(np.int8)
+    exponent = RNG.integers(0, 16, (out, k)).astype(np.uint8)
+    outs = [
+        b.shift_linear(x, b.constant(sign), b.constant(exponent), b.constant(f32(out, low=0.5, high=1.5)), b.constant(f32(out))),
+        b.shift_linear(x, b.constant(sign), b.constant(exponent % 4), b.constant(f32(out, low=0.5, high=1.5)), None, exponent_bits=2),
+    ]
+    bits = pack_signs(np.where(RNG.random((3, out, k)) < 0.5, -1, 1))
+    outs.append(b.bcq_linear(x, b.constant(bits), b.constant(f32(out, 3, 3, low=0, high=1)), b.constant(f32(out)), group_size=8, in_features=k))
+    trits = pack_trits(RNG.integers(-1, 2, (out, k)))
+    outs.append(b.ternary_linear(x, b.constant(trits), b.constant(f32(out, 2)), None, group_size=16, in_features=k))
+
+    def feeds(n):
+        x = f32(n, 3, 20)
+        x[0, 0] = 0.0  # an all-zero row quantizes to scale 0
+        x[0, 1, :4] = [127 / 254, -127 / 254, 1.5, -1.5]  # round-half-even cases when max|row| is 2
+        x[0, 1, 4] = 2.0
+        if n > 1:
+            x[1, 2, 3] = np.inf  # a non-finite row gives NaN outputs
+        return {"x": x}
+
+    return b.build(*outs), feeds
+
+
+OP_GRAPHS = {
+    fn.__name__: fn for fn in (graph_unary, graph_binary, graph_contraction, graph_norm, graph_pool, graph_shape, graph_lowbit)
+}
 
 
 def test_every_registry_op_has_a_lowering_and_a_test():

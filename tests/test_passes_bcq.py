@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from reshift import ir, passes
 from reshift.ir.ops_lowbit import bcq_weight, pack_signs, pack_trits, unpack_signs, unpack_trits
 from reshift.passes.bcq import (
     LayerSensitivity,
@@ -16,6 +14,8 @@ from reshift.passes.bcq import (
     ternary_dequant,
 )
 from reshift.passes.quant_common import relative_output_error
+
+from reshift import ir, passes
 
 from .test_passes_shift import calibration, gpt2, mlp  # noqa: F401  (gpt2 is a fixture)
 
@@ -90,7 +90,13 @@ def test_lowbit_type_inference_rejects_wrong_shapes(rng):
     b = ir.GraphBuilder()
     x = b.input("x", "f32[N,13]")
     with pytest.raises(ir.types.IRTypeError, match="alpha"):
-        b.bcq_linear(x, b.constant(np.zeros((2, 3, 2), np.uint8)), b.constant(np.zeros((3, 2, 2), np.float32)), group_size=5, in_features=13)
+        b.bcq_linear(
+            x,
+            b.constant(np.zeros((2, 3, 2), np.uint8)),
+            b.constant(np.zeros((3, 2, 2), np.float32)),
+            group_size=5,
+            in_features=13,
+        )
 
 
 # -- fitting ----------------------------------------------------------------------------------
@@ -141,7 +147,9 @@ def test_fit_ternary(rng):
     np.testing.assert_allclose(ternary_dequant(t, s, 32), exact)
     x = correlated(rng, 256, 70)
     t2, s2 = fit_ternary(w, 32, x=x)
-    assert relative_output_error(w, ternary_dequant(t2, s2, 32), x) <= relative_output_error(w, ternary_dequant(t1, s1, 32), x)
+    assert relative_output_error(w, ternary_dequant(t2, s2, 32), x) <= relative_output_error(
+        w, ternary_dequant(t1, s1, 32), x
+    )
 
 
 # -- bit allocation ---------------------------------------------------------------------------

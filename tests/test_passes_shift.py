@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from reshift import ir, passes
 from reshift.ir.ops_lowbit import quantize_rows_int8, shift_accumulator_bound
 from reshift.passes.shift import quantize_shift, shift_weight
+
+from reshift import ir, passes
 
 SHIFT = """
 graph shift(%x: f32[N,4]) {
@@ -74,7 +74,10 @@ def test_shift_reference_refuses_weights_that_overflow_int32():
     b = ir.GraphBuilder()
     x = b.input("x", f"f32[N,{k}]")
     y = b.shift_linear(
-        x, b.constant(np.ones((1, k), np.int8)), b.constant(np.zeros((1, k), np.uint8)), b.constant(np.ones(1, np.float32))
+        x,
+        b.constant(np.ones((1, k), np.int8)),
+        b.constant(np.zeros((1, k), np.uint8)),
+        b.constant(np.ones(1, np.float32)),
     )
     g = b.build(y)
     with pytest.raises(ValueError, match="int32"):
@@ -107,7 +110,9 @@ def mlp(rng, widths=(16, 32, 32, 24, 8), shared=False):
         else:
             w = b.constant((rng.standard_normal((widths[i + 1], widths[i])) * 0.3).astype(np.float32), f"fc{i}.weight")
         weights.append(w)
-        h = b.linear(h, w, b.constant(rng.standard_normal(widths[i + 1]).astype(np.float32), f"fc{i}.bias"), name=f"fc{i}")
+        h = b.linear(
+            h, w, b.constant(rng.standard_normal(widths[i + 1]).astype(np.float32), f"fc{i}.bias"), name=f"fc{i}"
+        )
         h = b.relu(h) if i < len(widths) - 2 else h
     return b.build(h)
 

@@ -27,12 +27,12 @@ Lowering = Callable[..., Any]
 LOWERINGS: dict[str, Lowering] = {}
 
 
-def lowering(*names: str) -> Callable[[Lowering], Lowering]:
-    """Register one lowering function for the ops ``names``."""
+def lowering(*names: str, override: bool = False) -> Callable[[Lowering], Lowering]:
+    """Register one lowering function for the ops ``names`` (``override``: replace a reference one)."""
 
     def register(fn: Lowering) -> Lowering:
         for name in names:
-            if name in LOWERINGS:
+            if name in LOWERINGS and not override:
                 raise ValueError(f"op {name!r} has two TVM lowerings")
             LOWERINGS[name] = fn
         return fn
@@ -134,6 +134,7 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
     return symbols, multiples
 
 
-# The op lowerings themselves live in lower_ops.py (elementwise, contraction, normalization)
-# and lower_shape.py (data movement, pooling, gathers); importing them fills LOWERINGS.
-from reshift.codegen.tvm import lower_ops, lower_shape  # noqa: E402,F401
+# The op lowerings themselves live in lower_ops.py (elementwise, contraction, normalization),
+# lower_shape.py (data movement, pooling, gathers) and lower_lowbit.py (reference low-bit linears);
+# importing them fills LOWERINGS.
+from reshift.codegen.tvm import lower_lowbit, lower_ops, lower_shape  # noqa: E402,F401

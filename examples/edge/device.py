@@ -41,6 +41,9 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Only the runtime runs on the device: the 240 MB compiler library and the CUDA runtime go.
 DROPPED_LIBS = ("libtvm_compiler.so", "libtvm_runtime_cuda.so")
 FORBIDDEN_PACKAGES = ("torch", "onnx", "onnxruntime")
+# Never read by a sysroot: debootstrap's own scripts, apt lists, documentation, translations.
+TRIMMED_PATHS = ("debootstrap", "var/lib/apt/lists", "usr/share/doc", "usr/share/man")
+TRIMMED_PATHS += ("usr/share/locale", "usr/share/info")
 
 
 class EdgeError(RuntimeError):
@@ -120,7 +123,8 @@ def build_rootfs(force: bool = False) -> Path:
         for deb in sorted(archives.glob("*.deb")):
             _run(["dpkg-deb", "-x", str(deb), str(partial)], log, f"unpacking {deb.name}")
             deb.unlink()
-        shutil.rmtree(partial / "debootstrap", ignore_errors=True)
+        for junk in TRIMMED_PATHS:
+            shutil.rmtree(partial / junk, ignore_errors=True)
         if not (partial / "usr/bin/python3").exists():
             raise EdgeError(f"no usr/bin/python3 in {partial} after unpacking; see {log}")
         _install_tvm(partial, log)
