@@ -13,7 +13,10 @@ reshift's own ops (registry ops tagged ``"custom"``: ``shift_linear``, ``bcq_lin
 
 * ``custom_ops="decompose"`` (default): the op's entry in :data:`CUSTOM_DECOMPOSITIONS`
   emits standard ONNX nodes computing the same function as the registry's numpy reference,
-  so onnxruntime runs the model as is.
+  so onnxruntime runs the model as is. ``bcq_linear``/``ternary_linear`` dequantize their
+  (constant) packed weights at export into ``MatMul`` + ``Add``; ``shift_linear`` keeps its
+  per-row int8 activation quantization (``ReduceMax``/``Round``/``Clip``) and integer-valued
+  shift weights, so the decomposition matches the reference within float32 rounding.
 * ``custom_ops="domain"``: one node of op type ``<op name>`` in the domain ``ai.reshift``
   (version 1), with the IR attributes as ONNX attributes (shapes as strings, so the batch
   symbol survives). :func:`reshift.frontend.from_onnx` reads such nodes back into the same
@@ -35,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from reshift.ir import Graph, Node, Value, get_op
-from reshift.ir.types import Dim, numpy_dtype, split_dim
 
 from reshift.errors import CodegenError
+from reshift.ir import Graph, Node, Value, get_op
+from reshift.ir.types import Dim, numpy_dtype, split_dim
 
 CUSTOM_DOMAIN = "ai.reshift"
 CUSTOM_VERSION = 1

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from reshift.codegen.onnx import IR_TO_ONNX_DTYPE, ONNX_LOWERINGS, OnnxEmitter, lowering
+
+from reshift.codegen.onnx import IR_TO_ONNX_DTYPE, ONNX_LOWERINGS, OnnxEmitter, lowering, register_decomposition
 from reshift.ir import Node
 from reshift.ir.types import numpy_dtype, split_dim
 
@@ -248,3 +249,58 @@ def _arange(em, node, ins):
     if a["start"] != 0.0:
         y = em.one("Add", [y, em.scalar(a["start"], out)])
     return em.final(node, "Identity", [y])
+
+
+# -- reference decompositions of reshift's custom ops (see the codegen.onnx docstring) -------------
+def _dequantized_linear(em: OnnxEmitter, node: Node, ins, weight: np.ndarray):
+    """``x @ W^T + bias`` with ``W`` dequantized at export time (packed weights are constants)."""
+    y = em.one("MatMul", [ins[0], em.const(np.ascontiguousarray(weight.T), f"{node.name}_weight_t")])
+    bias = ins[3] if len(ins) > 3 else ""
+    return em.final(node, "Add", [y, bias]) if bias else em.final(node, "Identity", [y])
+
+
+def _constant_weights(node: Node, count: int) -> list[np.ndarray]:
+    from reshift.errors import CodegenError
+
+    values = node.inputs[1 : 1 + count]
+    if not all(v is not None and v.is_constant for v in values):
+        raise CodegenError(f"{node.op} node {node.name}: the decomposition needs constant packed weights")
+    return [v.data for v in values]
+
+
+@register_decomposition("bcq_linear")
+def _bcq_linear(em, node, ins):
+    from reshift.ir.ops_lowbit import bcq_weight
+
+    bits, alpha = _constant_weights(node, 2)
+    a = node.attrs
+    return _dequantized_linear(em, node, ins, bcq_weight(bits, alpha, a["group_size"], a["in_features"]))
+
+
+@register_decomposition("ternary_linear")
+def _ternary_linear(em, node, ins):
+    from reshift.ir.ops_lowbit import ternary_weight
+
+    trits, scale = _constant_weights(node, 2)
+    a = node.attrs
+    return _dequantized_linear(em, node, ins, ternary_weight(trits, scale, a["group_size"], a["in_features"]))
+
+
+@register_decomposition("shift_linear")
+def _shift_linear(em, node, ins):
+    """Per-row int8 activation quantization, then ``q @ (sign * 2^(E - exponent))^T`` in float
+    (integers, exact while partial sums stay below 2^24), then ``* 2^-E * s * scale + bias``."""
+    sign, exponent = _constant_weights(node, 2)
+    x = node.inputs[0]
+    e_max = 2 ** node.attrs["exponent_bits"] - 1
+    w_int = sign.astype(np.float32) * np.exp2(e_max - exponent.astype(np.float32))
+    amax = em.reduce("ReduceMax", em.one("Abs", [ins[0]]), [-1], True)
+    s = em.one("Div", [amax, em.scalar(127.0, x)])
+    safe = em.one("Where", [em.one("Greater", [s, em.scalar(0.0, x)]), s, em.scalar(1.0, x)])
+    q = em.one("Clip", [em.one("Round", [em.one("Div", [ins[0], safe])]), em.scalar(-127.0, x), em.scalar(127.0, x)])
+    acc = em.one("MatMul", [q, em.const(np.ascontiguousarray(w_int.T), f"{node.name}_shift_weight_t")])
+    y = em.one("Mul", [em.one("Mul", [acc, em.scalar(2.0**-e_max, x)]), s])
+    y_scaled = [y, ins[3]]
+    if len(ins) > 4 and ins[4]:
+        return em.final(node, "Add", [em.one("Mul", y_scaled), ins[4]])
+    return em.final(node, "Mul", y_scaled)

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, UnsupportedOpError
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
 from reshift.frontend.shape_eval import SYM_OPS, SYM_PASSTHROUGH, SYMBOL, ShapeEvalError, has_sym, normalize
 from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
 from reshift.ir.ops import REQUIRED
 from reshift.ir.types import TensorType
-
-from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, UnsupportedOpError
 
 MIN_OPSET, MAX_OPSET = 13, 21
 PROBE_BATCHES = (2, 3)  # concrete batch sizes for telling batch-invariant shape values apart

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
+
 from reshift.frontend.shape_eval import Sym, known_to_dim, shape_vector
 from reshift.ir.types import dims_product, split_dim
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from reshift.ir.types import Dim, make_dim, split_dim
 
 from reshift.errors import ReshiftError
+from reshift.ir.types import Dim, make_dim, split_dim
 
 SYMBOL = "N"
 

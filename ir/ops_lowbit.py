@@ -180,11 +180,22 @@ def bcq_weight(bits: np.ndarray, alpha: np.ndarray, group_size: int, in_features
     return w
 
 
+def _nan_rows_where_not_finite(x2: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Outputs of a row holding NaN or +-inf are NaN: a table of +-sums turns inf into inf - inf.
+
+    The lookup-table kernels define it so (as ``shift_linear`` does), rather than reproduce the
+    mix of +-inf and NaN a dense product happens to give.
+    """
+    y[~np.isfinite(x2).all(axis=1)] = np.nan
+    return y
+
+
 def _bcq_reference(x, bits, alpha, bias, group_size, in_features):
     """Float32 ``x @ W^T + bias`` with ``W`` from :func:`bcq_weight`: what the LUT kernel must match."""
     lead = x.shape[:-1]
     w = bcq_weight(bits, alpha, group_size, in_features)
-    return _finish(x.reshape(-1, in_features).astype(np.float32) @ w.T, bias, lead)
+    x2 = x.reshape(-1, in_features).astype(np.float32)
+    return _finish(_nan_rows_where_not_finite(x2, x2 @ w.T), bias, lead)
 
 
 def _bcq_infer(x, bits, alpha, bias, group_size, in_features):
@@ -224,7 +235,8 @@ def _ternary_reference(x, trits, scale, bias, group_size, in_features):
     """Float32 ``x @ W^T + bias``, ``W[o,k] = scale[o, k // G] * T[o,k]``."""
     lead = x.shape[:-1]
     w = ternary_weight(trits, scale, group_size, in_features)
-    return _finish(x.reshape(-1, in_features).astype(np.float32) @ w.T, bias, lead)
+    x2 = x.reshape(-1, in_features).astype(np.float32)
+    return _finish(_nan_rows_where_not_finite(x2, x2 @ w.T), bias, lead)
 
 
 def _ternary_infer(x, trits, scale, bias, group_size, in_features):

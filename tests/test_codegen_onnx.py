@@ -7,12 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
 from reshift.codegen.onnx import CUSTOM_DECOMPOSITIONS, CUSTOM_DOMAIN, ONNX_LOWERINGS, to_onnx
+from reshift.errors import CodegenError
 from reshift.frontend.onnx import from_onnx
 from reshift.ir import OPS, GraphBuilder, interpret, parse, verify
 from reshift.ir.ops import Attr, register
-
-from reshift.errors import CodegenError
 
 
 def _w(*shape, seed=1):
@@ -175,6 +175,8 @@ def test_every_standard_op_has_a_case_and_a_lowering():
     standard = {name for name, opdef in OPS.items() if "custom" not in opdef.tags}
     assert standard - set(CASES) == set(), "add a CASES entry for new registry ops"
     assert standard - set(ONNX_LOWERINGS) == set()
+    custom = {name for name, opdef in OPS.items() if "custom" in opdef.tags and not name.startswith("test_")}
+    assert custom - set(CUSTOM_DECOMPOSITIONS) == set(), "add a reference decomposition (codegen/onnx_lowering.py)"
 
 
 @pytest.mark.parametrize("opset", [13, 17, 21])
@@ -267,6 +269,46 @@ def test_custom_op_without_decomposition_is_reported(custom_op):
             to_onnx(graph)
     finally:
         CUSTOM_DECOMPOSITIONS[custom_op] = saved
+
+
+def _lowbit_graph(op: str, out: int = 6, k: int = 20, bias: bool = True):
+    from reshift.ir.ops_lowbit import groups, pack_signs, pack_trits
+
+    rng = np.random.default_rng(7)
+    b = GraphBuilder(op)
+    x = b.input("x", "f32[N,3,20]")
+    bias_value = b.constant(_w(out, seed=5)) if bias else None
+    if op == "shift_linear":
+        sign = b.constant(rng.integers(-1, 2, (out, k)).astype(np.int8))
+        exponent = b.constant(rng.integers(0, 16, (out, k)).astype(np.uint8))
+        y = b.shift_linear(x, sign, exponent, b.constant(np.abs(_w(out, seed=6))), bias_value, exponent_bits=4)
+    elif op == "bcq_linear":
+        bits = b.constant(pack_signs(rng.choice([-1, 1], (3, out, k))))
+        alpha = b.constant(np.abs(_w(out, groups(k, 8), 3)))
+        y = b.bcq_linear(x, bits, alpha, bias_value, group_size=8, in_features=k)
+    else:
+        trits = b.constant(pack_trits(rng.integers(-1, 2, (out, k))))
+        y = b.ternary_linear(
+            x, trits, b.constant(np.abs(_w(out, groups(k, 8)))), bias_value, group_size=8, in_features=k
+        )
+    return b.build(y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("op", sorted(n for n, o in OPS.items() if "custom" in o.tags and not n.startswith("test_")))
+def test_registry_custom_ops_decompose_for_onnxruntime(op, bias):
+    if op not in ("shift_linear", "bcq_linear", "ternary_linear"):
+        pytest.skip(f"no test graph for {op} yet")
+    graph = _lowbit_graph(op, bias=bias)
+    model = to_onnx(graph)
+    assert all(n.domain == "" for n in model.graph.node)
+    check_in_onnxruntime(graph, model, rtol=1e-5)
+    domain = to_onnx(graph, custom_ops="domain")
+    assert [n.op_type for n in domain.graph.node if n.domain == CUSTOM_DOMAIN] == [op]
+    feeds = feeds_for(graph, 2)
+    np.testing.assert_array_equal(
+        list(interpret(from_onnx(domain), feeds).values())[0], interpret(graph, feeds)[op + "_0"]
+    )
 
 
 def test_bad_arguments():

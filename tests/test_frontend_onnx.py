@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from reshift.frontend.onnx import ONNX_CONVERTERS, from_onnx
-from reshift.ir import interpret, verify
 
 from reshift.errors import ModelLoadError, UnsupportedOpError
+from reshift.frontend.onnx import ONNX_CONVERTERS, from_onnx
+from reshift.ir import interpret, verify
 
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
 

@@ -138,3 +138,4 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 # lower_shape.py (data movement, pooling, gathers) and lower_lowbit.py (reference low-bit linears);
 # importing them fills LOWERINGS.
 from reshift.codegen.tvm import lower_lowbit, lower_ops, lower_shape  # noqa: E402,F401
+from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels

@@ -202,6 +202,15 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _reachable(addr: str) -> bool:
+    host, port = addr.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def start(
     name: str = "dev0",
     port: int = 9090,
@@ -217,6 +226,12 @@ def start(
         raise EdgeError(f"device {name} already runs (pid {device.pid()}, port {state['port']})")
     if tracker and not key:
         raise EdgeError("--tracker needs --key: the tracker hands devices out by key")
+    if tracker and not _reachable(tracker):
+        raise EdgeError(
+            f"no tracker answers at {tracker}: start one with"
+            f" `python -m tvm.exec.rpc_tracker --host {tracker.rsplit(':', 1)[0]}"
+            f" --port {tracker.rsplit(':', 1)[1]}` (needs tornado)"
+        )
     if not _port_free(host, port):
         raise EdgeError(f"port {host}:{port} is taken; pick another with --port")
     t0 = time.monotonic()

@@ -1,0 +1,143 @@
+"""Multiplication-free lowerings of ``bcq_linear``, ``ternary_linear`` and ``shift_linear``.
+
+They replace the reference entries of ``lower_lowbit.py`` (which decode weights to float32 at
+build time): the packed weights stay packed, re-laid out for the kernel (``packing.py``), and run
+through the lookup-table GEMV (``lut_gemv.py``) or the shift-add GEMV (``shift_gemv.py``).
+
+The kernel variant follows ``tvm.target.Target.current()`` at lowering time (host CPU if none):
+AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops; GPU targets keep the
+reference lowering (these kernels have no GPU schedule yet).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from reshift.codegen.tvm import lower_lowbit
+from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
+from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq, pack_shift, pack_ternary
+from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.ir.graph import Node
+from reshift.ir.ops_lowbit import INT8_QMAX, groups
+
+
+def kernel_flavor() -> str:
+    """``"avx512"``, ``"cpu"`` (portable loops) or ``"gpu"`` for the current (or host) target."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None:
+        from reshift.codegen.tvm.targets import host_cpu_flags
+
+        return "avx512" if "avx512f" in host_cpu_flags() else "cpu"
+    if "gpu" in target.keys or target.kind.name != "llvm":
+        return "gpu"
+    triple = str(target.attrs.get("mtriple", "")) or "x86_64"
+    if not triple.startswith("x86_64"):
+        return "cpu"
+    mcpu = str(target.attrs.get("mcpu", ""))
+    if mcpu:
+        try:
+            if tvm.target.codegen.llvm_cpu_has_features(["avx512f"], target):
+                return "avx512"
+        except Exception:  # noqa: BLE001 -- an LLVM without the query: be conservative
+            return "cpu"
+    return "cpu"
+
+
+def _rows_2d(ctx: LowerContext, node: Node, x: relax.Expr) -> tuple[relax.Expr, list]:
+    lead = ctx.shape(node.inputs[0])[:-1]
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    return ctx.emit(op.reshape(x, (rows, node.inputs[0].shape[-1]))), lead
+
+
+def _finish(
+    ctx: LowerContext, y: relax.Expr, lead: list, out_features: int, bias: relax.Expr | None, bias_in_kernel: bool
+) -> relax.Expr:
+    if out_features % ROWS:
+        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out_features]))
+    if bias is not None and not bias_in_kernel:
+        y = ctx.emit(op.add(y, bias))
+    return ctx.emit(op.reshape(y, [*lead, out_features]))
+
+
+def _lut_linear(
+    ctx, node, x, bias, words: np.ndarray, alpha: np.ndarray, group_size: int, in_features: int
+) -> relax.Expr:
+    blocks, n_groups, planes = words.shape[:3]
+    out_features = node.outputs[0].shape[-1]
+    x2, lead = _rows_2d(ctx, node, x)
+    bias_const = node.inputs[-1] is not None and node.inputs[-1].is_constant
+    lut = ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
+    func = gemv_func(blocks, n_groups, planes, group_size, kernel_flavor() == "avx512")
+    gv = ctx.bb.add_func(func, f"{node.op}_lut_gemv")
+    m = 1
+    for d in lead:
+        m = m * d
+    bias_np = bias_row(node.inputs[-1].data if bias_const else None, out_features)
+    y = ctx.emit(
+        relax.op.call_tir(
+            gv,
+            [lut, relax.const(words), relax.const(alpha), relax.const(bias_np)],
+            out_ty=relax.TensorType((m, blocks * ROWS), "float32"),
+        )
+    )
+    # A +-inf activation meets opposite-signed bit planes (inf - inf): define every output of a
+    # non-finite row as NaN, as shift_linear does, instead of the dense reference's mix of inf/NaN.
+    finite = ctx.emit(op.less(op.max(op.abs(x2), axis=[-1], keepdims=True), scalar(np.inf, "float32")))
+    y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+    return _finish(ctx, y, lead, out_features, bias, bias_const)
+
+
+@lowering("bcq_linear", override=True)
+def lower_bcq_linear(ctx: LowerContext, node: Node, x, bits, alpha, bias) -> relax.Expr:
+    if kernel_flavor() == "gpu":
+        return lower_lowbit.lower_bcq_linear(ctx, node, x, bits, alpha, bias)
+    g, k = node.attrs["group_size"], node.attrs["in_features"]
+    words, alpha_blocked = pack_bcq(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), g, k)
+    return _lut_linear(ctx, node, x, bias, words, alpha_blocked, g, k)
+
+
+@lowering("ternary_linear", override=True)
+def lower_ternary_linear(ctx: LowerContext, node: Node, x, trits, scale, bias) -> relax.Expr:
+    if kernel_flavor() == "gpu":
+        return lower_lowbit.lower_ternary_linear(ctx, node, x, trits, scale, bias)
+    g, k = node.attrs["group_size"], node.attrs["in_features"]
+    words, alpha_blocked = pack_ternary(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), g, k)
+    assert words.shape[1] == groups(k, g)
+    return _lut_linear(ctx, node, x, bias, words, alpha_blocked, g, k)
+
+
+@lowering("shift_linear", override=True)
+def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, bias) -> relax.Expr:
+    if kernel_flavor() == "gpu":
+        return lower_lowbit.lower_shift_linear(ctx, node, x, sign, exponent, scale, bias)
+    bits = node.attrs["exponent_bits"]
+    e_max = 2**bits - 1
+    code = pack_shift(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), bits)
+    blocks, k = code.shape[0], code.shape[1]
+    out_features = node.outputs[0].shape[-1]
+    x2, lead = _rows_2d(ctx, node, x)
+    amax = ctx.emit(op.max(op.abs(x2), axis=[-1], keepdims=True))
+    s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
+    q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    gv = ctx.bb.add_func(shift_gemv_func(blocks, k, kernel_flavor() == "avx512"), "shift_linear_gemv")
+    acc = ctx.emit(
+        relax.op.call_tir(gv, [relax.const(code), q], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
+    )
+    if out_features % ROWS:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out_features]))
+    y = ctx.emit(op.multiply(op.astype(acc, "float32"), scalar(2.0**-e_max, "float32")))
+    y = ctx.emit(op.multiply(y, s))
+    y = ctx.emit(op.multiply(y, scale))
+    finite = ctx.emit(op.less(op.abs(s), scalar(np.inf, "float32")))  # False for NaN and inf rows
+    y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+    if bias is not None:
+        y = ctx.emit(op.add(y, bias))
+    return ctx.emit(op.reshape(y, [*lead, out_features]))
