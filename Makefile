@@ -37,3 +37,18 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+
+# Emulated arm64 edge device (examples/edge/README.md): qemu-user + TVM RPC on 127.0.0.1.
+EDGE_PORT ?= 9090
+.PHONY: edge-device edge-stop test-edge
+
+edge-device: install
+	$(BIN)/python examples/edge/device.py start --port $(EDGE_PORT)
+
+edge-stop:
+	$(BIN)/python examples/edge/device.py stop --all
+
+# tornado and psutil: the TVM RPC tracker (two devices under one key) needs them; not runtime deps.
+test-edge: install
+	$(BIN)/python -m pip install -q tornado psutil
+	$(BIN)/python -m pytest -q -m edge tests/test_edge.py

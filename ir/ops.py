@@ -652,3 +652,4 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
     except IRTypeError as exc:
         raise IRTypeError(f"{opdef.name}: {exc}") from None
 from reshift.ir import ops_lowbit as _ops_lowbit  # noqa: E402,F401
+from reshift.ir import ops_quant as _ops_quant  # noqa: E402,F401

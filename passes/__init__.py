@@ -13,12 +13,24 @@ from reshift.ir.graph import Graph
 from reshift.passes.bcq import BCQ_PASSES
 from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
+from reshift.passes.log2 import LOG2_PASSES
 from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
 from reshift.passes.pattern import Any, Const, Match, Op, Opt
+from reshift.passes.quantize import QUANTIZE_PASSES
 from reshift.passes.rules import Rule, apply_rules
+from reshift.passes.scale_reparam import SCALE_REPARAM_PASSES
 from reshift.passes.shift import SHIFT_PASSES
 
-PASSES: dict[str, Pass] = {p.name: p for p in FOLD_PASSES + BRANCH_PASSES + SHIFT_PASSES + BCQ_PASSES}
+PASSES: dict[str, Pass] = {
+    p.name: p
+    for p in FOLD_PASSES
+    + BRANCH_PASSES
+    + SHIFT_PASSES
+    + BCQ_PASSES
+    + QUANTIZE_PASSES
+    + LOG2_PASSES
+    + SCALE_REPARAM_PASSES
+}
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
 PIPELINES: dict[str, list[str]] = {
@@ -28,7 +40,19 @@ PIPELINES: dict[str, list[str]] = {
     "shift": ["shift_weights"],
     "bcq": ["bcq_weights"],
     "ternary": ["ternary_weights"],
+    # activation quantizers alone (options: a_bits, base_kind; calibration for AdaLog / reparam)
+    "log2": ["log2_a4"],
+    "adalog": ["adalog_a4"],
+    "scale_reparam": ["scale_reparam_a8"],
 }
+# post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,
+# skip, reparam_stat, base_kind; calibration required): uniform (RepQ-ViT's baseline), + log-sqrt2
+# softmax, + scale reparameterization (RepQ-ViT), + AdaLog adaptive-base softmax/GELU
+for _b in (8, 6, 4):
+    PIPELINES[f"w{_b}a{_b}"] = [f"quantize_w{_b}a{_b}"]
+    PIPELINES[f"w{_b}a{_b}_log2"] = [f"log2_a{_b}", f"quantize_w{_b}a{_b}"]
+    PIPELINES[f"w{_b}a{_b}_repq"] = [f"scale_reparam_a{_b}", f"log2_a{_b}", f"quantize_w{_b}a{_b}"]
+    PIPELINES[f"w{_b}a{_b}_adalog"] = [f"scale_reparam_a{_b}", f"adalog_a{_b}", f"quantize_w{_b}a{_b}"]
 
 
 def register_pass(p: Pass) -> Pass:

@@ -6,6 +6,7 @@ This package imports tvm; nothing outside ``codegen/`` and ``runtime/`` may.
 from reshift.codegen.tvm.build import BuildResult, build, export_library
 from reshift.codegen.tvm.lower import LOWERINGS, lower
 from reshift.codegen.tvm.targets import TARGET_PRESETS, TargetSpec, describe_host_cpu, resolve_target
+from reshift.codegen.tvm.tune import tune, tuning_available
 
 __all__ = [
     "LOWERINGS",
@@ -17,4 +18,6 @@ __all__ = [
     "export_library",
     "lower",
     "resolve_target",
+    "tune",
+    "tuning_available",
 ]

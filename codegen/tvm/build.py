@@ -36,11 +36,17 @@ class BuildResult:
 
 
 def build(
-    graph: Graph, target: str | dict | TargetSpec = "cpu", *, module: tvm.IRModule | None = None, schedule: bool = True
+    graph: Graph,
+    target: str | dict | TargetSpec = "cpu",
+    *,
+    module: tvm.IRModule | None = None,
+    schedule: bool = True,
+    tuning_db: str | os.PathLike | None = None,
 ) -> BuildResult:
-    """Lower ``graph`` (unless ``module`` is given, e.g. a tuned one) and compile it for ``target``.
+    """Lower ``graph`` (unless ``module`` is given) and compile it for ``target``.
 
     ``schedule=False`` keeps the naive CPU loops (for comparisons); CUDA always gets dlight schedules.
+    ``tuning_db``: a directory written by ``tune()``; its kernels replace the generic CPU schedules.
     """
     spec = resolve_target(target)
     start = time.perf_counter()
@@ -50,7 +56,8 @@ def build(
         if spec.is_gpu:
             executable = tvm.compile(mod, tvm_target)  # the CUDA default pipeline applies dlight schedules
         else:
-            executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target, schedule))
+            pipeline = cpu_pipeline(tvm_target, schedule, tuning_db)
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
     if spec.is_gpu:
         device_modules = [m.kind for m in _walk(executable.mod) if m.kind in ("cuda", "ptx", "nvptx")]
         if not device_modules:
@@ -61,11 +68,15 @@ def build(
     return BuildResult(executable, spec, mod, time.perf_counter() - start)
 
 
-def cpu_pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
-    """Relax's fused CPU pipeline, plus the generic parallel/SIMD schedule of schedule_cpu.py."""
+def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=None) -> tvm.transform.Pass:
+    """Relax's fused CPU pipeline, plus tuned kernels (if any) and the generic schedule of schedule_cpu.py."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     passes = [*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target)]
+    if tuning_db is not None:
+        from reshift.codegen.tvm.tune import apply_database_pass
+
+        passes.append(apply_database_pass(tuning_db))
     if schedule:
         passes += schedule_passes()
     passes += [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
@@ -112,10 +123,15 @@ def _tvm_errors(what: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 -- TVM raises TVMError, ValueError, InternalError, ...
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        message = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        message = next(
+            (line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else ""
+        )
         kernel = next((line.strip() for line in lines if "PrimFunc" in line or "def " in line), "")
         hint = "rerun with target='cpu' to check the graph itself, or report the graph (print(graph)) with this message"
-        raise CodegenError(f"{what} failed: {type(exc).__name__}: {message.strip()[:500]}{' in ' + kernel[:120] if kernel else ''}; {hint}") from None
+        raise CodegenError(
+            f"{what} failed: {type(exc).__name__}: {message.strip()[:500]}"
+            f"{' in ' + kernel[:120] if kernel else ''}; {hint}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, tirx
 
 from reshift.errors import CodegenError
-from reshift.ir.graph import Graph, Node, Value
+from reshift.ir.graph import Graph, Value
 from reshift.ir.types import Dim, numpy_dtype, split_dim
 
 op = relax.op
@@ -43,7 +43,9 @@ def lowering(*names: str, override: bool = False) -> Callable[[Lowering], Loweri
 class LowerContext:
     """What a lowering needs: the block builder and the graph's symbolic dimensions."""
 
-    def __init__(self, bb: relax.BlockBuilder, symbols: dict[str, tirx.PrimExpr], multiples: dict[str, tuple[int, tirx.Var]]):
+    def __init__(
+        self, bb: relax.BlockBuilder, symbols: dict[str, tirx.PrimExpr], multiples: dict[str, tuple[int, tirx.Var]]
+    ):
         self.bb = bb
         self.symbols = symbols
         self.multiples = multiples  # symbol -> (k, M) when only k*symbol is an input dimension
@@ -87,7 +89,7 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
     bb = relax.BlockBuilder()
     ctx = LowerContext(bb, *_input_symbols(graph))
     params = [relax.Var(v.name, relax.TensorType(ctx.shape(v), v.dtype)) for v in graph.inputs]
-    env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params))
+    env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params, strict=True))
     env.update({c: relax.const(c.data) for c in graph.constants.values()})
     with bb.function(func_name, params):
         with bb.dataflow():
@@ -105,8 +107,11 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
                     ) from None
                 results = result if isinstance(result, (list, tuple)) else [result]
                 if len(results) != len(node.outputs):
-                    raise CodegenError(f"lowering of {node.op} (node {node.name}) gave {len(results)} outputs, expected {len(node.outputs)}")
-                env.update(zip(node.outputs, results))
+                    raise CodegenError(
+                        f"lowering of {node.op} (node {node.name}) gave {len(results)} outputs, "
+                        f"expected {len(node.outputs)}"
+                    )
+                env.update(zip(node.outputs, results, strict=True))
             outputs = [env[v] for v in graph.outputs]
             out = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(out)
@@ -138,4 +143,5 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 # lower_shape.py (data movement, pooling, gathers) and lower_lowbit.py (reference low-bit linears);
 # importing them fills LOWERINGS.
 from reshift.codegen.tvm import lower_lowbit, lower_ops, lower_shape  # noqa: E402,F401
+from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels

@@ -121,10 +121,18 @@ def _int_pow(base: tirx.PrimExpr, exponent: tirx.PrimExpr) -> tirx.PrimExpr:
     one = tirx.const(1, dtype)
     result, square = one, base
     for bit in range(6):
-        use = tirx.bitwise_and(tirx.shift_right(exponent, tirx.const(bit, exponent.dtype)), tirx.const(1, exponent.dtype))
+        use = tirx.bitwise_and(
+            tirx.shift_right(exponent, tirx.const(bit, exponent.dtype)), tirx.const(1, exponent.dtype)
+        )
         result = tirx.Select(use == tirx.const(1, exponent.dtype), result * square, result)
         square = square * square
-    negative = tirx.Select(base == one, one, tirx.Select(base == tirx.const(-1, dtype), tirx.Select(tirx.truncmod(exponent, 2) == 0, one, -one), tirx.const(0, dtype)))
+    negative = tirx.Select(
+        base == one,
+        one,
+        tirx.Select(
+            base == tirx.const(-1, dtype), tirx.Select(tirx.truncmod(exponent, 2) == 0, one, -one), tirx.const(0, dtype)
+        ),
+    )
     return tirx.Select(exponent < tirx.const(0, exponent.dtype), negative, result)
 
 
@@ -135,7 +143,7 @@ def _broadcast_te(fn):
         rank = max(len(a.shape), len(b.shape))
         pa = [1] * (rank - len(a.shape)) + list(a.shape)
         pb = [1] * (rank - len(b.shape)) + list(b.shape)
-        shape = [y if _is_one(x) else x for x, y in zip(pa, pb)]
+        shape = [y if _is_one(x) else x for x, y in zip(pa, pb, strict=True)]
 
         def index(tensor, padded, idx):
             offset = rank - len(tensor.shape)

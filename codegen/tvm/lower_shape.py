@@ -57,7 +57,7 @@ def lower_slice(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
     rank = len(shape)
     ascending: dict[int, tuple[int, int, int]] = {}
     flipped: list[int] = []
-    for start, end, axis, step in zip(*(node.attrs[k] for k in ("starts", "ends", "axes", "steps"))):
+    for start, end, axis, step in zip(*(node.attrs[k] for k in ("starts", "ends", "axes", "steps")), strict=True):
         axis %= rank
         begin, stop, stride = slice(start, end, step).indices(shape[axis])  # Python/ONNX clamping
         count = len(range(begin, stop, stride))

@@ -80,8 +80,8 @@ def _schedule_block(sch: s_tir.Schedule, info, lanes: int) -> None:
     kinds = info.dom_kind()
     if len(loops) != len(kinds) or "O" in kinds:
         return
-    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-    reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    spatial = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
     stmt = sch.get(block)
     inner = None
     if spatial:

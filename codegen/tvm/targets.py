@@ -83,7 +83,9 @@ def describe_host_cpu() -> str:
     """One line for benchmark reports: model name, LLVM cpu, vector ISA features, cores."""
     info = _cpuinfo()
     flags = host_cpu_flags()
-    features = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI")) if flag in flags]
+    features = [
+        label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI")) if flag in flags
+    ]
     if "asimd" in flags:
         features.append("NEON")
     model = info.get("model name") or info.get("Hardware") or "unknown CPU"
@@ -145,7 +147,9 @@ def resolve_target(target: str | dict[str, Any] | TargetSpec) -> TargetSpec:
         return _from_dict(target)
     if not isinstance(target, str) or target not in TARGET_PRESETS:
         known = ", ".join(f"{name} ({entry[3]})" for name, entry in TARGET_PRESETS.items())
-        raise CodegenError(f"unknown target {target!r}; presets: {known}; or pass a TVM target dict such as {{'kind': 'llvm'}}")
+        raise CodegenError(
+            f"unknown target {target!r}; presets: {known}; or pass a TVM target dict such as {{'kind': 'llvm'}}"
+        )
     factory, cross, device, _ = TARGET_PRESETS[target]
     return TargetSpec(target, factory(), cross, device)
 

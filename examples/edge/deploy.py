@@ -113,10 +113,7 @@ def main() -> None:
     t = out["timings"]
     print(f"cross-compile+link {build_s * 1e3:.0f} ms, connect {connect_s * 1e3:.1f} ms")
     print(f"upload+load_module {t['upload_load_s'] * 1e3:.1f} ms, first run {t['first_run_s'] * 1e3:.1f} ms")
-    print(
-        f"time_evaluator mean {t['device_mean_s'] * 1e3:.3f} ms"
-        f" median {t['device_median_s'] * 1e3:.3f} ms"
-    )
+    print(f"time_evaluator mean {t['device_mean_s'] * 1e3:.3f} ms median {t['device_median_s'] * 1e3:.3f} ms")
     print(f"RPC round trip (no-op remote call) {t['rpc_round_trip_s'] * 1e3:.2f} ms")
     print(f"input copy to device and back {t['tensor_round_trip_s'] * 1e3:.2f} ms")
     print(f"max |device - numpy| = {err:.2e} ({'OK' if err < 1e-4 else 'MISMATCH'})")

@@ -77,9 +77,7 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
 def _require_tools() -> None:
     missing = [t for t in ("debootstrap", "qemu-aarch64-static", "dpkg-deb") if not shutil.which(t)]
     if missing:
-        raise EdgeError(
-            f"missing {', '.join(missing)}: apt-get install debootstrap qemu-user-static dpkg"
-        )
+        raise EdgeError(f"missing {', '.join(missing)}: apt-get install debootstrap qemu-user-static dpkg")
     if os.geteuid() != 0:
         raise EdgeError("building the arm64 root filesystem needs root (debootstrap); run as root")
 
@@ -251,9 +249,7 @@ def start(
         "TVM_NUM_THREADS": os.environ.get("RESHIFT_EDGE_THREADS", "1"),
     }
     with device.log_file.open("w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     device.pid_file.write_text(str(proc.pid))
     state = {"name": name, "pid": proc.pid, "host": host, "port": port, "key": key}
     state |= {"tracker": tracker, "rootfs": str(root), "log": str(device.log_file)}
@@ -309,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--port", type=int, default=9090)
     p_start.add_argument("--tracker", help="HOST:PORT of a TVM RPC tracker to register with")
     p_start.add_argument("--key", help="device key under the tracker, e.g. reshift-edge")
-    sub.add_parser("build", help="only build the root filesystem").add_argument(
-        "--force", action="store_true"
-    )
+    sub.add_parser("build", help="only build the root filesystem").add_argument("--force", action="store_true")
     p_stop = sub.add_parser("stop", help="stop a device")
     p_stop.add_argument("--name", default="dev0")
     p_stop.add_argument("--all", action="store_true")

@@ -1,0 +1,306 @@
+"""Post-training quantization accuracy of reshift's transformer pipelines (RepQ-ViT / AdaLog).
+
+1. A tiny ViT (patch 4 on 8x8 sklearn digits upscaled to 16x16, dim 96, depth 4, 3 heads) is
+   trained on CPU (weights cached under ~/.cache/reshift/ by a hash of the config), then
+   quantized with W8A8 / W6A6 / W4A4 by four pipelines: uniform only, + log-sqrt2 softmax,
+   + scale reparameterization (RepQ-ViT), + AdaLog (adaptive-base softmax and post-GELU, with
+   scale reparam). Top-1 on the held-out split, via the reference interpreter, against fp32.
+2. all-MiniLM-L6-v2 (real pretrained weights, offline): W8A8 cosine similarity to the fp32
+   sentence embeddings on a fixed list of English sentences (calibration on the first 16).
+3. Optional (``--speed``): int8_linear compiled with the VNNI kernel vs fp32 linear, ViT-S shapes.
+
+    .venv/bin/python benchmarks/ptq_vit.py [--skip-minilm] [--speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import reshift  # noqa: E402
+from examples.models.vit import VisionTransformer  # noqa: E402
+
+CONFIG = {"img": 16, "patch": 4, "dim": 96, "depth": 4, "heads": 3, "epochs": 60, "lr": 1e-3, "seed": 0}
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A compiler turns a model graph into fast code for a small device.",
+    "Rain is expected in the north of the country tomorrow afternoon.",
+    "She bought three apples and a loaf of bread at the market.",
+    "Batch normalization can be folded into the preceding convolution.",
+    "The museum opens at nine and closes at five on weekdays.",
+    "Sentence embeddings map text to vectors that capture meaning.",
+    "He forgot his umbrella and walked home in the rain.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Our team finished the project two days ahead of schedule.",
+    "Photosynthesis converts sunlight into chemical energy in plants.",
+    "The children built a sandcastle near the edge of the water.",
+    "Interest rates rose again, and mortgage costs followed.",
+    "A good night's sleep improves memory and concentration.",
+    "The violinist tuned her instrument before the concert began.",
+    "Quantization reduces the number of bits used to store weights.",
+    "The recipe calls for two eggs, flour, sugar and a pinch of salt.",
+    "Volcanic ash disrupted flights across northern Europe.",
+    "He repaired the old bicycle with parts from a flea market.",
+    "The library extended its opening hours during exam season.",
+    "Electric cars are becoming cheaper to buy and to run.",
+    "A cat slept in a patch of sunlight on the kitchen floor.",
+    "The committee postponed its decision until next month.",
+    "Mountain climbers set off before dawn to avoid the storm.",
+    "The software update fixed a bug that drained the battery.",
+    "She learned to speak Spanish while living in Madrid.",
+    "Fresh bread smells wonderful early in the morning.",
+    "The river flooded the lower streets after days of rain.",
+    "Attention layers let a transformer relate every token to every other.",
+    "The goalkeeper saved a penalty in the final minute.",
+    "A new bridge will connect the two halves of the city.",
+    "The doctor recommended more exercise and less sugar.",
+    "Old letters revealed a forgotten chapter of family history.",
+    "The startup raised money to expand into three new markets.",
+    "Wind turbines turned slowly on the hills above the town.",
+    "He prefers tea with milk, while she drinks black coffee.",
+    "The telescope captured images of a distant spiral galaxy.",
+    "Traffic was heavy on the highway because of an accident.",
+    "The students presented their robot at the science fair.",
+    "A sudden frost damaged the orange harvest this year.",
+    "The chef sharpened his knives before the dinner service.",
+    "Online shopping has changed how people buy groceries.",
+    "The hikers followed a narrow path along the cliff.",
+    "Lower precision arithmetic makes inference faster on CPUs.",
+    "The orchestra played a symphony by Beethoven last night.",
+    "Our neighbors adopted a puppy from the animal shelter.",
+    "The election results will be announced on Sunday evening.",
+    "A thick fog covered the harbor in the early morning.",
+    "The painter mixed blue and yellow to make a soft green.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The printer ran out of paper in the middle of the report.",
+    "They celebrated their anniversary at a small seaside restaurant.",
+    "The marathon route passes through the old town center.",
+    "Solar panels on the roof cover most of the house's electricity.",
+    "The kids argued about which movie to watch on Friday.",
+    "A power outage left thousands of homes without heating.",
+    "The professor explained the proof step by step on the board.",
+    "Farmers hope for rain after a long and dry summer.",
+    "The airline cancelled dozens of flights because of the strike.",
+    "He keeps a notebook of ideas next to his bed.",
+    "The new phone has a larger screen and a better camera.",
+    "Birds migrate south when the days grow shorter.",
+    "The city council approved a plan for more bike lanes.",
+    "She finished the crossword puzzle in under ten minutes.",
+]
+
+
+def cache_path() -> Path:
+    key = hashlib.sha256(json.dumps(CONFIG, sort_keys=True).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "reshift" / f"ptq_vit_digits_{key}.pt"
+
+
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    x = torch.nn.functional.interpolate(x, size=CONFIG["img"], mode="bilinear", align_corners=False)
+    x = ((x - 0.5) / 0.5).repeat(1, 3, 1, 1).numpy()
+    return train_test_split(x, data.target, test_size=0.25, random_state=0, stratify=data.target)
+
+
+def build_vit() -> torch.nn.Module:
+    torch.manual_seed(CONFIG["seed"])
+    return VisionTransformer(CONFIG["img"], CONFIG["patch"], CONFIG["dim"], CONFIG["depth"], CONFIG["heads"], 10)
+
+
+def trained_vit(x_train: np.ndarray, y_train: np.ndarray) -> torch.nn.Module:
+    model = build_vit()
+    path = cache_path()
+    if path.exists():
+        model.load_state_dict(torch.load(path))
+        return model.eval()
+    torch.set_num_threads(2)
+    opt = torch.optim.AdamW(model.parameters(), lr=CONFIG["lr"], weight_decay=0.05)
+    steps = CONFIG["epochs"] * (len(x_train) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, CONFIG["lr"], total_steps=steps)
+    xt, yt = torch.tensor(x_train), torch.tensor(y_train)
+    gen = torch.Generator().manual_seed(0)
+    start = time.time()
+    model.train()
+    for epoch in range(CONFIG["epochs"]):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(len(xt) // 64):
+            idx = perm[i * 64 : (i + 1) * 64]
+            xb = xt[idx] + 0.1 * torch.randn(len(idx), *xt.shape[1:], generator=gen)
+            loss = torch.nn.functional.cross_entropy(model(xb), yt[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if epoch % 10 == 9:
+            print(f"  epoch {epoch + 1}: loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def top1(graph, x: np.ndarray, y: np.ndarray, batch: int = 120) -> float:
+    out = graph.outputs[0].name
+    preds = [reshift.ir.interpret(graph, {"x": x[i : i + batch]})[out].argmax(-1) for i in range(0, len(x), batch)]
+    return float(np.mean(np.concatenate(preds) == y) * 100)
+
+
+def vit_study() -> list[tuple]:
+    x_train, x_test, y_train, y_test = digits()
+    model = trained_vit(x_train, y_train)
+    graph = reshift.frontend.from_torch(model, (torch.tensor(x_test[:2]),))
+    calib = [{"x": x_train[i : i + 16]} for i in range(0, 64, 16)]
+    fp32 = top1(graph, x_test, y_test)
+    with torch.no_grad():
+        torch_acc = float((model(torch.tensor(x_test)).argmax(-1).numpy() == y_test).mean() * 100)
+    print(f"fp32 top-1: reshift interpreter {fp32:.2f}%, torch {torch_acc:.2f}% ({len(x_test)} test images)")
+    rows = []
+    variants = [
+        ("uniform", ""),
+        ("+log2 (log-sqrt2 softmax)", "_log2"),
+        ("+scale reparam (RepQ-ViT)", "_repq"),
+        ("+AdaLog", "_adalog"),
+    ]
+    for bits in (8, 6, 4):
+        for label, suffix in variants:
+            start = time.time()
+            g2, _ = reshift.passes.run(graph, f"w{bits}a{bits}{suffix}", calibration=calib)
+            acc = top1(g2, x_test, y_test)
+            rows.append((f"W{bits}A{bits}", label, acc, fp32 - acc, time.time() - start))
+            print(
+                f"  W{bits}A{bits} {label:<28} top-1 {acc:6.2f}%  drop {fp32 - acc:+6.2f}  ({time.time() - start:.1f} s)",
+                flush=True,
+            )
+    return [("fp32", "-", fp32, 0.0, 0.0)] + rows
+
+
+def minilm_study() -> dict:
+    from transformers import AutoTokenizer
+
+    from examples.models import MODELS
+    from examples.models.minilm import _model_dir
+
+    spec = MODELS["minilm"]
+    model = spec.build()
+    tok = AutoTokenizer.from_pretrained(_model_dir())
+    enc = tok(SENTENCES, padding="max_length", truncation=True, max_length=24, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    graph = reshift.frontend.from_torch(model, (torch.tensor(ids[:2]), torch.tensor(mask[:2])))
+    names = [v.name for v in graph.inputs]
+    feed = lambda a, b: dict(zip(names, (a, b), strict=True))  # noqa: E731
+    calib = [feed(ids[i : i + 8], mask[i : i + 8]) for i in range(0, 16, 8)]
+    out = graph.outputs[0].name
+    ref = np.concatenate(
+        [reshift.ir.interpret(graph, feed(ids[i : i + 16], mask[i : i + 16]))[out] for i in range(0, 64, 16)]
+    )
+    with torch.no_grad():
+        torch_ref = model(torch.tensor(ids), torch.tensor(mask)).numpy()
+    result = {
+        "interpreter_vs_torch": float(
+            np.min(np.sum(ref * torch_ref, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(torch_ref, axis=1))
+        )
+    }
+    for pipeline in ("w8a8", "w8a8_log2", "w6a6", "w4a4"):
+        g2, _ = reshift.passes.run(graph, pipeline, calibration=calib)
+        q = np.concatenate(
+            [reshift.ir.interpret(g2, feed(ids[i : i + 16], mask[i : i + 16]))[out] for i in range(0, 64, 16)]
+        )
+        cos = np.sum(q * ref, 1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
+        result[pipeline] = (float(cos[16:].mean()), float(cos[16:].min()), float(cos.mean()))
+        print(
+            f"  MiniLM {pipeline:<10} cosine to fp32: mean {cos[16:].mean():.5f}, min {cos[16:].min():.5f} (48 held-out sentences)",
+            flush=True,
+        )
+    return result
+
+
+def speed_study() -> None:
+    """int8_linear (VNNI) vs fp32 linear, compiled by reshift, and onnxruntime fp32, ViT-S layer shapes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from reshift.ir.builder import GraphBuilder
+
+    rng = np.random.default_rng(0)
+    print("layer (tokens x in -> out)        batch   reshift fp32    reshift int8    ort fp32   (ms, 2 threads)")
+    for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        bf = GraphBuilder("fp32")
+        x = bf.input("x", f"f32[N,197,{k}]")
+        gf = bf.build(bf.linear(x, bf.constant(w), bf.constant(b)))
+        bq = GraphBuilder("int8")
+        x = bq.input("x", f"f32[N,197,{k}]")
+        codes = np.clip(np.rint(w / (np.abs(w).max(1, keepdims=True) / 127)), -127, 127).astype(np.int8)
+        scales = (np.abs(w).max(1) / 127).astype(np.float32)
+        gq = bq.build(
+            bq.int8_linear(x, bq.constant(codes), bq.constant(scales), bq.constant(b), x_scale=0.05, x_zero_point=128)
+        )
+        mf = reshift.compile(gf, pipeline="none")
+        mq = reshift.compile(gq, pipeline="none")
+        proto = helper.make_model(
+            helper.make_graph(
+                [helper.make_node("MatMul", ["x", "wt"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+                "g",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 197, k])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 197, n])],
+                [
+                    helper.numpy_helper.from_array(np.ascontiguousarray(w.T), "wt"),
+                    helper.numpy_helper.from_array(b, "b"),
+                ],
+            )
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        for batch in (1, 8):
+            xb = rng.standard_normal((batch, 197, k)).astype(np.float32)
+            times = []
+            for fn in (
+                lambda mf=mf, xb=xb: mf(xb),
+                lambda mq=mq, xb=xb: mq(xb),
+                lambda s=sess, xb=xb: s.run(None, {"x": xb}),
+            ):
+                fn()
+                ts = []
+                for _ in range(10):
+                    t = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t)
+                times.append(np.median(ts) * 1e3)
+            print(
+                f"197 x {k:>4} -> {n:>4}                 {batch:>5}   {times[0]:>12.2f}    {times[1]:>12.2f}    {times[2]:>8.2f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-vit", action="store_true")
+    parser.add_argument("--speed", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_vit:
+        rows = vit_study()
+        print("\n| bits | pipeline | top-1 % | drop vs fp32 |\n|---|---|---|---|")
+        for bits, label, acc, drop, _ in rows:
+            print(f"| {bits} | {label} | {acc:.2f} | {drop:+.2f} |")
+    if not args.skip_minilm:
+        print(json.dumps(minilm_study(), indent=1))
+    if args.speed:
+        speed_study()
+
+
+if __name__ == "__main__":
+    main()

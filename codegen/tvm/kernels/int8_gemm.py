@@ -1,0 +1,221 @@
+"""Integer GEMM for ``int8_linear`` (u8 x s8 -> s32, AVX-512 VNNI), and lowerings of the quantizers.
+
+``int8_linear`` (``ir/ops_quant.py``) quantizes activations per tensor to unsigned bytes ``q`` with
+zero point ``z``. ``vpdpbusd`` multiplies unsigned by signed bytes, so ``q`` goes in as is and the
+zero point is corrected once per output with the weight row sums:
+``acc[m,o] = sum_k q[m,k] wq[o,k] - z * sum_k wq[o,k]`` (exact in int32 for ``K < 66000``).
+Weights are packed at build time as ``[O/16, K/4, 16, 4]`` int8 (zero padded), so one 64-byte load
+holds 4 consecutive weights of 16 output rows, and one ``vpdpbusd`` with the 4 activation bytes
+broadcast to all lanes does 64 multiply-adds. The float rescale
+``float32(acc) * (float32(x_scale) * w_scale[o]) + bias`` follows the reference step by step, so the
+result is bit-exact. Without VNNI (or on non-x86 targets) a portable int32 loop runs instead.
+No CUDA schedule yet: GPU targets use the portable TE lowering (correct, untuned).
+
+``quantize_uniform`` and ``log2_quant`` lower to TE element-wise computes that follow their
+references (float32 quantize arithmetic, float64 ``log2`` for the log-domain codes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.script import tirx as T
+
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.errors import CodegenError
+from reshift.ir.graph import Node
+from reshift.ir.ops_quant import adaptive_exponent, fraction_table, log_step
+
+ROWS = 16
+
+
+def has_vnni() -> bool:
+    """VNNI on the current (or host) x86 target."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None:
+        from reshift.codegen.tvm.targets import host_cpu_flags
+
+        return "avx512_vnni" in host_cpu_flags()
+    if target.kind.name != "llvm" or not (str(target.attrs.get("mtriple", "")) or "x86_64").startswith("x86_64"):
+        return False
+    try:
+        return bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], target))
+    except Exception:  # noqa: BLE001 -- no mcpu or an LLVM without the query
+        return False
+
+
+def pack_weights(wq: np.ndarray) -> np.ndarray:
+    """``int8 [O, K]`` -> ``[ceil(O/16), ceil(K/4), 16, 4]``, zero padded."""
+    out, k = wq.shape
+    blocks, k4 = -(-out // ROWS), -(-k // 4)
+    padded = np.zeros((blocks * ROWS, k4 * 4), np.int8)
+    padded[:out, :k] = wq
+    return np.ascontiguousarray(padded.reshape(blocks, ROWS, k4, 4).transpose(0, 2, 1, 3))
+
+
+def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
+    """``acc[m, 16*ob + l] = sum_k a[m, k] * w[ob, k/4, l, k%4]`` (u8 x s8 -> s32), ``a`` is ``[M, 4*k4]``."""
+    width = blocks * ROWS
+    lanes = T.Ramp(0, 1, ROWS)
+    tile = next(t for t in (4, 2, 1) if blocks % t == 0)
+
+    if vnni:
+
+        @T.prim_func(private=True)
+        def gemm(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            a8 = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
+            acc = T.match_buffer(acc_h, (rows, width), "int32")
+            a = T.decl_buffer((rows, k4), "int32", data=a8.data)  # 4 activation bytes per int32
+            w64 = T.decl_buffer((blocks * k4 * ROWS * 4,), "int8", data=w.data)
+            for ot in T.parallel(blocks // tile):
+                for m in range(rows):
+                    total = T.alloc_buffer((tile, ROWS), "int32", scope="local")
+                    for r in T.unroll(tile):
+                        total[r, lanes] = T.Broadcast(T.int32(0), ROWS)
+                    for kk in range(k4):
+                        for r in T.unroll(tile):
+                            total[r, lanes] = T.call_llvm_pure_intrin(
+                                "int32x16",
+                                "llvm.x86.avx512.vpdpbusd.512",
+                                total[r, lanes],
+                                T.reinterpret("int8x64", T.Broadcast(a[m, kk], ROWS)),
+                                w64[T.Ramp(((ot * tile + r) * k4 + kk) * (ROWS * 4), 1, ROWS * 4)],
+                            )
+                    for r in T.unroll(tile):
+                        acc[m, T.Ramp((ot * tile + r) * ROWS, 1, ROWS)] = total[r, lanes]
+
+        return gemm
+
+    @T.prim_func(private=True)
+    def gemm_generic(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        a = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
+        acc = T.match_buffer(acc_h, (rows, width), "int32")
+        for ob in T.parallel(blocks):
+            for m in range(rows):
+                total = T.alloc_buffer((ROWS,), "int32", scope="local")
+                for l in range(ROWS):
+                    total[l] = T.int32(0)
+                for kk in range(k4):
+                    for j in range(4):
+                        for l in T.vectorized(ROWS):
+                            total[l] = total[l] + T.Cast("int32", a[m, kk * 4 + j]) * T.Cast("int32", w[ob, kk, l, j])
+                for l in range(ROWS):
+                    acc[m, ob * ROWS + l] = total[l]
+
+    return gemm_generic
+
+
+def _quantize_u8(x: te.Tensor, k_pad: int, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
+    """``clip(rint(x / s) + z, 0, 2^bits - 1)`` as uint8 ``[M, k_pad]`` (NaN -> 0, padding 0)."""
+    k = x.shape[1]
+    qmax = 2**bits - 1
+
+    def compute(m, c):
+        v = x[m, tirx.min(c, k - 1)]
+        v = tirx.Select(tirx.isnan(v), tirx.const(0, "float32"), v)
+        q = tirx.nearbyint(v / tirx.const(x_scale, "float32")) + tirx.const(zero_point, "float32")
+        q = tirx.max(tirx.min(q, tirx.const(qmax, "float32")), tirx.const(0, "float32"))
+        return tirx.Select(c < k, q, tirx.const(0, "float32")).astype("uint8")
+
+    return te.compute((x.shape[0], k_pad), compute, name="q_u8")
+
+
+@lowering("int8_linear")
+def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> relax.Expr:
+    for i in (1, 2):
+        if not node.inputs[i].is_constant:
+            raise CodegenError(f"int8_linear (node {node.name}): {node.inputs[i].name} must be a constant")
+    codes, scales = node.inputs[1].data, node.inputs[2].data.astype(np.float32)
+    attrs = node.attrs
+    out, k = codes.shape
+    packed = pack_weights(codes)
+    blocks, k4 = packed.shape[:2]
+    lead = ctx.shape(node.inputs[0])[:-1]
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    x2 = ctx.emit(op.reshape(x, (rows, k)))
+    q = ctx.te(
+        _quantize_u8, x2, k4 * 4, attrs["x_scale"], attrs["x_zero_point"], attrs["x_bits"], name="int8_linear_quantize"
+    )
+    vnni = has_vnni()
+    gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
+    acc = ctx.emit(
+        relax.op.call_tir(gv, [q, relax.const(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
+    )
+    if blocks * ROWS != out:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
+    correction = (int(attrs["x_zero_point"]) * codes.astype(np.int64).sum(axis=1)).astype(np.int32)
+    acc = ctx.emit(op.subtract(acc, relax.const(correction)))
+    rescale = (np.float32(attrs["x_scale"]) * scales).astype(np.float32)
+    y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
+    has_nan = ctx.emit(op.max(op.astype(op.isnan(x2), "int32"), axis=[-1], keepdims=True))
+    y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
+    if bias is not None:
+        y = ctx.emit(op.add(y, bias))
+    return ctx.emit(op.reshape(y, [*lead, out]))
+
+
+@lowering("quantize_uniform")
+def lower_quantize_uniform(ctx: LowerContext, node: Node, x) -> relax.Expr:
+    a = node.attrs
+    rank = node.inputs[0].type.rank
+    axis = a["axis"] % rank
+    lo, hi = (-(2 ** (a["bits"] - 1) - 1), 2 ** (a["bits"] - 1) - 1) if a["signed"] else (0, 2 ** a["bits"] - 1)
+    scale = relax.const(np.asarray(a["scale"], np.float32))
+    zero = relax.const(np.asarray(a["zero_point"], np.float32))
+
+    def compute(x, s, z):
+        def fn(*idx):
+            i = (idx[axis],) if len(a["scale"]) > 1 else (0,)
+            q = tirx.nearbyint(x[idx] / s[i]) + z[i]
+            q = tirx.max(tirx.min(q, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+            return tirx.Select(tirx.isnan(x[idx]), x[idx], (q - z[i]) * s[i])  # LLVM min/max drop NaN
+
+        return te.compute(x.shape, fn, name="quantize_uniform")
+
+    return ctx.te(compute, x, scale, zero, name="quantize_uniform")
+
+
+@lowering("log2_quant")
+def lower_log2_quant(ctx: LowerContext, node: Node, x) -> relax.Expr:
+    a = node.attrs
+    bits, kind, scale, d = a["bits"], a["base_kind"], a["scale"], a["table_size"]
+    step = log_step(kind, a["base"], d)
+    zero_code = 2**bits - 1
+    table = relax.const(fraction_table(d) if kind == "adaptive" else np.ones(d, np.float32))
+    p = adaptive_exponent(a["base"], d) if kind == "adaptive" else 0
+
+    def compute(x, table):
+        def fn(*idx):
+            v = x[idx]
+            v64 = v.astype("float64")
+            t = -tirx.log2(v64 / tirx.const(scale, "float64")) / tirx.const(step, "float64")
+            q = tirx.max(tirx.nearbyint(t), tirx.const(0.0, "float64"))
+            is_zero = tirx.any(v <= tirx.const(0, "float32"), tirx.isnan(q), q >= tirx.const(zero_code, "float64"))
+            qi = tirx.Select(is_zero, tirx.const(0, "int32"), q.astype("int32"))
+            if kind == "log2":
+                e, factor = qi, tirx.const(1, "float32")
+            elif kind == "log_sqrt2":
+                e = tirx.floordiv(qi + 1, 2)
+                factor = tirx.Select(
+                    tirx.floormod(qi, 2) == 1,
+                    tirx.const(float(np.float32(np.sqrt(2))), "float32"),
+                    tirx.const(1, "float32"),
+                )
+            else:
+                n = qi * p
+                e, factor = tirx.floordiv(n, d), table[tirx.floormod(n, d)]
+            power = tirx.power(tirx.const(2.0, "float64"), (-e).astype("float64")).astype("float32")  # exact
+            y = power * factor * tirx.const(scale, "float32")
+            y = tirx.Select(is_zero, tirx.const(0, "float32"), y)
+            return tirx.Select(tirx.isnan(v), v, y)
+
+        return te.compute(x.shape, fn, name="log2_quant")
+
+    return ctx.te(compute, x, table, name="log2_quant")

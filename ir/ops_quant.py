@@ -1,0 +1,262 @@
+"""reshift's activation quantizers and integer linear, for post-training quantization of transformers.
+
+Each numpy reference is the exact specification passes and kernels are checked against:
+
+* ``quantize_uniform`` (fake quantization): ``q = clip(rint(x / s) + z, qmin, qmax)``,
+  ``y = (q - z) * s`` in float32, per tensor or per channel along ``axis``. ``rint`` rounds half
+  to even; NaN stays NaN, +-inf saturates to the end levels. Unsigned ``[0, 2^bits - 1]`` with an
+  integer zero point, or ``signed``: the narrow symmetric ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``.
+* ``log2_quant`` (RepQ-ViT log2 / log-sqrt2, AdaLog adaptive base): levels ``scale * 2^(-q*a)``,
+  ``q`` in ``0 .. 2^bits - 2``, plus zero (the last code). ``q = max(0, rint(-log2(x / scale) / a))``
+  (rounding in the log domain, float64); ``q`` past the last level, ``x <= 0`` and ``x = 0`` give 0;
+  NaN stays NaN. ``a = 1`` (log2), ``a = 1/2`` (log-sqrt2: ``2^-ceil(q/2)`` times one ``sqrt2``
+  multiply for odd ``q``) or ``a = p/D`` (adaptive: ``base = 2^(p/D)``,
+  ``2^-floor(qp/D) * table[qp mod D]``, ``table[r] = 2^(-r/D)``, ``D = table_size``).
+* ``int8_linear``: activations quantized per tensor to ``x_bits`` unsigned integers with zero
+  point ``x_zero_point`` (as ``quantize_uniform``), ``acc = sum_k (q[k] - z) * wq[o,k]`` exactly in
+  int32, then ``y = float32(acc) * (float32(x_scale) * w_scale[o]) + bias[o]`` in float32. A row
+  holding NaN gives NaN outputs.
+
+Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged ``custom``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reshift.errors import IRTypeError
+from reshift.ir.ops import Attr, register
+from reshift.ir.shapes import normalize_axis, require_float
+
+SQRT2 = np.float32(np.sqrt(2.0))
+LOG2_KINDS = ("log2", "log_sqrt2", "adaptive")
+
+
+def uniform_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of the integer grid."""
+    if signed:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _per_axis(values, x: np.ndarray, axis: int) -> np.ndarray:
+    v = np.asarray(values, np.float32)
+    if v.size == 1:
+        return v.reshape(())
+    shape = [1] * x.ndim
+    shape[axis] = v.size
+    return v.reshape(shape)
+
+
+# -- quantize_uniform ------------------------------------------------------------------------
+def quantize_uniform_ref(x, scale, zero_point, bits, axis, signed=False):
+    """Fake quantization, stated exactly (see module docstring)."""
+    x = np.asarray(x, np.float32)
+    axis = axis % x.ndim if x.ndim else 0
+    s, z = _per_axis(scale, x, axis), _per_axis(zero_point, x, axis)
+    lo, hi = uniform_range(bits, signed)
+    q = np.clip(np.rint(x / s) + z, np.float32(lo), np.float32(hi))
+    return ((q - z) * s).astype(np.float32)
+
+
+def _quantize_uniform_infer(x, scale, zero_point, bits, axis, signed):
+    require_float(x, "quantize_uniform")
+    if not 2 <= bits <= 16:
+        raise IRTypeError(f"quantize_uniform: bits {bits} must be in 2..16")
+    if len(scale) != len(zero_point) or not scale:
+        raise IRTypeError("quantize_uniform: scale and zero_point need the same, non-zero length")
+    if len(scale) > 1:
+        ax = normalize_axis(axis, x.rank, "quantize_uniform")
+        if x.shape[ax] != len(scale):
+            raise IRTypeError(f"quantize_uniform: {len(scale)} scales for axis {axis} of {x}")
+    if not all(s > 0 and np.isfinite(s) for s in scale):
+        raise IRTypeError("quantize_uniform: scales must be positive and finite")
+    lo, hi = uniform_range(bits, signed)
+    if any(z != round(z) or not lo <= z <= hi for z in zero_point):
+        raise IRTypeError(f"quantize_uniform: zero points must be integers in [{lo}, {hi}]")
+    return [x]
+
+
+register(
+    "quantize_uniform",
+    ["x"],
+    {
+        "scale": Attr("floats"),
+        "zero_point": Attr("floats", (0.0,)),
+        "bits": Attr("int", 8),
+        "axis": Attr("int", -1),
+        "signed": Attr("bool", False),
+    },
+    _quantize_uniform_infer,
+    quantize_uniform_ref,
+    "fake quantization y = (clip(rint(x/s) + z, qmin, qmax) - z) * s, per tensor or per channel of axis",
+    macs=lambda out, x, *_, **__: 2 * int(np.prod([d if isinstance(d, int) else 1 for d in out])),
+    tags={"custom", "elementwise", "quantizer"},
+)
+
+
+# -- log2_quant ------------------------------------------------------------------------------
+def adaptive_exponent(base: float, table_size: int) -> int:
+    """``p`` with ``base = 2^(p / table_size)``; raises if ``base`` is not on that grid."""
+    p = int(round(table_size * np.log2(base))) if base > 1 else 0
+    if not 1 <= p <= table_size or abs(2.0 ** (p / table_size) - base) > 1e-6 * base:
+        raise IRTypeError(f"log2_quant: adaptive base {base} must be 2^(p/{table_size}) with p in 1..{table_size}")
+    return p
+
+
+def fraction_table(table_size: int) -> np.ndarray:
+    """``table[r] = 2^(-r / D)`` in float32: the fractional powers an adaptive-base kernel looks up."""
+    return (2.0 ** (-np.arange(table_size) / table_size)).astype(np.float32)
+
+
+def log2_codes(x: np.ndarray, bits: int, step: float, scale: float) -> np.ndarray:
+    """Codes ``q`` (float64) with ``2^bits - 1`` meaning zero; NaN where ``x`` is NaN."""
+    x64 = np.asarray(x, np.float64)
+    with np.errstate(all="ignore"):
+        t = -np.log2(x64 / scale) / step
+    q = np.maximum(np.rint(t), 0.0)
+    zero_code = 2**bits - 1
+    q = np.where((x64 > 0) & (q < zero_code), q, zero_code)
+    return np.where(np.isnan(x64), np.nan, q)
+
+
+def log2_levels(q: np.ndarray, bits: int, base_kind: str, base: float, scale: float, table_size: int) -> np.ndarray:
+    """Dequantized values of codes ``q`` in float32: ``(2^-e * factor) * scale``, 0 for the zero code."""
+    zero = q == 2**bits - 1
+    qi = np.where(np.isnan(q) | zero, 0, q).astype(np.int64)
+    if base_kind == "log2":
+        e, factor = qi, np.float32(1)
+    elif base_kind == "log_sqrt2":
+        e, factor = (qi + 1) // 2, np.where(qi % 2 == 1, SQRT2, np.float32(1))
+    else:
+        p = adaptive_exponent(base, table_size)
+        n = qi * p
+        e, factor = n // table_size, fraction_table(table_size)[n % table_size]
+    power = np.ldexp(np.float32(1), -e.astype(np.int32)).astype(np.float32)
+    y = (power * factor).astype(np.float32) * np.float32(scale)
+    y = np.where(zero, np.float32(0), y)
+    return np.where(np.isnan(q), np.float32(np.nan), y).astype(np.float32)
+
+
+def log_step(base_kind: str, base: float, table_size: int) -> float:
+    """The exponent step ``a`` of one code: level ``q`` is ``scale * 2^(-q*a)``."""
+    if base_kind == "log2":
+        return 1.0
+    if base_kind == "log_sqrt2":
+        return 0.5
+    return adaptive_exponent(base, table_size) / table_size
+
+
+def log2_quant_ref(x, bits, base_kind, base, scale, table_size):
+    """Log-domain fake quantization, stated exactly (see module docstring)."""
+    q = log2_codes(x, bits, log_step(base_kind, base, table_size), scale)
+    return log2_levels(q, bits, base_kind, base, scale, table_size).reshape(np.shape(x))
+
+
+def _log2_infer(x, bits, base_kind, base, scale, table_size):
+    require_float(x, "log2_quant")
+    if base_kind not in LOG2_KINDS:
+        raise IRTypeError(f"log2_quant: base_kind {base_kind!r} must be one of {LOG2_KINDS}")
+    if not 2 <= bits <= 8:
+        raise IRTypeError(f"log2_quant: bits {bits} must be in 2..8")
+    if not (scale > 0 and np.isfinite(scale)):
+        raise IRTypeError(f"log2_quant: scale {scale} must be positive and finite")
+    if table_size < 1:
+        raise IRTypeError("log2_quant: table_size must be positive")
+    if base_kind == "adaptive":
+        adaptive_exponent(base, table_size)
+    return [x]
+
+
+register(
+    "log2_quant",
+    ["x"],
+    {
+        "bits": Attr("int", 4),
+        "base_kind": Attr("str", "log_sqrt2"),
+        "base": Attr("float", 2.0),
+        "scale": Attr("float", 1.0),
+        "table_size": Attr("int", 16),
+    },
+    _log2_infer,
+    log2_quant_ref,
+    "log-domain fake quantization: y = scale * 2^(-q*a), q = max(0, rint(-log2(x/scale)/a)), 0 past "
+    "the last level or for x <= 0; a = 1 (log2), 1/2 (log_sqrt2), log2(base) = p/table_size (adaptive)",
+    macs=lambda out, x, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])),
+    tags={"custom", "elementwise", "quantizer"},
+)
+
+
+# -- int8_linear ------------------------------------------------------------------------------
+def quantize_activations(x2: np.ndarray, x_scale: float, x_zero_point: int, x_bits: int) -> np.ndarray:
+    """``clip(rint(x / s) + z, 0, 2^bits - 1)`` as int32 (NaN rows give 0; the caller masks them)."""
+    x2 = np.asarray(x2, np.float32)
+    q = np.rint(np.where(np.isnan(x2), np.float32(0), x2) / np.float32(x_scale)) + np.float32(x_zero_point)
+    return np.clip(q, 0, 2**x_bits - 1).astype(np.int32)
+
+
+def int8_linear_ref(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits):
+    """The integer kernel, stated exactly (see module docstring)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).astype(np.float32)
+    q = quantize_activations(x2, x_scale, int(x_zero_point), x_bits).astype(np.int64) - int(x_zero_point)
+    acc = (q @ wq.astype(np.int64).T).astype(np.int32)
+    rescale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
+    y = acc.astype(np.float32) * rescale[None, :]
+    y[np.isnan(x2).any(axis=1)] = np.nan
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return y.astype(np.float32).reshape(lead + (wq.shape[0],))
+
+
+def _int8_linear_infer(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits):
+    require_float(x, "int8_linear")
+    if wq.dtype != "int8" or wq.rank != 2:
+        raise IRTypeError(f"int8_linear: wq must be an int8 matrix [out, in], got {wq}")
+    out, k = wq.shape
+    if w_scale.dtype != "float32" or tuple(w_scale.shape) != (out,):
+        raise IRTypeError(f"int8_linear: w_scale must be float32[{out}], got {w_scale}")
+    if x.rank < 1 or x.shape[-1] != k:
+        raise IRTypeError(f"int8_linear: input {x} must end in the {k} input features")
+    if bias is not None and (tuple(bias.shape) != (out,) or bias.dtype != "float32"):
+        raise IRTypeError(f"int8_linear: bias {bias} must be float32[{out}]")
+    if not 2 <= x_bits <= 8:
+        raise IRTypeError(f"int8_linear: x_bits {x_bits} must be in 2..8 (unsigned bytes)")
+    if not (x_scale > 0 and np.isfinite(x_scale)):
+        raise IRTypeError(f"int8_linear: x_scale {x_scale} must be positive and finite")
+    if not 0 <= x_zero_point <= 2**x_bits - 1:
+        raise IRTypeError(f"int8_linear: x_zero_point {x_zero_point} must be in [0, {2**x_bits - 1}]")
+    return [x.with_shape(x.shape[:-1] + (out,))]
+
+
+def _int8_linear_macs(out_shape, x, wq, *_):
+    rows = int(np.prod([d if isinstance(d, int) else 1 for d in out_shape[:-1]]))
+    return rows * (int(wq[0]) * int(wq[1]) + int(wq[0]))
+
+
+register(
+    "int8_linear",
+    ["x", "wq", "w_scale", "bias?"],
+    {"x_scale": Attr("float"), "x_zero_point": Attr("int", 0), "x_bits": Attr("int", 8)},
+    _int8_linear_infer,
+    int8_linear_ref,
+    "y = float32(sum_k (q(x)_k - z) * wq[o,k]) * (x_scale * w_scale[o]) + bias; q(x) unsigned x_bits per "
+    "tensor, int32 accumulation, one float rescale per output",
+    macs=_int8_linear_macs,
+    tags={"custom", "contraction"},
+)
+
+__all__ = [
+    "LOG2_KINDS",
+    "SQRT2",
+    "adaptive_exponent",
+    "fraction_table",
+    "int8_linear_ref",
+    "log2_codes",
+    "log2_levels",
+    "log2_quant_ref",
+    "log_step",
+    "quantize_activations",
+    "quantize_uniform_ref",
+    "uniform_range",
+]

@@ -1,0 +1,160 @@
+"""Uniform post-training quantization of transformers (W8A8 / W6A6 / W4A4), the RepQ-ViT baseline.
+
+* Every eligible ``linear`` (``quant_common.candidate_reason``: constant float weight, not tied, not
+  skipped; the first and last weight layers stay float by default) becomes ``int8_linear``: weights
+  per output channel, symmetric ``w_bits`` (``+-(2^(w_bits-1) - 1)``, clipping searched by MSE),
+  activations per tensor, asymmetric unsigned ``a_bits`` (range by ``act_method``: ``mse``,
+  ``minmax`` or ``percentile``), int32 accumulation, one float rescale per output.
+* A ``linear`` whose input another quantizer already produced (``log2_quant`` after softmax or
+  GELU) keeps its activation as is and gets fake-quantized (dequantized) weight constants.
+* Each activation input of a ``matmul`` (q @ k^T, attention @ v) gets a per-tensor
+  ``quantize_uniform`` unless a quantizer already produced it.
+
+All quantizers are calibrated in one set of interpreter runs over ``PassContext.calibration`` on
+the graph as it stands (not sequentially). Options: ``w_bits``, ``a_bits``, ``act_method``,
+``weight_method``, ``skip`` (see ``quant_common``), ``quantize_matmuls`` (default True).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reshift.ir.builder import create_node
+from reshift.ir.graph import Graph, Node, Value
+from reshift.ir.ops import get_op
+from reshift.passes.calibrate import (
+    activation_range,
+    observe,
+    on_weight_grid,
+    quantize_weight,
+    require_calibration,
+    uniform_params,
+)
+from reshift.passes.manager import Pass, PassContext
+from reshift.passes.pattern import match
+from reshift.passes.quant_common import LINEAR, candidate_reason
+from reshift.passes.rules import Refusal, RuleStats
+
+QUANTIZER_OPS = ("quantize_uniform", "log2_quant")
+
+
+def produced_by_quantizer(value: Value, producers: dict[Value, Node]) -> bool:
+    node = producers.get(value)
+    return node is not None and node.op in QUANTIZER_OPS
+
+
+def insert_quantizer(graph: Graph, value: Value, readers: list[Node], op: str, attrs: dict, hint: str) -> Node:
+    """A new ``op(value)`` node placed just before the first of ``readers``, which now read its output."""
+    node = create_node(graph, op, [value], attrs, graph.fresh_name(hint))
+    first = min(graph.nodes.index(r) for r in readers)
+    graph.nodes.insert(first, node)
+    for reader in readers:
+        reader.inputs = [node.outputs[0] if v is value else v for v in reader.inputs]
+    return node
+
+
+def replace_node(graph: Graph, old: Node, op: str, inputs: list[Value | None], attrs: dict) -> Node:
+    """Swap ``old`` for an ``op`` node with the same name and output value (so graph outputs hold)."""
+    opdef = get_op(op)
+    new = Node(op, inputs, old.outputs, opdef.normalize_attrs(attrs, where=f"node {old.name}: "), old.name)
+    graph.nodes[graph.nodes.index(old)] = new
+    return new
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits: int = 8) -> RuleStats:
+    """linear -> int8_linear, matmul inputs -> quantize_uniform (see module docstring)."""
+    opts = ctx.options
+    w_bits, a_bits = int(opts.get("w_bits", w_bits)), int(opts.get("a_bits", a_bits))
+    act_method, weight_method = opts.get("act_method", "mse"), opts.get("weight_method", "mse")
+    producers, users = graph.producers(), graph.users()
+    stats = RuleStats()
+    linears: list = []  # (match, weight_only)
+    for node in graph.nodes:
+        if node.op != "linear":
+            continue
+        m = match(LINEAR, node, producers)
+        reason = candidate_reason(m, graph, users, opts) if m is not None else "not linear(x, W, b)"
+        if reason is None and on_weight_grid(m.array("weight"), w_bits):
+            reason = f"weight %{m['weight'].name} already lies on a {w_bits}-bit per-channel grid"
+        if reason:
+            stats.refusals.append(Refusal("linear_to_int8", node.name, reason))
+        else:
+            linears.append((m, produced_by_quantizer(m["x"], producers)))
+    matmul_inputs: dict[Value, list[Node]] = {}
+    if opts.get("quantize_matmuls", True):
+        for node in graph.nodes:
+            if node.op != "matmul":
+                continue
+            for v in node.input_values():
+                if not v.is_constant and v.dtype == "float32" and not produced_by_quantizer(v, producers):
+                    matmul_inputs.setdefault(v, []).append(node)
+    if not linears and not matmul_inputs:
+        return stats
+    calibration = require_calibration(ctx.calibration, f"w{w_bits}a{a_bits} quantization")
+    watched = list(dict.fromkeys([m["x"] for m, weight_only in linears if not weight_only] + list(matmul_inputs)))
+    observers = observe(graph, calibration, watched)
+
+    def act_params(v: Value) -> tuple[float, int]:
+        lo, hi = activation_range(observers[v.name], a_bits, act_method)
+        return uniform_params(lo, hi, a_bits)
+
+    for m, weight_only in linears:
+        w = m.array("weight")
+        codes, scales = quantize_weight(w, w_bits, weight_method)
+        w_hat = codes.astype(np.float32) * scales[:, None]
+        details = {"w_bits": w_bits, "weight_error": relative_error(w_hat, w)}
+        name = m.root.name
+        if weight_only:
+            m.root.inputs[1] = graph.add_constant(w_hat, f"{name}_wq{w_bits}")
+            details["activation"] = "quantized upstream"
+            stats.matches["fake_quant_weights"] = stats.matches.get("fake_quant_weights", 0) + 1
+        else:
+            x_scale, x_zp = act_params(m["x"])
+            inputs = [m["x"], graph.add_constant(codes, f"{name}_wq"), graph.add_constant(scales, f"{name}_wscale")]
+            replace_node(
+                graph,
+                m.root,
+                "int8_linear",
+                inputs + [m.get("bias")],
+                {"x_scale": x_scale, "x_zero_point": x_zp, "x_bits": a_bits},
+            )
+            details.update(a_bits=a_bits, x_scale=x_scale, x_zero_point=x_zp)
+            stats.matches["linear_to_int8"] = stats.matches.get("linear_to_int8", 0) + 1
+        stats.details[name] = details
+    for v, readers in matmul_inputs.items():
+        scale, zp = act_params(v)
+        attrs = {"scale": (scale,), "zero_point": (float(zp),), "bits": a_bits}
+        insert_quantizer(graph, v, readers, "quantize_uniform", attrs, f"{v.name}_q")
+        stats.matches["quantize_matmul_input"] = stats.matches.get("quantize_matmul_input", 0) + 1
+        stats.details[f"{v.name}_q"] = {"a_bits": a_bits, "scale": scale, "zero_point": zp}
+    graph.remove_unused()
+    return stats
+
+
+def quantize_pass(w_bits: int, a_bits: int) -> Pass:
+    name = f"quantize_w{w_bits}a{a_bits}"
+    return Pass(
+        name,
+        lambda graph, ctx: quantize_transformer(graph, ctx, w_bits, a_bits),
+        exact=False,
+        doc=f"linear -> int8_linear (W{w_bits} per channel, A{a_bits} per tensor), matmul inputs fake-quantized",
+    )
+
+
+BIT_WIDTHS = (8, 6, 4)
+QUANTIZE_PASSES = [quantize_pass(b, b) for b in BIT_WIDTHS]
+
+__all__ = [
+    "BIT_WIDTHS",
+    "QUANTIZER_OPS",
+    "QUANTIZE_PASSES",
+    "insert_quantizer",
+    "produced_by_quantizer",
+    "quantize_pass",
+    "quantize_transformer",
+    "replace_node",
+]

@@ -1,0 +1,89 @@
+"""log2_quant reference (log2, log-sqrt2, adaptive) and passes/log2.py (RepQ-ViT, AdaLog)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reshift import ir, passes
+from reshift.ir.builder import GraphBuilder
+from reshift.ir.ops_quant import SQRT2, fraction_table, log2_quant_ref
+from reshift.passes.log2 import GELU_SHIFT
+
+from .conftest import max_relative_error
+from .test_passes_quantize import batches, mlp_attention
+
+ADAPTIVE_BASE = 2 ** (12 / 16)
+
+
+@pytest.mark.parametrize("kind,base", [("log2", 2.0), ("log_sqrt2", 2.0), ("adaptive", ADAPTIVE_BASE)])
+def test_exact_levels_zero_nan_negative(kind, base):
+    powers = np.float32([1.0, 0.5, 0.25, 0.125])
+    y = log2_quant_ref(powers, 4, kind, base, 1.0, 16)
+    if kind != "adaptive":
+        np.testing.assert_array_equal(y, powers)  # exact powers of two are levels
+    else:
+        np.testing.assert_array_equal(y[0], 1.0)
+    special = np.float32([0.0, -0.17, -5.0, np.nan, np.inf, 3.0])
+    z = log2_quant_ref(special, 4, kind, base, 1.0, 16)
+    np.testing.assert_array_equal(z[:3], 0.0)  # zero and negatives map to the zero level
+    assert np.isnan(z[3])
+    np.testing.assert_array_equal(z[4:], 1.0)  # above the top level: clamp to scale
+
+
+def test_log_sqrt2_odd_codes_use_one_sqrt2_multiply():
+    x = np.float32([2**-0.5, 2**-1.5, 2**-2.5])
+    y = log2_quant_ref(x, 4, "log_sqrt2", 2.0, 1.0, 16)
+    np.testing.assert_array_equal(y, np.float32([0.5 * SQRT2, 0.25 * SQRT2, 0.125 * SQRT2]))
+
+
+def test_values_below_smallest_level():
+    # 4 bits: codes 0..14 are levels, 15 is zero; log2 smallest level 2^-14
+    y = log2_quant_ref(np.float32([2**-14, 2**-14.4, 2**-14.6, 2**-20]), 4, "log2", 2.0, 1.0, 16)
+    np.testing.assert_array_equal(y, np.float32([2**-14, 2**-14, 0.0, 0.0]))
+    y = log2_quant_ref(np.float32([2**-7, 2**-7.6]), 4, "log_sqrt2", 2.0, 1.0, 16)
+    np.testing.assert_array_equal(y, np.float32([2**-7, 0.0]))  # log-sqrt2 reaches only 2^-7
+
+
+def test_adaptive_levels_come_from_the_fraction_table():
+    table = fraction_table(16)
+    assert table[0] == 1.0 and abs(table[8] - 2**-0.5) < 1e-7
+    levels = log2_quant_ref(
+        ADAPTIVE_BASE ** -np.arange(15, dtype=np.float64).astype(np.float32), 4, "adaptive", ADAPTIVE_BASE, 1.0, 16
+    )
+    expected = np.float32([np.ldexp(np.float32(1), -(q * 12 // 16)) * table[(q * 12) % 16] for q in range(15)])
+    np.testing.assert_array_equal(levels, expected)
+    b = GraphBuilder()
+    with pytest.raises(Exception, match="adaptive base"):
+        b.log2_quant(b.input("x", "f32[2]"), base_kind="adaptive", base=1.3)
+
+
+def test_log2_quant_scale():
+    y = log2_quant_ref(np.float32([4.0, 2.0, 1.0]), 3, "log2", 2.0, 4.0, 16)
+    np.testing.assert_array_equal(y, np.float32([4.0, 2.0, 1.0]))
+
+
+def test_repq_log2_softmax_pass(rng):
+    g = mlp_attention(rng)
+    g2, report = passes.run(g, "w4a4_log2", calibration=batches(rng, 2), skip=())
+    assert g2.op_histogram()["log2_quant"] == 1 and g2.op_histogram()["quantize_uniform"] == 3
+    node = next(n for n in g2.nodes if n.op == "log2_quant")
+    assert node.attrs["base_kind"] == "log_sqrt2" and node.attrs["bits"] == 4
+    assert ir.interpret(g2, batches(rng, 1)[0])  # runs
+
+
+def test_adalog_pass_softmax_and_gelu_bias_reparam(rng):
+    g = mlp_attention(rng)
+    calib, test = batches(rng, 2), batches(rng, 1)[0]
+    # alone (weights float) the GELU shift and bias compensation are exact up to the quantizer
+    g_log, report = passes.run(g, "adalog", calibration=calib, a_bits=8)
+    assert report.matches == {"log2_softmax": 1, "log2_gelu_bias_reparam": 1}
+    assert (
+        max_relative_error(ir.interpret(g_log, test)[g.outputs[0].name], ir.interpret(g, test)[g.outputs[0].name])
+        < 0.05
+    )
+    gelu_q = next(d for k, d in report.details.items() if "gelu" in k)
+    assert gelu_q["shift"] == GELU_SHIFT and gelu_q["output_error"] < 0.05
+    g4, _ = passes.run(g, "w4a4_adalog", calibration=calib, skip=())
+    hist = g4.op_histogram()
+    assert hist["log2_quant"] == 2 and hist["linear"] == 1  # fc2 reads log2 activations: weight-only quantized
