@@ -165,6 +165,7 @@ def vit_study() -> list[tuple]:
     fp32 = top1(graph, x_test, y_test)
     with torch.no_grad():
         torch_acc = float((model(torch.tensor(x_test)).argmax(-1).numpy() == y_test).mean() * 100)
+    print(flush=True)
     print(f"fp32 top-1: reshift interpreter {fp32:.2f}%, torch {torch_acc:.2f}% ({len(x_test)} test images)")
     rows = []
     variants = [
@@ -180,7 +181,7 @@ def vit_study() -> list[tuple]:
             acc = top1(g2, x_test, y_test)
             rows.append((f"W{bits}A{bits}", label, acc, fp32 - acc, time.time() - start))
             print(
-                f"  W{bits}A{bits} {label:<28} top-1 {acc:6.2f}%  drop {fp32 - acc:+6.2f}  ({time.time() - start:.1f} s)",
+                f"  W{bits}A{bits} {label:<28} top-1 {acc:6.2f}%  drop {fp32 - acc:+6.2f}  ({time.time() - start:.0f} s)",  # noqa: E501
                 flush=True,
             )
     return [("fp32", "-", fp32, 0.0, 0.0)] + rows
@@ -220,7 +221,7 @@ def minilm_study() -> dict:
         cos = np.sum(q * ref, 1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
         result[pipeline] = (float(cos[16:].mean()), float(cos[16:].min()), float(cos.mean()))
         print(
-            f"  MiniLM {pipeline:<10} cosine to fp32: mean {cos[16:].mean():.5f}, min {cos[16:].min():.5f} (48 held-out sentences)",
+            f"  MiniLM {pipeline:<10} cosine to fp32: mean {cos[16:].mean():.5f}, min {cos[16:].min():.5f} (48 held out)",  # noqa: E501
             flush=True,
         )
     return result
@@ -234,7 +235,7 @@ def speed_study() -> None:
     from reshift.ir.builder import GraphBuilder
 
     rng = np.random.default_rng(0)
-    print("layer (tokens x in -> out)        batch   reshift fp32    reshift int8    ort fp32   (ms, 2 threads)")
+    print("layer (tokens x in -> out)  batch   reshift fp32   reshift int8       ort fp32   (ms, 2 threads)")
     for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
@@ -280,9 +281,7 @@ def speed_study() -> None:
                     fn()
                     ts.append(time.perf_counter() - t)
                 times.append(np.median(ts) * 1e3)
-            print(
-                f"197 x {k:>4} -> {n:>4}                 {batch:>5}   {times[0]:>12.2f}    {times[1]:>12.2f}    {times[2]:>8.2f}"
-            )
+            print(f"197 x {k:>4} -> {n:>4}   {batch:>5}   " + "   ".join(f"{t:>12.2f}" for t in times))
 
 
 def main() -> None:

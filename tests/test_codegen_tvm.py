@@ -269,7 +269,9 @@ def test_every_registry_op_has_a_lowering_and_a_test():
     tested = set()
     for make in OP_GRAPHS.values():
         tested |= {node.op for node in make()[0].nodes}
-    assert sorted(set(OPS) - tested) == [], "ops without a graph in test_codegen_tvm.py"
+    # ops lowered only by a kernel in codegen/tvm/kernels/ are tested with that kernel
+    kernel_ops = {name for name, fn in LOWERINGS.items() if ".kernels." in fn.__module__}
+    assert sorted(set(OPS) - tested - kernel_ops) == [], "ops without a graph in test_codegen_tvm.py"
 
 
 @pytest.mark.parametrize("name", sorted(OP_GRAPHS))
