@@ -14,8 +14,13 @@
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json
 import sys
 import time
@@ -213,75 +218,129 @@ def minilm_study() -> dict:
             np.min(np.sum(ref * torch_ref, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(torch_ref, axis=1))
         )
     }
-    for pipeline in ("w8a8", "w8a8_log2", "w6a6", "w4a4"):
-        g2, _ = reshift.passes.run(graph, pipeline, calibration=calib)
+    runs = [
+        ("w8a8", {}),
+        ("w8a8", {"act_granularity": "row"}),
+        ("w8a8", {"smooth_alpha": 0.5}),
+        ("w8a8", {"act_granularity": "row", "smooth_alpha": 0.5}),
+        ("w8a8_log2", {}),
+        ("w8a8_log2", {"act_granularity": "row", "smooth_alpha": 0.5}),
+        ("w6a6", {}),
+        ("w6a6", {"act_granularity": "row", "smooth_alpha": 0.5}),
+        ("w4a4", {}),
+    ]
+    for pipeline, options in runs:
+        g2, _ = reshift.passes.run(graph, pipeline, calibration=calib, **options)
         q = np.concatenate(
             [reshift.ir.interpret(g2, feed(ids[i : i + 16], mask[i : i + 16]))[out] for i in range(0, 64, 16)]
         )
         cos = np.sum(q * ref, 1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
-        result[pipeline] = (float(cos[16:].mean()), float(cos[16:].min()), float(cos.mean()))
+        label = pipeline + "".join(f" {k}={v}" for k, v in options.items())
+        result[label] = (float(cos[16:].mean()), float(cos[16:].min()), float(cos.mean()))
         print(
-            f"  MiniLM {pipeline:<10} cosine to fp32: mean {cos[16:].mean():.5f}, min {cos[16:].min():.5f} (48 held out)",  # noqa: E501
+            f"  MiniLM {label:<46} cosine to fp32: mean {cos[16:].mean():.5f}, min {cos[16:].min():.5f} (48 held out)",  # noqa: E501
             flush=True,
         )
     return result
 
 
-def speed_study() -> None:
-    """int8_linear (VNNI) vs fp32 linear, compiled by reshift, and onnxruntime fp32, ViT-S layer shapes."""
+def _median_ms(fn, repeat: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def speed_study(depth: int = 12, repeat: int = 10) -> None:
+    """End-to-end ViT-S/16 (random weights, ``depth`` blocks): reshift int8 (w8a8 + calibration,
+    VNNI GEMM) vs reshift fp32, onnxruntime fp32 and onnxruntime's own QDQ int8 (quantize_static),
+    batch 1 and 8, 2 threads everywhere, one process."""
+    import tempfile
+
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from reshift.ir.builder import GraphBuilder
-
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = VisionTransformer(224, 16, 384, depth, 6, 1000).eval()
     rng = np.random.default_rng(0)
-    print("layer (tokens x in -> out)  batch   reshift fp32   reshift int8       ort fp32   (ms, 2 threads)")
-    for k, n in ((384, 1152), (384, 384), (384, 1536), (1536, 384)):
-        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-        b = rng.standard_normal(n).astype(np.float32)
-        bf = GraphBuilder("fp32")
-        x = bf.input("x", f"f32[N,197,{k}]")
-        gf = bf.build(bf.linear(x, bf.constant(w), bf.constant(b)))
-        bq = GraphBuilder("int8")
-        x = bq.input("x", f"f32[N,197,{k}]")
-        codes = np.clip(np.rint(w / (np.abs(w).max(1, keepdims=True) / 127)), -127, 127).astype(np.int8)
-        scales = (np.abs(w).max(1) / 127).astype(np.float32)
-        gq = bq.build(
-            bq.int8_linear(x, bq.constant(codes), bq.constant(scales), bq.constant(b), x_scale=0.05, x_zero_point=128)
-        )
-        mf = reshift.compile(gf, pipeline="none")
-        mq = reshift.compile(gq, pipeline="none")
-        proto = helper.make_model(
-            helper.make_graph(
-                [helper.make_node("MatMul", ["x", "wt"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
-                "g",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 197, k])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 197, n])],
-                [
-                    helper.numpy_helper.from_array(np.ascontiguousarray(w.T), "wt"),
-                    helper.numpy_helper.from_array(b, "b"),
-                ],
-            )
-        )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        for batch in (1, 8):
-            xb = rng.standard_normal((batch, 197, k)).astype(np.float32)
-            times = []
-            for fn in (
-                lambda mf=mf, xb=xb: mf(xb),
-                lambda mq=mq, xb=xb: mq(xb),
-                lambda s=sess, xb=xb: s.run(None, {"x": xb}),
-            ):
-                fn()
-                ts = []
-                for _ in range(10):
-                    t = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t)
-                times.append(np.median(ts) * 1e3)
-            print(f"197 x {k:>4} -> {n:>4}   {batch:>5}   " + "   ".join(f"{t:>12.2f}" for t in times))
+    calib_x = [rng.standard_normal((2, 3, 224, 224)).astype(np.float32) for _ in range(2)]
+    graph = reshift.frontend.from_torch(model, (torch.tensor(calib_x[0]),))
+    name = graph.inputs[0].name
+    start = time.time()
+    m_fp32 = reshift.compile(graph, pipeline="exact")
+    t_fp32 = time.time() - start
+    variants = {}
+    for label, opts in (("reshift int8 (static A)", {}), ("reshift int8 (row A)", {"act_granularity": "row"})):
+        start = time.time()
+        variants[label] = reshift.compile(graph, pipeline="w8a8", calibration=[{name: x} for x in calib_x], **opts)
+        print(f"  compiled {label} in {time.time() - start:.0f} s", flush=True)
+    print(f"  compiled reshift fp32 in {t_fp32:.0f} s", flush=True)
+    tmp = Path(tempfile.mkdtemp())
+    torch.onnx.export(
+        model,
+        (torch.tensor(calib_x[0]),),
+        tmp / "vit.onnx",
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        opset_version=17,
+        dynamo=False,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: list[dict[str, np.ndarray]]):
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(tmp / "vit.onnx"),
+        str(tmp / "vit_int8.onnx"),
+        Reader([{"x": x} for x in calib_x]),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+    )
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+    sessions = {
+        "ort fp32": ort.InferenceSession(str(tmp / "vit.onnx"), opts, providers=["CPUExecutionProvider"]),
+        "ort int8 QDQ": ort.InferenceSession(str(tmp / "vit_int8.onnx"), opts, providers=["CPUExecutionProvider"]),
+    }
+    print(f"\nViT-S/16 depth {depth}, random weights; CPU: {cpu_name()}; 2 threads; median ms of {repeat}")
+    for batch in (1, 8):
+        x = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        times = {"reshift fp32": _median_ms(lambda x=x: m_fp32(x), repeat)}
+        for label, m in variants.items():
+            times[label] = _median_ms(lambda m=m, x=x: m(x), repeat)
+        for label, sess in sessions.items():
+            times[label] = _median_ms(lambda s=sess, x=x: s.run(None, {"x": x}), repeat)
+        base = times["ort fp32"]
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.1f} ms ({base / v:.2f}x vs ort fp32)" for k, v in times.items()))
+        ref = m_fp32(x)
+        for label, m in variants.items():
+            y = np.asarray(m(x))
+            cos = np.sum(y * ref, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)
+            print(f"  {label}: cosine to reshift fp32 logits min {cos.min():.5f}")
+        y = sessions["ort int8 QDQ"].run(None, {"x": x})[0]
+        cos = np.sum(y * ref, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)
+        print(f"  ort int8 QDQ: cosine to reshift fp32 logits min {cos.min():.5f}", flush=True)
 
 
 def main() -> None:
@@ -289,6 +348,7 @@ def main() -> None:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-vit", action="store_true")
     parser.add_argument("--speed", action="store_true")
+    parser.add_argument("--speed-depth", type=int, default=12, help="ViT-S blocks in the speed study")
     args = parser.parse_args()
     if not args.skip_vit:
         rows = vit_study()
@@ -298,7 +358,7 @@ def main() -> None:
     if not args.skip_minilm:
         print(json.dumps(minilm_study(), indent=1))
     if args.speed:
-        speed_study()
+        speed_study(args.speed_depth)
 
 
 if __name__ == "__main__":

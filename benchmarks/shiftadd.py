@@ -5,7 +5,11 @@ a model's layer sequence), so weights stream from DRAM. Two threads everywhere. 
 the memory bandwidth measured here, and per shape: µs per layer, speed-up vs torch fp32 and vs
 onnxruntime MatMulNBits 4-bit (block 32, accuracy_level 4), and GB/s of weight bytes read.
 
-    .venv/bin/python benchmarks/shiftadd.py [--quick]
+    .venv/bin/python benchmarks/shiftadd.py [--quick] [--e2e | --no-e2e]
+
+``--e2e`` (default on) adds the pretrained MiniLM-L6 encoder end to end at batch 1: artifact size on disk
+(``reshift.compile(...).save(dir)``) and median latency of reshift fp32, reshift BCQ q=3 (weight-only fit,
+every linear) and onnxruntime fp32 (all graph optimizations), two threads each.
 
 reshift kernels are the ones the lowerings emit (codegen/tvm/kernels/), built here with the packed
 weights as function parameters instead of constants so that one build serves all weight copies.
@@ -240,9 +244,72 @@ def bench_ort_nbits(out: int, k: int, batch: int, l3: int, reps: int) -> tuple[f
     return _time_ort(_ort_session(nodes, inits, copies, k, out), copies, batch, k, reps), nbytes
 
 
+# -- end to end: MiniLM ----------------------------------------------------------------------------
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench_minilm_e2e(reps: int, seq_len: int = 32, q: int = 3) -> None:
+    """Artifact bytes and batch-1 latency of MiniLM: reshift fp32 vs reshift BCQ vs onnxruntime fp32."""
+    import tempfile
+
+    import reshift
+    from examples.models import MODELS
+    from reshift.codegen.onnx import to_onnx
+
+    spec = MODELS["minilm"]
+    model = spec.build()
+    ids, mask = spec.example_inputs(1, seq_len)
+    feed = (ids.numpy(), mask.numpy())
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = {}
+        for label, pipeline, options in (
+            ("reshift fp32 (exact)", "exact", {}),
+            (f"reshift BCQ q={q} g{GROUP}", "bcq", {"bcq_q": q, "group_size": GROUP, "skip": []}),
+        ):
+            start = time.perf_counter()
+            cm = reshift.compile(model, (ids, mask), pipeline=pipeline, **options)
+            build_s = time.perf_counter() - start
+            out = cm.save(Path(tmp) / pipeline)
+            ms = cm.benchmark(*feed, repeat=reps * 10, warmup=5)["median_ms"]
+            compiled[label] = cm
+            results[label] = (_dir_bytes(out), cm.graph.parameter_bytes(), ms, build_s)
+        reference = compiled["reshift fp32 (exact)"](*feed)
+        quantized = compiled[f"reshift BCQ q={q} g{GROUP}"](*feed)
+        cos = float(np.sum(reference * quantized) / (np.linalg.norm(reference) * np.linalg.norm(quantized)))
+        onnx_path = Path(tmp) / "minilm.onnx"
+        to_onnx(compiled["reshift fp32 (exact)"].source_graph, onnx_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        ort_feed = dict(zip(names, feed, strict=True))
+        for _ in range(5):
+            session.run(None, ort_feed)
+        samples = []
+        for _ in range(reps * 10):
+            start = time.perf_counter()
+            session.run(None, ort_feed)
+            samples.append((time.perf_counter() - start) * 1e3)
+        results["onnxruntime fp32"] = (onnx_path.stat().st_size, None, float(np.median(samples)), None)
+    print(f"\n## MiniLM-L6 end to end, batch 1, seq {seq_len}, 2 threads (cosine BCQ vs fp32 output: {cos:.4f})")
+    print("| implementation | artifact bytes on disk | weight bytes in IR | median ms | vs onnxruntime | compile s |")
+    print("|---|---|---|---|---|---|")
+    ort_ms = results["onnxruntime fp32"][2]
+    for label, (disk, params, ms, build_s) in results.items():
+        params_text = f"{params:,}" if params is not None else "-"
+        build_text = f"{build_s:.0f}" if build_s is not None else "-"
+        print(f"| {label} | {disk:,} | {params_text} | {ms:.2f} | {ort_ms / ms:.2f}x | {build_text} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape (4096x4096, batch 1) and fewer repetitions")
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="MiniLM end to end")
+    parser.add_argument("--e2e-only", action="store_true", help="only the MiniLM end-to-end section")
     args = parser.parse_args()
     l3 = l3_bytes()
     print(f"CPU: {describe_host_cpu()}; reshift kernel flavor: {kernel_flavor()}")
@@ -261,6 +328,10 @@ def main() -> None:
         ("reshift ternary g128", lambda o, k, b: bench_reshift("bcq", 2, o, k, b, l3, reps)),
         ("reshift shift (int8 x, 8b codes)", lambda o, k, b: bench_reshift("shift", 0, o, k, b, l3, reps)),
     ]
+    if args.e2e or args.e2e_only:
+        bench_minilm_e2e(reps)
+    if args.e2e_only:
+        return
     for out, k, batch in cases:
         print(f"\n## y = x @ W^T, W {out}x{k} (out x in), batch {batch}")
         results = {}

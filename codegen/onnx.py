@@ -229,7 +229,7 @@ def to_onnx(
             inputs.pop()
         em.prefix = node.name
         is_custom = "custom" in get_op(node.op).tags
-        if is_custom and custom_ops == "domain":
+        if is_custom and custom_ops == "domain" and node.op not in _onnx_qdq.STANDARD_QDQ_OPS:
             outputs = em.node(
                 node.op, inputs, [v.name for v in node.outputs], domain=CUSTOM_DOMAIN, **_custom_attrs(node)
             )
@@ -314,6 +314,7 @@ def _custom_attrs(node: Node) -> dict:
 
 
 from reshift.codegen import onnx_lowering as _onnx_lowering  # noqa: E402,F401  (fills ONNX_LOWERINGS)
+from reshift.codegen import onnx_qdq as _onnx_qdq  # noqa: E402  (QDQ export of the quantizers)
 
 __all__ = [
     "CUSTOM_DECOMPOSITIONS",

@@ -15,7 +15,11 @@ Each numpy reference is the exact specification passes and kernels are checked a
 * ``int8_linear``: activations quantized per tensor to ``x_bits`` unsigned integers with zero
   point ``x_zero_point`` (as ``quantize_uniform``), ``acc = sum_k (q[k] - z) * wq[o,k]`` exactly in
   int32, then ``y = float32(acc) * (float32(x_scale) * w_scale[o]) + bias[o]`` in float32. A row
-  holding NaN gives NaN outputs.
+  holding NaN gives NaN outputs. ``x_granularity="row"`` (per-token dynamic quantization, as
+  LLM.int8 / SmoothQuant deployments do) ignores ``x_scale``/``x_zero_point`` and computes them per
+  row at run time, in float32: ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)``,
+  ``s = (hi - lo) / (2^bits - 1)`` (``1`` where that is 0), ``z = clip(rint(-lo / s), 0, 2^bits - 1)``;
+  then ``y = float32(acc) * (s * w_scale[o]) + bias[o]``.
 
 Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged ``custom``.
 """
@@ -195,22 +199,45 @@ def quantize_activations(x2: np.ndarray, x_scale: float, x_zero_point: int, x_bi
     return np.clip(q, 0, 2**x_bits - 1).astype(np.int32)
 
 
-def int8_linear_ref(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits):
+def row_params(x2: np.ndarray, x_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row dynamic ``(scale, zero_point)`` float32 ``[M, 1]`` of ``x_granularity="row"`` (NaN -> 0)."""
+    x2 = np.where(np.isnan(x2), np.float32(0), np.asarray(x2, np.float32))
+    qmax = np.float32(2**x_bits - 1)
+    lo = np.minimum(x2.min(axis=1, keepdims=True), np.float32(0))
+    hi = np.maximum(x2.max(axis=1, keepdims=True), np.float32(0))
+    with np.errstate(all="ignore"):
+        s = ((hi - lo) / qmax).astype(np.float32)
+    s = np.where((s > 0) & np.isfinite(s), s, np.float32(1)).astype(np.float32)
+    z = np.clip(np.rint(-lo / s), np.float32(0), qmax).astype(np.float32)
+    return s, z
+
+
+def int8_linear_ref(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits, x_granularity="tensor"):
     """The integer kernel, stated exactly (see module docstring)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).astype(np.float32)
-    q = quantize_activations(x2, x_scale, int(x_zero_point), x_bits).astype(np.int64) - int(x_zero_point)
-    acc = (q @ wq.astype(np.int64).T).astype(np.int32)
-    rescale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
-    y = acc.astype(np.float32) * rescale[None, :]
+    if x_granularity == "row":
+        s, z = row_params(x2, x_bits)
+        clean = np.where(np.isnan(x2), np.float32(0), x2)
+        qf = np.clip(np.rint(clean / s) + z, np.float32(0), np.float32(2**x_bits - 1))
+        q = qf.astype(np.int64) - z.astype(np.int64)
+        acc = (q @ wq.astype(np.int64).T).astype(np.int32)
+        y = acc.astype(np.float32) * (s * w_scale.astype(np.float32)[None, :]).astype(np.float32)
+    else:
+        q = quantize_activations(x2, x_scale, int(x_zero_point), x_bits).astype(np.int64) - int(x_zero_point)
+        acc = (q @ wq.astype(np.int64).T).astype(np.int32)
+        rescale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
+        y = acc.astype(np.float32) * rescale[None, :]
     y[np.isnan(x2).any(axis=1)] = np.nan
     if bias is not None:
         y = y + bias.astype(np.float32)
     return y.astype(np.float32).reshape(lead + (wq.shape[0],))
 
 
-def _int8_linear_infer(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits):
+def _int8_linear_infer(x, wq, w_scale, bias, x_scale, x_zero_point, x_bits, x_granularity):
     require_float(x, "int8_linear")
+    if x_granularity not in ("tensor", "row"):
+        raise IRTypeError(f"int8_linear: x_granularity {x_granularity!r} must be 'tensor' or 'row'")
     if wq.dtype != "int8" or wq.rank != 2:
         raise IRTypeError(f"int8_linear: wq must be an int8 matrix [out, in], got {wq}")
     out, k = wq.shape
@@ -237,11 +264,16 @@ def _int8_linear_macs(out_shape, x, wq, *_):
 register(
     "int8_linear",
     ["x", "wq", "w_scale", "bias?"],
-    {"x_scale": Attr("float"), "x_zero_point": Attr("int", 0), "x_bits": Attr("int", 8)},
+    {
+        "x_scale": Attr("float", 1.0),
+        "x_zero_point": Attr("int", 0),
+        "x_bits": Attr("int", 8),
+        "x_granularity": Attr("str", "tensor"),
+    },
     _int8_linear_infer,
     int8_linear_ref,
     "y = float32(sum_k (q(x)_k - z) * wq[o,k]) * (x_scale * w_scale[o]) + bias; q(x) unsigned x_bits per "
-    "tensor, int32 accumulation, one float rescale per output",
+    "tensor (or per row at run time: x_granularity='row'), int32 accumulation, one float rescale per output",
     macs=_int8_linear_macs,
     tags={"custom", "contraction"},
 )
@@ -258,5 +290,6 @@ __all__ = [
     "log_step",
     "quantize_activations",
     "quantize_uniform_ref",
+    "row_params",
     "uniform_range",
 ]

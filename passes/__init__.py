@@ -12,6 +12,7 @@ from reshift.errors import PassError
 from reshift.ir.graph import Graph
 from reshift.passes.bcq import BCQ_PASSES
 from reshift.passes.branches import BRANCH_PASSES
+from reshift.passes.branches_linear import LINEAR_BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
 from reshift.passes.log2 import LOG2_PASSES
 from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
@@ -25,6 +26,7 @@ PASSES: dict[str, Pass] = {
     p.name: p
     for p in FOLD_PASSES
     + BRANCH_PASSES
+    + LINEAR_BRANCH_PASSES
     + SHIFT_PASSES
     + BCQ_PASSES
     + QUANTIZE_PASSES
@@ -35,7 +37,16 @@ PASSES: dict[str, Pass] = {
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
 PIPELINES: dict[str, list[str]] = {
     "none": [],
-    "exact": ["fold_constants", "remove_noops", "fold_batch_norm", "fold_affine", "fuse_branches", "dead_code"],
+    "exact": [
+        "fold_constants",
+        "remove_noops",
+        "fold_batch_norm",
+        "fold_affine",
+        "fuse_branches",
+        "fuse_linear_branches",
+        "fuse_parallel_branches",
+        "dead_code",
+    ],
     # lossy weight quantizers (options: skip, shift_bits / bits, bcq_q, group_size; calibration)
     "shift": ["shift_weights"],
     "bcq": ["bcq_weights"],

@@ -14,9 +14,10 @@ Convolution is linear in its kernel, so parallel branches reading one input sum 
   ``W = W2 . W1`` (Eq. 8) with bias ``b2 + sum(W2 * b1)``, exact only where the KxK conv's padding
   carries ``b1`` (its BNAndPadLayer); zero padding after a biased 1x1 is refused. Average pooling
   is a KxK conv with ``1/K^2`` weights per channel (transform V); concatenated branches (IV).
-- Residual ``x + linear(x) = linear(x; W + I)`` and ``linear . linear``: RePaViT (Xu et al. 2025)
-  merges the idle-channel linear path of an FFN with its shortcut this way; DeiT's averaged heads
-  ``(linear(a) + linear(b)) / 2`` fold the 1/2 into both weights.
+- BatchNorm around a conv (RepVGG Sec. 3.3 run backwards): before an unpadded conv its scale goes
+  into the input channels and its shift into the bias; after a sum of two convs into both.
+- Linear layers (RePaViT idle channels, residuals, DeiT heads, parallel-branch fusion into one
+  wider op + split) live in ``branches_linear.py``.
 
 Every rule checks stride, dilation, groups and padding alignment and says why it refuses. The IR's
 only padding mode is constant (``conv2d`` pads with zeros, ``pad`` with one scalar value), so
@@ -436,105 +437,100 @@ def _avg_pool_as_conv(m: Match, ctx) -> Value:
     )
 
 
-# -- linear layers: parallel, residual, sequential, averaged heads --------------------------------
-PARALLEL_LINEARS = Op(
-    "add",
-    Op("linear", Any("x"), Const("w1"), Opt(Const("b1")), name="linear_a"),
-    Op("linear", Any("x"), Const("w2"), Opt(Const("b2")), name="linear_b"),
-    name="add",
-)
+# -- BatchNorm around layers: before an unpadded conv / a linear, after a sum of two layers ---------
+def _bn_scale_shift(m: Match) -> tuple[np.ndarray, np.ndarray]:
+    k = _f64(m, "scale") / np.sqrt(_f64(m, "var") + m.nodes["bn"].attrs["eps"])
+    return k, _f64(m, "shift") - _f64(m, "mean") * k
 
 
-def _check_parallel_linears(m: Match, graph: Graph) -> str | None:
-    if m["linear_a"].type != m["linear_b"].type or m["add"].type != m["linear_a"].type:
-        return f"branch outputs {m['linear_a'].type} and {m['linear_b'].type} differ (the add broadcasts)"
-    names = ("w1", "w2", "b1", "b2")
+def _bn_before(layer: str, transposed: bool = False) -> Op:
+    """``layer(BN(x))``; ``transposed``: BatchNorm1d on tokens, ``transpose . BN . transpose``."""
+    source = Op("transpose", Any("x"), name="t_in") if transposed else Any("x")
+    bn = Op("batch_norm", source, Const("scale"), Const("shift"), Const("mean"), Const("var"), name="bn")
+    if transposed:
+        bn = Op("transpose", bn, name="t_out")
+    return Op(layer, bn, Const("w"), Opt(Const("b")), name="layer")
+
+
+def _check_bn_before(m: Match, graph: Graph) -> str | None:
+    node = m.nodes["layer"]
+    if node.op == "conv2d" and any(node.attrs["padding"]):
+        return f"conv pads BN's output with zeros ({list(node.attrs['padding'])}); BN's shift is no bias at the border"
+    if "t_in" in m.nodes:
+        p_in, p_out = m.nodes["t_in"].attrs["perm"], m.nodes["t_out"].attrs["perm"]
+        if p_out[-1] != 1 or any(p_in[p_out[i]] != i for i in range(len(p_out))):
+            return f"transposes {list(p_in)} / {list(p_out)} do not put BN's channel axis last and undo each other"
+    elif node.op == "linear" and m["x"].type.rank != 2:
+        return f"BN normalizes axis 1 of {m['x'].type}, not the linear's input features"
+    names = ("w", "b")
     return _float32(m, names) or _shared_weights(m, graph, names)
 
 
-def _merge_parallel_linears(m: Match, ctx) -> Value:
-    n = m["w1"].type.shape[0]
-    bias = None
-    if m.get("b1") is not None or m.get("b2") is not None:
-        bias = ctx.constant(_cast(m, "w1", _bias_or_zero(m, "b1", n) + _bias_or_zero(m, "b2", n)), "merged_bias")
-    return ctx.op("linear", m["x"], ctx.constant(_cast(m, "w1", _f64(m, "w1") + _f64(m, "w2")), "merged_weight"), bias)
+def _fold_bn_before(m: Match, ctx) -> Value:
+    """``W (k x + t) + b``: k scales the weight's input columns, ``W t`` joins the bias."""
+    node = m.nodes["layer"]
+    k, t = _bn_scale_shift(m)
+    weight = _f64(m, "w")
+    if node.op == "conv2d":
+        out_ch, in_per_group = weight.shape[:2]
+        channel = (np.arange(out_ch)[:, None] // (out_ch // node.attrs["groups"])) * in_per_group
+        channel = channel + np.arange(in_per_group)[None, :]  # input channel of weight[o, j]
+        new_weight = weight * k[channel][:, :, None, None]
+        shift = np.einsum("ojhw,oj->o", weight, t[channel])
+    else:
+        new_weight, shift = weight * k[None, :], weight @ t
+    bias = _bias_or_zero(m, "b", weight.shape[0]) + shift
+    return ctx.op(
+        node.op,
+        m["x"],
+        ctx.constant(_cast(m, "w", new_weight), "folded_weight"),
+        ctx.constant(_cast(m, "w", bias), "folded_bias"),
+        **node.attrs,
+    )
 
 
-RESIDUAL_LINEAR = Op(
-    "add", Op("linear", Any("x"), Const("w"), Opt(Const("b")), name="linear"), Any("x"), name="add", commutative=True
-)
+def _bn_after_sum(layer: str) -> Op:
+    a = Op(layer, Any("x1"), Const("w1"), Opt(Const("b1")), name="layer_a")
+    b = Op(layer, Any("x2"), Const("w2"), Opt(Const("b2")), name="layer_b")
+    return Op(
+        "batch_norm",
+        Op("add", a, b, name="add"),
+        Const("scale"),
+        Const("shift"),
+        Const("mean"),
+        Const("var"),
+        name="bn",
+    )
 
 
-def _check_residual_linear(m: Match, graph: Graph) -> str | None:
-    if m["linear"].type != m["x"].type or m["add"].type != m["x"].type:
-        return f"linear maps {m['x'].type} to {m['linear'].type}; a residual needs the same shape"
-    return _float32(m, ("w", "b")) or _shared_weights(m, graph, ("w", "b"))
-
-
-def _merge_residual_linear(m: Match, ctx) -> Value:
-    weight = _f64(m, "w") + np.eye(m["w"].type.shape[0])
-    bias = m.get("b")
-    return ctx.op("linear", m["x"], ctx.constant(_cast(m, "w", weight), "merged_weight"), bias)
-
-
-SEQUENTIAL_LINEARS = Op(
-    "linear",
-    Op("linear", Any("x"), Const("w1"), Opt(Const("b1")), name="linear_a"),
-    Const("w2"),
-    Opt(Const("b2")),
-    name="linear_b",
-)
-
-
-def _check_sequential_linears(m: Match, graph: Graph) -> str | None:
-    (hidden, n_in), (n_out, _) = m["w1"].type.shape, m["w2"].type.shape
-    if n_out * n_in > hidden * (n_in + n_out):
-        return f"{n_in}->{hidden}->{n_out} is a low-rank factorization; one {n_out}x{n_in} matrix costs more"
-    names = ("w1", "w2", "b1", "b2")
+def _check_bn_after_sum(m: Match, graph: Graph) -> str | None:
+    out = m["add"].type
+    if m["layer_a"].type != out or m["layer_b"].type != out:
+        return f"the add broadcasts {m['layer_a'].type} and {m['layer_b'].type}"
+    if m.nodes["layer_a"].op == "linear" and out.rank != 2:
+        return f"BN normalizes axis 1 of rank-{out.rank} {out}, not the linear's features"
+    names = ("w1", "b1", "w2", "b2")
     return _float32(m, names) or _shared_weights(m, graph, names)
 
 
-def _merge_sequential_linears(m: Match, ctx) -> Value:
-    w1, w2 = _f64(m, "w1"), _f64(m, "w2")
-    bias = None
-    if m.get("b1") is not None or m.get("b2") is not None:
-        bias = _bias_or_zero(m, "b2", w2.shape[0]) + w2 @ _bias_or_zero(m, "b1", w1.shape[0])
-        bias = ctx.constant(_cast(m, "w2", bias), "merged_bias")
-    return ctx.op("linear", m["x"], ctx.constant(_cast(m, "w2", w2 @ w1), "merged_weight"), bias)
-
-
-AVERAGED_HEADS = Op(
-    "div",
-    Op(
-        "add",
-        Op("linear", Any("x1"), Const("w1"), Opt(Const("b1")), name="linear_a"),
-        Op("linear", Any("x2"), Const("w2"), Opt(Const("b2")), name="linear_b"),
-        name="add",
-    ),
-    Const("c"),
-    name="div",
-)
-
-
-def _check_averaged_heads(m: Match, graph: Graph) -> str | None:
-    c = m.array("c")
-    if c.size != 1:
-        return f"divisor {m['c'].type} is not a scalar"
-    if float(c.reshape(-1)[0]) == 0.0 or not np.isfinite(c).all():
-        return "divisor is zero or not finite"
-    if m["div"].type != m["add"].type or m["linear_a"].type != m["linear_b"].type:
-        return "the add or the divide broadcasts"
-    names = ("w1", "w2", "b1", "b2")
-    return _float32(m, names) or _shared_weights(m, graph, names)
-
-
-def _fold_averaged_heads(m: Match, ctx) -> Value:
-    c = float(m.array("c").reshape(-1)[0])
-    heads = []
-    for x, w, b in (("x1", "w1", "b1"), ("x2", "w2", "b2")):
-        bias = None if m.get(b) is None else ctx.constant(_cast(m, w, _f64(m, b) / c), "head_bias")
-        heads.append(ctx.op("linear", m[x], ctx.constant(_cast(m, w, _f64(m, w) / c), "head_weight"), bias))
-    return ctx.op("add", *heads)
+def _fold_bn_after_sum(m: Match, ctx) -> Value:
+    """``BN(a + b) = k a + k b + t``: both layers scaled per output channel, the shift on one."""
+    k, t = _bn_scale_shift(m)
+    outs = []
+    for key, w, b, shift in (("layer_a", "w1", "b1", t), ("layer_b", "w2", "b2", 0.0)):
+        node, weight = m.nodes[key], _f64(m, w)
+        new_weight = weight * k.reshape((-1,) + (1,) * (weight.ndim - 1))
+        bias = _bias_or_zero(m, b, weight.shape[0]) * k + shift
+        outs.append(
+            ctx.op(
+                node.op,
+                node.inputs[0],
+                ctx.constant(_cast(m, w, new_weight), "folded_weight"),
+                ctx.constant(_cast(m, w, bias), "folded_bias"),
+                **node.attrs,
+            )
+        )
+    return ctx.op("add", *outs)
 
 
 # -- the rule set ---------------------------------------------------------------------------------
@@ -554,17 +550,15 @@ BRANCH_RULES = [
     Rule("fold_add_before_linear", _offset_before("linear", "add"), _check_offset_before, _fold_offset_before),
     Rule("fold_sub_before_linear", _offset_before("linear", "sub"), _check_offset_before, _fold_offset_before),
     Rule("avg_pool_as_conv", Op("avg_pool2d", Any("y"), name="pool"), _check_avg_pool, _avg_pool_as_conv),
-    Rule("merge_parallel_linears", PARALLEL_LINEARS, _check_parallel_linears, _merge_parallel_linears),
-    Rule("merge_residual_linear", RESIDUAL_LINEAR, _check_residual_linear, _merge_residual_linear),
-    Rule("merge_sequential_linears", SEQUENTIAL_LINEARS, _check_sequential_linears, _merge_sequential_linears),
-    Rule("fold_averaged_heads", AVERAGED_HEADS, _check_averaged_heads, _fold_averaged_heads),
+    Rule("fold_bn_before_conv", _bn_before("conv2d"), _check_bn_before, _fold_bn_before, allow_shared_interior=True),
+    Rule("fold_bn_after_conv_sum", _bn_after_sum("conv2d"), _check_bn_after_sum, _fold_bn_after_sum),
 ]
 
 BRANCH_PASSES = [
     rule_pass(
         "fuse_branches",
         BRANCH_RULES,
-        "merge parallel/sequential conv and linear branches (RepVGG, ACNet, DBB, MobileOne)",
+        "merge parallel/sequential conv branches (RepVGG, ACNet, DBB, MobileOne); linears: branches_linear.py",
     ),
 ]
 

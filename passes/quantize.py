@@ -12,13 +12,17 @@
 
 All quantizers are calibrated in one set of interpreter runs over ``PassContext.calibration`` on
 the graph as it stands (not sequentially). Options: ``w_bits``, ``a_bits``, ``act_method``,
-``weight_method``, ``skip`` (see ``quant_common``), ``quantize_matmuls`` (default True).
+``weight_method``, ``skip`` (see ``quant_common``), ``quantize_matmuls`` (default True),
+``act_granularity`` (``"tensor"``: static scales from calibration; ``"row"``: per-token scales
+computed at run time by the kernel), ``smooth_alpha`` (SmoothQuant scale migration into the
+linear's weight before quantizing, e.g. 0.5; off by default).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from reshift.errors import PassError
 from reshift.ir.builder import create_node
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.ops import get_op
@@ -65,6 +69,34 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def smooth_activations(graph: Graph, calibration, matches: list, opts: dict, stats: RuleStats) -> None:
+    """SmoothQuant (Xiao et al., 2023) scale migration, exact in float: ``x W^T = (x diag(s)^-1)(W diag(s))^T``
+    with ``s_j = max|x_j|^alpha / max_o |W_oj|^(1-alpha)``. One ``mul`` by ``1/s`` per activation, shared
+    by all the linears that read it (their weight columns are pooled for ``max|W_j|``)."""
+    alpha = float(opts["smooth_alpha"])
+    groups: dict[Value, list] = {}
+    for m in matches:
+        groups.setdefault(m["x"], []).append(m)
+    observers = observe(graph, calibration, list(groups), max_samples=1)
+    for x, ms in groups.items():
+        obs = observers[x.name]
+        if obs.ch_lo is None or not np.all(np.isfinite(obs.ch_lo)) or not np.all(np.isfinite(obs.ch_hi)):
+            continue
+        x_max = np.maximum(np.abs(obs.ch_lo), np.abs(obs.ch_hi)).astype(np.float64)
+        w_max = np.max([np.abs(m.root.inputs[1].data).max(axis=0) for m in ms], axis=0).astype(np.float64)
+        s = np.where((x_max > 0) & (w_max > 0), x_max**alpha / np.maximum(w_max, 1e-12) ** (1 - alpha), 1.0)
+        s = np.clip(s, 1e-5, 1e5)
+        inv = graph.add_constant((1.0 / s).astype(np.float32), f"{x.name}_smooth_inv")
+        mul = create_node(graph, "mul", [x, inv], {}, graph.fresh_name(f"{x.name}_smoothed"))
+        graph.nodes.insert(min(graph.nodes.index(m.root) for m in ms), mul)
+        for m in ms:
+            w = m.root.inputs[1].data.astype(np.float64)
+            m.root.inputs[0] = mul.outputs[0]
+            m.root.inputs[1] = graph.add_constant((w * s[None, :]).astype(np.float32), f"{m.root.name}_w_smooth")
+        stats.matches["smooth_activation"] = stats.matches.get("smooth_activation", 0) + 1
+        stats.details[mul.name] = {"alpha": alpha, "s_range": (float(s.min()), float(s.max()))}
+
+
 def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits: int = 8) -> RuleStats:
     """linear -> int8_linear, matmul inputs -> quantize_uniform (see module docstring)."""
     opts = ctx.options
@@ -94,8 +126,14 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
                     matmul_inputs.setdefault(v, []).append(node)
     if not linears and not matmul_inputs:
         return stats
+    granularity = opts.get("act_granularity", "tensor")
+    if granularity not in ("tensor", "row"):
+        raise PassError(f"quantize: act_granularity {granularity!r} must be 'tensor' or 'row'")
     calibration = require_calibration(ctx.calibration, f"w{w_bits}a{a_bits} quantization")
-    watched = list(dict.fromkeys([m["x"] for m, weight_only in linears if not weight_only] + list(matmul_inputs)))
+    if opts.get("smooth_alpha") is not None:
+        smooth_activations(graph, calibration, [m for m, weight_only in linears if not weight_only], opts, stats)
+    static = [m.root.inputs[0] for m, weight_only in linears if not weight_only and granularity == "tensor"]
+    watched = list(dict.fromkeys(static + list(matmul_inputs)))
     observers = observe(graph, calibration, watched)
 
     def act_params(v: Value) -> tuple[float, int]:
@@ -103,7 +141,7 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
         return uniform_params(lo, hi, a_bits)
 
     for m, weight_only in linears:
-        w = m.array("weight")
+        w = m.root.inputs[1].data  # the smoothed weight when smooth_alpha is set
         codes, scales = quantize_weight(w, w_bits, weight_method)
         w_hat = codes.astype(np.float32) * scales[:, None]
         details = {"w_bits": w_bits, "weight_error": relative_error(w_hat, w)}
@@ -113,16 +151,19 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
             details["activation"] = "quantized upstream"
             stats.matches["fake_quant_weights"] = stats.matches.get("fake_quant_weights", 0) + 1
         else:
-            x_scale, x_zp = act_params(m["x"])
-            inputs = [m["x"], graph.add_constant(codes, f"{name}_wq"), graph.add_constant(scales, f"{name}_wscale")]
+            x = m.root.inputs[0]  # m["x"], or its smoothed replacement
+            x_scale, x_zp = act_params(x) if granularity == "tensor" else (1.0, 0)
+            inputs = [x, graph.add_constant(codes, f"{name}_wq"), graph.add_constant(scales, f"{name}_wscale")]
             replace_node(
                 graph,
                 m.root,
                 "int8_linear",
-                inputs + [m.get("bias")],
-                {"x_scale": x_scale, "x_zero_point": x_zp, "x_bits": a_bits},
+                inputs + [m.root.inputs[2] if len(m.root.inputs) > 2 else None],
+                {"x_scale": x_scale, "x_zero_point": x_zp, "x_bits": a_bits, "x_granularity": granularity},
             )
-            details.update(a_bits=a_bits, x_scale=x_scale, x_zero_point=x_zp)
+            details.update(a_bits=a_bits, x_granularity=granularity)
+            if granularity == "tensor":
+                details.update(x_scale=x_scale, x_zero_point=x_zp)
             stats.matches["linear_to_int8"] = stats.matches.get("linear_to_int8", 0) + 1
         stats.details[name] = details
     for v, readers in matmul_inputs.items():

@@ -82,6 +82,23 @@ def inspect_artifact(directory: str) -> int:
     return 0
 
 
+@command("export")
+def export_model(args: argparse.Namespace) -> int:
+    """Run a pass pipeline on an ONNX model and write the result as standard ONNX (the fused deploy form)."""
+    from reshift import passes
+    from reshift.codegen.onnx import to_onnx
+
+    graph = load_graph(args.model)
+    optimized, report = passes.run(graph, args.pipeline)
+    to_onnx(optimized, args.output, opset=args.opset)
+    print(report)
+    contractions = ("conv2d", "linear", "matmul")
+    before, after = graph.op_histogram(), optimized.op_histogram()
+    counts = ", ".join(f"{op} {before.get(op, 0)}->{after.get(op, 0)}" for op in contractions if before.get(op))
+    print(f"wrote {args.output}: {len(graph.nodes)} -> {len(optimized.nodes)} nodes ({counts})")
+    return 0
+
+
 @command("ops")
 def list_ops(args: argparse.Namespace) -> int:
     """Print the supported-op table (markdown with --markdown)."""
@@ -148,7 +165,9 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
         graph = load_graph(args.model)
     with stage(console, f"passes ({args.pipeline})"):
         calibration = _calibration(getattr(args, "calib", None))
-        optimized, report = passes.run(graph, args.pipeline, calibration=calibration)
+        bits = getattr(args, "bits", None)  # `compile --bits`: average code bits -> the bcq budget with scales
+        options = {} if bits is None else {"bits": passes.bcq.bits_per_weight(bits, passes.bcq.DEFAULT_GROUP_SIZE)}
+        optimized, report = passes.run(graph, args.pipeline, calibration=calibration, **options)
     if tune:
         with tune_progress(console, args.trials) as progress:
             built = tune_and_build(optimized, spec, args.trials, args.db, progress)
@@ -187,7 +206,15 @@ def tune_progress(console, trials: int) -> Iterator[Callable[..., None]]:
 def compile_model(args: argparse.Namespace) -> int:
     """Compile an ONNX model to an artifact directory (model.so + meta.json)."""
     console = _console()
+    lossy = {"bcq", "ternary", "shift"} & set(args.pipeline.split("+"))
+    if lossy and not args.calib:
+        print(
+            f"note: no --calib given: output-aware (activation) fitting is OFF for {', '.join(sorted(lossy))}; "
+            "weights are fitted to the weights alone (weight-only). Pass --calib inputs.npz for better accuracy."
+        )
     compiled = compile_onnx(args, console, args.target, tune=args.tune)
+    if lossy:
+        print(compiled.report)  # nodes, MACs (multiplications) and parameter bytes before -> after
     with stage(console, f"save {args.output}"), quiet_native_stderr():
         compiled.save(args.output)
     meta = compiled.meta
@@ -353,12 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
     sub.add_parser("ops", help="list the supported ops (markdown table)")
 
+    p = sub.add_parser("export", help="run a pass pipeline on an ONNX model and write the result as standard ONNX")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+
     p = sub.add_parser("compile", help="compile an ONNX model to an artifact directory (model.so + meta.json)")
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="cpu", help="cpu, arm64, cuda, cuda-sm80, cuda-sm87, cuda-sm90 (default: cpu)")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--calib", help="calibration inputs (.npz, one array per model input)")
+    p.add_argument(
+        "--bits",
+        type=float,
+        help="bcq: average code bits per weight (fp16 scales on top); q in {2,3,4} chosen per layer by sensitivity",
+    )
     p.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule first")
     p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
     p.add_argument("--db", default="reshift_tune_db", help="tuning database directory (default: reshift_tune_db)")

@@ -328,6 +328,10 @@ def test_tune_refuses_cleanly(tmp_path):
     graph, _ = graph_contraction()
     with pytest.raises(CodegenError, match="arm64"):
         tune(graph, "arm64", trials=1, db_dir=tmp_path)
+    with pytest.raises(CodegenError, match="symbolic batch"):
+        tune(graph, "cpu", trials=1, db_dir=tmp_path)
+    builder = GraphBuilder("static")
+    graph = builder.build(builder.relu(builder.input("x", "f32[2,8]")))
     reason = tuning_available()
     if reason is None:
         pytest.skip("MetaSchedule works here; a real tuning run takes minutes (see NOTES_tvm.md §7b)")

@@ -167,3 +167,119 @@ def test_compile_w8a8_pipeline_end_to_end(rng):
     g2, _ = passes.run(g, "w8a8", calibration=calib)
     out = cm(test["x"])
     np.testing.assert_allclose(out, ir.interpret(g2, test)[g2.outputs[0].name], rtol=1e-4, atol=1e-5)
+
+
+def test_int8_linear_row_granularity_reference_edges(rng):
+    """Per-row dynamic scales: all-zero rows, all-positive rows (zero point 0), NaN rows."""
+    x = rng.standard_normal((4, 40)).astype(np.float32)
+    x[0] = 0.0
+    x[1] = np.abs(x[1]) + 1.0
+    x[3, 5] = np.nan
+    wq = rng.integers(-127, 128, (9, 40)).astype(np.int8)
+    ws = (rng.random(9) * 0.01).astype(np.float32)
+    y = int8_linear_ref(x, wq, ws, None, 1.0, 0, 8, "row")
+    assert np.all(y[0] == 0) and np.all(np.isnan(y[3])) and not np.isnan(y[:3]).any()
+    s = np.float32(x[1].max()) / np.float32(255)  # lo = 0, so z = 0 and the top value hits 255
+    expected = (np.clip(np.rint(x[1] / s), 0, 255) @ wq.T.astype(np.float64)) * (s * ws)
+    np.testing.assert_allclose(y[1], expected, rtol=1e-6)
+    with pytest.raises(Exception, match="x_granularity"):
+        b = GraphBuilder("bad")
+        b.build(b.int8_linear(b.input("x", "f32[2,40]"), b.constant(wq), b.constant(ws), x_granularity="col"))
+
+
+def test_row_granularity_and_smoothing_reduce_error(rng):
+    g = mlp_attention(rng)
+    calib, test = batches(rng, 2), batches(rng, 1)[0]
+    ref = ir.interpret(g, test)[g.outputs[0].name]
+    errs = {}
+    for label, opts in {"tensor": {}, "row": {"act_granularity": "row"}, "smooth": {"smooth_alpha": 0.5}}.items():
+        g2, report = passes.run(g, "w6a6", calibration=calib, skip=(), **opts)
+        errs[label] = max_relative_error(ir.interpret(g2, test)[g2.outputs[0].name], ref)
+        if label == "row":
+            assert all(n.attrs["x_granularity"] == "row" for n in g2.nodes if n.op == "int8_linear")
+        if label == "smooth":
+            assert report.details and g2.op_histogram()["mul"] >= 1
+    assert errs["row"] < 0.25 and errs["smooth"] < 0.25  # random weights have no outlier channels to win on
+
+
+def test_smoothing_alone_is_exact(rng):
+    """x diag(s)^-1 (W diag(s))^T = x W^T: the migration by itself changes no output (1e-5)."""
+    from reshift.passes.pattern import match
+    from reshift.passes.quant_common import LINEAR
+    from reshift.passes.quantize import smooth_activations
+    from reshift.passes.rules import RuleStats
+
+    g = mlp_attention(rng)
+    calib, test = batches(rng, 2), batches(rng, 1)[0]
+    g2 = g.copy()
+    ms = [match(LINEAR, n, g2.producers()) for n in g2.nodes if n.op == "linear"]
+    stats = RuleStats()
+    smooth_activations(g2, calib, ms, {"smooth_alpha": 0.5}, stats)
+    ir.verify(g2)
+    assert stats.matches["smooth_activation"] == 4  # LN -> q,k,v share one; attention out; fc1; fc2
+    ref, out = ir.interpret(g, test)[g.outputs[0].name], ir.interpret(g2, test)[g2.outputs[0].name]
+    assert max_relative_error(out, ref) < 1e-5
+
+
+def test_compiled_row_granularity_kernel_is_bit_exact(rng):
+    import reshift
+
+    b = GraphBuilder("int8_rows")
+    x = b.input("x", "f32[N,5,40]")
+    codes = rng.integers(-127, 128, (20, 40)).astype(np.int8)
+    y = b.int8_linear(
+        x,
+        b.constant(codes),
+        b.constant((rng.random(20) * 0.01).astype(np.float32)),
+        b.constant(rng.standard_normal(20).astype(np.float32)),
+        x_granularity="row",
+    )
+    g = b.build(y)
+    xin = (rng.standard_normal((3, 5, 40)) * 2).astype(np.float32)
+    xin[0, 1, 2] = np.nan
+    xin[1, 0] = 0.0
+    xin[2, 3] = np.abs(xin[2, 3])
+    np.testing.assert_array_equal(reshift.compile(g, pipeline="none")(xin), ir.interpret(g, {"x": xin})[y.name])
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_qdq_onnx_export_runs_in_onnxruntime(rng, granularity):
+    """w6a6 (narrow grids) and w8a8 graphs export as standard QuantizeLinear/DequantizeLinear."""
+    import onnx
+    import onnxruntime as ort
+
+    from reshift.codegen.onnx import to_onnx
+
+    g = mlp_attention(rng)
+    calib, test = batches(rng, 2), batches(rng, 1)[0]
+    for pipeline in ("w8a8", "w6a6"):
+        g2, _ = passes.run(g, pipeline, calibration=calib, skip=(), act_granularity=granularity)
+        for mode in ("decompose", "domain"):
+            model = to_onnx(g2, custom_ops=mode)
+            onnx.checker.check_model(model)
+            ops = {n.op_type for n in model.graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+            assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"x": test["x"]})[0]
+        ref = ir.interpret(g2, test)[g2.outputs[0].name]
+        assert max_relative_error(out, ref) < 1e-3, pipeline
+
+
+def test_qdq_export_quantizer_edges(rng):
+    import onnxruntime as ort
+
+    from reshift.codegen.onnx import to_onnx
+
+    b = GraphBuilder("qdq")
+    x = b.input("x", "f32[N,6]")
+    outs = [
+        b.quantize_uniform(x, scale=(0.1,), zero_point=(3.0,), bits=4),
+        b.quantize_uniform(x, scale=(0.05,), zero_point=(0.0,), bits=8, signed=True),
+        b.quantize_uniform(x, scale=tuple(float(v) for v in np.linspace(0.01, 0.2, 6)), zero_point=(0.0,) * 6),
+    ]
+    g = b.build(*outs)
+    xin = np.array([[0.0, -0.0, 1e9, -1e9, 0.25, -6.35], [0.05, 0.15, -0.15, 12.7, -12.7, 3.0]], np.float32)
+    sess = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
+    for out, ref in zip(sess.run(None, {"x": xin}), ir.interpret(g, {"x": xin}).values(), strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -76,7 +76,8 @@ def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=Non
     if tuning_db is not None:
         from reshift.codegen.tvm.tune import apply_database_pass
 
-        passes.append(apply_database_pass(tuning_db))
+        with target:  # the pass reads Target.current() when it is created
+            passes.append(apply_database_pass(tuning_db))
     if schedule:
         passes += schedule_passes()
     passes += [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]

@@ -3,7 +3,8 @@
 ``tune(graph, "cpu", trials, db_dir)`` tunes once; ``build(graph, "cpu", tuning_db=db_dir)`` then
 applies the best schedules found (``relax.transform.MetaScheduleApplyDatabase``), and every
 kernel without a record keeps the generic schedule. Tuning measures on this machine, so only the
-``cpu`` target is tunable here (arm64/CUDA would need a TVM RPC runner on the device).
+``cpu`` target is tunable here (arm64/CUDA would need a TVM RPC runner on the device), and only
+graphs with static shapes (MetaSchedule fails on the symbolic batch).
 
 Known breakage (NOTES_tvm.md §7): with apache-tvm-ffi 0.1.15.x every ``save_json`` of a TIR node
 segfaults in ``tvm::ffi::ToJSONGraph``, and MetaSchedule serializes every workload; apache-tvm-ffi
@@ -61,6 +62,13 @@ def tune(
     if spec.is_gpu or spec.cross_compiler:
         raise CodegenError(
             f"tuning for {spec.name} needs the device to measure on; only the 'cpu' target is tunable locally"
+        )
+    symbolic = [v.name for v in graph.inputs if not v.type.is_static]
+    if symbolic:
+        raise CodegenError(
+            f"MetaSchedule cannot tune kernels with a symbolic batch (inputs {', '.join(symbolic)} of {graph.name!r}): "
+            "it fails with 'parallel_for_dynamic error ... old_rv != nullptr'; "
+            "export the model with a fixed batch to tune it"
         )
     reason = tuning_available()
     if reason:

@@ -93,3 +93,20 @@ __all__ = [
     "swin_example_inputs",
     "vit_s16",
 ]
+
+
+def _register_transformer_reparam_models() -> None:
+    """RePaViT idle-channel FFN blocks and DeiT-S with a distillation head, training and deploy forms."""
+    from .deit import deit_s_distilled
+    from .repavit import repavit_block, repavit_example_inputs
+
+    for spec in (
+        ModelSpec("repavit_block_train", repavit_block, repavit_example_inputs),
+        ModelSpec("repavit_block_deploy", partial(repavit_block, deploy=True), repavit_example_inputs),
+        ModelSpec("deit_s_distilled_train", deit_s_distilled, _image),
+        ModelSpec("deit_s_distilled_deploy", partial(deit_s_distilled, deploy=True), _image),
+    ):
+        MODELS[spec.name] = spec
+
+
+_register_transformer_reparam_models()

@@ -110,6 +110,45 @@ def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
     return gemm_generic
 
 
+def _row_params(x: te.Tensor, bits: int) -> tuple[te.Tensor, te.Tensor]:
+    """Per-row ``(s, z)`` float32 ``[M, 1]`` of ``x_granularity="row"``, as ``ops_quant.row_params``."""
+    rows, k = x.shape
+    zero = tirx.const(0, "float32")
+    clean = te.compute((rows, k), lambda m, c: tirx.Select(tirx.isnan(x[m, c]), zero, x[m, c]), name="x_clean")
+    r = te.reduce_axis((0, k), name="r")
+    lo = te.compute((rows, 1), lambda m, _: te.min(clean[m, r], axis=r), name="row_min")
+    r2 = te.reduce_axis((0, k), name="r2")
+    hi = te.compute((rows, 1), lambda m, _: te.max(clean[m, r2], axis=r2), name="row_max")
+    qmax = tirx.const(2**bits - 1, "float32")
+
+    def scale(m, j):
+        v = (tirx.max(hi[m, j], zero) - tirx.min(lo[m, j], zero)) / qmax
+        ok = tirx.all(v > zero, v < tirx.const(np.inf, "float32"))
+        return tirx.Select(ok, v, tirx.const(1, "float32"))
+
+    s = te.compute((rows, 1), scale, name="row_scale")
+
+    def zero_point(m, j):
+        q = tirx.nearbyint(-tirx.min(lo[m, j], zero) / s[m, j])
+        return tirx.max(tirx.min(q, qmax), zero)
+
+    return s, te.compute((rows, 1), zero_point, name="row_zero_point")
+
+
+def _quantize_u8_rows(x: te.Tensor, s: te.Tensor, z: te.Tensor, k_pad: int, bits: int) -> te.Tensor:
+    """``clip(rint(x / s_m) + z_m, 0, 2^bits - 1)`` as uint8 ``[M, k_pad]`` with per-row ``s, z``."""
+    k = x.shape[1]
+    qmax = tirx.const(2**bits - 1, "float32")
+
+    def compute(m, c):
+        v = x[m, tirx.min(c, k - 1)]
+        v = tirx.Select(tirx.isnan(v), tirx.const(0, "float32"), v)
+        q = tirx.max(tirx.min(tirx.nearbyint(v / s[m, 0]) + z[m, 0], qmax), tirx.const(0, "float32"))
+        return tirx.Select(c < k, q, tirx.const(0, "float32")).astype("uint8")
+
+    return te.compute((x.shape[0], k_pad), compute, name="q_u8_rows")
+
+
 def _quantize_u8(x: te.Tensor, k_pad: int, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
     """``clip(rint(x / s) + z, 0, 2^bits - 1)`` as uint8 ``[M, k_pad]`` (NaN -> 0, padding 0)."""
     k = x.shape[1]
@@ -140,9 +179,14 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     for d in lead:
         rows = rows * d
     x2 = ctx.emit(op.reshape(x, (rows, k)))
-    q = ctx.te(
-        _quantize_u8, x2, k4 * 4, attrs["x_scale"], attrs["x_zero_point"], attrs["x_bits"], name="int8_linear_quantize"
-    )
+    per_row = attrs.get("x_granularity", "tensor") == "row"
+    if per_row:
+        params = ctx.te(_row_params, x2, attrs["x_bits"], name="int8_row_params")
+        s_row, z_row = ctx.emit(relax.TupleGetItem(params, 0)), ctx.emit(relax.TupleGetItem(params, 1))
+        q = ctx.te(_quantize_u8_rows, x2, s_row, z_row, k4 * 4, attrs["x_bits"], name="int8_linear_quantize")
+    else:
+        scale, zero_point, bits = attrs["x_scale"], attrs["x_zero_point"], attrs["x_bits"]
+        q = ctx.te(_quantize_u8, x2, k4 * 4, scale, zero_point, bits, name="int8_linear_quantize")
     vnni = has_vnni()
     gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
     acc = ctx.emit(
@@ -150,10 +194,16 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     )
     if blocks * ROWS != out:
         acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
-    correction = (int(attrs["x_zero_point"]) * codes.astype(np.int64).sum(axis=1)).astype(np.int32)
-    acc = ctx.emit(op.subtract(acc, relax.const(correction)))
-    rescale = (np.float32(attrs["x_scale"]) * scales).astype(np.float32)
-    y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
+    if per_row:  # acc - z_m * sum_k wq[o, k], then float32(acc) * (s_m * w_scale[o])
+        row_sums = relax.const(codes.astype(np.int64).sum(axis=1).astype(np.int32)[None, :])
+        acc = ctx.emit(op.subtract(acc, op.multiply(op.astype(z_row, "int32"), row_sums)))
+        rescale = ctx.emit(op.multiply(s_row, relax.const(scales[None, :])))
+        y = ctx.emit(op.multiply(op.astype(acc, "float32"), rescale))
+    else:
+        correction = (int(attrs["x_zero_point"]) * codes.astype(np.int64).sum(axis=1)).astype(np.int32)
+        acc = ctx.emit(op.subtract(acc, relax.const(correction)))
+        rescale = (np.float32(attrs["x_scale"]) * scales).astype(np.float32)
+        y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
     has_nan = ctx.emit(op.max(op.astype(op.isnan(x2), "int32"), axis=[-1], keepdims=True))
     y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
     if bias is not None:
