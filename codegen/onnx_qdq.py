@@ -58,7 +58,9 @@ def _quantize_uniform(em, node: Node, ins):
         if (lo, hi) != ((-128, 127) if a["signed"] else (0, 255)):
             from reshift.errors import CodegenError
 
-            raise CodegenError(f"quantize_uniform node {node.name}: narrow per-channel grids export only on the last axis")
+            raise CodegenError(
+                f"quantize_uniform node {node.name}: narrow per-channel grids export only on the last axis"
+            )
     y = _qdq(em, ins[0], scale, np.asarray(a["zero_point"]), a["bits"], a["signed"], axis)
     return em.final(node, "Identity", [y])
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from reshift.ir import Value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from reshift.frontend.aten_ops import Unsupported, _axis, _operand, converts
 from reshift.ir import Value
 from reshift.ir.types import resolve_dim

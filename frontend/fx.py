@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from reshift.frontend.torch import from_torch
-from reshift.ir import Graph, sanitize_name
 
 from reshift.errors import UnsupportedOpError
+from reshift.frontend.torch import from_torch
+from reshift.ir import Graph, sanitize_name
 
 
 @dataclass

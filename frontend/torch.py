@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from reshift.frontend.aten_ops import ATEN_CONVERTERS, SHAPE_ONLY_OPS, SIDE_EFFECT_OPS, Unsupported
-from reshift.ir import Graph, TensorType, Value, create_node, get_op, sanitize_name, verify
-from reshift.ir.types import Dim, make_dim, split_dim
 from torch.export.graph_signature import InputKind, OutputKind
 
 from reshift.errors import IRTypeError, ReshiftError, UnsupportedOpError
+from reshift.frontend.aten_ops import ATEN_CONVERTERS, SHAPE_ONLY_OPS, SIDE_EFFECT_OPS, Unsupported
+from reshift.ir import Graph, TensorType, Value, create_node, get_op, sanitize_name, verify
+from reshift.ir.types import Dim, make_dim, split_dim
 
 MAX_BATCH = 4096
 BATCH = "N"

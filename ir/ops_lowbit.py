@@ -20,11 +20,11 @@ inner loop over the input features has none, only adds; :func:`inner_adds` count
 from __future__ import annotations
 
 import numpy as np
+
+from reshift.errors import IRTypeError
 from reshift.ir.ops import Attr, register
 from reshift.ir.shapes import require_float, require_rank
 from reshift.ir.types import TensorType
-
-from reshift.errors import IRTypeError
 
 INT32_MAX = 2**31 - 1
 INT8_QMAX = 127

@@ -26,6 +26,7 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+
 from reshift.ir.graph import Graph
 from reshift.ir.ops_lowbit import pack_signs, pack_trits
 from reshift.passes.manager import Pass, PassContext

@@ -427,6 +427,9 @@ def _layer_signature(node: Node) -> tuple:
     return ("conv2d", tuple(weight.type.shape[1:]), tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
 
 
+PENDING_FOLDS = ("batch_norm", "avg_pool2d", "pad")  # folds a later round may still apply to the layer
+
+
 def _fusable(node: Node, users: dict[Value, list[Node]]) -> str | None:
     weight, bias = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
     if weight is None or not weight.is_constant or (bias is not None and not bias.is_constant):
@@ -438,6 +441,9 @@ def _fusable(node: Node, users: dict[Value, list[Node]]) -> str | None:
     for value in (weight, bias):
         if value is not None and len(users.get(value, [])) > 1:
             return f"weight %{value.name} is also read elsewhere"
+    pending = [u.name for u in users.get(node.outputs[0], []) if u.op in PENDING_FOLDS]
+    if pending:
+        return f"output still feeds {', '.join(pending)}, which exact folds merge into this layer first"
     return None
 
 

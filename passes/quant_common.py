@@ -15,6 +15,7 @@ from fnmatch import fnmatch
 from typing import Any as AnyType
 
 import numpy as np
+
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.interpret import interpret
 from reshift.passes.manager import PassContext

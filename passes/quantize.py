@@ -176,6 +176,42 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
     return stats
 
 
+def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:
+    """A markdown table of every quantizer in ``graph``: kind, bits, scale, the pass report's error
+    (weight or searched output error) and the error measured on ``batch`` (quantizer output vs its
+    float input; for ``int8_linear``, vs the float linear with the same dequantized weight)."""
+    from reshift.ir.interpret import interpret
+
+    nodes = [n for n in graph.nodes if n.op in QUANTIZER_OPS + ("int8_linear",)]
+    if not nodes:
+        return ""
+    env = interpret(graph, batch, return_all=True)
+    details = getattr(report, "details", {}) or {}
+    rows = ["| node | kind | bits | scale | report error | measured rel. error |", "|---|---|---|---|---|---|"]
+    for n in nodes:
+        a, x = n.attrs, env[n.inputs[0].name]
+        y = env[n.outputs[0].name]
+        if n.op == "int8_linear":
+            w = n.inputs[1].data.astype(np.float32) * n.inputs[2].data[:, None]
+            ref = x @ w.T + (n.inputs[3].data if len(n.inputs) > 3 and n.inputs[3] is not None else 0)
+            row = a.get("x_granularity", "tensor") == "row"
+            kind, bits = "int8_linear (A per row, dynamic)" if row else "int8_linear (A per tensor)", a["x_bits"]
+            scale = "run time" if row else f"{a['x_scale']:.4g} (z={a['x_zero_point']})"
+        elif n.op == "log2_quant":
+            ref, kind, bits = x, f"log2_quant ({a['base_kind']}, base {a['base']:.4g})", a["bits"]
+            scale = f"{a['scale']:.4g}"
+        else:
+            ref, kind, bits = x, "quantize_uniform", a["bits"]
+            scale = ", ".join(f"{v:.4g}" for v in a["scale"][:4]) + (" ..." if len(a["scale"]) > 4 else "")
+        d = details.get(n.name, {})
+        reported = d.get("weight_error", d.get("output_error"))
+        rep = "-" if reported is None else f"{reported:.3g}" + (" (weights)" if "weight_error" in d else " (output)")
+        finite = np.isfinite(ref) & np.isfinite(y)
+        err = relative_error(y[finite].astype(np.float64), np.asarray(ref)[finite].astype(np.float64))
+        rows.append(f"| {n.name} | {kind} | {bits} | {scale} | {rep} | {err:.3g} |")
+    return "\n".join(rows)
+
+
 def quantize_pass(w_bits: int, a_bits: int) -> Pass:
     name = f"quantize_w{w_bits}a{a_bits}"
     return Pass(
@@ -197,5 +233,7 @@ __all__ = [
     "produced_by_quantizer",
     "quantize_pass",
     "quantize_transformer",
+    "quantizer_table",
     "replace_node",
+    "smooth_activations",
 ]

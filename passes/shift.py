@@ -15,6 +15,7 @@ The layer is refused when its int32 accumulator could overflow (see
 from __future__ import annotations
 
 import numpy as np
+
 from reshift.ir.graph import Graph
 from reshift.ir.ops_lowbit import INT32_MAX, shift_accumulator_bound
 from reshift.passes.manager import Pass, PassContext

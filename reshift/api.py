@@ -146,16 +146,19 @@ def compile(
 ) -> CompiledModel:
     """Compile a torch module (with ``example_inputs``), ONNX path/proto or IR graph for ``target``.
 
-    ``tune=True`` (or ``trials=N``, ``tune_db=DIR``) tunes kernels with MetaSchedule first;
+    ``tune=True`` (or ``trials=N``, ``tune_db=DIR``) tunes kernels with MetaSchedule first; a
+    symbolic batch is then fixed to ``tune_batch`` (default: the example inputs' batch, else 1);
     other ``options`` go to the frontend (``dynamic_batch``, ``input_names``, ``input_shapes``)
     or to the pass pipeline.
     """
     from reshift import passes
     from reshift.codegen import tvm as tvm_codegen
+    from reshift.ir.specialize import specialize_batch
 
     trials = int(options.pop("trials", 64))
     tune_db = options.pop("tune_db", None)
     progress = options.pop("progress", None)
+    tune_batch = options.pop("tune_batch", None)
     source, examples = to_graph(model_or_path, example_inputs, options)
     for key in FRONTEND_OPTIONS["torch"] + FRONTEND_OPTIONS["onnx"]:
         options.pop(key, None)
@@ -164,6 +167,10 @@ def compile(
     spec = tvm_codegen.resolve_target(target)
     if tune:
         db = tune_db or os.path.join(os.path.expanduser("~"), ".cache", "reshift", "tune_db")
+        if any(not v.type.is_static for v in graph.inputs):
+            # MetaSchedule needs static extents: a tuned artifact serves one batch size
+            batch = int(tune_batch or (len(next(iter(examples.values()))) if examples else 1))
+            graph = specialize_batch(graph, batch)
         build = tune_and_build(graph, spec, trials, db, progress)
     else:
         build = tvm_codegen.build(graph, spec)
@@ -178,12 +185,8 @@ def tune_and_build(graph: Graph, spec: Any, trials: int, db_dir: str, progress: 
     tune = getattr(tvm_codegen, "tune", None)
     if tune is None:
         raise CodegenError("tuning is not available in this reshift build (codegen.tvm.tune is missing)")
-    result = tune(graph, spec, trials=trials, db_dir=db_dir, progress=progress)
-    if hasattr(result, "executable"):
-        return result
-    if result is not None and type(result).__name__ == "IRModule":
-        return tvm_codegen.build(graph, spec, module=result)
-    return tvm_codegen.build(graph, spec)
+    db = tune(graph, spec, trials=trials, db_dir=db_dir, progress=progress)
+    return tvm_codegen.build(graph, spec, tuning_db=db)
 
 
 def _calibration(calibration: Any) -> list[dict[str, np.ndarray]] | None:

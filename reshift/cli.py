@@ -50,13 +50,26 @@ def inspect_model(args: argparse.Namespace) -> int:
     graph = load_graph(args.model)
     print(graph.summary())
     print(f"MACs (batch 1): {graph_macs(graph):,}")
-    optimized, report = passes.run(graph, args.pipeline)
+    calibration = None
+    if getattr(args, "calib", None):
+        import numpy as np
+
+        with np.load(args.calib) as data:
+            calibration = [{k: data[k] for k in data.files}]
+    optimized, report = passes.run(graph, args.pipeline, calibration=calibration)
     print()
     print(report)
     print()
     print(f"after {args.pipeline}:")
     print(optimized.summary())
     print(f"MACs (batch 1): {graph_macs(optimized):,}")
+    if calibration is not None:
+        from reshift.passes.quantize import quantizer_table
+
+        table = quantizer_table(optimized, report, calibration[0])
+        if table:
+            print()
+            print(table)
     if args.ir:
         print()
         print(optimized)
@@ -378,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="MODEL.onnx or an artifact directory")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
+    p.add_argument("--calib", help="calibration batch (.npz, one array per graph input) for quantizing pipelines")
     sub.add_parser("ops", help="list the supported ops (markdown table)")
 
     p = sub.add_parser("export", help="run a pass pipeline on an ONNX model and write the result as standard ONNX")

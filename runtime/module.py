@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from reshift.runtime.artifact import check_target, read_meta, split_dim, verify_so
 
 from reshift.errors import ArtifactError, InputError
+from reshift.runtime.artifact import check_target, read_meta, split_dim, verify_so
 
 # dtype names of meta.json -> numpy dtypes (bfloat16 resolved lazily through ml_dtypes)
 _NUMPY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")

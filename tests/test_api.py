@@ -7,10 +7,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from reshift.ir import Graph, interpret, parse
 
 import reshift
 from reshift.errors import ArtifactError, InputError, ModelLoadError
+from reshift.ir import Graph, interpret, parse
 
 
 class ConvNet(torch.nn.Module):

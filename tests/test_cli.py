@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from reshift.frontend import from_onnx
-from reshift.ir import interpret
 
 from reshift.cli import main
+from reshift.frontend import from_onnx
+from reshift.ir import interpret
 
 
 def _model(extra_topk: bool = False) -> onnx.ModelProto:

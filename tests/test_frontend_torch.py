@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reshift.frontend import from_torch
-from reshift.frontend.aten_ops import ATEN_CONVERTERS
-from reshift.frontend.torch import decomposition_table
 from torch import nn
 
 from reshift import ir
 from reshift.errors import UnsupportedOpError
+from reshift.frontend import from_torch
+from reshift.frontend.aten_ops import ATEN_CONVERTERS
+from reshift.frontend.torch import decomposition_table
 
 
 def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from reshift import ir, passes
 from reshift.ir.ops_lowbit import bcq_weight, pack_signs, pack_trits, unpack_signs, unpack_trits
 from reshift.passes.bcq import (
     LayerSensitivity,
@@ -14,8 +16,6 @@ from reshift.passes.bcq import (
     ternary_dequant,
 )
 from reshift.passes.quant_common import relative_output_error
-
-from reshift import ir, passes
 
 from .test_passes_shift import calibration, gpt2, mlp  # noqa: F401  (gpt2 is a fixture)
 

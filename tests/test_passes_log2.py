@@ -87,3 +87,30 @@ def test_adalog_pass_softmax_and_gelu_bias_reparam(rng):
     g4, _ = passes.run(g, "w4a4_adalog", calibration=calib, skip=())
     hist = g4.op_histogram()
     assert hist["log2_quant"] == 2 and hist["linear"] == 1  # fc2 reads log2 activations: weight-only quantized
+
+
+def test_log2_quant_onnx_decomposition_and_domain(rng):
+    """Default export: a float64 decomposition onnxruntime runs; ``custom_ops="domain"``: one ai.reshift node."""
+    import onnx
+    import onnxruntime as ort
+
+    from reshift.codegen.onnx import to_onnx
+
+    b = GraphBuilder("log2")
+    x = b.input("x", "f32[N,16]")
+    outs = [
+        b.log2_quant(x, bits=4),
+        b.log2_quant(x, bits=4, base_kind="log2", scale=0.5),
+        b.log2_quant(x, bits=6, base_kind="adaptive", base=2 ** (11 / 16), scale=0.9),
+    ]
+    g = b.build(*outs)
+    xin = rng.random((3, 16)).astype(np.float32)
+    xin[0, :6] = [0.0, -0.3, 1.0, 0.5, 2.0**-20, np.nan]
+    model = to_onnx(g)
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for out, ref in zip(sess.run(None, {"x": xin}), ir.interpret(g, {"x": xin}).values(), strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    domain = to_onnx(g, custom_ops="domain")
+    onnx.checker.check_model(domain)
+    assert [n.domain for n in domain.graph.node if n.op_type == "log2_quant"] == ["ai.reshift"] * 3

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reshift.ir.ops_lowbit import quantize_rows_int8, shift_accumulator_bound
-from reshift.passes.shift import quantize_shift, shift_weight
 
 from reshift import ir, passes
+from reshift.ir.ops_lowbit import quantize_rows_int8, shift_accumulator_bound
+from reshift.passes.shift import quantize_shift, shift_weight
 
 SHIFT = """
 graph shift(%x: f32[N,4]) {

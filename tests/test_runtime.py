@@ -10,10 +10,10 @@ import textwrap
 
 import numpy as np
 import pytest
-from reshift.ir import interpret, parse
 
 import reshift
 from reshift.errors import ArtifactError, InputError
+from reshift.ir import interpret, parse
 
 GRAPH = """
 graph two_heads(%x: f32[N,4], %bias: f32[3]) {
