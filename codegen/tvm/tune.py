@@ -81,6 +81,10 @@ def tune(
     db_dir.mkdir(parents=True, exist_ok=True)
     with tvm_target:
         fused = tvm.transform.Sequential(cpu.legalize_passes(tvm_target))(lower(graph))
+    if _all_tuned(fused, tvm_target, db_dir):
+        if progress is not None:
+            progress(trials, trials)
+        return db_dir
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     if progress is not None:
         callbacks = [*callbacks, _progress_callback(progress, trials)]
@@ -103,6 +107,22 @@ def tune(
             f"tuning {graph.name!r} for {spec.name} failed: {lines[-1] if lines else type(exc).__name__}"
         ) from None
     return db_dir
+
+
+def _all_tuned(fused: tvm.IRModule, tvm_target: tvm.target.Target, db_dir: Path) -> bool:
+    """True when every kernel of ``fused`` was already tuned into ``db_dir`` (its workload is there).
+
+    A kernel the trial budget never reached has its workload but no record; it keeps the
+    generic schedule rather than being re-tuned on every compile (tune with a new db to retry).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    workloads, records = db_dir / "database_workload.json", db_dir / "database_tuning_record.json"
+    if not (workloads.exists() and records.exists()):
+        return False
+    database = ms.database.JSONDatabase(str(workloads), str(records), allow_missing=False)
+    tasks = ms.relax_integration.extract_tasks(fused, tvm_target)
+    return all(database.has_workload(task.dispatched[0]) for task in tasks if task.dispatched)
 
 
 def apply_database_pass(db_dir: str | os.PathLike) -> tvm.transform.Pass:
