@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
+from reshift.codegen.tvm.kernels import cpu_lowering as cpu_kernels
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
 from reshift.ir.graph import Node
 from reshift.ir.types import INT_DTYPES
@@ -166,17 +167,24 @@ def lower_where(ctx: LowerContext, node: Node, cond: relax.Expr, a: relax.Expr, 
 # -- contractions ----------------------------------------------------------------------------
 @lowering("matmul")
 def lower_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr:
-    return ctx.emit(op.matmul(a, b))
+    fast = cpu_kernels.dense_matmul(ctx, node, a)
+    return fast if fast is not None else ctx.emit(op.matmul(a, b))
 
 
 @lowering("linear")
 def lower_linear(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None) -> relax.Expr:
+    fast = cpu_kernels.dense_linear(ctx, node, x)
+    if fast is not None:
+        return fast
     y = ctx.emit(op.matmul(x, op.permute_dims(w, [1, 0])))
     return ctx.emit(op.add(y, b)) if b is not None else y
 
 
 @lowering("conv2d")
 def lower_conv2d(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None) -> relax.Expr:
+    fast = cpu_kernels.conv2d(ctx, node, x)
+    if fast is not None:
+        return fast
     attrs = node.attrs
     y = ctx.emit(
         op.nn.conv2d(

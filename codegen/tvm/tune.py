@@ -2,9 +2,14 @@
 
 ``tune(graph, "cpu", trials, db_dir)`` tunes once; ``build(graph, "cpu", tuning_db=db_dir)`` then
 applies the best schedules found (``relax.transform.MetaScheduleApplyDatabase``), and every
-kernel without a record keeps the generic schedule. Tuning measures on this machine, so only the
-``cpu`` target is tunable here (arm64/CUDA would need a TVM RPC runner on the device), and only
-graphs with static shapes (MetaSchedule fails on the symbolic batch).
+kernel without a record keeps the generic schedule. Only graphs with static shapes are tunable
+(MetaSchedule fails on the symbolic batch).
+
+Records live in a per-target subdirectory, ``db_dir/<kind>-<triple>-<sha256(str(target))[:12]>``,
+so arm64 and x86 records never mix; ``apply_database_pass(db_dir)`` picks the current target's.
+A cross target (arm64) measures on the device: inside ``with remote_runner(tracker=..., key=...)``
+(or ``rpc=HOST:PORT``, one device directly) kernels are cross-linked to .so files on the host and
+timed over TVM RPC by MetaSchedule's RPCRunner. CUDA is not tunable here.
 
 Known breakage (NOTES_tvm.md §7): with apache-tvm-ffi 0.1.15.x every ``save_json`` of a TIR node
 segfaults in ``tvm::ffi::ToJSONGraph``, and MetaSchedule serializes every workload; apache-tvm-ffi
@@ -13,12 +18,17 @@ segfaults in ``tvm::ffi::ToJSONGraph``, and MetaSchedule serializes every worklo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -31,6 +41,33 @@ from reshift.ir.graph import Graph
 Progress = Callable[[int, int], None]  # (trials measured so far, trials requested)
 
 _PROBE = "import tvm; from tvm import tirx; tvm.ir.save_json(tirx.IntImm('int32', 1))"
+_REMOTE: dict[str, Any] = {}  # set by remote_runner(): where cross-target kernels are measured
+
+
+@contextlib.contextmanager
+def remote_runner(rpc: str | None = None, tracker: str | None = None, key: str | None = None) -> Iterator[None]:
+    """Within it, ``tune`` measures on a device over TVM RPC: ``tracker`` + ``key``, or one ``rpc`` HOST:PORT."""
+    if not (rpc or tracker):
+        yield
+        return
+    if tracker and not key:
+        raise CodegenError("remote tuning with --tracker needs --key: the tracker hands devices out by key")
+    saved = dict(_REMOTE)
+    _REMOTE.clear()
+    _REMOTE.update(rpc=rpc, tracker=tracker, key=key)
+    try:
+        yield
+    finally:
+        _REMOTE.clear()
+        _REMOTE.update(saved)
+
+
+def target_db_dir(db_dir: str | os.PathLike, tvm_target: tvm.target.Target) -> Path:
+    """The subdirectory of ``db_dir`` holding ``tvm_target``'s records (named by kind, triple and hash)."""
+    text = str(tvm_target)
+    triple = str(tvm_target.attrs.get("mtriple", "")) if "mtriple" in tvm_target.attrs else "host"
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return Path(db_dir) / f"{tvm_target.kind.name}-{triple or 'host'}-{digest}"
 
 
 def tuning_available() -> str | None:
@@ -59,9 +96,10 @@ def tune(
 ) -> Path:
     """Tune the fused kernels of ``graph`` with MetaSchedule; records accumulate in ``db_dir``."""
     spec = resolve_target(target)
-    if spec.is_gpu or spec.cross_compiler:
+    if spec.is_gpu or (spec.cross_compiler and not _REMOTE):
         raise CodegenError(
-            f"tuning for {spec.name} needs the device to measure on; only the 'cpu' target is tunable locally"
+            f"tuning for {spec.name} needs the device to measure on: pass --rpc HOST:PORT or --tracker HOST:PORT "
+            "--key NAME (arm64 over TVM RPC); only the 'cpu' target is tunable locally"
         )
     symbolic = [v.name for v in graph.inputs if not v.type.is_static]
     if symbolic:
@@ -77,7 +115,7 @@ def tune(
     from tvm.s_tir import meta_schedule as ms
 
     tvm_target = spec.target()
-    db_dir = Path(db_dir)
+    db_dir = target_db_dir(db_dir, tvm_target)
     db_dir.mkdir(parents=True, exist_ok=True)
     with tvm_target:
         fused = tvm.transform.Sequential(cpu.legalize_passes(tvm_target))(lower(graph))
@@ -96,8 +134,8 @@ def tune(
             work_dir=str(db_dir),
             max_trials_global=trials,
             num_trials_per_iter=min(trials, 16),
-            builder=ms.builder.LocalBuilder(timeout_sec=300),  # workers import tvm (and torch): slow to start
-            runner=ms.runner.LocalRunner(timeout_sec=120),
+            builder=_builder(spec),
+            runner=_runner() if _REMOTE and spec.cross_compiler else ms.runner.LocalRunner(timeout_sec=120),
             measure_callbacks=callbacks,
             seed=0,
         )
@@ -107,6 +145,52 @@ def tune(
             f"tuning {graph.name!r} for {spec.name} failed: {lines[-1] if lines else type(exc).__name__}"
         ) from None
     return db_dir
+
+
+def _builder(spec: TargetSpec):
+    """LocalBuilder; for a cross target it links each candidate into a .so with the cross compiler."""
+    from tvm.s_tir import meta_schedule as ms
+
+    f_export = functools.partial(_export_cross, spec.cross_compiler) if spec.cross_compiler else None
+    return ms.builder.LocalBuilder(timeout_sec=300, f_export=f_export)  # workers import tvm: slow to start
+
+
+def _export_cross(cross_compiler: str, mod: Any) -> str:
+    """A candidate kernel as a shared library the device can dlopen (the default tar needs a device compiler)."""
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="reshift-tune-"), "kernel.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    return path
+
+
+def _direct_session(host: str, port: int, timeout: int, _config: Any):
+    """An RPC session with one device at host:port (RPCRunner's default asks a tracker)."""
+    from tvm import rpc
+
+    return rpc.connect(host, port, session_timeout=timeout)
+
+
+def _runner():
+    """MetaSchedule's RPCRunner against the tracker (or the one device) of ``remote_runner``."""
+    from tvm import rpc
+    from tvm.s_tir import meta_schedule as ms
+
+    from reshift.runtime.remote import connect, parse_address
+
+    timeout = 300  # emulated devices are slow; a real board needs far less
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False)
+    if _REMOTE.get("tracker"):
+        host, port = parse_address(_REMOTE["tracker"], "--tracker")
+        connect(**_REMOTE)  # fails fast, readably, when the tracker or the key's devices are missing
+        free = rpc.connect_tracker(host, port).summary()["queue_info"].get(_REMOTE["key"], {}).get("free", 1)
+        config = ms.runner.RPCConfig(host, port, _REMOTE["key"], session_timeout_sec=timeout)
+        return ms.runner.RPCRunner(config, evaluator, max_workers=max(1, int(free)))
+    host, port = parse_address(_REMOTE["rpc"])
+    connect(rpc=_REMOTE["rpc"])
+    config = ms.runner.RPCConfig(host, port, "direct", session_timeout_sec=timeout)
+    create = functools.partial(_direct_session, host, port, timeout)
+    return ms.runner.RPCRunner(config, evaluator, f_create_session=create, max_workers=1)
 
 
 def _all_tuned(fused: tvm.IRModule, tvm_target: tvm.target.Target, db_dir: Path) -> bool:
@@ -126,9 +210,17 @@ def _all_tuned(fused: tvm.IRModule, tvm_target: tvm.target.Target, db_dir: Path)
 
 
 def apply_database_pass(db_dir: str | os.PathLike) -> tvm.transform.Pass:
-    """The pass that swaps in tuned kernels from ``db_dir`` (run after FuseTIR, under the target)."""
+    """The pass that swaps in tuned kernels from ``db_dir`` (run after FuseTIR, under the target).
+
+    ``db_dir`` is a target's subdirectory, or the root given to ``tune``: then the current target's.
+    """
+    current = tvm.target.Target.current(allow_none=True)
+    if not (Path(db_dir) / "database_workload.json").exists() and current is not None:
+        db_dir = target_db_dir(db_dir, current)
     if not (Path(db_dir) / "database_workload.json").exists():
-        raise CodegenError(f"{db_dir} is not a tuning database (no database_workload.json); run tune() first")
+        raise CodegenError(
+            f"{db_dir} is not a tuning database for this target (no database_workload.json); run tune() first"
+        )
     return relax.transform.MetaScheduleApplyDatabase(str(db_dir))
 
 

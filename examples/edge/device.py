@@ -157,6 +157,14 @@ def _install_tvm(root: Path, log: Path) -> None:
     shutil.rmtree(site / "bin", ignore_errors=True)
 
 
+def _refresh_server_script(root: Path) -> None:
+    """Copy rpc_server_in_process.py into a cached root filesystem when the host's copy changed."""
+    installed = root / DEVICE_DIR.lstrip("/") / SERVER_SCRIPT
+    source = HERE / SERVER_SCRIPT
+    if not installed.exists() or installed.read_bytes() != source.read_bytes():
+        shutil.copy2(source, installed)
+
+
 @dataclass
 class Device:
     """One running emulated device: its pid, RPC port and log, recorded under the cache."""
@@ -235,6 +243,7 @@ def start(
     t0 = time.monotonic()
     root = build_rootfs()
     built = time.monotonic() - t0
+    _refresh_server_script(root)
     device.log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["qemu-aarch64-static", "-L", str(root), str(root / "usr/bin/python3")]
     cmd += [f"{DEVICE_DIR}/{SERVER_SCRIPT}", "--host", host, "--port", str(port)]

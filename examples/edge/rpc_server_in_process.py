@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import sys
 
+import tvm
 from tvm.rpc import server
+
+# Lets a host check the device's CPU architecture before loading a library (reshift.runtime.remote).
+# Registered before the server forks its session children, so every session sees it.
+tvm.register_global_func("reshift.edge.machine", lambda: platform.machine(), override=True)
 
 
 def main() -> None:

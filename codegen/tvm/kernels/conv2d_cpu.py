@@ -1,0 +1,147 @@
+"""fp32 conv2d for CPU as an implicit GEMM over a flattened, padded image (groups=1).
+
+For stride 1 the output pixel ``(oh, ow)`` computed on the padded grid ``p = oh*Wp + ow`` reads
+``xpad[c, p + kh*d*Wp + kw*d]``: for a fixed ``(c, kh, kw)`` consecutive pixels read consecutive
+addresses, so 16 output pixels are one vector load, with no im2col copy. The ``Wp - OW`` columns
+past the right edge are computed and cropped (waste ``2*pad/Wp``). For stride > 1 an im2col
+``col[K, P]`` (``K = C*KH*KW``) is built first and the same kernel runs with a 1x1 "filter".
+Weights are packed at build time as ``[OC/R, K, R]``, so the micro-kernel
+``acc[r, v] += broadcast(w[oc0 + r, k]) * x[k, p0 + 16v : p0 + 16v + 16]`` reads them in order;
+``R = 8`` output channels x ``V`` vectors of 16 pixels stay in registers (the direct-convolution
+register blocking of Georganas et al., "Anatomy of High-Performance Deep Learning Convolutions
+on SIMD Architectures", SC'18, in NCHW). The loop over (image, oc block, pixel tile) runs in
+parallel; whichever of weights or image is larger is the outer loop, so it is streamed once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+LANES = 16
+OC_TILE = 8
+_EFFICIENCY = {3: 1.0, 2: 0.9, 1: 0.65}  # relative FMA throughput of a tile of V pixel vectors
+
+
+def pack_filters(w: np.ndarray, rows: int = OC_TILE) -> np.ndarray:
+    """``float32 [OC, C, KH, KW]`` -> ``[ceil(OC/rows), C*KH*KW, rows]``, zero padded."""
+    oc = w.shape[0]
+    flat = w.reshape(oc, -1).astype(np.float32)
+    blocks = -(-oc // rows)
+    padded = np.zeros((blocks * rows, flat.shape[1]), np.float32)
+    padded[:oc] = flat
+    return np.ascontiguousarray(padded.reshape(blocks, rows, -1).transpose(0, 2, 1))
+
+
+def pixel_tile(pixels: int) -> tuple[int, int]:
+    """``(V, padded pixels)``: the vectors per tile that waste the least time on padding."""
+    best = None
+    for v in (3, 2, 1):
+        padded = math.ceil(pixels / (LANES * v)) * LANES * v
+        cost = padded / _EFFICIENCY[v]
+        if best is None or cost < best[0]:
+            best = (cost, v, padded)
+    return best[1], best[2]
+
+
+def conv_gemm_func(
+    channels: int, kh: int, kw: int, dilation: int, row: int, plane: int, pixels: int, oc_blocks: int, panels: int
+) -> tirx.PrimFunc:
+    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc/8, (c*kh + i)*kw + j, oc%8] * x[n, c, p + i*d*row + j*d]``.
+
+    ``x`` is ``[n, channels, plane]`` (a padded image flattened, or im2col rows with kh = kw = 1),
+    ``pixels`` a multiple of ``16*panels``; the batch ``n`` is symbolic.
+    """
+    k = channels * kh * kw
+    width = oc_blocks * OC_TILE
+    tiles = pixels // (LANES * panels)
+    weights_outer = width * k > k * pixels  # stream the larger operand once
+    lanes = T.Ramp(0, 1, LANES)
+    rt = OC_TILE
+
+    @T.prim_func(private=True)
+    def conv(x_h: T.handle, w: T.Buffer((oc_blocks, k, rt), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, channels, plane), "float32")
+        y = T.match_buffer(y_h, (n, width, pixels), "float32")
+        xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
+        wf = T.decl_buffer((oc_blocks * k * rt,), "float32", data=w.data)
+        yf = T.decl_buffer((n * width * pixels,), "float32", data=y.data)
+        for job in T.parallel(n * oc_blocks * tiles):
+            img = job // (oc_blocks * tiles)
+            ob = T.Select(weights_outer, job % (oc_blocks * tiles) // tiles, job % oc_blocks)
+            pt = T.Select(weights_outer, job % tiles, job % (oc_blocks * tiles) // oc_blocks)
+            acc = T.alloc_buffer((rt, panels, LANES), "float32", scope="local")
+            xv = T.alloc_buffer((panels, LANES), "float32", scope="local")
+            for r in T.unroll(rt):
+                for v in T.unroll(panels):
+                    acc[r, v, lanes] = T.Broadcast(b[ob * rt + r], LANES)
+            for c in range(channels):
+                for i in range(kh):
+                    for j in range(kw):
+                        for v in T.unroll(panels):
+                            xv[v, lanes] = xf[
+                                T.Ramp(
+                                    (img * channels + c) * plane
+                                    + i * dilation * row
+                                    + j * dilation
+                                    + (pt * panels + v) * LANES,
+                                    1,
+                                    LANES,
+                                )
+                            ]
+                        for r in T.unroll(rt):
+                            for v in T.unroll(panels):
+                                acc[r, v, lanes] = acc[r, v, lanes] + T.Broadcast(
+                                    wf[(ob * k + (c * kh + i) * kw + j) * rt + r], LANES
+                                ) * xv[v, lanes]
+            for r in T.unroll(rt):
+                for v in T.unroll(panels):
+                    yf[T.Ramp((img * width + ob * rt + r) * pixels + (pt * panels + v) * LANES, 1, LANES)] = acc[
+                        r, v, lanes
+                    ]
+
+    return conv
+
+
+def pad_flat(x: te.Tensor, pads: tuple[int, int, int, int], plane: int) -> te.Tensor:
+    """``x [n, c, h, w]`` zero padded (top, left, bottom, right) and flattened to ``[n, c, plane]``."""
+    n, c, h, w = x.shape
+    top, left, bottom, right = pads
+    wp = int(w) + left + right
+    size = (int(h) + top + bottom) * wp
+    zero = tirx.const(0, x.dtype)
+
+    def value(b, ch, p):
+        row, col = p // wp - top, p % wp - left
+        inside = tirx.all(p < size, row >= 0, row < h, col >= 0, col < w)
+        return tirx.if_then_else(inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero)
+
+    return te.compute((n, c, plane), value, name="conv_pad_flat")
+
+
+def im2col(x: te.Tensor, kernel, stride, pads, dilation, out_hw, pixels: int) -> te.Tensor:
+    """``col[n, (c, i, j), p]`` = the input under filter tap ``(i, j)`` for output pixel ``p`` (zero padded)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    oh, ow = out_hw
+    zero = tirx.const(0, x.dtype)
+
+    def value(b, kk, p):
+        ch, i, j = kk // (kh * kw), kk % (kh * kw) // kw, kk % kw
+        row = p // ow * stride[0] - pads[0] + i * dilation[0]
+        col = p % ow * stride[1] - pads[1] + j * dilation[1]
+        inside = tirx.all(p < oh * ow, row >= 0, row < h, col >= 0, col < w)
+        return tirx.if_then_else(inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero)
+
+    return te.compute((n, int(c) * kh * kw, pixels), value, name="conv_im2col")
+
+
+def crop(y: te.Tensor, channels: int, out_hw: tuple[int, int], row: int) -> te.Tensor:
+    """``y [n, OCp, pixels]`` on a grid of ``row`` columns -> ``[n, channels, oh, ow]``."""
+    oh, ow = out_hw
+    return te.compute((y.shape[0], channels, oh, ow), lambda b, o, i, j: y[b, o, i * row + j], name="conv_crop")

@@ -1,0 +1,124 @@
+"""Routing of fp32 ``linear`` / ``matmul`` / ``conv2d`` with constant weights to the CPU kernels.
+
+``dense_cpu.py`` (packed-weight GEMM) and ``conv2d_cpu.py`` (implicit GEMM over the padded image)
+replace the generic schedule of ``schedule_cpu.py`` for these ops on LLVM targets. Each function
+returns ``None`` when its kernel does not apply (a non-constant weight, groups, another dtype, a GPU
+target, or ``RESHIFT_GENERIC_KERNELS=1`` for comparisons), and the reference lowering runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from reshift.codegen.tvm.kernels import conv2d_cpu, dense_cpu
+from reshift.codegen.tvm.lower import LowerContext, op
+from reshift.ir.graph import Node
+
+
+def enabled() -> bool:
+    """The kernels apply to LLVM (CPU) targets; no current target means the host CPU."""
+    if os.environ.get("RESHIFT_GENERIC_KERNELS", "") not in ("", "0"):
+        return False
+    target = tvm.target.Target.current(allow_none=True)
+    return target is None or target.kind.name == "llvm"
+
+
+def _constant_f32(node: Node, index: int) -> np.ndarray | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or not value.is_constant or value.dtype != "float32":
+        return None
+    return np.asarray(value.data, np.float32)
+
+
+def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+    """``x [..., K] @ w.T + bias`` with ``w [N, K]`` through the packed GEMM."""
+    out, k = w.shape
+    packed = dense_cpu.pack_panels(w)
+    blocks = packed.shape[0]
+    b = np.zeros(blocks * dense_cpu.LANES, np.float32)
+    if bias is not None:
+        b[:out] = bias
+    lead = ctx.shape(node.inputs[0])[:-1]
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    x2 = ctx.emit(op.reshape(x, (rows, k)))
+    gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks), "dense_packed_f32")
+    y = ctx.emit(
+        relax.op.call_tir(
+            gv, [x2, relax.const(packed), relax.const(b)], out_ty=relax.TensorType((rows, blocks * 16), "float32")
+        )
+    )
+    if blocks * dense_cpu.LANES != out:
+        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
+    return ctx.emit(op.reshape(y, [*lead, out]))
+
+
+def dense_linear(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    w = _constant_f32(node, 1)
+    if not enabled() or w is None or w.ndim != 2 or node.inputs[0].dtype != "float32":
+        return None
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _constant_f32(node, 2)
+        if bias is None:
+            return None
+    return _dense(ctx, node, x, w, bias)
+
+
+def dense_matmul(ctx: LowerContext, node: Node, a: relax.Expr) -> relax.Expr | None:
+    b = _constant_f32(node, 1)
+    if not enabled() or b is None or b.ndim != 2 or node.inputs[0].dtype != "float32" or node.inputs[0].type.rank < 2:
+        return None
+    return _dense(ctx, node, a, np.ascontiguousarray(b.T), None)
+
+
+def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
+    w = _constant_f32(node, 1)
+    attrs = node.attrs
+    if not enabled() or w is None or attrs["groups"] != 1 or node.inputs[0].dtype != "float32":
+        return None
+    shape = ctx.shape(node.inputs[0])
+    if not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = _constant_f32(node, 2)
+        if bias is None:
+            return None
+    channels, h, wd = shape[1:]
+    oc, _, kh, kw = w.shape
+    stride, pads, dilation = tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"])
+    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
+    packed = conv2d_cpu.pack_filters(w)
+    oc_blocks = packed.shape[0]
+    b = np.zeros(oc_blocks * conv2d_cpu.OC_TILE, np.float32)
+    if bias is not None:
+        b[:oc] = bias
+    direct = stride == (1, 1) and dilation[0] == dilation[1]
+    if direct:  # implicit GEMM over the padded, flattened image
+        row = wd + pads[1] + pads[3]
+        panels, pixels = conv2d_cpu.pixel_tile(oh * row)
+        d = dilation[0]
+        plane = max((h + pads[0] + pads[2]) * row, (kh - 1) * d * row + (kw - 1) * d + pixels)
+        src = ctx.te(conv2d_cpu.pad_flat, x, pads, plane, name="conv_pad_flat")
+        args = (channels, kh, kw, d, row, plane, pixels, oc_blocks, panels)
+    else:  # im2col, then the same kernel with a 1x1 filter
+        row = ow
+        panels, pixels = conv2d_cpu.pixel_tile(oh * ow)
+        src = ctx.te(conv2d_cpu.im2col, x, (kh, kw), stride, pads, dilation, (oh, ow), pixels, name="conv_im2col")
+        args = (channels * kh * kw, 1, 1, 1, row, pixels, pixels, oc_blocks, panels)
+    gv = ctx.bb.add_func(conv2d_cpu.conv_gemm_func(*args), "conv2d_packed_f32")
+    y = ctx.emit(
+        relax.op.call_tir(
+            gv,
+            [src, relax.const(packed), relax.const(b)],
+            out_ty=relax.TensorType((shape[0], oc_blocks * conv2d_cpu.OC_TILE, pixels), "float32"),
+        )
+    )
+    return ctx.te(conv2d_cpu.crop, y, oc, (oh, ow), row, name="conv_crop")

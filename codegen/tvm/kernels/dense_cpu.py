@@ -1,0 +1,81 @@
+"""Packed-weight fp32 GEMM for ``linear`` and ``matmul`` with a constant right operand (CPU).
+
+The weight ``W [N, K]`` is packed at build time into panels ``[ceil(N/16), K, 16]`` (zero padded),
+so the 16 outputs of one panel are one 64-byte vector per ``k``. The micro-kernel keeps a tile of
+``R`` rows x ``V`` panels (``R*V`` accumulators of 16 lanes) in registers:
+``acc[r, v] += broadcast(x[m0 + r, k]) * Wp[j0 + v, k, :]`` (LLVM emits ``vfmadd231ps`` with an
+embedded broadcast), the bias seeds the accumulators, and the output panels run in parallel.
+This is the BLIS/GotoBLAS register-blocking scheme without the K/M cache blocking; rows that do
+not fill a tile run as a one-row tail (which is also the batch-1 GEMV).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+LANES = 16
+ACCUMULATORS = 24  # of 32 zmm registers: the rest hold weight vectors and the broadcast
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """``float32 [N, K]`` -> ``[ceil(N/16), K, 16]`` panels, zero padded."""
+    n, k = w.shape
+    blocks = -(-n // LANES)
+    padded = np.zeros((blocks * LANES, k), np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(blocks, LANES, k).transpose(0, 2, 1))
+
+
+def tile_shape(blocks: int) -> tuple[int, int]:
+    """``(R, V)``: rows and 16-wide panels per register tile (``V`` divides ``blocks``)."""
+    panels = next(v for v in (4, 3, 2, 1) if blocks % v == 0)
+    return max(1, ACCUMULATORS // panels), panels
+
+
+def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
+    """``y[m, 16*j + l] = b[16*j + l] + sum_k x[m, k] * w[j, k, l]`` for ``x [rows, k]`` (rows symbolic)."""
+    width = blocks * LANES
+    rows_tile, panels = tile_shape(blocks)
+    lanes = T.Ramp(0, 1, LANES)
+
+    @T.prim_func(private=True)
+    def dense(x_h: T.handle, w: T.Buffer((blocks, k, LANES), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, k), "float32")
+        y = T.match_buffer(y_h, (rows, width), "float32")
+        xf = T.decl_buffer((rows * k,), "float32", data=x.data)
+        wf = T.decl_buffer((blocks * k * LANES,), "float32", data=w.data)
+        for t in T.parallel(blocks // panels):
+            for mo in range(rows // rows_tile):
+                acc = T.alloc_buffer((rows_tile, panels, LANES), "float32", scope="local")
+                wv = T.alloc_buffer((panels, LANES), "float32", scope="local")
+                for r in T.unroll(rows_tile):
+                    for v in T.unroll(panels):
+                        acc[r, v, lanes] = b[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+                for kk in range(k):
+                    for v in T.unroll(panels):
+                        wv[v, lanes] = wf[T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)]
+                    for r in T.unroll(rows_tile):
+                        for v in T.unroll(panels):
+                            acc[r, v, lanes] = acc[r, v, lanes] + T.Broadcast(
+                                xf[(mo * rows_tile + r) * k + kk], LANES
+                            ) * wv[v, lanes]
+                for r in T.unroll(rows_tile):
+                    for v in T.unroll(panels):
+                        y[mo * rows_tile + r, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc[r, v, lanes]
+            for m in range(rows - rows % rows_tile, rows):  # tail rows (the whole GEMV at batch 1)
+                acc1 = T.alloc_buffer((panels, LANES), "float32", scope="local")
+                for v in T.unroll(panels):
+                    acc1[v, lanes] = b[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+                for kk in range(k):
+                    for v in T.unroll(panels):
+                        acc1[v, lanes] = acc1[v, lanes] + T.Broadcast(xf[m * k + kk], LANES) * wf[
+                            T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)
+                        ]
+                for v in T.unroll(panels):
+                    y[m, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc1[v, lanes]
+
+    return dense

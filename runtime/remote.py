@@ -1,0 +1,273 @@
+"""Run an artifact on a remote device over TVM RPC: upload model.so, load it there, run and time it.
+
+    remote = connect(rpc="127.0.0.1:9090")            # or connect(tracker="127.0.0.1:9190", key="reshift-edge")
+    model = deploy("out_dir", remote)                # checks target, architecture, checksum; uploads
+    outputs = model.run_dict(inputs)                 # numpy in, numpy out (tensors cross the RPC link)
+    stats = model.time(inputs, repeat=10)            # TVM time_evaluator on the device: median/p90 ms
+
+The host's reference for checking a deployment is the IR interpreter, which the runtime cannot run
+(the artifact holds no graph). It is either recomputed from the source model (``reshift deploy
+--model``) or stored next to the artifact as ``reference.npz`` (:func:`save_reference`: inputs and
+the interpreter's outputs, keys ``input:<name>`` / ``output:<name>``). Like the rest of the runtime,
+this module imports neither torch nor onnx; tvm is imported on first use.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reshift.errors import ArtifactError, InputError, ReshiftError
+from reshift.runtime.artifact import normalize_arch, read_meta, split_dim, target_arch, verify_so
+from reshift.runtime.module import LoadedModel, _flatten, latency_stats
+
+REFERENCE_NAME = "reference.npz"
+START_HINT = "start it with `make edge-device` (python examples/edge/device.py start --port {port})"
+# ELF e_machine -> architecture (the .so's own header is the ground truth for what it runs on)
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 243: "riscv64", 40: "arm"}
+# the remote function an emulated device registers (examples/edge/rpc_server_in_process.py)
+MACHINE_FUNC = "reshift.edge.machine"
+
+
+class DeviceError(ReshiftError):
+    """The remote device cannot be reached or cannot run this artifact; the message says what to do."""
+
+
+def parse_address(address: str, what: str = "--rpc") -> tuple[str, int]:
+    """``"HOST:PORT"`` -> ``(host, port)``; InputError otherwise."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"{what} {address!r}: expected HOST:PORT, e.g. 127.0.0.1:9090")
+    return host, int(port)
+
+
+def _probe(host: str, port: int, what: str) -> None:
+    """Fail fast, with the reason, when nothing listens at host:port (TVM would retry, then say less)."""
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return
+    except ConnectionRefusedError:
+        reason = "connection refused"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    hint = START_HINT.format(port=port) if what == "device" else "start one with `python -m tvm.exec.rpc_tracker`"
+    raise DeviceError(f"cannot reach the {what} at {host}:{port}: {reason}; {hint}")
+
+
+def connect(
+    rpc: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+    session_timeout: float = 300,
+):
+    """A TVM RPC session: directly to ``rpc`` HOST:PORT, or a device of ``key`` from ``tracker``."""
+    from tvm import rpc as tvm_rpc
+
+    if tracker:
+        if not key:
+            raise InputError("--tracker needs --key: the tracker hands devices out by key")
+        host, port = parse_address(tracker, "--tracker")
+        _probe(host, port, "tracker")
+        try:
+            client = tvm_rpc.connect_tracker(host, port)
+            queue = client.summary().get("queue_info", {})
+            if key not in queue:
+                known = ", ".join(sorted(queue)) or "none"
+                raise DeviceError(
+                    f"the tracker at {tracker} has no device under key {key!r} (keys: {known}); start one with "
+                    f"`python examples/edge/device.py start --tracker {tracker} --key {key}`"
+                )
+            return client.request(key, session_timeout=session_timeout, max_retry=3)
+        except DeviceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- TVM errors become one readable message
+            raise DeviceError(f"no session for key {key!r} from the tracker at {tracker}: {_last_line(exc)}") from None
+    if not rpc:
+        raise InputError("give the device as --rpc HOST:PORT (or --tracker HOST:PORT --key NAME)")
+    host, port = parse_address(rpc)
+    _probe(host, port, "device")
+    try:
+        return tvm_rpc.connect(host, port, session_timeout=session_timeout)
+    except Exception as exc:  # noqa: BLE001
+        raise DeviceError(f"cannot open an RPC session with the device at {rpc}: {_last_line(exc)}") from None
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
+
+
+def elf_arch(path: str | Path) -> str | None:
+    """CPU architecture from a shared library's ELF header, None if it is not ELF."""
+    header = Path(path).read_bytes()[:20]
+    if len(header) < 20 or header[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"elf-machine-{machine}")
+
+
+def remote_arch(remote) -> str | None:
+    """The device's CPU architecture if its server says (our emulated device does), else None."""
+    try:
+        machine = remote.get_function(MACHINE_FUNC)
+    except Exception:  # noqa: BLE001 -- a stock rpc_server has no such function
+        return None
+    try:
+        return normalize_arch(str(machine()))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+class RemoteModel:
+    """An artifact loaded on a remote device: same input checks as :class:`LoadedModel`, run over RPC."""
+
+    bind = LoadedModel.bind
+    _check = LoadedModel._check
+    _dev_kind = LoadedModel._dev_kind
+    input_names = LoadedModel.input_names
+    output_names = LoadedModel.output_names
+
+    def __init__(self, remote, rexec, meta: dict[str, Any], where: str):
+        from tvm import relax
+
+        self.remote = remote
+        self.meta = meta
+        self.device = "cpu"
+        self.where = where
+        self._dev = remote.cpu()
+        self._vm = relax.VirtualMachine(rexec, self._dev)
+
+    def __repr__(self) -> str:
+        return f"<RemoteModel {self.meta.get('name', '')} on {self.where}>"
+
+    def _tensors(self, inputs: dict[str, Any]) -> list[Any]:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._dev) for x in self.bind((), inputs)]
+
+    def run_dict(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """``{input name: array} -> {output name: numpy array}``, computed on the device."""
+        outputs = _flatten(self._vm["main"](*self._tensors(inputs)))
+        if len(outputs) != len(self.meta["outputs"]):
+            raise ArtifactError(
+                f"model returned {len(outputs)} output(s), meta.json lists {len(self.meta['outputs'])}; "
+                "the artifact is inconsistent (recompile it)"
+            )
+        return {name: o.numpy() for name, o in zip(self.output_names, outputs, strict=True)}
+
+    def time(self, inputs: dict[str, Any], repeat: int = 10, number: int = 1) -> dict[str, float]:
+        """Device latency in ms from TVM's ``time_evaluator`` (``repeat`` samples of ``number`` runs each)."""
+        tensors = self._tensors(inputs)
+        evaluator = self._vm.time_evaluator("main", self._dev, number=number, repeat=repeat)
+        result = evaluator(*tensors)
+        return latency_stats([t * 1e3 for t in result.results])
+
+
+def _upload_name(meta: dict[str, Any]) -> str:
+    return f"reshift-{str(meta['so_sha256'])[:16]}.so"  # distinct per artifact in the session's dir
+
+
+def deploy(directory: str | Path, remote, where: str = "the device") -> RemoteModel:
+    """Check an artifact against the device, upload its model.so and load it there.
+
+    DeviceError when the artifact's CPU architecture is not the device's, ArtifactError when the
+    artifact is not a CPU artifact (a CUDA build) or is corrupted.
+    """
+    meta = read_meta(directory)
+    so = verify_so(directory, meta)
+    target = meta["target"]
+    name = target.get("name", "?")
+    if target.get("device_type", "cpu") != "cpu":
+        raise ArtifactError(
+            f"{directory} was built for target {name!r} ({target.get('device_type')}); deploy runs CPU "
+            "artifacts on the device's CPU: recompile with --target arm64 (or the board's CPU target)"
+        )
+    built_for = elf_arch(so)
+    declared = target_arch(target)
+    if declared is not None and built_for is not None and declared != built_for:
+        raise ArtifactError(
+            f"{so} is an {built_for} library but meta.json says target {name!r} ({declared}); recompile the model"
+        )
+    arch = built_for or declared
+    device_arch = remote_arch(remote)
+    if arch and device_arch and arch != device_arch:
+        raise DeviceError(_mismatch(directory, name, arch, f"{where} is {device_arch}"))
+    try:
+        remote.upload(str(so), _upload_name(meta))
+        rexec = remote.load_module(_upload_name(meta))
+        return RemoteModel(remote, rexec, meta, where)
+    except Exception as exc:  # noqa: BLE001
+        reason = _last_line(exc)
+        if any(word in reason for word in ("ELF", "wrong", "cannot open shared object", "invalid")):
+            raise DeviceError(_mismatch(directory, name, arch or "?", f"{where} cannot load it ({reason})")) from None
+        raise DeviceError(f"{where} failed to load {so}: {reason}") from None
+
+
+def _mismatch(directory: str | Path, name: str, arch: str, device: str) -> str:
+    return (
+        f"architecture mismatch: {directory} was built for target {name!r} ({arch}) but {device}; "
+        "recompile it for the device, e.g. `reshift compile MODEL.onnx --target arm64 -o OUT_DIR`"
+    )
+
+
+def random_inputs(specs: list[dict[str, Any]], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for meta specs, a symbolic batch bound to ``batch``: floats normal, ``*mask*`` ones, ints in [0, 100)."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        shape = [c * (batch if symbol else 1) for c, symbol in map(split_dim, spec["shape"])]
+        dtype, name = spec["dtype"], spec["name"]
+        if dtype == "bool" or (dtype != "float32" and "mask" in name.lower()):
+            inputs[name] = np.ones(shape, dtype=dtype)
+        elif dtype.startswith(("float", "bfloat")):
+            inputs[name] = rng.standard_normal(shape).astype(np.float32).astype(_numpy_dtype(dtype))
+        else:
+            inputs[name] = rng.integers(0, 100, size=shape).astype(dtype)
+    return inputs
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def save_reference(directory: str | Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> Path:
+    """Store host inputs and reference outputs next to an artifact (``reference.npz``) for deploy checks."""
+    path = Path(directory) / REFERENCE_NAME
+    arrays = {f"input:{k}": np.asarray(v) for k, v in inputs.items()}
+    arrays |= {f"output:{k}": np.asarray(v) for k, v in outputs.items()}
+    np.savez(path, **arrays)
+    return path
+
+
+def load_reference(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+    """``(inputs, outputs)`` from an artifact's ``reference.npz``, None when it has none."""
+    path = Path(directory) / REFERENCE_NAME
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        inputs = {k.removeprefix("input:"): data[k] for k in data.files if k.startswith("input:")}
+        outputs = {k.removeprefix("output:"): data[k] for k in data.files if k.startswith("output:")}
+    return inputs, outputs
+
+
+def compare(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output: max absolute error and max error relative to the reference's largest magnitude."""
+    report = {}
+    for name, expected in reference.items():
+        if name not in outputs:
+            raise ArtifactError(f"the reference has output {name!r}, the device returned {sorted(outputs)}")
+        got = outputs[name].astype(np.float64)
+        expected = expected.astype(np.float64)
+        if got.shape != expected.shape:
+            raise ArtifactError(f"output {name!r}: device shape {list(got.shape)}, reference {list(expected.shape)}")
+        err = float(np.max(np.abs(got - expected))) if got.size else 0.0
+        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+        report[name] = {"max_abs": err, "max_rel": err / scale if scale else err}
+    return report
