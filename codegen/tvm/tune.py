@@ -96,11 +96,8 @@ def tune(
 ) -> Path:
     """Tune the fused kernels of ``graph`` with MetaSchedule; records accumulate in ``db_dir``."""
     spec = resolve_target(target)
-    if spec.is_gpu or (spec.cross_compiler and not _REMOTE):
-        raise CodegenError(
-            f"tuning for {spec.name} needs the device to measure on: pass --rpc HOST:PORT or --tracker HOST:PORT "
-            "--key NAME (arm64 over TVM RPC); only the 'cpu' target is tunable locally"
-        )
+    if spec.is_gpu:
+        raise CodegenError(f"tuning for {spec.name} is not supported; only CPU targets (cpu, arm64 over RPC) are")
     symbolic = [v.name for v in graph.inputs if not v.type.is_static]
     if symbolic:
         raise CodegenError(
@@ -123,6 +120,11 @@ def tune(
         if progress is not None:
             progress(trials, trials)
         return db_dir
+    if spec.cross_compiler and not _REMOTE:
+        raise CodegenError(
+            f"tuning for {spec.name} needs the device to measure on: pass --rpc HOST:PORT or --tracker HOST:PORT "
+            "--key NAME (TVM RPC); only the 'cpu' target is tunable locally"
+        )
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     if progress is not None:
         callbacks = [*callbacks, _progress_callback(progress, trials)]
@@ -135,6 +137,11 @@ def tune(
             max_trials_global=trials,
             num_trials_per_iter=min(trials, 16),
             builder=_builder(spec),
+            # ARM's default rules (from the target) fail in this TVM build ("Do not have a default for
+            # prim.Broadcast" while tensorizing); the generic LLVM rules vectorize for NEON all the same.
+            space=ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+            if spec.cross_compiler
+            else "post-order-apply",
             runner=_runner() if _REMOTE and spec.cross_compiler else ms.runner.LocalRunner(timeout_sec=120),
             measure_callbacks=callbacks,
             seed=0,
@@ -171,6 +178,20 @@ def _direct_session(host: str, port: int, timeout: int, _config: Any):
     return rpc.connect(host, port, session_timeout=timeout)
 
 
+def _alloc_from_host(session: Any, device: Any, args_info: Any, alloc_repeat: int) -> list:
+    """Kernel arguments filled with host random data: the device runtime lacks random_fill_for_measure."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+    rng = np.random.default_rng(0)
+
+    def fill(tensor: Any) -> None:
+        shape = tuple(int(d) for d in tensor.shape)
+        tensor.copyfrom(rng.uniform(-1.0, 1.0, size=shape).astype(str(tensor.dtype)))
+
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
 def _runner():
     """MetaSchedule's RPCRunner against the tracker (or the one device) of ``remote_runner``."""
     from tvm import rpc
@@ -185,12 +206,15 @@ def _runner():
         connect(**_REMOTE)  # fails fast, readably, when the tracker or the key's devices are missing
         free = rpc.connect_tracker(host, port).summary()["queue_info"].get(_REMOTE["key"], {}).get("free", 1)
         config = ms.runner.RPCConfig(host, port, _REMOTE["key"], session_timeout_sec=timeout)
-        return ms.runner.RPCRunner(config, evaluator, max_workers=max(1, int(free)))
+        workers = max(1, int(free))
+        return ms.runner.RPCRunner(config, evaluator, f_alloc_argument=_alloc_from_host, max_workers=workers)
     host, port = parse_address(_REMOTE["rpc"])
     connect(rpc=_REMOTE["rpc"])
     config = ms.runner.RPCConfig(host, port, "direct", session_timeout_sec=timeout)
     create = functools.partial(_direct_session, host, port, timeout)
-    return ms.runner.RPCRunner(config, evaluator, f_create_session=create, max_workers=1)
+    return ms.runner.RPCRunner(
+        config, evaluator, f_create_session=create, f_alloc_argument=_alloc_from_host, max_workers=1
+    )
 
 
 def _all_tuned(fused: tvm.IRModule, tvm_target: tvm.target.Target, db_dir: Path) -> bool:

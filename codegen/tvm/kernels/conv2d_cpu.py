@@ -7,10 +7,12 @@ past the right edge are computed and cropped (waste ``2*pad/Wp``). For stride > 
 ``col[K, P]`` (``K = C*KH*KW``) is built first and the same kernel runs with a 1x1 "filter".
 Weights are packed at build time as ``[OC/R, K, R]``, so the micro-kernel
 ``acc[r, v] += broadcast(w[oc0 + r, k]) * x[k, p0 + 16v : p0 + 16v + 16]`` reads them in order;
-``R = 8`` output channels x ``V`` vectors of 16 pixels stay in registers (the direct-convolution
+``R = 4`` output channels x ``V <= 3`` vectors of 16 pixels stay in registers (the direct-convolution
 register blocking of Georganas et al., "Anatomy of High-Performance Deep Learning Convolutions
 on SIMD Architectures", SC'18, in NCHW). The loop over (image, oc block, pixel tile) runs in
 parallel; whichever of weights or image is larger is the outer loop, so it is streamed once.
+The accumulator buffer must stay under 1 KiB: TVM puts larger per-thread buffers on the heap
+(TVMBackendAllocWorkspace) and LLVM then keeps every accumulator in memory (6x slower).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 LANES = 16
-OC_TILE = 8
-_EFFICIENCY = {3: 1.0, 2: 0.9, 1: 0.65}  # relative FMA throughput of a tile of V pixel vectors
+OC_TILE = 4
+_EFFICIENCY = {3: 1.0, 2: 0.9, 1: 0.6}  # relative FMA throughput of a tile of V pixel vectors
 
 
 def pack_filters(w: np.ndarray, rows: int = OC_TILE) -> np.ndarray:
@@ -50,7 +52,7 @@ def pixel_tile(pixels: int) -> tuple[int, int]:
 def conv_gemm_func(
     channels: int, kh: int, kw: int, dilation: int, row: int, plane: int, pixels: int, oc_blocks: int, panels: int
 ) -> tirx.PrimFunc:
-    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc/8, (c*kh + i)*kw + j, oc%8] * x[n, c, p + i*d*row + j*d]``.
+    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc/4, (c*kh + i)*kw + j, oc%4] * x[n, c, p + i*d*row + j*d]``.
 
     ``x`` is ``[n, channels, plane]`` (a padded image flattened, or im2col rows with kh = kw = 1),
     ``pixels`` a multiple of ``16*panels``; the batch ``n`` is symbolic.
@@ -63,7 +65,9 @@ def conv_gemm_func(
     rt = OC_TILE
 
     @T.prim_func(private=True)
-    def conv(x_h: T.handle, w: T.Buffer((oc_blocks, k, rt), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle):
+    def conv(
+        x_h: T.handle, w: T.Buffer((oc_blocks, k, rt), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle
+    ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, channels, plane), "float32")
@@ -75,8 +79,8 @@ def conv_gemm_func(
             img = job // (oc_blocks * tiles)
             ob = T.Select(weights_outer, job % (oc_blocks * tiles) // tiles, job % oc_blocks)
             pt = T.Select(weights_outer, job % tiles, job % (oc_blocks * tiles) // oc_blocks)
-            acc = T.alloc_buffer((rt, panels, LANES), "float32", scope="local")
-            xv = T.alloc_buffer((panels, LANES), "float32", scope="local")
+            acc = T.alloc_buffer((rt, panels, LANES), "float32", scope="global")
+            xv = T.alloc_buffer((panels, LANES), "float32", scope="global")
             for r in T.unroll(rt):
                 for v in T.unroll(panels):
                     acc[r, v, lanes] = T.Broadcast(b[ob * rt + r], LANES)
@@ -96,9 +100,10 @@ def conv_gemm_func(
                             ]
                         for r in T.unroll(rt):
                             for v in T.unroll(panels):
-                                acc[r, v, lanes] = acc[r, v, lanes] + T.Broadcast(
-                                    wf[(ob * k + (c * kh + i) * kw + j) * rt + r], LANES
-                                ) * xv[v, lanes]
+                                acc[r, v, lanes] = (
+                                    acc[r, v, lanes]
+                                    + T.Broadcast(wf[(ob * k + (c * kh + i) * kw + j) * rt + r], LANES) * xv[v, lanes]
+                                )
             for r in T.unroll(rt):
                 for v in T.unroll(panels):
                     yf[T.Ramp((img * width + ob * rt + r) * pixels + (pt * panels + v) * LANES, 1, LANES)] = acc[
@@ -119,7 +124,9 @@ def pad_flat(x: te.Tensor, pads: tuple[int, int, int, int], plane: int) -> te.Te
     def value(b, ch, p):
         row, col = p // wp - top, p % wp - left
         inside = tirx.all(p < size, row >= 0, row < h, col >= 0, col < w)
-        return tirx.if_then_else(inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero)
+        return tirx.if_then_else(
+            inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero
+        )
 
     return te.compute((n, c, plane), value, name="conv_pad_flat")
 
@@ -136,7 +143,9 @@ def im2col(x: te.Tensor, kernel, stride, pads, dilation, out_hw, pixels: int) ->
         row = p // ow * stride[0] - pads[0] + i * dilation[0]
         col = p % ow * stride[1] - pads[1] + j * dilation[1]
         inside = tirx.all(p < oh * ow, row >= 0, row < h, col >= 0, col < w)
-        return tirx.if_then_else(inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero)
+        return tirx.if_then_else(
+            inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero
+        )
 
     return te.compute((n, int(c) * kh * kw, pixels), value, name="conv_im2col")
 

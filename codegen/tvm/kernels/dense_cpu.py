@@ -16,7 +16,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 LANES = 16
-ACCUMULATORS = 24  # of 32 zmm registers: the rest hold weight vectors and the broadcast
+ACCUMULATORS = 15  # R*V*64 B must stay under 1 KiB: larger local buffers go to the heap, not registers
 
 
 def pack_panels(w: np.ndarray) -> np.ndarray:
@@ -41,7 +41,9 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
     lanes = T.Ramp(0, 1, LANES)
 
     @T.prim_func(private=True)
-    def dense(x_h: T.handle, w: T.Buffer((blocks, k, LANES), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle):
+    def dense(
+        x_h: T.handle, w: T.Buffer((blocks, k, LANES), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle
+    ):
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k), "float32")
@@ -50,8 +52,8 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
         wf = T.decl_buffer((blocks * k * LANES,), "float32", data=w.data)
         for t in T.parallel(blocks // panels):
             for mo in range(rows // rows_tile):
-                acc = T.alloc_buffer((rows_tile, panels, LANES), "float32", scope="local")
-                wv = T.alloc_buffer((panels, LANES), "float32", scope="local")
+                acc = T.alloc_buffer((rows_tile, panels, LANES), "float32", scope="global")
+                wv = T.alloc_buffer((panels, LANES), "float32", scope="global")
                 for r in T.unroll(rows_tile):
                     for v in T.unroll(panels):
                         acc[r, v, lanes] = b[T.Ramp((t * panels + v) * LANES, 1, LANES)]
@@ -60,21 +62,23 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
                         wv[v, lanes] = wf[T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)]
                     for r in T.unroll(rows_tile):
                         for v in T.unroll(panels):
-                            acc[r, v, lanes] = acc[r, v, lanes] + T.Broadcast(
-                                xf[(mo * rows_tile + r) * k + kk], LANES
-                            ) * wv[v, lanes]
+                            acc[r, v, lanes] = (
+                                acc[r, v, lanes] + T.Broadcast(xf[(mo * rows_tile + r) * k + kk], LANES) * wv[v, lanes]
+                            )
                 for r in T.unroll(rows_tile):
                     for v in T.unroll(panels):
                         y[mo * rows_tile + r, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc[r, v, lanes]
             for m in range(rows - rows % rows_tile, rows):  # tail rows (the whole GEMV at batch 1)
-                acc1 = T.alloc_buffer((panels, LANES), "float32", scope="local")
+                acc1 = T.alloc_buffer((panels, LANES), "float32", scope="global")
                 for v in T.unroll(panels):
                     acc1[v, lanes] = b[T.Ramp((t * panels + v) * LANES, 1, LANES)]
                 for kk in range(k):
                     for v in T.unroll(panels):
-                        acc1[v, lanes] = acc1[v, lanes] + T.Broadcast(xf[m * k + kk], LANES) * wf[
-                            T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)
-                        ]
+                        acc1[v, lanes] = (
+                            acc1[v, lanes]
+                            + T.Broadcast(xf[m * k + kk], LANES)
+                            * wf[T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)]
+                        )
                 for v in T.unroll(panels):
                     y[m, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc1[v, lanes]
 

@@ -1,0 +1,87 @@
+"""The fp32 CPU kernels (kernels/dense_cpu.py, kernels/conv2d_cpu.py) against the interpreter.
+
+Odd sizes on purpose: output features and channels not a multiple of 16 or of the 4-channel tile,
+pixel counts not a multiple of 16, asymmetric padding, stride 2, dilation, a 1x3 filter, batch
+1/3 through one symbolic-batch build. Within 1e-5 relative (max |diff| / max |reference|).
+Negative cases: grouped convs and activation x activation matmuls keep the reference lowering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from reshift.codegen.tvm import build, lower  # noqa: E402
+from reshift.ir import GraphBuilder, interpret  # noqa: E402
+
+RNG = np.random.default_rng(11)
+
+# (in ch, out ch, h, w, kernel, stride, padding (t, l, b, r), dilation)
+CONVS = [
+    (3, 19, 11, 13, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (5, 8, 9, 7, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (6, 13, 10, 12, (1, 3), (1, 1), (0, 2, 1, 0), (2, 2)),
+    (4, 33, 8, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (7, 5, 17, 15, (5, 5), (2, 1), (2, 1, 0, 3), (1, 1)),
+    (3, 6, 32, 32, (4, 4), (4, 4), (0, 0, 0, 0), (1, 1)),  # a patch embedding
+]
+
+
+def _run(graph, batches, inputs):
+    executable = build(graph, "cpu").executable
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for batch in batches:
+        feed = {name: make(batch) for name, make in inputs.items()}
+        expected = interpret(graph, feed)[graph.outputs[0].name]
+        actual = vm["main"](*[tvm.runtime.tensor(v) for v in feed.values()]).numpy()
+        assert actual.shape == expected.shape
+        error = np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max()
+        assert error <= 1e-5, f"{graph.name} batch {batch}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}x{c[3]}-k{c[4][0]}{c[4][1]}-s{c[5][0]}")
+def test_conv2d_matches_interpreter(conv):
+    c, oc, h, w, kernel, stride, padding, dilation = conv
+    b = GraphBuilder("conv")
+    x = b.input("x", f"f32[N,{c},{h},{w}]")
+    weight = b.constant(RNG.standard_normal((oc, c, *kernel)).astype(np.float32))
+    bias = b.constant(RNG.standard_normal(oc).astype(np.float32))
+    y = b.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=1)
+    graph = b.build(b.relu(y))
+    assert "conv2d_packed_f32" in lower(graph).script(show_meta=False)
+    _run(graph, (1, 3), {"x": lambda n: RNG.standard_normal((n, c, h, w)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5), (37, 70, 23), (197, 64, 384), (5, 33, 1000)])
+def test_linear_matches_interpreter(shape):
+    rows, k, out = shape
+    b = GraphBuilder("linear")
+    x = b.input("x", f"f32[N,{rows},{k}]")
+    w = b.constant(RNG.standard_normal((out, k)).astype(np.float32))
+    graph = b.build(b.linear(x, w, b.constant(RNG.standard_normal(out).astype(np.float32))))
+    assert "dense_packed_f32" in lower(graph).script(show_meta=False)
+    _run(graph, (1, 3), {"x": lambda n: RNG.standard_normal((n, rows, k)).astype(np.float32)})
+
+
+def test_matmul_with_constant_operand():
+    b = GraphBuilder("matmul")
+    x = b.input("x", "f32[N,19]")
+    graph = b.build(b.matmul(x, b.constant(RNG.standard_normal((19, 40)).astype(np.float32))))
+    assert "dense_packed_f32" in lower(graph).script(show_meta=False)
+    _run(graph, (1, 6), {"x": lambda n: RNG.standard_normal((n, 19)).astype(np.float32)})
+
+
+def test_grouped_conv_and_activation_matmul_keep_reference_lowering():
+    b = GraphBuilder("grouped")
+    x = b.input("x", "f32[N,8,9,9]")
+    weight = b.constant(RNG.standard_normal((8, 1, 3, 3)).astype(np.float32))
+    y = b.conv2d(x, weight, None, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=8)
+    graph = b.build(b.matmul(y, y))
+    script = lower(graph).script(show_meta=False)
+    assert "conv2d_packed_f32" not in script and "dense_packed_f32" not in script
+    _run(graph, (2,), {"x": lambda n: RNG.standard_normal((n, 8, 9, 9)).astype(np.float32)})
