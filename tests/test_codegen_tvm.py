@@ -330,13 +330,9 @@ def test_tune_refuses_cleanly(tmp_path):
         tune(graph, "arm64", trials=1, db_dir=tmp_path)
     with pytest.raises(CodegenError, match="symbolic batch"):
         tune(graph, "cpu", trials=1, db_dir=tmp_path)
-    builder = GraphBuilder("static")
-    graph = builder.build(builder.relu(builder.input("x", "f32[2,8]")))
-    reason = tuning_available()
-    if reason is None:
-        pytest.skip("MetaSchedule works here; a real tuning run takes minutes (see NOTES_tvm.md §7b)")
-    with pytest.raises(CodegenError, match="MetaSchedule"):
-        tune(graph, "cpu", trials=1, db_dir=tmp_path)
+    # pyproject pins apache-tvm-ffi 0.1.14.post1, with which MetaSchedule works (NOTES_tvm.md 7b);
+    # a real tuning run takes minutes and is exercised by `benchmarks/e2e.py --tune-trials N`
+    assert tuning_available() is None
 
 
 # -- reference models --------------------------------------------------------------------------------
