@@ -114,8 +114,8 @@ def kernel_profile(graph, batch: int, top: int = 6) -> list[tuple[str, int, floa
 
     target = resolve_target("cpu").target()
     static = specialize_batch(graph, batch) if any(not v.type.is_static for v in graph.inputs) else graph
+    mod = lower(static)  # outside ``with target``, as build() does
     with target:
-        mod = lower(static)
         passes = [*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target), *schedule_passes()]
         mod = tvm.transform.Sequential(passes)(mod)
     calls: dict[tuple, list] = {}

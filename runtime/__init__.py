@@ -4,5 +4,6 @@ Imports neither torch nor onnx (an edge device has only the runtime); tvm loads 
 """
 
 from reshift.runtime.module import LoadedModel, load
+from reshift.runtime.remote import DeviceError, RemoteModel
 
-__all__ = ["LoadedModel", "load"]
+__all__ = ["DeviceError", "LoadedModel", "RemoteModel", "load"]

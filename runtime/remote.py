@@ -92,7 +92,10 @@ def connect(
     try:
         return tvm_rpc.connect(host, port, session_timeout=session_timeout)
     except Exception as exc:  # noqa: BLE001
-        raise DeviceError(f"cannot open an RPC session with the device at {rpc}: {_last_line(exc)}") from None
+        reason = _last_line(exc)
+        if "matches key" in reason:
+            reason += " (that server is registered with a tracker: use --tracker HOST:PORT --key NAME)"
+        raise DeviceError(f"cannot open an RPC session with the device at {rpc}: {reason}") from None
 
 
 def _last_line(exc: BaseException) -> str:
