@@ -28,6 +28,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/agreement.py
+	$(BIN)/python benchmarks/e2e.py --quick
 
 ops-table: install
 	$(BIN)/python -c "from pathlib import Path; from reshift.ir.op_table import splice_into; p = Path('README.md'); p.write_text(splice_into(p.read_text()))"

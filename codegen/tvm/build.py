@@ -50,8 +50,11 @@ def build(
     """
     spec = resolve_target(target)
     start = time.perf_counter()
-    mod = module if module is not None else lower(graph)
     tvm_target = spec.target()
+    if module is None:
+        with tvm_target:  # kernel choices (AVX-512, VNNI, generic) follow the target, not the host
+            module = lower(graph)
+    mod = module
     with _tvm_errors(f"building graph {graph.name!r} for target {spec.name}"), _cuda_toolchain(spec):
         if spec.is_gpu:
             executable = tvm.compile(mod, tvm_target)  # the CUDA default pipeline applies dlight schedules
