@@ -32,7 +32,9 @@ def rel_err(actual: np.ndarray, reference: np.ndarray) -> float:
 
 def export_onnx(model, inputs, names, path: Path) -> None:
     dynamic = {name: {0: "N"} for name in names}
-    torch.onnx.export(model, inputs, str(path), input_names=list(names), dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        model, inputs, str(path), input_names=list(names), dynamic_axes=dynamic, opset_version=17, dynamo=False
+    )
 
 
 def main() -> None:
@@ -40,7 +42,10 @@ def main() -> None:
     parser.add_argument("models", nargs="*", default=list(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    header = f"{'model':<22} {'ops':>4} {'nodes':>6} {'batch':>5} {'torch-fe vs eager':>18} {'onnx-fe vs ORT':>15} {'convert s':>9}"
+    header = (
+        f"{'model':<22} {'ops':>4} {'nodes':>6} {'batch':>5} "
+        f"{'torch-fe vs eager':>18} {'onnx-fe vs ORT':>15} {'convert s':>9}"
+    )
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,8 +64,14 @@ def main() -> None:
                 with torch.no_grad():
                     expected = model(*inputs)
                 expected = expected[0] if isinstance(expected, tuple) else expected
-                feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
-                got_torch = next(iter(reshift.ir.interpret(from_torch, dict(zip([v.name for v in from_torch.inputs], feeds.values()))).values()))
+                feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)}
+                got_torch = next(
+                    iter(
+                        reshift.ir.interpret(
+                            from_torch, dict(zip([v.name for v in from_torch.inputs], feeds.values(), strict=True))
+                        ).values()
+                    )
+                )
                 got_onnx = next(iter(reshift.ir.interpret(from_onnx, feeds).values()))
                 ort_out = session.run(None, feeds)[0]
                 print(

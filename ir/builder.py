@@ -1,9 +1,9 @@
 """Creating nodes with inferred types, and a small builder API for tests, frontends and passes.
 
-    b = GraphBuilder("tiny")
-    x = b.input("x", "f32[N,4]")
-    y = b.relu(b.linear(x, b.constant(w), None))
-    graph = b.build(y)
+b = GraphBuilder("tiny")
+x = b.input("x", "f32[N,4]")
+y = b.relu(b.linear(x, b.constant(w), None))
+graph = b.build(y)
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def create_node(
     if output_names is None:
         output_names = [node_name] if len(types) == 1 else [f"{node_name}.{i}" for i in range(len(types))]
         fresh = name is None  # a fresh node name is unique among value names too
-        output_names = [n if fresh and len(types) == 1 else graph.fresh_name(n) if graph.name_taken(n) else n for n in output_names]
+        output_names = [
+            n if fresh and len(types) == 1 else graph.fresh_name(n) if graph.name_taken(n) else n for n in output_names
+        ]
     names = output_names
-    outputs = [Value(n, t) for n, t in zip(names, types)]
+    outputs = [Value(n, t) for n, t in zip(names, types, strict=True)]
     return Node(op, inputs, outputs, attrs, node_name)
 
 

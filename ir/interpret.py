@@ -32,13 +32,15 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
             raise InputError(f"input {name!r}: expected dtype {value.dtype}, got {array.dtype} (cast it first)")
         if array.ndim != value.type.rank:
             raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape}")
-        for axis, (dim, actual) in enumerate(zip(value.shape, array.shape)):
+        for axis, (dim, actual) in enumerate(zip(value.shape, array.shape, strict=True)):
             coefficient, symbol = split_dim(dim)
             if symbol is None:
                 if actual != coefficient:
                     raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape} (axis {axis})")
             elif actual % coefficient or bindings.setdefault(symbol, actual // coefficient) != actual // coefficient:
-                raise InputError(f"input {name!r}: axis {axis} is {actual}, inconsistent with {symbol}={bindings[symbol]}")
+                raise InputError(
+                    f"input {name!r}: axis {axis} is {actual}, inconsistent with {symbol}={bindings[symbol]}"
+                )
         env[value] = array
     return env, bindings
 
@@ -57,7 +59,7 @@ def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False)
         with np.errstate(all="ignore"):
             results = opdef.reference(*args, **attrs)
         results = results if isinstance(results, tuple) else (results,)
-        for value, array in zip(node.outputs, results):
+        for value, array in zip(node.outputs, results, strict=True):
             array = np.asarray(array)
             expected_shape = value.type.concrete_shape(bindings)
             if array.shape != expected_shape or array.dtype != numpy_dtype(value.dtype):

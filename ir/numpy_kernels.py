@@ -29,7 +29,11 @@ def erf(x: np.ndarray) -> np.ndarray:
             + t
             * (
                 0.09678418
-                + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))
+                + t
+                * (
+                    -0.18628806
+                    + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))
+                )
             )
         )
     )
@@ -40,7 +44,9 @@ def erf(x: np.ndarray) -> np.ndarray:
     return np.where(z < 0.5, series, large).astype(x.dtype)
 
 
-def pool_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int, ceil_mode: bool) -> int:
+def pool_output_size(
+    size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int, ceil_mode: bool
+) -> int:
     """Output length of a convolution/pooling window (PyTorch's rule, ceil_mode included)."""
     span = dilation * (kernel - 1) + 1
     numerator = size + pad_begin + pad_end - span
@@ -106,6 +112,6 @@ def avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad):
 def slice_axes(x, starts, ends, axes, steps):
     """ONNX ``Slice`` semantics: per-axis start/end/step, clamped like Python slicing."""
     index = [slice(None)] * x.ndim
-    for start, end, axis, step in zip(starts, ends, axes, steps):
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         index[axis] = slice(start, end, step)
     return x[tuple(index)]

@@ -62,7 +62,9 @@ class OpDef:
         """Fill defaults, reject unknown or missing attributes, coerce values to their kind."""
         unknown = set(attrs) - set(self.attrs)
         if unknown:
-            raise IRTypeError(f"{where}{self.name}: unknown attribute(s) {sorted(unknown)}; known: {sorted(self.attrs)}")
+            raise IRTypeError(
+                f"{where}{self.name}: unknown attribute(s) {sorted(unknown)}; known: {sorted(self.attrs)}"
+            )
         result = {}
         for key, spec in self.attrs.items():
             value = attrs.get(key, spec.default)
@@ -492,7 +494,15 @@ def _transpose_infer(x, perm):
     return [x.with_shape([x.shape[p] for p in perm])]
 
 
-register("transpose", ["x"], {"perm": Attr("ints")}, _transpose_infer, lambda x, perm: np.transpose(x, perm), "permute axes", tags={"layout"})
+register(
+    "transpose",
+    ["x"],
+    {"perm": Attr("ints")},
+    _transpose_infer,
+    lambda x, perm: np.transpose(x, perm),
+    "permute axes",
+    tags={"layout"},
+)
 
 
 def _concat_infer(*xs, axis):
@@ -500,8 +510,10 @@ def _concat_infer(*xs, axis):
     ax = normalize_axis(axis, first.rank, "concat")
     total: Dim = 0
     for x in xs:
-        if x.rank != first.rank or x.dtype != first.dtype or any(
-            x.shape[i] != first.shape[i] for i in range(x.rank) if i != ax
+        if (
+            x.rank != first.rank
+            or x.dtype != first.dtype
+            or any(x.shape[i] != first.shape[i] for i in range(x.rank) if i != ax)
         ):
             raise IRTypeError(f"concat: inputs {[str(v) for v in xs]} disagree off axis {axis}")
         total = x.shape[ax] if total == 0 else _dim_add(total, x.shape[ax])
@@ -548,7 +560,7 @@ def _slice_infer(x, starts, ends, axes, steps):
     if not len(starts) == len(ends) == len(axes) == len(steps) or 0 in steps:
         raise IRTypeError("slice: starts, ends, axes and steps must have equal lengths, steps non-zero")
     shape = list(x.shape)
-    for start, end, axis, step in zip(starts, ends, axes, steps):
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         ax = normalize_axis(axis, x.rank, "slice")
         if isinstance(shape[ax], str):
             raise IRTypeError(f"slice: cannot slice the symbolic dimension {shape[ax]!r} of {x}")
@@ -651,5 +663,7 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
         return opdef.infer(*input_types, **attrs)
     except IRTypeError as exc:
         raise IRTypeError(f"{opdef.name}: {exc}") from None
+
+
 from reshift.ir import ops_lowbit as _ops_lowbit  # noqa: E402,F401
 from reshift.ir import ops_quant as _ops_quant  # noqa: E402,F401

@@ -20,7 +20,7 @@ def broadcast_shapes(*shapes: Sequence[Dim], op: str = "") -> tuple[Dim, ...]:
     rank = max(len(s) for s in shapes)
     padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
     result: list[Dim] = []
-    for dims in zip(*padded):
+    for dims in zip(*padded, strict=True):
         distinct = {d for d in dims if d != 1}
         if len(distinct) > 1:
             raise IRTypeError(f"{op}: shapes {[tuple(s) for s in shapes]} do not broadcast")

@@ -45,7 +45,11 @@ def _format_scalar(x: Any) -> str:
     if x is None:
         return "none"
     if isinstance(x, str):
-        return x if re.fullmatch(r"(\d+\*)?[A-Za-z_]\w*", x) and x not in ("true", "false", "none", "inf", "nan") else f'"{x}"'
+        return (
+            x
+            if re.fullmatch(r"(\d+\*)?[A-Za-z_]\w*", x) and x not in ("true", "false", "none", "inf", "nan")
+            else f'"{x}"'
+        )
     raise TypeError(f"cannot print attribute value {x!r}")
 
 

@@ -56,7 +56,9 @@ def verify(graph: Graph) -> None:
             types = infer_types(opdef, [v.type if v is not None else None for v in node.inputs], attrs)
             recorded = [v.type for v in node.outputs]
             if types != recorded:
-                problems.append(f"{where}: recorded types {[str(t) for t in recorded]} != inferred {[str(t) for t in types]}")
+                problems.append(
+                    f"{where}: recorded types {[str(t) for t in recorded]} != inferred {[str(t) for t in types]}"
+                )
         except (UnknownOpError, IRTypeError) as exc:
             problems.append(f"{where}: {exc}")
         for value in node.outputs:

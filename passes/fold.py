@@ -40,7 +40,7 @@ def fold_constants(graph: Graph, ctx: PassContext) -> RuleStats:
         args = [v.data if v is not None else None for v in node.inputs]
         results = get_op(node.op).reference(*args, **node.attrs)
         results = results if isinstance(results, tuple) else (results,)
-        for value, array in zip(node.outputs, results):
+        for value, array in zip(node.outputs, results, strict=True):
             value.data = np.asarray(array)
             graph.constants[value.name] = value
         stats.matches["fold_constants"] = stats.matches.get("fold_constants", 0) + 1

@@ -119,7 +119,9 @@ class PassReport:
         return max(errors) if errors else None
 
     def __str__(self) -> str:
-        header = f"{'pass':<24} {'round':>5} {'matches':>8} {'nodes':>13} {'MACs':>25} {'param bytes':>25} {'max err':>9}"
+        header = (
+            f"{'pass':<24} {'round':>5} {'matches':>8} {'nodes':>13} {'MACs':>25} {'param bytes':>25} {'max err':>9}"
+        )
         lines = [f"pipeline {self.pipeline}", header, "-" * len(header)]
         for r in self.records:
             err = "-" if r.max_error is None else f"{r.max_error:.1e}"

@@ -83,7 +83,8 @@ class Op(Pattern):
         for inputs in orders:
             saved = ctx.snapshot()
             padded = inputs + [None] * (len(self.inputs) - len(inputs))
-            if len(padded) == len(self.inputs) and all(p.match_value(v, ctx) for p, v in zip(self.inputs, padded)):
+            pairs = zip(self.inputs, padded, strict=False) if len(padded) == len(self.inputs) else None
+            if pairs is not None and all(p.match_value(v, ctx) for p, v in pairs):
                 return True
             ctx.restore(saved)
         return False

@@ -62,7 +62,7 @@ def test_print_parse_round_trip_with_weights(rng):
         ir.parse(str(g))
     again = ir.parse(str(g), weights={"w": w.data})
     xs = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    for a, c in zip(ir.interpret(g, xs).values(), ir.interpret(again, xs).values()):
+    for a, c in zip(ir.interpret(g, xs).values(), ir.interpret(again, xs).values(), strict=True):
         np.testing.assert_array_equal(a, c)
 
 

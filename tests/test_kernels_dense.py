@@ -3,7 +3,7 @@
 Odd sizes on purpose: output features and channels not a multiple of 16 or of the 4-channel tile,
 pixel counts not a multiple of 16, asymmetric padding, stride 2, dilation, a 1x3 filter, batch
 1/3 through one symbolic-batch build. Within 1e-5 relative (max |diff| / max |reference|).
-Negative cases: grouped convs and activation x activation matmuls keep the reference lowering.
+Negative cases: grouped convs and broadcasting activation matmuls keep the reference lowering.
 """
 
 from __future__ import annotations
@@ -76,12 +76,59 @@ def test_matmul_with_constant_operand():
     _run(graph, (1, 6), {"x": lambda n: RNG.standard_normal((n, 19)).astype(np.float32)})
 
 
-def test_grouped_conv_and_activation_matmul_keep_reference_lowering():
+# (heads, m, k, n): attention-like shapes, odd widths that need padding, one row, a single 16-wide panel
+BMMS = [(6, 197, 64, 197), (2, 13, 7, 5), (3, 1, 33, 48), (1, 17, 40, 64), (4, 31, 19, 100)]
+
+
+@pytest.mark.parametrize("shape", BMMS, ids=lambda s: "x".join(map(str, s)))
+def test_batch_matmul_matches_interpreter(shape):
+    heads, m, k, n = shape
+    b = GraphBuilder("bmm")
+    q = b.input("q", f"f32[N,{heads},{m},{k}]")
+    kt = b.input("kt", f"f32[N,{heads},{n},{k}]")
+    graph = b.build(b.matmul(q, b.transpose(kt, perm=(0, 1, 3, 2))))  # q @ k^T, the right operand transposed
+    assert "batch_matmul_f32" in lower(graph).script(show_meta=False)
+    _run(
+        graph,
+        (1, 3),
+        {
+            "q": lambda bs: RNG.standard_normal((bs, heads, m, k)).astype(np.float32),
+            "kt": lambda bs: RNG.standard_normal((bs, heads, n, k)).astype(np.float32),
+        },
+    )
+
+
+def test_batch_matmul_rank3():
+    b = GraphBuilder("bmm3")
+    p = b.input("p", "f32[N,23,23]")
+    v = b.input("v", "f32[N,23,21]")
+    graph = b.build(b.matmul(p, v))
+    assert "batch_matmul_f32" in lower(graph).script(show_meta=False)
+    _run(
+        graph,
+        (1, 3),
+        {
+            "p": lambda bs: RNG.standard_normal((bs, 23, 23)).astype(np.float32),
+            "v": lambda bs: RNG.standard_normal((bs, 23, 21)).astype(np.float32),
+        },
+    )
+
+
+def test_grouped_conv_and_broadcast_matmul_keep_reference_lowering():
     b = GraphBuilder("grouped")
     x = b.input("x", "f32[N,8,9,9]")
+    w = b.input("w", "f32[9,9]")
     weight = b.constant(RNG.standard_normal((8, 1, 3, 3)).astype(np.float32))
     y = b.conv2d(x, weight, None, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=8)
-    graph = b.build(b.matmul(y, y))
+    graph = b.build(b.matmul(y, w))  # rank 4 x rank 2 activations: broadcast, reference lowering
     script = lower(graph).script(show_meta=False)
     assert "conv2d_packed_f32" not in script and "dense_packed_f32" not in script
-    _run(graph, (2,), {"x": lambda n: RNG.standard_normal((n, 8, 9, 9)).astype(np.float32)})
+    assert "batch_matmul_f32" not in script
+    _run(
+        graph,
+        (2,),
+        {
+            "x": lambda n: RNG.standard_normal((n, 8, 9, 9)).astype(np.float32),
+            "w": lambda n: RNG.standard_normal((9, 9)).astype(np.float32),
+        },
+    )

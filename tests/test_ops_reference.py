@@ -22,7 +22,12 @@ def t(a):
 
 @pytest.mark.parametrize(
     "stride,padding,dilation,groups",
-    [((1, 1), (1, 1, 1, 1), (1, 1), 1), ((2, 2), (0, 1, 2, 1), (1, 1), 2), ((1, 2), (2, 2, 2, 2), (2, 2), 4), ((3, 3), (0, 0, 0, 0), (1, 1), 8)],
+    [
+        ((1, 1), (1, 1, 1, 1), (1, 1), 1),
+        ((2, 2), (0, 1, 2, 1), (1, 1), 2),
+        ((1, 2), (2, 2, 2, 2), (2, 2), 4),
+        ((3, 3), (0, 0, 0, 0), (1, 1), 8),
+    ],
 )
 def test_conv2d_matches_torch(rng, stride, padding, dilation, groups):
     x = rng.standard_normal((2, 8, 11, 9)).astype(np.float32)
@@ -40,7 +45,13 @@ def test_avg_pool_matches_torch(rng, ceil_mode, count_include_pad):
     x = rng.standard_normal((1, 3, 10, 7)).astype(np.float32)
     expected = F.avg_pool2d(t(x), 3, 2, 1, ceil_mode=ceil_mode, count_include_pad=count_include_pad).numpy()
     got = run(
-        "avg_pool2d", x, kernel=(3, 3), stride=(2, 2), padding=(1, 1, 1, 1), ceil_mode=ceil_mode, count_include_pad=count_include_pad
+        "avg_pool2d",
+        x,
+        kernel=(3, 3),
+        stride=(2, 2),
+        padding=(1, 1, 1, 1),
+        ceil_mode=ceil_mode,
+        count_include_pad=count_include_pad,
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -57,7 +68,9 @@ def test_erf_and_gelu_accuracy():
     x = np.concatenate([np.linspace(-6, 6, 2001), [0.0, 1e-8, -1e-8, 1e-4, 0.4999, 0.5001]]).astype(np.float32)
     np.testing.assert_allclose(erf(x), torch.erf(t(x)).numpy(), rtol=2e-6, atol=2e-7)
     np.testing.assert_allclose(run("gelu", x), F.gelu(t(x)).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(run("gelu", x, approximate="tanh"), F.gelu(t(x), approximate="tanh").numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run("gelu", x, approximate="tanh"), F.gelu(t(x), approximate="tanh").numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_layer_norm_and_softmax(rng):

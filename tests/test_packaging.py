@@ -29,7 +29,18 @@ def test_cli_entry_points_exist():
 def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
     wheel_dir = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(REPO),
+        ],
         check=True,
         cwd=tmp_path,
     )
@@ -38,17 +49,23 @@ def test_wheel_installs_and_imports_in_fresh_venv(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     # install the wheel's files with this interpreter's pip into the fresh venv's site-packages
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True
+    )
     # dependencies (numpy, networkx, ...) come from this venv, but not its editable reshift
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
     probe = (
         "import reshift, reshift.ir, reshift.passes, reshift.frontend, reshift.codegen, reshift.runtime, reshift.cli;"
         "print(reshift.__file__); print(reshift.ir.__file__)"
     )
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert all(line.startswith(site) for line in out.stdout.split()), out.stdout
     assert (Path(site) / "reshift" / "ir" / "ops.py").exists()

@@ -33,9 +33,7 @@ def conv_bn_graph(rng, *, bias=True, extra_use=False):
 
 
 def random_inputs(graph, rng, batch=2):
-    return {
-        v.name: rng.standard_normal(v.type.concrete_shape({"N": batch})).astype(np.float32) for v in graph.inputs
-    }
+    return {v.name: rng.standard_normal(v.type.concrete_shape({"N": batch})).astype(np.float32) for v in graph.inputs}
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -146,7 +144,9 @@ def test_constant_folding_refuses_blow_up():
 
 def test_pattern_binds_repeated_names_to_one_value():
     pattern = Op("add", Op("relu", Any("x"), name="r1"), Op("exp", Any("x"), name="r2"))
-    same = ir.parse("graph g(%x: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%x) @b\n %c: f32[2] = add(%a, %b) @c\n return %c\n}")
+    same = ir.parse(
+        "graph g(%x: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%x) @b\n %c: f32[2] = add(%a, %b) @c\n return %c\n}"
+    )
     other = ir.parse(
         "graph g(%x: f32[2], %y: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%y) @b\n"
         " %c: f32[2] = add(%a, %b) @c\n return %c\n}"

@@ -168,6 +168,8 @@ def lower_where(ctx: LowerContext, node: Node, cond: relax.Expr, a: relax.Expr, 
 @lowering("matmul")
 def lower_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr:
     fast = cpu_kernels.dense_matmul(ctx, node, a)
+    if fast is None:
+        fast = cpu_kernels.batch_matmul(ctx, node, a, b)
     return fast if fast is not None else ctx.emit(op.matmul(a, b))
 
 

@@ -98,6 +98,8 @@ def tune(
     spec = resolve_target(target)
     if spec.is_gpu:
         raise CodegenError(f"tuning for {spec.name} is not supported; only CPU targets (cpu, arm64 over RPC) are")
+    if spec.cross_compiler and not _REMOTE and not target_db_dir(db_dir, spec.target()).exists():
+        raise CodegenError(_needs_device(spec))
     symbolic = [v.name for v in graph.inputs if not v.type.is_static]
     if symbolic:
         raise CodegenError(
@@ -121,10 +123,7 @@ def tune(
             progress(trials, trials)
         return db_dir
     if spec.cross_compiler and not _REMOTE:
-        raise CodegenError(
-            f"tuning for {spec.name} needs the device to measure on: pass --rpc HOST:PORT or --tracker HOST:PORT "
-            "--key NAME (TVM RPC); only the 'cpu' target is tunable locally"
-        )
+        raise CodegenError(_needs_device(spec))
     callbacks = ms.measure_callback.MeasureCallback.create("default")
     if progress is not None:
         callbacks = [*callbacks, _progress_callback(progress, trials)]
@@ -214,6 +213,13 @@ def _runner():
     create = functools.partial(_direct_session, host, port, timeout)
     return ms.runner.RPCRunner(
         config, evaluator, f_create_session=create, f_alloc_argument=_alloc_from_host, max_workers=1
+    )
+
+
+def _needs_device(spec: TargetSpec) -> str:
+    return (
+        f"tuning for {spec.name} needs the device to measure on: pass --rpc HOST:PORT or --tracker HOST:PORT "
+        "--key NAME (TVM RPC); only the 'cpu' target is tunable locally"
     )
 
 

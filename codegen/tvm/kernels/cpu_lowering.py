@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 
-from reshift.codegen.tvm.kernels import conv2d_cpu, dense_cpu
+from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, dense_cpu
 from reshift.codegen.tvm.lower import LowerContext, op
 from reshift.ir.graph import Node
 
@@ -75,6 +75,43 @@ def dense_matmul(ctx: LowerContext, node: Node, a: relax.Expr) -> relax.Expr | N
     if not enabled() or b is None or b.ndim != 2 or node.inputs[0].dtype != "float32" or node.inputs[0].type.rank < 2:
         return None
     return _dense(ctx, node, a, np.ascontiguousarray(b.T), None)
+
+
+def _pad_last(b: te.Tensor, width: int) -> te.Tensor:
+    n = b.shape[-1]
+    zero = tirx.const(0, b.dtype)
+    return te.compute(
+        (*b.shape[:-1], width),
+        lambda i, kk, j: tirx.if_then_else(j < n, b[i, kk, tirx.min(j, n - 1)], zero),
+        name="bmm_pad",
+    )
+
+
+def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr | None:
+    """``matmul`` of two fp32 activations of rank >= 3 with equal batch dims and static ``M, K, N``."""
+    va, vb = node.inputs[0], node.inputs[1]
+    if not enabled() or va.is_constant or vb.is_constant or va.dtype != "float32" or vb.dtype != "float32":
+        return None
+    if va.type.rank < 3 or va.type.rank != vb.type.rank or list(va.shape[:-2]) != list(vb.shape[:-2]):
+        return None
+    m, k = va.shape[-2:]
+    k2, n = vb.shape[-2:]
+    if not all(isinstance(d, int) and d > 0 for d in (m, k, n)) or k != k2:
+        return None
+    lead = ctx.shape(va)[:-2]
+    batch = 1
+    for d in lead:
+        batch = batch * d
+    a3 = ctx.emit(op.reshape(a, (batch, m, k)))
+    b3 = ctx.emit(op.reshape(b, (batch, k, n)))
+    width = batch_matmul_cpu.padded_width(n)
+    if width != n:
+        b3 = ctx.te(_pad_last, b3, width, name="bmm_pad")
+    gv = ctx.bb.add_func(batch_matmul_cpu.batch_matmul_func(m, k, width), "batch_matmul_f32")
+    y = ctx.emit(relax.op.call_tir(gv, [a3, b3], out_ty=relax.TensorType((batch, m, width), "float32")))
+    if width != n:
+        y = ctx.emit(op.strided_slice(y, axes=[2], begin=[0], end=[n]))
+    return ctx.emit(op.reshape(y, [*lead, m, n]))
 
 
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
