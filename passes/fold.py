@@ -85,28 +85,23 @@ def _check_neutral_constant(neutral: float):
     return check
 
 
+def _noop(name: str, pattern: Op, check) -> Rule:
+    """A rule forwarding the input of a node that changes nothing; its refusals are not reported."""
+    return Rule(name, pattern, check, _forward_input, report_refusals=False)
+
+
 NOOP_RULES = [
-    Rule("remove_identity", Op("identity", Any("x")), lambda m, g: None, _forward_input),
-    Rule("remove_same_shape_reshape", Op("reshape", Any("x")), _same_type, _forward_input),
-    Rule("remove_same_shape_expand", Op("expand", Any("x")), _same_type, _forward_input),
-    Rule("remove_same_dtype_cast", Op("cast", Any("x")), _same_type, _forward_input),
-    Rule("remove_identity_transpose", Op("transpose", Any("x")), _check_identity_perm, _forward_input),
-    Rule("remove_full_slice", Op("slice", Any("x")), _check_full_slice, _forward_input),
-    Rule("remove_single_concat", Op("concat", Any("x")), _same_type, _forward_input),
-    Rule(
-        "remove_add_zero",
-        Op("add", Any("x"), Const("c"), commutative=True),
-        _check_neutral_constant(0.0),
-        _forward_input,
-    ),
-    Rule("remove_sub_zero", Op("sub", Any("x"), Const("c")), _check_neutral_constant(0.0), _forward_input),
-    Rule(
-        "remove_mul_one",
-        Op("mul", Any("x"), Const("c"), commutative=True),
-        _check_neutral_constant(1.0),
-        _forward_input,
-    ),
-    Rule("remove_div_one", Op("div", Any("x"), Const("c")), _check_neutral_constant(1.0), _forward_input),
+    _noop("remove_identity", Op("identity", Any("x")), lambda m, g: None),
+    _noop("remove_same_shape_reshape", Op("reshape", Any("x")), _same_type),
+    _noop("remove_same_shape_expand", Op("expand", Any("x")), _same_type),
+    _noop("remove_same_dtype_cast", Op("cast", Any("x")), _same_type),
+    _noop("remove_identity_transpose", Op("transpose", Any("x")), _check_identity_perm),
+    _noop("remove_full_slice", Op("slice", Any("x")), _check_full_slice),
+    _noop("remove_single_concat", Op("concat", Any("x")), _same_type),
+    _noop("remove_add_zero", Op("add", Any("x"), Const("c"), commutative=True), _check_neutral_constant(0.0)),
+    _noop("remove_sub_zero", Op("sub", Any("x"), Const("c")), _check_neutral_constant(0.0)),
+    _noop("remove_mul_one", Op("mul", Any("x"), Const("c"), commutative=True), _check_neutral_constant(1.0)),
+    _noop("remove_div_one", Op("div", Any("x"), Const("c")), _check_neutral_constant(1.0)),
 ]
 
 

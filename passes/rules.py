@@ -31,6 +31,7 @@ class Rule:
     check: Check
     rewrite: Rewrite
     allow_shared_interior: bool = False  # rewrite keeps interior nodes alive for other users
+    report_refusals: bool = True  # False for clean-ups whose refusals only mean "not a no-op"
 
 
 class RewriteContext:
@@ -96,18 +97,22 @@ def apply_rules(graph: Graph, rules: list[Rule]) -> RuleStats:
                 continue
             reason = None if rule.allow_shared_interior else escaping_interior(found, graph, users)
             reason = reason or rule.check(found, graph)
-            if reason is None:
-                ctx = RewriteContext(graph, node)
-                new = rule.rewrite(found, ctx)
-                reason = replace_value(graph, node.outputs[0], new) if new is not node.outputs[0] else None
-                if reason is None:
-                    graph.nodes[index:index] = ctx.new_nodes
-                    index += len(ctx.new_nodes)
-                    stats.matches[rule.name] = stats.matches.get(rule.name, 0) + 1
-                    users = graph.users()
-                    producers = graph.producers()
-                    break
-            stats.refusals.append(Refusal(rule.name, node.name, reason))
+            if reason is not None:
+                if rule.report_refusals:
+                    stats.refusals.append(Refusal(rule.name, node.name, reason))
+                continue
+            ctx = RewriteContext(graph, node)
+            new = rule.rewrite(found, ctx)
+            reason = replace_value(graph, node.outputs[0], new) if new is not node.outputs[0] else None
+            if reason is not None:  # the rule applies but the graph cannot take it: always news
+                stats.refusals.append(Refusal(rule.name, node.name, reason))
+                continue
+            graph.nodes[index:index] = ctx.new_nodes
+            index += len(ctx.new_nodes)
+            stats.matches[rule.name] = stats.matches.get(rule.name, 0) + 1
+            users = graph.users()
+            producers = graph.producers()
+            break
         index += 1
     graph.remove_unused()
     return stats

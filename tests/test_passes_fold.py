@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -96,7 +98,15 @@ def test_remove_noops_keeps_real_ops(rng):
     g2, report = passes.run(g, "exact", inputs=random_inputs(g, rng))
     assert g2.op_histogram() == {"mul": 1, "transpose": 1}
     assert report.max_error == 0.0
-    refused = {r.rule: r.reason for r in report.refusals}
+    assert not report.refusals  # a node that is not a no-op is not news
+
+
+def test_noop_checks_say_why_not():
+    from reshift.passes.fold import NOOP_RULES
+
+    g = ir.parse(NOOPS)
+    stats = apply_rules(g, [replace(rule, report_refusals=True) for rule in NOOP_RULES])
+    refused = {r.rule: r.reason for r in stats.refusals}
     assert "not all 1.0" in refused["remove_mul_one"] and "moves axes" in refused["remove_identity_transpose"]
 
 
@@ -145,7 +155,8 @@ def test_constant_folding_refuses_blow_up():
 def test_pattern_binds_repeated_names_to_one_value():
     pattern = Op("add", Op("relu", Any("x"), name="r1"), Op("exp", Any("x"), name="r2"))
     same = ir.parse(
-        "graph g(%x: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%x) @b\n %c: f32[2] = add(%a, %b) @c\n return %c\n}"
+        "graph g(%x: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%x) @b\n"
+        " %c: f32[2] = add(%a, %b) @c\n return %c\n}"
     )
     other = ir.parse(
         "graph g(%x: f32[2], %y: f32[2]) {\n %a: f32[2] = relu(%x) @a\n %b: f32[2] = exp(%y) @b\n"

@@ -154,3 +154,55 @@ def crop(y: te.Tensor, channels: int, out_hw: tuple[int, int], row: int) -> te.T
     """``y [n, OCp, pixels]`` on a grid of ``row`` columns -> ``[n, channels, oh, ow]``."""
     oh, ow = out_hw
     return te.compute((y.shape[0], channels, oh, ow), lambda b, o, i, j: y[b, o, i * row + j], name="conv_crop")
+
+
+def im2col_func(
+    channels: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    row: int,
+    plane: int,
+    out_hw: tuple[int, int],
+    pixels: int,
+) -> tirx.PrimFunc:
+    """``col[n, (c, i, j), y*ow + x] = xpad[n, c, (y*s0 + i*d0)*row + x*s1 + j*d1]`` (zero past ``oh*ow``).
+
+    ``xpad`` is the zero padded image flattened by ``pad_flat`` (``row`` padded columns), so no bounds
+    checks or div/mod are left in the copy: each output row is ``ow // 16`` vector stores of a strided
+    gather plus a scalar tail. The (image, tap) rows run in parallel. The root block is there because
+    Relax's RewriteDataflowReshape asserts that the PrimFunc it inspects has one
+    (tir_op_pattern_kind.cc HasReshapePattern fails on a block-free body).
+    """
+    kh, kw = kernel
+    k = channels * kh * kw
+    oh, ow = out_hw
+    s0, s1 = stride
+    d0, d1 = dilation
+    vectors = ow // LANES
+
+    @T.prim_func(private=True, s_tir=True)
+    def im2col_copy(x_h: T.handle, col_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, channels, plane), "float32")
+        col = T.match_buffer(col_h, (n, k, pixels), "float32")
+        with T.sblock("root"):
+            xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
+            cf = T.decl_buffer((n * k * pixels,), "float32", data=col.data)
+            for job in T.parallel(n * k):
+                img = job // k
+                kk = job % k
+                src = (img * channels + kk // (kh * kw)) * plane + (kk % (kh * kw) // kw) * d0 * row + (kk % kw) * d1
+                dst = job * pixels
+                for y in range(oh):
+                    for xv in range(vectors):
+                        cf[T.Ramp(dst + y * ow + xv * LANES, 1, LANES)] = xf[
+                            T.Ramp(src + y * s0 * row + xv * LANES * s1, s1, LANES)
+                        ]
+                    for xs in range(vectors * LANES, ow):
+                        cf[dst + y * ow + xs] = xf[src + y * s0 * row + xs * s1]
+                for p in range(oh * ow, pixels):
+                    cf[dst + p] = T.float32(0)
+
+    return im2col_copy

@@ -148,7 +148,16 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     else:  # im2col, then the same kernel with a 1x1 filter
         row = ow
         panels, pixels = conv2d_cpu.pixel_tile(oh * ow)
-        src = ctx.te(conv2d_cpu.im2col, x, (kh, kw), stride, pads, dilation, (oh, ow), pixels, name="conv_im2col")
+        wp = wd + pads[1] + pads[3]
+        plane = (h + pads[0] + pads[2]) * wp
+        flat = ctx.te(conv2d_cpu.pad_flat, x, pads, plane, name="conv_pad_flat")
+        copy = conv2d_cpu.im2col_func(channels, (kh, kw), stride, dilation, wp, plane, (oh, ow), pixels)
+        gv_col = ctx.bb.add_func(copy, "conv_im2col_f32")
+        src = ctx.emit(
+            relax.op.call_tir(
+                gv_col, [flat], out_ty=relax.TensorType((shape[0], channels * kh * kw, pixels), "float32")
+            )
+        )
         args = (channels * kh * kw, 1, 1, 1, row, pixels, pixels, oc_blocks, panels)
     gv = ctx.bb.add_func(conv2d_cpu.conv_gemm_func(*args), "conv2d_packed_f32")
     y = ctx.emit(
