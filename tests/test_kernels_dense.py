@@ -114,6 +114,15 @@ def test_batch_matmul_rank3():
     )
 
 
+@pytest.mark.parametrize("shape", [(6, 197, 197), (3, 5), (2, 16), (1, 1), (4, 2, 100)], ids=str)
+def test_softmax_matches_interpreter(shape):
+    b = GraphBuilder("softmax")
+    x = b.input("x", "f32[N," + ",".join(map(str, shape)) + "]")
+    graph = b.build(b.softmax(x, axis=-1))
+    assert "softmax_f32" in lower(graph).script(show_meta=False)
+    _run(graph, (1, 3), {"x": lambda n: (4 * RNG.standard_normal((n, *shape))).astype(np.float32)})
+
+
 def test_grouped_conv_and_broadcast_matmul_keep_reference_lowering():
     b = GraphBuilder("grouped")
     x = b.input("x", "f32[N,8,9,9]")

@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, dense_cpu
+from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, dense_cpu, softmax_cpu
 from reshift.codegen.tvm.lower import LowerContext, op
 from reshift.ir.graph import Node
 
@@ -112,6 +112,24 @@ def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) ->
     if width != n:
         y = ctx.emit(op.strided_slice(y, axes=[2], begin=[0], end=[n]))
     return ctx.emit(op.reshape(y, [*lead, m, n]))
+
+
+def softmax(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """fp32 softmax over the last axis (static length) through the three-pass row kernel."""
+    value = node.inputs[0]
+    if not enabled() or value.dtype != "float32" or value.type.rank < 1:
+        return None
+    if node.attrs["axis"] not in (-1, value.type.rank - 1) or not isinstance(value.shape[-1], int):
+        return None
+    shape = ctx.shape(value)
+    n = shape[-1]
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    x2 = ctx.emit(op.reshape(x, (rows, n)))
+    gv = ctx.bb.add_func(softmax_cpu.softmax_func(n), "softmax_f32")
+    y = ctx.emit(relax.op.call_tir(gv, [x2, x2], out_ty=relax.TensorType((rows, n), "float32")))
+    return ctx.emit(op.reshape(y, shape))
 
 
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
