@@ -7,40 +7,11 @@ reason in the report. The RePaViT block and DeiT-S (distilled) reach their deplo
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
 from reshift import ir, passes
-
-CONST = re.compile(r"const %(\w+): f32\[([\d,]*)\] = \.\.\.")
-
-
-def parse(text: str, rng) -> ir.Graph:
-    """The text form with every ``...`` constant filled with random weights."""
-    weights = {n: rng.standard_normal(tuple(int(d) for d in s.split(",") if d)) for n, s in CONST.findall(text)}
-    return ir.parse(text, weights={n: w.astype(np.float32) for n, w in weights.items()})
-
-
-def relative_error(a, b) -> float:
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a64 - b64)) / max(np.max(np.abs(b64)), 1e-30))
-
-
-def run_exact(graph, rng):
-    """The exact pipeline, checked against the original graph on a batch of 2."""
-    g2, report = passes.run(graph, "exact")
-    xs = {v.name: rng.standard_normal(v.type.concrete_shape({"N": 2})).astype(np.float32) for v in graph.inputs}
-    ref, out = ir.interpret(graph, xs), ir.interpret(g2, xs)
-    for name in ref:
-        assert relative_error(out[name], ref[name]) < 1e-5, name
-    return g2, report
-
-
-def refused(report, rule: str) -> list[str]:
-    return [r.reason for r in report.refusals if r.rule == rule]
-
+from tests.helpers import parse, refused, relative_error, run_exact
 
 # -- RePaViT: idle channels of an FFN fold into a linear shortcut merged with the residual ----------
 FFN = """

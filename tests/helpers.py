@@ -1,0 +1,44 @@
+"""Helpers shared by the pass tests: graphs from text with random weights, exact-pipeline runs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from reshift import ir, passes
+
+CONST = re.compile(r"const %(\w+): f32\[([\d,]*)\] = \.\.\.")
+
+
+def parse(text: str, rng, **overrides) -> ir.Graph:
+    """The text form with every ``...`` constant filled with random weights (or ``overrides``)."""
+    weights = {}
+    for name, shape in CONST.findall(text):
+        dims = tuple(int(d) for d in shape.split(",") if d)
+        weights[name] = overrides.get(name, rng.standard_normal(dims).astype(np.float32))
+    return ir.parse(text, weights=weights)
+
+
+def inputs_for(graph, rng, batch=2):
+    return {v.name: rng.standard_normal(v.type.concrete_shape({"N": batch})).astype(np.float32) for v in graph.inputs}
+
+
+def relative_error(a, b) -> float:
+    """max|a - b| / max|b| in float64."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a64 - b64)) / max(np.max(np.abs(b64)), 1e-30))
+
+
+def run_exact(graph, rng):
+    """Run the exact pipeline and check the result against the original on a batch of 2."""
+    g2, report = passes.run(graph, "exact")
+    xs = inputs_for(graph, rng)
+    ref, out = ir.interpret(graph, xs), ir.interpret(g2, xs)
+    for name in ref:
+        assert relative_error(out[name], ref[name]) < 1e-5, name
+    return g2, report
+
+
+def refused(report, rule: str) -> list[str]:
+    return [r.reason for r in report.refusals if r.rule == rule]
