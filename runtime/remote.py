@@ -47,7 +47,7 @@ def parse_address(address: str, what: str = "--rpc") -> tuple[str, int]:
 def _probe(host: str, port: int, what: str) -> None:
     """Fail fast, with the reason, when nothing listens at host:port (TVM would retry, then say less)."""
     try:
-        with socket.create_connection((host, port), timeout=5):
+        with socket.create_connection((host, port), timeout=30):  # an emulated device can be slow
             return
     except ConnectionRefusedError:
         reason = "connection refused"

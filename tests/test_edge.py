@@ -98,73 +98,6 @@ def test_status_and_cached_restart(edge_device):
     assert name not in {s["name"] for s in device.running()}
 
 
-@pytest.fixture(scope="module")
-def tracker_pair(rootfs):
-    """A TVM RPC tracker on loopback with two emulated devices registered under KEY."""
-    pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado")
-    pytest.importorskip("psutil", reason="stopping the TVM RPC tracker needs psutil")
-    from tvm import rpc
-    from tvm.rpc.tracker import Tracker
-
-    tracker = Tracker(host="127.0.0.1", port=_free_port(), port_end=65000, silent=True)
-    addr = f"127.0.0.1:{tracker.port}"
-    names = [f"test-{uuid.uuid4().hex[:6]}" for _ in range(2)]
-    try:
-        for name in names:
-            _start(name, tracker=addr, key=KEY)
-        client = rpc.connect_tracker("127.0.0.1", tracker.port)
-        deadline = time.monotonic() + 30
-        while client.summary()["queue_info"].get(KEY, {}).get("free", 0) < 2:
-            assert time.monotonic() < deadline, f"tracker never saw 2 devices: {client.summary()}"
-            time.sleep(0.5)
-        yield {"addr": addr, "port": tracker.port, "client": client}
-    finally:
-        for name in names:
-            device.stop(name)
-        tracker.terminate()
-
-
-def test_two_devices_under_one_tracker_key(tracker_pair, arm64_lib):
-    client = tracker_pair["client"]
-    # Two sessions held at once must be served by the two different devices.
-    sessions = [client.request(KEY, session_timeout=120) for _ in range(2)]
-    assert client.summary()["queue_info"][KEY]["free"] == 0
-    for remote in sessions:
-        _check_on(remote, arm64_lib)
-
-
-def test_remote_tuning_on_two_devices(tracker_pair, tmp_path, monkeypatch):
-    """MetaSchedule's RPCRunner measures arm64 kernels on the devices; records go to the arm64 subdirectory."""
-    import json
-
-    import reshift
-    from reshift import ir
-    from reshift.codegen.tvm.tune import remote_runner, tune
-    from reshift.ir.interpret import interpret
-
-    # The packed conv/dense kernels are not tunable yet (see codegen/tvm/NOTES_tvm.md): generic ones.
-    monkeypatch.setenv("RESHIFT_GENERIC_KERNELS", "1")
-    rng = np.random.default_rng(0)
-    b = ir.GraphBuilder("tiny_mlp")
-    x = b.input("x", "f32[4,64]")
-    w = b.constant(rng.standard_normal((32, 64)).astype(np.float32))
-    graph = b.build(b.relu(b.linear(x, w, b.constant(rng.standard_normal(32).astype(np.float32)))))
-    db_root = tmp_path / "db"
-    with remote_runner(tracker=tracker_pair["addr"], key=KEY):
-        db = tune(graph, "arm64", trials=4, db_dir=db_root)
-    assert db.parent == db_root and db.name.startswith("llvm-aarch64-linux-gnu-")
-    records = [json.loads(line) for line in (db / "database_tuning_record.json").read_text().splitlines()]
-    run_secs = [r[1][1][0] for r in records if len(r[1]) > 1 and r[1][1]]
-    assert run_secs and min(run_secs) < 1.0, f"no kernel was measured on the device: {records}"
-
-    out_dir = reshift.compile(graph, target="arm64", tune=True, tune_db=db_root, trials=4).save(tmp_path / "tuned")
-    x = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
-    session = remote_api.connect(tracker=tracker_pair["addr"], key=KEY)
-    y = remote_api.deploy(out_dir, session).run_dict({"x": x})
-    reference = interpret(graph, {"x": x})
-    np.testing.assert_allclose(y[graph.outputs[0].name], reference[graph.outputs[0].name], rtol=1e-4, atol=1e-4)
-
-
 # -- reshift deploy: artifacts compiled for arm64, checked against the host -------------------------
 def _repvgg():
     from examples.models import image_inputs, repvgg_a0
@@ -262,3 +195,71 @@ def test_bench_over_rpc_without_reference(tiny_artifacts, edge_device, capsys):
     assert "reshift (rpc)" in capsys.readouterr().out
     assert cli.main(["deploy", str(tiny_artifacts[0]), "--rpc", _rpc(edge_device), "--repeat", "2"]) == 0
     assert "outputs not checked" in capsys.readouterr().out
+
+
+# -- two devices under one tracker: sessions and remote tuning (last: they hold 2 more devices) ----
+@pytest.fixture(scope="module")
+def tracker_pair(rootfs):
+    """A TVM RPC tracker on loopback with two emulated devices registered under KEY."""
+    pytest.importorskip("tornado", reason="the TVM RPC tracker needs tornado")
+    pytest.importorskip("psutil", reason="stopping the TVM RPC tracker needs psutil")
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=_free_port(), port_end=65000, silent=True)
+    addr = f"127.0.0.1:{tracker.port}"
+    names = [f"test-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    try:
+        for name in names:
+            _start(name, tracker=addr, key=KEY)
+        client = rpc.connect_tracker("127.0.0.1", tracker.port)
+        deadline = time.monotonic() + 30
+        while client.summary()["queue_info"].get(KEY, {}).get("free", 0) < 2:
+            assert time.monotonic() < deadline, f"tracker never saw 2 devices: {client.summary()}"
+            time.sleep(0.5)
+        yield {"addr": addr, "port": tracker.port, "client": client}
+    finally:
+        for name in names:
+            device.stop(name)
+        tracker.terminate()
+
+
+def test_two_devices_under_one_tracker_key(tracker_pair, arm64_lib):
+    client = tracker_pair["client"]
+    # Two sessions held at once must be served by the two different devices.
+    sessions = [client.request(KEY, session_timeout=120) for _ in range(2)]
+    assert client.summary()["queue_info"][KEY]["free"] == 0
+    for remote in sessions:
+        _check_on(remote, arm64_lib)
+
+
+def test_remote_tuning_on_two_devices(tracker_pair, tmp_path, monkeypatch):
+    """MetaSchedule's RPCRunner measures arm64 kernels on the devices; records go to the arm64 subdirectory."""
+    import json
+
+    import reshift
+    from reshift import ir
+    from reshift.codegen.tvm.tune import remote_runner, tune
+    from reshift.ir.interpret import interpret
+
+    # The packed conv/dense kernels are not tunable yet (see codegen/tvm/NOTES_tvm.md): generic ones.
+    monkeypatch.setenv("RESHIFT_GENERIC_KERNELS", "1")
+    rng = np.random.default_rng(0)
+    b = ir.GraphBuilder("tiny_mlp")
+    x = b.input("x", "f32[4,64]")
+    w = b.constant(rng.standard_normal((32, 64)).astype(np.float32))
+    graph = b.build(b.relu(b.linear(x, w, b.constant(rng.standard_normal(32).astype(np.float32)))))
+    db_root = tmp_path / "db"
+    with remote_runner(tracker=tracker_pair["addr"], key=KEY):
+        db = tune(graph, "arm64", trials=4, db_dir=db_root)
+    assert db.parent == db_root and db.name.startswith("llvm-aarch64-linux-gnu-")
+    records = [json.loads(line) for line in (db / "database_tuning_record.json").read_text().splitlines()]
+    run_secs = [r[1][1][0] for r in records if len(r[1]) > 1 and r[1][1]]
+    assert run_secs and min(run_secs) < 1.0, f"no kernel was measured on the device: {records}"
+
+    out_dir = reshift.compile(graph, target="arm64", tune=True, tune_db=db_root, trials=4).save(tmp_path / "tuned")
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype("float32")
+    session = remote_api.connect(tracker=tracker_pair["addr"], key=KEY)
+    y = remote_api.deploy(out_dir, session).run_dict({"x": x})
+    reference = interpret(graph, {"x": x})
+    np.testing.assert_allclose(y[graph.outputs[0].name], reference[graph.outputs[0].name], rtol=1e-4, atol=1e-4)
