@@ -193,7 +193,8 @@ def _parse_constant(name: str, ttype: TensorType, body: str, weights: dict[str, 
 
 def parse(text: str, weights: dict[str, np.ndarray] | None = None) -> Graph:
     """Read the text form written by ``print_graph``; errors name the line."""
-    lines = [(n, line.split("//")[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
+    # a comment is "//" at the start or after white space (base64 weights may contain "//")
+    lines = [(n, re.sub(r"(^|\s)//.*$", "", line).strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
         raise ParseError("empty graph text")

@@ -193,3 +193,15 @@ def test_networkx_view_is_derived():
 def test_summary_counts(rng):
     g = ir.parse(TINY)
     assert "linear x1" in g.summary() and "40 parameter bytes" in g.summary()
+
+
+def test_base64_weights_containing_comment_marker_round_trip():
+    # 0xFFFBFF7F little-endian encodes as "//v/f..." in base64: the comment syntax must not cut it
+    weight = np.full(32, np.frombuffer(b"\xff\xfb\xff\x7f", "<f4")[0])
+    b = ir.GraphBuilder("g")
+    x = b.input("x", "f32[32]")
+    g = b.build(b.add(x, b.constant(weight)))
+    text = ir.print_graph(g)
+    assert "//" in text
+    assert ir.print_graph(ir.parse(text)) == text
+    assert ir.parse("graph g(%x: f32[1]) {  // a comment\n return %x // another\n}").outputs[0].name == "x"

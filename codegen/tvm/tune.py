@@ -128,22 +128,29 @@ def tune(
     if progress is not None:
         callbacks = [*callbacks, _progress_callback(progress, trials)]
     try:
-        ms.relax_integration.tune_relax(
-            mod=fused,
-            params={},
-            target=tvm_target,
+        tasks = [t for t in ms.relax_integration.extract_tasks(fused, tvm_target) if not _hand_scheduled(t)]
+        if not tasks:
+            return db_dir
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            extracted_tasks=tasks,
             work_dir=str(db_dir),
-            max_trials_global=trials,
-            num_trials_per_iter=min(trials, 16),
-            builder=_builder(spec),
             # ARM's default rules (from the target) fail in this TVM build ("Do not have a default for
             # prim.Broadcast" while tensorizing); the generic LLVM rules vectorize for NEON all the same.
             space=ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
             if spec.cross_compiler
             else "post-order-apply",
+            strategy="evolutionary",
+            seed=0,
+        )
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db_dir),
+            max_trials_global=trials,
+            num_trials_per_iter=min(trials, 16),
+            builder=_builder(spec),
             runner=_runner() if _REMOTE and spec.cross_compiler else ms.runner.LocalRunner(timeout_sec=120),
             measure_callbacks=callbacks,
-            seed=0,
         )
     except Exception as exc:  # noqa: BLE001 -- TVM errors become one readable message
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
@@ -151,6 +158,16 @@ def tune(
             f"tuning {graph.name!r} for {spec.name} failed: {lines[-1] if lines else type(exc).__name__}"
         ) from None
     return db_dir
+
+
+def _hand_scheduled(task) -> bool:
+    """reshift's own kernels (codegen/tvm/kernels) carry ``tirx.is_scheduled``: nothing to tune.
+
+    MetaSchedule only skips tasks whose *module* has the attribute, and its default rules fail on
+    hand-written vector code ("Do not have a default for prim.Broadcast").
+    """
+    func = task.dispatched[0]["main"] if task.dispatched else None
+    return func is not None and func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
 
 
 def _builder(spec: TargetSpec):
@@ -236,7 +253,9 @@ def _all_tuned(fused: tvm.IRModule, tvm_target: tvm.target.Target, db_dir: Path)
         return False
     database = ms.database.JSONDatabase(str(workloads), str(records), allow_missing=False)
     tasks = ms.relax_integration.extract_tasks(fused, tvm_target)
-    return all(database.has_workload(task.dispatched[0]) for task in tasks if task.dispatched)
+    return all(
+        database.has_workload(task.dispatched[0]) for task in tasks if task.dispatched and not _hand_scheduled(task)
+    )
 
 
 def apply_database_pass(db_dir: str | os.PathLike) -> tvm.transform.Pass:

@@ -34,7 +34,7 @@ def batch_matmul_func(m: int, k: int, width: int) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def bmm(a_h: T.handle, b_h: T.handle, c_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         nb = T.int64()
         a = T.match_buffer(a_h, (nb, m, k), "float32")
         b = T.match_buffer(b_h, (nb, k, width), "float32")

@@ -68,7 +68,7 @@ def conv_gemm_func(
     def conv(
         x_h: T.handle, w: T.Buffer((oc_blocks, k, rt), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, channels, plane), "float32")
         y = T.match_buffer(y_h, (n, width, pixels), "float32")
@@ -183,7 +183,7 @@ def im2col_func(
 
     @T.prim_func(private=True, s_tir=True)
     def im2col_copy(x_h: T.handle, col_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, channels, plane), "float32")
         col = T.match_buffer(col_h, (n, k, pixels), "float32")

@@ -44,7 +44,7 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
     def dense(
         x_h: T.handle, w: T.Buffer((blocks, k, LANES), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, k), "float32")
         y = T.match_buffer(y_h, (rows, width), "float32")

@@ -64,7 +64,7 @@ def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
 
         @T.prim_func(private=True)
         def gemm(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
             a8 = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
             acc = T.match_buffer(acc_h, (rows, width), "int32")
@@ -91,7 +91,7 @@ def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def gemm_generic(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         a = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
         acc = T.match_buffer(acc_h, (rows, width), "int32")

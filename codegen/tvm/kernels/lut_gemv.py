@@ -74,7 +74,7 @@ def gemv_func(blocks: int, n_groups: int, planes: int, group_size: int, avx512: 
             bias: T.Buffer((width,), "float32"),
             y_h: T.handle,
         ):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
             lut = T.match_buffer(lut_h, (rows, n_groups, slots, ROWS), "float32")
             y = T.match_buffer(y_h, (rows, width), "float32")
@@ -104,7 +104,7 @@ def gemv_func(blocks: int, n_groups: int, planes: int, group_size: int, avx512: 
         bias: T.Buffer((width,), "float32"),
         y_h: T.handle,
     ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         lut = T.match_buffer(lut_h, (rows, n_groups, slots, ROWS), "float32")
         y = T.match_buffer(y_h, (rows, width), "float32")

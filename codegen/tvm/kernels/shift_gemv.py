@@ -24,7 +24,7 @@ def shift_gemv_func(blocks: int, in_features: int, avx512: bool) -> tirx.PrimFun
 
         @T.prim_func(private=True)
         def shift_gemv(code: T.Buffer((blocks, in_features, ROWS), "int8"), q_h: T.handle, acc_h: T.handle):
-            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
             q = T.match_buffer(q_h, (rows, in_features), "int32")
             acc = T.match_buffer(acc_h, (rows, width), "int32")
@@ -48,7 +48,7 @@ def shift_gemv_func(blocks: int, in_features: int, avx512: bool) -> tirx.PrimFun
 
     @T.prim_func(private=True)
     def shift_gemv_generic(code: T.Buffer((blocks, in_features, ROWS), "int8"), q_h: T.handle, acc_h: T.handle):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         q = T.match_buffer(q_h, (rows, in_features), "int32")
         acc = T.match_buffer(acc_h, (rows, width), "int32")

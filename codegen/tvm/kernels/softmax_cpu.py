@@ -25,7 +25,7 @@ def softmax_func(n: int) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def softmax(x_h: T.handle, x2_h: T.handle, y_h: T.handle):
-        T.func_attr({"tir.noalias": False, "tir.is_scheduled": True, "op_pattern": 8})
+        T.func_attr({"tir.noalias": False, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         x = T.match_buffer(x_h, (rows, n), "float32")
         x_again = T.match_buffer(x2_h, (rows, n), "float32")
