@@ -17,6 +17,7 @@ import numpy as np
 
 from reshift.errors import ArtifactError, InputError, ModelLoadError
 from reshift.ir.graph import Graph
+from reshift.ir.specialize import specialize_batch
 from reshift.runtime.artifact import SO_NAME, make_meta, target_dict, write_meta
 
 # options of compile(**options) that belong to a frontend rather than to the pass pipeline
@@ -153,7 +154,6 @@ def compile(
     """
     from reshift import passes
     from reshift.codegen import tvm as tvm_codegen
-    from reshift.ir.specialize import specialize_batch
 
     trials = int(options.pop("trials", 64))
     tune_db = options.pop("tune_db", None)
@@ -166,19 +166,29 @@ def compile(
     graph, report = passes.run(source, pipeline, calibration=calibration, inputs=examples, **options)
     spec = tvm_codegen.resolve_target(target)
     if tune:
-        db = tune_db or os.path.join(os.path.expanduser("~"), ".cache", "reshift", "tune_db")
-        if any(not v.type.is_static for v in graph.inputs):
-            # MetaSchedule needs static extents: a tuned artifact serves one batch size
-            batch = int(tune_batch or (len(next(iter(examples.values()))) if examples else 1))
-            graph = specialize_batch(graph, batch)
-        build = tune_and_build(graph, spec, trials, db, progress)
+        batch = tune_batch or (len(next(iter(examples.values()))) if examples else None)
+        graph, build = tune_and_build(graph, spec, trials, tune_db, progress, batch)
     else:
         build = tvm_codegen.build(graph, spec)
     return CompiledModel(graph, source, report, build, pipeline)
 
 
-def tune_and_build(graph: Graph, spec: Any, trials: int, db_dir: str, progress: Any = None) -> Any:
-    """Tune with MetaSchedule (``codegen.tvm.tune``), then build with the tuned kernels."""
+def default_tune_db() -> str:
+    """Where tuning records live unless told otherwise: the user's cache directory."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "reshift", "tune_db")
+
+
+def tune_and_build(
+    graph: Graph, spec: Any, trials: int, db_dir: str | None, progress: Any = None, batch: int | None = None
+) -> tuple[Graph, Any]:
+    """Tune with MetaSchedule (``codegen.tvm.tune``), then build with the tuned kernels.
+
+    MetaSchedule needs static extents, so a symbolic batch is fixed to ``batch`` (default 1):
+    a tuned artifact serves that one batch size. Returns the (specialized) graph and the build.
+    """
+    if any(not v.type.is_static for v in graph.inputs):
+        graph = specialize_batch(graph, int(batch or 1))
+    db_dir = db_dir or default_tune_db()
     from reshift.codegen import tvm as tvm_codegen
     from reshift.errors import CodegenError
 
@@ -186,7 +196,7 @@ def tune_and_build(graph: Graph, spec: Any, trials: int, db_dir: str, progress: 
     if tune is None:
         raise CodegenError("tuning is not available in this reshift build (codegen.tvm.tune is missing)")
     db = tune(graph, spec, trials=trials, db_dir=db_dir, progress=progress)
-    return tvm_codegen.build(graph, spec, tuning_db=db)
+    return graph, tvm_codegen.build(graph, spec, tuning_db=db)
 
 
 def _calibration(calibration: Any) -> list[dict[str, np.ndarray]] | None:

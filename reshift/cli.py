@@ -183,7 +183,9 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
         optimized, report = passes.run(graph, args.pipeline, calibration=calibration, **options)
     if tune:
         with tune_progress(console, args.trials) as progress:
-            built = tune_and_build(optimized, spec, args.trials, args.db, progress)
+            optimized, built = tune_and_build(
+                optimized, spec, args.trials, args.db, progress, getattr(args, "batch", None)
+            )
     else:
         with stage(console, f"build for {spec.name}"):
             built = tvm_codegen.build(optimized, spec)
@@ -242,6 +244,7 @@ def compile_model(args: argparse.Namespace) -> int:
 @command("tune")
 def tune_model(args: argparse.Namespace) -> int:
     """Tune an ONNX model's kernels with MetaSchedule into a database directory."""
+    from reshift.api import default_tune_db
     from reshift.codegen import tvm as tvm_codegen
     from reshift.codegen.tvm.tune import remote_runner
 
@@ -249,7 +252,7 @@ def tune_model(args: argparse.Namespace) -> int:
     with remote_runner(**_remote_args(args)):  # --rpc/--tracker: measure on the device
         compiled = compile_onnx(args, console, args.target, tune=True)
     spec = tvm_codegen.resolve_target(args.target)
-    print(f"tuned {compiled.graph.name} for {spec.name}: {args.trials} trials, database {args.db}")
+    print(f"tuned {compiled.graph.name} for {spec.name}: {args.trials} trials, database {args.db or default_tune_db()}")
     return 0
 
 
@@ -521,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule first")
     p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
-    p.add_argument("--db", default="reshift_tune_db", help="tuning database directory (default: reshift_tune_db)")
+    p.add_argument("--db", help="tuning database directory (default: ~/.cache/reshift/tune_db)")
+    p.add_argument("--batch", type=int, default=1, help="batch size a tuned build is fixed to (default: 1)")
 
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
     p.add_argument("model", help="artifact directory")
@@ -541,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
-    p.add_argument("--db", required=True, help="tuning database directory (reused by later builds)")
+    p.add_argument("--db", help="tuning database directory, reused by later builds (default: ~/.cache/reshift/tune_db)")
+    p.add_argument("--batch", type=int, default=1, help="batch size the tuned kernels are for (default: 1)")
     p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     _add_remote_options(p)
