@@ -63,23 +63,29 @@ def _first_sentence(doc: str | None) -> str | None:
     return sentence
 
 
+def public_docstrings(module_name: str, methods: bool = True) -> list[str | None]:
+    """Docstrings of a corpus module, its public functions and classes (and their public methods)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    docs = [module.__doc__]
+    for name in sorted(vars(module)):
+        obj = getattr(module, name)
+        if name.startswith("_") or getattr(obj, "__module__", module_name) != module.__name__:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            docs.append(obj.__doc__)
+            if methods and inspect.isclass(obj):
+                docs += [m.__doc__ for n, m in sorted(vars(obj).items()) if inspect.isfunction(m) and n[0] != "_"]
+    return docs
+
+
 def docstring_sentences(limit: int | None = None) -> list[str]:
     """Distinct first sentences of stdlib module / public member docstrings, in a fixed order."""
     seen: dict[str, None] = {}
     for module_name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        docs = [module.__doc__]
-        for name in sorted(vars(module)):
-            obj = getattr(module, name)
-            if name.startswith("_") or getattr(obj, "__module__", module_name) != module.__name__:
-                continue
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                docs.append(obj.__doc__)
-                if inspect.isclass(obj):
-                    docs += [m.__doc__ for n, m in sorted(vars(obj).items()) if inspect.isfunction(m) and n[0] != "_"]
+        docs = public_docstrings(module_name)
         for doc in docs:
             sentence = _first_sentence(doc)
             if sentence:

@@ -32,18 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reshift  # noqa: E402
+from examples.models.minilm import SENTENCES as MINILM_SENTENCES  # noqa: E402
 from examples.models.vit import VisionTransformer  # noqa: E402
 
 CONFIG = {"img": 16, "patch": 4, "dim": 96, "depth": 4, "heads": 3, "epochs": 60, "lr": 1e-3, "seed": 0}
 SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A compiler turns a model graph into fast code for a small device.",
-    "Rain is expected in the north of the country tomorrow afternoon.",
-    "She bought three apples and a loaf of bread at the market.",
-    "Batch normalization can be folded into the preceding convolution.",
-    "The museum opens at nine and closes at five on weekdays.",
-    "Sentence embeddings map text to vectors that capture meaning.",
-    "He forgot his umbrella and walked home in the rain.",
+    *MINILM_SENTENCES,  # the model's own example sentences first
     "The train to the airport leaves every fifteen minutes.",
     "Our team finished the project two days ahead of schedule.",
     "Photosynthesis converts sunlight into chemical energy in plants.",

@@ -20,7 +20,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import importlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lowbit_accuracy import CORPUS_MODULES, apply_rtn  # noqa: E402
+from lowbit_accuracy import CORPUS_MODULES, apply_rtn, public_docstrings  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONFIG = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
@@ -44,17 +43,7 @@ def docstring_documents() -> list[str]:
     """Whole docstrings (module and public members) of the corpus modules, ASCII, deduplicated."""
     seen: dict[str, None] = {}
     for module_name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        docs = [module.__doc__]
-        for name in sorted(vars(module)):
-            obj = getattr(module, name)
-            if name.startswith("_") or getattr(obj, "__module__", module_name) != module.__name__:
-                continue
-            if inspect.isfunction(obj) or inspect.isclass(obj):
-                docs.append(inspect.getdoc(obj))
+        docs = public_docstrings(module_name, methods=False)
         for doc in docs:
             if doc and len(doc) >= 40:
                 seen.setdefault(inspect.cleandoc(doc).encode("ascii", "ignore").decode(), None)
