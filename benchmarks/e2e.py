@@ -2,10 +2,12 @@
 
 Every runner is pinned to the same thread count (TVM_NUM_THREADS is set before tvm is imported,
 torch.set_num_threads, onnxruntime intra_op) and timed in one process, interleaved round by round,
-so the noise of a shared host hits all of them alike. Reports the median per runner, the ratio of
-reshift to each baseline, and for models where reshift is slower than onnxruntime the kernels that
-dominate (each call_tir of the built module timed on its own). Writes JSON (and a PNG when
-matplotlib is installed) under benchmarks/results/.
+so the noise of a shared host hits all of them alike. Each round runs every runner as a short
+block whose first call is not timed: the previous runner's thread pool may still be spin-waiting
+(each side keeps its own, strongest, threading settings) and would otherwise steal its cores.
+Reports the median per runner, the ratio of reshift to each baseline, and for models where reshift
+is slower than onnxruntime the kernels that dominate (each call_tir of the built module timed on
+its own). Writes JSON (and a PNG when matplotlib is installed) under benchmarks/results/.
 
     python benchmarks/e2e.py --quick
     python benchmarks/e2e.py --tune-trials 64 resnet18
@@ -88,17 +90,19 @@ def reshift_runner(compiled, inputs: tuple):
     return lambda: compiled(*arrays)
 
 
-def interleaved(runners: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms per runner; each round calls every runner once, in turn."""
+def interleaved(runners: dict, rounds: int, warmup: int = 2, block: int = 3) -> dict[str, float]:
+    """Median ms per runner; each round runs every runner in turn: one untimed call, then ``block`` timed."""
     for fn in runners.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, fn in runners.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            fn()  # the previous runner's threads may still spin: let them settle
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
