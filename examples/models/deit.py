@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .common import finalize
-from .vit import Block
+from .vit import Block, init_transformer_weights
 
 
 class DistilledVisionTransformer(nn.Module):
@@ -37,13 +37,7 @@ class DistilledVisionTransformer(nn.Module):
         self.deploy = False
         for p in (self.pos_embed, self.cls_token, self.dist_token):
             nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.normal_(m.bias, std=0.02)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.normal_(m.weight, mean=1.0, std=0.1)
-                nn.init.normal_(m.bias, std=0.02)
+        init_transformer_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)

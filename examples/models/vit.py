@@ -16,6 +16,17 @@ from torch import nn
 from .common import finalize
 
 
+def init_transformer_weights(module: nn.Module) -> None:
+    """Non-trivial random weights: truncated-normal linears, LayerNorm affine away from 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.normal_(m.bias, std=0.02)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.normal_(m.weight, mean=1.0, std=0.1)
+            nn.init.normal_(m.bias, std=0.02)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, written as explicit matmuls."""
 
@@ -87,13 +98,7 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.normal_(m.bias, std=0.02)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.normal_(m.weight, mean=1.0, std=0.1)
-                nn.init.normal_(m.bias, std=0.02)
+        init_transformer_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
