@@ -127,21 +127,25 @@ def test_activation_methods(rng, method):
     )
 
 
+def random_int8_linear(b: GraphBuilder, x, rng, **attrs):
+    """An int8_linear 40 -> 20 with random int8 codes, per-channel scales and bias."""
+    codes = rng.integers(-127, 128, (20, 40)).astype(np.int8)
+    return b.int8_linear(
+        x,
+        b.constant(codes),
+        b.constant((rng.random(20) * 0.01).astype(np.float32)),
+        b.constant(rng.standard_normal(20).astype(np.float32)),
+        **attrs,
+    )
+
+
 def test_compiled_int8_kernel_and_quantizers_are_bit_exact(rng):
     """The TVM int8_linear (VNNI where the CPU has it) and quantizer lowerings match the references."""
     import reshift
 
     b = GraphBuilder("int8")
     x = b.input("x", "f32[N,5,40]")
-    codes = rng.integers(-127, 128, (20, 40)).astype(np.int8)
-    y = b.int8_linear(
-        x,
-        b.constant(codes),
-        b.constant((rng.random(20) * 0.01).astype(np.float32)),
-        b.constant(rng.standard_normal(20).astype(np.float32)),
-        x_scale=0.02,
-        x_zero_point=100,
-    )
+    y = random_int8_linear(b, x, rng, x_scale=0.02, x_zero_point=100)
     u = b.quantize_uniform(y, scale=(0.05,), zero_point=(7.0,), bits=4)
     s = b.softmax(u)
     outs = [
@@ -226,14 +230,7 @@ def test_compiled_row_granularity_kernel_is_bit_exact(rng):
 
     b = GraphBuilder("int8_rows")
     x = b.input("x", "f32[N,5,40]")
-    codes = rng.integers(-127, 128, (20, 40)).astype(np.int8)
-    y = b.int8_linear(
-        x,
-        b.constant(codes),
-        b.constant((rng.random(20) * 0.01).astype(np.float32)),
-        b.constant(rng.standard_normal(20).astype(np.float32)),
-        x_granularity="row",
-    )
+    y = random_int8_linear(b, x, rng, x_granularity="row")
     g = b.build(y)
     xin = (rng.standard_normal((3, 5, 40)) * 2).astype(np.float32)
     xin[0, 1, 2] = np.nan
