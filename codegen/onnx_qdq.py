@@ -9,6 +9,8 @@
   then ``MatMul`` + ``Add``: the pattern onnxruntime fuses into its integer kernels.
 * ``log2_quant``: a float64 decomposition (``Log``, ``Round``, ``Pow``, ``Where``) of the reference;
   with ``custom_ops="domain"`` it stays one ``ai.reshift`` node instead.
+* ``log2_matmul``: the float graph it replaces, ``MatMul(log2_quant(p), QDQ(v))`` (equal to the
+  integer reference within float32 rounding); with ``custom_ops="domain"`` one ``ai.reshift`` node.
 
 These lowerings always run (both ``custom_ops`` modes) for the uniform ops, which standard ONNX
 expresses; they match the references within float32 rounding (NaN inputs are not specified by
@@ -102,16 +104,27 @@ def _int8_linear(em, node: Node, ins):
 def _log2_quant(em, node: Node, ins):
     """``y = scale * 2^(-q a)``, ``q = max(0, rint(-log2(x / scale) / a))`` in float64; 0 for ``x <= 0``
     or ``q`` at or past the zero code; NaN stays NaN."""
+    return em.final(node, "Identity", [_log2_levels(em, ins[0], node.attrs)])
+
+
+@register_decomposition("log2_matmul")
+def _log2_matmul(em, node: Node, ins):
     a = node.attrs
+    p = _log2_levels(em, ins[0], {**a, "base": 2.0, "table_size": 16})
+    v = _qdq(em, ins[1], np.float32(a["v_scale"]), np.asarray(a["v_zero_point"]), a["v_bits"], a["v_signed"], None)
+    return em.final(node, "MatMul", [p, v])
+
+
+def _log2_levels(em, x: str, a: dict) -> str:
     step = log_step(a["base_kind"], a["base"], a["table_size"])
     d = lambda v: em.const(np.asarray(v, np.float64), "c")  # noqa: E731
-    x64 = em.one("Cast", [ins[0]], to=TensorProto.DOUBLE)
+    x64 = em.one("Cast", [x], to=TensorProto.DOUBLE)
     t = em.one("Mul", [em.one("Log", [em.one("Div", [x64, d(a["scale"])])]), d(-1.0 / (np.log(2.0) * step))])
     q = em.one("Max", [em.one("Round", [t]), d(0.0)])
     level = em.one("Mul", [em.one("Pow", [d(2.0), em.one("Mul", [q, d(-step)])]), d(a["scale"])])
     keep = em.one("And", [em.one("Greater", [x64, d(0.0)]), em.one("Less", [q, d(2 ** a["bits"] - 1)])])
     y = em.one("Cast", [em.one("Where", [keep, level, d(0.0)])], to=TensorProto.FLOAT)
-    return em.final(node, "Where", [em.one("IsNaN", [ins[0]]), ins[0], y])
+    return em.one("Where", [em.one("IsNaN", [x]), x, y])
 
 
 __all__ = ["STANDARD_QDQ_OPS"]

@@ -20,6 +20,19 @@ Each numpy reference is the exact specification passes and kernels are checked a
   row at run time, in float32: ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)``,
   ``s = (hi - lo) / (2^bits - 1)`` (``1`` where that is 0), ``z = clip(rint(-lo / s), 0, 2^bits - 1)``;
   then ``y = float32(acc) * (s * w_scale[o]) + bias[o]``.
+* ``log2_matmul`` (RepQ-ViT attention times V as shifts and adds): ``p @ v`` with ``p`` coded as
+  ``log2_quant`` does (``log2`` or ``log_sqrt2``; code ``q``, exponent ``e`` = ``q`` or ``ceil(q/2)``,
+  ``odd`` = log_sqrt2 and ``q`` odd, the zero code skipped) and ``v`` as a per-tensor
+  ``quantize_uniform`` (``v_int = clip(rint(v / v_scale) + z, lo, hi) - z``, float32 arithmetic,
+  int32). With ``E`` the exponent of the smallest level, two int32 accumulators
+  ``acc_even = sum_{k even} v_int[k] << (E - e_k)`` and ``acc_odd = sum_{k odd} v_int[k] << (E - e_k)``
+  hold ``2^E * sum_k 2^-e_k v_int[k]`` exactly (the type check proves
+  ``(2^v_bits - 1) * K * 2^E < 2^31``). The one ``sqrt2`` multiply is integer:
+  ``t = int64(acc_even) * 2^23 + int64(acc_odd) * 11863283`` (``float32(sqrt2) = 11863283 * 2^-23``),
+  exact, and ``y = float32(float64(t) * C)`` with ``C = float64(scale) * float64(v_scale) * 2^-(E+23)``
+  (exact in float64): two roundings, no add after a multiply, so a kernel with FMA contraction
+  gives the same bits. ``y[m, j]`` is NaN where row ``m`` of ``p`` or column ``j`` of ``v`` holds NaN
+  (as the float matmul of the fake-quantized operands).
 
 Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged ``custom``.
 """
@@ -29,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from reshift.errors import IRTypeError
-from reshift.ir.ops import Attr, register
+from reshift.ir.ops import Attr, _matmul_infer, register
 from reshift.ir.shapes import normalize_axis, require_float
 
 SQRT2 = np.float32(np.sqrt(2.0))
@@ -191,6 +204,118 @@ register(
 )
 
 
+# -- log2_matmul ------------------------------------------------------------------------------
+LOG2_MATMUL_KINDS = ("log2", "log_sqrt2")
+SQRT2_NUMERATOR = 11863283  # float32(sqrt2) = 11863283 * 2^-23, exactly
+SQRT2_SHIFT = 23
+ACC_LIMIT = 2**31 - 1
+
+
+def smallest_level_exponent(bits: int, base_kind: str) -> int:
+    """``E``: the exponent of the last (smallest) level, code ``2^bits - 2``."""
+    last = 2**bits - 2
+    return last if base_kind == "log2" else (last + 1) // 2
+
+
+def log2_matmul_bound(bits: int, base_kind: str, v_bits: int, k: int) -> int:
+    """The largest ``|acc|`` an int32 accumulator of ``log2_matmul`` can reach over ``k`` terms."""
+    return (2**v_bits - 1) * k * 2 ** smallest_level_exponent(bits, base_kind)
+
+
+def log2_shift_codes(p: np.ndarray, bits: int, base_kind: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, odd)`` int64 per element of ``p``: ``shift = E - e`` (``-1`` for the zero code and NaN),
+    ``odd`` 1 where the level carries the sqrt2 factor."""
+    q = log2_codes(p, bits, 1.0 if base_kind == "log2" else 0.5, scale)
+    skip = np.isnan(q) | (q == 2**bits - 1)
+    qi = np.where(skip, 0, q).astype(np.int64)
+    e, odd = (qi, np.zeros_like(qi)) if base_kind == "log2" else ((qi + 1) // 2, qi % 2)
+    shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind) - e)
+    return shift, np.where(skip, 0, odd)
+
+
+def quantize_v_int(v: np.ndarray, v_scale: float, v_zero_point: int, v_bits: int, v_signed: bool) -> np.ndarray:
+    """``clip(rint(v / s) + z, lo, hi) - z`` as int64, float32 arithmetic as ``quantize_uniform`` (NaN -> 0)."""
+    v = np.asarray(v, np.float32)
+    lo, hi = uniform_range(v_bits, v_signed)
+    clean = np.where(np.isnan(v), np.float32(0), v)
+    q = np.clip(np.rint(clean / np.float32(v_scale)) + np.float32(v_zero_point), np.float32(lo), np.float32(hi))
+    return q.astype(np.int64) - int(v_zero_point)
+
+
+def log2_matmul_rescale(bits: int, base_kind: str, scale: float, v_scale: float) -> float:
+    """``C = scale * v_scale * 2^-(E+23)`` in float64 (exact: float32 operands, a power of two)."""
+    e = smallest_level_exponent(bits, base_kind)
+    return float(np.float64(np.float32(scale)) * np.float64(np.float32(v_scale)) * 2.0 ** -(e + SQRT2_SHIFT))
+
+
+def log2_matmul_ref(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed=False):
+    """Shift-and-add attention, stated exactly (see module docstring)."""
+    p, v = np.asarray(p, np.float32), np.asarray(v, np.float32)
+    shift, odd = log2_shift_codes(p, bits, base_kind, scale)
+    v_int = quantize_v_int(v, v_scale, v_zero_point, v_bits, v_signed).astype(np.float64)
+    power = np.where(shift >= 0, np.ldexp(1.0, np.maximum(shift, 0)), 0.0)  # 2^(E - e), exact in float64
+    # float64 matmuls are exact here: every partial sum is an integer below 2^31 (the type check's bound)
+    acc_even = np.matmul(np.where(odd == 0, power, 0.0), v_int).astype(np.int64)
+    acc_odd = np.matmul(np.where(odd == 1, power, 0.0), v_int).astype(np.int64)
+    t = acc_even * 2**SQRT2_SHIFT + acc_odd * SQRT2_NUMERATOR
+    y = (t.astype(np.float64) * log2_matmul_rescale(bits, base_kind, scale, v_scale)).astype(np.float32)
+    nan = np.isnan(p).any(axis=-1)[..., :, None] | np.isnan(v).any(axis=-2)[..., None, :]
+    return np.where(nan, np.float32(np.nan), y).astype(np.float32)
+
+
+def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed):
+    require_float(p, "log2_matmul")
+    require_float(v, "log2_matmul")
+    if p.rank < 2 or v.rank < 2 or p.shape[-1] != v.shape[-2]:
+        raise IRTypeError(f"log2_matmul: p {p} must be [..., M, K] and v {v} [..., K, D]")
+    if base_kind not in LOG2_MATMUL_KINDS:
+        raise IRTypeError(
+            f"log2_matmul: base_kind {base_kind!r} must be one of {LOG2_MATMUL_KINDS} (adaptive bases stay "
+            "log2_quant + matmul)"
+        )
+    if not 2 <= bits <= 8 or not 2 <= v_bits <= 8:
+        raise IRTypeError(f"log2_matmul: bits {bits} and v_bits {v_bits} must be in 2..8")
+    for name, value in (("scale", scale), ("v_scale", v_scale)):
+        if not (value > 0 and np.isfinite(value)):
+            raise IRTypeError(f"log2_matmul: {name} {value} must be positive and finite")
+    lo, hi = uniform_range(v_bits, v_signed)
+    if not lo <= v_zero_point <= hi:
+        raise IRTypeError(f"log2_matmul: v_zero_point {v_zero_point} must be in [{lo}, {hi}]")
+    k = p.shape[-1]
+    if not isinstance(k, int):
+        raise IRTypeError(f"log2_matmul: the contraction dimension of {p} must be static (int32 bound)")
+    bound = log2_matmul_bound(bits, base_kind, v_bits, k)
+    if bound > ACC_LIMIT:
+        raise IRTypeError(
+            f"log2_matmul: {bits}-bit {base_kind} levels reach 2^-{smallest_level_exponent(bits, base_kind)}; "
+            f"{2**v_bits - 1} * {k} * 2^{smallest_level_exponent(bits, base_kind)} overflows the int32 "
+            "accumulator: keep log2_quant + matmul, or use fewer bits"
+        )
+    return _matmul_infer(p, v)
+
+
+register(
+    "log2_matmul",
+    ["p", "v"],
+    {
+        "bits": Attr("int", 4),
+        "base_kind": Attr("str", "log_sqrt2"),
+        "scale": Attr("float", 1.0),
+        "v_scale": Attr("float"),
+        "v_zero_point": Attr("int", 0),
+        "v_bits": Attr("int", 8),
+        "v_signed": Attr("bool", False),
+    },
+    _log2_matmul_infer,
+    log2_matmul_ref,
+    "y = float32(float64(acc_even * 2^23 + acc_odd * 11863283) * scale * v_scale * 2^-(E+23)), acc_even/odd = "
+    "int32 sum_k v_int[k] << (E - e_k) over even/odd log2 codes of p (zero code skipped), v_int = per-tensor "
+    "uniform codes of v",
+    macs=lambda out, p, v, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])) * int(p[-1]),
+    tags={"custom", "contraction"},
+)
+
+
 # -- int8_linear ------------------------------------------------------------------------------
 def quantize_activations(x2: np.ndarray, x_scale: float, x_zero_point: int, x_bits: int) -> np.ndarray:
     """``clip(rint(x / s) + z, 0, 2^bits - 1)`` as int32 (NaN rows give 0; the caller masks them)."""
@@ -280,16 +405,24 @@ register(
 
 __all__ = [
     "LOG2_KINDS",
+    "LOG2_MATMUL_KINDS",
+    "SQRT2_NUMERATOR",
     "SQRT2",
     "adaptive_exponent",
     "fraction_table",
     "int8_linear_ref",
     "log2_codes",
     "log2_levels",
+    "log2_matmul_bound",
+    "log2_matmul_ref",
+    "log2_matmul_rescale",
+    "log2_shift_codes",
     "log2_quant_ref",
     "log_step",
     "quantize_activations",
     "quantize_uniform_ref",
+    "quantize_v_int",
     "row_params",
+    "smallest_level_exponent",
     "uniform_range",
 ]

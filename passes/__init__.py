@@ -61,9 +61,15 @@ PIPELINES: dict[str, list[str]] = {
 # softmax, + scale reparameterization (RepQ-ViT), + AdaLog adaptive-base softmax/GELU
 for _b in (8, 6, 4):
     PIPELINES[f"w{_b}a{_b}"] = [f"quantize_w{_b}a{_b}"]
-    PIPELINES[f"w{_b}a{_b}_log2"] = [f"log2_a{_b}", f"quantize_w{_b}a{_b}"]
-    PIPELINES[f"w{_b}a{_b}_repq"] = [f"scale_reparam_a{_b}", f"log2_a{_b}", f"quantize_w{_b}a{_b}"]
-    PIPELINES[f"w{_b}a{_b}_adalog"] = [f"scale_reparam_a{_b}", f"adalog_a{_b}", f"quantize_w{_b}a{_b}"]
+    # fuse_log2_matmul: log2 attention @ quantized V -> integer shift-add log2_matmul where it fits int32
+    PIPELINES[f"w{_b}a{_b}_log2"] = [f"log2_a{_b}", f"quantize_w{_b}a{_b}", "fuse_log2_matmul"]
+    PIPELINES[f"w{_b}a{_b}_repq"] = [f"scale_reparam_a{_b}", f"log2_a{_b}", f"quantize_w{_b}a{_b}", "fuse_log2_matmul"]
+    PIPELINES[f"w{_b}a{_b}_adalog"] = [
+        f"scale_reparam_a{_b}",
+        f"adalog_a{_b}",
+        f"quantize_w{_b}a{_b}",
+        "fuse_log2_matmul",
+    ]
 
 
 def register_pass(p: Pass) -> Pass:

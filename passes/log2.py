@@ -14,8 +14,18 @@
   sees ``X + c`` (``c = 0.17 >= -min GELU``) and the next linear absorbs the shift:
   ``W X + b = W (X + c) + (b - c W 1)``.
 
-Passes: ``log2_a{bits}`` (RepQ-ViT, softmax only; option ``base_kind``) and ``adalog_a{bits}``
-(adaptive base on softmax and post-GELU). Option ``a_bits`` overrides the bits.
+* RepQ-ViT's integer attention: ``matmul(log2_quant(A), quantize_uniform(V))`` becomes one
+  ``log2_matmul`` (``ir/ops_quant.py``): ``sum_k 2^-e_k V_int[k]`` as int32 shifts and adds, two
+  accumulators (even and odd codes; the odd one takes the one ``sqrt2`` multiply), zero codes
+  skipped, one rescale by ``scale * v_scale``. Exact up to float32 rounding against the
+  fake-quantized graph it replaces (it carries the same codes and the same calibrated per-tensor V
+  scale). Refused, with the reason in the report: adaptive bases (AdaLog's fractional powers need a
+  table multiply per term; they stay fake-quant), a float or per-channel V, and code ranges whose
+  shifts overflow int32 (``(2^v_bits - 1) * tokens * 2^E``: 4-bit codes fit 197 tokens; 6- and
+  8-bit log-sqrt2 codes, down to ``2^-31`` and ``2^-127``, do not).
+
+Passes: ``log2_a{bits}`` (RepQ-ViT, softmax only; option ``base_kind``), ``adalog_a{bits}``
+(adaptive base on softmax and post-GELU) and ``fuse_log2_matmul``. Option ``a_bits`` overrides the bits.
 """
 
 from __future__ import annotations
@@ -24,11 +34,18 @@ import numpy as np
 
 from reshift.ir.builder import create_node
 from reshift.ir.graph import Graph, Node, Value
-from reshift.ir.ops_quant import log2_quant_ref
+from reshift.ir.ops_quant import (
+    ACC_LIMIT,
+    LOG2_MATMUL_KINDS,
+    log2_matmul_bound,
+    log2_quant_ref,
+    smallest_level_exponent,
+)
 from reshift.passes.calibrate import observe, require_calibration
-from reshift.passes.manager import Pass, PassContext
+from reshift.passes.manager import Pass, PassContext, rule_pass
+from reshift.passes.pattern import Any, Match, Op
 from reshift.passes.quantize import insert_quantizer
-from reshift.passes.rules import RuleStats
+from reshift.passes.rules import RewriteContext, Rule, RuleStats
 
 GELU_SHIFT = 0.17  # >= -min_x GELU(x) = 0.16997...
 TABLE_SIZE = 16
@@ -164,6 +181,73 @@ def adalog_pass(bits: int) -> Pass:
     )
 
 
-LOG2_PASSES = [p(b) for b in (8, 6, 4) for p in (log2_pass, adalog_pass)]
+# -- log2_quant -> matmul as shifts and adds ----------------------------------------------------
+LOG2_ATTENTION = Op("matmul", Op("log2_quant", Any("p"), name="pq"), Any("vq"), name="mm")
 
-__all__ = ["GELU_SHIFT", "LOG2_PASSES", "adalog_pass", "log2_activations", "log2_pass", "search_adaptive"]
+
+def _log2_matmul_check(m: Match, graph: Graph) -> str | None:
+    a = m.nodes["pq"].attrs
+    if a["base_kind"] not in LOG2_MATMUL_KINDS:
+        return (
+            f"log2_quant base_kind {a['base_kind']!r} (base {a['base']:.4g}): fractional powers need a table "
+            "multiply per term, not a shift; stays fake-quant"
+        )
+    vq = graph.producers().get(m["vq"])
+    if vq is None or vq.op != "quantize_uniform":
+        return f"V %{m['vq'].name} is not quantized: run after quantize_w*a* so V has a calibrated per-tensor scale"
+    if len(vq.attrs["scale"]) != 1:
+        return f"V quantizer {vq.name} is per channel; log2_matmul needs one per-tensor V scale"
+    if len(m["p"].shape) < 2 or len(m["vq"].shape) < 2 or m["p"].shape[:-2] != m["vq"].shape[:-2]:
+        return f"operands {m['p'].type} @ {m['vq'].type} are not batched [..., M, K] @ [..., K, D] alike"
+    k = m["p"].shape[-1]
+    if not isinstance(k, int):
+        return f"contraction dimension {k!r} is symbolic: no static int32 bound"
+    bound = log2_matmul_bound(a["bits"], a["base_kind"], vq.attrs["bits"], k)
+    if bound > ACC_LIMIT:
+        e = smallest_level_exponent(a["bits"], a["base_kind"])
+        return (
+            f"{a['bits']}-bit {a['base_kind']} levels reach 2^-{e}: {2 ** vq.attrs['bits'] - 1} * {k} tokens * 2^{e} "
+            "overflows the int32 accumulator; stays fake-quant"
+        )
+    return None
+
+
+def _log2_matmul_rewrite(m: Match, ctx: RewriteContext) -> Value:
+    a, v = m.nodes["pq"].attrs, ctx.graph.producers()[m["vq"]]
+    return ctx.op(
+        "log2_matmul",
+        m["p"],
+        v.inputs[0],
+        bits=a["bits"],
+        base_kind=a["base_kind"],
+        scale=a["scale"],
+        v_scale=v.attrs["scale"][0],
+        v_zero_point=int(v.attrs["zero_point"][0]),
+        v_bits=v.attrs["bits"],
+        v_signed=v.attrs["signed"],
+    )
+
+
+LOG2_MATMUL_RULES = [
+    Rule("log2_matmul", LOG2_ATTENTION, _log2_matmul_check, _log2_matmul_rewrite, allow_shared_interior=True)
+]
+FUSE_LOG2_MATMUL = rule_pass(
+    "fuse_log2_matmul",
+    LOG2_MATMUL_RULES,
+    doc="matmul(log2_quant(A), quantize_uniform(V)) -> log2_matmul (int32 shifts and adds, RepQ-ViT)",
+    exact=True,
+)
+
+LOG2_PASSES = [p(b) for b in (8, 6, 4) for p in (log2_pass, adalog_pass)] + [FUSE_LOG2_MATMUL]
+
+__all__ = [
+    "FUSE_LOG2_MATMUL",
+    "GELU_SHIFT",
+    "LOG2_ATTENTION",
+    "LOG2_MATMUL_RULES",
+    "LOG2_PASSES",
+    "adalog_pass",
+    "log2_activations",
+    "log2_pass",
+    "search_adaptive",
+]

@@ -14,8 +14,15 @@ All quantizers are calibrated in one set of interpreter runs over ``PassContext.
 the graph as it stands (not sequentially). Options: ``w_bits``, ``a_bits``, ``act_method``,
 ``weight_method``, ``skip`` (see ``quant_common``), ``quantize_matmuls`` (default True),
 ``act_granularity`` (``"tensor"``: static scales from calibration; ``"row"``: per-token scales
-computed at run time by the kernel), ``smooth_alpha`` (SmoothQuant scale migration into the
-linear's weight before quantizing, e.g. 0.5; off by default).
+computed at run time by the kernel; default :func:`default_act_granularity`), ``smooth_alpha``
+(SmoothQuant scale migration into the linear's weight before quantizing, e.g. 0.5; off by default).
+
+Default activation granularity: ``"row"`` at 8 bits, as int8 LLM runtimes do (LLM.int8, SmoothQuant's
+per-token W8A8, onnxruntime's dynamic quantization): one min/max per token at run time, so
+MiniLM's post-LayerNorm outlier channels no longer set one scale for every token
+(``benchmarks/ptq_vit.py``: cosine to fp32 0.9935 per tensor, 0.9988 per row). Below 8 bits the
+default stays ``"tensor"``, the static setting the RepQ-ViT / AdaLog pipelines (scale reparam,
+log2 quantizers) are designed for and measured in. Matmul inputs are per tensor either way.
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ from reshift.passes.quant_common import LINEAR, candidate_reason
 from reshift.passes.rules import Refusal, RuleStats
 
 QUANTIZER_OPS = ("quantize_uniform", "log2_quant")
+GRANULARITIES = ("tensor", "row")
+
+
+def default_act_granularity(a_bits: int) -> str:
+    """``"row"`` (dynamic per token) for 8-bit activations, ``"tensor"`` (static) below: see module docstring."""
+    return "row" if a_bits >= 8 else "tensor"
 
 
 def produced_by_quantizer(value: Value, producers: dict[Value, Node]) -> bool:
@@ -126,8 +139,8 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
                     matmul_inputs.setdefault(v, []).append(node)
     if not linears and not matmul_inputs:
         return stats
-    granularity = opts.get("act_granularity", "tensor")
-    if granularity not in ("tensor", "row"):
+    granularity = opts.get("act_granularity") or default_act_granularity(a_bits)
+    if granularity not in GRANULARITIES:
         raise PassError(f"quantize: act_granularity {granularity!r} must be 'tensor' or 'row'")
     calibration = require_calibration(ctx.calibration, f"w{w_bits}a{a_bits} quantization")
     if opts.get("smooth_alpha") is not None:
@@ -218,7 +231,8 @@ def quantize_pass(w_bits: int, a_bits: int) -> Pass:
         name,
         lambda graph, ctx: quantize_transformer(graph, ctx, w_bits, a_bits),
         exact=False,
-        doc=f"linear -> int8_linear (W{w_bits} per channel, A{a_bits} per tensor), matmul inputs fake-quantized",
+        doc=f"linear -> int8_linear (W{w_bits} per channel, A{a_bits} per "
+        f"{'row, dynamic' if default_act_granularity(a_bits) == 'row' else 'tensor'}), matmul inputs fake-quantized",
     )
 
 
@@ -227,11 +241,13 @@ QUANTIZE_PASSES = [quantize_pass(b, b) for b in BIT_WIDTHS]
 
 __all__ = [
     "BIT_WIDTHS",
+    "GRANULARITIES",
     "QUANTIZER_OPS",
     "QUANTIZE_PASSES",
     "insert_quantizer",
     "produced_by_quantizer",
     "quantize_pass",
+    "default_act_granularity",
     "quantize_transformer",
     "quantizer_table",
     "replace_node",

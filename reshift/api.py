@@ -117,9 +117,10 @@ class CompiledModel:
         return self._module().benchmark(*args, repeat=repeat, warmup=warmup, **kwargs)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the artifact (``model.so`` + ``meta.json``) to ``directory``; returns it."""
-        from reshift.codegen.tvm import export_library
+        """Write the artifact (``model.so``, ``meta.json``, CUDA: ``kernels.fatbin``) to ``directory``."""
+        from reshift.codegen.tvm import compile_cuda_kernels, export_library
         from reshift.ir.text import print_graph
+        from reshift.runtime.cuda_kernels import KERNELS_NAME, kernels_meta
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -129,6 +130,11 @@ class CompiledModel:
         export_library(self.build, str(so))
         source_text = print_graph(self.source_graph, weights="full")  # hashed into meta.json
         self.meta = make_meta(self.graph, self.build.target, self.pipeline, so, source_text)
+        kernels = compile_cuda_kernels(self.build)  # CUDA: ship the kernels compiled, not as source
+        if kernels is not None:
+            fatbin, cuda_source = kernels
+            (directory / KERNELS_NAME).write_bytes(fatbin)
+            self.meta["cuda_kernels"] = kernels_meta(fatbin, cuda_source)
         write_meta(directory, self.meta)
         return directory
 

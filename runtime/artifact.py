@@ -4,12 +4,14 @@
       model.so     TVM Relax VM executable (``export_library``); the weights are constants in
                    the executable's constant pool, so the .so is self-contained (no params file)
       meta.json    what the runtime needs to check and call it, see :func:`make_meta`
+      kernels.fatbin  CUDA targets only: the kernels compiled ahead of time (runtime/cuda_kernels.py)
 
 ``meta.json`` holds: ``format`` (layout version), ``reshift_version``, ``tvm_version``, ``name``,
 ``inputs``/``outputs`` (``{"name", "shape", "dtype"}``; a symbolic dim is a string such as
 ``"N"`` or ``"197*N"``), ``target`` (``name``, ``tvm_target`` dict, ``device_type``),
 ``pipeline``, ``graph_sha256`` (sha256 of the source graph's text form with full weights),
-``so_sha256`` (sha256 of model.so, checked on load) and ``created`` (UTC, ISO 8601).
+``so_sha256`` (sha256 of model.so, checked on load), ``created`` (UTC, ISO 8601) and, for CUDA,
+``cuda_kernels`` (``file``, ``sha256``, ``bytes`` and the ``source_sha256`` it was compiled from).
 
 This module needs only the standard library (the runtime imports neither torch nor onnx).
 """

@@ -20,6 +20,7 @@ import numpy as np
 
 from reshift.errors import ArtifactError, InputError
 from reshift.runtime.artifact import check_target, read_meta, split_dim, verify_so
+from reshift.runtime.cuda_kernels import register_prebuilt
 
 # dtype names of meta.json -> numpy dtypes (bfloat16 resolved lazily through ml_dtypes)
 _NUMPY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
@@ -58,14 +59,14 @@ class LoadedModel:
     """A compiled model ready to run: a Relax VM over the executable plus the artifact's meta."""
 
     def __init__(self, executable: Any, meta: dict[str, Any], device: str = "cpu", path: str | Path | None = None):
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
 
         self.meta = meta
         self.device = device
         self.path = Path(path) if path is not None else None
         self._dev = tvm_device(device)
         try:
-            self._vm = relax.VirtualMachine(executable, self._dev)
+            self._vm = VirtualMachine(executable, self._dev)
         except Exception as exc:  # a TVM error here means the module does not fit this device
             raise ArtifactError(
                 f"{self.path or 'model'} cannot be initialized on {device}: {type(exc).__name__}: "
@@ -229,6 +230,39 @@ def _flatten(result: Any) -> list[Any]:
     return out
 
 
+# device kind -> TVM runtime sidecar library holding that device's API and module loader
+_DEVICE_RUNTIME_LIBS = {"cuda": "tvm_runtime_cuda"}
+
+
+def load_device_runtime(kind: str) -> None:
+    """Load the device's TVM runtime sidecar (``libtvm_runtime_cuda.so``) when ``import tvm`` did not.
+
+    A full TVM loads it at import; a runtime-only TVM (``TVM_USE_RUNTIME_LIB=1``, the edge and GPU
+    deployment setting) skips every backend, and a CUDA artifact then fails with "Device API cuda
+    is not enabled". Raises :class:`ArtifactError` naming the library when it cannot be loaded.
+    """
+    name = _DEVICE_RUNTIME_LIBS.get(kind)
+    if name is None:
+        return
+    from tvm.base import _LOADED_LIBS
+
+    if name in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS[name] = load_lib_ctypes(
+            package="tvm", target_name=name, extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL"
+        )
+    except (OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(
+            f"the TVM {kind} runtime (lib{name}.so) cannot be loaded: {reason}; "
+            "is the NVIDIA driver (libcuda.so.1) and CUDA runtime (libcudart) on the library path?"
+        ) from None
+
+
 def load(path: str | Path, device: str = "cpu") -> LoadedModel:
     """Load an artifact directory written by ``CompiledModel.save`` / ``reshift compile``.
 
@@ -240,6 +274,8 @@ def load(path: str | Path, device: str = "cpu") -> LoadedModel:
     so = verify_so(path, meta)
     import tvm
 
+    load_device_runtime(device.split(":")[0])
+    register_prebuilt(path, meta)
     try:
         executable = tvm.runtime.load_module(str(so))
     except Exception as exc:

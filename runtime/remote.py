@@ -134,14 +134,14 @@ class RemoteModel:
     output_names = LoadedModel.output_names
 
     def __init__(self, remote, rexec, meta: dict[str, Any], where: str):
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
 
         self.remote = remote
         self.meta = meta
         self.device = "cpu"
         self.where = where
         self._dev = remote.cpu()
-        self._vm = relax.VirtualMachine(rexec, self._dev)
+        self._vm = VirtualMachine(rexec, self._dev)
 
     def __repr__(self) -> str:
         return f"<RemoteModel {self.meta.get('name', '')} on {self.where}>"

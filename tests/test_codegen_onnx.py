@@ -294,9 +294,9 @@ def _lowbit_graph(op: str, out: int = 6, k: int = 20, bias: bool = True):
     return b.build(y)
 
 
-# the quantizer ops (quantize_uniform, log2_quant, int8_linear) export as QDQ / their own
+# the quantizer ops (quantize_uniform, log2_quant, int8_linear, log2_matmul) export as QDQ / their own
 # decompositions, tested with calibrated graphs in tests/test_passes_quantize.py
-QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear")
+QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear", "log2_matmul")  # log2_matmul: test_passes_log2.py
 
 
 def test_every_custom_op_has_an_export_test():

@@ -98,3 +98,60 @@ def test_packing_layouts():
     code = pack_shift(np.array([[1, -1, 0]], np.int8), np.array([[0, 3, 5]], np.uint8), 4)
     assert code.shape == (1, 3, 16)
     assert [int(v) for v in code[0, :, 0]] == [15, np.int8(np.uint8(0x80 | 12)), 32]
+
+
+# -- CUDA kernels: their loops run unbound on the CPU here (no GPU in CI); the GPU check is
+# benchmarks/cuda_check.py, run where a GPU is lent.
+def _cpu_build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), {"kind": "llvm"})["main"]
+
+
+@pytest.mark.parametrize("blocks, n_groups, planes, group", [(1, 1, 1, 32), (5, 3, 2, 128), (9, 11, 4, 64)])
+def test_cuda_lut_kernel_matches_cpu_kernel(blocks, n_groups, planes, group):
+    from reshift.codegen.tvm.kernels.lut_gemv import gemv_func
+    from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
+    from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
+
+    slots, words = slot_layout(group)
+    rows = 3
+    lut = RNG.standard_normal((rows, n_groups, slots, ROWS)).astype(np.float32)
+    w = RNG.integers(0, 2**32, (blocks, n_groups, planes, words, ROWS), dtype=np.uint64).astype(np.uint32)
+    alpha = RNG.standard_normal((blocks, n_groups, planes, ROWS)).astype(np.float32)
+    zeros = np.zeros(blocks * ROWS, np.float32)
+    part = tvm.runtime.tensor(np.zeros((split_for(n_groups), rows, blocks * ROWS), np.float32))
+    _cpu_build(gemv_cuda_func(blocks, n_groups, planes, group, serial=True))(
+        *[tvm.runtime.tensor(a) for a in (lut, w, alpha)], part
+    )
+    expected = tvm.runtime.tensor(np.zeros((rows, blocks * ROWS), np.float32))
+    _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=False))(
+        *[tvm.runtime.tensor(a) for a in (lut, w, alpha, zeros)], expected
+    )
+    np.testing.assert_allclose(part.numpy().sum(0), expected.numpy(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("blocks, k", [(1, 5), (3, 300), (2, 1000)])
+def test_cuda_shift_kernel_matches_cpu_kernel_bit_exactly(blocks, k):
+    from reshift.codegen.tvm.kernels.packing import ROWS
+    from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
+    from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
+
+    rows = 2
+    sign = RNG.integers(-1, 2, (blocks * ROWS, k)).astype(np.int8)
+    code = pack_shift(sign, RNG.integers(0, 32, sign.shape).astype(np.uint8), 5)  # shifts up to 31: wraps
+    q = RNG.integers(-127, 128, (rows, k)).astype(np.int32)
+    part = tvm.runtime.tensor(np.zeros((shift_split_for(k), rows, blocks * ROWS), np.int32))
+    _cpu_build(shift_gemv_cuda_func(blocks, k, serial=True))(tvm.runtime.tensor(code), tvm.runtime.tensor(q), part)
+    expected = tvm.runtime.tensor(np.zeros((rows, blocks * ROWS), np.int32))
+    _cpu_build(shift_gemv_func(blocks, k, avx512=False))(tvm.runtime.tensor(code), tvm.runtime.tensor(q), expected)
+    total = part.numpy().astype(np.int64).sum(0)
+    np.testing.assert_array_equal(((total + 2**31) % 2**32 - 2**31).astype(np.int32), expected.numpy())
+
+
+@pytest.mark.parametrize("kind", ["bcq", "ternary", "shift"])
+def test_cuda_build_keeps_weights_packed(kind):
+    """A CUDA build runs reshift's GPU kernels on packed weights, not a decoded float32 matmul."""
+    executable = build(_graph(kind, 40, 70, 16, 2), "cuda-sm90").executable
+    device = [m for m in executable.mod.imports[0].imports if m.kind == "cuda"]
+    source = device[0].inspect_source()
+    assert "_gemv_cuda" in source and "blockIdx.z" in source  # the activation row
+    assert "matmul" not in source

@@ -66,9 +66,11 @@ def test_log2_quant_scale():
 def test_repq_log2_softmax_pass(rng):
     g = mlp_attention(rng)
     g2, report = passes.run(g, "w4a4_log2", calibration=batches(rng, 2), skip=())
-    assert g2.op_histogram()["log2_quant"] == 1 and g2.op_histogram()["quantize_uniform"] == 3
-    node = next(n for n in g2.nodes if n.op == "log2_quant")
-    assert node.attrs["base_kind"] == "log_sqrt2" and node.attrs["bits"] == 4
+    hist = g2.op_histogram()  # log2_quant -> matmul <- quantize_uniform(V) fused into log2_matmul
+    assert hist["log2_matmul"] == 1 and hist["quantize_uniform"] == 2 and "log2_quant" not in hist
+    node = next(n for n in g2.nodes if n.op == "log2_matmul")
+    assert node.attrs["base_kind"] == "log_sqrt2" and node.attrs["bits"] == 4 and node.attrs["v_bits"] == 4
+    assert report.matches["log2_matmul"] == 1
     assert ir.interpret(g2, batches(rng, 1)[0])  # runs
 
 
@@ -114,3 +116,86 @@ def test_log2_quant_onnx_decomposition_and_domain(rng):
     domain = to_onnx(g, custom_ops="domain")
     onnx.checker.check_model(domain)
     assert [n.domain for n in domain.graph.node if n.op_type == "log2_quant"] == ["ai.reshift"] * 3
+
+
+# -- log2_quant -> matmul fused into log2_matmul ---------------------------------------------------
+def tiny_vit_graph():
+    import torch
+
+    import reshift
+    from examples.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 4, 48, 1, 3, 10).eval()  # 17 tokens, 3 heads of 16
+    return reshift.frontend.from_torch(model, (torch.randn(2, 3, 16, 16),))
+
+
+def _unfused_and_fused(g, pipeline, calib, **options):
+    from reshift.passes import PASSES, PassContext, PassManager, pipeline_passes
+
+    unfused, _ = PassManager([p for p in pipeline_passes(pipeline) if p.name != "fuse_log2_matmul"]).run(
+        g, PassContext(calib, options)
+    )
+    fused, report = PassManager([PASSES["fuse_log2_matmul"]]).run(unfused, PassContext(calib, options))
+    return unfused, fused, report
+
+
+@pytest.mark.parametrize("pipeline", ["w4a4_log2", "w4a4_repq"])
+def test_fused_log2_matmul_matches_fake_quant_on_tiny_vit_attention(rng, pipeline):
+    """On a 3-head ViT block the fused kernel reproduces the fake-quant attention (float32 rounding)."""
+    g = tiny_vit_graph()
+    calib = [{g.inputs[0].name: rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    test = {g.inputs[0].name: rng.standard_normal((3, 3, 16, 16)).astype(np.float32)}
+    unfused, fused, report = _unfused_and_fused(g, pipeline, calib)
+    assert report.matches == {"log2_matmul": 1} and "log2_quant" not in fused.op_histogram()
+    node = next(n for n in fused.nodes if n.op == "log2_matmul")
+    producers = unfused.producers()
+    matmul = next(
+        n
+        for n in unfused.nodes
+        if n.op == "matmul" and producers.get(n.inputs[0]) and producers[n.inputs[0]].op == "log2_quant"
+    )
+    a = ir.interpret(fused, test, return_all=True)[node.outputs[0].name]
+    b = ir.interpret(unfused, test, return_all=True)[matmul.outputs[0].name]
+    assert a.shape == b.shape == (3, 3, 17, 16)
+    assert max_relative_error(a, b) < 1e-5
+    out_f, out_u = ir.interpret(fused, test), ir.interpret(unfused, test)
+    name = g.outputs[0].name
+    assert max_relative_error(out_f[name], out_u[name]) < 1e-3  # later 4-bit requantization may flip a code
+
+
+def test_fuse_log2_matmul_refuses_with_reasons(rng):
+    """Float V (no quantizer), adaptive bases and 6-bit log-sqrt2 codes (int32 overflow) stay fake-quant."""
+    from reshift.passes import PASSES, PassContext, PassManager
+
+    g, calib = mlp_attention(rng), batches(rng, 2)
+    fuse = PassManager([PASSES["log2_a4"], PASSES["fuse_log2_matmul"]])
+    g_float_v, report = fuse.run(g, PassContext(calib, {}))
+    assert "log2_matmul" not in g_float_v.op_histogram() and g_float_v.op_histogram()["log2_quant"] == 1
+    assert any("is not quantized" in r.reason for r in report.refusals)
+    _, g6, report6 = _unfused_and_fused(g, "w6a6_log2", calib, skip=())
+    assert "log2_matmul" not in g6.op_histogram()
+    assert any("overflows the int32 accumulator" in r.reason for r in report6.refusals)
+    _, g_ada, report_ada = _unfused_and_fused(g, "w4a4_log2", calib, skip=(), base_kind="adaptive")
+    assert "log2_matmul" not in g_ada.op_histogram()
+    assert any("fractional powers" in r.reason for r in report_ada.refusals)
+
+
+def test_log2_matmul_onnx_decomposition_and_domain(rng):
+    import onnx
+    import onnxruntime as ort
+
+    from reshift.codegen.onnx import to_onnx
+
+    b = GraphBuilder("log2_mm")
+    p, v = b.input("p", "f32[N,2,7,7]"), b.input("v", "f32[N,2,7,8]")
+    g = b.build(b.log2_matmul(p, v, bits=4, v_scale=0.05, v_zero_point=7, v_bits=4))
+    logits = rng.standard_normal((3, 2, 7, 7))
+    pin = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    feeds = {"p": pin, "v": rng.standard_normal((3, 2, 7, 8)).astype(np.float32)}
+    model = to_onnx(g)
+    onnx.checker.check_model(model)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert max_relative_error(out, ir.interpret(g, feeds)[g.outputs[0].name]) < 1e-5
+    domain = to_onnx(g, custom_ops="domain")
+    assert [n.domain for n in domain.graph.node if n.op_type == "log2_matmul"] == ["ai.reshift"]

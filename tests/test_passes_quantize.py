@@ -282,3 +282,21 @@ def test_qdq_export_quantizer_edges(rng):
     sess = ort.InferenceSession(to_onnx(g).SerializeToString(), providers=["CPUExecutionProvider"])
     for out, ref in zip(sess.run(None, {"x": xin}), ir.interpret(g, {"x": xin}).values(), strict=True):
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_default_activation_granularity_is_row_at_8_bits_tensor_below(rng):
+    """w8a8 quantizes activations per token at run time by default (LLM int8 runtimes; MiniLM W8A8
+    needs it for cosine >= 0.995); w6a6/w4a4 keep static per-tensor scales; both stay selectable."""
+    g, calib = mlp_attention(rng), batches(rng, 2)
+    for pipeline, options, expected in [
+        ("w8a8", {}, "row"),
+        ("w8a8", {"act_granularity": "tensor"}, "tensor"),
+        ("w6a6", {}, "tensor"),
+        ("w4a4", {"act_granularity": "row"}, "row"),
+    ]:
+        g2, report = passes.run(g, pipeline, calibration=calib, skip=(), **options)
+        modes = {n.attrs["x_granularity"] for n in g2.nodes if n.op == "int8_linear"}
+        assert modes == {expected}, (pipeline, options)
+        assert all(d["x_granularity"] == expected for d in report.details.values() if "w_bits" in d and "a_bits" in d)
+    with pytest.raises(Exception, match="act_granularity"):
+        passes.run(g, "w8a8", calibration=calib, act_granularity="col")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,7 +177,9 @@ def test_torch_tensors_in_and_out(artifact, graph, inputs):
         model(x.double(), bias)
 
 
-def test_runtime_never_imports_torch_or_onnx(artifact, inputs, tmp_path):
+@pytest.mark.parametrize("runtime_only", [False, True], ids=["full-tvm", "tvm-runtime-only"])
+def test_runtime_never_imports_torch_or_onnx(artifact, inputs, tmp_path, runtime_only):
+    """Also with TVM_USE_RUNTIME_LIB=1, the deployment setting: no compiler library, no tvm.relax."""
     np.savez(tmp_path / "in.npz", **inputs)
     script = textwrap.dedent(
         f"""
@@ -193,6 +197,67 @@ def test_runtime_never_imports_torch_or_onnx(artifact, inputs, tmp_path):
         print("ok", float(r.sum()))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"} if runtime_only else None
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+# -- CUDA artifacts (built here, no GPU): kernels compiled ahead of time, served at load ----------
+@pytest.fixture(scope="module")
+def cuda_artifact(graph, tmp_path_factory):
+    from reshift.codegen.tvm.build import _find_cuda_path
+
+    if _find_cuda_path() is None and shutil.which("nvcc") is None:
+        pytest.skip("no CUDA toolkit (nvcc) on this machine")
+    compiled = reshift.compile(graph, target="cuda-sm90", pipeline="none")
+    return compiled, compiled.save(tmp_path_factory.mktemp("cuda") / "two_heads")
+
+
+@pytest.fixture
+def restore_cuda_hook():
+    import tvm_ffi
+
+    original = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    yield
+    if original is not None:
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", original, override=True)
+
+
+def test_cuda_artifact_ships_compiled_kernels(cuda_artifact, restore_cuda_hook):
+    import tvm_ffi
+
+    from reshift.runtime import cuda_kernels
+
+    compiled, directory = cuda_artifact
+    meta = json.loads((directory / "meta.json").read_text())
+    fatbin = (directory / "kernels.fatbin").read_bytes()
+    assert meta["cuda_kernels"]["bytes"] == len(fatbin) > 0
+    source = next(m for m in compiled.build.executable.mod.imports[0].imports if m.kind == "cuda").inspect_source()
+    assert meta["cuda_kernels"]["source_sha256"] == cuda_kernels.source_sha256(source)
+    cuda_kernels.register_prebuilt(directory, meta)
+    hook = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(hook(source)) == fatbin  # what TVM's loader gets for this exact source
+    with pytest.raises(Exception, match="no prebuilt binary"):
+        hook(source + "// another kernel")
+
+
+def test_cuda_artifact_with_corrupted_kernels(cuda_artifact, tmp_path):
+    from reshift.runtime import cuda_kernels
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cuda_artifact[1], copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    with open(copy / "kernels.fatbin", "r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="kernels.fatbin does not match its checksum"):
+        cuda_kernels.register_prebuilt(copy, meta)
+    (copy / "kernels.fatbin").unlink()
+    with pytest.raises(ArtifactError, match="kernels.fatbin is missing"):
+        cuda_kernels.register_prebuilt(copy, meta)
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="this machine has an NVIDIA driver")
+def test_cuda_artifact_without_driver_names_the_library(cuda_artifact):
+    with pytest.raises(ArtifactError, match=r"libtvm_runtime_cuda\.so\) cannot be loaded.*libcuda"):
+        reshift.load(cuda_artifact[1], device="cuda")

@@ -3,7 +3,7 @@
 This package imports tvm; nothing outside ``codegen/`` and ``runtime/`` may.
 """
 
-from reshift.codegen.tvm.build import BuildResult, build, export_library
+from reshift.codegen.tvm.build import BuildResult, build, compile_cuda_kernels, export_library
 from reshift.codegen.tvm.lower import LOWERINGS, lower
 from reshift.codegen.tvm.targets import TARGET_PRESETS, TargetSpec, describe_host_cpu, resolve_target
 from reshift.codegen.tvm.tune import tune, tuning_available
@@ -14,6 +14,7 @@ __all__ = [
     "BuildResult",
     "TargetSpec",
     "build",
+    "compile_cuda_kernels",
     "describe_host_cpu",
     "export_library",
     "lower",

@@ -112,6 +112,34 @@ def export_library(result: BuildResult, path: str | os.PathLike) -> Path:
     return path
 
 
+def compile_cuda_kernels(result: BuildResult) -> tuple[bytes, str] | None:
+    """``(fatbin, source)`` of a CUDA build's kernels, compiled here with nvcc; None for other targets.
+
+    TVM keeps the kernels of a build made without a GPU as CUDA source in the executable and
+    compiles them when the .so is loaded, which needs a compiler on the GPU machine. Compiling them
+    now lets the artifact carry the binary (``runtime/cuda_kernels.py`` serves it at load).
+    """
+    spec = result.target
+    if not spec.is_gpu:
+        return None
+    modules = [m for m in _walk(result.executable.mod) if m.kind == "cuda"]
+    if not modules:
+        return None
+    source = modules[0].inspect_source()
+    arch = spec.tvm_target.get("arch", "sm_90") if isinstance(spec.tvm_target, dict) else None
+    with _tvm_errors(f"compiling the CUDA kernels for {spec.name} with nvcc"), _cuda_toolchain(spec):
+        from tvm.support import nvcc
+
+        if _find_cuda_path() is None and shutil.which("nvcc") is None:
+            raise CodegenError(
+                f"saving a {spec.name} artifact compiles its kernels with nvcc, which was not found "
+                "(install the CUDA toolkit or set CUDA_PATH)"
+            )
+        with tvm.target.Target(spec.tvm_target):
+            fatbin = nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc")
+    return bytes(fatbin), source
+
+
 def _walk(module) -> Iterator:
     yield module
     for child in module.imports:

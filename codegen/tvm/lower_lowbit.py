@@ -79,3 +79,8 @@ def _quantize_rows(x: te.Tensor, s: te.Tensor) -> te.Tensor:
         return clipped.astype("int32")
 
     return te.compute(x.shape, compute, name="q")
+
+
+# log2_matmul (RepQ-ViT shift-add attention) has no float reference lowering: its one lowering, CPU
+# kernel and portable TE reduction, lives in kernels/log2_matmul.py; importing it registers it.
+from reshift.codegen.tvm.kernels import log2_matmul as _kernels_log2_matmul  # noqa: E402,F401

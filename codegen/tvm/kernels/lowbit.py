@@ -5,8 +5,8 @@ build time): the packed weights stay packed, re-laid out for the kernel (``packi
 through the lookup-table GEMV (``lut_gemv.py``) or the shift-add GEMV (``shift_gemv.py``).
 
 The kernel variant follows ``tvm.target.Target.current()`` at lowering time (host CPU if none):
-AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops; GPU targets keep the
-reference lowering (these kernels have no GPU schedule yet).
+AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops, CUDA the split-K kernels of
+``lut_gemv_cuda.py`` (BCQ, ternary) and ``shift_gemv_cuda.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from tvm import relax
 
 from reshift.codegen.tvm import lower_lowbit
 from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
+from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
 from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq, pack_shift, pack_ternary
 from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
+from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
 from reshift.ir.graph import Node
 from reshift.ir.ops_lowbit import INT8_QMAX, groups
@@ -72,19 +74,25 @@ def _lut_linear(
     x2, lead = _rows_2d(ctx, node, x)
     bias_const = node.inputs[-1] is not None and node.inputs[-1].is_constant
     lut = ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
-    func = gemv_func(blocks, n_groups, planes, group_size, kernel_flavor() == "avx512")
-    gv = ctx.bb.add_func(func, f"{node.op}_lut_gemv")
     m = 1
     for d in lead:
         m = m * d
     bias_np = bias_row(node.inputs[-1].data if bias_const else None, out_features)
-    y = ctx.emit(
-        relax.op.call_tir(
-            gv,
-            [lut, relax.const(words), relax.const(alpha), relax.const(bias_np)],
-            out_ty=relax.TensorType((m, blocks * ROWS), "float32"),
+    if kernel_flavor() == "gpu":  # split-K partial sums, then their sum and the bias (dlight)
+        gv = ctx.bb.add_func(gemv_cuda_func(blocks, n_groups, planes, group_size), f"{node.op}_lut_gemv_cuda")
+        part_ty = relax.TensorType((split_for(n_groups), m, blocks * ROWS), "float32")
+        part = ctx.emit(relax.op.call_tir(gv, [lut, relax.const(words), relax.const(alpha)], out_ty=part_ty))
+        y = ctx.emit(op.add(op.sum(part, axis=[0]), relax.const(bias_np)))
+    else:
+        func = gemv_func(blocks, n_groups, planes, group_size, kernel_flavor() == "avx512")
+        gv = ctx.bb.add_func(func, f"{node.op}_lut_gemv")
+        y = ctx.emit(
+            relax.op.call_tir(
+                gv,
+                [lut, relax.const(words), relax.const(alpha), relax.const(bias_np)],
+                out_ty=relax.TensorType((m, blocks * ROWS), "float32"),
+            )
         )
-    )
     # A +-inf activation meets opposite-signed bit planes (inf - inf): define every output of a
     # non-finite row as NaN, as shift_linear does, instead of the dense reference's mix of inf/NaN.
     finite = ctx.emit(op.less(op.max(op.abs(x2), axis=[-1], keepdims=True), scalar(np.inf, "float32")))
@@ -94,8 +102,6 @@ def _lut_linear(
 
 @lowering("bcq_linear", override=True)
 def lower_bcq_linear(ctx: LowerContext, node: Node, x, bits, alpha, bias) -> relax.Expr:
-    if kernel_flavor() == "gpu":
-        return lower_lowbit.lower_bcq_linear(ctx, node, x, bits, alpha, bias)
     g, k = node.attrs["group_size"], node.attrs["in_features"]
     words, alpha_blocked = pack_bcq(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), g, k)
     return _lut_linear(ctx, node, x, bias, words, alpha_blocked, g, k)
@@ -103,8 +109,6 @@ def lower_bcq_linear(ctx: LowerContext, node: Node, x, bits, alpha, bias) -> rel
 
 @lowering("ternary_linear", override=True)
 def lower_ternary_linear(ctx: LowerContext, node: Node, x, trits, scale, bias) -> relax.Expr:
-    if kernel_flavor() == "gpu":
-        return lower_lowbit.lower_ternary_linear(ctx, node, x, trits, scale, bias)
     g, k = node.attrs["group_size"], node.attrs["in_features"]
     words, alpha_blocked = pack_ternary(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), g, k)
     assert words.shape[1] == groups(k, g)
@@ -113,8 +117,6 @@ def lower_ternary_linear(ctx: LowerContext, node: Node, x, trits, scale, bias) -
 
 @lowering("shift_linear", override=True)
 def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, bias) -> relax.Expr:
-    if kernel_flavor() == "gpu":
-        return lower_lowbit.lower_shift_linear(ctx, node, x, sign, exponent, scale, bias)
     bits = node.attrs["exponent_bits"]
     e_max = 2**bits - 1
     code = pack_shift(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), bits)
@@ -127,10 +129,15 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     rows = 1
     for d in lead:
         rows = rows * d
-    gv = ctx.bb.add_func(shift_gemv_func(blocks, k, kernel_flavor() == "avx512"), "shift_linear_gemv")
-    acc = ctx.emit(
-        relax.op.call_tir(gv, [relax.const(code), q], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
-    )
+    if kernel_flavor() == "gpu":  # split-K int32 partial sums, then their (exact) sum
+        gv = ctx.bb.add_func(shift_gemv_cuda_func(blocks, k), "shift_linear_gemv_cuda")
+        part_ty = relax.TensorType((shift_split_for(k), rows, blocks * ROWS), "int32")
+        acc = ctx.emit(op.sum(ctx.emit(relax.op.call_tir(gv, [relax.const(code), q], out_ty=part_ty)), axis=[0]))
+    else:
+        gv = ctx.bb.add_func(shift_gemv_func(blocks, k, kernel_flavor() == "avx512"), "shift_linear_gemv")
+        acc = ctx.emit(
+            relax.op.call_tir(gv, [relax.const(code), q], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
+        )
     if out_features % ROWS:
         acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out_features]))
     y = ctx.emit(op.multiply(op.astype(acc, "float32"), scalar(2.0**-e_max, "float32")))

@@ -1,0 +1,282 @@
+"""CUDA check: build reshift CUDA artifacts here (no GPU needed), run them where a GPU is lent.
+
+    .venv/bin/python benchmarks/cuda_check.py prepare DIR [--target cuda-sm90]  # compile + references
+    python3 benchmarks/cuda_check.py run DIR [--json OUT]                       # on the GPU machine
+
+``--target cpu`` / ``--device cpu`` run the same flow on the host as a dry run.
+
+``prepare`` compiles each case below for the target with ``reshift.compile`` (TVM's CUDA
+pipeline: dlight default schedules, no tuning), saves the artifact, the inputs and torch eager's
+fp32 CPU outputs. ``run`` needs only numpy, the TVM *runtime* (``TVM_USE_RUNTIME_LIB=1``: no
+compiler library) and reshift's pure-python runtime; it loads every artifact on ``cuda:0``,
+checks it against the saved outputs (max|a-b| / max|b|, tolerance per case) and, where torch with
+CUDA is importable, times reshift against torch eager on the same GPU (fp32, and bf16 for the
+low-bit layers, whose baseline is a half-precision GEMV), both fed the same device tensors.
+
+Cases are sized to travel to the GPU machine (its working-tree limit is 64 MiB, and the weights
+are constants inside each ``model.so``): ViT-S with one block, MobileOne-S0 (10-class heads), a grouped RepVGG stage,
+a Swin block, a DBB net fused from its training form, and single 4096-input layers through the
+low-bit pipelines (no fp32 layer: torch's fp32 and bf16 GEMV on the GPU are the baselines).
+ResNet-18, MiniLM and GPT-2 (47-500 MB of weights) are not in the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # examples.models; reshift itself comes from the install (or the GPU shim)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One artifact: a seeded torch module, its inputs, the pipeline and the tolerance."""
+
+    name: str
+    factory: str  # "module:function" under examples.models, or "linear"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: str = "image224"  # image224 | image32 | tokens | vector
+    pipeline: str = "exact"
+    rtol: float = 1e-4
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+LINEAR = {"in_features": 4096, "out_features": 4096}
+SHIFT_LINEAR = {"in_features": 4096, "out_features": 1024}  # 1 byte per weight: fewer rows to travel
+# shift_bits=3: at K=4096 the default 4 exponent bits could overflow the int32 accumulator (refused)
+CASES = (
+    Case("vit_s16_depth1", "vit:vit_s16", {"depth": 1, "num_classes": 10}),
+    Case("mobileone_s0_fused", "mobileone:mobileone_s0", {"num_classes": 10}),
+    Case("repvgg_grouped_stage_fused", "repvgg:repvgg_grouped_stage"),
+    Case("swin_block", "swin:swin_block", inputs="swin"),
+    Case("dbb_train_fused", "dbb:dbb_net", inputs="dbb"),
+    # low-bit layers: compared against their own numpy reference semantics via the interpreter
+    Case("linear4096_bcq_q3", "linear", LINEAR, inputs="vector", pipeline="bcq", options={"bcq_q": 3, "skip": []}),
+    Case("linear4096_ternary", "linear", LINEAR, inputs="vector", pipeline="ternary", options={"skip": []}),
+    Case(
+        "linear1024x4096_shift",
+        "linear",
+        SHIFT_LINEAR,
+        inputs="vector",
+        pipeline="shift",
+        options={"skip": [], "shift_bits": 3},
+    ),
+)
+
+
+def build_module(case: Case):
+    import importlib
+
+    import torch
+
+    if case.factory == "linear":
+        torch.manual_seed(0)
+        return torch.nn.Linear(**case.kwargs).eval()
+    module_name, func = case.factory.split(":")
+    module = importlib.import_module(f"examples.models.{module_name}")
+    return getattr(module, func)(**case.kwargs).eval()
+
+
+def make_inputs(case: Case, batch: int) -> tuple:
+    import torch
+
+    from examples.models.common import image_inputs
+
+    if case.inputs == "image224":
+        return image_inputs(batch, 224)
+    if case.inputs == "swin":
+        from examples.models.swin import swin_example_inputs
+
+        return swin_example_inputs(batch)
+    if case.inputs == "dbb":
+        from examples.models.dbb import dbb_example_inputs
+
+        return dbb_example_inputs(batch)
+    if case.inputs == "vector":
+        return (torch.randn(batch, case.kwargs["in_features"], generator=torch.Generator().manual_seed(1)),)
+    raise ValueError(f"unknown input kind {case.inputs!r}")
+
+
+# -- prepare (here) ----------------------------------------------------------------------------
+def prepare(out: Path, target: str, names: list[str] | None) -> None:
+    import torch
+
+    import reshift
+    from reshift.ir import interpret
+
+    torch.set_num_threads(2)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for case in CASES:
+        if names and case.name not in names:
+            continue
+        start = time.perf_counter()
+        model = build_module(case)
+        example = make_inputs(case, 1)
+        compiled = reshift.compile(model, example, target=target, pipeline=case.pipeline, **case.options)
+        compiled.save(out / case.name)
+        feeds = {v.name: t.numpy() for v, t in zip(compiled.graph.inputs, example, strict=True)}
+        if case.pipeline in ("exact", "none"):
+            with torch.no_grad():
+                expected = model(*example)
+            expected = [expected.numpy()] if isinstance(expected, torch.Tensor) else [e.numpy() for e in expected]
+            reference = "torch eager fp32 (CPU)"
+        else:  # lossy weights: the reference is the rewritten graph's numpy semantics
+            results = interpret(compiled.graph, feeds)
+            expected = [results[v.name] for v in compiled.graph.outputs]
+            reference = f"numpy interpreter of the {case.pipeline} graph"
+        np.savez(out / case.name / "check.npz", **feeds, **{f"expected_{i}": e for i, e in enumerate(expected)})
+        size = (out / case.name / "model.so").stat().st_size
+        manifest.append(
+            {
+                "name": case.name,
+                "factory": case.factory,
+                "kwargs": case.kwargs,
+                "inputs": case.inputs,
+                "pipeline": case.pipeline,
+                "rtol": case.rtol,
+                "reference": reference,
+                "input_names": list(feeds),
+                "so_bytes": size,
+            }
+        )
+        took = time.perf_counter() - start
+        print(f"{case.name:28s} built in {took:5.1f} s, model.so {size / 1e6:6.1f} MB", flush=True)
+    (out / "manifest.json").write_text(json.dumps({"target": target, "cases": manifest}, indent=1))
+
+
+# -- run (on the GPU machine) ------------------------------------------------------------------
+def _time_cuda(fn, sync, repeat: int = 100, warmup: int = 10) -> float:
+    """Median milliseconds of ``fn`` over ``repeat`` calls, device-synchronized around each."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def _rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
+    scale = float(np.max(np.abs(expected))) or 1.0
+    return float(np.max(np.abs(actual.astype(np.float64) - expected)) / scale)
+
+
+def run(directory: Path, json_out: Path | None, device: str = "cuda") -> int:
+    from reshift.runtime.module import load
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    try:
+        import torch
+
+        have_torch = torch.cuda.is_available()
+    except ImportError:
+        torch, have_torch = None, False
+    import tvm
+
+    from reshift.runtime.module import load_device_runtime
+
+    load_device_runtime(device)
+    dev = tvm.device(device, 0)
+    if not dev.exist:
+        print(f"no {device} device visible to TVM")
+        return 1
+    name = dev.device_name if device == "cuda" else "host CPU"
+    print(
+        f"device: {name}, TVM {tvm.__version__}, torch {torch.__version__ if torch else 'absent'}; "
+        f"artifacts built for {manifest['target']}"
+    )
+    rows, failures = [], 0
+    for entry in manifest["cases"]:
+        row: dict[str, Any] = {"name": entry["name"], "pipeline": entry["pipeline"], "reference": entry["reference"]}
+        try:
+            model = load(directory / entry["name"], device=device)
+            data = np.load(directory / entry["name"] / "check.npz")
+            feeds = [data[n] for n in entry["input_names"]]
+            outputs = model(*feeds)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            errors = [_rel_err(o, data[f"expected_{i}"]) for i, o in enumerate(outputs)]
+            row["rel_err"] = max(errors)
+            row["ok"] = row["rel_err"] <= entry["rtol"]
+            if have_torch and device == "cuda":
+                row.update(_time_against_torch(entry, model, feeds, data["expected_0"], torch))
+        except Exception as exc:  # report every case, then fail
+            row["ok"], row["error"] = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+        failures += not row["ok"]
+        rows.append(row)
+        print(_format(row), flush=True)
+    if json_out:
+        json_out.write_text(json.dumps({"device": name, "target": manifest["target"], "rows": rows}, indent=1))
+    print(f"{len(rows) - failures}/{len(rows)} cases match their reference on {name}")
+    if device == "cuda":
+        from reshift.runtime.cuda_kernels import served
+
+        print(f"{served()} CUDA module(s) loaded from the artifacts' prebuilt kernels.fatbin (no compiler used)")
+    return 1 if failures else 0
+
+
+def _time_against_torch(entry: dict, model, feeds: list[np.ndarray], expected: np.ndarray, torch) -> dict[str, Any]:
+    sync = torch.cuda.synchronize
+    gpu_feeds = [torch.from_numpy(f).cuda() for f in feeds]
+    compiled = [model._to_tvm(x) for x in gpu_feeds]  # DLPack, zero-copy: the same device buffers
+    timing = {"reshift_ms": _time_cuda(lambda: model._main(*compiled), sync)}
+    case = next(c for c in CASES if c.name == entry["name"])
+    module = build_module(case).cuda()
+    with torch.no_grad():
+        reference = module(*gpu_feeds)
+        reference = reference if isinstance(reference, torch.Tensor) else reference[0]
+        if entry["pipeline"] in ("exact", "none"):  # torch on the GPU vs torch on the CPU: same weights?
+            timing["torch_cuda_rel_err"] = _rel_err(reference.float().cpu().numpy(), expected)
+        timing["torch_fp32_ms"] = _time_cuda(lambda: module(*gpu_feeds), sync)
+        if entry["pipeline"] not in ("exact", "none"):
+            half = module.to(torch.bfloat16)
+            bf16_feeds = [x.to(torch.bfloat16) for x in gpu_feeds]
+            timing["torch_bf16_ms"] = _time_cuda(lambda: half(*bf16_feeds), sync)
+    return timing
+
+
+def _format(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"{row['name']:28s} FAILED {row['error']}"
+    text = f"{row['name']:28s} rel.err {row['rel_err']:.2e} {'ok' if row['ok'] else 'MISMATCH'}"
+    if "reshift_ms" in row:
+        ratio = row["torch_fp32_ms"] / row["reshift_ms"]
+        text += f" | reshift {row['reshift_ms']:8.3f} ms  torch fp32 {row['torch_fp32_ms']:8.3f} ms ({ratio:5.2f}x)"
+        if "torch_bf16_ms" in row:
+            text += f"  torch bf16 {row['torch_bf16_ms']:8.3f} ms ({row['torch_bf16_ms'] / row['reshift_ms']:5.2f}x)"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="compile the cases for CUDA and save reference outputs (no GPU needed)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--target", default="cuda-sm90", help="target preset (default cuda-sm90; cpu for a dry run)")
+    p.add_argument("--only", nargs="*", help="case names to build (default: all)")
+    r = sub.add_parser("run", help="run the prepared artifacts on cuda:0 (runtime only)")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--json", type=Path, help="write the results here")
+    r.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run of cpu-built cases")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args.dir, args.target, args.only)
+        return 0
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    return run(args.dir, args.json, args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

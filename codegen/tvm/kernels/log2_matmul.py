@@ -1,0 +1,197 @@
+"""Shift-and-add attention for ``log2_matmul`` (RepQ-ViT): ``sum_k V_int[k] << (E - e_k)`` in int32.
+
+Three element-wise stages feed one kernel:
+
+* codes of ``p`` without a logarithm: ``y = p / scale`` in float64 is ``m * 2^x`` with ``m`` in
+  ``[1, 2)`` (read from the bits); ``rint(-log2 y)`` is ``-x`` or ``-x - 1`` as ``m`` is below or
+  above ``sqrt2``, and ``rint(-2 log2 y)`` is ``-2x``, ``-2x - 1`` or ``-2x - 2`` against ``2^(1/4)``
+  and ``2^(3/4)``. That is the reference's float64 ``log2`` rounding whenever ``y`` is at least one
+  float64 ulp away from those irrational thresholds, which always holds when ``scale`` is a power of
+  two (``y`` is a float32, at least ``1.4e-8`` relative away). One int32 per element: ``-1`` for the
+  zero code (and NaN), else ``E - e`` plus 32 for the odd (sqrt2) codes.
+* ``V_int = clip(rint(v / v_scale) + z, lo, hi) - z`` in float32 arithmetic, as ``quantize_uniform``.
+* NaN flags per row of ``p`` and per column of ``v``.
+
+The kernel walks ``(batch*head, row)`` pairs in parallel; per token ``k`` one scalar branch skips
+the zero code or picks the accumulator, and the body ``acc[:] += V_int[k, :] << shift`` is
+vectorized over the head dimension (``vpsllvd``/``vpaddd``). The epilogue follows the reference
+exactly: ``t = int64(acc_even) * 2^23 + int64(acc_odd) * 11863283`` and
+``y = float32(float64(t) * C)``; no float add follows a multiply, so LLVM's FMA contraction
+cannot change a bit. GPU targets get the same stages with a plain TE reduction (correct, untuned).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te, tirx
+from tvm.script import tirx as T
+
+from reshift.codegen.tvm.lower import LowerContext, lowering, op
+from reshift.ir.graph import Node
+from reshift.ir.ops_quant import (
+    SQRT2_NUMERATOR,
+    SQRT2_SHIFT,
+    log2_matmul_rescale,
+    smallest_level_exponent,
+    uniform_range,
+)
+
+ODD = 32  # code bit of the odd (sqrt2) levels; shifts are below 31 (the int32 bound)
+_MANTISSA = (1 << 52) - 1
+
+
+def _mantissa_bits(c: float) -> int:
+    return int(np.float64(c).view(np.int64)) & _MANTISSA
+
+
+def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float) -> te.Tensor:
+    """int32 ``[B, M, K]``: ``-1`` (zero code, NaN), else ``(E - e) + 32 * odd`` (see module docstring)."""
+    e_max = smallest_level_exponent(bits, base_kind)
+    zero_code = 2**bits - 1
+    sqrt2 = base_kind == "log_sqrt2"
+    thresholds = [2**0.25, 2**0.75] if sqrt2 else [2**0.5]
+
+    def fn(*idx):
+        x = p[idx]
+        y = x.astype("float64") / tirx.const(float(np.float32(scale)), "float64")
+        word = tirx.reinterpret("int64", y)
+        exponent = tirx.shift_right(word, tirx.const(52, "int64")).astype("int32") - 1023  # y > 0: sign bit 0
+        mantissa = tirx.bitwise_and(word, tirx.const(_MANTISSA, "int64"))
+        above = sum(
+            (mantissa > tirx.const(_mantissa_bits(t), "int64")).astype("int32") for t in thresholds
+        )  # -log2(m) / step rounds to -above
+        q = (-2 if sqrt2 else -1) * exponent - above
+        q = tirx.max(q, 0)
+        q = tirx.Select(y >= tirx.const(np.inf, "float64"), 0, q)  # +inf: the top level
+        skip = tirx.any(tirx.isnan(x), x <= tirx.const(0, "float32"), q >= zero_code)
+        e = tirx.floordiv(q + 1, 2) if sqrt2 else q
+        odd = tirx.floormod(q, 2) if sqrt2 else tirx.const(0, "int32")
+        return tirx.Select(skip, tirx.const(-1, "int32"), (e_max - e) + odd * ODD)
+
+    return te.compute(p.shape, fn, name="log2_shift_codes")
+
+
+def quantize_v(v: te.Tensor, v_scale: float, zero_point: int, bits: int, signed: bool) -> te.Tensor:
+    """``clip(rint(v / s) + z, lo, hi) - z`` as int32 (NaN -> 0)."""
+    lo, hi = uniform_range(bits, signed)
+
+    def fn(*idx):
+        x = tirx.Select(tirx.isnan(v[idx]), tirx.const(0, "float32"), v[idx])
+        q = tirx.nearbyint(x / tirx.const(float(np.float32(v_scale)), "float32")) + tirx.const(zero_point, "float32")
+        q = tirx.max(tirx.min(q, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+        return q.astype("int32") - zero_point
+
+    return te.compute(v.shape, fn, name="log2_matmul_v_int")
+
+
+def nan_flags(p: te.Tensor, v: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
+    """int32 ``[B, M]`` (a NaN in row ``m`` of ``p``) and ``[B, D]`` (a NaN in column ``j`` of ``v``)."""
+    b, m, k = p.shape
+    d = v.shape[2]
+    r = te.reduce_axis((0, k), name="r")
+    rows = te.compute((b, m), lambda i, j: te.max(tirx.isnan(p[i, j, r]).astype("int32"), axis=r), name="p_nan")
+    r2 = te.reduce_axis((0, k), name="r2")
+    cols = te.compute((b, d), lambda i, j: te.max(tirx.isnan(v[i, r2, j]).astype("int32"), axis=r2), name="v_nan")
+    return rows, cols
+
+
+def log2_matmul_func(m: int, k: int, d: int, rescale: float) -> tirx.PrimFunc:
+    """``y[b, i, :] = epilogue(sum_k code -> V_int[b, k, :] << shift)`` (see module docstring)."""
+
+    @T.prim_func(private=True)
+    def log2_matmul(code_h: T.handle, v_h: T.handle, prow_h: T.handle, vcol_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        batch = T.int64()
+        code = T.match_buffer(code_h, (batch, m, k), "int32")
+        vi = T.match_buffer(v_h, (batch, k, d), "int32")
+        prow = T.match_buffer(prow_h, (batch, m), "int32")
+        vcol = T.match_buffer(vcol_h, (batch, d), "int32")
+        y = T.match_buffer(y_h, (batch, m, d), "float32")
+        for bi in T.parallel(batch * m):
+            even = T.alloc_buffer((d,), "int32", scope="local")
+            odd = T.alloc_buffer((d,), "int32", scope="local")
+            for j in T.vectorized(d):
+                even[j] = T.int32(0)
+                odd[j] = T.int32(0)
+            for kk in range(k):
+                c = code[bi // m, bi % m, kk]
+                if c >= ODD:
+                    for j in T.vectorized(d):
+                        odd[j] = odd[j] + T.shift_left(vi[bi // m, kk, j], c - ODD)
+                elif c >= 0:
+                    for j in T.vectorized(d):
+                        even[j] = even[j] + T.shift_left(vi[bi // m, kk, j], c)
+            for j in T.vectorized(d):  # one expression: a TVMScript let here was broadcast from lane 0
+                y[bi // m, bi % m, j] = T.Select(
+                    prow[bi // m, bi % m] + vcol[bi // m, j] > 0,
+                    T.float32(np.nan),
+                    T.Cast(
+                        "float32",
+                        T.Cast(
+                            "float64",
+                            T.Cast("int64", even[j]) * T.int64(1 << SQRT2_SHIFT)
+                            + T.Cast("int64", odd[j]) * T.int64(SQRT2_NUMERATOR),
+                        )
+                        * T.float64(rescale),
+                    ),
+                )
+
+    return log2_matmul
+
+
+def portable_log2_matmul(code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: te.Tensor, rescale: float) -> te.Tensor:
+    """The same sum as a TE reduction (GPU targets)."""
+    b, m, k = code.shape
+    d = vi.shape[2]
+    zero = tirx.const(0, "int32")
+
+    def acc(want_odd: bool, name: str) -> te.Tensor:
+        r = te.reduce_axis((0, k), name="r")
+
+        def fn(i, row, j):
+            c = code[i, row, r]
+            hit = c >= ODD if want_odd else tirx.all(c >= 0, c < ODD)
+            return te.sum(tirx.Select(hit, tirx.shift_left(vi[i, r, j], c - ODD if want_odd else c), zero), axis=r)
+
+        return te.compute((b, m, d), fn, name=name)
+
+    even, odd = acc(False, "acc_even"), acc(True, "acc_odd")
+
+    def out(i, row, j):
+        t = even[i, row, j].astype("int64") * tirx.const(1 << SQRT2_SHIFT, "int64") + odd[i, row, j].astype(
+            "int64"
+        ) * tirx.const(SQRT2_NUMERATOR, "int64")
+        value = (t.astype("float64") * tirx.const(rescale, "float64")).astype("float32")
+        return tirx.Select(prow[i, row] + vcol[i, j] > 0, tirx.const(np.nan, "float32"), value)
+
+    return te.compute((b, m, d), out, name="log2_matmul")
+
+
+def _is_gpu() -> bool:
+    target = tvm.target.Target.current(allow_none=True)
+    return target is not None and ("gpu" in target.keys or target.kind.name != "llvm")
+
+
+@lowering("log2_matmul")
+def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
+    a = node.attrs
+    p_shape, v_shape = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
+    m, k, d = p_shape[-2], p_shape[-1], v_shape[-1]
+    lead = p_shape[:-2]
+    batch = 1
+    for dim in lead:
+        batch = batch * dim
+    p3 = ctx.emit(op.reshape(p, (batch, m, k)))
+    v3 = ctx.emit(op.reshape(v, (batch, k, d)))
+    code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], name="log2_shift_codes")
+    vi = ctx.te(quantize_v, v3, a["v_scale"], a["v_zero_point"], a["v_bits"], a["v_signed"], name="log2_matmul_v_int")
+    flags = ctx.te(nan_flags, p3, v3, name="log2_matmul_nan_flags")
+    prow, vcol = ctx.emit(relax.TupleGetItem(flags, 0)), ctx.emit(relax.TupleGetItem(flags, 1))
+    rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"])
+    if _is_gpu():
+        y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, rescale, name="log2_matmul")
+    else:
+        gv = ctx.bb.add_func(log2_matmul_func(int(m), int(k), int(d), rescale), "log2_matmul_shift_add")
+        y = ctx.emit(relax.op.call_tir(gv, [code, vi, prow, vcol], out_ty=relax.TensorType((batch, m, d), "float32")))
+    return ctx.emit(op.reshape(y, [*lead, m, d]))

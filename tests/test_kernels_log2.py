@@ -1,0 +1,113 @@
+"""log2_matmul (RepQ-ViT shift-add attention): reference edges, TVM kernel bit-exact, int32 guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reshift import ir
+from reshift.ir.builder import GraphBuilder
+from reshift.ir.ops_quant import SQRT2, log2_matmul_ref, log2_quant_ref, quantize_uniform_ref
+
+V_ATTRS = {"v_scale": 0.03, "v_zero_point": 120, "v_bits": 8}
+
+
+def attention_graph(heads: int, tokens: int, dim: int, **attrs):
+    b = GraphBuilder("log2_attention")
+    p = b.input("p", f"f32[N,{heads},{tokens},{tokens}]")
+    v = b.input("v", f"f32[N,{heads},{tokens},{dim}]")
+    return b.build(b.log2_matmul(p, v, **{**V_ATTRS, **attrs}))
+
+
+def probabilities(rng, shape) -> np.ndarray:
+    logits = rng.standard_normal(shape) * 3
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def fake_quant(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits):
+    return log2_quant_ref(p, bits, base_kind, 2.0, scale, 16) @ quantize_uniform_ref(
+        v, (v_scale,), (float(v_zero_point),), v_bits, -1
+    )
+
+
+@pytest.mark.parametrize("kind", ["log2", "log_sqrt2"])
+def test_reference_is_the_fake_quant_product(rng, kind):
+    p, v = probabilities(rng, (2, 3, 9, 9)), rng.standard_normal((2, 3, 9, 16)).astype(np.float32)
+    y = log2_matmul_ref(p, v, 4, kind, 1.0, **V_ATTRS)
+    ref = fake_quant(p, v, 4, kind, 1.0, **V_ATTRS)
+    assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_reference_edges_one_powers_zero_below_and_odd_codes():
+    v = np.float32([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [2.0, 2.0], [5.0, -5.0]])
+    attrs = {"v_scale": 0.5, "v_zero_point": 0, "v_bits": 8, "v_signed": True}  # v_int = 2 v exactly
+    # probability 1, exact powers of two, 0, below the smallest level (log-sqrt2 4-bit: 2^-7), one odd code
+    p = np.float32([[1.0, 0.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.0, 2.0**-7, 2.0**-9], [0.0, 2**-0.5, 0, 0, 0]])
+    y = log2_matmul_ref(p, v, 4, "log_sqrt2", 1.0, **attrs)
+    np.testing.assert_array_equal(y[0], v[0])
+    np.testing.assert_array_equal(y[1], 0.5 * v[0] + 0.25 * v[1] + 2.0**-7 * v[3])  # 2^-9 is the zero code
+    np.testing.assert_array_equal(y[2], np.float32(np.float64(SQRT2) * 0.5 * v[1].astype(np.float64)))
+    nan = log2_matmul_ref(np.float32([[np.nan, 1, 0, 0, 0], [1, 0, 0, 0, 0]]), v, 4, "log2", 1.0, **attrs)
+    assert np.isnan(nan[0]).all() and not np.isnan(nan[1]).any()
+    v_nan = v.copy()
+    v_nan[4, 1] = np.nan  # a NaN in column 1 poisons that column for every row, as the float matmul does
+    out = log2_matmul_ref(p, v_nan, 4, "log2", 1.0, **attrs)
+    assert np.isnan(out[:, 1]).all() and not np.isnan(out[:, 0]).any()
+
+
+def test_type_check_refuses_int32_overflow_and_adaptive():
+    b = GraphBuilder("bad")
+    p, v = b.input("p", "f32[N,197,197]"), b.input("v", "f32[N,197,64]")
+    with pytest.raises(Exception, match="overflows the int32"):
+        b.log2_matmul(p, v, bits=6, base_kind="log_sqrt2", **V_ATTRS)
+    with pytest.raises(Exception, match="base_kind"):
+        b.log2_matmul(p, v, bits=4, base_kind="adaptive", **V_ATTRS)
+    b.log2_matmul(p, v, bits=4, base_kind="log2", **V_ATTRS)  # 255 * 197 * 2^14 < 2^31
+
+
+@pytest.mark.parametrize(
+    "heads,tokens,dim,kind,scale",
+    [
+        (3, 1, 64, "log_sqrt2", 1.0),
+        (2, 7, 32, "log2", 1.0),
+        (6, 197, 64, "log_sqrt2", 1.0),
+        (1, 7, 5, "log_sqrt2", 0.5),
+        (2, 13, 32, "log_sqrt2", 0.8),
+    ],
+)
+def test_compiled_kernel_is_bit_exact(rng, heads, tokens, dim, kind, scale):
+    import reshift
+
+    g = attention_graph(heads, tokens, dim, bits=4, base_kind=kind, scale=scale)
+    p = probabilities(rng, (2, heads, tokens, tokens))
+    v = (rng.standard_normal((2, heads, tokens, dim)) * 2).astype(np.float32)
+    flat = p.reshape(-1)
+    edges = np.float32([1.0, 0.0, -0.0, 0.5, 0.25, 2.0**-7, 2.0**-7.3, 2.0**-20, 2**-0.5, np.inf, -1.0, 1e-45])
+    flat[: min(len(edges), flat.size)] = edges[: flat.size]
+    p[1, 0, 0, 0] = np.nan
+    v[1, -1, -1, -1] = np.nan
+    v[0, 0, 0, :2] = [1e9, -1e9]  # saturates to the end codes
+    out = reshift.compile(g, pipeline="none")(p, v)
+    ref = ir.interpret(g, {"p": p, "v": v})[g.outputs[0].name]
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_compiled_codes_match_log2_on_level_boundaries():
+    """Codes from exponent/mantissa bits (no logarithm) agree with the reference's float64 log2 at
+    every power of two and on both sides of every rounding threshold."""
+    import reshift
+
+    centers = 2.0 ** -(np.arange(0, 40) / 4.0)  # levels and the thresholds between log-sqrt2 levels
+    near = np.concatenate([np.nextafter(centers.astype(np.float32), 0), centers.astype(np.float32)])
+    near = np.concatenate([near, np.nextafter(centers.astype(np.float32), 2)]).astype(np.float32)
+    k = near.size
+    for kind in ("log2", "log_sqrt2"):
+        b = GraphBuilder("codes")
+        p, v = b.input("p", f"f32[{k},{k}]"), b.input("v", f"f32[{k},16]")
+        g = b.build(b.log2_matmul(p, v, bits=4, base_kind=kind, v_scale=1.0, v_zero_point=0, v_bits=2))
+        eye = np.diag(near).astype(np.float32)  # row i picks level(near[i]) * v[i]
+        vin = np.ones((k, 16), np.float32)
+        out = reshift.compile(g, pipeline="none")(eye, vin)
+        np.testing.assert_array_equal(out, ir.interpret(g, {"p": eye, "v": vin})[g.outputs[0].name])
+        np.testing.assert_array_equal(out[:, 0], log2_quant_ref(near, 4, kind, 2.0, 1.0, 16))
