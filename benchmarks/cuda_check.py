@@ -134,7 +134,13 @@ def prepare(out: Path, target: str, names: list[str] | None) -> None:
             results = interpret(compiled.graph, feeds)
             expected = [results[v.name] for v in compiled.graph.outputs]
             reference = f"numpy interpreter of the {case.pipeline} graph"
-        np.savez(out / case.name / "check.npz", **feeds, **{f"expected_{i}": e for i, e in enumerate(expected)})
+        arrays = {**feeds, **{f"expected_{i}": e for i, e in enumerate(expected)}}
+        if case.inputs == "vector":  # rows holding NaN / inf: the kernels' non-finite-row semantics
+            edge = np.repeat(feeds["input"], 3, axis=0)
+            edge[1, 5], edge[2, 7] = np.nan, np.inf
+            arrays["edge_input"] = edge
+            arrays["edge_expected"] = interpret(compiled.graph, {"input": edge})[compiled.graph.outputs[0].name]
+        np.savez(out / case.name / "check.npz", **arrays)
         size = (out / case.name / "model.so").stat().st_size
         manifest.append(
             {
@@ -151,7 +157,12 @@ def prepare(out: Path, target: str, names: list[str] | None) -> None:
         )
         took = time.perf_counter() - start
         print(f"{case.name:28s} built in {took:5.1f} s, model.so {size / 1e6:6.1f} MB", flush=True)
-    (out / "manifest.json").write_text(json.dumps({"target": target, "cases": manifest}, indent=1))
+    manifest_path = out / "manifest.json"
+    if names and manifest_path.exists():  # --only: keep the other cases already prepared here
+        built = {entry["name"] for entry in manifest}
+        previous = json.loads(manifest_path.read_text())["cases"]
+        manifest = [e for e in previous if e["name"] not in built] + manifest
+    manifest_path.write_text(json.dumps({"target": target, "cases": manifest}, indent=1))
 
 
 # -- run (on the GPU machine) ------------------------------------------------------------------
@@ -198,6 +209,10 @@ def run(directory: Path, json_out: Path | None, device: str = "cuda") -> int:
         f"device: {name}, TVM {tvm.__version__}, torch {torch.__version__ if torch else 'absent'}; "
         f"artifacts built for {manifest['target']}"
     )
+    print(
+        "times in ms; reshift 'TVM-timed' excludes Python per call, as torch's CUDA graph does; "
+        "ratios are torch time / reshift time (above 1: reshift is faster)"
+    )
     rows, failures = [], 0
     for entry in manifest["cases"]:
         row: dict[str, Any] = {"name": entry["name"], "pipeline": entry["pipeline"], "reference": entry["reference"]}
@@ -210,6 +225,14 @@ def run(directory: Path, json_out: Path | None, device: str = "cuda") -> int:
             errors = [_rel_err(o, data[f"expected_{i}"]) for i, o in enumerate(outputs)]
             row["rel_err"] = max(errors)
             row["ok"] = row["rel_err"] <= entry["rtol"]
+            if "edge_input" in data.files:  # NaN where the reference has NaN, same finite values elsewhere
+                edge = model(data["edge_input"])
+                expected_edge = data["edge_expected"]
+                row["edge_ok"] = bool(
+                    np.array_equal(np.isnan(edge), np.isnan(expected_edge))
+                    and np.allclose(edge, expected_edge, rtol=1e-4, atol=1e-5, equal_nan=True)
+                )
+                row["ok"] = row["ok"] and row["edge_ok"]
             if have_torch and device == "cuda":
                 row.update(_time_against_torch(entry, model, feeds, data["expected_0"], torch))
         except Exception as exc:  # report every case, then fail
@@ -227,36 +250,164 @@ def run(directory: Path, json_out: Path | None, device: str = "cuda") -> int:
     return 1 if failures else 0
 
 
+def _vm_ms(model, args: list) -> float:
+    """Median ms of the artifact's ``main`` timed by TVM in C++ (no Python per call): kernel + VM time."""
+    vm = model._vm
+    vm.set_input("main", *args)
+    return float(vm.time_evaluator("invoke_stateful", model._dev, number=50, repeat=5)("main").median * 1e3)
+
+
+def _graph_ms(fn, torch, replays: int = 200) -> float | None:
+    """Mean ms of ``fn`` replayed as a CUDA graph (torch kernels without Python); None if not capturable."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / replays
+    except Exception:  # noqa: BLE001 -- some modules cannot be captured; report None
+        return None
+
+
+def _cold_ms(fn, torch, flush, repeat: int = 30) -> float:
+    """Median ms of one call with the GPU's L2 flushed before it (weights stream from HBM, as in a model
+    whose layers together exceed L2); CUDA events around the call, so launch gaps count too."""
+    times = []
+    for _ in range(repeat):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def kernel_profile(model, args: list, torch=None, runs: int = 20) -> list[tuple[str, float]]:
+    """Mean ms per call of each function the VM calls in ``main`` (kernels and VM builtins), slowest first.
+
+    CUDA events (torch) around every call instruction via the VM's instrument hook; on the CPU, the
+    wall clock. Their sum against the whole call shows what the VM itself costs.
+    """
+    vm = model._vm
+    spans: dict[str, list] = {}
+    pending: dict[str, Any] = {}
+
+    def stamp():
+        if torch is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            pending[symbol] = stamp()
+        else:
+            spans.setdefault(symbol, []).append((pending.pop(symbol), stamp()))
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            model._main(*args)
+        model._sync()
+    finally:
+        vm.set_instrument(None)
+
+    def ms(span) -> float:
+        start, end = span
+        return (end - start) * 1e3 if torch is None else start.elapsed_time(end)
+
+    table = [(symbol, sum(ms(s) for s in calls) / runs) for symbol, calls in spans.items()]
+    return sorted(table, key=lambda item: -item[1])
+
+
 def _time_against_torch(entry: dict, model, feeds: list[np.ndarray], expected: np.ndarray, torch) -> dict[str, Any]:
+    """reshift as users call it (Python + sync) and timed by TVM; torch eager and as a CUDA graph.
+
+    Batch 1 (the saved inputs) and, for single layers, batch 8 (random rows of the same width).
+    """
     sync = torch.cuda.synchronize
-    gpu_feeds = [torch.from_numpy(f).cuda() for f in feeds]
-    compiled = [model._to_tvm(x) for x in gpu_feeds]  # DLPack, zero-copy: the same device buffers
-    timing = {"reshift_ms": _time_cuda(lambda: model._main(*compiled), sync)}
     case = next(c for c in CASES if c.name == entry["name"])
     module = build_module(case).cuda()
-    with torch.no_grad():
-        reference = module(*gpu_feeds)
-        reference = reference if isinstance(reference, torch.Tensor) else reference[0]
-        if entry["pipeline"] in ("exact", "none"):  # torch on the GPU vs torch on the CPU: same weights?
-            timing["torch_cuda_rel_err"] = _rel_err(reference.float().cpu().numpy(), expected)
-        timing["torch_fp32_ms"] = _time_cuda(lambda: module(*gpu_feeds), sync)
-        if entry["pipeline"] not in ("exact", "none"):
-            half = module.to(torch.bfloat16)
-            bf16_feeds = [x.to(torch.bfloat16) for x in gpu_feeds]
-            timing["torch_bf16_ms"] = _time_cuda(lambda: half(*bf16_feeds), sync)
+    timing: dict[str, Any] = {}
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > 4x the L2 of an H100/H200
+    batches = (1, 8) if case.inputs == "vector" else (1,)
+    for batch in batches:
+        if batch == 1:
+            gpu_feeds = [torch.from_numpy(f).cuda() for f in feeds]
+        else:
+            gpu_feeds = [torch.randn(batch, *f.shape[1:], device="cuda") for f in feeds]
+        args = [model._to_tvm(x) for x in gpu_feeds]  # DLPack, zero-copy: the same device buffers
+        tag = "" if batch == 1 else f"_b{batch}"
+        timing[f"reshift_ms{tag}"] = _time_cuda(lambda args=args: model._main(*args), sync)
+        timing[f"reshift_vm_ms{tag}"] = _vm_ms(model, args)
+        with torch.no_grad():
+            if batch == 1 and entry["pipeline"] in ("exact", "none"):
+                reference = module(*gpu_feeds)
+                reference = reference if isinstance(reference, torch.Tensor) else reference[0]
+                # same weights on torch 2.x of the GPU machine? (seeded init may differ across versions)
+                timing["torch_cuda_rel_err"] = _rel_err(reference.float().cpu().numpy(), expected)
+            timing[f"torch_fp32_ms{tag}"] = _time_cuda(lambda f=gpu_feeds: module(*f), sync)
+            timing[f"torch_fp32_graph_ms{tag}"] = _graph_ms(lambda f=gpu_feeds: module(*f), torch)
+            if entry["pipeline"] not in ("exact", "none"):
+                half = build_module(case).cuda().to(torch.bfloat16)
+                bf16 = [x.to(torch.bfloat16) for x in gpu_feeds]
+                timing[f"torch_bf16_ms{tag}"] = _time_cuda(lambda f=bf16, h=half: h(*f), sync)
+                timing[f"torch_bf16_graph_ms{tag}"] = _graph_ms(lambda f=bf16, h=half: h(*f), torch)
+            if batch == 1:
+                timing["kernel_profile_ms"] = kernel_profile(model, args, torch)[:8]
+            if case.inputs == "vector":  # single layers: weights cold, as in a model's layer sequence
+                timing[f"reshift_cold_ms{tag}"] = _cold_ms(lambda a=args: model._main(*a), torch, flush)
+                timing[f"torch_fp32_cold_ms{tag}"] = _cold_ms(lambda f=gpu_feeds: module(*f), torch, flush)
+                if entry["pipeline"] not in ("exact", "none"):
+                    timing[f"torch_bf16_cold_ms{tag}"] = _cold_ms(lambda f=bf16, h=half: h(*f), torch, flush)
     return timing
 
 
 def _format(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{row['name']:28s} FAILED {row['error']}"
-    text = f"{row['name']:28s} rel.err {row['rel_err']:.2e} {'ok' if row['ok'] else 'MISMATCH'}"
-    if "reshift_ms" in row:
-        ratio = row["torch_fp32_ms"] / row["reshift_ms"]
-        text += f" | reshift {row['reshift_ms']:8.3f} ms  torch fp32 {row['torch_fp32_ms']:8.3f} ms ({ratio:5.2f}x)"
-        if "torch_bf16_ms" in row:
-            text += f"  torch bf16 {row['torch_bf16_ms']:8.3f} ms ({row['torch_bf16_ms'] / row['reshift_ms']:5.2f}x)"
-    return text
+    edge = {True: ", NaN/inf rows ok", False: ", NaN/inf rows WRONG"}.get(row.get("edge_ok"), "")
+    lines = [f"{row['name']:28s} rel.err {row['rel_err']:.2e}{edge} {'ok' if row['ok'] else 'MISMATCH'}"]
+    for tag, label in (("", "batch 1"), ("_b8", "batch 8")):
+        if f"reshift_ms{tag}" not in row:
+            continue
+        ours = row[f"reshift_vm_ms{tag}"]
+        text = f"    {label}: reshift {row[f'reshift_ms{tag}']:.3f} ms (TVM-timed {ours:.3f})"
+        for key, name in (("torch_fp32", "torch fp32"), ("torch_bf16", "torch bf16")):
+            if f"{key}_ms{tag}" in row:
+                graph = row.get(f"{key}_graph_ms{tag}")
+                text += f" | {name} eager {row[f'{key}_ms{tag}']:.3f}"
+                if graph is not None:
+                    text += f", CUDA graph {graph:.3f} ({graph / ours:.2f}x)"
+        lines.append(text)
+        if f"reshift_cold_ms{tag}" in row:
+            cold = row[f"reshift_cold_ms{tag}"]
+            text = f"    {label}, L2 flushed: reshift {cold:.3f} ms"
+            for key, name in (("torch_fp32", "torch fp32"), ("torch_bf16", "torch bf16")):
+                if f"{key}_cold_ms{tag}" in row:
+                    theirs = row[f"{key}_cold_ms{tag}"]
+                    text += f" | {name} {theirs:.3f} ({theirs / cold:.2f}x)"
+            lines.append(text)
+    if "kernel_profile_ms" in row:
+        top = ", ".join(f"{symbol} {ms:.3f}" for symbol, ms in row["kernel_profile_ms"][:5])
+        lines.append(f"    slowest calls in main (ms per run): {top}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

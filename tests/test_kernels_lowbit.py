@@ -154,4 +154,18 @@ def test_cuda_build_keeps_weights_packed(kind):
     device = [m for m in executable.mod.imports[0].imports if m.kind == "cuda"]
     source = device[0].inspect_source()
     assert "_gemv_cuda" in source and "blockIdx.z" in source  # the activation row
+    assert "row_absmax_cuda" in source and "__shfl_down_sync" in source  # cross-thread row max, not serial
     assert "matmul" not in source
+
+
+@pytest.mark.parametrize("kind", ["bcq", "ternary", "shift"])
+def test_non_finite_rows_give_nan_like_the_reference(kind):
+    """A row holding NaN or inf gives NaN outputs; LLVM's max() drops NaN, so the int8 scale must not use it."""
+    graph = _graph(kind, 20, 70, 16, 2)
+    x = RNG.standard_normal((3, 70)).astype(np.float32)
+    x[1, 5], x[2, 9] = np.nan, np.inf
+    expected = interpret(graph, {"x": x})[graph.outputs[0].name]
+    actual = _run(build(graph, "cpu").executable, x)
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
+    assert np.isnan(actual[1]).all() and np.isnan(actual[2]).all()
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)

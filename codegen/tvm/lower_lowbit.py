@@ -53,7 +53,7 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     e_max = 2 ** node.attrs["exponent_bits"] - 1
     sign_np, exponent_np = _constant(node, 1), _constant(node, 2)
     w_int = sign_np.astype(np.int64) * np.left_shift(np.int64(1), e_max - exponent_np.astype(np.int64))
-    amax = ctx.emit(op.max(op.abs(x), axis=[-1], keepdims=True))
+    amax = ctx.emit(row_absmax(x))
     s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
     q = ctx.te(_quantize_rows, x, s, name="quantize_rows_int8")
     acc = ctx.emit(op.matmul(q, relax.const(np.ascontiguousarray(w_int.T.astype(np.int32)))))
@@ -63,6 +63,17 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     finite = ctx.emit(op.less(op.abs(s), scalar(np.inf, "float32")))  # False for NaN and inf rows
     y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
     return ctx.emit(op.add(y, bias)) if bias is not None else y
+
+
+def row_absmax(x: relax.Expr) -> relax.Expr:
+    """``max |x|`` over the last axis (kept), +inf for a row holding NaN.
+
+    ``max`` lowers to LLVM's ``maxnum`` (and CUDA's ``fmaxf``), which drop NaN: without the
+    mapping, a NaN row would get a finite int8 scale and finite outputs instead of the
+    reference's NaN. The callers turn a non-finite scale into NaN outputs.
+    """
+    magnitude = op.where(op.isnan(x), scalar(np.inf, "float32"), op.abs(x))
+    return op.max(magnitude, axis=[-1], keepdims=True)
 
 
 def _quantize_rows(x: te.Tensor, s: te.Tensor) -> te.Tensor:

@@ -19,6 +19,7 @@ from reshift.codegen.tvm import lower_lowbit
 from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
 from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
 from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq, pack_shift, pack_ternary
+from reshift.codegen.tvm.kernels.reduce_cuda import row_absmax_cuda_func
 from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
 from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
@@ -54,6 +55,14 @@ def _rows_2d(ctx: LowerContext, node: Node, x: relax.Expr) -> tuple[relax.Expr, 
     for d in lead:
         rows = rows * d
     return ctx.emit(op.reshape(x, (rows, node.inputs[0].shape[-1]))), lead
+
+
+def _row_absmax(ctx: LowerContext, x2: relax.Expr, rows, in_features: int) -> relax.Expr:
+    """``max_k |x2[m, k]|`` as ``[rows, 1]``, +inf for NaN rows: on a GPU reshift's cross-thread kernel."""
+    if kernel_flavor() != "gpu":
+        return ctx.emit(lower_lowbit.row_absmax(x2))
+    gv = ctx.bb.add_func(row_absmax_cuda_func(in_features), "row_absmax_cuda")
+    return ctx.emit(relax.op.call_tir(gv, [x2], out_ty=relax.TensorType((rows, 1), "float32")))
 
 
 def _finish(
@@ -95,7 +104,7 @@ def _lut_linear(
         )
     # A +-inf activation meets opposite-signed bit planes (inf - inf): define every output of a
     # non-finite row as NaN, as shift_linear does, instead of the dense reference's mix of inf/NaN.
-    finite = ctx.emit(op.less(op.max(op.abs(x2), axis=[-1], keepdims=True), scalar(np.inf, "float32")))
+    finite = ctx.emit(op.less(_row_absmax(ctx, x2, m, in_features), scalar(np.inf, "float32")))
     y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
     return _finish(ctx, y, lead, out_features, bias, bias_const)
 
@@ -123,12 +132,12 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     blocks, k = code.shape[0], code.shape[1]
     out_features = node.outputs[0].shape[-1]
     x2, lead = _rows_2d(ctx, node, x)
-    amax = ctx.emit(op.max(op.abs(x2), axis=[-1], keepdims=True))
-    s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
-    q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
     rows = 1
     for d in lead:
         rows = rows * d
+    amax = _row_absmax(ctx, x2, rows, k)
+    s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
+    q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
     if kernel_flavor() == "gpu":  # split-K int32 partial sums, then their (exact) sum
         gv = ctx.bb.add_func(shift_gemv_cuda_func(blocks, k), "shift_linear_gemv_cuda")
         part_ty = relax.TensorType((shift_split_for(k), rows, blocks * ROWS), "int32")
