@@ -113,22 +113,24 @@ def conv_gemm_func(
     return conv
 
 
-def pad_flat(x: te.Tensor, pads: tuple[int, int, int, int], plane: int) -> te.Tensor:
-    """``x [n, c, h, w]`` zero padded (top, left, bottom, right) and flattened to ``[n, c, plane]``."""
+def pad_rows(x: te.Tensor, pads: tuple[int, int, int, int], grid_rows: int) -> te.Tensor:
+    """``x [n, c, h, w]`` zero padded (top, left, bottom, right) to ``[n, c, grid_rows, w + left + right]``.
+
+    Rows past the bottom padding (up to ``grid_rows``) are zero too: the implicit GEMM reads past the
+    last padded row. Reshaped to ``[n, c, grid_rows * row]`` (a view) it is the flat padded image.
+    Four axes rather than one flat axis so that the copy keeps a plain inner loop over columns
+    (no div/mod per element; see ``schedule_cpu._parallel_prefix``).
+    """
     n, c, h, w = x.shape
-    top, left, bottom, right = pads
-    wp = int(w) + left + right
-    size = (int(h) + top + bottom) * wp
+    top, left, _bottom, right = pads
     zero = tirx.const(0, x.dtype)
 
-    def value(b, ch, p):
-        row, col = p // wp - top, p % wp - left
-        inside = tirx.all(p < size, row >= 0, row < h, col >= 0, col < w)
-        return tirx.if_then_else(
-            inside, x[b, ch, tirx.max(tirx.min(row, h - 1), 0), tirx.max(tirx.min(col, w - 1), 0)], zero
-        )
+    def value(b, ch, r, col):
+        inside = tirx.all(r >= top, r < h + top, col >= left, col < w + left)
+        src = x[b, ch, tirx.max(tirx.min(r - top, h - 1), 0), tirx.max(tirx.min(col - left, w - 1), 0)]
+        return tirx.if_then_else(inside, src, zero)
 
-    return te.compute((n, c, plane), value, name="conv_pad_flat")
+    return te.compute((n, c, grid_rows, int(w) + left + right), value, name="conv_pad_rows")
 
 
 def im2col(x: te.Tensor, kernel, stride, pads, dilation, out_hw, pixels: int) -> te.Tensor:

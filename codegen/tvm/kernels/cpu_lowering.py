@@ -132,6 +132,12 @@ def softmax(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     return ctx.emit(op.reshape(y, shape))
 
 
+def _padded_flat(ctx: LowerContext, x: relax.Expr, shape: list, pads, grid_rows: int, row: int) -> relax.Expr:
+    """The zero padded image as ``[n, c, grid_rows * row]``: a 4-D copy (``pad_rows``), then a view."""
+    padded = ctx.te(conv2d_cpu.pad_rows, x, pads, grid_rows, name="conv_pad_rows")
+    return ctx.emit(op.reshape(padded, (shape[0], shape[1], grid_rows * row)))
+
+
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
     w = _constant_f32(node, 1)
@@ -160,15 +166,17 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
         row = wd + pads[1] + pads[3]
         panels, pixels = conv2d_cpu.pixel_tile(oh * row)
         d = dilation[0]
-        plane = max((h + pads[0] + pads[2]) * row, (kh - 1) * d * row + (kw - 1) * d + pixels)
-        src = ctx.te(conv2d_cpu.pad_flat, x, pads, plane, name="conv_pad_flat")
+        needed = max((h + pads[0] + pads[2]) * row, (kh - 1) * d * row + (kw - 1) * d + pixels)
+        grid_rows = -(-needed // row)
+        plane = grid_rows * row
+        src = _padded_flat(ctx, x, shape, pads, grid_rows, row)
         args = (channels, kh, kw, d, row, plane, pixels, oc_blocks, panels)
     else:  # im2col, then the same kernel with a 1x1 filter
         row = ow
         panels, pixels = conv2d_cpu.pixel_tile(oh * ow)
         wp = wd + pads[1] + pads[3]
         plane = (h + pads[0] + pads[2]) * wp
-        flat = ctx.te(conv2d_cpu.pad_flat, x, pads, plane, name="conv_pad_flat")
+        flat = _padded_flat(ctx, x, shape, pads, h + pads[0] + pads[2], wp)
         copy = conv2d_cpu.im2col_func(channels, (kh, kw), stride, dilation, wp, plane, (oh, ow), pixels)
         gv_col = ctx.bb.add_func(copy, "conv_im2col_f32")
         src = ctx.emit(
