@@ -12,7 +12,7 @@ at the same code bits. BCQ/ternary run weight-only and with calibration; shift a
 output-aware fit (their columns repeat). Runs the passes on the IR and evaluates with reshift's
 reference interpreter.
 
-    .venv/bin/python benchmarks/lowbit_accuracy.py [--quick]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lowbit_accuracy.py [--quick]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -97,15 +98,31 @@ def docstring_sentences(limit: int | None = None) -> list[str]:
 
 
 def split_corpus(n_eval: int, n_calib: int) -> tuple[list[str], list[str]]:
-    """Disjoint evaluation and calibration sentences: interleaved, so both span all modules."""
+    """Disjoint evaluation and calibration sentences: evaluation evenly spaced over the corpus (so
+    it spans all modules and does not depend on ``n_calib``), calibration evenly spaced over the rest."""
     sentences = docstring_sentences()
     if len(sentences) < n_eval + n_calib:
         raise SystemExit(f"corpus has only {len(sentences)} sentences, need {n_eval + n_calib}")
-    step = len(sentences) / (n_eval + n_calib)
-    picked = [sentences[int(i * step)] for i in range(n_eval + n_calib)]
-    calib = picked[2::3][:n_calib]
-    evaluation = [s for s in picked if s not in set(calib)][:n_eval]
-    return evaluation, calib
+    picked = {int(i * len(sentences) / n_eval) for i in range(n_eval)}
+    evaluation = [s for i, s in enumerate(sentences) if i in picked]
+    rest = [s for i, s in enumerate(sentences) if i not in picked]
+    return evaluation, [rest[int(i * len(rest) / n_calib)] for i in range(n_calib)]
+
+
+def pack_calibration(tokenizer, sentences: list[str], seq_len: int) -> dict[str, np.ndarray]:
+    """Calibration sentences concatenated (``[SEP]`` between) into full ``seq_len`` windows, as GPTQ
+    calibrates on text windows: every row is a real token. Padded rows would put ~half padding
+    tokens, which the pooling ignores, into the Hessian ``X^T X``."""
+    ids: list[int] = []
+    for sentence in sentences:
+        ids += tokenizer(sentence, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    body = seq_len - 2
+    windows = [
+        [tokenizer.cls_token_id, *ids[i : i + body], tokenizer.sep_token_id]
+        for i in range(0, len(ids) - body + 1, body)
+    ]
+    input_ids = np.array(windows, np.int64)
+    return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
 
 
 # -- round-to-nearest baseline --------------------------------------------------------------------
@@ -201,22 +218,36 @@ def main() -> None:
     from reshift import passes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 eval / 32 calibration sentences, q=3 and 4 only")
+    parser.add_argument("--quick", action="store_true", help="64 eval / 256 calibration sentences, q=3 and 4 only")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--calib-sentences", type=int, default=None, help="default 512 (quick: 256)")
+    parser.add_argument("--calib-rows", type=int, default=4096, help="activation rows kept per layer input")
+    parser.add_argument("--gptq-rounds", type=int, default=None, help="BCQ/ternary GPTQ rounds (pass default)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
-    n_eval, n_calib = (64, 32) if args.quick else (128, 64)
+    n_eval = 64 if args.quick else 128
+    n_calib = args.calib_sentences or (256 if args.quick else 512)
     bit_widths = (3, 4) if args.quick else (2, 3, 4)
     evaluation, calib = split_corpus(n_eval, n_calib)
     n_corpus = len(docstring_sentences())
-    print(f"corpus: {n_corpus} stdlib docstring sentences; eval {len(evaluation)}, calib {len(calib)}")
-    print(f"  e.g. {evaluation[0]!r}; {evaluation[-1]!r}")
     graph, tok = minilm_graph(args.seq_len)
     eval_batches = batched(encode(tok, evaluation, args.seq_len), 64)
-    calib_batches = batched(encode(tok, calib, args.seq_len), 32)
+    calib_inputs = pack_calibration(tok, calib, args.seq_len)
+    calib_batches = batched(calib_inputs, 32)
+    n_tokens = calib_inputs["input_ids"].size
+    print(f"corpus: {n_corpus} stdlib docstring sentences; eval {len(evaluation)}, calib {len(calib)}")
+    print(f"  e.g. {evaluation[0]!r}; {evaluation[-1]!r}")
+    print(f"  calibration: {n_tokens} tokens packed into {len(calib_inputs['input_ids'])} windows of {args.seq_len}")
     reference = embed(graph, eval_batches)
     g = args.group_size
-    options = {"group_size": g, "skip": [], "calib_rows": 2048}
+    options = {"group_size": g, "skip": [], "calib_rows": args.calib_rows}
+    if args.gptq_rounds is not None:
+        options["gptq_rounds"] = args.gptq_rounds
+    config = {**options, "seq_len": args.seq_len, "n_eval": len(evaluation), "n_calib_sentences": len(calib)}
+    config["calib_tokens"] = int(n_tokens)
+    print(f"  pass options: {options} (everything else at the pass defaults)")
+    started = time.perf_counter()
 
     rows: list[tuple[str, float, str, tuple[float, float] | None, tuple[float, float] | None]] = []
 
@@ -269,6 +300,19 @@ def main() -> None:
             f"{'BCQ wins' if best[f'BCQ q={q}'] > rtn_best else 'RTN wins'} "
             f"(weight-only vs weight-only: {'BCQ' if bcq_wo > rtn_best else 'RTN'})"
         )
+
+    elapsed = time.perf_counter() - started
+    command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lowbit_accuracy.py", *sys.argv[1:]])
+    print(f"\nruntime {elapsed:.0f} s; reproduce: {command}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"lowbit-accuracy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    table = [
+        {"method": name, "bits_per_weight": bpw, "weight_only": wo, "calibrated": cal} for name, bpw, _, wo, cal in rows
+    ]
+    record = {"model": "all-MiniLM-L6-v2", "config": config, "argv": sys.argv[1:], "runtime_s": elapsed}
+    path.write_text(json.dumps({**record, "results": table}, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

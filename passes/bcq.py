@@ -8,21 +8,24 @@ BCQ (ShiftAddLLM, You et al. 2024, Eq. 2): per group of ``G`` input columns,
   search over the ``2^q`` sign combinations per weight given the alphas. Each step cannot raise
   ``||W - W_hat||``, so the error history is non-increasing.
 * to the layer's output on calibration activations ``X`` (ShiftAddLLM Sec. 3.1): columns are
-  quantized in order, GPTQ-style (Frantar et al. 2023, Alg. 1), each group's alphas fitted (ALS)
-  to the error-compensated block when the group starts, each column's rounding error
+  quantized GPTQ-style (Frantar et al. 2023, Alg. 1) in act-order (descending ``H[k,k]``, Sec. 4),
+  ``H = X^T X + lambda I`` (``lambda = damp * mean diag``), each group's alphas fitted (ALS) to
+  its error-compensated columns when its first column comes up, each column's rounding error
   ``(w - w_q) / U[k,k]`` propagated to the later columns through the upper Cholesky factor ``U``
-  of ``(X^T X + lambda I)^-1``; finally the alphas are refitted by least squares to
-  ``||X W^T - X W_hat^T||``.
+  of ``H^-1`` (lazy batch updates per 128 columns); then the alphas are refitted by least squares
+  to the output, ``min_alpha ||X W^T - X W_hat^T||`` (the codes stay). ``rounds > 1`` alternates
+  GPTQ codes with those alphas fixed and the refit, keeping the best round.
 
 Bit allocation (ShiftAddLLM Sec. 3.2) chooses ``q`` per layer from its measured output error
 under an average-bits budget (:func:`allocate_bits`). Ternary (BitNet b1.58, Ma et al. 2024):
 ``scale = mean|W_g|``, ``T = rint(clip(W / scale, -1, 1))``, then alternating least-squares scale
-refits (optional), or an output-aware scale refit with calibration data.
+refits (optional); with calibration data the same GPTQ fit over the codebook ``{-s, 0, s}``.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +45,7 @@ from reshift.passes.rules import RuleStats
 
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_Q = 3
+DEFAULT_GPTQ_ROUNDS = 1
 BIT_CHOICES = (2, 3, 4)
 
 
@@ -115,31 +119,92 @@ def _fit_weight_only(w: np.ndarray, q: int, group_size: int, iters: int) -> BCQF
     return BCQFit(bg.reshape(q, w.shape[0], -1)[:, :, :k].astype(np.int8), alpha, history)
 
 
-def _hessian_factor(x: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``H = X^T X + lambda I``, the upper Cholesky factor of ``H^-1``, and the dead-input mask."""
+def _hessian_factor(x: np.ndarray, damp: float, act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``H = X^T X + lambda I`` (:func:`hessian`) and the act-order permutation: columns by
+    descending ``H[k,k]`` (GPTQ's "act-order", Frantar et al. 2023 Sec. 4), so the columns that
+    carry the most input energy are quantized first and the later ones absorb their error. Also
+    the dead-input mask (inputs that are zero on every calibration row)."""
     h = hessian(x, damp)
-    return h, np.linalg.cholesky(np.linalg.inv(h)).T, np.all(x == 0, axis=0)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    return h, perm, np.all(x == 0, axis=0)
 
 
-def _fit_gptq(w: np.ndarray, q: int, group_size: int, factor: tuple, iters: int) -> BCQFit:
+def _gptq_codes(
+    w: np.ndarray,
+    h: np.ndarray,
+    perm: np.ndarray,
+    group_size: int,
+    combos: np.ndarray,
+    init: Callable[[np.ndarray], np.ndarray],
+    alpha: np.ndarray | None = None,
+    block: int = 128,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2023, Alg. 1) over a per-group codebook ``alpha[o, g] . combo``.
+
+    Columns go in the order ``perm`` with ``U`` the upper Cholesky factor of ``H^-1`` (permuted);
+    each column takes its nearest code and its error ``(w - w_q) / U[k,k]`` is propagated to the
+    later columns, inside a block of ``block`` columns at once and to the rest lazily per block
+    (Alg. 1's lazy batch update). A group's scales are fitted by ``init`` to its error-compensated
+    columns when its first column comes up (ShiftAddLLM Sec. 3.1), unless ``alpha`` fixes them.
+    Returns codes ``[q, O, K]`` in the original column order and ``alpha`` ``[O, groups, q]``.
+    """
     out, k = w.shape
-    h, u, dead = factor
-    work = w.astype(np.float64).copy()
-    work[:, dead] = 0.0
-    combos = _combos(q)
+    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(perm, perm)])).T
+    work = w[:, perm].astype(np.float64)
+    inverse = np.empty(k, int)
+    inverse[perm] = np.arange(k)
+    ng, q = -(-k // group_size), combos.shape[1]
+    ready = np.zeros(ng, bool) if alpha is None else np.ones(ng, bool)
+    alpha = np.zeros((out, ng, q)) if alpha is None else alpha.copy()
     codes = np.empty((q, out, k), np.int8)
-    alpha = np.zeros((out, -(-k // group_size), q))
-    for g, start in enumerate(range(0, k, group_size)):
-        stop = min(k, start + group_size)
-        alpha[:, g] = _fit_weight_only(work[:, start:stop], q, stop - start, iters).alpha[:, 0]
-        values = alpha[:, g] @ combos.T  # [O, 2^q]
-        for col in range(start, stop):
-            best = np.argmin(np.abs(work[:, col, None] - values), axis=1)
-            codes[:, :, col] = combos[best].T
-            error = (work[:, col] - values[np.arange(out), best]) / u[col, col]
-            work[:, col + 1 :] -= np.outer(error, u[col, col + 1 :])
-    alpha = refit_scales_output(w, codes, group_size, h)
-    return BCQFit(codes, alpha, [])
+    rows = np.arange(out)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        errors = np.zeros((out, b1 - b0))
+        for j in range(b0, b1):
+            g = perm[j] // group_size
+            if not ready[g]:
+                alpha[:, g] = init(work[:, inverse[g * group_size : min(k, (g + 1) * group_size)]])
+                ready[g] = True
+            values = alpha[:, g] @ combos.T  # [O, codebook]
+            best = np.argmin(np.abs(work[:, j, None] - values), axis=1)
+            codes[:, :, j] = combos[best].T
+            errors[:, j - b0] = (work[:, j] - values[rows, best]) / u[j, j]
+            work[:, j + 1 : b1] -= np.outer(errors[:, j - b0], u[j, j + 1 : b1])
+        work[:, b1:] -= errors @ u[b0:b1, b1:]
+    return codes[:, :, inverse], alpha
+
+
+def _output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)``, the squared output error on the calibration rows."""
+    diff = w - w_hat
+    return float(np.einsum("ok,kl,ol->", diff, h, diff))
+
+
+def _fit_output_aware(
+    w: np.ndarray,
+    group_size: int,
+    factor: tuple,
+    combos: np.ndarray,
+    init: Callable[[np.ndarray], np.ndarray],
+    rounds: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ codes (:func:`_gptq_codes`), then the scales refitted to the output,
+    ``min_alpha ||X W^T - X W_hat^T||`` (:func:`refit_scales_output`), since compensation moved the
+    weights away from the alphas fitted at each group's start. ``rounds > 1`` alternates: GPTQ codes
+    again with those alphas fixed, refit again; the round with the lowest output error is kept."""
+    h, perm, dead = factor
+    w = np.where(dead, 0.0, w)  # no output depends on a dead input: GPTQ zeroes those weights
+    best = None
+    alpha = None
+    for _ in range(max(1, rounds)):
+        codes, _ = _gptq_codes(w, h, perm, group_size, combos, init, alpha)
+        alpha = refit_scales_output(w, codes, group_size, h)
+        scales = np.repeat(alpha, group_size, axis=1)[:, : w.shape[1], :]
+        error = _output_error(w, np.einsum("okq,qok->ok", scales, codes.astype(np.float64)), h)
+        if best is None or error < best[0]:
+            best = (error, codes, alpha)
+    return best[1], best[2]
 
 
 def fit_bcq(
@@ -150,6 +215,8 @@ def fit_bcq(
     iters: int = 10,
     damp: float = 0.01,
     factor: tuple | None = None,
+    act_order: bool = True,
+    rounds: int = DEFAULT_GPTQ_ROUNDS,
 ) -> BCQFit:
     """Fit ``q`` binary planes with group-wise alphas to ``w`` [O, K]; to the output ``x @ w^T``
     when calibration rows ``x`` [M, K] are given (see module docstring). ``factor`` reuses a
@@ -159,16 +226,19 @@ def fit_bcq(
     w = np.asarray(w, dtype=np.float64)
     if x is None:
         return _fit_weight_only(w, q, group_size, iters)
-    factor = factor or _hessian_factor(np.asarray(x, dtype=np.float64), damp)
-    return _fit_gptq(w, q, group_size, factor, iters)
+    factor = factor or _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+    codes, alpha = _fit_output_aware(
+        w,
+        group_size,
+        factor,
+        _combos(q),
+        lambda block: _fit_weight_only(block, q, block.shape[1], iters).alpha[:, 0],
+        rounds,
+    )
+    return BCQFit(codes, alpha, [])
 
 
-def fit_ternary(
-    w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE, refit: bool = True, x: np.ndarray | None = None, iters: int = 5
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(T int8 [O,K] in {-1,0,1}, scale float64 [O, groups])``: BitNet b1.58 absmean, then
-    alternating LS refits of the scale (``refit``), then an output-aware refit when ``x`` is given."""
-    w = np.asarray(w, dtype=np.float64)
+def _fit_ternary_weight_only(w: np.ndarray, group_size: int, refit: bool, iters: int) -> tuple[np.ndarray, np.ndarray]:
     wg, mask = _grouped(w, group_size)
     scale = np.abs(wg * mask).sum(-1) / mask.sum(-1)
     for step in range(1 + (iters if refit else 0)):
@@ -178,10 +248,37 @@ def fit_ternary(
             break
         tt = (t * t).sum(-1)
         scale = np.where(tt > 0, (t * wg).sum(-1) / np.where(tt > 0, tt, 1.0), scale)
-    codes = t.reshape(w.shape[0], -1)[:, : w.shape[1]].astype(np.int8)
-    if x is not None:
-        scale = refit_scales_output(w, codes[None], group_size, hessian(np.asarray(x, np.float64)))[..., 0]
-    return codes, scale
+    return t.reshape(w.shape[0], -1)[:, : w.shape[1]].astype(np.int8), scale
+
+
+def fit_ternary(
+    w: np.ndarray,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    refit: bool = True,
+    x: np.ndarray | None = None,
+    iters: int = 5,
+    damp: float = 0.01,
+    act_order: bool = True,
+    rounds: int = DEFAULT_GPTQ_ROUNDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(T int8 [O,K] in {-1,0,1}, scale float64 [O, groups])``: BitNet b1.58 absmean, then
+    alternating LS refits of the scale (``refit``). With calibration rows ``x`` the codes come from
+    the same GPTQ column-by-column compensation as BCQ over the codebook ``{-s, 0, s}`` (each
+    group's ``s`` from the weight-only fit of its compensated columns), then the output-aware scale
+    refit. (Refitting the scales alone to the output, codes fixed, overfits small calibration sets.)"""
+    w = np.asarray(w, dtype=np.float64)
+    if x is None:
+        return _fit_ternary_weight_only(w, group_size, refit, iters)
+    factor = _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+    codes, scale = _fit_output_aware(
+        w,
+        group_size,
+        factor,
+        np.array([[-1.0], [0.0], [1.0]]),
+        lambda block: _fit_ternary_weight_only(block, block.shape[1], refit, iters)[1],
+        rounds,
+    )
+    return codes[0], scale[..., 0]
 
 
 def ternary_dequant(codes: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
@@ -241,6 +338,8 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     iters = int(options.get("bcq_iters", 10))
     damp = float(options.get("damp", 0.01))
+    act_order = bool(options.get("act_order", True))
+    rounds = int(options.get("gptq_rounds", DEFAULT_GPTQ_ROUNDS))
     budget = options.get("bits")
     choices = (
         tuple(options.get("bit_choices", BIT_CHOICES))
@@ -251,8 +350,8 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
     sensitivity = []
     for m in candidates:
         w, x = m.array("weight"), xs.get(m["x"].name)
-        factor = _hessian_factor(x, damp) if x is not None else None
-        fits[m.root.name] = {q: fit_bcq(w, q, group_size, x, iters, damp, factor) for q in choices}
+        factor = _hessian_factor(x, damp, act_order) if x is not None else None
+        fits[m.root.name] = {q: fit_bcq(w, q, group_size, x, iters, damp, factor, rounds=rounds) for q in choices}
         errors = {}
         for q, fit in fits[m.root.name].items():
             diff = w - fit.weight(group_size)
@@ -293,10 +392,13 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
 def _plan_ternary(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     refit = bool(options.get("ternary_refit", True))
+    damp = float(options.get("damp", 0.01))
+    act_order = bool(options.get("act_order", True))
+    rounds = int(options.get("gptq_rounds", DEFAULT_GPTQ_ROUNDS))
     plans = {}
     for m in candidates:
         w, x = m.array("weight"), xs.get(m["x"].name)
-        codes, scale = fit_ternary(w, group_size, refit, x)
+        codes, scale = fit_ternary(w, group_size, refit, x, damp=damp, act_order=act_order, rounds=rounds)
         details = {
             "bits": 2,
             "error": relative_output_error(w, ternary_dequant(codes, scale, group_size), x),

@@ -73,6 +73,7 @@ def capture_activations(
     (evenly spaced) per value. One interpreter run per batch."""
     if not calibration or not values:
         return {}
+    values = list(dict.fromkeys(values))  # q, k and v read one value: capture it once, not 3x
     rows: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
     for batch in calibration:
         env = interpret(graph, batch, return_all=True)

@@ -15,7 +15,7 @@ from reshift.passes.bcq import (
     fit_ternary,
     ternary_dequant,
 )
-from reshift.passes.quant_common import relative_output_error
+from reshift.passes.quant_common import capture_activations, relative_output_error
 
 from .test_passes_shift import calibration, gpt2, mlp  # noqa: F401  (gpt2 is a fixture)
 
@@ -150,6 +150,46 @@ def test_fit_ternary(rng):
     assert relative_output_error(w, ternary_dequant(t2, s2, 32), x) <= relative_output_error(
         w, ternary_dequant(t1, s1, 32), x
     )
+
+
+def test_gptq_act_order_and_rounds_lower_output_error(rng):
+    w = rng.standard_normal((32, 96))
+    x = correlated(rng, 512, 96)
+    plain = relative_output_error(w, fit_bcq(w, 2, 32, x=x, act_order=False).weight(32), x)
+    ordered = relative_output_error(w, fit_bcq(w, 2, 32, x=x).weight(32), x)
+    rounds = relative_output_error(w, fit_bcq(w, 2, 32, x=x, rounds=3).weight(32), x)
+    assert ordered < plain and rounds <= ordered + 1e-12, (plain, ordered, rounds)
+
+
+def test_gptq_fit_zeroes_dead_inputs_and_keeps_codes_in_range(rng):
+    w = rng.standard_normal((8, 40))
+    x = correlated(rng, 256, 40)
+    x[:, 5] = 0.0  # an input that is zero on every calibration row
+    fit = fit_bcq(w, 3, 16, x=x)
+    assert set(np.unique(fit.codes)) <= {-1, 1} and fit.alpha.shape == (8, 3, 3)
+    t, s = fit_ternary(w, 16, x=x)
+    assert set(np.unique(t)) <= {-1, 0, 1} and s.shape == (8, 3)
+    # the dead column cannot change the output, so the fit ignores it (it is fitted as weight 0)
+    alive = np.arange(40) != 5
+    assert relative_output_error(w[:, alive], fit.weight(16)[:, alive], x[:, alive]) < 0.3
+
+
+def test_calibrated_ternary_beats_weight_only_on_held_out_rows(rng):
+    w = rng.standard_normal((32, 128))
+    x = correlated(rng, 1024, 128)
+    fit_rows, held_out = x[:512], x[512:]
+    t0, s0 = fit_ternary(w, 32)
+    t1, s1 = fit_ternary(w, 32, x=fit_rows)
+    e0 = relative_output_error(w, ternary_dequant(t0, s0, 32), held_out)
+    e1 = relative_output_error(w, ternary_dequant(t1, s1, 32), held_out)
+    assert e1 < 0.8 * e0, (e0, e1)
+
+
+def test_capture_activations_reads_a_shared_input_once(rng):
+    g = mlp(rng)
+    x = g.inputs[0]
+    xs = capture_activations(g, calibration(rng, batches=2, rows=8), [x, x, x])
+    assert xs[x.name].shape == (16, 16)  # 2 batches x 8 rows, not tripled for q, k and v
 
 
 # -- bit allocation ---------------------------------------------------------------------------

@@ -55,6 +55,9 @@ def lower_gelu(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
         from reshift.errors import CodegenError
 
         raise CodegenError(f"gelu (node {node.name}): approximate={approximate!r}; expected 'none' or 'tanh'")
+    fast = cpu_kernels.gelu(ctx, node, x)
+    if fast is not None:
+        return fast
     return ctx.emit(op.nn.gelu_tanh(x) if approximate == "tanh" else op.nn.gelu(x))
 
 

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, dense_cpu, softmax_cpu
+from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
 from reshift.codegen.tvm.lower import LowerContext, op
 from reshift.ir.graph import Node
 
@@ -136,6 +137,32 @@ def _padded_flat(ctx: LowerContext, x: relax.Expr, shape: list, pads, grid_rows:
     """The zero padded image as ``[n, c, grid_rows * row]``: a 4-D copy (``pad_rows``), then a view."""
     padded = ctx.te(conv2d_cpu.pad_rows, x, pads, grid_rows, name="conv_pad_rows")
     return ctx.emit(op.reshape(padded, (shape[0], shape[1], grid_rows * row)))
+
+
+def _gelu_erf(x: te.Tensor) -> te.Tensor:
+    """``0.5 x (1 + erf(x / sqrt2))`` with the vectorizable ``erf`` of ``fast_math``."""
+    half, inv_sqrt2 = tirx.const(0.5, "float32"), tirx.const(1 / np.sqrt(2.0), "float32")
+    return te.compute(x.shape, lambda *i: half * x[i] * (tirx.const(1, "float32") + erf_f32(x[i] * inv_sqrt2)), "gelu")
+
+
+def _gelu_tanh(x: te.Tensor) -> te.Tensor:
+    """``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``, ``tanh(u) = 2 / (1 + e^(-2u)) - 1``."""
+    one, two = tirx.const(1, "float32"), tirx.const(2, "float32")
+    scale, cubic = tirx.const(np.sqrt(2 / np.pi), "float32"), tirx.const(0.044715, "float32")
+
+    def value(*i):
+        u = scale * (x[i] + cubic * x[i] * x[i] * x[i])
+        return tirx.const(0.5, "float32") * x[i] * (one + (two / (one + exp_f32(-two * u)) - one))
+
+    return te.compute(x.shape, value, "gelu_tanh")
+
+
+def gelu(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """fp32 GELU (exact or tanh) with polynomial ``erf`` / ``exp`` that vectorize (libm's do not)."""
+    if not enabled() or node.inputs[0].dtype != "float32":
+        return None
+    fn = _gelu_tanh if node.attrs["approximate"] == "tanh" else _gelu_erf
+    return ctx.te(fn, x, name=fn.__name__.lstrip("_"))
 
 
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:

@@ -1,7 +1,8 @@
 """fp32 softmax over the last axis for CPU in three vectorized passes per row.
 
 For each row (rows in parallel): the maximum as 16-lane vector maxima plus a scalar tail, then
-``y = exp(x - max)`` with a 16-lane running sum, then ``y *= 1 / sum``. The row stays in L1 between
+``y = exp(x - max)`` with a 16-lane running sum, then ``y *= 1 / sum``. ``exp`` is the polynomial
+of ``fast_math.exp_f32`` (LLVM's vector ``exp`` is 16 scalar libm calls). The row stays in L1 between
 the passes. ``n`` (the row length) is static, the number of rows symbolic. The per-row buffers
 hold 16 floats (well under the 1 KiB at which TVM moves local buffers to the heap).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from reshift.codegen.tvm.kernels.fast_math import exp_f32
 
 LANES = 16
 
@@ -46,12 +49,12 @@ def softmax_func(n: int) -> tirx.PrimFunc:
             m = red[0]
             vec[lanes] = T.Broadcast(T.float32(0), LANES)
             for v in range(vectors):
-                e = T.exp(xf[T.Ramp(r * n + v * LANES, 1, LANES)] - T.Broadcast(m, LANES))
+                e = exp_f32(xf[T.Ramp(r * n + v * LANES, 1, LANES)] - T.Broadcast(m, LANES))
                 yf[T.Ramp(r * n + v * LANES, 1, LANES)] = e
                 vec[lanes] = vec[lanes] + e
             red[0] = T.float32(0)
             for t in range(vectors * LANES, n):
-                yf[r * n + t] = T.exp(xf[r * n + t] - m)
+                yf[r * n + t] = exp_f32(xf[r * n + t] - m)
                 red[0] = red[0] + yf[r * n + t]
             for l in range(LANES):
                 red[0] = red[0] + vec[l]
