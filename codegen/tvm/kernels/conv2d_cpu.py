@@ -5,12 +5,13 @@ For stride 1 the output pixel ``(oh, ow)`` computed on the padded grid ``p = oh*
 addresses, so 16 output pixels are one vector load, with no im2col copy. The ``Wp - OW`` columns
 past the right edge are computed and cropped (waste ``2*pad/Wp``). For stride > 1 an im2col
 ``col[K, P]`` (``K = C*KH*KW``) is built first and the same kernel runs with a 1x1 "filter".
-Weights are packed at build time as ``[OC/R, K, R]``, so the micro-kernel
-``acc[r, v] += broadcast(w[oc0 + r, k]) * x[k, p0 + 16v : p0 + 16v + 16]`` reads them in order;
-``R = 4`` output channels x ``V <= 3`` vectors of 16 pixels stay in registers (the direct-convolution
-register blocking of Georganas et al., "Anatomy of High-Performance Deep Learning Convolutions
-on SIMD Architectures", SC'18, in NCHW). The loop over (image, oc block, pixel tile) runs in
-parallel; whichever of weights or image is larger is the outer loop, so it is streamed once.
+Weights are packed at build time as ``[OC/R, K, R]``, so the micro-kernel ``acc[r, v] +=
+broadcast(w[oc0 + r, k]) * x[k, p0 + 16v : p0 + 16v + 16]`` reads them in order; ``R`` output
+channels x ``V <= 3`` vectors of 16 pixels stay in registers (``R * V <= 15``, ``oc_tile``; the
+direct-convolution register blocking of Georganas et al., "Anatomy of High-Performance Deep
+Learning Convolutions on SIMD Architectures", SC'18, in NCHW). The loop over (image, oc block,
+pixel tile) runs in parallel; whichever of weights or image is larger is the outer loop, so it is
+streamed once.
 The accumulator buffer must stay under 1 KiB: TVM puts larger per-thread buffers on the heap
 (TVMBackendAllocWorkspace) and LLVM then keeps every accumulator in memory (6x slower).
 """
@@ -24,7 +25,8 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 LANES = 16
-OC_TILE = 4
+OC_TILE = 4  # output channels per register tile when the caller does not choose (see ``oc_tile``)
+MAX_ACCUMULATORS = 15  # 16 x 64-byte accumulators would be 1 KiB: TVM then moves them to the heap
 _EFFICIENCY = {3: 1.0, 2: 0.9, 1: 0.6}  # relative FMA throughput of a tile of V pixel vectors
 
 
@@ -36,6 +38,16 @@ def pack_filters(w: np.ndarray, rows: int = OC_TILE) -> np.ndarray:
     padded = np.zeros((blocks * rows, flat.shape[1]), np.float32)
     padded[:oc] = flat
     return np.ascontiguousarray(padded.reshape(blocks, rows, -1).transpose(0, 2, 1))
+
+
+def oc_tile(panels: int) -> int:
+    """Output channels per register tile for ``panels`` pixel vectors: as many as the accumulators allow.
+
+    12 -> 15 accumulators for 3 pixel vectors, 8 -> 14 for 2 (the 7x7 and 14x14 layers), 15 for 1:
+    each tap then loads ``panels`` pixel vectors and ``rows`` weight broadcasts per ``rows * panels``
+    FMAs, so small images stop being load-bound.
+    """
+    return MAX_ACCUMULATORS // panels
 
 
 def pixel_tile(pixels: int) -> tuple[int, int]:
@@ -50,19 +62,27 @@ def pixel_tile(pixels: int) -> tuple[int, int]:
 
 
 def conv_gemm_func(
-    channels: int, kh: int, kw: int, dilation: int, row: int, plane: int, pixels: int, oc_blocks: int, panels: int
+    channels: int,
+    kh: int,
+    kw: int,
+    dilation: int,
+    row: int,
+    plane: int,
+    pixels: int,
+    oc_blocks: int,
+    panels: int,
+    rt: int = OC_TILE,
 ) -> tirx.PrimFunc:
-    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc/4, (c*kh + i)*kw + j, oc%4] * x[n, c, p + i*d*row + j*d]``.
+    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc/rt, (c*kh + i)*kw + j, oc%rt] * x[n, c, p + i*d*row + j*d]``.
 
     ``x`` is ``[n, channels, plane]`` (a padded image flattened, or im2col rows with kh = kw = 1),
     ``pixels`` a multiple of ``16*panels``; the batch ``n`` is symbolic.
     """
     k = channels * kh * kw
-    width = oc_blocks * OC_TILE
+    width = oc_blocks * rt
     tiles = pixels // (LANES * panels)
     weights_outer = width * k > k * pixels  # stream the larger operand once
     lanes = T.Ramp(0, 1, LANES)
-    rt = OC_TILE
 
     @T.prim_func(private=True)
     def conv(

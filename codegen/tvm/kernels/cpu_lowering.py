@@ -183,24 +183,23 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     oc, _, kh, kw = w.shape
     stride, pads, dilation = tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"])
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
-    packed = conv2d_cpu.pack_filters(w)
+    direct = stride == (1, 1) and dilation[0] == dilation[1]
+    row = wd + pads[1] + pads[3] if direct else ow
+    panels, pixels = conv2d_cpu.pixel_tile(oh * row)
+    rt = conv2d_cpu.oc_tile(panels)
+    packed = conv2d_cpu.pack_filters(w, rt)
     oc_blocks = packed.shape[0]
-    b = np.zeros(oc_blocks * conv2d_cpu.OC_TILE, np.float32)
+    b = np.zeros(oc_blocks * rt, np.float32)
     if bias is not None:
         b[:oc] = bias
-    direct = stride == (1, 1) and dilation[0] == dilation[1]
     if direct:  # implicit GEMM over the padded, flattened image
-        row = wd + pads[1] + pads[3]
-        panels, pixels = conv2d_cpu.pixel_tile(oh * row)
         d = dilation[0]
         needed = max((h + pads[0] + pads[2]) * row, (kh - 1) * d * row + (kw - 1) * d + pixels)
         grid_rows = -(-needed // row)
         plane = grid_rows * row
         src = _padded_flat(ctx, x, shape, pads, grid_rows, row)
-        args = (channels, kh, kw, d, row, plane, pixels, oc_blocks, panels)
+        args = (channels, kh, kw, d, row, plane, pixels, oc_blocks, panels, rt)
     else:  # im2col, then the same kernel with a 1x1 filter
-        row = ow
-        panels, pixels = conv2d_cpu.pixel_tile(oh * ow)
         wp = wd + pads[1] + pads[3]
         plane = (h + pads[0] + pads[2]) * wp
         flat = _padded_flat(ctx, x, shape, pads, h + pads[0] + pads[2], wp)
@@ -211,13 +210,13 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
                 gv_col, [flat], out_ty=relax.TensorType((shape[0], channels * kh * kw, pixels), "float32")
             )
         )
-        args = (channels * kh * kw, 1, 1, 1, row, pixels, pixels, oc_blocks, panels)
+        args = (channels * kh * kw, 1, 1, 1, row, pixels, pixels, oc_blocks, panels, rt)
     gv = ctx.bb.add_func(conv2d_cpu.conv_gemm_func(*args), "conv2d_packed_f32")
     y = ctx.emit(
         relax.op.call_tir(
             gv,
             [src, relax.const(packed), relax.const(b)],
-            out_ty=relax.TensorType((shape[0], oc_blocks * conv2d_cpu.OC_TILE, pixels), "float32"),
+            out_ty=relax.TensorType((shape[0], oc_blocks * rt, pixels), "float32"),
         )
     )
     return ctx.te(conv2d_cpu.crop, y, oc, (oh, ow), row, name="conv_crop")
