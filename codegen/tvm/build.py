@@ -56,8 +56,18 @@ def build(
             module = lower(graph)
     mod = module
     with _tvm_errors(f"building graph {graph.name!r} for target {spec.name}"), _cuda_toolchain(spec):
-        if spec.is_gpu:
-            executable = tvm.compile(mod, tvm_target)  # the CUDA default pipeline applies dlight schedules
+        if spec.is_gpu:  # TVM's default CUDA pipeline (dlight schedules), checked between its halves
+            from tvm.relax.backend.cuda import pipeline as cuda
+
+            with tvm_target:
+                mod = tvm.transform.Sequential(
+                    [*cuda.library_dispatch_passes(tvm_target), *cuda.legalize_passes(tvm_target)]
+                )(mod)
+            _check_no_host_kernels(mod, spec)
+            rest = tvm.transform.Sequential(
+                [*cuda.dataflow_lower_passes(tvm_target), *cuda.finalize_passes(tvm_target)]
+            )
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=rest)
         else:
             pipeline = cpu_pipeline(tvm_target, schedule, tuning_db)
             executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
@@ -69,6 +79,46 @@ def build(
                 "the dlight schedules did not apply; report this with the graph"
             )
     return BuildResult(executable, spec, mod, time.perf_counter() - start)
+
+
+def _check_no_host_kernels(mod: tvm.IRModule, spec: TargetSpec) -> None:
+    """Every block of every kernel of a GPU build must sit under a thread binding.
+
+    A block outside one compiles to host code that reads device pointers on the CPU: a segfault at
+    run time (seen twice on an H200: a CPU-scheduled kernel, and side computations that dlight left
+    unbound in a fused function). Refuse the build instead, naming the kernel.
+    """
+    from tvm import tirx
+
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and _host_block(func.script(show_meta=False)):
+            raise CodegenError(
+                f"kernel {gv.name_hint} has loops outside any GPU thread binding for {spec.name} "
+                "(they would run on the host over device memory); report this with the graph"
+            )
+
+
+def _host_block(script: str) -> str | None:
+    """The first block (or bare store) of a TVMScript PrimFunc not nested in a ``T.thread_binding`` loop."""
+    loops: list[tuple[int, bool]] = []  # (indent, is thread binding) of the enclosing for-loops
+    body = False
+    for line in script.splitlines():
+        text = line.strip()
+        if not body:
+            body = text.startswith("def ")
+            continue
+        if not text or text.startswith(("#", "T.func_attr", "T.reads", "T.writes", '"""')):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while loops and loops[-1][0] >= indent:
+            loops.pop()
+        if text.startswith("for "):
+            loops.append((indent, "T.thread_binding(" in text))
+            continue
+        bound = any(thread for _, thread in loops)
+        if text.startswith("with T.sblock(") and '"root"' not in text and not bound:
+            return text
+    return None
 
 
 def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=None) -> tvm.transform.Pass:

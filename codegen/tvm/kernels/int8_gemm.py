@@ -9,7 +9,8 @@ holds 4 consecutive weights of 16 output rows, and one ``vpdpbusd`` with the 4 a
 broadcast to all lanes does 64 multiply-adds. The float rescale
 ``float32(acc) * (float32(x_scale) * w_scale[o]) + bias`` follows the reference step by step, so the
 result is bit-exact. Without VNNI (or on non-x86 targets) a portable int32 loop runs instead.
-No CUDA schedule yet: GPU targets use the portable TE lowering (correct, untuned).
+GPU targets get the same sum as a TE reduction scheduled by dlight (``_int8_gemm_portable``:
+correct, untuned; a hand-written CUDA int8 GEMM is not done).
 
 ``quantize_uniform`` and ``log2_quant`` lower to TE element-wise computes that follow their
 references (float32 quantize arithmetic, float64 ``log2`` for the log-domain codes).
@@ -164,6 +165,30 @@ def _quantize_u8(x: te.Tensor, k_pad: int, x_scale: float, zero_point: int, bits
     return te.compute((x.shape[0], k_pad), compute, name="q_u8")
 
 
+def _is_gpu() -> bool:
+    target = tvm.target.Target.current(allow_none=True)
+    return target is not None and ("gpu" in target.keys or target.kind.name != "llvm")
+
+
+def _int8_gemm_portable(a: te.Tensor, w: te.Tensor) -> te.Tensor:
+    """``acc[m, 16*ob + l] = sum_k int32(a[m, k]) * int32(w[ob, k/4, l, k%4])``: ``gemm_func`` as plain TE."""
+    blocks, k4 = w.shape[0], w.shape[1]
+    k = te.reduce_axis((0, k4 * 4), name="k")
+
+    def value(m, o):
+        weight = w[o // ROWS, k // 4, o % ROWS, k % 4].astype("int32")
+        return te.sum(a[m, k].astype("int32") * weight, axis=k)
+
+    return te.compute((a.shape[0], blocks * ROWS), value, name="int8_gemm")
+
+
+def _nan_term(x: te.Tensor) -> te.Tensor:
+    """``[m, 1]``: NaN where row ``m`` holds a NaN, else 0 (a sum of zeros and NaNs)."""
+    k = te.reduce_axis((0, x.shape[1]), name="k")
+    nan, zero = tirx.const(np.nan, "float32"), tirx.const(0, "float32")
+    return te.compute((x.shape[0], 1), lambda m, _: te.sum(tirx.Select(tirx.isnan(x[m, k]), nan, zero), axis=k))
+
+
 @lowering("int8_linear")
 def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> relax.Expr:
     for i in (1, 2):
@@ -187,11 +212,14 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     else:
         scale, zero_point, bits = attrs["x_scale"], attrs["x_zero_point"], attrs["x_bits"]
         q = ctx.te(_quantize_u8, x2, k4 * 4, scale, zero_point, bits, name="int8_linear_quantize")
-    vnni = has_vnni()
-    gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
-    acc = ctx.emit(
-        relax.op.call_tir(gv, [q, relax.const(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
-    )
+    if _is_gpu():  # the same u8 x s8 -> s32 sum as a TE reduction that dlight schedules
+        acc = ctx.te(_int8_gemm_portable, q, relax.const(packed), name="int8_gemm_portable")
+    else:
+        vnni = has_vnni()
+        gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
+        acc = ctx.emit(
+            relax.op.call_tir(gv, [q, relax.const(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
+        )
     if blocks * ROWS != out:
         acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
     if per_row:  # acc - z_m * sum_k wq[o, k], then float32(acc) * (s_m * w_scale[o])
@@ -204,8 +232,13 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
         acc = ctx.emit(op.subtract(acc, relax.const(correction)))
         rescale = (np.float32(attrs["x_scale"]) * scales).astype(np.float32)
         y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
-    has_nan = ctx.emit(op.max(op.astype(op.isnan(x2), "int32"), axis=[-1], keepdims=True))
-    y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
+    if _is_gpu():  # y + sum_k (isnan ? NaN : 0): one sum reduction, then a plain add in the epilogue.
+        # (A bool ``where`` fused into this epilogue becomes ushort2 -> float2 in TVM's CUDA codegen,
+        # and small side computations fused into it are left as host loops by dlight.)
+        y = ctx.emit(op.add(y, ctx.te(_nan_term, x2, name="int8_linear_nan_rows")))
+    else:
+        has_nan = ctx.emit(op.max(op.astype(op.isnan(x2), "int32"), axis=[-1], keepdims=True))
+        y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
     if bias is not None:
         y = ctx.emit(op.add(y, bias))
     return ctx.emit(op.reshape(y, [*lead, out]))
