@@ -409,17 +409,20 @@ def test_gpu_build_refuses_blocks_outside_thread_bindings():
     """A block left outside every thread binding would run on the host over device memory (segfault)."""
     from reshift.codegen.tvm.build import _host_block
 
-    bound = '''
+    bound = """
 def main(a: T.Buffer((4,), "float32")):
     T.func_attr({"tirx.is_scheduled": True})
     with T.sblock("root"):
         for i in T.thread_binding(4, thread="threadIdx.x"):
             with T.sblock("compute"):
                 a[i] = T.float32(0)
-'''
-    unbound = bound + '''    for j in range(4):
+"""
+    unbound = (
+        bound
+        + """    for j in range(4):
         with T.sblock("side"):
             a[j] = a[j] + T.float32(1)
-'''
+"""
+    )
     assert _host_block(bound) is None
     assert _host_block(unbound) == 'with T.sblock("side"):'
