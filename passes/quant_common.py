@@ -1,6 +1,10 @@
 """What the weight quantizers (``shift.py``, ``bcq.py``) share: which linears they may touch,
 calibration activations, output-aware least-squares scale refits, and the rewrite driver.
 
+Calibration is independent (every layer sees the float model's activations) or sequential (GPTQ,
+Frantar et al. 2023, Sec. 5 "Setup": each layer is calibrated on the inputs produced by the
+already-quantized earlier layers, so it compensates their error too); see :func:`quantize_linears`.
+
 Layer selection follows common post-training-quantization practice (ShiftAddLLM, GPTQ): the
 first and last weight layers, embeddings and the LM head stay in float unless the ``skip``
 option says otherwise. ``skip`` is a list of fnmatch patterns matched against the node name and
@@ -34,6 +38,7 @@ class LayerPlan:
     build: Callable[[Match, RewriteContext], Value] | None = None
     reason: str | None = None
     details: dict[str, AnyType] = field(default_factory=dict)
+    weight: np.ndarray | None = None  # the float weight the replacement stands for (sequential calibration)
 
 
 def skip_reason(node: Node, weight: Value, graph: Graph, patterns) -> str | None:
@@ -87,6 +92,22 @@ def capture_activations(
             x = x[np.linspace(0, len(x) - 1, max_rows).astype(int)]
         result[name] = x
     return result
+
+
+def calibration_stages(graph: Graph, candidates: list[Match]) -> list[list[Match]]:
+    """``candidates`` grouped by how many candidates lie on their input's longest path from the graph
+    inputs: a stage's inputs depend only on earlier stages (q, k and v share a stage), so one
+    interpreter run per stage captures them all with the earlier stages already quantized."""
+    names = {m.root.name for m in candidates}
+    depth: dict[str, int] = {}
+    for node in graph.nodes:
+        level = max((depth.get(v.name, 0) for v in node.input_values()), default=0)
+        for out in node.outputs:
+            depth[out.name] = level + (node.name in names)
+    stages: dict[int, list[Match]] = {}
+    for m in candidates:
+        stages.setdefault(depth.get(m["x"].name, 0), []).append(m)
+    return [stages[level] for level in sorted(stages)]
 
 
 def hessian(x: np.ndarray, damp: float = 0.01) -> np.ndarray:
@@ -145,9 +166,15 @@ def quantize_linears(
     ctx: PassContext,
     rule_name: str,
     plan: Callable[[list[Match], dict[str, np.ndarray], dict], dict[str, LayerPlan]],
+    sequential: bool = False,
 ) -> RuleStats:
-    """Select candidate linears, capture their calibration inputs, let ``plan`` fit all of them at
-    once (bit allocation needs every layer), then apply the one rule ``rule_name`` they decided."""
+    """Select candidate linears, capture their calibration inputs, let ``plan`` fit them, then apply
+    the one rule ``rule_name`` they decided.
+
+    Independent (default): ``plan`` fits all candidates at once on the float model's activations
+    (bit allocation needs every layer). ``sequential`` with calibration data: stage by stage
+    (:func:`calibration_stages`), the inputs are captured on a copy of the graph whose earlier
+    candidates already hold their plans' ``weight`` (GPTQ's sequential procedure)."""
     producers, users = graph.producers(), graph.users()
     refusals: dict[str, str] = {}
     candidates: list[Match] = []
@@ -161,8 +188,19 @@ def quantize_linears(
         else:
             candidates.append(m)
     max_rows = int(ctx.options.get("calib_rows", 2048))
-    xs = capture_activations(graph, ctx.calibration, [m["x"] for m in candidates], max_rows)
-    plans = plan(candidates, xs, ctx.options) if candidates else {}
+    plans: dict[str, LayerPlan] = {}
+    if sequential and ctx.calibration and candidates:
+        work = graph.copy()  # constant arrays are shared: replace them, never write into them
+        for stage in calibration_stages(graph, candidates):
+            xs = capture_activations(work, ctx.calibration, [m["x"] for m in stage], max_rows)
+            plans.update(plan(stage, xs, ctx.options))
+            for m in stage:
+                w_hat = plans[m.root.name].weight
+                if w_hat is not None:
+                    work.constants[m["weight"].name].data = np.asarray(w_hat, np.float32)
+    elif candidates:
+        xs = capture_activations(graph, ctx.calibration, [m["x"] for m in candidates], max_rows)
+        plans = plan(candidates, xs, ctx.options)
 
     def check(m: Match, g: Graph) -> str | None:
         if m.root.name in refusals:

@@ -32,6 +32,15 @@ def split_for(n_groups: int) -> int:
     return max(1, min(MAX_SPLIT, n_groups))
 
 
+def thread_loops(serial: bool):
+    """``bind(extent, thread)``: a GPU thread-binding loop, or a plain serial one for CPU checks."""
+
+    def bind(extent, thread):
+        return T.serial(extent) if serial else T.thread_binding(extent, thread=thread)
+
+    return bind
+
+
 def gemv_cuda_func(blocks: int, n_groups: int, planes: int, group_size: int, serial: bool = False) -> tirx.PrimFunc:
     """``part[t, m, 16*ob + l] = sum_{g = t mod split} sum_i alpha[ob,g,i,l] * sum_s lut[m,g,s,nibble]``.
 
@@ -44,9 +53,7 @@ def gemv_cuda_func(blocks: int, n_groups: int, planes: int, group_size: int, ser
     rows_per_cta = min(ROWS_PER_CTA, width)
     ctas = -(-width // rows_per_cta)
     steps = -(-n_groups // split)
-
-    def bind(extent, thread):
-        return T.serial(extent) if serial else T.thread_binding(extent, thread=thread)
+    bind = thread_loops(serial)
 
     @T.prim_func(private=True)
     def gemv(

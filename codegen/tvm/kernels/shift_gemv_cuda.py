@@ -17,7 +17,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.kernels.lut_gemv_cuda import MAX_SPLIT, ROWS_PER_CTA
+from reshift.codegen.tvm.kernels.lut_gemv_cuda import MAX_SPLIT, ROWS_PER_CTA, thread_loops
 from reshift.codegen.tvm.kernels.packing import ROWS
 
 MIN_CHUNK = 64  # fewest columns per split range
@@ -40,9 +40,7 @@ def shift_gemv_cuda_func(blocks: int, in_features: int, serial: bool = False) ->
     steps = -(-chunk // UNROLL)
     rows_per_cta = min(ROWS_PER_CTA, width)
     ctas = -(-width // rows_per_cta)
-
-    def bind(extent, thread):
-        return T.serial(extent) if serial else T.thread_binding(extent, thread=thread)
+    bind = thread_loops(serial)
 
     @T.prim_func(private=True)
     def shift_gemv(code: T.Buffer((blocks, in_features, ROWS), "int8"), q_h: T.handle, part_h: T.handle):
