@@ -16,6 +16,12 @@ BCQ (ShiftAddLLM, You et al. 2024, Eq. 2): per group of ``G`` input columns,
   to the output, ``min_alpha ||X W^T - X W_hat^T||`` (the codes stay). ``rounds > 1`` alternates
   GPTQ codes with those alphas fixed and the refit, keeping the best round.
 
+Calibration is sequential by default (option ``sequential``, GPTQ's procedure): layers are fitted
+in graph order, each on the activations the graph produces with the earlier layers already in
+their BCQ form (:func:`~reshift.passes.quant_common.quantize_linears`), so ``H`` and the output
+refit see the inputs the quantized model will actually feed it. Under a ``bits`` budget the
+allocation needs every layer's error at once, so calibration there stays independent.
+
 Bit allocation (ShiftAddLLM Sec. 3.2) chooses ``q`` per layer from its measured output error
 under an average-bits budget (:func:`allocate_bits`). Ternary (BitNet b1.58, Ma et al. 2024):
 ``scale = mean|W_g|``, ``T = rint(clip(W / scale, -1, 1))``, then alternating least-squares scale
@@ -346,6 +352,7 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
         if budget is not None
         else (int(options.get("bcq_q", DEFAULT_Q)),)
     )
+    calibration = "sequential" if options.get("_sequential") else "independent"
     fits: dict[str, dict[int, BCQFit]] = {}
     sensitivity = []
     for m in candidates:
@@ -372,6 +379,8 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
             "error": relative_output_error(w, fit.weight(group_size), x),
             "error_kind": "output" if x is not None else "weight",
         }
+        if x is not None:
+            details["calibration"] = calibration
 
         def build(m, rc, fit=fit, k=w.shape[1]):
             name = m.root.name
@@ -385,7 +394,7 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
                 in_features=k,
             )
 
-        plans[m.root.name] = LayerPlan(build=build, details=details)
+        plans[m.root.name] = LayerPlan(build=build, details=details, weight=fit.weight(group_size))
     return plans
 
 
@@ -417,18 +426,23 @@ def _plan_ternary(candidates: list[Match], xs: dict[str, np.ndarray], options: d
                 in_features=k,
             )
 
-        plans[m.root.name] = LayerPlan(build=build, details=details)
+        plans[m.root.name] = LayerPlan(build=build, details=details, weight=ternary_dequant(codes, scale, group_size))
     return plans
+
+
+def _sequential(ctx: PassContext) -> bool:
+    """Sequential calibration unless switched off or a ``bits`` budget needs all layers at once."""
+    return bool(ctx.options.get("sequential", True)) and ctx.options.get("bits") is None
 
 
 def bcq_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``bcq_linear`` (per-layer bits under ``bits`` budget)."""
-    return quantize_linears(graph, ctx, "linear_to_bcq", _plan_bcq)
+    return quantize_linears(graph, ctx, "linear_to_bcq", _plan_bcq, sequential=_sequential(ctx))
 
 
 def ternary_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``ternary_linear``."""
-    return quantize_linears(graph, ctx, "linear_to_ternary", _plan_ternary)
+    return quantize_linears(graph, ctx, "linear_to_ternary", _plan_ternary, sequential=_sequential(ctx))
 
 
 BCQ_PASSES = [

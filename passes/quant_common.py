@@ -2,8 +2,9 @@
 calibration activations, output-aware least-squares scale refits, and the rewrite driver.
 
 Calibration is independent (every layer sees the float model's activations) or sequential (GPTQ,
-Frantar et al. 2023, Sec. 5 "Setup": each layer is calibrated on the inputs produced by the
-already-quantized earlier layers, so it compensates their error too); see :func:`quantize_linears`.
+Frantar et al. 2023, which quantizes block by block on the outputs of the already-quantized blocks;
+its reference code's ``true_sequential`` goes layer by layer inside a block, as here), so each layer
+also compensates the error its quantized predecessors put into its inputs; see :func:`quantize_linears`.
 
 Layer selection follows common post-training-quantization practice (ShiftAddLLM, GPTQ): the
 first and last weight layers, embeddings and the LM head stay in float unless the ``skip``
