@@ -352,7 +352,7 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
         if budget is not None
         else (int(options.get("bcq_q", DEFAULT_Q)),)
     )
-    calibration = "sequential" if options.get("_sequential") else "independent"
+    calibration = "sequential" if _sequential(options) else "independent"
     fits: dict[str, dict[int, BCQFit]] = {}
     sensitivity = []
     for m in candidates:
@@ -430,19 +430,19 @@ def _plan_ternary(candidates: list[Match], xs: dict[str, np.ndarray], options: d
     return plans
 
 
-def _sequential(ctx: PassContext) -> bool:
+def _sequential(options: dict) -> bool:
     """Sequential calibration unless switched off or a ``bits`` budget needs all layers at once."""
-    return bool(ctx.options.get("sequential", True)) and ctx.options.get("bits") is None
+    return bool(options.get("sequential", True)) and options.get("bits") is None
 
 
 def bcq_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``bcq_linear`` (per-layer bits under ``bits`` budget)."""
-    return quantize_linears(graph, ctx, "linear_to_bcq", _plan_bcq, sequential=_sequential(ctx))
+    return quantize_linears(graph, ctx, "linear_to_bcq", _plan_bcq, sequential=_sequential(ctx.options))
 
 
 def ternary_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``ternary_linear``."""
-    return quantize_linears(graph, ctx, "linear_to_ternary", _plan_ternary, sequential=_sequential(ctx))
+    return quantize_linears(graph, ctx, "linear_to_ternary", _plan_ternary, sequential=_sequential(ctx.options))
 
 
 BCQ_PASSES = [

@@ -195,7 +195,7 @@ def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:
     float input; for ``int8_linear``, vs the float linear with the same dequantized weight)."""
     from reshift.ir.interpret import interpret
 
-    nodes = [n for n in graph.nodes if n.op in QUANTIZER_OPS + ("int8_linear",)]
+    nodes = [n for n in graph.nodes if n.op in QUANTIZER_OPS + ("int8_linear", "log2_matmul")]
     if not nodes:
         return ""
     env = interpret(graph, batch, return_all=True)
@@ -210,6 +210,10 @@ def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:
             row = a.get("x_granularity", "tensor") == "row"
             kind, bits = "int8_linear (A per row, dynamic)" if row else "int8_linear (A per tensor)", a["x_bits"]
             scale = "run time" if row else f"{a['x_scale']:.4g} (z={a['x_zero_point']})"
+        elif n.op == "log2_matmul":  # vs the float attention product it replaces
+            ref = x @ env[n.inputs[1].name]
+            kind = f"log2_matmul (P {a['base_kind']} codes x V int{a['v_bits']}, shift-add)"
+            bits, scale = a["bits"], f"{a['scale']:.4g} / V {a['v_scale']:.4g}"
         elif n.op == "log2_quant":
             ref, kind, bits = x, f"log2_quant ({a['base_kind']}, base {a['base']:.4g})", a["bits"]
             scale = f"{a['scale']:.4g}"

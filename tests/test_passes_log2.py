@@ -72,6 +72,11 @@ def test_repq_log2_softmax_pass(rng):
     assert node.attrs["base_kind"] == "log_sqrt2" and node.attrs["bits"] == 4 and node.attrs["v_bits"] == 4
     assert report.matches["log2_matmul"] == 1
     assert ir.interpret(g2, batches(rng, 1)[0])  # runs
+    from reshift.passes.quantize import quantizer_table
+
+    table = quantizer_table(g2, report, batches(rng, 1)[0])  # what `reshift inspect` prints
+    row = next(line for line in table.splitlines() if "log2_matmul" in line)
+    assert "log_sqrt2 codes x V int4" in row and float(row.rstrip(" |").split("|")[-1]) < 0.5
 
 
 def test_adalog_pass_softmax_and_gelu_bias_reparam(rng):
