@@ -27,6 +27,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not edge"
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/agreement.py
 	$(BIN)/python benchmarks/e2e.py --quick
 
