@@ -29,6 +29,9 @@ CONVS = [
     (4, 33, 8, 8, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
     (7, 5, 17, 15, (5, 5), (2, 1), (2, 1, 0, 3), (1, 1)),
     (3, 6, 32, 32, (4, 4), (4, 4), (0, 0, 0, 0), (1, 1)),  # a patch embedding
+    (8, 48, 14, 14, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # one channel vector, 7-pixel tiles
+    (16, 64, 9, 10, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # two channel vectors, strided, 5-pixel tiles
+    (5, 32, 7, 7, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
 ]
 
 
@@ -44,16 +47,23 @@ def _run(graph, batches, inputs):
         assert error <= 1e-5, f"{graph.name} batch {batch}: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("path", ["pixel", "ocvec"])
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}x{c[3]}-k{c[4][0]}{c[4][1]}-s{c[5][0]}")
-def test_conv2d_matches_interpreter(conv):
+def test_conv2d_matches_interpreter(conv, path, monkeypatch):
+    """Both conv kernels (pixel-vectorized, output-channel-vectorized) where each applies."""
+    from reshift.codegen.tvm.kernels.conv2d_ocvec_cpu import choose_tile
+
     c, oc, h, w, kernel, stride, padding, dilation = conv
+    monkeypatch.setenv("RESHIFT_CONV", path)
     b = GraphBuilder("conv")
     x = b.input("x", f"f32[N,{c},{h},{w}]")
     weight = b.constant(RNG.standard_normal((oc, c, *kernel)).astype(np.float32))
     bias = b.constant(RNG.standard_normal(oc).astype(np.float32))
     y = b.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=1)
     graph = b.build(b.relu(y))
-    assert "conv2d_packed_f32" in lower(graph).script(show_meta=False)
+    ow = int(graph.nodes[0].outputs[0].shape[3])
+    kernel_name = "conv2d_ocvec_f32" if path == "ocvec" and choose_tile(oc, ow) else "conv2d_packed_f32"
+    assert kernel_name in lower(graph).script(show_meta=False)
     _run(graph, (1, 3), {"x": lambda n: RNG.standard_normal((n, c, h, w)).astype(np.float32)})
 
 

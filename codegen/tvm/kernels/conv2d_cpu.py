@@ -50,6 +50,11 @@ def oc_tile(panels: int) -> int:
     return MAX_ACCUMULATORS // panels
 
 
+def tile_efficiency(panels: int) -> float:
+    """Relative FMA throughput of a register tile of ``panels`` pixel vectors."""
+    return _EFFICIENCY[panels]
+
+
 def pixel_tile(pixels: int) -> tuple[int, int]:
     """``(V, padded pixels)``: the vectors per tile that waste the least time on padding."""
     best = None

@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, dense_cpu, softmax_cpu
+from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, conv2d_ocvec_cpu, dense_cpu, softmax_cpu
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
 from reshift.codegen.tvm.lower import LowerContext, op
 from reshift.ir.graph import Node
@@ -165,6 +165,60 @@ def gelu(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     return ctx.te(fn, x, name=fn.__name__.lstrip("_"))
 
 
+def _prefer_ocvec(oc: int, out_hw: tuple[int, int], stride, dilation, row: int) -> bool:
+    """Whether the output-channel-vectorized kernel does less work than the pixel-vectorized one.
+
+    Work is counted in computed (pixel, channel) pairs over the register-tile efficiency; the pixel
+    kernel computes the padded grid rounded to whole vectors (and a strided conv adds an im2col copy).
+    ``RESHIFT_CONV=pixel|ocvec`` forces one (for comparisons).
+    """
+    forced = os.environ.get("RESHIFT_CONV", "")
+    tile = conv2d_ocvec_cpu.choose_tile(oc, out_hw[1])
+    if forced in ("pixel", "ocvec"):
+        return forced == "ocvec" and tile is not None
+    if tile is None:
+        return False
+    oh, ow = out_hw
+    pt, vo = tile
+    width = conv2d_ocvec_cpu.LANES * vo
+    ocvec = oh * ow * (-(-oc // width) * width) / min(1.0, pt * vo / 12)
+    direct = stride == (1, 1) and dilation[0] == dilation[1]
+    panels, pixels = conv2d_cpu.pixel_tile(oh * (row if direct else ow))
+    rt = conv2d_cpu.oc_tile(panels)
+    pixel = pixels * (-(-oc // rt) * rt) / conv2d_cpu.tile_efficiency(panels) * (1.0 if direct else 1.1)
+    return ocvec < pixel
+
+
+def _conv2d_ocvec(ctx: LowerContext, x, shape, w, bias, stride, pads, dilation, out_hw) -> relax.Expr:
+    channels, h, wd = shape[1:]
+    oc, _, kh, kw = w.shape
+    pt, vo = conv2d_ocvec_cpu.choose_tile(oc, out_hw[1])
+    packed = conv2d_ocvec_cpu.pack_filters(w, vo)
+    oc_blocks = packed.shape[0]
+    width = oc_blocks * conv2d_ocvec_cpu.LANES * vo
+    b = np.zeros(width, np.float32)
+    if bias is not None:
+        b[:oc] = bias
+    row = wd + pads[1] + pads[3]
+    grid_rows = h + pads[0] + pads[2]
+    src = _padded_flat(ctx, x, shape, pads, grid_rows, row)
+    func = conv2d_ocvec_cpu.conv_ocvec_func(
+        channels, (kh, kw), stride, dilation, row, grid_rows * row, out_hw, oc_blocks, pt, vo
+    )
+    gv = ctx.bb.add_func(func, "conv2d_ocvec_f32")
+    pixels = out_hw[0] * out_hw[1]
+    y = ctx.emit(
+        relax.op.call_tir(
+            gv,
+            [src, relax.const(packed), relax.const(b)],
+            out_ty=relax.TensorType((shape[0], width, pixels), "float32"),
+        )
+    )
+    if width != oc:
+        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[oc]))
+    return ctx.emit(op.reshape(y, (shape[0], oc, *out_hw)))
+
+
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
     w = _constant_f32(node, 1)
@@ -183,6 +237,8 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     oc, _, kh, kw = w.shape
     stride, pads, dilation = tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"])
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
+    if _prefer_ocvec(oc, (oh, ow), stride, dilation, wd + pads[1] + pads[3]):
+        return _conv2d_ocvec(ctx, x, shape, w, bias, stride, pads, dilation, (oh, ow))
     direct = stride == (1, 1) and dilation[0] == dilation[1]
     row = wd + pads[1] + pads[3] if direct else ow
     panels, pixels = conv2d_cpu.pixel_tile(oh * row)

@@ -1,0 +1,133 @@
+"""fp32 conv2d for CPU vectorized over output channels (groups=1): no wasted pixels, any stride.
+
+``conv2d_cpu.py`` puts 16 output *pixels* in a vector, so a row of ``ow`` pixels is computed on the
+padded grid (``Wp`` columns) and rounded up to whole vectors: a 7x7 image computes 64 pixels for
+49 (ResNet-18's last stage), a 14x14 one 240 for 196, and a strided conv needs an im2col copy.
+Here a vector holds 16 *output channels* instead (the direct convolution of Georganas et al.,
+SC'18, with output channels innermost, as oneDNN's ``nChw16c`` kernels): for a tile of ``pt``
+consecutive output pixels of one row and ``vo`` channel vectors,
+
+    acc[t, v] += broadcast(xpad[c, (oh*s + i*d) * Wp + (ow0 + t)*s + j*d]) * w[ob, (c, i, j), 16v : 16v + 16]
+
+so the input is read as scalar broadcasts (any stride, exactly the valid pixels) and the filter as
+vectors packed ``[OC / (16 vo), C*KH*KW, 16 vo]``. ``pt * vo <= 14`` accumulators stay in
+registers (under the 1 KiB where TVM moves local buffers to the heap). A job is (image, channel
+block, output row), rows innermost, so a thread reuses one filter block (L2-resident) across rows.
+The result is stored channel-strided into NCHW ``y[n, oc, oh*ow]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+LANES = 16
+MAX_ACCUMULATORS = 14
+
+
+def choose_tile(out_channels: int, ow: int) -> tuple[int, int] | None:
+    """``(pt, vo)``: pixels per tile (a divisor of ``ow``) and channel vectors, or None when no tile fits."""
+    vo = 2 if out_channels % (2 * LANES) == 0 else 1
+    for pt in range(MAX_ACCUMULATORS // vo, 3, -1):
+        if ow % pt == 0:
+            return pt, vo
+    return None
+
+
+def pack_filters(w: np.ndarray, vo: int) -> np.ndarray:
+    """``float32 [OC, C, KH, KW]`` -> ``[ceil(OC / 16vo), C*KH*KW, 16vo]``, zero padded."""
+    oc = w.shape[0]
+    width = LANES * vo
+    flat = w.reshape(oc, -1).astype(np.float32)
+    blocks = -(-oc // width)
+    padded = np.zeros((blocks * width, flat.shape[1]), np.float32)
+    padded[:oc] = flat
+    return np.ascontiguousarray(padded.reshape(blocks, width, -1).transpose(0, 2, 1))
+
+
+def conv_ocvec_func(
+    channels: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    row: int,
+    plane: int,
+    out_hw: tuple[int, int],
+    oc_blocks: int,
+    pt: int,
+    vo: int,
+) -> tirx.PrimFunc:
+    """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc / 16vo, (c*kh + i)*kw + j, oc % 16vo] * xpad[n, c, ...]``.
+
+    ``x`` is the zero padded image flattened to ``[n, channels, plane]`` (rows of ``row`` columns);
+    ``y`` is ``[n, oc_blocks * 16 * vo, oh * ow]``; the batch ``n`` is symbolic.
+    """
+    kh, kw = kernel
+    s0, s1 = stride
+    d0, d1 = dilation
+    oh, ow = out_hw
+    k = channels * kh * kw
+    width = LANES * vo
+    out_channels = oc_blocks * width
+    pixels = oh * ow
+    tiles = ow // pt
+    lanes = T.Ramp(0, 1, LANES)
+
+    @T.prim_func(private=True)
+    def conv(
+        x_h: T.handle,
+        w: T.Buffer((oc_blocks, k, width), "float32"),
+        b: T.Buffer((out_channels,), "float32"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, channels, plane), "float32")
+        y = T.match_buffer(y_h, (n, out_channels, pixels), "float32")
+        xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
+        wf = T.decl_buffer((oc_blocks * k * width,), "float32", data=w.data)
+        yf = T.decl_buffer((n * out_channels * pixels,), "float32", data=y.data)
+        for job in T.parallel(n * oc_blocks * oh):
+            img = job // (oc_blocks * oh)
+            ob = job % (oc_blocks * oh) // oh
+            r = job % oh
+            for tile in range(tiles):
+                acc = T.alloc_buffer((pt, vo, LANES), "float32", scope="global")
+                wv = T.alloc_buffer((vo, LANES), "float32", scope="global")
+                for t in T.unroll(pt):
+                    for v in T.unroll(vo):
+                        acc[t, v, lanes] = b[T.Ramp(ob * width + v * LANES, 1, LANES)]
+                for c in range(channels):
+                    for i in range(kh):
+                        for j in range(kw):
+                            for v in T.unroll(vo):
+                                wv[v, lanes] = wf[
+                                    T.Ramp((ob * k + (c * kh + i) * kw + j) * width + v * LANES, 1, LANES)
+                                ]
+                            for t in T.unroll(pt):
+                                for v in T.unroll(vo):
+                                    acc[t, v, lanes] = (
+                                        acc[t, v, lanes]
+                                        + T.Broadcast(
+                                            xf[
+                                                (img * channels + c) * plane
+                                                + (r * s0 + i * d0) * row
+                                                + (tile * pt + t) * s1
+                                                + j * d1
+                                            ],
+                                            LANES,
+                                        )
+                                        * wv[v, lanes]
+                                    )
+                for t in T.unroll(pt):
+                    for v in T.unroll(vo):
+                        yf[
+                            T.Ramp(
+                                (img * out_channels + ob * width + v * LANES) * pixels + r * ow + tile * pt + t,
+                                pixels,
+                                LANES,
+                            )
+                        ] = acc[t, v, lanes]
+
+    return conv
