@@ -10,7 +10,10 @@ group size: BCQ q=2/3/4 and ternary (``passes/bcq.py``), power-of-two shift (``p
 and round-to-nearest uniform group-wise quantization (RTN, asymmetric and symmetric, :func:`rtn_weight`)
 at the same code bits. BCQ/ternary run weight-only and with calibration; shift and RTN have no
 output-aware fit (their columns repeat). Runs the passes on the IR and evaluates with reshift's
-reference interpreter.
+reference interpreter. Calibrated BCQ/ternary use the passes' default sequential calibration with
+the float model's outputs as target (``--calibration``: ``sequential-asymmetric``, ``sequential``
+(GPTQ's procedure, target the layer's own float output) or ``independent`` (every layer on the
+float model's activations)).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lowbit_accuracy.py [--quick]
 """
@@ -48,6 +51,11 @@ CORPUS_MODULES = (
     "getopt", "optparse", "ftplib", "smtplib", "imaplib", "poplib", "xml.dom.minidom", "html.parser",
     "wave", "colorsys", "graphlib", "ipaddress", "netrc", "plistlib", "reprlib", "runpy", "zipapp",
 )  # fmt: skip
+CALIBRATION_MODES = {
+    "sequential-asymmetric": {"sequential": True, "asymmetric": True},
+    "sequential": {"sequential": True, "asymmetric": False},
+    "independent": {"sequential": False, "asymmetric": False},
+}
 _SENTENCE = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[a-z][.]$")
 
 
@@ -224,6 +232,12 @@ def main() -> None:
     parser.add_argument("--calib-sentences", type=int, default=None, help="default 512 (quick: 256)")
     parser.add_argument("--calib-rows", type=int, default=4096, help="activation rows kept per layer input")
     parser.add_argument("--gptq-rounds", type=int, default=None, help="BCQ/ternary GPTQ rounds (pass default)")
+    parser.add_argument(
+        "--calibration",
+        choices=tuple(CALIBRATION_MODES),
+        default="sequential-asymmetric",
+        help="how calibrated BCQ/ternary layers get their activations and target (see module docstring)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
     n_eval = 64 if args.quick else 128
@@ -241,7 +255,7 @@ def main() -> None:
     print(f"  calibration: {n_tokens} tokens packed into {len(calib_inputs['input_ids'])} windows of {args.seq_len}")
     reference = embed(graph, eval_batches)
     g = args.group_size
-    options = {"group_size": g, "skip": [], "calib_rows": args.calib_rows}
+    options = {"group_size": g, "skip": [], "calib_rows": args.calib_rows, **CALIBRATION_MODES[args.calibration]}
     if args.gptq_rounds is not None:
         options["gptq_rounds"] = args.gptq_rounds
     config = {**options, "seq_len": args.seq_len, "n_eval": len(evaluation), "n_calib_sentences": len(calib)}

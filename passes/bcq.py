@@ -17,10 +17,14 @@ BCQ (ShiftAddLLM, You et al. 2024, Eq. 2): per group of ``G`` input columns,
   GPTQ codes with those alphas fixed and the refit, keeping the best round.
 
 Calibration is sequential by default (option ``sequential``, GPTQ's procedure): layers are fitted
-in graph order, each on the activations the graph produces with the earlier layers already in
-their BCQ form (:func:`~reshift.passes.quant_common.quantize_linears`), so ``H`` and the output
-refit see the inputs the quantized model will actually feed it. Under a ``bits`` budget the
-allocation needs every layer's error at once, so calibration there stays independent.
+in graph order, each on the activations ``X~`` the graph produces with the earlier layers already in
+their BCQ form (:func:`~reshift.passes.quant_common.quantize_linears`). With ``asymmetric`` (on by
+default) the target is the float model's output ``X W^T`` rather than ``X~ W^T`` (GPTAQ, Li et al.
+2025): GPTQ and the refit run on ``H = X~^T X~`` against ``V = W + W (X - X~)^T X~ H^-1``
+(:func:`~reshift.passes.quant_common.compensated_target`), so each layer also undoes part of its
+predecessors' error. (On MiniLM plain sequential calibration changes nothing; the asymmetric target
+is what gains.) Under a ``bits`` budget the allocation compares every layer's error at once, so
+calibration there stays independent.
 
 Bit allocation (ShiftAddLLM Sec. 3.2) chooses ``q`` per layer from its measured output error
 under an average-bits budget (:func:`allocate_bits`). Ternary (BitNet b1.58, Ma et al. 2024):
@@ -42,6 +46,7 @@ from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
 from reshift.passes.quant_common import (
     LayerPlan,
+    compensated_target,
     hessian,
     quantize_linears,
     refit_scales_output,
@@ -223,16 +228,20 @@ def fit_bcq(
     factor: tuple | None = None,
     act_order: bool = True,
     rounds: int = DEFAULT_GPTQ_ROUNDS,
+    x_float: np.ndarray | None = None,
 ) -> BCQFit:
     """Fit ``q`` binary planes with group-wise alphas to ``w`` [O, K]; to the output ``x @ w^T``
-    when calibration rows ``x`` [M, K] are given (see module docstring). ``factor`` reuses a
-    :func:`_hessian_factor` of ``x`` across calls (bit allocation fits each layer several times)."""
+    when calibration rows ``x`` [M, K] are given (see module docstring), or to the float model's
+    output ``x_float @ w^T`` from the actual inputs ``x`` (:func:`compensated_target`). ``factor``
+    reuses a :func:`_hessian_factor` of ``x`` across calls (bit allocation fits each layer several times)."""
     if not 1 <= q <= 4:
         raise ValueError(f"fit_bcq: q={q} bit planes; supported 1..4 (exhaustive code search is 2^q)")
     w = np.asarray(w, dtype=np.float64)
     if x is None:
         return _fit_weight_only(w, q, group_size, iters)
     factor = factor or _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+    if x_float is not None:
+        w = compensated_target(w, x, x_float, factor[0])
     codes, alpha = _fit_output_aware(
         w,
         group_size,
@@ -266,16 +275,20 @@ def fit_ternary(
     damp: float = 0.01,
     act_order: bool = True,
     rounds: int = DEFAULT_GPTQ_ROUNDS,
+    x_float: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(T int8 [O,K] in {-1,0,1}, scale float64 [O, groups])``: BitNet b1.58 absmean, then
     alternating LS refits of the scale (``refit``). With calibration rows ``x`` the codes come from
     the same GPTQ column-by-column compensation as BCQ over the codebook ``{-s, 0, s}`` (each
     group's ``s`` from the weight-only fit of its compensated columns), then the output-aware scale
-    refit. (Refitting the scales alone to the output, codes fixed, overfits small calibration sets.)"""
+    refit. (Refitting the scales alone to the output, codes fixed, overfits small calibration sets.)
+    ``x_float`` as in :func:`fit_bcq`."""
     w = np.asarray(w, dtype=np.float64)
     if x is None:
         return _fit_ternary_weight_only(w, group_size, refit, iters)
     factor = _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+    if x_float is not None:
+        w = compensated_target(w, x, x_float, factor[0])
     codes, scale = _fit_output_aware(
         w,
         group_size,
@@ -340,7 +353,14 @@ def allocate_bits(
 
 
 # -- passes ---------------------------------------------------------------------------------
-def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
+def _float_inputs(options: dict, xs_float: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The float model's inputs to fit to (option ``asymmetric``, on by default), if captured."""
+    return (xs_float or {}) if options.get("asymmetric", True) else {}
+
+
+def _plan_bcq(
+    candidates: list[Match], xs: dict[str, np.ndarray], options: dict, xs_float: dict[str, np.ndarray] | None = None
+) -> dict[str, LayerPlan]:
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     iters = int(options.get("bcq_iters", 10))
     damp = float(options.get("damp", 0.01))
@@ -353,12 +373,16 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
         else (int(options.get("bcq_q", DEFAULT_Q)),)
     )
     calibration = "sequential" if _sequential(options) else "independent"
+    xs_float = _float_inputs(options, xs_float)
     fits: dict[str, dict[int, BCQFit]] = {}
     sensitivity = []
     for m in candidates:
         w, x = m.array("weight"), xs.get(m["x"].name)
         factor = _hessian_factor(x, damp, act_order) if x is not None else None
-        fits[m.root.name] = {q: fit_bcq(w, q, group_size, x, iters, damp, factor, rounds=rounds) for q in choices}
+        x_float = xs_float.get(m["x"].name)
+        fits[m.root.name] = {
+            q: fit_bcq(w, q, group_size, x, iters, damp, factor, rounds=rounds, x_float=x_float) for q in choices
+        }
         errors = {}
         for q, fit in fits[m.root.name].items():
             diff = w - fit.weight(group_size)
@@ -376,11 +400,11 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
         details = {
             "bits": q,
             "bits_per_weight": bits_per_weight(q, group_size),
-            "error": relative_output_error(w, fit.weight(group_size), x),
+            "error": relative_output_error(w, fit.weight(group_size), x, xs_float.get(m["x"].name)),
             "error_kind": "output" if x is not None else "weight",
         }
         if x is not None:
-            details["calibration"] = calibration
+            details["calibration"] = calibration + (" asymmetric" if m["x"].name in xs_float else "")
 
         def build(m, rc, fit=fit, k=w.shape[1]):
             name = m.root.name
@@ -398,19 +422,24 @@ def _plan_bcq(candidates: list[Match], xs: dict[str, np.ndarray], options: dict)
     return plans
 
 
-def _plan_ternary(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
+def _plan_ternary(
+    candidates: list[Match], xs: dict[str, np.ndarray], options: dict, xs_float: dict[str, np.ndarray] | None = None
+) -> dict[str, LayerPlan]:
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     refit = bool(options.get("ternary_refit", True))
     damp = float(options.get("damp", 0.01))
     act_order = bool(options.get("act_order", True))
     rounds = int(options.get("gptq_rounds", DEFAULT_GPTQ_ROUNDS))
+    xs_float = _float_inputs(options, xs_float)
     plans = {}
     for m in candidates:
-        w, x = m.array("weight"), xs.get(m["x"].name)
-        codes, scale = fit_ternary(w, group_size, refit, x, damp=damp, act_order=act_order, rounds=rounds)
+        w, x, x_float = m.array("weight"), xs.get(m["x"].name), xs_float.get(m["x"].name)
+        codes, scale = fit_ternary(
+            w, group_size, refit, x, damp=damp, act_order=act_order, rounds=rounds, x_float=x_float
+        )
         details = {
             "bits": 2,
-            "error": relative_output_error(w, ternary_dequant(codes, scale, group_size), x),
+            "error": relative_output_error(w, ternary_dequant(codes, scale, group_size), x, x_float),
             "error_kind": "output" if x is not None else "weight",
         }
 

@@ -72,6 +72,26 @@ def candidate_reason(m: Match, graph: Graph, users: dict[Value, list[Node]], opt
     return skip_reason(m.root, weight, graph, options.get("skip", DEFAULT_SKIP))
 
 
+def _rows(graph: Graph, calibration: list[dict[str, np.ndarray]], values: list[Value]) -> dict[str, np.ndarray]:
+    """Each value's rows ``[M, K]`` (float64) over all calibration batches; one run per batch."""
+    rows: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
+    graph = graph.copy()  # run only what the values need (sequential calibration captures early layers often)
+    by_name = {v.name: v for v in graph.values()}
+    graph.outputs = [by_name[v.name] for v in values]
+    graph.remove_unused()
+    for batch in calibration:
+        env = interpret(graph, batch, return_all=True)
+        for v in values:
+            rows[v.name].append(env[v.name].reshape(-1, v.shape[-1]).astype(np.float64))
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def _kept_rows(max_rows: int, *xs: np.ndarray) -> np.ndarray:
+    """Indices of the rows finite in every ``xs``, at most ``max_rows`` of them, evenly spaced."""
+    keep = np.flatnonzero(np.logical_and.reduce([np.all(np.isfinite(x), axis=1) for x in xs]))
+    return keep[np.linspace(0, len(keep) - 1, max_rows).astype(int)] if len(keep) > max_rows else keep
+
+
 def capture_activations(
     graph: Graph, calibration: list[dict[str, np.ndarray]] | None, values: list[Value], max_rows: int = 2048
 ) -> dict[str, np.ndarray]:
@@ -80,19 +100,28 @@ def capture_activations(
     if not calibration or not values:
         return {}
     values = list(dict.fromkeys(values))  # q, k and v read one value: capture it once, not 3x
-    rows: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
-    for batch in calibration:
-        env = interpret(graph, batch, return_all=True)
-        for v in values:
-            rows[v.name].append(env[v.name].reshape(-1, v.shape[-1]).astype(np.float64))
-    result = {}
-    for name, parts in rows.items():
-        x = np.concatenate(parts)
-        x = x[np.all(np.isfinite(x), axis=1)]
-        if len(x) > max_rows:
-            x = x[np.linspace(0, len(x) - 1, max_rows).astype(int)]
-        result[name] = x
-    return result
+    return {name: x[_kept_rows(max_rows, x)] for name, x in _rows(graph, calibration, values).items()}
+
+
+def capture_activation_pairs(
+    graph: Graph, reference: Graph, calibration: list[dict[str, np.ndarray]], values: list[Value], max_rows: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`capture_activations` of ``graph`` and of ``reference`` (the float model) on the same
+    rows (same tokens), so a layer can be fitted to the float model's output from its actual input."""
+    values = list(dict.fromkeys(values))
+    xs, refs = _rows(graph, calibration, values), _rows(reference, calibration, values)
+    kept = {name: _kept_rows(max_rows, xs[name], refs[name]) for name in xs}
+    return {n: x[kept[n]] for n, x in xs.items()}, {n: x[kept[n]] for n, x in refs.items()}
+
+
+def compensated_target(w: np.ndarray, x: np.ndarray, x_float: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The weight ``V`` whose output on the actual inputs ``x`` best matches the float model's
+    ``x_float W^T``: ``V = W + W (X_f - X)^T X H^-1`` (``H`` the damped :func:`hessian` of ``x``; the
+    damping pulls ``V`` toward ``W``). Then ``||X_f W^T - X W_hat^T||^2 = ||X (V - W_hat)^T||^2 +
+    const`` (undamped), so fitting ``W_hat`` to ``V`` under ``H`` also undoes the error the earlier
+    quantized layers left in ``x`` (the asymmetric calibration objective of GPTAQ, Li et al. 2025)."""
+    drift = (x_float - x).T @ x  # [K, K]
+    return w + np.linalg.solve(h, (w @ drift).T).T
 
 
 def calibration_stages(graph: Graph, candidates: list[Match]) -> list[list[Match]]:
@@ -154,19 +183,23 @@ def refit_scales_output(
     return result
 
 
-def relative_output_error(w: np.ndarray, w_hat: np.ndarray, x: np.ndarray | None) -> float:
-    """``||X (W - W_hat)^T||_F / ||X W^T||_F``, or the weight-space ratio without ``X``."""
-    diff, ref = (w - w_hat).astype(np.float64), w.astype(np.float64)
-    if x is not None:
-        diff, ref = x @ diff.T, x @ ref.T
-    return float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+def relative_output_error(
+    w: np.ndarray, w_hat: np.ndarray, x: np.ndarray | None, x_float: np.ndarray | None = None
+) -> float:
+    """``||X (W - W_hat)^T||_F / ||X W^T||_F``, or the weight-space ratio without ``X``; with the float
+    model's inputs ``x_float``, ``||X_f W^T - X W_hat^T||_F / ||X_f W^T||_F``."""
+    if x is None:
+        return float(np.linalg.norm(w - w_hat) / max(np.linalg.norm(w), 1e-30))
+    w, w_hat = w.astype(np.float64), w_hat.astype(np.float64)
+    ref = (x if x_float is None else x_float) @ w.T
+    return float(np.linalg.norm(ref - x @ w_hat.T) / max(np.linalg.norm(ref), 1e-30))
 
 
 def quantize_linears(
     graph: Graph,
     ctx: PassContext,
     rule_name: str,
-    plan: Callable[[list[Match], dict[str, np.ndarray], dict], dict[str, LayerPlan]],
+    plan: Callable[..., dict[str, LayerPlan]],
     sequential: bool = False,
 ) -> RuleStats:
     """Select candidate linears, capture their calibration inputs, let ``plan`` fit them, then apply
@@ -175,7 +208,8 @@ def quantize_linears(
     Independent (default): ``plan`` fits all candidates at once on the float model's activations
     (bit allocation needs every layer). ``sequential`` with calibration data: stage by stage
     (:func:`calibration_stages`), the inputs are captured on a copy of the graph whose earlier
-    candidates already hold their plans' ``weight`` (GPTQ's sequential procedure)."""
+    candidates already hold their plans' ``weight`` (GPTQ's sequential procedure); ``plan(stage, xs,
+    options, xs_float)`` also gets the float graph's inputs on the same rows (:func:`compensated_target`)."""
     producers, users = graph.producers(), graph.users()
     refusals: dict[str, str] = {}
     candidates: list[Match] = []
@@ -193,8 +227,9 @@ def quantize_linears(
     if sequential and ctx.calibration and candidates:
         work = graph.copy()  # constant arrays are shared: replace them, never write into them
         for stage in calibration_stages(graph, candidates):
-            xs = capture_activations(work, ctx.calibration, [m["x"] for m in stage], max_rows)
-            plans.update(plan(stage, xs, ctx.options))
+            values = [m["x"] for m in stage]
+            xs, xs_float = capture_activation_pairs(work, graph, ctx.calibration, values, max_rows)
+            plans.update(plan(stage, xs, ctx.options, xs_float))
             for m in stage:
                 w_hat = plans[m.root.name].weight
                 if w_hat is not None:

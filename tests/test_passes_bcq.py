@@ -17,6 +17,7 @@ from reshift.passes.bcq import (
 )
 from reshift.passes.quant_common import capture_activations, relative_output_error
 
+from .helpers import parse
 from .test_passes_shift import calibration, gpt2, mlp  # noqa: F401  (gpt2 is a fixture)
 
 
@@ -271,3 +272,91 @@ def test_bcq_weight_helper_matches_fit(rng):
     fit = fit_bcq(w, 3, group_size=8)
     got = bcq_weight(pack_signs(fit.codes), fit.alpha.astype(np.float32), 8, 21)
     np.testing.assert_allclose(got, fit.weight(8), rtol=1e-5, atol=1e-6)
+
+
+# -- sequential calibration -----------------------------------------------------------------
+QKV = """
+graph qkv(%x: f32[N,16]) {
+  const %wq: f32[16,16] = ...
+  const %wk: f32[16,16] = ...
+  const %wv: f32[16,16] = ...
+  const %wo: f32[8,16] = ...
+  %q: f32[N,16] = linear(%x, %wq, _) @q
+  %k: f32[N,16] = linear(%x, %wk, _) @k
+  %v: f32[N,16] = linear(%x, %wv, _) @v
+  %s: f32[N,16] = add(%q, %k) @s
+  %t: f32[N,16] = add(%s, %v) @t
+  %r: f32[N,16] = relu(%t) @act
+  %y: f32[N,8] = linear(%r, %wo, _) @out
+  return %y
+}
+"""
+
+
+def test_calibration_stages_follow_dependencies(rng):
+    from reshift.passes.pattern import match
+    from reshift.passes.quant_common import LINEAR, calibration_stages
+
+    g = mlp(rng)
+    producers = g.producers()
+    candidates = [match(LINEAR, n, producers) for n in g.nodes if n.op == "linear"]
+    names = [[m.root.name for m in stage] for stage in calibration_stages(g, candidates)]
+    assert names == [["fc0"], ["fc1"], ["fc2"], ["fc3"]]
+    assert [len(stage) for stage in calibration_stages(g, candidates[1:])] == [1, 1, 1]
+    g = parse(QKV, rng)
+    producers = g.producers()
+    candidates = [match(LINEAR, n, producers) for n in g.nodes if n.op == "linear"]
+    names = [[m.root.name for m in stage] for stage in calibration_stages(g, candidates)]
+    assert names == [["q", "k", "v"], ["out"]]  # q, k and v read one input: one stage, one capture
+
+
+def test_compensated_target_is_w_without_drift_and_fits_the_float_output(rng):
+    from reshift.passes.quant_common import compensated_target, hessian
+
+    w = rng.standard_normal((6, 12))
+    x = correlated(rng, 400, 12)
+    np.testing.assert_allclose(compensated_target(w, x, x, hessian(x)), w, atol=1e-12)
+    x_float = x + 0.1 * rng.standard_normal(x.shape)
+    v = compensated_target(w, x, x_float, hessian(x, damp=0.0))
+    best = np.linalg.lstsq(x, x_float @ w.T, rcond=None)[0].T  # argmin_V ||X_f W^T - X V^T||
+    np.testing.assert_allclose(v, best, rtol=1e-8, atol=1e-8)
+
+
+def end_to_end_error(g, g2, inputs):
+    ref, got = ir.interpret(g, inputs)[g.outputs[0].name], ir.interpret(g2, inputs)[g2.outputs[0].name]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("pipeline", ["bcq", "ternary"])
+def test_sequential_calibration_lowers_end_to_end_error(rng, pipeline):
+    """Fitting each layer to the float model's output from its quantized inputs (sequential,
+    asymmetric) undoes part of the earlier layers' error; plain sequential GPTQ only changes H."""
+    g = mlp(rng, widths=(16, 64, 64, 64, 8))
+    channel_scale = np.exp(0.5 * rng.standard_normal(16))
+    calib = [{"x": (rng.standard_normal((512, 16)) * channel_scale).astype(np.float32)}]
+    held_out = {"x": (rng.standard_normal((512, 16)) * channel_scale).astype(np.float32)}
+    errors, kinds = {}, {}
+    for mode, extra in {
+        "independent": {"sequential": False},
+        "sequential": {"asymmetric": False},
+        "sequential asymmetric": {},
+    }.items():
+        g2, report = passes.run(g, pipeline, calibration=calib, group_size=16, skip=[], bcq_q=3, **extra)
+        errors[mode] = end_to_end_error(g, g2, held_out)
+        kinds[mode] = {d["calibration"] for d in report.details.values()} if pipeline == "bcq" else {mode}
+    assert kinds == {m: {m} for m in errors}, kinds
+    assert errors["sequential asymmetric"] < 0.9 * errors["independent"], errors
+
+
+def test_sequential_calibration_captures_shared_inputs_once_and_refuses_under_a_budget(rng):
+    g = parse(QKV, rng)
+    calib = [{"x": correlated(rng, 128, 16).astype(np.float32)}]
+    g2, report = passes.run(g, "bcq", calibration=calib, group_size=16, skip=[], bcq_q=2)
+    assert g2.op_histogram()["bcq_linear"] == 4
+    assert {d["calibration"] for d in report.details.values()} == {"sequential asymmetric"}
+    # a bits budget compares every layer's error at once: calibration stays independent
+    _, report = passes.run(g, "bcq", calibration=calib, group_size=16, skip=[], bits=5.0, bit_choices=(2, 3))
+    assert {d["calibration"] for d in report.details.values()} == {"independent"}
+    # without calibration data nothing is captured: weight-only fit, no calibration detail
+    _, report = passes.run(g, "bcq", group_size=16, skip=[], bcq_q=2)
+    assert all("calibration" not in d and d["error_kind"] == "weight" for d in report.details.values())
