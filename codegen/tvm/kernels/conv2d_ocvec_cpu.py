@@ -22,6 +22,8 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from reshift.codegen.tvm.kernels import conv2d_cpu
+
 LANES = 16
 MAX_ACCUMULATORS = 14
 
@@ -36,14 +38,9 @@ def choose_tile(out_channels: int, ow: int) -> tuple[int, int] | None:
 
 
 def pack_filters(w: np.ndarray, vo: int) -> np.ndarray:
-    """``float32 [OC, C, KH, KW]`` -> ``[ceil(OC / 16vo), C*KH*KW, 16vo]``, zero padded."""
-    oc = w.shape[0]
-    width = LANES * vo
-    flat = w.reshape(oc, -1).astype(np.float32)
-    blocks = -(-oc // width)
-    padded = np.zeros((blocks * width, flat.shape[1]), np.float32)
-    padded[:oc] = flat
-    return np.ascontiguousarray(padded.reshape(blocks, width, -1).transpose(0, 2, 1))
+    """``float32 [OC, C, KH, KW]`` -> ``[ceil(OC / 16vo), C*KH*KW, 16vo]``, zero padded (the pixel
+    kernel's packing with a 16vo-channel block)."""
+    return conv2d_cpu.pack_filters(w, LANES * vo)
 
 
 def conv_ocvec_func(
