@@ -1,6 +1,8 @@
-"""Routing of fp32 ``linear`` / ``matmul`` / ``conv2d`` with constant weights to the CPU kernels.
+"""Routing of fp32 ``linear`` / ``matmul`` / ``conv2d`` / ``softmax`` / ``gelu`` to the CPU kernels.
 
-``dense_cpu.py`` (packed-weight GEMM) and ``conv2d_cpu.py`` (implicit GEMM over the padded image)
+``dense_cpu.py`` (packed-weight GEMM), ``conv2d_ocvec_cpu.py`` (direct conv vectorized over output
+channels) or ``conv2d_cpu.py`` (implicit GEMM over the padded image, vectorized over pixels; the
+conv kernel doing less work is chosen per conv), ``softmax_cpu.py`` and the polynomial GELU
 replace the generic schedule of ``schedule_cpu.py`` for these ops on LLVM targets. Each function
 returns ``None`` when its kernel does not apply (a non-constant weight, groups, another dtype, a GPU
 target, or ``RESHIFT_GENERIC_KERNELS=1`` for comparisons), and the reference lowering runs instead.
