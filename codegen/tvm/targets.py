@@ -115,6 +115,14 @@ def _cuda(arch: str | None) -> Callable[[], dict[str, Any]]:
     return make
 
 
+def current_target_is_gpu() -> bool:
+    """Whether lowering runs under a GPU target (``with target:``); no current target means the host CPU."""
+    import tvm
+
+    target = tvm.target.Target.current(allow_none=True)
+    return target is not None and ("gpu" in target.keys or target.kind.name != "llvm")
+
+
 def local_cuda_arch() -> str | None:
     """``sm_XY`` of GPU 0 when this machine has one, else None."""
     try:

@@ -24,6 +24,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
 from reshift.ir.graph import Node
 from reshift.ir.ops_quant import adaptive_exponent, fraction_table, log_step
@@ -165,11 +166,6 @@ def _quantize_u8(x: te.Tensor, k_pad: int, x_scale: float, zero_point: int, bits
     return te.compute((x.shape[0], k_pad), compute, name="q_u8")
 
 
-def _is_gpu() -> bool:
-    target = tvm.target.Target.current(allow_none=True)
-    return target is not None and ("gpu" in target.keys or target.kind.name != "llvm")
-
-
 def _int8_gemm_portable(a: te.Tensor, w: te.Tensor) -> te.Tensor:
     """``acc[m, 16*ob + l] = sum_k int32(a[m, k]) * int32(w[ob, k/4, l, k%4])``: ``gemm_func`` as plain TE."""
     blocks, k4 = w.shape[0], w.shape[1]
@@ -212,7 +208,7 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     else:
         scale, zero_point, bits = attrs["x_scale"], attrs["x_zero_point"], attrs["x_bits"]
         q = ctx.te(_quantize_u8, x2, k4 * 4, scale, zero_point, bits, name="int8_linear_quantize")
-    if _is_gpu():  # the same u8 x s8 -> s32 sum as a TE reduction that dlight schedules
+    if current_target_is_gpu():  # the same u8 x s8 -> s32 sum as a TE reduction that dlight schedules
         acc = ctx.te(_int8_gemm_portable, q, relax.const(packed), name="int8_gemm_portable")
     else:
         vnni = has_vnni()
@@ -232,7 +228,7 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
         acc = ctx.emit(op.subtract(acc, relax.const(correction)))
         rescale = (np.float32(attrs["x_scale"]) * scales).astype(np.float32)
         y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
-    if _is_gpu():  # y + sum_k (isnan ? NaN : 0): one sum reduction, then a plain add in the epilogue.
+    if current_target_is_gpu():  # y + sum_k (isnan ? NaN : 0): one sum reduction, then a plain add in the epilogue.
         # (A bool ``where`` fused into this epilogue becomes ushort2 -> float2 in TVM's CUDA codegen,
         # and small side computations fused into it are left as host loops by dlight.)
         y = ctx.emit(op.add(y, ctx.te(_nan_term, x2, name="int8_linear_nan_rows")))

@@ -23,11 +23,11 @@ cannot change a bit. GPU targets get the same stages with a plain TE reduction (
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.lower import LowerContext, lowering, op
+from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_quant import (
     SQRT2_NUMERATOR,
@@ -168,11 +168,6 @@ def portable_log2_matmul(code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: 
     return te.compute((b, m, d), out, name="log2_matmul")
 
 
-def _is_gpu() -> bool:
-    target = tvm.target.Target.current(allow_none=True)
-    return target is not None and ("gpu" in target.keys or target.kind.name != "llvm")
-
-
 @lowering("log2_matmul")
 def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     a = node.attrs
@@ -189,7 +184,7 @@ def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     flags = ctx.te(nan_flags, p3, v3, name="log2_matmul_nan_flags")
     prow, vcol = ctx.emit(relax.TupleGetItem(flags, 0)), ctx.emit(relax.TupleGetItem(flags, 1))
     rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"])
-    if _is_gpu():
+    if current_target_is_gpu():
         y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, rescale, name="log2_matmul")
     else:
         gv = ctx.bb.add_func(log2_matmul_func(int(m), int(k), int(d), rescale), "log2_matmul_shift_add")

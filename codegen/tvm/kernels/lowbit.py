@@ -23,6 +23,7 @@ from reshift.codegen.tvm.kernels.reduce_cuda import row_absmax_cuda_func
 from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
 from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_lowbit import INT8_QMAX, groups
 
@@ -34,7 +35,7 @@ def kernel_flavor() -> str:
         from reshift.codegen.tvm.targets import host_cpu_flags
 
         return "avx512" if "avx512f" in host_cpu_flags() else "cpu"
-    if "gpu" in target.keys or target.kind.name != "llvm":
+    if current_target_is_gpu():
         return "gpu"
     triple = str(target.attrs.get("mtriple", "")) or "x86_64"
     if not triple.startswith("x86_64"):
