@@ -37,6 +37,14 @@ def _constant_f32(node: Node, index: int) -> np.ndarray | None:
     return np.asarray(value.data, np.float32)
 
 
+def _optional_bias(node: Node, index: int = 2) -> tuple[bool, np.ndarray | None]:
+    """``(usable, bias)``: no bias input is usable (None); a bias must be a constant fp32 tensor."""
+    if len(node.inputs) <= index or node.inputs[index] is None:
+        return True, None
+    bias = _constant_f32(node, index)
+    return bias is not None, bias
+
+
 def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
     """``x [..., K] @ w.T + bias`` with ``w [N, K]`` through the packed GEMM."""
     out, k = w.shape
@@ -63,13 +71,9 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
 
 def dense_linear(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     w = _constant_f32(node, 1)
-    if not enabled() or w is None or w.ndim != 2 or node.inputs[0].dtype != "float32":
+    usable, bias = _optional_bias(node)
+    if not enabled() or w is None or w.ndim != 2 or node.inputs[0].dtype != "float32" or not usable:
         return None
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = _constant_f32(node, 2)
-        if bias is None:
-            return None
     return _dense(ctx, node, x, w, bias)
 
 
@@ -228,13 +232,9 @@ def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     if not enabled() or w is None or attrs["groups"] != 1 or node.inputs[0].dtype != "float32":
         return None
     shape = ctx.shape(node.inputs[0])
-    if not all(isinstance(d, int) for d in shape[1:]):
+    usable, bias = _optional_bias(node)
+    if not all(isinstance(d, int) for d in shape[1:]) or not usable:
         return None
-    bias = None
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = _constant_f32(node, 2)
-        if bias is None:
-            return None
     channels, h, wd = shape[1:]
     oc, _, kh, kw = w.shape
     stride, pads, dilation = tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"])
