@@ -11,6 +11,8 @@ AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops, CUDA the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -50,12 +52,13 @@ def kernel_flavor() -> str:
     return "cpu"
 
 
-def _rows_2d(ctx: LowerContext, node: Node, x: relax.Expr) -> tuple[relax.Expr, list]:
+def _rows_2d(ctx: LowerContext, node: Node, x: relax.Expr) -> tuple[relax.Expr, list, Any]:
+    """``(x as [rows, K], the leading dims, rows)``; ``rows`` may be symbolic."""
     lead = ctx.shape(node.inputs[0])[:-1]
     rows = 1
     for d in lead:
         rows = rows * d
-    return ctx.emit(op.reshape(x, (rows, node.inputs[0].shape[-1]))), lead
+    return ctx.emit(op.reshape(x, (rows, node.inputs[0].shape[-1]))), lead, rows
 
 
 def _row_absmax(ctx: LowerContext, x2: relax.Expr, rows, in_features: int) -> relax.Expr:
@@ -81,12 +84,9 @@ def _lut_linear(
 ) -> relax.Expr:
     blocks, n_groups, planes = words.shape[:3]
     out_features = node.outputs[0].shape[-1]
-    x2, lead = _rows_2d(ctx, node, x)
+    x2, lead, m = _rows_2d(ctx, node, x)
     bias_const = node.inputs[-1] is not None and node.inputs[-1].is_constant
     lut = ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
-    m = 1
-    for d in lead:
-        m = m * d
     bias_np = bias_row(node.inputs[-1].data if bias_const else None, out_features)
     if kernel_flavor() == "gpu":  # split-K partial sums, then their sum and the bias (dlight)
         gv = ctx.bb.add_func(gemv_cuda_func(blocks, n_groups, planes, group_size), f"{node.op}_lut_gemv_cuda")
@@ -132,10 +132,7 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     code = pack_shift(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), bits)
     blocks, k = code.shape[0], code.shape[1]
     out_features = node.outputs[0].shape[-1]
-    x2, lead = _rows_2d(ctx, node, x)
-    rows = 1
-    for d in lead:
-        rows = rows * d
+    x2, lead, rows = _rows_2d(ctx, node, x)
     amax = _row_absmax(ctx, x2, rows, k)
     s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
     q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
