@@ -1,0 +1,60 @@
+"""Per-kernel time of one reference model compiled for the CPU (reshift's default schedules).
+
+    .venv/bin/python benchmarks/profile_ops.py resnet18 [--threads 1] [--batch 1] [--top 25]
+
+Prints the median-free mean latency of the whole call and, from the VM's instrument hook
+(``cuda_check.kernel_profile``), each kernel's and VM builtin's mean time per run, slowest first.
+The hook costs a Python call per VM instruction, so small entries are inflated; one thread gives
+the steadiest figures on a shared host. ``RESHIFT_CONV=pixel|ocvec`` forces a conv kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="a name from examples.models.MODELS")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when tvm starts its thread pool
+
+    from cuda_check import kernel_profile
+
+    import reshift
+    from examples.models import MODELS
+
+    spec = MODELS[args.model]
+    inputs = spec.example_inputs(args.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        reshift.compile(spec.build(), inputs, target="cpu", pipeline="exact").save(tmp)
+        model = reshift.load(tmp)
+        tensors = [model._to_tvm(t.numpy()) for t in inputs]
+        for _ in range(5):
+            model._main(*tensors)
+        start = time.perf_counter()
+        for _ in range(20):
+            model._main(*tensors)
+        total = (time.perf_counter() - start) / 20 * 1e3
+        profile = kernel_profile(model, tensors, None, runs=20)
+    print(
+        f"{args.model} batch {args.batch}, {args.threads} thread(s): {total:.2f} ms per run "
+        f"(sum of instrumented calls {sum(ms for _, ms in profile):.2f} ms)"
+    )
+    for symbol, ms in profile[: args.top]:
+        print(f"  {symbol:50s} {ms:8.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
