@@ -151,3 +151,20 @@ def test_grouped_conv_and_broadcast_matmul_keep_reference_lowering():
             "w": lambda n: RNG.standard_normal((9, 9)).astype(np.float32),
         },
     )
+
+
+def test_ocvec_conv_needs_a_pixel_tile_and_falls_back(monkeypatch):
+    """No divisor of ``ow`` in 4..14 (a 17-wide output): the pixel-vectorized kernel runs instead."""
+    from reshift.codegen.tvm.kernels.conv2d_ocvec_cpu import choose_tile
+
+    assert choose_tile(64, 17) is None and choose_tile(64, 3) is None
+    assert choose_tile(64, 56) == (7, 2) and choose_tile(48, 14) == (14, 1)
+    monkeypatch.setenv("RESHIFT_CONV", "ocvec")
+    b = GraphBuilder("conv17")
+    x = b.input("x", "f32[N,4,17,17]")
+    weight = b.constant(RNG.standard_normal((64, 4, 3, 3)).astype(np.float32))
+    y = b.conv2d(x, weight, None, stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1)
+    graph = b.build(y)
+    script = lower(graph).script(show_meta=False)
+    assert "conv2d_packed_f32" in script and "conv2d_ocvec_f32" not in script
+    _run(graph, (1,), {"x": lambda n: RNG.standard_normal((n, 4, 17, 17)).astype(np.float32)})
