@@ -125,14 +125,18 @@ def lower_ternary_linear(ctx: LowerContext, node: Node, x, trits, scale, bias) -
     return _lut_linear(ctx, node, x, bias, words, alpha_blocked, g, k)
 
 
-@lowering("shift_linear", override=True)
-def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, bias) -> relax.Expr:
-    bits = node.attrs["exponent_bits"]
+def shift_matmul(
+    ctx: LowerContext, x2: relax.Expr, rows, sign: np.ndarray, exponent: np.ndarray, scale: relax.Expr, bits: int
+) -> relax.Expr:
+    """``x2 [rows, K] @ (scale * sign * 2^-exponent)^T`` as ``[rows, out]`` through the shift-add GEMV.
+
+    Per-row int8 activations, int32 shift-add accumulation, one float rescale per output; rows
+    holding NaN or inf give NaN outputs. Shared by ``shift_linear`` and ``shift_conv2d`` (im2col).
+    """
     e_max = 2**bits - 1
-    code = pack_shift(lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2), bits)
+    out_features = sign.shape[0]
+    code = pack_shift(sign, exponent, bits)
     blocks, k = code.shape[0], code.shape[1]
-    out_features = node.outputs[0].shape[-1]
-    x2, lead, rows = _rows_2d(ctx, node, x)
     amax = _row_absmax(ctx, x2, rows, k)
     s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
     q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
@@ -151,7 +155,14 @@ def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     y = ctx.emit(op.multiply(y, s))
     y = ctx.emit(op.multiply(y, scale))
     finite = ctx.emit(op.less(op.abs(s), scalar(np.inf, "float32")))  # False for NaN and inf rows
-    y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+    return ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+
+
+@lowering("shift_linear", override=True)
+def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, bias) -> relax.Expr:
+    sign_np, exponent_np = lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2)
+    x2, lead, rows = _rows_2d(ctx, node, x)
+    y = shift_matmul(ctx, x2, rows, sign_np, exponent_np, scale, node.attrs["exponent_bits"])
     if bias is not None:
         y = ctx.emit(op.add(y, bias))
-    return ctx.emit(op.reshape(y, [*lead, out_features]))
+    return ctx.emit(op.reshape(y, [*lead, node.outputs[0].shape[-1]]))
