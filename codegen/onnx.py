@@ -16,7 +16,9 @@ reshift's own ops (registry ops tagged ``"custom"``: ``shift_linear``, ``bcq_lin
   so onnxruntime runs the model as is. ``bcq_linear``/``ternary_linear`` dequantize their
   (constant) packed weights at export into ``MatMul`` + ``Add``; ``shift_linear`` keeps its
   per-row int8 activation quantization (``ReduceMax``/``Round``/``Clip``) and integer-valued
-  shift weights, so the decomposition matches the reference within float32 rounding.
+  shift weights, so the decomposition matches the reference within float32 rounding;
+  ``shift_conv2d`` does the same on im2col rows (a depthwise one-hot ``Conv``), its
+  contraction a grouped 1x1 ``Conv``.
 * ``custom_ops="domain"``: one node of op type ``<op name>`` in the domain ``ai.reshift``
   (version 1), with the IR attributes as ONNX attributes (shapes as strings, so the batch
   symbol survives). :func:`reshift.frontend.from_onnx` reads such nodes back into the same

@@ -304,3 +304,46 @@ def _shift_linear(em, node, ins):
     if len(ins) > 4 and ins[4]:
         return em.final(node, "Add", [em.one("Mul", y_scaled), ins[4]])
     return em.final(node, "Mul", y_scaled)
+
+
+@register_decomposition("shift_conv2d")
+def _shift_conv2d(em, node, ins):
+    """im2col as a depthwise ``Conv`` with one-hot filters (channel ``c*kh*kw + i*kw + j`` picks tap
+    ``(i, j)`` of channel ``c``: exact, padding zeros included), then ``shift_linear``'s steps per
+    group's row: ``ReduceMax`` of ``|patch|`` over the group's ``C/groups*kh*kw`` taps, int8
+    ``Round``/``Clip``, the integer-valued shift filter as a grouped 1x1 ``Conv`` (exact while partial
+    sums stay below 2^24), then ``* 2^-E * s * scale + bias``."""
+    sign, exponent = _constant_weights(node, 2)
+    x, a = node.inputs[0], node.attrs
+    out, cg, kh, kw = sign.shape
+    groups, taps = a["groups"], cg * kh * kw
+    channels, (oh, ow) = x.shape[1], node.outputs[0].shape[2:]
+    tap = np.arange(channels * kh * kw)
+    one_hot = np.zeros((channels * kh * kw, 1, kh, kw), np.float32)
+    one_hot[tap, 0, tap // kw % kh, tap % kw] = 1
+    window = dict(strides=list(a["stride"]), pads=list(a["padding"]), dilations=list(a["dilation"]))
+    patches = em.one(
+        "Conv", [ins[0], em.const(one_hot, f"{node.name}_im2col")], kernel_shape=[kh, kw], group=channels, **window
+    )
+    rows = em.one("Reshape", [patches, em.const(np.asarray([0, groups, taps, oh, ow], np.int64), "shape")])
+    amax = em.reduce("ReduceMax", em.one("Abs", [rows]), [2], True)  # [N, groups, 1, OH, OW]
+    s = em.one("Div", [amax, em.scalar(127.0, x)])
+    safe = em.one("Where", [em.one("Greater", [s, em.scalar(0.0, x)]), s, em.scalar(1.0, x)])
+    q = em.one("Clip", [em.one("Round", [em.one("Div", [rows, safe])]), em.scalar(-127.0, x), em.scalar(127.0, x)])
+    q = em.one("Reshape", [q, em.const(np.asarray([0, groups * taps, oh, ow], np.int64), "shape")])
+    e_max = 2 ** a["exponent_bits"] - 1
+    w_int = sign.astype(np.float32) * np.exp2(e_max - exponent.astype(np.float32))
+    acc = em.one(
+        "Conv",
+        [q, em.const(w_int.reshape(out, taps, 1, 1), f"{node.name}_shift_weight")],
+        kernel_shape=[1, 1],
+        group=groups,
+    )
+    acc = em.one("Reshape", [acc, em.const(np.asarray([0, groups, out // groups, oh, ow], np.int64), "shape")])
+    y = em.one("Mul", [em.one("Mul", [acc, em.scalar(2.0**-e_max, x)]), s])
+    y = em.one("Reshape", [y, em.const(np.asarray([0, out, oh, ow], np.int64), "shape")])
+    channel = em.const(np.asarray([out, 1, 1], np.int64), "shape")
+    y_scaled = [y, em.one("Reshape", [ins[3], channel])]
+    if len(ins) > 4 and ins[4]:
+        return em.final(node, "Add", [em.one("Mul", y_scaled), em.one("Reshape", [ins[4], channel])])
+    return em.final(node, "Mul", y_scaled)

@@ -291,17 +291,24 @@ register(
 )
 
 
-def _conv_infer(x, w, b, stride, padding, dilation, groups):
-    require_rank(x, 4, "conv2d")
-    require_rank(w, 4, "conv2d", "weight")
+def conv2d_output_type(
+    x, w, b, stride, padding, dilation, groups, op: str = "conv2d", weight: str = "weight"
+) -> TensorType:
+    """The NCHW output type of a conv with an OIHW filter ``w`` (shared by ``conv2d`` and ``shift_conv2d``)."""
+    require_rank(x, 4, op)
+    require_rank(w, 4, op, weight)
     if len(stride) != 2 or len(padding) != 4 or len(dilation) != 2:
-        raise IRTypeError("conv2d: stride/dilation take 2 values, padding 4 (top, left, bottom, right)")
-    if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
-        raise IRTypeError(f"conv2d: input {x} and weight {w} disagree with groups={groups}")
+        raise IRTypeError(f"{op}: stride/dilation take 2 values, padding 4 (top, left, bottom, right)")
+    if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise IRTypeError(f"{op}: input {x} and {weight} {w} disagree with groups={groups}")
     if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise IRTypeError(f"conv2d: bias {b} must be [{w.shape[0]}]")
+        raise IRTypeError(f"{op}: bias {b} must be [{w.shape[0]}]")
     oh, ow = window_output(x, w.shape[2:], stride, padding, dilation)
-    return [x.with_shape((x.shape[0], w.shape[0], oh, ow))]
+    return x.with_shape((x.shape[0], w.shape[0], oh, ow))
+
+
+def _conv_infer(x, w, b, stride, padding, dilation, groups):
+    return [conv2d_output_type(x, w, b, stride, padding, dilation, groups)]
 
 
 register(

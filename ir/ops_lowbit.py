@@ -5,6 +5,9 @@ Each numpy reference here is the exact specification the TVM kernels are checked
 * ``shift_linear`` (DeepShift-PS, Elhoushi et al. 2021): ``W[o,i] = scale[o] * sign[o,i] *
   2^-exponent[o,i]``. Activations are quantized per row to int8; the inner loop is integer
   shifts and adds; one float rescale per output.
+* ``shift_conv2d``: ``shift_linear`` applied to the im2col rows of an NCHW convolution (see
+  :func:`conv_patches`): one activation row per output pixel ``(n, oh, ow)`` and group, holding
+  that group's ``C/groups * kh * kw`` inputs under the window, padding zeros included.
 * ``bcq_linear`` (ShiftAddLLM, You et al. 2024, Eq. 2): ``W[o, group g] = sum_i alpha[o,g,i] *
   B_i[o, group g]`` with ``B_i`` in {-1,+1}, bit-packed; the kernel's lookup tables must match
   the float32 reference within 1e-5 relative.
@@ -20,9 +23,10 @@ inner loop over the input features has none, only adds; :func:`inner_adds` count
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from reshift.errors import IRTypeError
-from reshift.ir.ops import Attr, register
+from reshift.ir.ops import Attr, conv2d_output_type, register
 from reshift.ir.shapes import require_float, require_rank
 from reshift.ir.types import TensorType
 
@@ -81,34 +85,53 @@ def shift_accumulator_bound(sign: np.ndarray, exponent: np.ndarray, exponent_bit
     return INT8_QMAX * np.sum(np.abs(sign.astype(np.int64)) * shifts, axis=-1)
 
 
-def _shift_reference(x, sign, exponent, scale, bias, exponent_bits):
-    """The kernel, stated exactly (see module docstring and :func:`quantize_rows_int8`).
-
-    ``acc[r,o] = sum_i sign[o,i] * (q[r,i] << (E - exponent[o,i]))`` in int32 (here: int64,
-    checked to fit int32), ``E = 2^exponent_bits - 1``; then in float32, left to right:
-    ``y = float32(acc) * 2^-E * s[r] * scale[o] + bias[o]``.
-    """
+def _check_shift_codes(op: str, sign: np.ndarray, exponent: np.ndarray, exponent_bits: int) -> None:
+    """Refuse codes the kernel cannot run: ``sign`` outside {-1,0,1}, ``exponent`` above ``E``, or
+    weights whose int32 accumulator could overflow (``sign``/``exponent`` as ``[O, K]``)."""
     e_max = 2**exponent_bits - 1
     if sign.size and (np.any(np.abs(sign.astype(np.int64)) > 1) or int(exponent.max()) > e_max):
-        raise ValueError(f"shift_linear: sign must be in {{-1,0,1}} and exponent in [0, {e_max}]")
+        raise ValueError(f"{op}: sign must be in {{-1,0,1}} and exponent in [0, {e_max}]")
     if sign.size and int(shift_accumulator_bound(sign, exponent, exponent_bits).max()) > INT32_MAX:
-        raise ValueError("shift_linear: weights can overflow the int32 accumulator; split K or lower exponent_bits")
-    lead, k = x.shape[:-1], x.shape[-1]
-    q, s, finite = quantize_rows_int8(x.reshape(-1, k))
+        raise ValueError(
+            f"{op}: weights can overflow the int32 accumulator (K = {sign.shape[1]}); split K or lower exponent_bits"
+        )
+
+
+def shift_rows(x2: np.ndarray, sign: np.ndarray, exponent: np.ndarray, scale: np.ndarray, exponent_bits: int):
+    """The shift kernel on rows: ``x2 [M, K]``, ``sign``/``exponent [O, K]`` -> float32 ``[M, O]`` (no bias).
+
+    ``acc[r,o] = sum_i sign[o,i] * (q[r,i] << (E - exponent[o,i]))`` in int32 (here: int64, the
+    caller checks it fits int32), ``E = 2^exponent_bits - 1``; then in float32, left to right:
+    ``y = float32(acc) * 2^-E * s[r] * scale[o]``; a non-finite row gives NaN.
+    """
+    e_max = 2**exponent_bits - 1
+    q, s, finite = quantize_rows_int8(x2)
     w_int = sign.astype(np.int64) * np.left_shift(np.int64(1), e_max - exponent.astype(np.int64))
     acc = q.astype(np.int64) @ w_int.T
     y = acc.astype(np.float32) * np.float32(2.0**-e_max)
     y = y * s[:, None]
     y = y * scale.astype(np.float32)[None, :]
     y[~finite] = np.nan
-    return _finish(y, bias, lead)
+    return y
+
+
+def _shift_reference(x, sign, exponent, scale, bias, exponent_bits):
+    """The kernel, stated exactly (see module docstring, :func:`quantize_rows_int8` and :func:`shift_rows`):
+    ``y = shift_rows(x as [rows, K]) + bias`` in float32."""
+    _check_shift_codes("shift_linear", sign, exponent, exponent_bits)
+    lead, k = x.shape[:-1], x.shape[-1]
+    return _finish(shift_rows(x.reshape(-1, k), sign, exponent, scale, exponent_bits), bias, lead)
+
+
+def _check_exponent_bits(op: str, exponent_bits: int) -> None:
+    if not 1 <= exponent_bits <= 5:
+        raise IRTypeError(f"{op}: exponent_bits {exponent_bits} must be in 1..5 (shift up to 31)")
 
 
 def _shift_infer(x, sign, exponent, scale, bias, exponent_bits):
     require_rank(sign, 2, "shift_linear", "sign")
     out, k = sign.shape
-    if not 1 <= exponent_bits <= 5:
-        raise IRTypeError(f"shift_linear: exponent_bits {exponent_bits} must be in 1..5 (shift up to 31)")
+    _check_exponent_bits("shift_linear", exponent_bits)
     _check_weight_type("shift_linear", sign, "sign", "int8", (out, k))
     _check_weight_type("shift_linear", exponent, "exponent", "uint8", (out, k))
     _check_weight_type("shift_linear", scale, "scale", "float32", (out,))
@@ -128,6 +151,86 @@ register(
     "DeepShift-PS y = x @ (scale*sign*2^-exponent)^T + bias; int8 per-row activations, int32 shift-add "
     "accumulation, one float rescale per output",
     macs=_shift_macs,
+    tags={"custom", "contraction"},
+)
+
+
+# -- shift_conv2d ------------------------------------------------------------------------------
+def conv_patches(x: np.ndarray, kernel, stride, padding, dilation, groups: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """im2col of NCHW ``x``: ``([groups, N*OH*OW, C/groups*kh*kw], (OH, OW))``.
+
+    Rows run over ``(n, oh, ow)``, columns over ``(c, i, j)`` (the OIHW filter flattened per output
+    channel); ``padding`` is (top, left, bottom, right) and its zeros are part of the rows.
+    """
+    n, c = x.shape[:2]
+    kh, kw = kernel
+    top, left, bottom, right = padding
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    windows = sliding_window_view(xp, ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1), axis=(2, 3))
+    windows = windows[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]  # [n, c, oh, ow, kh, kw]
+    oh, ow = windows.shape[2:4]
+    windows = windows.reshape(n, groups, c // groups, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+    return windows.reshape(groups, n * oh * ow, c // groups * kh * kw), (oh, ow)
+
+
+def _shift_conv_reference(x, sign, exponent, scale, bias, stride, padding, dilation, groups, exponent_bits):
+    """:func:`shift_rows` on each group's :func:`conv_patches` rows against that group's output channels
+    (filters flattened to ``[O, C/groups*kh*kw]``), then ``+ bias``, back to NCHW."""
+    out = sign.shape[0]
+    sign2, exponent2 = sign.reshape(out, -1), exponent.reshape(out, -1)
+    _check_shift_codes("shift_conv2d", sign2, exponent2, exponent_bits)
+    patches, (oh, ow) = conv_patches(x.astype(np.float32), sign.shape[2:], stride, padding, dilation, groups)
+    per = out // groups
+    y = np.concatenate(
+        [
+            shift_rows(
+                patches[g],
+                sign2[g * per : (g + 1) * per],
+                exponent2[g * per : (g + 1) * per],
+                scale[g * per : (g + 1) * per],
+                exponent_bits,
+            )
+            for g in range(groups)
+        ],
+        axis=1,
+    )  # [N*OH*OW, O]
+    y = _finish(y, bias, (x.shape[0], oh, ow))
+    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+
+
+def _shift_conv_infer(x, sign, exponent, scale, bias, stride, padding, dilation, groups, exponent_bits):
+    op = "shift_conv2d"
+    require_float(x, op)
+    out = conv2d_output_type(x, sign, bias, stride, padding, dilation, groups, op=op, weight="sign")
+    _check_exponent_bits(op, exponent_bits)
+    _check_weight_type(op, sign, "sign", "int8", sign.shape)
+    _check_weight_type(op, exponent, "exponent", "uint8", sign.shape)
+    _check_weight_type(op, scale, "scale", "float32", (sign.shape[0],))
+    if bias is not None and bias.dtype != x.dtype:
+        raise IRTypeError(f"{op}: bias {bias} must be {x.dtype}[{sign.shape[0]}]")
+    return [out]
+
+
+def _shift_conv_macs(out_shape, x, sign, *_):
+    pixels = int(out_shape[0]) * int(out_shape[2]) * int(out_shape[3])
+    return pixels * (int(out_shape[1]) + int(x[1]) * int(sign[2]) * int(sign[3]))  # rescales + quantized inputs
+
+
+register(
+    "shift_conv2d",
+    ["x", "sign", "exponent", "scale", "bias?"],
+    {
+        "stride": Attr("ints", (1, 1)),
+        "padding": Attr("ints", (0, 0, 0, 0)),
+        "dilation": Attr("ints", (1, 1)),
+        "groups": Attr("int", 1),
+        "exponent_bits": Attr("int", 4),
+    },
+    _shift_conv_infer,
+    _shift_conv_reference,
+    "DeepShift-PS NCHW conv, filter scale*sign*2^-exponent (sign i8, exponent u8 OIHW, scale f32[O]): "
+    "shift_linear on the im2col rows (one per output pixel and group, padding zeros included), + bias",
+    macs=_shift_conv_macs,
     tags={"custom", "contraction"},
 )
 
@@ -271,12 +374,14 @@ def inner_adds(op: str, out_shape, x_shape, weight_shape) -> int:
 __all__ = [
     "INT32_MAX",
     "bcq_weight",
+    "conv_patches",
     "groups",
     "inner_adds",
     "pack_signs",
     "pack_trits",
     "quantize_rows_int8",
     "shift_accumulator_bound",
+    "shift_rows",
     "ternary_weight",
     "unpack_signs",
     "unpack_trits",

@@ -301,7 +301,7 @@ QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear", "log2_matmul")  #
 
 def test_every_custom_op_has_an_export_test():
     custom = {n for n, o in OPS.items() if "custom" in o.tags and not n.startswith("test_")}
-    assert custom <= {"shift_linear", "bcq_linear", "ternary_linear", *QDQ_TESTED}, custom
+    assert custom <= {"shift_linear", "shift_conv2d", "bcq_linear", "ternary_linear", *QDQ_TESTED}, custom
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -317,6 +317,48 @@ def test_registry_custom_ops_decompose_for_onnxruntime(op, bias):
     np.testing.assert_array_equal(
         list(interpret(from_onnx(domain), feeds).values())[0], interpret(graph, feeds)[op + "_0"]
     )
+
+
+def _shift_conv_graph(groups: int, kernel: int, bias: bool, **window):
+    rng = np.random.default_rng(3)
+    b = GraphBuilder("shift_conv2d")
+    x = b.input("x", "f32[N,6,9,8]")
+    shape = (4 if groups == 2 else 6, 6 // groups, kernel, kernel)
+    y = b.shift_conv2d(
+        x,
+        b.constant(rng.integers(-1, 2, shape).astype(np.int8)),
+        b.constant(rng.integers(0, 16, shape).astype(np.uint8)),
+        b.constant(np.abs(_w(shape[0], seed=6))),
+        b.constant(_w(shape[0], seed=5)) if bias else None,
+        groups=groups,
+        **window,
+    )
+    return b.build(y)
+
+
+@pytest.mark.parametrize(
+    "groups, kernel, bias, window",
+    [
+        (1, 3, True, {"padding": (1, 1, 1, 1)}),
+        (2, 3, False, {"stride": (2, 1), "padding": (0, 1, 2, 1), "dilation": (2, 1)}),
+        (6, 5, True, {"stride": (2, 2), "padding": (2, 2, 2, 2)}),
+    ],
+)
+def test_shift_conv2d_decomposes_for_onnxruntime(groups, kernel, bias, window):
+    graph = _shift_conv_graph(groups, kernel, bias, **window)
+    model = to_onnx(graph)
+    assert all(n.domain == "" for n in model.graph.node)
+    check_in_onnxruntime(graph, model, rtol=1e-5)
+    feeds = feeds_for(graph, 2)
+    feeds["x"][1, 0, 4, 4] = np.nan  # a non-finite window gives NaN outputs there, as in the reference
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = interpret(graph, feeds)["shift_conv2d_0"]
+    np.testing.assert_array_equal(np.isnan(session.run(None, feeds)[0]), np.isnan(want))
+    domain = to_onnx(graph, custom_ops="domain")
+    assert [n.op_type for n in domain.graph.node if n.domain == CUSTOM_DOMAIN] == ["shift_conv2d"]
+    back = from_onnx(domain)
+    assert back.nodes[0].attrs == graph.nodes[0].attrs
+    np.testing.assert_array_equal(list(interpret(back, feeds).values())[0], want)
 
 
 def test_bad_arguments():

@@ -145,3 +145,4 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 from reshift.codegen.tvm import lower_lowbit, lower_ops, lower_shape  # noqa: E402,F401
 from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels
+from reshift.codegen.tvm.kernels import shift_conv as _kernels_shift_conv  # noqa: E402,F401 -- shift_conv2d (im2col + shift GEMV)
