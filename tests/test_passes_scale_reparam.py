@@ -63,19 +63,48 @@ def test_reparam_ratios_math():
     assert reparam_ratios(s, z, "median")[2:] == (2.0, 20.0)
 
 
-def test_refuses_post_norm_and_shared_readers(rng):
-    b = GraphBuilder()
-    x = b.input("x", "f32[N,8]")
-    h = b.layer_norm(x, b.constant(np.ones(8, np.float32)), b.constant(np.zeros(8, np.float32)))
-    y = b.add(h, b.linear(h, b.constant(np.eye(8, dtype=np.float32)), None))  # residual reads the LN
-    g = b.build(y)
-    g2, report = passes.run(g, "scale_reparam", calibration=[{"x": np.ones((2, 8), np.float32)}])
+def post_norm(rng, dim=8):
+    """BERT-style: the LayerNorm output feeds the residual add and a linear."""
+    b = GraphBuilder("post_norm")
+    x = b.input("x", f"f32[N,{dim}]")
+    gamma = b.constant((rng.random(dim) * 4 + 0.1).astype(np.float32))
+    h = b.layer_norm(x, gamma, b.constant((rng.standard_normal(dim) * 2).astype(np.float32)))
+    w = b.constant((rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32))
+    return b.build(b.add(h, b.linear(h, w, b.constant(rng.standard_normal(dim).astype(np.float32)))))
+
+
+def test_post_norm_gets_a_reparameterized_copy(rng):
+    g = post_norm(rng)
+    calib = [{"x": (rng.standard_normal((16, 8)) * 3).astype(np.float32)}]
+    test = {"x": (rng.standard_normal((16, 8)) * 3).astype(np.float32)}
+    g2, report = passes.run(g, "scale_reparam", calibration=calib, inputs=test, a_bits=4)
+    assert report.matches == {"scale_reparam": 1} and report.max_error < 1e-5
+    lns = [n for n in g2.nodes if n.op == "layer_norm"]
+    assert len(lns) == 2 and next(iter(report.details.values()))["duplicated"] == lns[1].name
+    add, linear = next(n for n in g2.nodes if n.op == "add"), next(n for n in g2.nodes if n.op == "linear")
+    assert lns[0].outputs[0] in add.inputs and linear.inputs[0] is lns[1].outputs[0]
+    np.testing.assert_array_equal(lns[0].inputs[1].data, g.nodes[0].inputs[1].data)  # residual: original affine
+    g3, again = passes.run(g2, "scale_reparam", calibration=calib, a_bits=4)  # a second run changes nothing
+    assert not again.matches and len([n for n in g3.nodes if n.op == "layer_norm"]) == 2
+
+
+def test_refuses_post_norm_when_off_and_without_linears(rng):
+    g = post_norm(rng)
+    calib = [{"x": rng.standard_normal((4, 8)).astype(np.float32)}]
+    _, report = passes.run(g, "scale_reparam", calibration=calib, reparam_post_norm=False)
     assert not report.matches and "only linears can absorb" in report.refusals[0].reason
     b = GraphBuilder()
     x = b.input("x", "f32[N,8]")
     g = b.build(b.linear(b.layer_norm(x), b.constant(np.eye(8, dtype=np.float32)), None))
-    _, report = passes.run(g, "scale_reparam", calibration=[{"x": np.ones((2, 8), np.float32)}])
+    _, report = passes.run(g, "scale_reparam", calibration=calib)
     assert "constant affine" in report.refusals[0].reason
+    b = GraphBuilder()
+    x = b.input("x", "f32[N,8]")
+    h = b.layer_norm(x, b.constant(np.ones(8, np.float32)), b.constant(np.zeros(8, np.float32)))
+    w = b.constant(np.eye(8, dtype=np.float32))
+    g = b.build(b.add(b.linear(h, w, None), b.linear(h, w, None)))  # tied weights cannot absorb r1
+    _, report = passes.run(g, "scale_reparam", calibration=calib)
+    assert not report.matches and "no linear with unshared constant weights" in report.refusals[0].reason
 
 
 def test_reparam_exact_on_vit_blocks_and_helps_w4a4(rng):
