@@ -1,5 +1,6 @@
-"""What the weight quantizers (``shift.py``, ``bcq.py``) share: which linears they may touch,
-calibration activations, output-aware least-squares scale refits, and the rewrite driver.
+"""What the weight quantizers (``shift.py``, ``bcq.py``) share: which linears (and, for ``shift.py``,
+convs) they may touch, calibration activations, output-aware least-squares scale refits, and the
+rewrite driver.
 
 Calibration is independent (every layer sees the float model's activations) or sequential (GPTQ,
 Frantar et al. 2023, which quantizes block by block on the outputs of the already-quantized blocks;
@@ -23,18 +24,21 @@ import numpy as np
 
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.interpret import interpret
+from reshift.ir.numpy_kernels import conv2d
 from reshift.passes.manager import PassContext
 from reshift.passes.pattern import Any, Match, Op, Opt, match
 from reshift.passes.rules import RewriteContext, Rule, RuleStats, apply_rules
 
 LINEAR = Op("linear", Any("x"), Any("weight"), Opt(Any("bias")), name="linear")
+CONV = Op("conv2d", Any("x"), Any("weight"), Opt(Any("bias")), name="conv2d")
+WEIGHT_RANK = {"linear": (2, "matrix"), "conv2d": (4, "OIHW filter")}
 WEIGHT_LAYER_OPS = ("linear", "conv2d", "shift_linear", "shift_conv2d", "bcq_linear", "ternary_linear")
 DEFAULT_SKIP = ("@first", "@last", "*embed*", "*wte*", "*wpe*", "*lm_head*")
 
 
 @dataclass
 class LayerPlan:
-    """A quantizer's decision for one linear: a replacement builder, or why not; plus report facts."""
+    """A quantizer's decision for one linear (or conv): a replacement builder, or why not; plus report facts."""
 
     build: Callable[[Match, RewriteContext], Value] | None = None
     reason: str | None = None
@@ -56,12 +60,13 @@ def skip_reason(node: Node, weight: Value, graph: Graph, patterns) -> str | None
 
 
 def candidate_reason(m: Match, graph: Graph, users: dict[Value, list[Node]], options: dict) -> str | None:
-    """Why the matched ``linear`` may not be quantized at all (before any fitting), or None."""
+    """Why the matched ``linear`` or ``conv2d`` may not be quantized at all (before any fitting), or None."""
     weight = m["weight"]
+    rank, kind = WEIGHT_RANK[m.root.op]
     if not weight.is_constant:
         return f"weight %{weight.name} is not a constant (computed at run time)"
-    if weight.dtype != "float32" or weight.type.rank != 2:
-        return f"weight %{weight.name} is {weight.type}, expected a float32 matrix"
+    if weight.dtype != "float32" or weight.type.rank != rank:
+        return f"weight %{weight.name} is {weight.type}, expected a float32 {kind}"
     if not np.all(np.isfinite(weight.data)):
         return f"weight %{weight.name} holds NaN or inf"
     if m["x"].dtype != "float32":
@@ -72,9 +77,11 @@ def candidate_reason(m: Match, graph: Graph, users: dict[Value, list[Node]], opt
     return skip_reason(m.root, weight, graph, options.get("skip", DEFAULT_SKIP))
 
 
-def _rows(graph: Graph, calibration: list[dict[str, np.ndarray]], values: list[Value]) -> dict[str, np.ndarray]:
-    """Each value's rows ``[M, K]`` (float64) over all calibration batches; one run per batch."""
-    rows: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
+def _capture(
+    graph: Graph, calibration: list[dict[str, np.ndarray]], values: list[Value]
+) -> dict[str, list[np.ndarray]]:
+    """Each value in every calibration batch (float64); one run per batch."""
+    parts: dict[str, list[np.ndarray]] = {v.name: [] for v in values}
     graph = graph.copy()  # run only what the values need (sequential calibration captures early layers often)
     by_name = {v.name: v for v in graph.values()}
     graph.outputs = [by_name[v.name] for v in values]
@@ -82,8 +89,14 @@ def _rows(graph: Graph, calibration: list[dict[str, np.ndarray]], values: list[V
     for batch in calibration:
         env = interpret(graph, batch, return_all=True)
         for v in values:
-            rows[v.name].append(env[v.name].reshape(-1, v.shape[-1]).astype(np.float64))
-    return {name: np.concatenate(parts) for name, parts in rows.items()}
+            parts[v.name].append(env[v.name].astype(np.float64))
+    return parts
+
+
+def _rows(graph: Graph, calibration: list[dict[str, np.ndarray]], values: list[Value]) -> dict[str, np.ndarray]:
+    """Each value's rows ``[M, K]`` (float64) over all calibration batches; one run per batch."""
+    parts = _capture(graph, calibration, values)
+    return {name: np.concatenate([x.reshape(-1, x.shape[-1]) for x in xs]) for name, xs in parts.items()}
 
 
 def _kept_rows(max_rows: int, *xs: np.ndarray) -> np.ndarray:
@@ -101,6 +114,21 @@ def capture_activations(
         return {}
     values = list(dict.fromkeys(values))  # q, k and v read one value: capture it once, not 3x
     return {name: x[_kept_rows(max_rows, x)] for name, x in _rows(graph, calibration, values).items()}
+
+
+def capture_images(
+    graph: Graph, calibration: list[dict[str, np.ndarray]] | None, values: list[Value], max_rows: int = 2048
+) -> dict[str, np.ndarray]:
+    """Each NCHW value's finite images (float64) over all calibration batches: evenly spaced, as many
+    as hold ``max_rows`` pixels (at least one). A conv's im2col rows come from whole images."""
+    if not calibration or not values:
+        return {}
+    images = {}
+    for name, xs in _capture(graph, calibration, list(dict.fromkeys(values))).items():
+        x = np.concatenate(xs)  # [images, C, H, W]: the spatial size is static
+        keep = _kept_rows(max(1, max_rows // max(1, x.shape[2] * x.shape[3])), x.reshape(len(x), -1))
+        images[name] = x[keep]
+    return images
 
 
 def capture_activation_pairs(
@@ -195,6 +223,80 @@ def relative_output_error(
     return float(np.linalg.norm(ref - x @ w_hat.T) / max(np.linalg.norm(ref), 1e-30))
 
 
+def relative_conv_error(w: np.ndarray, w_hat: np.ndarray, x: np.ndarray | None, attrs: dict) -> float:
+    """:func:`relative_output_error` of a conv: ``||conv(X, W - W_hat)||_F / ||conv(X, W)||_F`` on the
+    images ``x`` (the same ratio as on its im2col rows, group by group), or the weight-space ratio."""
+    if x is None:
+        return relative_output_error(w.reshape(len(w), -1), w_hat.reshape(len(w), -1), None)
+    window = (attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+    w64 = w.astype(np.float64)
+    ref = conv2d(x, w64, None, *window)
+    diff = conv2d(x, w64 - w_hat.astype(np.float64), None, *window)
+    return float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+
+
+def plan_layers(
+    graph: Graph,
+    ctx: PassContext,
+    pattern: Op,
+    plan: Callable[..., dict[str, LayerPlan]],
+    sequential: bool = False,
+) -> tuple[dict[str, str], dict[str, LayerPlan]]:
+    """Select the ``pattern`` layers (:data:`LINEAR` or :data:`CONV`), capture their calibration
+    inputs and let ``plan`` fit them: ``(refusals by node, plans by node)``, see :func:`quantize_linears`.
+    A linear's inputs come as rows ``[M, K]``, a conv's as whole NCHW images (:func:`capture_images`)."""
+    producers, users = graph.producers(), graph.users()
+    refusals: dict[str, str] = {}
+    candidates: list[Match] = []
+    for node in graph.nodes:
+        if node.op != pattern.op:
+            continue
+        m = match(pattern, node, producers)
+        reason = candidate_reason(m, graph, users, ctx.options) if m is not None else f"not {node.op}(x, W, b)"
+        if reason:
+            refusals[node.name] = reason
+        else:
+            candidates.append(m)
+    max_rows = int(ctx.options.get("calib_rows", 2048))
+    plans: dict[str, LayerPlan] = {}
+    if sequential and pattern is not LINEAR:
+        raise ValueError("sequential calibration captures rows of linears only")
+    if sequential and ctx.calibration and candidates:
+        work = graph.copy()  # constant arrays are shared: replace them, never write into them
+        for stage in calibration_stages(graph, candidates):
+            values = [m["x"] for m in stage]
+            xs, xs_float = capture_activation_pairs(work, graph, ctx.calibration, values, max_rows)
+            plans.update(plan(stage, xs, ctx.options, xs_float))
+            for m in stage:
+                w_hat = plans[m.root.name].weight
+                if w_hat is not None:
+                    work.constants[m["weight"].name].data = np.asarray(w_hat, np.float32)
+    elif candidates:
+        capture = capture_activations if pattern is LINEAR else capture_images
+        xs = capture(graph, ctx.calibration, [m["x"] for m in candidates], max_rows)
+        plans = plan(candidates, xs, ctx.options)
+    return refusals, plans
+
+
+def apply_plans(
+    graph: Graph, rule_name: str, pattern: Op, refusals: dict[str, str], plans: dict[str, LayerPlan]
+) -> RuleStats:
+    """Apply the one rule ``rule_name`` that :func:`plan_layers` decided (in place)."""
+
+    def check(m: Match, g: Graph) -> str | None:
+        if m.root.name in refusals:
+            return refusals[m.root.name]
+        layer = plans.get(m.root.name)
+        return "not planned" if layer is None else layer.reason
+
+    def rewrite(m: Match, rc: RewriteContext) -> Value:
+        return plans[m.root.name].build(m, rc)
+
+    stats = apply_rules(graph, [Rule(rule_name, pattern, check, rewrite)])
+    stats.details = {name: p.details for name, p in plans.items() if p.details}
+    return stats
+
+
 def quantize_linears(
     graph: Graph,
     ctx: PassContext,
@@ -210,43 +312,14 @@ def quantize_linears(
     (:func:`calibration_stages`), the inputs are captured on a copy of the graph whose earlier
     candidates already hold their plans' ``weight`` (GPTQ's sequential procedure); ``plan(stage, xs,
     options, xs_float)`` also gets the float graph's inputs on the same rows (:func:`compensated_target`)."""
-    producers, users = graph.producers(), graph.users()
-    refusals: dict[str, str] = {}
-    candidates: list[Match] = []
-    for node in graph.nodes:
-        if node.op != "linear":
-            continue
-        m = match(LINEAR, node, producers)
-        reason = candidate_reason(m, graph, users, ctx.options) if m is not None else "not linear(x, W, b)"
-        if reason:
-            refusals[node.name] = reason
-        else:
-            candidates.append(m)
-    max_rows = int(ctx.options.get("calib_rows", 2048))
-    plans: dict[str, LayerPlan] = {}
-    if sequential and ctx.calibration and candidates:
-        work = graph.copy()  # constant arrays are shared: replace them, never write into them
-        for stage in calibration_stages(graph, candidates):
-            values = [m["x"] for m in stage]
-            xs, xs_float = capture_activation_pairs(work, graph, ctx.calibration, values, max_rows)
-            plans.update(plan(stage, xs, ctx.options, xs_float))
-            for m in stage:
-                w_hat = plans[m.root.name].weight
-                if w_hat is not None:
-                    work.constants[m["weight"].name].data = np.asarray(w_hat, np.float32)
-    elif candidates:
-        xs = capture_activations(graph, ctx.calibration, [m["x"] for m in candidates], max_rows)
-        plans = plan(candidates, xs, ctx.options)
+    return apply_plans(graph, rule_name, LINEAR, *plan_layers(graph, ctx, LINEAR, plan, sequential))
 
-    def check(m: Match, g: Graph) -> str | None:
-        if m.root.name in refusals:
-            return refusals[m.root.name]
-        layer = plans.get(m.root.name)
-        return "not planned" if layer is None else layer.reason
 
-    def rewrite(m: Match, rc: RewriteContext) -> Value:
-        return plans[m.root.name].build(m, rc)
-
-    stats = apply_rules(graph, [Rule(rule_name, LINEAR, check, rewrite)])
-    stats.details = {name: p.details for name, p in plans.items() if p.details}
-    return stats
+def merge_stats(*parts: RuleStats) -> RuleStats:
+    """Several rules' stats as one pass's (rules apply to disjoint nodes)."""
+    total = RuleStats()
+    for stats in parts:
+        total.matches.update(stats.matches)
+        total.refusals += stats.refusals
+        total.details.update(stats.details)
+    return total

@@ -1,5 +1,5 @@
-"""Power-of-two weights: ``linear`` -> ``shift_linear`` (DeepShift-PS, Elhoushi et al. 2021, Eq. 4;
-ShiftAddViT's shift layers).
+"""Power-of-two weights: ``linear`` -> ``shift_linear`` and ``conv2d`` -> ``shift_conv2d`` (DeepShift-PS,
+Elhoushi et al. 2021, Eq. 4; ShiftAddViT's shift layers).
 
 ``W[o,i] ~ scale[o] * sign[o,i] * 2^-p[o,i]`` with ``scale[o] = max_i |W[o,i]|`` and
 ``p = clamp(rint(-log2(|W| / scale)), 0, 2^b - 1)``: rounding in the log domain, so the level
@@ -8,8 +8,18 @@ half exponents) go to the even ``p``. A weight below half the smallest level,
 ``|W| < scale * 2^-(2^b - 1) / 2``, becomes 0 (sign 0). ``b`` = option ``shift_bits`` (default
 4: 1 sign + 4 exponent bits = 5 bits per weight).
 
-The layer is refused when its int32 accumulator could overflow (see
-:func:`reshift.ir.ops_lowbit.shift_accumulator_bound`): split the layer or lower ``shift_bits``.
+A conv's OIHW filter is quantized as the matrix ``[O, C/groups * kh * kw]`` (one scale per output
+channel), the layout ``shift_conv2d`` contracts its im2col rows with; groups, stride, dilation and
+padding carry over unchanged.
+
+Layers are chosen as for every weight quantizer (:func:`reshift.passes.quant_common.candidate_reason`:
+constant, untied float32 weights; first and last weight layer kept by default, ``skip`` patterns). A
+layer is refused when its int32 accumulator could overflow (see
+:func:`reshift.ir.ops_lowbit.shift_accumulator_bound`; for a conv ``K = C/groups * kh * kw``): split
+the layer or lower ``shift_bits``. The pass is lossy; its report gives each layer's relative error:
+on calibration data the output error ``||X (W - W_hat)^T|| / ||X W^T||`` of the layer's float inputs
+(a conv's: on its whole calibration images, i.e. on its im2col rows), else the weight-space error.
+Neither counts the run-time int8 activation quantization, which the report's end-to-end error does.
 """
 
 from __future__ import annotations
@@ -20,7 +30,16 @@ from reshift.ir.graph import Graph
 from reshift.ir.ops_lowbit import INT32_MAX, shift_accumulator_bound
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
-from reshift.passes.quant_common import LayerPlan, quantize_linears, relative_output_error
+from reshift.passes.quant_common import (
+    CONV,
+    LINEAR,
+    LayerPlan,
+    apply_plans,
+    merge_stats,
+    plan_layers,
+    relative_conv_error,
+    relative_output_error,
+)
 from reshift.passes.rules import RuleStats
 
 DEFAULT_SHIFT_BITS = 4
@@ -47,18 +66,24 @@ def shift_weight(sign: np.ndarray, exponent: np.ndarray, scale: np.ndarray) -> n
     return scale[:, None].astype(np.float64) * sign * 2.0 ** -exponent.astype(np.float64)
 
 
+def _overflow_reason(sign: np.ndarray, exponent: np.ndarray, bits: int, k: str) -> str | None:
+    bound = int(shift_accumulator_bound(sign, exponent, bits).max()) if sign.size else 0
+    if bound <= INT32_MAX:
+        return None
+    return (
+        f"{k} with shift_bits={bits} can reach |acc| = {bound:,} > 2^31-1 in the int32 "
+        "accumulator; lower shift_bits or split the layer"
+    )
+
+
 def _plan(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
     bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
     plans = {}
     for m in candidates:
         w = m.array("weight")
         sign, exponent, scale = quantize_shift(w, bits)
-        bound = int(shift_accumulator_bound(sign, exponent, bits).max()) if sign.size else 0
-        if bound > INT32_MAX:
-            reason = (
-                f"K={w.shape[1]} with shift_bits={bits} can reach |acc| = {bound:,} > 2^31-1 in the int32 "
-                "accumulator; lower shift_bits or split the layer"
-            )
+        reason = _overflow_reason(sign, exponent, bits, f"K={w.shape[1]}")
+        if reason:
             plans[m.root.name] = LayerPlan(reason=reason)
             continue
         error = relative_output_error(w, shift_weight(sign, exponent, scale), xs.get(m["x"].name))
@@ -80,13 +105,59 @@ def _plan(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> 
     return plans
 
 
+def _plan_conv(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
+    bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
+    plans = {}
+    for m in candidates:
+        w = m.array("weight")  # [O, C/groups, kh, kw]
+        o, cg, kh, kw = w.shape
+        sign, exponent, scale = quantize_shift(w.reshape(o, -1), bits)
+        reason = _overflow_reason(sign, exponent, bits, f"K = C/groups*kh*kw = {cg}*{kh}*{kw} = {cg * kh * kw}")
+        if reason:
+            plans[m.root.name] = LayerPlan(reason=reason)
+            continue
+        w_hat = shift_weight(sign, exponent, scale).reshape(w.shape)
+        error = relative_conv_error(w, w_hat, xs.get(m["x"].name), m.root.attrs)
+        sign, exponent = sign.reshape(w.shape), exponent.reshape(w.shape)  # OIHW, as the filter
+        details = {"bits": 1 + bits, "error": error, "error_kind": "output" if m["x"].name in xs else "weight"}
+
+        def build(m, rc, sign=sign, exponent=exponent, scale=scale):
+            name, a = m.root.name, m.root.attrs
+            return rc.op(
+                "shift_conv2d",
+                m["x"],
+                rc.constant(sign, f"{name}_sign"),
+                rc.constant(exponent, f"{name}_exponent"),
+                rc.constant(scale, f"{name}_scale"),
+                m.get("bias"),
+                stride=a["stride"],
+                padding=a["padding"],
+                dilation=a["dilation"],
+                groups=a["groups"],
+                exponent_bits=bits,
+            )
+
+        plans[m.root.name] = LayerPlan(build=build, details=details)
+    return plans
+
+
 def shift_weights(graph: Graph, ctx: PassContext) -> RuleStats:
-    """Rewrite every eligible ``linear(x, W, b)`` into ``shift_linear``."""
-    return quantize_linears(graph, ctx, "linear_to_shift", _plan)
+    """Rewrite every eligible ``linear(x, W, b)`` into ``shift_linear`` and ``conv2d(x, W, b)`` into
+    ``shift_conv2d``; both are planned on the float graph (independent calibration) before either rewrite."""
+    linears = plan_layers(graph, ctx, LINEAR, _plan)
+    convs = plan_layers(graph, ctx, CONV, _plan_conv)
+    return merge_stats(
+        apply_plans(graph, "linear_to_shift", LINEAR, *linears), apply_plans(graph, "conv_to_shift", CONV, *convs)
+    )
 
 
 SHIFT_PASSES = [
-    Pass("shift_weights", shift_weights, exact=False, doc="linear -> shift_linear, W = scale*sign*2^-p (DeepShift-PS)")
+    Pass(
+        "shift_weights",
+        shift_weights,
+        exact=False,
+        doc="linear -> shift_linear, conv2d -> shift_conv2d, W = scale*sign*2^-p (DeepShift-PS)",
+    )
 ]
 
 __all__ = ["DEFAULT_SHIFT_BITS", "SHIFT_PASSES", "quantize_shift", "shift_weight", "shift_weights"]
