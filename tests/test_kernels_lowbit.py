@@ -1,7 +1,8 @@
 """The multiplication-free kernels (codegen/tvm/kernels/) against the registry's numpy references.
 
 Odd sizes on purpose: K not a multiple of 8 or of the group size, group sizes not a multiple of 4,
-one output row, batch 1/3/17 through one symbolic-batch build. Float paths within 1e-5 relative
+one output row, batch 1/3/5/8/17 through one symbolic-batch build (the AVX-512 kernels block rows
+by 8, then 4, 2, 1: every remainder path runs). Float paths within 1e-5 relative
 (max |diff| / max |reference|); shift_linear's integer accumulation bit-exact.
 """
 
@@ -67,7 +68,7 @@ def test_kernels_replace_reference_lowerings():
 def test_kernel_matches_reference(kind, shape):
     graph = _graph(kind, *shape)
     executable = build(graph, "cpu").executable
-    for batch in (1, 3, 17):
+    for batch in (1, 3, 5, 8, 17):
         x = RNG.standard_normal((batch, shape[1])).astype(np.float32)
         expected = interpret(graph, {"x": x})[graph.outputs[0].name]
         actual = _run(executable, x)
@@ -100,12 +101,62 @@ def test_packing_layouts():
     assert [int(v) for v in code[0, :, 0]] == [15, np.int8(np.uint8(0x80 | 12)), 32]
 
 
+def _cpu_build(func, avx512: bool = False):
+    """``func`` built for the host; ``avx512`` needs the host's mcpu for the intrinsics."""
+    from reshift.codegen.tvm.targets import resolve_target
+
+    target = resolve_target("cpu").target() if avx512 else {"kind": "llvm"}
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)["main"]
+
+
+# -- the row-blocked AVX-512 kernels against the portable loops, every row count up to 2 full blocks + 7
+needs_avx512 = pytest.mark.skipif(lowbit.kernel_flavor() != "avx512", reason="host CPU without AVX-512")
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 23)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    "blocks, n_groups, planes, group", [(1, 2, 3, 32), (3, 3, 2, 128), (6, 2, 4, 64), (8, 1, 1, 8)]
+)
+def test_lut_avx512_kernel_matches_portable_kernel(blocks, n_groups, planes, group):
+    from reshift.codegen.tvm.kernels.lut_gemv import gemv_func
+    from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
+
+    slots, words = slot_layout(group)
+    w = RNG.integers(0, 2**32, (blocks, n_groups, planes, words, ROWS), dtype=np.uint64).astype(np.uint32)
+    alpha = RNG.standard_normal((blocks, n_groups, planes, ROWS)).astype(np.float32)
+    bias = RNG.standard_normal(blocks * ROWS).astype(np.float32)
+    fast = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=True), avx512=True)
+    portable = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=False))
+    for rows in ROW_COUNTS:
+        lut = RNG.standard_normal((rows, n_groups, slots, ROWS)).astype(np.float32)
+        args = [tvm.runtime.tensor(a) for a in (lut, w, alpha, bias)]
+        actual, expected = (tvm.runtime.tensor(np.zeros((rows, blocks * ROWS), np.float32)) for _ in range(2))
+        fast(*args, actual)
+        portable(*args, expected)
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4, err_msg=f"rows {rows}")
+
+
+@needs_avx512
+@pytest.mark.parametrize("blocks, k", [(1, 5), (3, 300), (4, 77)])
+def test_shift_avx512_kernel_matches_portable_kernel_bit_exactly(blocks, k):
+    from reshift.codegen.tvm.kernels.packing import ROWS
+    from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
+
+    sign = RNG.integers(-1, 2, (blocks * ROWS, k)).astype(np.int8)
+    code = tvm.runtime.tensor(pack_shift(sign, RNG.integers(0, 32, sign.shape).astype(np.uint8), 5))  # wraps
+    fast = _cpu_build(shift_gemv_func(blocks, k, avx512=True), avx512=True)
+    portable = _cpu_build(shift_gemv_func(blocks, k, avx512=False))
+    for rows in ROW_COUNTS:
+        q = tvm.runtime.tensor(RNG.integers(-127, 128, (rows, k)).astype(np.int32))
+        actual, expected = (tvm.runtime.tensor(np.zeros((rows, blocks * ROWS), np.int32)) for _ in range(2))
+        fast(code, q, actual)
+        portable(code, q, expected)
+        np.testing.assert_array_equal(actual.numpy(), expected.numpy(), err_msg=f"rows {rows}")
+
+
 # -- CUDA kernels: their loops run unbound on the CPU here (no GPU in CI); the GPU check is
 # benchmarks/cuda_check.py, run where a GPU is lent.
-def _cpu_build(func):
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), {"kind": "llvm"})["main"]
-
-
 @pytest.mark.parametrize("blocks, n_groups, planes, group", [(1, 1, 1, 32), (5, 3, 2, 128), (9, 11, 4, 64)])
 def test_cuda_lut_kernel_matches_cpu_kernel(blocks, n_groups, planes, group):
     from reshift.codegen.tvm.kernels.lut_gemv import gemv_func
