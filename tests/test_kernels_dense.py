@@ -8,6 +8,8 @@ Negative cases: grouped convs and broadcasting activation matmuls keep the refer
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from reshift.codegen.tvm import build, lower  # noqa: E402
-from reshift.ir import GraphBuilder, interpret  # noqa: E402
+from reshift.ir import Graph, GraphBuilder, interpret  # noqa: E402
 
 RNG = np.random.default_rng(11)
 
@@ -168,3 +170,47 @@ def test_ocvec_conv_needs_a_pixel_tile_and_falls_back(monkeypatch):
     script = lower(graph).script(show_meta=False)
     assert "conv2d_packed_f32" in script and "conv2d_ocvec_f32" not in script
     _run(graph, (1,), {"x": lambda n: RNG.standard_normal((n, 4, 17, 17)).astype(np.float32)})
+
+
+def _conv_chain(readers: str) -> Graph:
+    """conv(16->32) -> relu -> the readers of the ReLU (``"conv"``, ``"conv+add"``, ``"conv+output"``,
+    ``"two-pads"``, ``"no-relu"``); every conv is 32 channels wide, so the ocvec kernel runs them."""
+    b = GraphBuilder("chain")
+    x = b.input("x", "f32[N,16,14,14]")
+
+    def conv(v, cin, stride=(1, 1), padding=(1, 1, 1, 1)):
+        w = b.constant((RNG.standard_normal((32, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32))
+        bias = b.constant(RNG.standard_normal(32).astype(np.float32))
+        return b.conv2d(v, w, bias, stride=stride, padding=padding, dilation=(1, 1), groups=1)
+
+    first = conv(x, 16)
+    y = first if readers == "no-relu" else b.relu(first)
+    second = conv(y, 32, stride=(2, 2))
+    if readers == "conv+add":
+        return b.build(conv(second, 32), b.add(y, y))
+    if readers == "conv+output":
+        return b.build(conv(second, 32), y)
+    if readers == "two-pads":
+        return b.build(b.add(second, conv(y, 32, stride=(2, 2), padding=(0, 0, 1, 1))))
+    return b.build(b.relu(conv(b.relu(second), 32)))
+
+
+@pytest.mark.parametrize(
+    "readers, pad_copies", [("conv", 1), ("no-relu", 1), ("conv+add", 2), ("conv+output", 2), ("two-pads", 3)]
+)
+def test_conv_writes_the_next_convs_padded_input(readers, pad_copies, monkeypatch):
+    """A conv whose (ReLU'd) output only ocvec convs with one padding read writes their zero padded
+    input itself: no padding copy and no ReLU pass between them. Any other reader, a graph output or
+    two different paddings keep the plain tensor and the copies."""
+    monkeypatch.setenv("RESHIFT_CONV", "ocvec")
+    graph = _conv_chain(readers)
+    script = lower(graph).script(show_meta=False)
+    assert len(re.findall(r"call_tir\(cls\.conv_pad_rows\d*,", script)) == pad_copies
+    outputs = interpret(graph, feed := {"x": RNG.standard_normal((3, 16, 14, 14)).astype(np.float32)})
+    vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
+    actual = vm["main"](tvm.runtime.tensor(feed["x"]))
+    actual = [actual] if len(graph.outputs) == 1 else list(actual)
+    for value, got in zip(graph.outputs, actual, strict=True):
+        expected = outputs[value.name]
+        error = np.abs(got.numpy().astype(np.float64) - expected).max() / np.abs(expected).max()
+        assert error <= 1e-5, f"{readers} output {value.name}: relative error {error:.3g}"

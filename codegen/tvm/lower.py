@@ -18,7 +18,7 @@ import tvm
 from tvm import relax, tirx
 
 from reshift.errors import CodegenError
-from reshift.ir.graph import Graph, Value
+from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.types import Dim, numpy_dtype, split_dim
 
 op = relax.op
@@ -40,15 +40,48 @@ def lowering(*names: str, override: bool = False) -> Callable[[Lowering], Loweri
     return register
 
 
+class Absorbed:
+    """The Relax value of an IR value whose every reader reads it from somewhere else.
+
+    A lowering that writes its result straight into the layout its consumers need (a conv writing
+    the next conv's zero padded input, with the ReLU between them applied) leaves the plain tensor
+    unmaterialized: its value is ``ABSORBED`` and the consumers find theirs in ``ctx.padded``.
+    """
+
+    def __repr__(self) -> str:
+        return "ABSORBED"
+
+
+ABSORBED = Absorbed()
+
+
 class LowerContext:
-    """What a lowering needs: the block builder and the graph's symbolic dimensions."""
+    """What a lowering needs: the block builder, the graph's symbolic dimensions and its use lists.
+
+    ``fused`` holds nodes a producer's kernel already computed (their results, bound without
+    lowering them); ``padded`` maps an IR value to ``(expr, layout)`` when it exists only in a
+    kernel-specific layout (see :class:`Absorbed`).
+    """
 
     def __init__(
-        self, bb: relax.BlockBuilder, symbols: dict[str, tirx.PrimExpr], multiples: dict[str, tuple[int, tirx.Var]]
+        self,
+        bb: relax.BlockBuilder,
+        symbols: dict[str, tirx.PrimExpr],
+        multiples: dict[str, tuple[int, tirx.Var]],
+        graph: Graph | None = None,
     ):
         self.bb = bb
         self.symbols = symbols
         self.multiples = multiples  # symbol -> (k, M) when only k*symbol is an input dimension
+        self.users: dict[Value, list[Node]] = graph.users() if graph is not None else {}
+        self.graph_outputs: set[Value] = set(graph.outputs) if graph is not None else set()
+        self.fused: dict[Node, list[Any]] = {}
+        self.padded: dict[Value, tuple[relax.Expr, Any]] = {}
+
+    def only_reader(self, value: Value) -> Node | None:
+        """The one node reading ``value`` once, if ``value`` has exactly that use and is not a graph output."""
+        readers = self.users.get(value, [])
+        return readers[0] if len(readers) == 1 and value not in self.graph_outputs else None
 
     def dim(self, dim: Dim) -> int | tirx.PrimExpr:
         coefficient, symbol = split_dim(dim)
@@ -87,14 +120,22 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
             + ": add a lowering to codegen/tvm/lower.py or rewrite the graph with a reshift pass"
         )
     bb = relax.BlockBuilder()
-    ctx = LowerContext(bb, *_input_symbols(graph))
+    ctx = LowerContext(bb, *_input_symbols(graph), graph=graph)
     params = [relax.Var(v.name, relax.TensorType(ctx.shape(v), v.dtype)) for v in graph.inputs]
     env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params, strict=True))
     env.update({c: relax.const(c.data) for c in graph.constants.values()})
     with bb.function(func_name, params):
         with bb.dataflow():
             for node in graph.nodes:
+                if node in ctx.fused:  # computed by its producer's kernel
+                    env.update(zip(node.outputs, ctx.fused.pop(node), strict=True))
+                    continue
                 args = [env[v] if v is not None else None for v in node.inputs]
+                unplaced = [
+                    v.name for v, a in zip(node.inputs, args, strict=True) if a is ABSORBED and v not in ctx.padded
+                ]
+                if unplaced:
+                    raise CodegenError(f"internal: {node.op} (node {node.name}) reads fused-away value(s) {unplaced}")
                 try:
                     result = LOWERINGS[node.op](ctx, node, *args)
                 except CodegenError:

@@ -13,10 +13,18 @@ so the input is read as scalar broadcasts (any stride, exactly the valid pixels)
 vectors packed ``[OC / (16 vo), C*KH*KW, 16 vo]``. ``pt * vo <= 14`` accumulators stay in
 registers (under the 1 KiB where TVM moves local buffers to the heap). A job is (image, channel
 block, output row), rows innermost, so a thread reuses one filter block (L2-resident) across rows.
-The result is stored channel-strided into NCHW ``y[n, oc, oh*ow]``.
+The result is stored channel-strided into NCHW ``y[n, oc, oh*ow]``, or, when the next conv reads this
+one's output (through a ReLU), straight into that conv's zero padded input layout
+(:class:`OutputLayout`) with the ReLU applied: no padding copy and no ReLU pass between the two
+(oneDNN's post-op fusion; onnxruntime's NCHWc convs keep their padding in the kernel the same way).
+While a job computes row ``r`` of channel block ``ob``, it prefetches ``1/oh`` of block ``ob + 1``'s
+filter into L2, so the first row of the next block does not wait on memory (the filter stream,
+not the FMAs, bounds that row when weights are cold, as in a real layer sequence).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from tvm import tirx
@@ -26,6 +34,28 @@ from reshift.codegen.tvm.kernels import conv2d_cpu
 
 LANES = 16
 MAX_ACCUMULATORS = 14
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a conv's output pixels go: a zero padded ``[n, oc, grid_rows * row]`` image.
+
+    Pixel ``(r, c)`` lands at ``(r + top) * row + left + c``; every other position of the grid is
+    written as zero. ``OutputLayout.plain(oh, ow)`` is the unpadded NCHW layout.
+    """
+
+    top: int
+    left: int
+    row: int
+    grid_rows: int
+
+    @staticmethod
+    def plain(oh: int, ow: int) -> OutputLayout:
+        return OutputLayout(0, 0, ow, oh)
+
+    @property
+    def plane(self) -> int:
+        return self.grid_rows * self.row
 
 
 def choose_tile(out_channels: int, ow: int) -> tuple[int, int] | None:
@@ -54,11 +84,14 @@ def conv_ocvec_func(
     oc_blocks: int,
     pt: int,
     vo: int,
+    out: OutputLayout | None = None,
+    relu: bool = False,
 ) -> tirx.PrimFunc:
     """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc / 16vo, (c*kh + i)*kw + j, oc % 16vo] * xpad[n, c, ...]``.
 
     ``x`` is the zero padded image flattened to ``[n, channels, plane]`` (rows of ``row`` columns);
-    ``y`` is ``[n, oc_blocks * 16 * vo, oh * ow]``; the batch ``n`` is symbolic.
+    ``y`` is ``[n, oc_blocks * 16 * vo, out.plane]`` (default: unpadded, ``oh * ow``), with
+    ``max(y, 0)`` when ``relu``; the batch ``n`` is symbolic.
     """
     kh, kw = kernel
     s0, s1 = stride
@@ -67,9 +100,13 @@ def conv_ocvec_func(
     k = channels * kh * kw
     width = LANES * vo
     out_channels = oc_blocks * width
-    pixels = oh * ow
+    out = out or OutputLayout.plain(oh, ow)
+    out_plane = out.plane
     tiles = ow // pt
     lanes = T.Ramp(0, 1, LANES)
+    lines_per_c = kh * kw * width // LANES  # 64-byte lines of one input channel's filter taps
+    zero = T.Broadcast(T.float32(0), LANES)
+    padded = out != OutputLayout.plain(oh, ow)
 
     @T.prim_func(private=True)
     def conv(
@@ -81,10 +118,10 @@ def conv_ocvec_func(
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, channels, plane), "float32")
-        y = T.match_buffer(y_h, (n, out_channels, pixels), "float32")
+        y = T.match_buffer(y_h, (n, out_channels, out_plane), "float32")
         xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
         wf = T.decl_buffer((oc_blocks * k * width,), "float32", data=w.data)
-        yf = T.decl_buffer((n * out_channels * pixels,), "float32", data=y.data)
+        yf = T.decl_buffer((n * out_channels * out_plane,), "float32", data=y.data)
         for job in T.parallel(n * oc_blocks * oh):
             img = job // (oc_blocks * oh)
             ob = job % (oc_blocks * oh) // oh
@@ -96,6 +133,20 @@ def conv_ocvec_func(
                     for v in T.unroll(vo):
                         acc[t, v, lanes] = b[T.Ramp(ob * width + v * LANES, 1, LANES)]
                 for c in range(channels):
+                    if tile == 0 and T.Cast("int64", c * oh // channels) == r:  # this row's share of ob+1
+                        for line in range(lines_per_c):
+                            T.evaluate(
+                                T.call_intrin(
+                                    "",
+                                    "tirx.prefetch",
+                                    T.address_of(
+                                        wf[(T.min(ob + 1, oc_blocks - 1) * k + c * kh * kw) * width + line * LANES]
+                                    ),
+                                    0,  # read
+                                    2,  # locality: keep in L2
+                                    1,  # data cache
+                                )
+                            )
                     for i in range(kh):
                         for j in range(kw):
                             for v in T.unroll(vo):
@@ -119,12 +170,31 @@ def conv_ocvec_func(
                                     )
                 for t in T.unroll(pt):
                     for v in T.unroll(vo):
+                        if relu:
+                            acc[t, v, lanes] = T.max(acc[t, v, lanes], zero)
                         yf[
                             T.Ramp(
-                                (img * out_channels + ob * width + v * LANES) * pixels + r * ow + tile * pt + t,
-                                pixels,
+                                (img * out_channels + ob * width + v * LANES) * out_plane
+                                + (r + out.top) * out.row
+                                + out.left
+                                + tile * pt
+                                + t,
+                                out_plane,
                                 LANES,
                             )
                         ] = acc[t, v, lanes]
+            if padded:  # the zero border around this output row (and above / below the image)
+                for oc in range(width):
+                    base = (img * out_channels + ob * width + oc) * out_plane
+                    for col in range(out.left):
+                        yf[base + (r + out.top) * out.row + col] = T.float32(0)
+                    for col in range(out.row - out.left - ow):
+                        yf[base + (r + out.top) * out.row + out.left + ow + col] = T.float32(0)
+                    if r == 0:
+                        for q in range(out.top * out.row):
+                            yf[base + q] = T.float32(0)
+                    if r == oh - 1:
+                        for q in range((out.grid_rows - out.top - oh) * out.row):
+                            yf[base + (out.top + oh) * out.row + q] = T.float32(0)
 
     return conv

@@ -11,6 +11,7 @@ target, or ``RESHIFT_GENERIC_KERNELS=1`` for comparisons), and the reference low
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -18,7 +19,7 @@ from tvm import relax, te, tirx
 
 from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, conv2d_ocvec_cpu, dense_cpu, softmax_cpu
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
-from reshift.codegen.tvm.lower import LowerContext, op
+from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
 from reshift.ir.graph import Node
 
 
@@ -195,52 +196,132 @@ def _prefer_ocvec(oc: int, out_hw: tuple[int, int], stride, dilation, row: int) 
     return ocvec < pixel
 
 
-def _conv2d_ocvec(ctx: LowerContext, x, shape, w, bias, stride, pads, dilation, out_hw) -> relax.Expr:
-    channels, h, wd = shape[1:]
-    oc, _, kh, kw = w.shape
-    pt, vo = conv2d_ocvec_cpu.choose_tile(oc, out_hw[1])
-    packed = conv2d_ocvec_cpu.pack_filters(w, vo)
-    oc_blocks = packed.shape[0]
-    width = oc_blocks * conv2d_ocvec_cpu.LANES * vo
-    b = np.zeros(width, np.float32)
-    if bias is not None:
-        b[:oc] = bias
-    row = wd + pads[1] + pads[3]
-    grid_rows = h + pads[0] + pads[2]
-    src = _padded_flat(ctx, x, shape, pads, grid_rows, row)
-    func = conv2d_ocvec_cpu.conv_ocvec_func(
-        channels, (kh, kw), stride, dilation, row, grid_rows * row, out_hw, oc_blocks, pt, vo
-    )
-    gv = ctx.bb.add_func(func, "conv2d_ocvec_f32")
-    pixels = out_hw[0] * out_hw[1]
-    y = ctx.emit(
-        relax.op.call_tir(
-            gv,
-            [src, relax.const(packed), relax.const(b)],
-            out_ty=relax.TensorType((shape[0], width, pixels), "float32"),
-        )
-    )
-    if width != oc:
-        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[oc]))
-    return ctx.emit(op.reshape(y, (shape[0], oc, *out_hw)))
+@dataclass(frozen=True)
+class _Conv:
+    """A conv2d node the CPU kernels can run: constant fp32 filter, groups=1, static spatial size."""
+
+    node: Node
+    shape: list  # input [n, c, h, w]; n may be symbolic
+    w: np.ndarray
+    bias: np.ndarray | None
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    out_hw: tuple[int, int]
+
+    @property
+    def ocvec(self) -> bool:
+        """Whether the output-channel-vectorized kernel runs this conv (see :func:`_prefer_ocvec`)."""
+        row = self.shape[3] + self.pads[1] + self.pads[3]
+        return _prefer_ocvec(self.w.shape[0], self.out_hw, self.stride, self.dilation, row)
+
+    @property
+    def input_layout(self) -> conv2d_ocvec_cpu.OutputLayout:
+        """The zero padded image the ocvec kernel reads (what a producer may write directly)."""
+        top, left, bottom, right = self.pads
+        h, w = self.shape[2:]
+        return conv2d_ocvec_cpu.OutputLayout(top, left, w + left + right, h + top + bottom)
 
 
-def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
-    """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
+def _cpu_conv(ctx: LowerContext, node: Node) -> _Conv | None:
+    """``node`` as a :class:`_Conv`, or None when the CPU kernels do not apply."""
     w = _constant_f32(node, 1)
     attrs = node.attrs
-    if not enabled() or w is None or attrs["groups"] != 1 or node.inputs[0].dtype != "float32":
+    if node.op != "conv2d" or not enabled() or w is None or attrs["groups"] != 1 or node.inputs[0].dtype != "float32":
         return None
     shape = ctx.shape(node.inputs[0])
     usable, bias = _optional_bias(node)
     if not all(isinstance(d, int) for d in shape[1:]) or not usable:
         return None
+    out_hw = tuple(int(d) for d in node.outputs[0].shape[2:])
+    return _Conv(
+        node, shape, w, bias, tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"]), out_hw
+    )
+
+
+def _padded_consumers(ctx: LowerContext, conv: _Conv) -> tuple[Node | None, conv2d_ocvec_cpu.OutputLayout] | None:
+    """``(relu or None, layout)`` when this conv's output (through one ReLU, or directly) is read
+    only by ocvec convs that all want the same padded input layout; else None."""
+    value, relu = conv.node.outputs[0], None
+    reader = ctx.only_reader(value)
+    if reader is not None and reader.op == "relu":
+        relu, value = reader, reader.outputs[0]
+    readers = ctx.users.get(value, [])
+    if not readers or value in ctx.graph_outputs:
+        return None
+    layouts = set()
+    for node in readers:
+        consumer = _cpu_conv(ctx, node)
+        if consumer is None or not consumer.ocvec or node.inputs[0] is not value or value in node.inputs[1:]:
+            return None
+        layouts.add(consumer.input_layout)
+    return (relu, layouts.pop()) if len(layouts) == 1 else None
+
+
+def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
+    """The ocvec kernel; it reads a producer's padded output when there is one and, when its own
+    readers allow, writes theirs (ReLU applied) and leaves its plain output unmaterialized."""
+    channels, h, wd = conv.shape[1:]
+    oc, _, kh, kw = conv.w.shape
+    pt, vo = conv2d_ocvec_cpu.choose_tile(oc, conv.out_hw[1])
+    packed = conv2d_ocvec_cpu.pack_filters(conv.w, vo)
+    oc_blocks = packed.shape[0]
+    width = oc_blocks * conv2d_ocvec_cpu.LANES * vo
+    b = np.zeros(width, np.float32)
+    if conv.bias is not None:
+        b[:oc] = conv.bias
+    layout = conv.input_layout
+    if conv.node.inputs[0] in ctx.padded:
+        src, written = ctx.padded[conv.node.inputs[0]]
+        assert written == layout, (written, layout)
+    else:
+        src = _padded_flat(ctx, x, conv.shape, conv.pads, layout.grid_rows, layout.row)
+    fusion = _padded_consumers(ctx, conv) if width == oc else None
+    relu, out = fusion if fusion is not None else (None, None)
+    func = conv2d_ocvec_cpu.conv_ocvec_func(
+        channels,
+        (kh, kw),
+        conv.stride,
+        conv.dilation,
+        layout.row,
+        layout.plane,
+        conv.out_hw,
+        oc_blocks,
+        pt,
+        vo,
+        out,
+        relu is not None,
+    )
+    gv = ctx.bb.add_func(func, "conv2d_ocvec_f32")
+    plane = out.plane if out is not None else conv.out_hw[0] * conv.out_hw[1]
+    y = ctx.emit(
+        relax.op.call_tir(
+            gv,
+            [src, relax.const(packed), relax.const(b)],
+            out_ty=relax.TensorType((conv.shape[0], width, plane), "float32"),
+        )
+    )
+    if out is not None:
+        if relu is not None:
+            ctx.fused[relu] = [ABSORBED]
+        ctx.padded[(relu or conv.node).outputs[0]] = (y, out)
+        return ABSORBED
+    if width != oc:
+        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[oc]))
+    return ctx.emit(op.reshape(y, (conv.shape[0], oc, *conv.out_hw)))
+
+
+def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
+    conv = _cpu_conv(ctx, node)
+    if conv is None:
+        return None
+    if conv.ocvec:
+        return _conv2d_ocvec(ctx, conv, x)
+    shape, w, bias, stride, pads, dilation = conv.shape, conv.w, conv.bias, conv.stride, conv.pads, conv.dilation
     channels, h, wd = shape[1:]
     oc, _, kh, kw = w.shape
-    stride, pads, dilation = tuple(attrs["stride"]), tuple(attrs["padding"]), tuple(attrs["dilation"])
-    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
-    if _prefer_ocvec(oc, (oh, ow), stride, dilation, wd + pads[1] + pads[3]):
-        return _conv2d_ocvec(ctx, x, shape, w, bias, stride, pads, dilation, (oh, ow))
+    oh, ow = conv.out_hw
     direct = stride == (1, 1) and dilation[0] == dilation[1]
     row = wd + pads[1] + pads[3] if direct else ow
     panels, pixels = conv2d_cpu.pixel_tile(oh * row)
