@@ -310,12 +310,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one shape (4096x4096, batch 1) and fewer repetitions")
     parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="MiniLM end to end")
     parser.add_argument("--e2e-only", action="store_true", help="only the MiniLM end-to-end section")
+    parser.add_argument("--cases", help="kernel-table shapes, comma-separated OUTxINxBATCH: 4096x4096x1,4096x4096x8")
     args = parser.parse_args()
     l3 = l3_bytes()
     print(f"CPU: {describe_host_cpu()}; reshift kernel flavor: {kernel_flavor()}")
     print(f"L3: {l3 / 2**20:.0f} MiB; cold = cycling > 4x L3 of distinct weights (capped at {MAX_BYTES / 1e9:.1f} GB)")
     print(f"memory bandwidth (numpy copy, read+write): {copy_bandwidth():.1f} GB/s; threads: 2")
     cases = [(4096, 4096, 1)] if args.quick else [(4096, 4096, 1), (11008, 4096, 1), (4096, 11008, 1), (4096, 4096, 8)]
+    if args.cases:
+        cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
     reps = 3 if args.quick else 7
     impls = [
         ("torch fp32 F.linear", lambda o, k, b: bench_torch(o, k, b, l3, reps)),
