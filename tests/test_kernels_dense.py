@@ -135,6 +135,40 @@ def test_softmax_matches_interpreter(shape):
     _run(graph, (1, 3), {"x": lambda n: (4 * RNG.standard_normal((n, *shape))).astype(np.float32)})
 
 
+@pytest.mark.parametrize(
+    "shape, affine", [((197, 384), "both"), ((5, 23), "both"), ((3, 16), "weight"), ((2, 7), "none"), ((1,), "both")]
+)
+def test_layer_norm_matches_interpreter(shape, affine):
+    """Rows not a multiple of 16 (scalar tails), a one-element row, absent affine parameters; inputs
+    with a large common offset (the two-pass variance keeps it exact where E[x^2]-E[x]^2 would not)."""
+    d = shape[-1]
+    b = GraphBuilder("layer_norm")
+    x = b.input("x", "f32[N," + ",".join(map(str, shape)) + "]")
+    weight = b.constant(RNG.standard_normal(d).astype(np.float32)) if affine != "none" else None
+    bias = b.constant(RNG.standard_normal(d).astype(np.float32)) if affine == "both" else None
+    graph = b.build(b.layer_norm(x, weight, bias, axis=-1, eps=1e-6))
+    assert "layer_norm_f32" in lower(graph).script(show_meta=False)
+    _run(graph, (1, 3), {"x": lambda n: (100 + 3 * RNG.standard_normal((n, *shape))).astype(np.float32)})
+
+
+def test_layer_norm_over_two_axes_or_with_computed_affine_keeps_reference_lowering():
+    b = GraphBuilder("layer_norm2")
+    x = b.input("x", "f32[N,4,6]")
+    g = b.input("g", "f32[6]")
+    two_axes = b.layer_norm(x, None, None, axis=-2, eps=1e-5)
+    computed = b.layer_norm(x, g, None, axis=-1, eps=1e-5)
+    graph = b.build(b.add(two_axes, computed))
+    assert "layer_norm_f32" not in lower(graph).script(show_meta=False)
+    _run(
+        graph,
+        (2,),
+        {
+            "x": lambda n: RNG.standard_normal((n, 4, 6)).astype(np.float32),
+            "g": lambda n: RNG.standard_normal(6).astype(np.float32),
+        },
+    )
+
+
 def test_grouped_conv_and_broadcast_matmul_keep_reference_lowering():
     b = GraphBuilder("grouped")
     x = b.input("x", "f32[N,8,9,9]")

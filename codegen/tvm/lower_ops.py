@@ -215,6 +215,9 @@ def lower_batch_norm(ctx: LowerContext, node: Node, x, scale, bias, mean, var) -
 
 @lowering("layer_norm")
 def lower_layer_norm(ctx: LowerContext, node: Node, x, weight, bias) -> relax.Expr:
+    fast = cpu_kernels.layer_norm(ctx, node, x)
+    if fast is not None:
+        return fast
     value = node.inputs[0]
     start = node.attrs["axis"] % value.type.rank
     axes = list(range(start, value.type.rank))

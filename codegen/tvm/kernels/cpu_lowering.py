@@ -1,11 +1,12 @@
-"""Routing of fp32 ``linear`` / ``matmul`` / ``conv2d`` / ``softmax`` / ``gelu`` to the CPU kernels.
+"""Routing of fp32 ``linear`` / ``matmul`` / ``conv2d`` / ``softmax`` / ``gelu`` / ``layer_norm`` to the CPU kernels.
 
 ``dense_cpu.py`` (packed-weight GEMM), ``conv2d_ocvec_cpu.py`` (direct conv vectorized over output
 channels) or ``conv2d_cpu.py`` (implicit GEMM over the padded image, vectorized over pixels; the
-conv kernel doing less work is chosen per conv), ``softmax_cpu.py`` and the polynomial GELU
-replace the generic schedule of ``schedule_cpu.py`` for these ops on LLVM targets. Each function
-returns ``None`` when its kernel does not apply (a non-constant weight, groups, another dtype, a GPU
-target, or ``RESHIFT_GENERIC_KERNELS=1`` for comparisons), and the reference lowering runs instead.
+conv kernel doing less work is chosen per conv), ``softmax_cpu.py``, ``layer_norm_cpu.py`` and the
+polynomial GELU replace the generic schedule of ``schedule_cpu.py`` for these ops on LLVM targets.
+Each function returns ``None`` when its kernel does not apply (a non-constant weight, groups, another
+dtype, a GPU target, or ``RESHIFT_GENERIC_KERNELS=1`` for comparisons), and the reference lowering
+runs instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from reshift.codegen.tvm.kernels import batch_matmul_cpu, conv2d_cpu, conv2d_ocvec_cpu, dense_cpu, softmax_cpu
+from reshift.codegen.tvm.kernels import (
+    batch_matmul_cpu,
+    conv2d_cpu,
+    conv2d_ocvec_cpu,
+    dense_cpu,
+    layer_norm_cpu,
+    softmax_cpu,
+)
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
 from reshift.ir.graph import Node
@@ -46,6 +54,15 @@ def _optional_bias(node: Node, index: int = 2) -> tuple[bool, np.ndarray | None]
     return bias is not None, bias
 
 
+def _rows(ctx: LowerContext, value) -> tuple[list, object, int]:
+    """``(shape, rows, n)``: the value's shape, the product of its leading dims (maybe symbolic), the last dim."""
+    shape = ctx.shape(value)
+    rows = 1
+    for d in shape[:-1]:
+        rows = rows * d
+    return shape, rows, shape[-1]
+
+
 def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
     """``x [..., K] @ w.T + bias`` with ``w [N, K]`` through the packed GEMM."""
     out, k = w.shape
@@ -54,10 +71,8 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
     b = np.zeros(blocks * dense_cpu.LANES, np.float32)
     if bias is not None:
         b[:out] = bias
-    lead = ctx.shape(node.inputs[0])[:-1]
-    rows = 1
-    for d in lead:
-        rows = rows * d
+    shape, rows, _ = _rows(ctx, node.inputs[0])
+    lead = shape[:-1]
     x2 = ctx.emit(op.reshape(x, (rows, k)))
     gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks), "dense_packed_f32")
     y = ctx.emit(
@@ -122,6 +137,28 @@ def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) ->
     return ctx.emit(op.reshape(y, [*lead, m, n]))
 
 
+def layer_norm(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """fp32 LayerNorm over the last axis (static length) with constant (or absent) affine parameters."""
+    value = node.inputs[0]
+    if not enabled() or value.dtype != "float32" or value.type.rank < 1 or not isinstance(value.shape[-1], int):
+        return None
+    if node.attrs["axis"] % value.type.rank != value.type.rank - 1:
+        return None
+    d = value.shape[-1]
+    params = []
+    for index, default in ((1, 1.0), (2, 0.0)):
+        present = len(node.inputs) > index and node.inputs[index] is not None
+        data = _constant_f32(node, index) if present else np.full(d, default, np.float32)
+        if data is None:
+            return None
+        params.append(relax.const(np.ascontiguousarray(data.reshape(d))))
+    shape, rows, _ = _rows(ctx, value)
+    x2 = ctx.emit(op.reshape(x, (rows, d)))
+    gv = ctx.bb.add_func(layer_norm_cpu.layer_norm_func(d, float(node.attrs["eps"])), "layer_norm_f32")
+    y = ctx.emit(relax.op.call_tir(gv, [x2, *params], out_ty=relax.TensorType((rows, d), "float32")))
+    return ctx.emit(op.reshape(y, shape))
+
+
 def softmax(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     """fp32 softmax over the last axis (static length) through the three-pass row kernel."""
     value = node.inputs[0]
@@ -129,11 +166,7 @@ def softmax(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
         return None
     if node.attrs["axis"] not in (-1, value.type.rank - 1) or not isinstance(value.shape[-1], int):
         return None
-    shape = ctx.shape(value)
-    n = shape[-1]
-    rows = 1
-    for d in shape[:-1]:
-        rows = rows * d
+    shape, rows, n = _rows(ctx, value)
     x2 = ctx.emit(op.reshape(x, (rows, n)))
     gv = ctx.bb.add_func(softmax_cpu.softmax_func(n), "softmax_f32")
     y = ctx.emit(relax.op.call_tir(gv, [x2, x2], out_ty=relax.TensorType((rows, n), "float32")))
