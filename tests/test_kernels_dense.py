@@ -69,7 +69,7 @@ def test_conv2d_matches_interpreter(conv, path, monkeypatch):
     _run(graph, (1, 3), {"x": lambda n: RNG.standard_normal((n, c, h, w)).astype(np.float32)})
 
 
-@pytest.mark.parametrize("shape", [(1, 7, 5), (37, 70, 23), (197, 64, 384), (5, 33, 1000)])
+@pytest.mark.parametrize("shape", [(1, 7, 5), (37, 70, 23), (197, 64, 384), (5, 33, 1000), (450, 300, 40)])
 def test_linear_matches_interpreter(shape):
     rows, k, out = shape
     b = GraphBuilder("linear")

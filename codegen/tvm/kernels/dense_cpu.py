@@ -5,8 +5,11 @@ so the 16 outputs of one panel are one 64-byte vector per ``k``. The micro-kerne
 ``R`` rows x ``V`` panels (``R*V`` accumulators of 16 lanes) in registers:
 ``acc[r, v] += broadcast(x[m0 + r, k]) * Wp[j0 + v, k, :]`` (LLVM emits ``vfmadd231ps`` with an
 embedded broadcast), the bias seeds the accumulators, and the output panels run in parallel.
-This is the BLIS/GotoBLAS register-blocking scheme without the K/M cache blocking; rows that do
-not fill a tile run as a one-row tail (which is also the batch-1 GEMV).
+This is the BLIS/GotoBLAS loop nest (Goto & van de Geijn 2008, Fig. 8): each thread owns ``V``
+panels; rows go in blocks of ``ROW_BLOCK``, K in blocks of ``kc`` whose weight panels fit half of L1,
+so one block of weights is reused from L1 by every row tile, and the row block's partial sums in
+``y`` (re-read per K block) stay in L2. Rows that do not fill a tile run as a one-row tail (which is
+also the batch-1 GEMV).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from tvm.script import tirx as T
 
 LANES = 16
 ACCUMULATORS = 15  # R*V*64 B must stay under 1 KiB: larger local buffers go to the heap, not registers
+L1_WEIGHT_BYTES = 24 * 1024  # weight panels of one K block: half of a 48 KiB L1 (x rows and y share the rest)
+ROW_BLOCK = 192  # rows whose partial sums (192 x 64 floats) stay in L2 across the K blocks
 
 
 def pack_panels(w: np.ndarray) -> np.ndarray:
@@ -34,10 +39,20 @@ def tile_shape(blocks: int) -> tuple[int, int]:
     return max(1, ACCUMULATORS // panels), panels
 
 
+def k_block(k: int, panels: int) -> int:
+    """Depth of one K block: its ``panels x kc`` weight vectors fill about half of a 48 KiB L1."""
+    kc = L1_WEIGHT_BYTES // (panels * LANES * 4)
+    blocks = -(-k // kc)
+    return -(-k // blocks)  # equal blocks
+
+
 def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
     """``y[m, 16*j + l] = b[16*j + l] + sum_k x[m, k] * w[j, k, l]`` for ``x [rows, k]`` (rows symbolic)."""
     width = blocks * LANES
     rows_tile, panels = tile_shape(blocks)
+    kc = k_block(k, panels)
+    k_blocks = -(-k // kc)
+    tiles_per_mb = max(1, ROW_BLOCK // rows_tile)
     lanes = T.Ramp(0, 1, LANES)
 
     @T.prim_func(private=True)
@@ -51,23 +66,30 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
         xf = T.decl_buffer((rows * k,), "float32", data=x.data)
         wf = T.decl_buffer((blocks * k * LANES,), "float32", data=w.data)
         for t in T.parallel(blocks // panels):
-            for mo in range(rows // rows_tile):
-                acc = T.alloc_buffer((rows_tile, panels, LANES), "float32", scope="global")
-                wv = T.alloc_buffer((panels, LANES), "float32", scope="global")
-                for r in T.unroll(rows_tile):
-                    for v in T.unroll(panels):
-                        acc[r, v, lanes] = b[T.Ramp((t * panels + v) * LANES, 1, LANES)]
-                for kk in range(k):
-                    for v in T.unroll(panels):
-                        wv[v, lanes] = wf[T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)]
-                    for r in T.unroll(rows_tile):
-                        for v in T.unroll(panels):
-                            acc[r, v, lanes] = (
-                                acc[r, v, lanes] + T.Broadcast(xf[(mo * rows_tile + r) * k + kk], LANES) * wv[v, lanes]
-                            )
-                for r in T.unroll(rows_tile):
-                    for v in T.unroll(panels):
-                        y[mo * rows_tile + r, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc[r, v, lanes]
+            for mb in range(-(-(rows // rows_tile) // tiles_per_mb)):  # row blocks: their y tiles stay in L2
+                for kb in range(k_blocks):  # the K block's weight panels stay in L1 across all row tiles
+                    for mo in range(mb * tiles_per_mb, T.min(rows // rows_tile, mb * tiles_per_mb + tiles_per_mb)):
+                        acc = T.alloc_buffer((rows_tile, panels, LANES), "float32", scope="global")
+                        wv = T.alloc_buffer((panels, LANES), "float32", scope="global")
+                        for r in T.unroll(rows_tile):
+                            for v in T.unroll(panels):
+                                acc[r, v, lanes] = T.if_then_else(
+                                    kb == 0,
+                                    b[T.Ramp((t * panels + v) * LANES, 1, LANES)],
+                                    y[mo * rows_tile + r, T.Ramp((t * panels + v) * LANES, 1, LANES)],
+                                )
+                        for kk in range(kb * kc, T.min(k, kb * kc + kc)):
+                            for v in T.unroll(panels):
+                                wv[v, lanes] = wf[T.Ramp(((t * panels + v) * k + kk) * LANES, 1, LANES)]
+                            for r in T.unroll(rows_tile):
+                                for v in T.unroll(panels):
+                                    acc[r, v, lanes] = (
+                                        acc[r, v, lanes]
+                                        + T.Broadcast(xf[(mo * rows_tile + r) * k + kk], LANES) * wv[v, lanes]
+                                    )
+                        for r in T.unroll(rows_tile):
+                            for v in T.unroll(panels):
+                                y[mo * rows_tile + r, T.Ramp((t * panels + v) * LANES, 1, LANES)] = acc[r, v, lanes]
             for m in range(rows - rows % rows_tile, rows):  # tail rows (the whole GEMV at batch 1)
                 acc1 = T.alloc_buffer((panels, LANES), "float32", scope="global")
                 for v in T.unroll(panels):
