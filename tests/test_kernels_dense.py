@@ -248,3 +248,41 @@ def test_conv_writes_the_next_convs_padded_input(readers, pad_copies, monkeypatc
         expected = outputs[value.name]
         error = np.abs(got.numpy().astype(np.float64) - expected).max() / np.abs(expected).max()
         assert error <= 1e-5, f"{readers} output {value.name}: relative error {error:.3g}"
+
+
+def _attention_scores(case: str) -> Graph:
+    """``softmax(q @ k^T * c)`` over 21 keys (padded to 32 in the matmul kernel), and variants."""
+    b = GraphBuilder("scores")
+    q = b.input("q", "f32[N,3,21,8]")
+    k = b.input("k", "f32[N,3,8,21]")
+    scores = b.matmul(q, k)
+    scale = {"scaled": 0.35, "negative": -0.35, "vector": None}.get(case, 0.35)
+    if case == "unscaled":
+        return b.build(b.softmax(scores, axis=-1))
+    c = b.constant(np.full(21, 0.35, np.float32)) if case == "vector" else b.constant(np.array(scale, np.float32))
+    scaled = b.mul(scores, c)
+    probs = b.softmax(scaled, axis=-1)
+    return b.build(probs, scaled) if case == "also-read" else b.build(probs)
+
+
+@pytest.mark.parametrize(
+    "case, fused", [("scaled", True), ("unscaled", True), ("negative", False), ("vector", False), ("also-read", False)]
+)
+def test_attention_softmax_reads_the_padded_scores(case, fused):
+    """The softmax kernel crops the matmul's padded rows and applies a positive scalar scale itself (no
+    crop copy, no multiply pass); a negative or per-column scale, or scores read elsewhere, keep both."""
+    graph = _attention_scores(case)
+    script = lower(graph).script(show_meta=False)
+    assert ("R.strided_slice" not in script) == fused
+    assert ("R.multiply" not in script) == (fused or case == "unscaled")
+    feed = {
+        "q": RNG.standard_normal((2, 3, 21, 8)).astype(np.float32),
+        "k": RNG.standard_normal((2, 3, 8, 21)).astype(np.float32),
+    }
+    expected = interpret(graph, feed)
+    vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
+    actual = vm["main"](*[tvm.runtime.tensor(v) for v in feed.values()])
+    actual = [actual] if len(graph.outputs) == 1 else list(actual)
+    for value, got in zip(graph.outputs, actual, strict=True):
+        error = np.abs(got.numpy() - expected[value.name]).max() / np.abs(expected[value.name]).max()
+        assert error <= 1e-5, f"{case} {value.name}: {error:.3g}"

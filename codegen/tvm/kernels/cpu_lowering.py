@@ -28,7 +28,7 @@ from reshift.codegen.tvm.kernels import (
 )
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
-from reshift.ir.graph import Node
+from reshift.ir.graph import Node, Value
 
 
 def enabled() -> bool:
@@ -110,6 +110,45 @@ def _pad_last(b: te.Tensor, width: int) -> te.Tensor:
     )
 
 
+@dataclass(frozen=True)
+class SoftmaxRows:
+    """A softmax input held as ``[rows, stride]`` (rows padded to whole vectors), still to be scaled."""
+
+    stride: int
+    scale: float
+
+
+def _scaled_softmax_reader(ctx: LowerContext, node: Node) -> tuple[Value, float, Node | None] | None:
+    """``(softmax input, scale, mul or None)`` when ``node``'s output is read only by a last-axis
+    softmax, directly or through one multiply by a positive scalar constant (attention's
+    ``softmax(q k^T * d^-1/2)``); else None."""
+    value, scale, mul = node.outputs[0], 1.0, None
+    reader = ctx.only_reader(value)
+    if reader is not None and reader.op == "mul":
+        other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
+        if not (other.is_constant and other.data.size == 1 and other.dtype == "float32"):
+            return None
+        scale, mul, value = float(other.data.reshape(())), reader, reader.outputs[0]
+        if reader.outputs[0].shape != node.outputs[0].shape or not scale > 0:
+            return None
+        reader = ctx.only_reader(value)
+    if reader is None or reader.op != "softmax" or not softmax_input_ok(reader):
+        return None
+    return value, scale, mul
+
+
+def softmax_input_ok(node: Node) -> bool:
+    """Whether the softmax kernel runs ``node``: fp32, last axis, static row length."""
+    value = node.inputs[0]
+    return (
+        enabled()
+        and value.dtype == "float32"
+        and value.type.rank >= 1
+        and node.attrs["axis"] in (-1, value.type.rank - 1)
+        and isinstance(value.shape[-1], int)
+    )
+
+
 def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr | None:
     """``matmul`` of two fp32 activations of rank >= 3 with equal batch dims and static ``M, K, N``."""
     va, vb = node.inputs[0], node.inputs[1]
@@ -132,6 +171,13 @@ def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) ->
         b3 = ctx.te(_pad_last, b3, width, name="bmm_pad")
     gv = ctx.bb.add_func(batch_matmul_cpu.batch_matmul_func(m, k, width), "batch_matmul_f32")
     y = ctx.emit(relax.op.call_tir(gv, [a3, b3], out_ty=relax.TensorType((batch, m, width), "float32")))
+    softmax_input = _scaled_softmax_reader(ctx, node)
+    if softmax_input is not None:  # the softmax kernel crops the padded rows and applies the scale
+        value, scale, mul = softmax_input
+        if mul is not None:
+            ctx.fused[mul] = [ABSORBED]
+        ctx.padded[value] = (ctx.emit(op.reshape(y, (batch * m, width))), SoftmaxRows(width, scale))
+        return ABSORBED
     if width != n:
         y = ctx.emit(op.strided_slice(y, axes=[2], begin=[0], end=[n]))
     return ctx.emit(op.reshape(y, [*lead, m, n]))
@@ -162,13 +208,15 @@ def layer_norm(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | Non
 def softmax(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
     """fp32 softmax over the last axis (static length) through the three-pass row kernel."""
     value = node.inputs[0]
-    if not enabled() or value.dtype != "float32" or value.type.rank < 1:
-        return None
-    if node.attrs["axis"] not in (-1, value.type.rank - 1) or not isinstance(value.shape[-1], int):
+    if not softmax_input_ok(node):
         return None
     shape, rows, n = _rows(ctx, value)
-    x2 = ctx.emit(op.reshape(x, (rows, n)))
-    gv = ctx.bb.add_func(softmax_cpu.softmax_func(n), "softmax_f32")
+    if value in ctx.padded:  # a matmul's padded output, scale not yet applied
+        x2, layout = ctx.padded[value]
+        func = softmax_cpu.softmax_func(n, layout.stride, layout.scale)
+    else:
+        x2, func = ctx.emit(op.reshape(x, (rows, n))), softmax_cpu.softmax_func(n)
+    gv = ctx.bb.add_func(func, "softmax_f32")
     y = ctx.emit(relax.op.call_tir(gv, [x2, x2], out_ty=relax.TensorType((rows, n), "float32")))
     return ctx.emit(op.reshape(y, shape))
 
