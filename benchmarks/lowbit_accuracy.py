@@ -86,7 +86,12 @@ def public_docstrings(module_name: str, methods: bool = True) -> list[str | None
         if inspect.isfunction(obj) or inspect.isclass(obj):
             docs.append(obj.__doc__)
             if methods and inspect.isclass(obj):
-                docs += [m.__doc__ for n, m in sorted(vars(obj).items()) if inspect.isfunction(m) and n[0] != "_"]
+                # methods defined here: a library may patch its own into a stdlib class (transformers into Logger)
+                docs += [
+                    m.__doc__
+                    for n, m in sorted(vars(obj).items())
+                    if inspect.isfunction(m) and n[0] != "_" and m.__module__ == module.__name__
+                ]
     return docs
 
 

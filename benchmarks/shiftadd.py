@@ -9,7 +9,12 @@ onnxruntime MatMulNBits 4-bit (block 32, accuracy_level 4), and GB/s of weight b
 
 ``--e2e`` (default on) adds the pretrained MiniLM-L6 encoder end to end at batch 1: artifact size on disk
 (``reshift.compile(...).save(dir)``) and median latency of reshift fp32, reshift BCQ q=3 (weight-only fit,
-every linear) and onnxruntime fp32 (all graph optimizations), two threads each.
+every linear) and onnxruntime fp32 (all graph optimizations), two threads each; then the same for the byte-level
+GPT-2 decoder that ``train_tiny_gpt.py`` trains (cached), one 64-byte full-sequence forward (no KV-cache decode),
+BCQ calibrated on training text, plus each artifact's held-out perplexity. Every row also gives the max |output -
+reference interpreter| of its own graph.
+
+    .venv/bin/python benchmarks/shiftadd.py --e2e-only [--e2e-models minilm,gpt]
 
 reshift kernels are the ones the lowerings emit (codegen/tvm/kernels/), built here with the packed
 weights as function parameters instead of constants so that one build serves all weight copies.
@@ -23,6 +28,7 @@ os.environ["TVM_NUM_THREADS"] = "2"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import argparse  # noqa: E402
+import inspect  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -244,72 +250,154 @@ def bench_ort_nbits(out: int, k: int, batch: int, l3: int, reps: int) -> tuple[f
     return _time_ort(_ort_session(nodes, inits, copies, k, out), copies, batch, k, reps), nbytes
 
 
-# -- end to end: MiniLM ----------------------------------------------------------------------------
+# -- end to end: MiniLM and the tiny GPT-2 decoder ---------------------------------------------------
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def bench_minilm_e2e(reps: int, seq_len: int = 32, q: int = 3) -> None:
-    """Artifact bytes and batch-1 latency of MiniLM: reshift fp32 vs reshift BCQ vs onnxruntime fp32."""
+def _first_output(graph, feed: tuple[np.ndarray, ...]) -> np.ndarray:
+    from reshift.ir.interpret import interpret
+
+    outputs = interpret(graph, dict(zip([v.name for v in graph.inputs], feed, strict=True)))
+    return outputs[graph.outputs[0].name]
+
+
+def _ort_file_session(onnx_path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_e2e(model, example_inputs: tuple, variants, reps: int, score=None) -> tuple[dict, dict]:
+    """Compile ``model`` once per ``(label, pipeline, options)`` variant and export its fp32 source graph
+    to onnxruntime (all graph optimizations); all at two threads on ``example_inputs``.
+
+    Per implementation: artifact bytes on disk, weight bytes in the IR, median ms (the implementations take
+    turns, ``reps`` rounds of 10 calls, so load from other processes hits them alike), compile s, max |output -
+    reference interpreter on the same graph| and ``score(run)`` (``run``: numpy inputs -> first output) if
+    given. Returns those rows and each implementation's output on ``example_inputs``.
+    """
     import tempfile
 
     import reshift
-    from examples.models import MODELS
     from reshift.codegen.onnx import to_onnx
 
-    spec = MODELS["minilm"]
-    model = spec.build()
-    ids, mask = spec.example_inputs(1, seq_len)
-    feed = (ids.numpy(), mask.numpy())
-    results = {}
+    feed = tuple(x.numpy() for x in example_inputs)
+    runs, references, sizes = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        compiled = {}
-        for label, pipeline, options in (
-            ("reshift fp32 (exact)", "exact", {}),
-            (f"reshift BCQ q={q} g{GROUP}", "bcq", {"bcq_q": q, "group_size": GROUP, "skip": []}),
-        ):
+        for i, (label, pipeline, options) in enumerate(variants):
             start = time.perf_counter()
-            cm = reshift.compile(model, (ids, mask), pipeline=pipeline, **options)
+            cm = reshift.compile(model, example_inputs, pipeline=pipeline, **options)
             build_s = time.perf_counter() - start
-            out = cm.save(Path(tmp) / pipeline)
-            ms = cm.benchmark(*feed, repeat=reps * 10, warmup=5)["median_ms"]
-            compiled[label] = cm
-            results[label] = (_dir_bytes(out), cm.graph.parameter_bytes(), ms, build_s)
-        reference = compiled["reshift fp32 (exact)"](*feed)
-        quantized = compiled[f"reshift BCQ q={q} g{GROUP}"](*feed)
-        cos = float(np.sum(reference * quantized) / (np.linalg.norm(reference) * np.linalg.norm(quantized)))
-        onnx_path = Path(tmp) / "minilm.onnx"
-        to_onnx(compiled["reshift fp32 (exact)"].source_graph, onnx_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            runs[label], references[label] = cm, _first_output(cm.graph, feed)
+            sizes[label] = (_dir_bytes(cm.save(Path(tmp) / f"variant{i}")), cm.graph.parameter_bytes(), build_s)
+        onnx_path = Path(tmp) / "model.onnx"
+        to_onnx(cm.source_graph, onnx_path)
+        session = _ort_file_session(onnx_path)
         names = [i.name for i in session.get_inputs()]
-        ort_feed = dict(zip(names, feed, strict=True))
-        for _ in range(5):
-            session.run(None, ort_feed)
-        samples = []
-        for _ in range(reps * 10):
-            start = time.perf_counter()
-            session.run(None, ort_feed)
-            samples.append((time.perf_counter() - start) * 1e3)
-        results["onnxruntime fp32"] = (onnx_path.stat().st_size, None, float(np.median(samples)), None)
-    print(f"\n## MiniLM-L6 end to end, batch 1, seq {seq_len}, 2 threads (cosine BCQ vs fp32 output: {cos:.4f})")
-    print("| implementation | artifact bytes on disk | weight bytes in IR | median ms | vs onnxruntime | compile s |")
-    print("|---|---|---|---|---|---|")
-    ort_ms = results["onnxruntime fp32"][2]
-    for label, (disk, params, ms, build_s) in results.items():
+        runs["onnxruntime fp32"] = lambda *arrays: session.run(None, dict(zip(names, arrays, strict=True)))[0]
+        references["onnxruntime fp32"] = _first_output(cm.source_graph, feed)
+        sizes["onnxruntime fp32"] = (onnx_path.stat().st_size, None, None)
+        samples = {label: [] for label in runs}
+        for run in runs.values():
+            for _ in range(5):
+                run(*feed)
+        for _ in range(reps):
+            for label, run in runs.items():
+                for _ in range(10):
+                    start = time.perf_counter()
+                    run(*feed)
+                    samples[label].append((time.perf_counter() - start) * 1e3)
+        outputs = {label: run(*feed) for label, run in runs.items()}
+        rows = {
+            label: (
+                *sizes[label][:2],
+                float(np.median(samples[label])),
+                sizes[label][2],
+                float(np.abs(outputs[label] - references[label]).max()),
+                score and score(run),
+            )
+            for label, run in runs.items()
+        }
+    return rows, outputs
+
+
+def print_e2e(rows: dict, score_name: str | None = None) -> None:
+    """The end-to-end table, speed relative to onnxruntime fp32."""
+    score_head = f" {score_name} |" if score_name else ""
+    print(
+        "| implementation | artifact bytes on disk | weight bytes in IR | median ms | vs onnxruntime | compile s "
+        f"| max abs diff vs interpreter |{score_head}"
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|" if score_name else ""))
+    ort_ms = rows["onnxruntime fp32"][2]
+    for label, (disk, params, ms, build_s, diff, score) in rows.items():
         params_text = f"{params:,}" if params is not None else "-"
         build_text = f"{build_s:.0f}" if build_s is not None else "-"
-        print(f"| {label} | {disk:,} | {params_text} | {ms:.2f} | {ort_ms / ms:.2f}x | {build_text} |")
+        score_text = f" {score:.3f} |" if score_name else ""
+        print(
+            f"| {label} | {disk:,} | {params_text} | {ms:.2f} | {ort_ms / ms:.2f}x | {build_text} | {diff:.1e} |"
+            f"{score_text}"
+        )
+
+
+def bench_minilm_e2e(reps: int, seq_len: int = 32, q: int = 3) -> None:
+    """Artifact bytes and batch-1 latency of MiniLM: reshift fp32 vs reshift BCQ vs onnxruntime fp32."""
+    from examples.models import MODELS
+
+    spec = MODELS["minilm"]
+    example = spec.example_inputs(1, seq_len)
+    bcq = f"reshift BCQ q={q} g{GROUP}"
+    variants = [("reshift fp32 (exact)", "exact", {}), (bcq, "bcq", {"bcq_q": q, "group_size": GROUP, "skip": []})]
+    rows, outputs = run_e2e(spec.build(), example, variants, reps)
+    reference, quantized = outputs["reshift fp32 (exact)"], outputs[bcq]
+    cos = float(np.sum(reference * quantized) / (np.linalg.norm(reference) * np.linalg.norm(quantized)))
+    print(f"\n## MiniLM-L6 end to end, batch 1, seq {seq_len}, 2 threads (cosine BCQ vs fp32 output: {cos:.4f})")
+    print_e2e(rows)
+
+
+def bench_gpt_e2e(reps: int, seq_len: int = 64, q: int = 3, eval_windows: int = 64) -> None:
+    """The trained tiny GPT-2 of train_tiny_gpt.py (cached; trained first if absent) at batch 1: one
+    full-sequence forward of ``seq_len`` bytes (no incremental KV-cache decode). reshift fp32 vs reshift
+    BCQ (calibrated, every linear but the tied LM head) vs onnxruntime fp32; each artifact also scores
+    held-out perplexity over ``eval_windows`` windows of ``seq_len`` bytes."""
+    from train_tiny_gpt import calibration_batches, tiny_gpt, windows
+
+    model, _, (train_ids, held_ids) = tiny_gpt()
+    held = windows(held_ids, eval_windows, seq_len)
+    example = (torch.from_numpy(held[:1]),)
+    name = list(inspect.signature(model.forward).parameters)[0]
+    calibration = calibration_batches(name, train_ids, seq_len)
+
+    def perplexity(run) -> float:
+        nll = 0.0
+        for window in held:
+            logits = np.asarray(run(window[None]), np.float64)[0, :-1]
+            logits -= logits.max(-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            nll -= logp[np.arange(seq_len - 1), window[1:]].sum()
+        return float(np.exp(nll / (len(held) * (seq_len - 1))))
+
+    options = {"bcq_q": q, "group_size": GROUP, "skip": [], "calibration": calibration}
+    variants = [("reshift fp32 (exact)", "exact", {}), (f"reshift BCQ q={q} g{GROUP} calibrated", "bcq", options)]
+    rows, _ = run_e2e(model, example, variants, reps, score=perplexity if seq_len > 1 else None)
+    print(f"\n## tiny GPT-2 decoder end to end, batch 1, {seq_len}-byte context (full-sequence forward), 2 threads")
+    print_e2e(rows, f"held-out ppl ({eval_windows} x {seq_len} bytes)" if seq_len > 1 else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape (4096x4096, batch 1) and fewer repetitions")
-    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="MiniLM end to end")
-    parser.add_argument("--e2e-only", action="store_true", help="only the MiniLM end-to-end section")
+    parser.add_argument(
+        "--e2e", action=argparse.BooleanOptionalAction, default=True, help="MiniLM, tiny GPT end to end"
+    )
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end section")
+    parser.add_argument(
+        "--e2e-models", default="minilm,gpt", help="comma-separated: minilm, gpt (train_tiny_gpt.py's decoder)"
+    )
+    parser.add_argument("--gpt-context", type=int, default=64, help="bytes in the decoder's full-sequence forward")
     parser.add_argument("--cases", help="kernel-table shapes, comma-separated OUTxINxBATCH: 4096x4096x1,4096x4096x8")
     args = parser.parse_args()
     l3 = l3_bytes()
@@ -332,7 +420,11 @@ def main() -> None:
         ("reshift shift (int8 x, 8b codes)", lambda o, k, b: bench_reshift("shift", 0, o, k, b, l3, reps)),
     ]
     if args.e2e or args.e2e_only:
-        bench_minilm_e2e(reps)
+        models = args.e2e_models.split(",")
+        if "minilm" in models:
+            bench_minilm_e2e(reps)
+        if "gpt" in models:
+            bench_gpt_e2e(reps, args.gpt_context)
     if args.e2e_only:
         return
     for out, k, batch in cases:
