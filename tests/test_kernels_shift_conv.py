@@ -87,7 +87,7 @@ def test_kernel_matches_reference(case):
 def test_lowering_is_multiplication_free():
     """The filter is never decoded to a float conv: im2col, then the shift-add GEMV."""
     script = lower(shift_conv_graph(*CASES["c6_o4_5x5_g2_s2_d2_asym"])).script(show_meta=False)
-    assert "shift_conv2d_im2col" in script and "shift_linear_gemv" in script
+    assert "shift_conv2d_patch_codes" in script and "shift_linear_gemv" in script
     assert "R.nn.conv2d" not in script and "R.matmul" not in script
 
 

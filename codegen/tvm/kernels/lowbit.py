@@ -125,6 +125,14 @@ def lower_ternary_linear(ctx: LowerContext, node: Node, x, trits, scale, bias) -
     return _lut_linear(ctx, node, x, bias, words, alpha_blocked, g, k)
 
 
+def quantize_rows_int8(ctx: LowerContext, x2: relax.Expr, rows, k: int) -> tuple[relax.Expr, relax.Expr]:
+    """``(q int32 [rows, K], s float32 [rows, 1])``: each row's int8 codes and scale ``max|x| / 127``
+    (the registry's ``quantize_rows_int8``; ``s`` is +inf for a row holding NaN or inf)."""
+    amax = _row_absmax(ctx, x2, rows, k)
+    s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
+    return ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8"), s
+
+
 def shift_matmul(
     ctx: LowerContext, x2: relax.Expr, rows, sign: np.ndarray, exponent: np.ndarray, scale: relax.Expr, bits: int
 ) -> relax.Expr:
@@ -133,13 +141,26 @@ def shift_matmul(
     Per-row int8 activations, int32 shift-add accumulation, one float rescale per output; rows
     holding NaN or inf give NaN outputs. Shared by ``shift_linear`` and ``shift_conv2d`` (im2col).
     """
+    q, s = quantize_rows_int8(ctx, x2, rows, sign.shape[1])
+    return shift_matmul_int8(ctx, q, s, rows, sign, exponent, scale, bits)
+
+
+def shift_matmul_int8(
+    ctx: LowerContext,
+    q: relax.Expr,
+    s: relax.Expr,
+    rows,
+    sign: np.ndarray,
+    exponent: np.ndarray,
+    scale: relax.Expr,
+    bits: int,
+) -> relax.Expr:
+    """:func:`shift_matmul` from already quantized rows ``q`` with their scales ``s`` (see
+    :func:`quantize_rows_int8`)."""
     e_max = 2**bits - 1
     out_features = sign.shape[0]
     code = pack_shift(sign, exponent, bits)
     blocks, k = code.shape[0], code.shape[1]
-    amax = _row_absmax(ctx, x2, rows, k)
-    s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
-    q = ctx.te(lower_lowbit._quantize_rows, x2, s, name="quantize_rows_int8")
     if kernel_flavor() == "gpu":  # split-K int32 partial sums, then their (exact) sum
         gv = ctx.bb.add_func(shift_gemv_cuda_func(blocks, k), "shift_linear_gemv_cuda")
         part_ty = relax.TensorType((shift_split_for(k), rows, blocks * ROWS), "int32")
