@@ -112,6 +112,7 @@ def graph_binary():
     outs = [b.op(name, a, c) for name in ("add", "sub", "mul", "div", "maximum", "minimum")]
     outs += [b.op(name, a, w) for name in ("add", "mul")]
     outs += [b.pow(pos, c), b.pow(pos, b.constant(np.array(2.0, np.float32)))]
+    outs += [b.pow(a, b.constant(np.array(3.0, np.float32))), b.pow(a, b.constant(np.array([[[3.0]]], np.float32)))]
     outs += [b.op(name, a, c) for name in ("equal", "less", "less_equal", "greater", "greater_equal")]
     ga, gc = b.greater(a, c), b.less(pos, c)
     outs += [b.logical_and(ga, gc), b.logical_or(ga, gc), b.where(ga, a, pos), b.where(gc, c, a)]

@@ -12,7 +12,7 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import te  # noqa: E402
 
-from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32  # noqa: E402
+from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32  # noqa: E402
 
 EDGES = [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan, 4.0, -4.0, 88.3, -87.0, -100.0, 100.0]
 
@@ -60,3 +60,19 @@ def test_erf_edges():
     y = _run(erf_f32, x)
     assert y[0] == 0 and y[4] == 1 and y[5] == -1 and np.isnan(y[6])
     assert y[7] == pytest.approx(math.erf(4.0), abs=1e-7) and y[8] == pytest.approx(-math.erf(4.0), abs=1e-7)
+
+
+@pytest.mark.parametrize("lanes", [1, 16])
+def test_tanh_within_a_few_ulp(lanes):
+    """Relative error near 0 too (the polynomial branch), and both branches around |x| = 0.625."""
+    x = np.concatenate([np.linspace(-12.0, 12.0, 4096 * 4), np.geomspace(1e-8, 0.7, 512)]).astype(np.float32)
+    y = _run(tanh_f32, x, lanes)
+    expected = np.tanh(x.astype(np.float64))
+    assert np.max(np.abs(y - expected) / np.maximum(np.abs(expected), 1e-30)) < 5e-7
+
+
+def test_tanh_edges():
+    x = np.array(EDGES, np.float32)
+    y = _run(tanh_f32, x)
+    assert y[0] == 0 and y[2] == np.float32(1e-30) and y[4] == 1 and y[5] == -1 and np.isnan(y[6])
+    assert y[12] == 1 and y[11] == -1

@@ -35,7 +35,8 @@ _UNARY = {
 
 @lowering(*_UNARY)
 def lower_unary(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
-    return ctx.emit(_UNARY[node.op](x))
+    fast = cpu_kernels.tanh(ctx, node, x) if node.op == "tanh" else None
+    return fast if fast is not None else ctx.emit(_UNARY[node.op](x))
 
 
 @lowering("identity")
@@ -114,6 +115,12 @@ def lower_div(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> re
 @lowering("pow")
 def lower_pow(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> relax.Expr:
     dtype = node.inputs[0].dtype
+    exponent = node.inputs[1]
+    same_shape = node.outputs[0].shape == node.inputs[0].shape
+    if dtype not in INT_DTYPES and exponent.is_constant and exponent.data.size == 1 and same_shape:
+        if float(exponent.data.reshape(())) in (2.0, 3.0):  # x*x(*x): libm's pow is one call per element
+            square = ctx.emit(op.multiply(a, a))
+            return square if float(exponent.data.reshape(())) == 2.0 else ctx.emit(op.multiply(square, a))
     if dtype not in INT_DTYPES:
         return ctx.emit(op.power(a, b))
     # integer power by repeated squaring (exponents < 64 matter; negative ones give 0 unless base is +-1)

@@ -26,7 +26,7 @@ from reshift.codegen.tvm.kernels import (
     layer_norm_cpu,
     softmax_cpu,
 )
-from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32
+from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
 from reshift.ir.graph import Node, Value
 
@@ -243,6 +243,13 @@ def _gelu_tanh(x: te.Tensor) -> te.Tensor:
         return tirx.const(0.5, "float32") * x[i] * (one + (two / (one + exp_f32(-two * u)) - one))
 
     return te.compute(x.shape, value, "gelu_tanh")
+
+
+def tanh(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
+    """fp32 ``tanh`` with the vectorizable polynomial of ``fast_math`` (GPT-2's tanh GELU, written out)."""
+    if not enabled() or node.inputs[0].dtype != "float32":
+        return None
+    return ctx.te(lambda t: te.compute(t.shape, lambda *i: tanh_f32(t[i]), "tanh"), x, name="tanh")
 
 
 def gelu(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
