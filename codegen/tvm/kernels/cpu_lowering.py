@@ -26,6 +26,7 @@ from reshift.codegen.tvm.kernels import (
     layer_norm_cpu,
     softmax_cpu,
 )
+from reshift.codegen.tvm.kernels import conv2d_winograd_cpu as winograd
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
 from reshift.ir.graph import Node, Value
@@ -73,13 +74,16 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
         b[:out] = bias
     shape, rows, _ = _rows(ctx, node.inputs[0])
     lead = shape[:-1]
-    x2 = ctx.emit(op.reshape(x, (rows, k)))
+    x3 = ctx.emit(op.reshape(x, (1, rows, k)))
     gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks), "dense_packed_f32")
     y = ctx.emit(
         relax.op.call_tir(
-            gv, [x2, relax.const(packed), relax.const(b)], out_ty=relax.TensorType((rows, blocks * 16), "float32")
+            gv,
+            [x3, relax.const(packed[None]), relax.const(b[None])],
+            out_ty=relax.TensorType((1, rows, blocks * 16), "float32"),
         )
     )
+    y = ctx.emit(op.reshape(y, (rows, blocks * 16)))
     if blocks * dense_cpu.LANES != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
     return ctx.emit(op.reshape(y, [*lead, out]))
@@ -304,6 +308,15 @@ class _Conv:
         return _prefer_ocvec(self.w.shape[0], self.out_hw, self.stride, self.dilation, row)
 
     @property
+    def winograd(self) -> bool:
+        """Whether Winograd F(2x2, 3x3) runs this (ocvec-routed) conv: 3x3, stride 1, channels in
+        whole vectors, even output; ``RESHIFT_CONV=ocvec`` forces the direct kernel (comparisons)."""
+        oc, channels = self.w.shape[:2]
+        if os.environ.get("RESHIFT_CONV", "") == "ocvec":
+            return False
+        return winograd.applies(self.w.shape[2:], self.stride, self.dilation, channels, oc, self.out_hw)
+
+    @property
     def input_layout(self) -> conv2d_ocvec_cpu.OutputLayout:
         """The zero padded image the ocvec kernel reads (what a producer may write directly)."""
         top, left, bottom, right = self.pads
@@ -346,6 +359,25 @@ def _padded_consumers(ctx: LowerContext, conv: _Conv) -> tuple[Node | None, conv
     return (relu, layouts.pop()) if len(layouts) == 1 else None
 
 
+def _winograd(ctx: LowerContext, conv: _Conv, src: relax.Expr, b: np.ndarray, out, relu: bool) -> relax.Expr:
+    """The three Winograd F(2x2, 3x3) kernels of ``conv2d_winograd_cpu.py`` on the padded input ``src``."""
+    n, channels = conv.shape[0], conv.shape[1]
+    width = b.shape[0]
+    (oh, ow), layout = conv.out_hw, conv.input_layout
+    tiles = (oh // winograd.TILE, ow // winograd.TILE)
+    rows = n * tiles[0] * tiles[1]
+    gv_in = ctx.bb.add_func(winograd.input_transform_func(channels, layout.row, layout.plane, tiles), "winograd_input")
+    v = ctx.emit(relax.op.call_tir(gv_in, [src, src], out_ty=relax.TensorType((16, rows, channels), "float32")))
+    gv_gemm = ctx.bb.add_func(dense_cpu.dense_func(channels, width // dense_cpu.LANES, 16), "winograd_gemm")
+    u, zero = relax.const(winograd.transformed_filters(conv.w)), relax.const(np.zeros((16, width), np.float32))
+    m = ctx.emit(relax.op.call_tir(gv_gemm, [v, u, zero], out_ty=relax.TensorType((16, rows, width), "float32")))
+    out = out or conv2d_ocvec_cpu.OutputLayout.plain(oh, ow)
+    gv_out = ctx.bb.add_func(winograd.output_transform_func(width, tiles, (oh, ow), out, relu), "winograd_output")
+    return ctx.emit(
+        relax.op.call_tir(gv_out, [m, relax.const(b)], out_ty=relax.TensorType((n, width, out.plane), "float32"))
+    )
+
+
 def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
     """The ocvec kernel; it reads a producer's padded output when there is one and, when its own
     readers allow, writes theirs (ReLU applied) and leaves its plain output unmaterialized."""
@@ -366,29 +398,31 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
         src = _padded_flat(ctx, x, conv.shape, conv.pads, layout.grid_rows, layout.row)
     fusion = _padded_consumers(ctx, conv) if width == oc else None
     relu, out = fusion if fusion is not None else (None, None)
-    func = conv2d_ocvec_cpu.conv_ocvec_func(
-        channels,
-        (kh, kw),
-        conv.stride,
-        conv.dilation,
-        layout.row,
-        layout.plane,
-        conv.out_hw,
-        oc_blocks,
-        pt,
-        vo,
-        out,
-        relu is not None,
-    )
-    gv = ctx.bb.add_func(func, "conv2d_ocvec_f32")
     plane = out.plane if out is not None else conv.out_hw[0] * conv.out_hw[1]
-    y = ctx.emit(
-        relax.op.call_tir(
-            gv,
-            [src, relax.const(packed), relax.const(b)],
-            out_ty=relax.TensorType((conv.shape[0], width, plane), "float32"),
+    if conv.winograd:
+        y = _winograd(ctx, conv, src, b, out, relu is not None)
+    else:
+        func = conv2d_ocvec_cpu.conv_ocvec_func(
+            channels,
+            (kh, kw),
+            conv.stride,
+            conv.dilation,
+            layout.row,
+            layout.plane,
+            conv.out_hw,
+            oc_blocks,
+            pt,
+            vo,
+            out,
+            relu is not None,
         )
-    )
+        y = ctx.emit(
+            relax.op.call_tir(
+                ctx.bb.add_func(func, "conv2d_ocvec_f32"),
+                [src, relax.const(packed), relax.const(b)],
+                out_ty=relax.TensorType((conv.shape[0], width, plane), "float32"),
+            )
+        )
     if out is not None:
         if relu is not None:
             ctx.fused[relu] = [ABSORBED]

@@ -46,8 +46,10 @@ def k_block(k: int, panels: int) -> int:
     return -(-k // blocks)  # equal blocks
 
 
-def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
-    """``y[m, 16*j + l] = b[16*j + l] + sum_k x[m, k] * w[j, k, l]`` for ``x [rows, k]`` (rows symbolic)."""
+def dense_func(k: int, blocks: int, batches: int = 1) -> tirx.PrimFunc:
+    """``y[e, m, 16*j + l] = b[e, 16*j + l] + sum_k x[e, m, k] * w[e, j, k, l]`` for ``x [batches, rows, k]``
+    (rows symbolic): ``batches`` independent GEMMs with their own packed weights (one for a linear;
+    16 for a Winograd conv's transformed tiles), run in parallel with the column panels."""
     width = blocks * LANES
     rows_tile, panels = tile_shape(blocks)
     kc = k_block(k, panels)
@@ -57,15 +59,22 @@ def dense_func(k: int, blocks: int) -> tirx.PrimFunc:
 
     @T.prim_func(private=True)
     def dense(
-        x_h: T.handle, w: T.Buffer((blocks, k, LANES), "float32"), b: T.Buffer((width,), "float32"), y_h: T.handle
+        x_h: T.handle,
+        w: T.Buffer((batches, blocks, k, LANES), "float32"),
+        bias: T.Buffer((batches, width), "float32"),
+        y_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        x = T.match_buffer(x_h, (rows, k), "float32")
-        y = T.match_buffer(y_h, (rows, width), "float32")
-        xf = T.decl_buffer((rows * k,), "float32", data=x.data)
-        wf = T.decl_buffer((blocks * k * LANES,), "float32", data=w.data)
-        for t in T.parallel(blocks // panels):
+        x3 = T.match_buffer(x_h, (batches, rows, k), "float32")
+        y3 = T.match_buffer(y_h, (batches, rows, width), "float32")
+        for job in T.parallel(batches * (blocks // panels)):
+            e = job // (blocks // panels)
+            t = job % (blocks // panels)
+            xf = T.decl_buffer((rows * k,), "float32", data=x3.data, elem_offset=e * rows * k)
+            wf = T.decl_buffer((blocks * k * LANES,), "float32", data=w.data, elem_offset=e * blocks * k * LANES)
+            y = T.decl_buffer((rows, width), "float32", data=y3.data, elem_offset=e * rows * width)
+            b = T.decl_buffer((width,), "float32", data=bias.data, elem_offset=e * width)
             for mb in range(-(-(rows // rows_tile) // tiles_per_mb)):  # row blocks: their y tiles stay in L2
                 for kb in range(k_blocks):  # the K block's weight panels stay in L1 across all row tiles
                     for mo in range(mb * tiles_per_mb, T.min(rows // rows_tile, mb * tiles_per_mb + tiles_per_mb)):
