@@ -70,24 +70,38 @@ def models(quick: bool) -> dict:
     }
 
 
-def time_fn(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+def time_interleaved(runners: dict, repeat: int) -> dict:
+    """Median ms per runner over ``repeat`` calls, taken in rounds of 5 calls that visit every runner
+    in turn (so a noisy stretch of a shared host hits them all alike). Each runner's block starts with
+    two untimed calls: the previous runner's thread pool (torch's OpenMP, another onnxruntime session)
+    may still be spin-waiting on the cores."""
+    samples = {key: [] for key in runners}
+    for fn in runners.values():
         fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    per_round = 5
+    for _ in range(max(1, repeat // per_round)):
+        for key, fn in runners.items():
+            fn()
+            fn()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                samples[key].append(time.perf_counter() - start)
+    return {key: float(np.median(times)) * 1e3 for key, times in samples.items()}
 
 
-def time_ort(path: Path, x: np.ndarray, threads: int, repeat: int) -> float:
+def torch_call(module, x):
+    with torch.no_grad():
+        return module(x)
+
+
+def ort_runner(path: Path, x: np.ndarray, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x}
-    return time_fn(lambda: session.run(None, feed), repeat)
+    return lambda: session.run(None, feed)
 
 
 def row(name, graph, torch_ms, ort_ms, tvm_ms) -> str:
@@ -104,7 +118,7 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     repeat = ARGS.repeat or (10 if ARGS.quick else 50)
     print(f"host: {describe_host_cpu()}")
-    print(f"threads {ARGS.threads} (torch, onnxruntime, TVM), batch 1, median of {repeat} runs, ms")
+    print(f"threads {ARGS.threads} (torch, onnxruntime, TVM), batch 1, median of {repeat} runs in rounds, ms")
     tmp = Path(tempfile.mkdtemp(prefix="reshift_reparam_"))
     for name, (train_fn, deploy_fn, x) in models(ARGS.quick).items():
         if name not in ARGS.models:
@@ -118,29 +132,35 @@ def main() -> None:
         for key, module in (("train", train), ("deploy", deploy)):
             torch.onnx.export(module, (x,), str(paths[key]), input_names=["input"], opset_version=17, dynamo=False)
         to_onnx(g_fused, paths["fused"])
-        results = {}
-        for key, module, graph in (("train", train, g_train), ("fused", None, g_fused), ("deploy", deploy, g_deploy)):
-            with torch.no_grad():
-                torch_ms = None if module is None else time_fn(lambda m=module, x=x: m(x), repeat)
-            ort_ms = time_ort(paths[key], xn, ARGS.threads, repeat)
-            tvm_ms = None
-            if key != "fused":  # reshift compiles the training form (its passes fuse it) and the deploy form
-                compiled = reshift.compile(graph, target="cpu", pipeline="exact")
-                tvm_ms = compiled.benchmark(xn, repeat=repeat, warmup=3)["median_ms"]
-                out = compiled(xn)
-                out = out[0] if isinstance(out, (list, tuple)) else out
-                with torch.no_grad():
-                    ref = train(x).numpy()
-                err = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
-                results[f"{key}_err"] = err
-            results[key] = (graph, torch_ms, ort_ms, tvm_ms)
+        runners, errors = {}, {}
+        for key, module in (("train", train), ("deploy", deploy)):
+            runners[f"torch {key}"] = lambda m=module, x=x: torch_call(m, x)
+        for key in ("train", "fused", "deploy"):
+            runners[f"ORT {key}"] = ort_runner(paths[key], xn, ARGS.threads)
+        with torch.no_grad():
+            ref = train(x).numpy()
+        for key, graph in (("train", g_train), ("deploy", g_deploy)):  # reshift's passes fuse the training form
+            compiled = reshift.compile(graph, target="cpu", pipeline="exact")
+            out = compiled(xn)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            errors[key] = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
+            runners[f"reshift {key}"] = lambda c=compiled, xn=xn: c(xn)
+        ms = time_interleaved(runners, repeat)
+        graphs = {"train": g_train, "fused": g_fused, "deploy": g_deploy}
+        results = {k: (graphs[k], ms.get(f"torch {k}"), ms[f"ORT {k}"], ms.get(f"reshift {k}")) for k in graphs}
         print(f"\n{name} (input {list(x.shape)})")
         print(f"  {'form':<7} {'params':>9} {'MACs':>9} {'#conv/linear':>6} {'torch':>10} {'ORT':>10} {'reshift':>10}")
         for key in ("train", "fused", "deploy"):
             print(row(key, *results[key]))
         print(
-            f"  reshift artifact vs training-form torch output: max rel err {results['train_err']:.1e} (from train),"
-            f" {results['deploy_err']:.1e} (from deploy)"
+            f"  reshift artifact vs training-form torch output: max rel err {errors['train']:.1e} (from train),"
+            f" {errors['deploy']:.1e} (from deploy)"
+        )
+        ratio = ms["reshift train"] / ms["ORT deploy"]
+        verdict = "faster than" if ratio < 0.98 else "on par with (within 2% of)" if ratio <= 1.02 else "SLOWER than"
+        print(
+            f"  reshift from the training form / onnxruntime on the hand-written deploy form: {ratio:.2f}x "
+            f"({verdict} it); / onnxruntime on the training form: {ms['reshift train'] / ms['ORT train']:.2f}x"
         )
 
 
