@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ALL_MODELS = ["resnet18", "repvgg_a0_deploy", "repvgg_a0_train", "vit_s16", "minilm"]
 QUICK_MODELS = ["resnet18", "repvgg_a0_deploy", "vit_s16"]
@@ -51,6 +52,7 @@ os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 import reshift  # noqa: E402
 from examples.models import MODELS  # noqa: E402
@@ -88,22 +90,6 @@ def inductor_runner(module: torch.nn.Module, inputs: tuple):
 def reshift_runner(compiled, inputs: tuple):
     arrays = [x.numpy() for x in inputs]
     return lambda: compiled(*arrays)
-
-
-def interleaved(runners: dict, rounds: int, warmup: int = 2, block: int = 3) -> dict[str, float]:
-    """Median ms per runner; each round runs every runner in turn: one untimed call, then ``block`` timed."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            fn()  # the previous runner's threads may still spin: let them settle
-            for _ in range(block):
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def kernel_profile(graph, batch: int, top: int = 6) -> list[tuple[str, int, float]]:
@@ -187,7 +173,7 @@ def bench_model(name: str, batch: int, rounds: int) -> dict:
         fast = {k: v for k, v in runners.items() if k not in slow}
         result["ms"] = interleaved(fast, rounds)
         if slow:
-            result["ms"].update(interleaved(slow, 2, warmup=1))
+            result["ms"].update(interleaved(slow, 2, warmup=1, settle_ms=0))
     ort_ms = result["ms"].get("onnxruntime")
     if ort_ms and result["ms"]["reshift"] > 1.25 * ort_ms:
         result["top_kernels"] = kernel_profile(compiled.graph, batch)

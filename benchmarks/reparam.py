@@ -17,10 +17,10 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _args() -> argparse.Namespace:
@@ -39,6 +39,7 @@ os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 import reshift  # noqa: E402
 from examples.models.deit import deit_s_distilled  # noqa: E402
@@ -70,26 +71,6 @@ def models(quick: bool) -> dict:
     }
 
 
-def time_interleaved(runners: dict, repeat: int) -> dict:
-    """Median ms per runner over ``repeat`` calls, taken in rounds of 5 calls that visit every runner
-    in turn (so a noisy stretch of a shared host hits them all alike). Each runner's block starts with
-    two untimed calls: the previous runner's thread pool (torch's OpenMP, another onnxruntime session)
-    may still be spin-waiting on the cores."""
-    samples = {key: [] for key in runners}
-    for fn in runners.values():
-        fn()
-    per_round = 5
-    for _ in range(max(1, repeat // per_round)):
-        for key, fn in runners.items():
-            fn()
-            fn()
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                samples[key].append(time.perf_counter() - start)
-    return {key: float(np.median(times)) * 1e3 for key, times in samples.items()}
-
-
 def torch_call(module, x):
     with torch.no_grad():
         return module(x)
@@ -118,7 +99,9 @@ def main() -> None:
     torch.set_num_threads(ARGS.threads)
     repeat = ARGS.repeat or (10 if ARGS.quick else 50)
     print(f"host: {describe_host_cpu()}")
-    print(f"threads {ARGS.threads} (torch, onnxruntime, TVM), batch 1, median of {repeat} runs in rounds, ms")
+    print(
+        f"threads {ARGS.threads} (torch, onnxruntime, TVM), batch 1, median of {repeat} runs (timing.interleaved), ms"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="reshift_reparam_"))
     for name, (train_fn, deploy_fn, x) in models(ARGS.quick).items():
         if name not in ARGS.models:
@@ -145,7 +128,7 @@ def main() -> None:
             out = out[0] if isinstance(out, (list, tuple)) else out
             errors[key] = float(np.abs(np.asarray(out) - ref).max() / np.abs(ref).max())
             runners[f"reshift {key}"] = lambda c=compiled, xn=xn: c(xn)
-        ms = time_interleaved(runners, repeat)
+        ms = interleaved(runners, rounds=max(1, repeat // 5), block=5)
         graphs = {"train": g_train, "fused": g_fused, "deploy": g_deploy}
         results = {k: (graphs[k], ms.get(f"torch {k}"), ms[f"ORT {k}"], ms.get(f"reshift {k}")) for k in graphs}
         print(f"\n{name} (input {list(x.shape)})")

@@ -74,16 +74,13 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
         b[:out] = bias
     shape, rows, _ = _rows(ctx, node.inputs[0])
     lead = shape[:-1]
-    x3 = ctx.emit(op.reshape(x, (1, rows, k)))
+    x2 = ctx.emit(op.reshape(x, (rows, k)))
     gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks), "dense_packed_f32")
     y = ctx.emit(
         relax.op.call_tir(
-            gv,
-            [x3, relax.const(packed[None]), relax.const(b[None])],
-            out_ty=relax.TensorType((1, rows, blocks * 16), "float32"),
+            gv, [x2, relax.const(packed), relax.const(b)], out_ty=relax.TensorType((rows, blocks * 16), "float32")
         )
     )
-    y = ctx.emit(op.reshape(y, (rows, blocks * 16)))
     if blocks * dense_cpu.LANES != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
     return ctx.emit(op.reshape(y, [*lead, out]))

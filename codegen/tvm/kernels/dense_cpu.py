@@ -48,8 +48,9 @@ def k_block(k: int, panels: int) -> int:
 
 def dense_func(k: int, blocks: int, batches: int = 1) -> tirx.PrimFunc:
     """``y[e, m, 16*j + l] = b[e, 16*j + l] + sum_k x[e, m, k] * w[e, j, k, l]`` for ``x [batches, rows, k]``
-    (rows symbolic): ``batches`` independent GEMMs with their own packed weights (one for a linear;
-    16 for a Winograd conv's transformed tiles), run in parallel with the column panels."""
+    (rows symbolic): ``batches`` independent GEMMs with their own packed weights (16 for a Winograd
+    conv's transformed tiles), run in parallel with the column panels. One GEMM (a linear) drops
+    the ``e`` axis from every buffer."""
     width = blocks * LANES
     rows_tile, panels = tile_shape(blocks)
     kc = k_block(k, panels)
@@ -57,17 +58,19 @@ def dense_func(k: int, blocks: int, batches: int = 1) -> tirx.PrimFunc:
     tiles_per_mb = max(1, ROW_BLOCK // rows_tile)
     lanes = T.Ramp(0, 1, LANES)
 
+    lead = (batches,) if batches > 1 else ()  # one GEMM keeps the plain 2-D interface (no reshapes around it)
+
     @T.prim_func(private=True)
     def dense(
         x_h: T.handle,
-        w: T.Buffer((batches, blocks, k, LANES), "float32"),
-        bias: T.Buffer((batches, width), "float32"),
+        w: T.Buffer((*lead, blocks, k, LANES), "float32"),
+        bias: T.Buffer((*lead, width), "float32"),
         y_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        x3 = T.match_buffer(x_h, (batches, rows, k), "float32")
-        y3 = T.match_buffer(y_h, (batches, rows, width), "float32")
+        x3 = T.match_buffer(x_h, (*lead, rows, k), "float32")
+        y3 = T.match_buffer(y_h, (*lead, rows, width), "float32")
         for job in T.parallel(batches * (blocks // panels)):
             e = job // (blocks // panels)
             t = job % (blocks // panels)
