@@ -36,12 +36,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
+from timing import interleaved  # noqa: E402
 from tvm import relax, tirx  # noqa: E402
 
 from reshift.codegen.tvm import describe_host_cpu  # noqa: E402
@@ -275,7 +277,7 @@ def run_e2e(model, example_inputs: tuple, variants, reps: int, score=None) -> tu
     to onnxruntime (all graph optimizations); all at two threads on ``example_inputs``.
 
     Per implementation: artifact bytes on disk, weight bytes in the IR, median ms (the implementations take
-    turns, ``reps`` rounds of 10 calls, so load from other processes hits them alike), compile s, max |output -
+    turns, ``reps`` rounds of 10 calls after settling, ``timing.interleaved``), compile s, max |output -
     reference interpreter on the same graph| and ``score(run)`` (``run``: numpy inputs -> first output) if
     given. Returns those rows and each implementation's output on ``example_inputs``.
     """
@@ -300,21 +302,12 @@ def run_e2e(model, example_inputs: tuple, variants, reps: int, score=None) -> tu
         runs["onnxruntime fp32"] = lambda *arrays: session.run(None, dict(zip(names, arrays, strict=True)))[0]
         references["onnxruntime fp32"] = _first_output(cm.source_graph, feed)
         sizes["onnxruntime fp32"] = (onnx_path.stat().st_size, None, None)
-        samples = {label: [] for label in runs}
-        for run in runs.values():
-            for _ in range(5):
-                run(*feed)
-        for _ in range(reps):
-            for label, run in runs.items():
-                for _ in range(10):
-                    start = time.perf_counter()
-                    run(*feed)
-                    samples[label].append((time.perf_counter() - start) * 1e3)
+        ms = interleaved({label: (lambda run=run: run(*feed)) for label, run in runs.items()}, reps, block=10)
         outputs = {label: run(*feed) for label, run in runs.items()}
         rows = {
             label: (
                 *sizes[label][:2],
-                float(np.median(samples[label])),
+                ms[label],
                 sizes[label][2],
                 float(np.abs(outputs[label] - references[label]).max()),
                 score and score(run),
