@@ -24,9 +24,11 @@ Neither counts the run-time int8 activation quantization, which the report's end
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from reshift.ir.graph import Graph
+from reshift.ir.graph import Graph, Value
 from reshift.ir.ops_lowbit import INT32_MAX, shift_accumulator_bound
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
@@ -76,6 +78,21 @@ def _overflow_reason(sign: np.ndarray, exponent: np.ndarray, bits: int, k: str) 
     )
 
 
+def _build(op: str, sign, exponent, scale, bits: int, copied_attrs: tuple[str, ...], m: Match, rc) -> Value:
+    """The ``shift_linear`` / ``shift_conv2d`` replacing ``m.root``, with the window attributes copied."""
+    name = m.root.name
+    return rc.op(
+        op,
+        m["x"],
+        rc.constant(sign, f"{name}_sign"),
+        rc.constant(exponent, f"{name}_exponent"),
+        rc.constant(scale, f"{name}_scale"),
+        m.get("bias"),
+        exponent_bits=bits,
+        **{key: m.root.attrs[key] for key in copied_attrs},
+    )
+
+
 def _plan(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> dict[str, LayerPlan]:
     bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
     plans = {}
@@ -89,18 +106,7 @@ def _plan(candidates: list[Match], xs: dict[str, np.ndarray], options: dict) -> 
         error = relative_output_error(w, shift_weight(sign, exponent, scale), xs.get(m["x"].name))
         details = {"bits": 1 + bits, "error": error, "error_kind": "output" if m["x"].name in xs else "weight"}
 
-        def build(m, rc, sign=sign, exponent=exponent, scale=scale):
-            name = m.root.name
-            return rc.op(
-                "shift_linear",
-                m["x"],
-                rc.constant(sign, f"{name}_sign"),
-                rc.constant(exponent, f"{name}_exponent"),
-                rc.constant(scale, f"{name}_scale"),
-                m.get("bias"),
-                exponent_bits=bits,
-            )
-
+        build = functools.partial(_build, "shift_linear", sign, exponent, scale, bits, ())
         plans[m.root.name] = LayerPlan(build=build, details=details)
     return plans
 
@@ -121,22 +127,8 @@ def _plan_conv(candidates: list[Match], xs: dict[str, np.ndarray], options: dict
         sign, exponent = sign.reshape(w.shape), exponent.reshape(w.shape)  # OIHW, as the filter
         details = {"bits": 1 + bits, "error": error, "error_kind": "output" if m["x"].name in xs else "weight"}
 
-        def build(m, rc, sign=sign, exponent=exponent, scale=scale):
-            name, a = m.root.name, m.root.attrs
-            return rc.op(
-                "shift_conv2d",
-                m["x"],
-                rc.constant(sign, f"{name}_sign"),
-                rc.constant(exponent, f"{name}_exponent"),
-                rc.constant(scale, f"{name}_scale"),
-                m.get("bias"),
-                stride=a["stride"],
-                padding=a["padding"],
-                dilation=a["dilation"],
-                groups=a["groups"],
-                exponent_bits=bits,
-            )
-
+        window = ("stride", "padding", "dilation", "groups")
+        build = functools.partial(_build, "shift_conv2d", sign, exponent, scale, bits, window)
         plans[m.root.name] = LayerPlan(build=build, details=details)
     return plans
 
