@@ -105,6 +105,14 @@ class LowerContext:
         return self.bb.emit(self.bb.call_te(fn, *args, primfunc_name_hint=name, **kwargs))
 
 
+def product(dims) -> int | tirx.PrimExpr:
+    """The product of dimensions, some maybe symbolic (rows of a tensor flattened to 2-D, or batches)."""
+    result = 1
+    for d in dims:
+        result = result * d
+    return result
+
+
 def scalar(value: float | int | bool, dtype: str) -> relax.Constant:
     return relax.const(np.array(value, dtype=numpy_dtype(dtype)))
 

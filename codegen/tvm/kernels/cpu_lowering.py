@@ -28,7 +28,7 @@ from reshift.codegen.tvm.kernels import (
 )
 from reshift.codegen.tvm.kernels import conv2d_winograd_cpu as winograd
 from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32
-from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op
+from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op, product
 from reshift.ir.graph import Node, Value
 
 
@@ -58,10 +58,7 @@ def _optional_bias(node: Node, index: int = 2) -> tuple[bool, np.ndarray | None]
 def _rows(ctx: LowerContext, value) -> tuple[list, object, int]:
     """``(shape, rows, n)``: the value's shape, the product of its leading dims (maybe symbolic), the last dim."""
     shape = ctx.shape(value)
-    rows = 1
-    for d in shape[:-1]:
-        rows = rows * d
-    return shape, rows, shape[-1]
+    return shape, product(shape[:-1]), shape[-1]
 
 
 def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
@@ -162,9 +159,7 @@ def batch_matmul(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) ->
     if not all(isinstance(d, int) and d > 0 for d in (m, k, n)) or k != k2:
         return None
     lead = ctx.shape(va)[:-2]
-    batch = 1
-    for d in lead:
-        batch = batch * d
+    batch = product(lead)
     a3 = ctx.emit(op.reshape(a, (batch, m, k)))
     b3 = ctx.emit(op.reshape(b, (batch, k, n)))
     width = batch_matmul_cpu.padded_width(n)
@@ -381,8 +376,7 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
     channels, h, wd = conv.shape[1:]
     oc, _, kh, kw = conv.w.shape
     pt, vo = conv2d_ocvec_cpu.choose_tile(oc, conv.out_hw[1])
-    packed = conv2d_ocvec_cpu.pack_filters(conv.w, vo)
-    oc_blocks = packed.shape[0]
+    oc_blocks = -(-oc // (conv2d_ocvec_cpu.LANES * vo))
     width = oc_blocks * conv2d_ocvec_cpu.LANES * vo
     b = np.zeros(width, np.float32)
     if conv.bias is not None:
@@ -416,7 +410,7 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
         y = ctx.emit(
             relax.op.call_tir(
                 ctx.bb.add_func(func, "conv2d_ocvec_f32"),
-                [src, relax.const(packed), relax.const(b)],
+                [src, relax.const(conv2d_ocvec_cpu.pack_filters(conv.w, vo)), relax.const(b)],
                 out_ty=relax.TensorType((conv.shape[0], width, plane), "float32"),
             )
         )

@@ -23,7 +23,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
 from reshift.ir.graph import Node
@@ -196,9 +196,7 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     packed = pack_weights(codes)
     blocks, k4 = packed.shape[:2]
     lead = ctx.shape(node.inputs[0])[:-1]
-    rows = 1
-    for d in lead:
-        rows = rows * d
+    rows = product(lead)
     x2 = ctx.emit(op.reshape(x, (rows, k)))
     per_row = attrs.get("x_granularity", "tensor") == "row"
     if per_row:

@@ -26,7 +26,7 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.lower import LowerContext, lowering, op
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, product
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_quant import (
@@ -174,9 +174,7 @@ def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     p_shape, v_shape = ctx.shape(node.inputs[0]), ctx.shape(node.inputs[1])
     m, k, d = p_shape[-2], p_shape[-1], v_shape[-1]
     lead = p_shape[:-2]
-    batch = 1
-    for dim in lead:
-        batch = batch * dim
+    batch = product(lead)
     p3 = ctx.emit(op.reshape(p, (batch, m, k)))
     v3 = ctx.emit(op.reshape(v, (batch, k, d)))
     code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], name="log2_shift_codes")

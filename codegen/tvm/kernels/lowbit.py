@@ -24,7 +24,7 @@ from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq, pack_shift, pack
 from reshift.codegen.tvm.kernels.reduce_cuda import row_absmax_cuda_func
 from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
 from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
-from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_lowbit import INT8_QMAX, groups
@@ -55,9 +55,7 @@ def kernel_flavor() -> str:
 def _rows_2d(ctx: LowerContext, node: Node, x: relax.Expr) -> tuple[relax.Expr, list, Any]:
     """``(x as [rows, K], the leading dims, rows)``; ``rows`` may be symbolic."""
     lead = ctx.shape(node.inputs[0])[:-1]
-    rows = 1
-    for d in lead:
-        rows = rows * d
+    rows = product(lead)
     return ctx.emit(op.reshape(x, (rows, node.inputs[0].shape[-1]))), lead, rows
 
 
