@@ -76,20 +76,19 @@ def row_absmax(x: relax.Expr) -> relax.Expr:
     return op.max(magnitude, axis=[-1], keepdims=True)
 
 
+def int8_code(x: tirx.PrimExpr, scale: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``clip(rint(x / scale), -127, 127)`` as int32, 0 when ``scale`` is 0 or not finite (one element)."""
+    ok = tirx.all(scale > tirx.const(0, "float32"), scale < tirx.const(np.inf, "float32"))
+    safe = tirx.Select(ok, scale, tirx.const(1, "float32"))
+    value = tirx.Select(scale < tirx.const(np.inf, "float32"), x, tirx.const(0, "float32"))
+    rounded = tirx.nearbyint(value / safe)
+    clipped = tirx.max(tirx.min(rounded, tirx.const(INT8_QMAX, "float32")), tirx.const(-INT8_QMAX, "float32"))
+    return clipped.astype("int32")
+
+
 def _quantize_rows(x: te.Tensor, s: te.Tensor) -> te.Tensor:
-    """``clip(rint(x / s), -127, 127)`` as int32, with s = 0 or non-finite rows giving 0."""
-
-    def compute(*idx):
-        row = tuple(idx[:-1]) + (0,)
-        scale = s[row]
-        ok = tirx.all(scale > tirx.const(0, "float32"), scale < tirx.const(np.inf, "float32"))
-        safe = tirx.Select(ok, scale, tirx.const(1, "float32"))
-        value = tirx.Select(scale < tirx.const(np.inf, "float32"), x[idx], tirx.const(0, "float32"))
-        rounded = tirx.nearbyint(value / safe)
-        clipped = tirx.max(tirx.min(rounded, tirx.const(INT8_QMAX, "float32")), tirx.const(-INT8_QMAX, "float32"))
-        return clipped.astype("int32")
-
-    return te.compute(x.shape, compute, name="q")
+    """:func:`int8_code` of every element of ``x`` with its row's scale ``s[..., 0]``."""
+    return te.compute(x.shape, lambda *idx: int8_code(x[idx], s[(*idx[:-1], 0)]), name="q")
 
 
 # log2_matmul (RepQ-ViT shift-add attention) has no float reference lowering: its one lowering, CPU

@@ -117,10 +117,10 @@ def lower_pow(ctx: LowerContext, node: Node, a: relax.Expr, b: relax.Expr) -> re
     dtype = node.inputs[0].dtype
     exponent = node.inputs[1]
     same_shape = node.outputs[0].shape == node.inputs[0].shape
-    if dtype not in INT_DTYPES and exponent.is_constant and exponent.data.size == 1 and same_shape:
-        if float(exponent.data.reshape(())) in (2.0, 3.0):  # x*x(*x): libm's pow is one call per element
-            square = ctx.emit(op.multiply(a, a))
-            return square if float(exponent.data.reshape(())) == 2.0 else ctx.emit(op.multiply(square, a))
+    power = float(exponent.data.reshape(())) if exponent.is_constant and exponent.data.size == 1 else None
+    if dtype not in INT_DTYPES and same_shape and power in (2.0, 3.0):  # x*x(*x): libm's pow is a call per element
+        square = ctx.emit(op.multiply(a, a))
+        return square if power == 2.0 else ctx.emit(op.multiply(square, a))
     if dtype not in INT_DTYPES:
         return ctx.emit(op.power(a, b))
     # integer power by repeated squaring (exponents < 64 matter; negative ones give 0 unless base is +-1)

@@ -62,7 +62,7 @@ def quantize_patches_funcs(
     out_hw: tuple[int, int],
 ) -> tuple[tirx.PrimFunc, tirx.PrimFunc]:
     """Two kernels for group ``group``'s im2col rows of ``x [n, in_channels, h, w]``: ``(x, x) -> s``
-    and ``(x, s) -> q``, as ``lower_lowbit._quantize_rows`` and ``row_absmax`` define them:
+    and ``(x, s) -> q``, as ``lower_lowbit.int8_code`` and ``row_absmax`` define them:
     ``s[r] = max|row| / 127`` (+inf for a row holding NaN or inf), ``q[r, col] = clip(rint(x / s),
     -127, 127)`` (0 when ``s`` is 0 or not finite). Both gather the window; no float im2col matrix
     is written. ``x`` is passed (and read) twice: Relax's RewriteDataflowReshape takes a PrimFunc
@@ -106,14 +106,9 @@ def quantize_patches_funcs(
         s = T.match_buffer(s_h, (n * oh * ow, 1), "float32")
         q = T.match_buffer(q_h, (n * oh * ow, k), "int32")
         for r in T.parallel(n * oh * ow):
-            sc = s[r, 0]
-            safe = T.if_then_else(sc > T.float32(0) and sc < inf, sc, T.float32(1))
             for c, i, j in T.grid(channels, kh, kw):
                 v = window(x, r // (oh * ow), r % (oh * ow) // ow, r % ow, c, i, j)
-                rounded = T.nearbyint(T.if_then_else(sc < inf, v, T.float32(0)) / safe)
-                q[r, (c * kh + i) * kw + j] = T.Cast(
-                    "int32", T.max(T.min(rounded, T.float32(INT8_QMAX)), T.float32(-INT8_QMAX))
-                )
+                q[r, (c * kh + i) * kw + j] = lower_lowbit.int8_code(v, s[r, 0])
 
     return patch_scales, patch_codes
 
