@@ -1,6 +1,6 @@
 """Per-kernel time of one reference model compiled for the CPU (reshift's default schedules).
 
-    .venv/bin/python benchmarks/profile_ops.py resnet18 [--threads 1] [--batch 1] [--top 25]
+    .venv/bin/python benchmarks/profile_ops.py resnet18 [--threads 1] [--batch 1] [--top 25] [--pipeline exact]
 
 Prints the median-free mean latency of the whole call and, from the VM's instrument hook
 (``cuda_check.kernel_profile``), each kernel's and VM builtin's mean time per run, slowest first.
@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--pipeline", default="exact", help="e.g. shift: the lossy kernels' share of the time")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when tvm starts its thread pool
 
@@ -38,7 +39,7 @@ def main() -> None:
     spec = MODELS[args.model]
     inputs = spec.example_inputs(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        reshift.compile(spec.build(), inputs, target="cpu", pipeline="exact").save(tmp)
+        reshift.compile(spec.build(), inputs, target="cpu", pipeline=args.pipeline).save(tmp)
         model = reshift.load(tmp)
         tensors = [model._to_tvm(t.numpy()) for t in inputs]
         for _ in range(5):
@@ -49,7 +50,7 @@ def main() -> None:
         total = (time.perf_counter() - start) / 20 * 1e3
         profile = kernel_profile(model, tensors, None, runs=20)
     print(
-        f"{args.model} batch {args.batch}, {args.threads} thread(s): {total:.2f} ms per run "
+        f"{args.model} ({args.pipeline}) batch {args.batch}, {args.threads} thread(s): {total:.2f} ms per run "
         f"(sum of instrumented calls {sum(ms for _, ms in profile):.2f} ms)"
     )
     for symbol, ms in profile[: args.top]:
