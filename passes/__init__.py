@@ -10,6 +10,7 @@ import numpy as np
 
 from reshift.errors import PassError
 from reshift.ir.graph import Graph
+from reshift.passes.attention_reparam import ATTENTION_REPARAM_PASSES
 from reshift.passes.bcq import BCQ_PASSES
 from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.branches_linear import LINEAR_BRANCH_PASSES
@@ -32,6 +33,7 @@ PASSES: dict[str, Pass] = {
     + QUANTIZE_PASSES
     + LOG2_PASSES
     + SCALE_REPARAM_PASSES
+    + ATTENTION_REPARAM_PASSES
 }
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
@@ -55,17 +57,27 @@ PIPELINES: dict[str, list[str]] = {
     "log2": ["log2_a4"],
     "adalog": ["adalog_a4"],
     "scale_reparam": ["scale_reparam_a8"],
+    "attention_reparam": ["attention_reparam"],  # options: qk_alpha, v_alpha; calibration
 }
 # post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,
-# skip, reparam_stat, base_kind; calibration required): uniform (RepQ-ViT's baseline), + log-sqrt2
-# softmax, + scale reparameterization (RepQ-ViT), + AdaLog adaptive-base softmax/GELU
+# weight_rounding, skip, reparam_stat, base_kind, qk_alpha, v_alpha; calibration required): uniform
+# (RepQ-ViT's baseline), + log-sqrt2 softmax, + scale reparameterization (RepQ-ViT's post-LayerNorm
+# one and the q/k, V migration), + AdaLog adaptive-base softmax/GELU
 for _b in (8, 6, 4):
     PIPELINES[f"w{_b}a{_b}"] = [f"quantize_w{_b}a{_b}"]
     # fuse_log2_matmul: log2 attention @ quantized V -> integer shift-add log2_matmul where it fits int32
     PIPELINES[f"w{_b}a{_b}_log2"] = [f"log2_a{_b}", f"quantize_w{_b}a{_b}", "fuse_log2_matmul"]
-    PIPELINES[f"w{_b}a{_b}_repq"] = [f"scale_reparam_a{_b}", f"log2_a{_b}", f"quantize_w{_b}a{_b}", "fuse_log2_matmul"]
+    # scale reparameterization: post-LayerNorm (RepQ-ViT) and inside attention (q/k, V migration)
+    PIPELINES[f"w{_b}a{_b}_repq"] = [
+        f"scale_reparam_a{_b}",
+        "attention_reparam",
+        f"log2_a{_b}",
+        f"quantize_w{_b}a{_b}",
+        "fuse_log2_matmul",
+    ]
     PIPELINES[f"w{_b}a{_b}_adalog"] = [
         f"scale_reparam_a{_b}",
+        "attention_reparam",
         f"adalog_a{_b}",
         f"quantize_w{_b}a{_b}",
         "fuse_log2_matmul",
