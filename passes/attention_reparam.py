@@ -162,6 +162,8 @@ class _Planner:
         k_map = _constant_along(kp.maps[(k, matmul)], -1)
         if q_map is None or k_map is None:
             return "a q or k channel changes along the token axis (not a per-channel layout)"
+        if q_map.shape != k_map.shape:
+            return f"q and k^T batch shapes {q_map.shape[:-1]} and {k_map.shape[:-1]} differ (broadcast matmul)"
         pairs = dict.fromkeys(zip(q_map.ravel().astype(int).tolist(), k_map.ravel().astype(int).tolist(), strict=True))
         q_ch = np.array([a for a, _ in pairs])
         k_ch = np.array([b for _, b in pairs])
@@ -188,6 +190,9 @@ class _Planner:
         if v_map is None:
             return "a V channel changes along the token axis"
         out = matmul.outputs[0]
+        env, bindings = self.env()
+        if v_map.shape[:-1] != env[out.name].shape[:-2]:
+            return f"V batch shape {v_map.shape[:-1]} differs from the output's (broadcast matmul)"
         nodes, terminals = _layout_tree(self.graph, out, self.users)
         readers = {r for _, r in terminals}
         if len(terminals) != 1 or _projection(terminals[0][1], self.users) is None:
@@ -196,7 +201,6 @@ class _Planner:
         x, reader = terminals[0]
         if reader.inputs[0] is not x:
             return f"the attention output is not the input of {reader.name}"
-        env, bindings = self.env()
         probe = np.broadcast_to(np.expand_dims(v_map, -2), env[out.name].shape).astype(np.float32)
         column_map = _propagate(nodes, out, probe, bindings)[x]
         columns = column_map.reshape(-1, column_map.shape[-1])

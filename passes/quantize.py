@@ -5,6 +5,13 @@
   per output channel, symmetric ``w_bits`` (``+-(2^(w_bits-1) - 1)``, clipping searched by MSE),
   activations per tensor, asymmetric unsigned ``a_bits`` (range by ``act_method``: ``mse``,
   ``minmax`` or ``percentile``), int32 accumulation, one float rescale per output.
+* Weight rounding (option ``weight_rounding``): ``"gptq"`` below 8 bits (``passes/gptq.py``, GPTQ's
+  error compensation on the fixed per-channel grid, Hessian from the calibration inputs as the
+  kernel will see them, quantized), ``"nearest"`` at 8 bits. GPTQ needs at least
+  ``GPTQ_ROWS_PER_INPUT`` calibration rows per input channel and otherwise rounds to nearest (the
+  report says so per layer). On the cluttered-digits ViT it lowers the W4A4 AdaLog logit error by a
+  fifth (``benchmarks/ptq_vit.py``); it matters where scale reparameterization has widened the
+  weight columns.
 * A ``linear`` whose input another quantizer already produced (``log2_quant`` after softmax or
   GELU) keeps its activation as is and gets fake-quantized (dequantized) weight constants.
 * Each activation input of a ``matmul`` (q @ k^T, attention @ v) gets a per-tensor
@@ -35,12 +42,15 @@ from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.ops import get_op
 from reshift.passes.calibrate import (
     activation_range,
+    fake_quant,
     observe,
     on_weight_grid,
     quantize_weight,
     require_calibration,
     uniform_params,
+    weight_scales,
 )
+from reshift.passes.gptq import gptq_codes, input_hessian
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import match
 from reshift.passes.quant_common import LINEAR, candidate_reason
@@ -48,6 +58,15 @@ from reshift.passes.rules import Refusal, RuleStats
 
 QUANTIZER_OPS = ("quantize_uniform", "log2_quant")
 GRANULARITIES = ("tensor", "row")
+ROUNDINGS = ("nearest", "gptq")
+# GPTQ fits the rounding to the calibration inputs; with fewer rows than a few per input channel its
+# Hessian is rank deficient and the fit does not carry over to new data
+GPTQ_ROWS_PER_INPUT = 4
+
+
+def default_weight_rounding(w_bits: int) -> str:
+    """``"gptq"`` below 8 bits, where round-to-nearest loses accuracy (see module docstring)."""
+    return "gptq" if w_bits < 8 else "nearest"
 
 
 def default_act_granularity(a_bits: int) -> str:
@@ -145,9 +164,30 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
     calibration = require_calibration(ctx.calibration, f"w{w_bits}a{a_bits} quantization")
     if opts.get("smooth_alpha") is not None:
         smooth_activations(graph, calibration, [m for m, weight_only in linears if not weight_only], opts, stats)
+    rounding = opts.get("weight_rounding") or default_weight_rounding(w_bits)
+    if rounding not in ROUNDINGS:
+        raise PassError(f"quantize: weight_rounding {rounding!r} must be 'nearest' or 'gptq'")
     static = [m.root.inputs[0] for m, weight_only in linears if not weight_only and granularity == "tensor"]
-    watched = list(dict.fromkeys(static + list(matmul_inputs)))
-    observers = observe(graph, calibration, watched)
+    hessian_inputs = [m.root.inputs[0] for m, _ in linears] if rounding == "gptq" else []
+    watched = list(dict.fromkeys(static + list(matmul_inputs) + hessian_inputs))
+    observers = observe(
+        graph, calibration, watched, keep_tensors={v.name for v in hessian_inputs}, max_batches_kept=len(calibration)
+    )
+
+    def weight_codes(w: np.ndarray, x: Value, static_input: bool) -> tuple[np.ndarray, np.ndarray, str]:
+        """``(codes, scales, rounding used)``; GPTQ falls back to nearest without enough calibration rows."""
+        rows = [t.reshape(-1, w.shape[1]) for t in observers[x.name].tensors] if rounding == "gptq" else []
+        n_rows = sum(len(r) for r in rows)
+        if rounding == "nearest":
+            return *quantize_weight(w, w_bits, weight_method), "nearest"
+        if n_rows < GPTQ_ROWS_PER_INPUT * w.shape[1]:
+            why = f"nearest ({n_rows} calibration rows < {GPTQ_ROWS_PER_INPUT} x {w.shape[1]} inputs for gptq)"
+            return *quantize_weight(w, w_bits, weight_method), why
+        scales = weight_scales(w, w_bits, weight_method)
+        x_rows = np.concatenate(rows)
+        if static_input:  # the kernel sees Q(x): GPTQ's objective (Eq. 1) on the inputs it will really get
+            x_rows = fake_quant(x_rows, *act_params(x), 0, 2**a_bits - 1)
+        return gptq_codes(w, scales, input_hessian(x_rows), w_bits), scales.astype(np.float32), "gptq"
 
     def act_params(v: Value) -> tuple[float, int]:
         lo, hi = activation_range(observers[v.name], a_bits, act_method)
@@ -155,9 +195,9 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
 
     for m, weight_only in linears:
         w = m.root.inputs[1].data  # the smoothed weight when smooth_alpha is set
-        codes, scales = quantize_weight(w, w_bits, weight_method)
+        codes, scales, used = weight_codes(w, m.root.inputs[0], not weight_only and granularity == "tensor")
         w_hat = codes.astype(np.float32) * scales[:, None]
-        details = {"w_bits": w_bits, "weight_error": relative_error(w_hat, w)}
+        details = {"w_bits": w_bits, "weight_rounding": used, "weight_error": relative_error(w_hat, w)}
         name = m.root.name
         if weight_only:
             m.root.inputs[1] = graph.add_constant(w_hat, f"{name}_wq{w_bits}")
