@@ -495,7 +495,8 @@ def speed_study(depth: int = 12, repeat: int = 10) -> None:
 def attention_speed(repeat: int = 20) -> list[dict]:
     """ViT-S attention ``P @ V`` (6 heads, 197 tokens, head dim 64): fp32 matmul vs the fake-quant
     path (log2_quant + quantize_uniform + fp32 matmul) vs the shift-add ``log2_matmul`` kernel
-    (4-bit log-sqrt2 codes, 8-bit V), each compiled by reshift, batch 1 and 8, 2 threads."""
+    (4-bit log-sqrt2 codes, 8-bit V; and AdaLog's base ``2^(11/16)``, 16 accumulators), each compiled
+    by reshift, batch 1 and 8, 2 threads."""
     from reshift.ir.builder import GraphBuilder
 
     rng = np.random.default_rng(0)
@@ -512,11 +513,14 @@ def attention_speed(repeat: int = 20) -> list[dict]:
         elif kind == "fake-quant":
             vq = b.quantize_uniform(v, scale=(v_attrs["v_scale"],), zero_point=(float(v_attrs["v_zero_point"]),))
             y = b.matmul(b.log2_quant(p, **attrs), vq)
-        else:
+        elif kind == "log2_matmul":
             y = b.log2_matmul(p, v, **attrs, **v_attrs)
+        else:
+            y = b.log2_matmul(p, v, **{**attrs, "base_kind": "adaptive", "base": 2 ** (11 / 16)}, **v_attrs)
         return b.build(y)
 
-    compiled = {kind: reshift.compile(graph(kind), pipeline="none") for kind in ("fp32", "fake-quant", "log2_matmul")}
+    kinds = ("fp32", "fake-quant", "log2_matmul", "log2_matmul adaptive")
+    compiled = {kind: reshift.compile(graph(kind), pipeline="none") for kind in kinds}
     rows = []
     print(f"\nViT-S attention P @ V ({heads} heads, {tokens} tokens, head dim {dim}); CPU: {cpu_name()}; 2 threads")
     for batch in (1, 8):

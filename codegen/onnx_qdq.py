@@ -110,7 +110,7 @@ def _log2_quant(em, node: Node, ins):
 @register_decomposition("log2_matmul")
 def _log2_matmul(em, node: Node, ins):
     a = node.attrs
-    p = _log2_levels(em, ins[0], {**a, "base": 2.0, "table_size": 16})
+    p = _log2_levels(em, ins[0], a)
     v = _qdq(em, ins[1], np.float32(a["v_scale"]), np.asarray(a["v_zero_point"]), a["v_bits"], a["v_signed"], None)
     return em.final(node, "MatMul", [p, v])
 

@@ -205,32 +205,66 @@ register(
 
 
 # -- log2_matmul ------------------------------------------------------------------------------
-LOG2_MATMUL_KINDS = ("log2", "log_sqrt2")
+LOG2_MATMUL_KINDS = ("log2", "log_sqrt2", "adaptive")
 SQRT2_NUMERATOR = 11863283  # float32(sqrt2) = 11863283 * 2^-23, exactly
 SQRT2_SHIFT = 23
+TABLE_SHIFT = 24  # float32(2^(-r/D)) in (1/2, 1] is an integer times 2^-24
 ACC_LIMIT = 2**31 - 1
 
 
-def smallest_level_exponent(bits: int, base_kind: str) -> int:
-    """``E``: the exponent of the last (smallest) level, code ``2^bits - 2``."""
+def _adaptive_period(base: float, table_size: int) -> tuple[int, int, int]:
+    """``(p, R, g)``: ``base = 2^(p/D)``; the fractional part of ``q p / D`` takes ``R = D / g`` values
+    (``g = gcd(p, D)``), ``r g / D`` for ``r`` in ``0..R-1``."""
+    p = adaptive_exponent(base, table_size)
+    g = int(np.gcd(p, table_size))
+    return p, table_size // g, g
+
+
+def smallest_level_exponent(bits: int, base_kind: str, base: float = 2.0, table_size: int = 16) -> int:
+    """``E``: the power-of-two exponent of the last (smallest) level, code ``2^bits - 2``."""
     last = 2**bits - 2
-    return last if base_kind == "log2" else (last + 1) // 2
+    if base_kind == "log2":
+        return last
+    if base_kind == "log_sqrt2":
+        return (last + 1) // 2
+    return last * adaptive_exponent(base, table_size) // table_size
 
 
-def log2_matmul_bound(bits: int, base_kind: str, v_bits: int, k: int) -> int:
+def residue_numerators(base_kind: str, base: float = 2.0, table_size: int = 16) -> tuple[np.ndarray, int]:
+    """``(N, S)``: a level is ``2^-e * N[r] * 2^-S`` exactly, ``r`` its residue class (one accumulator each):
+    log2 ``[2^23]``; log-sqrt2 ``[2^23, 11863283]`` (``r`` = odd code); adaptive ``float32(2^(-r g / D)) * 2^24``
+    (the ``fraction_table`` entries the code's fractional exponents reach)."""
+    if base_kind == "log2":
+        return np.array([1 << SQRT2_SHIFT], np.int64), SQRT2_SHIFT
+    if base_kind == "log_sqrt2":
+        return np.array([1 << SQRT2_SHIFT, SQRT2_NUMERATOR], np.int64), SQRT2_SHIFT
+    _, periods, g = _adaptive_period(base, table_size)
+    table = fraction_table(table_size)[::g][:periods].astype(np.float64)
+    return np.rint(table * 2.0**TABLE_SHIFT).astype(np.int64), TABLE_SHIFT
+
+
+def log2_matmul_bound(bits: int, base_kind: str, v_bits: int, k: int, base: float = 2.0, table_size: int = 16) -> int:
     """The largest ``|acc|`` an int32 accumulator of ``log2_matmul`` can reach over ``k`` terms."""
-    return (2**v_bits - 1) * k * 2 ** smallest_level_exponent(bits, base_kind)
+    return (2**v_bits - 1) * k * 2 ** smallest_level_exponent(bits, base_kind, base, table_size)
 
 
-def log2_shift_codes(p: np.ndarray, bits: int, base_kind: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(shift, odd)`` int64 per element of ``p``: ``shift = E - e`` (``-1`` for the zero code and NaN),
-    ``odd`` 1 where the level carries the sqrt2 factor."""
-    q = log2_codes(p, bits, 1.0 if base_kind == "log2" else 0.5, scale)
+def log2_shift_codes(
+    p: np.ndarray, bits: int, base_kind: str, scale: float, base: float = 2.0, table_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, residue)`` int64 per element of ``p``: ``shift = E - e`` (``-1`` for the zero code and NaN),
+    ``residue`` the accumulator of the level (see :func:`residue_numerators`)."""
+    q = log2_codes(p, bits, log_step(base_kind, base, table_size), scale)
     skip = np.isnan(q) | (q == 2**bits - 1)
     qi = np.where(skip, 0, q).astype(np.int64)
-    e, odd = (qi, np.zeros_like(qi)) if base_kind == "log2" else ((qi + 1) // 2, qi % 2)
-    shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind) - e)
-    return shift, np.where(skip, 0, odd)
+    if base_kind == "log2":
+        e, residue = qi, np.zeros_like(qi)
+    elif base_kind == "log_sqrt2":
+        e, residue = (qi + 1) // 2, qi % 2
+    else:
+        step, periods, g = _adaptive_period(base, table_size)
+        e, residue = qi * step // table_size, (qi * step // g) % periods
+    shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind, base, table_size) - e)
+    return shift, np.where(skip, 0, residue)
 
 
 def quantize_v_int(v: np.ndarray, v_scale: float, v_zero_point: int, v_bits: int, v_signed: bool) -> np.ndarray:
@@ -242,37 +276,43 @@ def quantize_v_int(v: np.ndarray, v_scale: float, v_zero_point: int, v_bits: int
     return q.astype(np.int64) - int(v_zero_point)
 
 
-def log2_matmul_rescale(bits: int, base_kind: str, scale: float, v_scale: float) -> float:
-    """``C = scale * v_scale * 2^-(E+23)`` in float64 (exact: float32 operands, a power of two)."""
-    e = smallest_level_exponent(bits, base_kind)
-    return float(np.float64(np.float32(scale)) * np.float64(np.float32(v_scale)) * 2.0 ** -(e + SQRT2_SHIFT))
+def log2_matmul_rescale(
+    bits: int, base_kind: str, scale: float, v_scale: float, base: float = 2.0, table_size: int = 16
+) -> float:
+    """``C = scale * v_scale * 2^-(E+S)`` in float64 (exact: float32 operands, a power of two)."""
+    e = smallest_level_exponent(bits, base_kind, base, table_size)
+    shift = residue_numerators(base_kind, base, table_size)[1]
+    return float(np.float64(np.float32(scale)) * np.float64(np.float32(v_scale)) * 2.0 ** -(e + shift))
 
 
-def log2_matmul_ref(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed=False):
+def log2_matmul_ref(
+    p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed=False, base=2.0, table_size=16
+):
     """Shift-and-add attention, stated exactly (see module docstring)."""
     p, v = np.asarray(p, np.float32), np.asarray(v, np.float32)
-    shift, odd = log2_shift_codes(p, bits, base_kind, scale)
+    shift, residue = log2_shift_codes(p, bits, base_kind, scale, base, table_size)
     v_int = quantize_v_int(v, v_scale, v_zero_point, v_bits, v_signed).astype(np.float64)
     power = np.where(shift >= 0, np.ldexp(1.0, np.maximum(shift, 0)), 0.0)  # 2^(E - e), exact in float64
     # float64 matmuls are exact here: every partial sum is an integer below 2^31 (the type check's bound)
-    acc_even = np.matmul(np.where(odd == 0, power, 0.0), v_int).astype(np.int64)
-    acc_odd = np.matmul(np.where(odd == 1, power, 0.0), v_int).astype(np.int64)
-    t = acc_even * 2**SQRT2_SHIFT + acc_odd * SQRT2_NUMERATOR
-    y = (t.astype(np.float64) * log2_matmul_rescale(bits, base_kind, scale, v_scale)).astype(np.float32)
+    numerators, _ = residue_numerators(base_kind, base, table_size)
+    t = sum(
+        np.matmul(np.where(residue == r, power, 0.0), v_int).astype(np.int64) * int(n) for r, n in enumerate(numerators)
+    )
+    rescale = log2_matmul_rescale(bits, base_kind, scale, v_scale, base, table_size)
+    y = (t.astype(np.float64) * rescale).astype(np.float32)
     nan = np.isnan(p).any(axis=-1)[..., :, None] | np.isnan(v).any(axis=-2)[..., None, :]
     return np.where(nan, np.float32(np.nan), y).astype(np.float32)
 
 
-def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed):
+def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed, base, table_size):
     require_float(p, "log2_matmul")
     require_float(v, "log2_matmul")
     if p.rank < 2 or v.rank < 2 or p.shape[-1] != v.shape[-2]:
         raise IRTypeError(f"log2_matmul: p {p} must be [..., M, K] and v {v} [..., K, D]")
     if base_kind not in LOG2_MATMUL_KINDS:
-        raise IRTypeError(
-            f"log2_matmul: base_kind {base_kind!r} must be one of {LOG2_MATMUL_KINDS} (adaptive bases stay "
-            "log2_quant + matmul)"
-        )
+        raise IRTypeError(f"log2_matmul: base_kind {base_kind!r} must be one of {LOG2_MATMUL_KINDS}")
+    if base_kind == "adaptive":
+        adaptive_exponent(base, table_size)  # raises when base is not 2^(p/D)
     if not 2 <= bits <= 8 or not 2 <= v_bits <= 8:
         raise IRTypeError(f"log2_matmul: bits {bits} and v_bits {v_bits} must be in 2..8")
     for name, value in (("scale", scale), ("v_scale", v_scale)):
@@ -284,12 +324,12 @@ def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bi
     k = p.shape[-1]
     if not isinstance(k, int):
         raise IRTypeError(f"log2_matmul: the contraction dimension of {p} must be static (int32 bound)")
-    bound = log2_matmul_bound(bits, base_kind, v_bits, k)
+    bound = log2_matmul_bound(bits, base_kind, v_bits, k, base, table_size)
     if bound > ACC_LIMIT:
+        e = smallest_level_exponent(bits, base_kind, base, table_size)
         raise IRTypeError(
-            f"log2_matmul: {bits}-bit {base_kind} levels reach 2^-{smallest_level_exponent(bits, base_kind)}; "
-            f"{2**v_bits - 1} * {k} * 2^{smallest_level_exponent(bits, base_kind)} overflows the int32 "
-            "accumulator: keep log2_quant + matmul, or use fewer bits"
+            f"log2_matmul: {bits}-bit {base_kind} levels reach 2^-{e}; {2**v_bits - 1} * {k} * 2^{e} overflows "
+            "the int32 accumulator: keep log2_quant + matmul, or use fewer bits"
         )
     return _matmul_infer(p, v)
 
@@ -305,12 +345,14 @@ register(
         "v_zero_point": Attr("int", 0),
         "v_bits": Attr("int", 8),
         "v_signed": Attr("bool", False),
+        "base": Attr("float", 2.0),
+        "table_size": Attr("int", 16),
     },
     _log2_matmul_infer,
     log2_matmul_ref,
-    "y = float32(float64(acc_even * 2^23 + acc_odd * 11863283) * scale * v_scale * 2^-(E+23)), acc_even/odd = "
-    "int32 sum_k v_int[k] << (E - e_k) over even/odd log2 codes of p (zero code skipped), v_int = per-tensor "
-    "uniform codes of v",
+    "y = float32(float64(sum_r acc_r * N_r) * scale * v_scale * 2^-(E+S)), acc_r = int32 sum_k v_int[k] << (E - e_k) "
+    "over the log2 codes of p in residue class r (zero code skipped; N, S: 2^23 and 11863283 with S=23 for "
+    "log2 / log-sqrt2, float32 table entries times 2^24 for adaptive bases), v_int = per-tensor uniform codes of v",
     macs=lambda out, p, v, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])) * int(p[-1]),
     tags={"custom", "contraction"},
 )
@@ -414,6 +456,7 @@ __all__ = [
     "log2_codes",
     "log2_levels",
     "log2_matmul_bound",
+    "residue_numerators",
     "log2_matmul_ref",
     "log2_matmul_rescale",
     "log2_shift_codes",

@@ -15,14 +15,15 @@
   ``W X + b = W (X + c) + (b - c W 1)``.
 
 * RepQ-ViT's integer attention: ``matmul(log2_quant(A), quantize_uniform(V))`` becomes one
-  ``log2_matmul`` (``ir/ops_quant.py``): ``sum_k 2^-e_k V_int[k]`` as int32 shifts and adds, two
-  accumulators (even and odd codes; the odd one takes the one ``sqrt2`` multiply), zero codes
-  skipped, one rescale by ``scale * v_scale``. Exact up to float32 rounding against the
-  fake-quantized graph it replaces (it carries the same codes and the same calibrated per-tensor V
-  scale). Refused, with the reason in the report: adaptive bases (AdaLog's fractional powers need a
-  table multiply per term; they stay fake-quant), a float or per-channel V, and code ranges whose
-  shifts overflow int32 (``(2^v_bits - 1) * tokens * 2^E``: 4-bit codes fit 197 tokens; 6- and
-  8-bit log-sqrt2 codes, down to ``2^-31`` and ``2^-127``, do not).
+  ``log2_matmul`` (``ir/ops_quant.py``): ``sum_k 2^-e_k V_int[k]`` as int32 shifts and adds, one
+  accumulator per fractional part of the level exponent (log2: one; log-sqrt2: even and odd codes,
+  the odd one taking the one ``sqrt2`` multiply; AdaLog's base ``2^(p/D)``: ``D / gcd(p, D)``, each
+  multiplied once by its table entry at the end), zero codes skipped, one rescale by
+  ``scale * v_scale``. Exact up to float32 rounding against the fake-quantized graph it replaces (it
+  carries the same codes and the same calibrated per-tensor V scale). Refused, with the reason in
+  the report: a float or per-channel V, and code ranges whose shifts overflow int32
+  (``(2^v_bits - 1) * tokens * 2^E``: 4-bit codes fit 197 tokens; 6- and 8-bit log-sqrt2 codes,
+  down to ``2^-31`` and ``2^-127``, do not).
 
 Passes: ``log2_a{bits}`` (RepQ-ViT, softmax only; option ``base_kind``), ``adalog_a{bits}``
 (adaptive base on softmax and post-GELU) and ``fuse_log2_matmul``. Option ``a_bits`` overrides the bits.
@@ -188,10 +189,7 @@ LOG2_ATTENTION = Op("matmul", Op("log2_quant", Any("p"), name="pq"), Any("vq"), 
 def _log2_matmul_check(m: Match, graph: Graph) -> str | None:
     a = m.nodes["pq"].attrs
     if a["base_kind"] not in LOG2_MATMUL_KINDS:
-        return (
-            f"log2_quant base_kind {a['base_kind']!r} (base {a['base']:.4g}): fractional powers need a table "
-            "multiply per term, not a shift; stays fake-quant"
-        )
+        return f"log2_quant base_kind {a['base_kind']!r} has no shift-add kernel; stays fake-quant"
     vq = graph.producers().get(m["vq"])
     if vq is None or vq.op != "quantize_uniform":
         return f"V %{m['vq'].name} is not quantized: run after quantize_w*a* so V has a calibrated per-tensor scale"
@@ -202,9 +200,9 @@ def _log2_matmul_check(m: Match, graph: Graph) -> str | None:
     k = m["p"].shape[-1]
     if not isinstance(k, int):
         return f"contraction dimension {k!r} is symbolic: no static int32 bound"
-    bound = log2_matmul_bound(a["bits"], a["base_kind"], vq.attrs["bits"], k)
+    bound = log2_matmul_bound(a["bits"], a["base_kind"], vq.attrs["bits"], k, a["base"], a["table_size"])
     if bound > ACC_LIMIT:
-        e = smallest_level_exponent(a["bits"], a["base_kind"])
+        e = smallest_level_exponent(a["bits"], a["base_kind"], a["base"], a["table_size"])
         return (
             f"{a['bits']}-bit {a['base_kind']} levels reach 2^-{e}: {2 ** vq.attrs['bits'] - 1} * {k} tokens * 2^{e} "
             "overflows the int32 accumulator; stays fake-quant"
@@ -220,6 +218,8 @@ def _log2_matmul_rewrite(m: Match, ctx: RewriteContext) -> Value:
         v.inputs[0],
         bits=a["bits"],
         base_kind=a["base_kind"],
+        base=a["base"],
+        table_size=a["table_size"],
         scale=a["scale"],
         v_scale=v.attrs["scale"][0],
         v_zero_point=int(v.attrs["zero_point"][0]),

@@ -25,17 +25,21 @@ def probabilities(rng, shape) -> np.ndarray:
     return (p / p.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def fake_quant(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits):
-    return log2_quant_ref(p, bits, base_kind, 2.0, scale, 16) @ quantize_uniform_ref(
+def fake_quant(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, base=2.0):
+    return log2_quant_ref(p, bits, base_kind, base, scale, 16) @ quantize_uniform_ref(
         v, (v_scale,), (float(v_zero_point),), v_bits, -1
     )
 
 
-@pytest.mark.parametrize("kind", ["log2", "log_sqrt2"])
-def test_reference_is_the_fake_quant_product(rng, kind):
+# AdaLog bases 2^(p/16): 5/16 (16 residues), 8/16 (the log-sqrt2 levels as a table), 12/16 (4 residues)
+KINDS = [("log2", 2.0), ("log_sqrt2", 2.0), ("adaptive", 2 ** (5 / 16)), ("adaptive", 2**0.5), ("adaptive", 2**0.75)]
+
+
+@pytest.mark.parametrize("kind,base", KINDS)
+def test_reference_is_the_fake_quant_product(rng, kind, base):
     p, v = probabilities(rng, (2, 3, 9, 9)), rng.standard_normal((2, 3, 9, 16)).astype(np.float32)
-    y = log2_matmul_ref(p, v, 4, kind, 1.0, **V_ATTRS)
-    ref = fake_quant(p, v, 4, kind, 1.0, **V_ATTRS)
+    y = log2_matmul_ref(p, v, 4, kind, 1.0, **V_ATTRS, base=base)
+    ref = fake_quant(p, v, 4, kind, 1.0, **V_ATTRS, base=base)
     assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
@@ -61,25 +65,33 @@ def test_type_check_refuses_int32_overflow_and_adaptive():
     p, v = b.input("p", "f32[N,197,197]"), b.input("v", "f32[N,197,64]")
     with pytest.raises(Exception, match="overflows the int32"):
         b.log2_matmul(p, v, bits=6, base_kind="log_sqrt2", **V_ATTRS)
+    with pytest.raises(Exception, match="overflows the int32"):  # 6-bit base 2^(15/16): levels reach 2^-58
+        b.log2_matmul(p, v, bits=6, base_kind="adaptive", base=2 ** (15 / 16), **V_ATTRS)
+    with pytest.raises(Exception, match=r"adaptive base 1.3 must be 2\^\(p/16\)"):
+        b.log2_matmul(p, v, bits=4, base_kind="adaptive", base=1.3, **V_ATTRS)
     with pytest.raises(Exception, match="base_kind"):
-        b.log2_matmul(p, v, bits=4, base_kind="adaptive", **V_ATTRS)
+        b.log2_matmul(p, v, bits=4, base_kind="log10", **V_ATTRS)
     b.log2_matmul(p, v, bits=4, base_kind="log2", **V_ATTRS)  # 255 * 197 * 2^14 < 2^31
+    b.log2_matmul(p, v, bits=4, base_kind="adaptive", base=2 ** (15 / 16), **V_ATTRS)  # 2^13
 
 
 @pytest.mark.parametrize(
-    "heads,tokens,dim,kind,scale",
+    "heads,tokens,dim,kind,scale,base",
     [
-        (3, 1, 64, "log_sqrt2", 1.0),
-        (2, 7, 32, "log2", 1.0),
-        (6, 197, 64, "log_sqrt2", 1.0),
-        (1, 7, 5, "log_sqrt2", 0.5),
-        (2, 13, 32, "log_sqrt2", 0.8),
+        (3, 1, 64, "log_sqrt2", 1.0, 2.0),
+        (2, 7, 32, "log2", 1.0, 2.0),
+        (6, 197, 64, "log_sqrt2", 1.0, 2.0),
+        (1, 7, 5, "log_sqrt2", 0.5, 2.0),
+        (2, 13, 32, "log_sqrt2", 0.8, 2.0),
+        (2, 13, 32, "adaptive", 1.0, 2 ** (5 / 16)),
+        (3, 37, 32, "adaptive", 0.9, 2**0.75),
+        (1, 7, 5, "adaptive", 0.5, 2**0.5),
     ],
 )
-def test_compiled_kernel_is_bit_exact(rng, heads, tokens, dim, kind, scale):
+def test_compiled_kernel_is_bit_exact(rng, heads, tokens, dim, kind, scale, base):
     import reshift
 
-    g = attention_graph(heads, tokens, dim, bits=4, base_kind=kind, scale=scale)
+    g = attention_graph(heads, tokens, dim, bits=4, base_kind=kind, scale=scale, base=base)
     p = probabilities(rng, (2, heads, tokens, tokens))
     v = (rng.standard_normal((2, heads, tokens, dim)) * 2).astype(np.float32)
     flat = p.reshape(-1)
@@ -94,20 +106,23 @@ def test_compiled_kernel_is_bit_exact(rng, heads, tokens, dim, kind, scale):
 
 
 def test_compiled_codes_match_log2_on_level_boundaries():
-    """Codes from exponent/mantissa bits (no logarithm) agree with the reference's float64 log2 at
-    every power of two and on both sides of every rounding threshold."""
+    """Codes from exponent/mantissa bits or threshold compares (no logarithm) agree with the reference's
+    float64 log2 at every level and on both sides of every rounding threshold, for every kind."""
     import reshift
 
     centers = 2.0 ** -(np.arange(0, 40) / 4.0)  # levels and the thresholds between log-sqrt2 levels
+    for a in (5 / 16, 12 / 16):  # the adaptive bases' levels and thresholds
+        centers = np.concatenate([centers, 2.0 ** -(np.arange(0, 32) / 2.0 * a)])
     near = np.concatenate([np.nextafter(centers.astype(np.float32), 0), centers.astype(np.float32)])
     near = np.concatenate([near, np.nextafter(centers.astype(np.float32), 2)]).astype(np.float32)
     k = near.size
-    for kind in ("log2", "log_sqrt2"):
+    for kind, base in KINDS:
         b = GraphBuilder("codes")
         p, v = b.input("p", f"f32[{k},{k}]"), b.input("v", f"f32[{k},16]")
-        g = b.build(b.log2_matmul(p, v, bits=4, base_kind=kind, v_scale=1.0, v_zero_point=0, v_bits=2))
+        attrs = {"bits": 4, "base_kind": kind, "base": base, "v_scale": 1.0, "v_zero_point": 0, "v_bits": 2}
+        g = b.build(b.log2_matmul(p, v, **attrs))
         eye = np.diag(near).astype(np.float32)  # row i picks level(near[i]) * v[i]
         vin = np.ones((k, 16), np.float32)
         out = reshift.compile(g, pipeline="none")(eye, vin)
         np.testing.assert_array_equal(out, ir.interpret(g, {"p": eye, "v": vin})[g.outputs[0].name])
-        np.testing.assert_array_equal(out[:, 0], log2_quant_ref(near, 4, kind, 2.0, 1.0, 16))
+        np.testing.assert_array_equal(out[:, 0], log2_quant_ref(near, 4, kind, base, 1.0, 16))

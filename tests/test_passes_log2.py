@@ -93,7 +93,8 @@ def test_adalog_pass_softmax_and_gelu_bias_reparam(rng):
     assert gelu_q["shift"] == GELU_SHIFT and gelu_q["output_error"] < 0.05
     g4, _ = passes.run(g, "w4a4_adalog", calibration=calib, skip=())
     hist = g4.op_histogram()
-    assert hist["log2_quant"] == 2 and hist["linear"] == 1  # fc2 reads log2 activations: weight-only quantized
+    assert hist["linear"] == 1  # fc2 reads log2 activations: weight-only quantized
+    assert hist["log2_quant"] == 1 and hist["log2_matmul"] == 1  # post-GELU; attention as shifts and adds
 
 
 def test_log2_quant_onnx_decomposition_and_domain(rng):
@@ -145,14 +146,19 @@ def _unfused_and_fused(g, pipeline, calib, **options):
     return unfused, fused, report
 
 
-@pytest.mark.parametrize("pipeline", ["w4a4_log2", "w4a4_repq"])
+@pytest.mark.parametrize("pipeline", ["w4a4_log2", "w4a4_repq", "w4a4_adalog"])
 def test_fused_log2_matmul_matches_fake_quant_on_tiny_vit_attention(rng, pipeline):
-    """On a 3-head ViT block the fused kernel reproduces the fake-quant attention (float32 rounding)."""
+    """On a 3-head ViT block the fused kernel reproduces the fake-quant attention (float32 rounding),
+    log-sqrt2 and AdaLog's adaptive base alike."""
     g = tiny_vit_graph()
     calib = [{g.inputs[0].name: rng.standard_normal((4, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
     test = {g.inputs[0].name: rng.standard_normal((3, 3, 16, 16)).astype(np.float32)}
     unfused, fused, report = _unfused_and_fused(g, pipeline, calib)
-    assert report.matches == {"log2_matmul": 1} and "log2_quant" not in fused.op_histogram()
+    assert report.matches == {"log2_matmul": 1}
+    fused_producers = fused.producers()
+    assert not any(
+        n.op == "matmul" and getattr(fused_producers.get(n.inputs[0]), "op", None) == "log2_quant" for n in fused.nodes
+    )
     node = next(n for n in fused.nodes if n.op == "log2_matmul")
     producers = unfused.producers()
     matmul = next(
@@ -170,7 +176,8 @@ def test_fused_log2_matmul_matches_fake_quant_on_tiny_vit_attention(rng, pipelin
 
 
 def test_fuse_log2_matmul_refuses_with_reasons(rng):
-    """Float V (no quantizer), adaptive bases and 6-bit log-sqrt2 codes (int32 overflow) stay fake-quant."""
+    """Float V (no quantizer) and 6-bit log-sqrt2 codes (int32 overflow) stay fake-quant; adaptive
+    bases fuse."""
     from reshift.passes import PASSES, PassContext, PassManager
 
     g, calib = mlp_attention(rng), batches(rng, 2)
@@ -182,8 +189,8 @@ def test_fuse_log2_matmul_refuses_with_reasons(rng):
     assert "log2_matmul" not in g6.op_histogram()
     assert any("overflows the int32 accumulator" in r.reason for r in report6.refusals)
     _, g_ada, report_ada = _unfused_and_fused(g, "w4a4_log2", calib, skip=(), base_kind="adaptive")
-    assert "log2_matmul" not in g_ada.op_histogram()
-    assert any("fractional powers" in r.reason for r in report_ada.refusals)
+    node = next(n for n in g_ada.nodes if n.op == "log2_matmul")
+    assert node.attrs["base_kind"] == "adaptive" and report_ada.matches == {"log2_matmul": 1}
 
 
 def test_log2_matmul_onnx_decomposition_and_domain(rng):
@@ -194,7 +201,11 @@ def test_log2_matmul_onnx_decomposition_and_domain(rng):
 
     b = GraphBuilder("log2_mm")
     p, v = b.input("p", "f32[N,2,7,7]"), b.input("v", "f32[N,2,7,8]")
-    g = b.build(b.log2_matmul(p, v, bits=4, v_scale=0.05, v_zero_point=7, v_bits=4))
+    y = b.log2_matmul(p, v, bits=4, v_scale=0.05, v_zero_point=7, v_bits=4)
+    y_ada = b.log2_matmul(
+        p, v, bits=4, base_kind="adaptive", base=2 ** (11 / 16), v_scale=0.05, v_zero_point=7, v_bits=4
+    )
+    g = b.build(b.add(y, y_ada))
     logits = rng.standard_normal((3, 2, 7, 7))
     pin = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
     feeds = {"p": pin, "v": rng.standard_normal((3, 2, 7, 8)).astype(np.float32)}
@@ -203,4 +214,4 @@ def test_log2_matmul_onnx_decomposition_and_domain(rng):
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert max_relative_error(out, ir.interpret(g, feeds)[g.outputs[0].name]) < 1e-5
     domain = to_onnx(g, custom_ops="domain")
-    assert [n.domain for n in domain.graph.node if n.op_type == "log2_matmul"] == ["ai.reshift"]
+    assert [n.domain for n in domain.graph.node if n.op_type == "log2_matmul"] == ["ai.reshift"] * 2

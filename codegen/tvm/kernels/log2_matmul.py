@@ -30,14 +30,14 @@ from reshift.codegen.tvm.lower import LowerContext, lowering, op, product
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_quant import (
-    SQRT2_NUMERATOR,
-    SQRT2_SHIFT,
+    adaptive_exponent,
     log2_matmul_rescale,
+    residue_numerators,
     smallest_level_exponent,
     uniform_range,
 )
 
-ODD = 32  # code bit of the odd (sqrt2) levels; shifts are below 31 (the int32 bound)
+RESIDUE = 32  # code = shift + 32 * residue class; shifts are below 31 (the int32 bound)
 _MANTISSA = (1 << 52) - 1
 
 
@@ -45,10 +45,33 @@ def _mantissa_bits(c: float) -> int:
     return int(np.float64(c).view(np.int64)) & _MANTISSA
 
 
-def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float) -> te.Tensor:
-    """int32 ``[B, M, K]``: ``-1`` (zero code, NaN), else ``(E - e) + 32 * odd`` (see module docstring)."""
-    e_max = smallest_level_exponent(bits, base_kind)
+def adaptive_codes(y, bits: int, base: float, table_size: int):
+    """The code ``q`` of ``y = p / scale > 0`` for an adaptive base ``2^a``: ``rint(-log2(y) / a) >= j + 1``
+    exactly when ``y < 2^(-(j + 1/2) a)``, so ``q`` counts the float64 thresholds above ``y`` (none of
+    them is a power of two, see module docstring); ``2^bits - 1`` thresholds tell the zero code."""
+    a = adaptive_exponent(base, table_size) / table_size
+    return sum((y < tirx.const(2.0 ** (-(j + 0.5) * a), "float64")).astype("int32") for j in range(2**bits - 1))
+
+
+def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float, base: float, table_size: int) -> te.Tensor:
+    """int32 ``[B, M, K]``: ``-1`` (zero code, NaN), else ``(E - e) + 32 * residue`` (see module docstring)."""
+    e_max = smallest_level_exponent(bits, base_kind, base, table_size)
     zero_code = 2**bits - 1
+    if base_kind == "adaptive":
+        step = adaptive_exponent(base, table_size)
+        periods = len(residue_numerators(base_kind, base, table_size)[0])
+        unit = table_size // periods  # gcd(step, table_size)
+
+        def adaptive(*idx):
+            x = p[idx]
+            y = x.astype("float64") / tirx.const(float(np.float32(scale)), "float64")
+            q = adaptive_codes(y, bits, base, table_size)
+            skip = tirx.any(tirx.isnan(x), x <= tirx.const(0, "float32"), q >= zero_code)
+            n = q * step
+            code = (e_max - tirx.floordiv(n, table_size)) + tirx.floormod(tirx.floordiv(n, unit), periods) * RESIDUE
+            return tirx.Select(skip, tirx.const(-1, "int32"), code)
+
+        return te.compute(p.shape, adaptive, name="log2_shift_codes")
     sqrt2 = base_kind == "log_sqrt2"
     thresholds = [2**0.25, 2**0.75] if sqrt2 else [2**0.5]
 
@@ -67,7 +90,7 @@ def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float) -> te.Ten
         skip = tirx.any(tirx.isnan(x), x <= tirx.const(0, "float32"), q >= zero_code)
         e = tirx.floordiv(q + 1, 2) if sqrt2 else q
         odd = tirx.floormod(q, 2) if sqrt2 else tirx.const(0, "int32")
-        return tirx.Select(skip, tirx.const(-1, "int32"), (e_max - e) + odd * ODD)
+        return tirx.Select(skip, tirx.const(-1, "int32"), (e_max - e) + odd * RESIDUE)
 
     return te.compute(p.shape, fn, name="log2_shift_codes")
 
@@ -96,72 +119,80 @@ def nan_flags(p: te.Tensor, v: te.Tensor) -> tuple[te.Tensor, te.Tensor]:
     return rows, cols
 
 
-def log2_matmul_func(m: int, k: int, d: int, rescale: float) -> tirx.PrimFunc:
+def log2_matmul_func(m: int, k: int, d: int, residues: int, rescale: float) -> tirx.PrimFunc:
     """``y[b, i, :] = epilogue(sum_k code -> V_int[b, k, :] << shift)`` (see module docstring)."""
+    few = residues <= 2
 
     @T.prim_func(private=True)
-    def log2_matmul(code_h: T.handle, v_h: T.handle, prow_h: T.handle, vcol_h: T.handle, y_h: T.handle):
+    def log2_matmul(
+        code_h: T.handle, v_h: T.handle, prow_h: T.handle, vcol_h: T.handle, numer_h: T.handle, y_h: T.handle
+    ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         batch = T.int64()
         code = T.match_buffer(code_h, (batch, m, k), "int32")
         vi = T.match_buffer(v_h, (batch, k, d), "int32")
         prow = T.match_buffer(prow_h, (batch, m), "int32")
         vcol = T.match_buffer(vcol_h, (batch, d), "int32")
+        numer = T.match_buffer(numer_h, (residues,), "int64")
         y = T.match_buffer(y_h, (batch, m, d), "float32")
         for bi in T.parallel(batch * m):
-            even = T.alloc_buffer((d,), "int32", scope="local")
-            odd = T.alloc_buffer((d,), "int32", scope="local")
-            for j in T.vectorized(d):
-                even[j] = T.int32(0)
-                odd[j] = T.int32(0)
+            acc = T.alloc_buffer((residues, d), "int32", scope="local")
+            total = T.alloc_buffer((d,), "int64", scope="local")
+            for r in T.unroll(residues):
+                for j in T.vectorized(d):
+                    acc[r, j] = T.int32(0)
             for kk in range(k):
                 c = code[bi // m, bi % m, kk]
-                if c >= ODD:
-                    for j in T.vectorized(d):
-                        odd[j] = odd[j] + T.shift_left(vi[bi // m, kk, j], c - ODD)
-                elif c >= 0:
-                    for j in T.vectorized(d):
-                        even[j] = even[j] + T.shift_left(vi[bi // m, kk, j], c)
+                if c >= 0:
+                    if few:  # unrolled: each accumulator stays in registers
+                        for r in T.unroll(residues):
+                            if T.shift_right(c, 5) == r:
+                                for j in T.vectorized(d):
+                                    acc[r, j] = acc[r, j] + T.shift_left(vi[bi // m, kk, j], T.bitwise_and(c, 31))
+                    else:  # an indexed accumulator row (L1) beats a chain of compares
+                        for j in T.vectorized(d):
+                            acc[T.shift_right(c, 5), j] = acc[T.shift_right(c, 5), j] + T.shift_left(
+                                vi[bi // m, kk, j], T.bitwise_and(c, 31)
+                            )
+            for j in T.vectorized(d):
+                total[j] = T.int64(0)
+            for r in T.unroll(residues):
+                for j in T.vectorized(d):
+                    total[j] = total[j] + T.Cast("int64", acc[r, j]) * numer[r]
             for j in T.vectorized(d):  # one expression: a TVMScript let here was broadcast from lane 0
                 y[bi // m, bi % m, j] = T.Select(
                     prow[bi // m, bi % m] + vcol[bi // m, j] > 0,
                     T.float32(np.nan),
-                    T.Cast(
-                        "float32",
-                        T.Cast(
-                            "float64",
-                            T.Cast("int64", even[j]) * T.int64(1 << SQRT2_SHIFT)
-                            + T.Cast("int64", odd[j]) * T.int64(SQRT2_NUMERATOR),
-                        )
-                        * T.float64(rescale),
-                    ),
+                    T.Cast("float32", T.Cast("float64", total[j]) * T.float64(rescale)),
                 )
 
     return log2_matmul
 
 
-def portable_log2_matmul(code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: te.Tensor, rescale: float) -> te.Tensor:
-    """The same sum as a TE reduction (GPU targets)."""
+def portable_log2_matmul(
+    code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: te.Tensor, numerators: np.ndarray, rescale: float
+) -> te.Tensor:
+    """The same sums as TE reductions (GPU targets)."""
     b, m, k = code.shape
     d = vi.shape[2]
     zero = tirx.const(0, "int32")
 
-    def acc(want_odd: bool, name: str) -> te.Tensor:
+    def acc(residue: int) -> te.Tensor:
         r = te.reduce_axis((0, k), name="r")
 
         def fn(i, row, j):
             c = code[i, row, r]
-            hit = c >= ODD if want_odd else tirx.all(c >= 0, c < ODD)
-            return te.sum(tirx.Select(hit, tirx.shift_left(vi[i, r, j], c - ODD if want_odd else c), zero), axis=r)
+            hit = tirx.all(c >= 0, tirx.shift_right(c, 5) == residue)
+            return te.sum(tirx.Select(hit, tirx.shift_left(vi[i, r, j], tirx.bitwise_and(c, 31)), zero), axis=r)
 
-        return te.compute((b, m, d), fn, name=name)
+        return te.compute((b, m, d), fn, name=f"acc_{residue}")
 
-    even, odd = acc(False, "acc_even"), acc(True, "acc_odd")
+    accs = [acc(r) for r in range(len(numerators))]
 
     def out(i, row, j):
-        t = even[i, row, j].astype("int64") * tirx.const(1 << SQRT2_SHIFT, "int64") + odd[i, row, j].astype(
-            "int64"
-        ) * tirx.const(SQRT2_NUMERATOR, "int64")
+        t = sum(
+            a[i, row, j].astype("int64") * tirx.const(int(n), "int64") for a, n in zip(accs, numerators, strict=True)
+        )
         value = (t.astype("float64") * tirx.const(rescale, "float64")).astype("float32")
         return tirx.Select(prow[i, row] + vcol[i, j] > 0, tirx.const(np.nan, "float32"), value)
 
@@ -177,14 +208,18 @@ def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     batch = product(lead)
     p3 = ctx.emit(op.reshape(p, (batch, m, k)))
     v3 = ctx.emit(op.reshape(v, (batch, k, d)))
-    code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], name="log2_shift_codes")
+    kind = (a["base_kind"], a["base"], a["table_size"])
+    code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], *kind[1:], name="log2_shift_codes")
     vi = ctx.te(quantize_v, v3, a["v_scale"], a["v_zero_point"], a["v_bits"], a["v_signed"], name="log2_matmul_v_int")
     flags = ctx.te(nan_flags, p3, v3, name="log2_matmul_nan_flags")
     prow, vcol = ctx.emit(relax.TupleGetItem(flags, 0)), ctx.emit(relax.TupleGetItem(flags, 1))
-    rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"])
+    rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"], *kind[1:])
+    numerators = residue_numerators(*kind)[0]
     if current_target_is_gpu():
-        y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, rescale, name="log2_matmul")
+        y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, numerators, rescale, name="log2_matmul")
     else:
-        gv = ctx.bb.add_func(log2_matmul_func(int(m), int(k), int(d), rescale), "log2_matmul_shift_add")
-        y = ctx.emit(relax.op.call_tir(gv, [code, vi, prow, vcol], out_ty=relax.TensorType((batch, m, d), "float32")))
+        func = log2_matmul_func(int(m), int(k), int(d), len(numerators), rescale)
+        gv = ctx.bb.add_func(func, "log2_matmul_shift_add")
+        args = [code, vi, prow, vcol, relax.const(numerators, "int64")]
+        y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((batch, m, d), "float32")))
     return ctx.emit(op.reshape(y, [*lead, m, d]))
