@@ -20,19 +20,20 @@ Each numpy reference is the exact specification passes and kernels are checked a
   row at run time, in float32: ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)``,
   ``s = (hi - lo) / (2^bits - 1)`` (``1`` where that is 0), ``z = clip(rint(-lo / s), 0, 2^bits - 1)``;
   then ``y = float32(acc) * (s * w_scale[o]) + bias[o]``.
-* ``log2_matmul`` (RepQ-ViT attention times V as shifts and adds): ``p @ v`` with ``p`` coded as
-  ``log2_quant`` does (``log2`` or ``log_sqrt2``; code ``q``, exponent ``e`` = ``q`` or ``ceil(q/2)``,
-  ``odd`` = log_sqrt2 and ``q`` odd, the zero code skipped) and ``v`` as a per-tensor
+* ``log2_matmul`` (RepQ-ViT / AdaLog attention times V as shifts and adds): ``p @ v`` with ``p`` coded
+  as ``log2_quant`` does (code ``q``, the zero code skipped) and ``v`` as a per-tensor
   ``quantize_uniform`` (``v_int = clip(rint(v / v_scale) + z, lo, hi) - z``, float32 arithmetic,
-  int32). With ``E`` the exponent of the smallest level, two int32 accumulators
-  ``acc_even = sum_{k even} v_int[k] << (E - e_k)`` and ``acc_odd = sum_{k odd} v_int[k] << (E - e_k)``
-  hold ``2^E * sum_k 2^-e_k v_int[k]`` exactly (the type check proves
-  ``(2^v_bits - 1) * K * 2^E < 2^31``). The one ``sqrt2`` multiply is integer:
-  ``t = int64(acc_even) * 2^23 + int64(acc_odd) * 11863283`` (``float32(sqrt2) = 11863283 * 2^-23``),
-  exact, and ``y = float32(float64(t) * C)`` with ``C = float64(scale) * float64(v_scale) * 2^-(E+23)``
-  (exact in float64): two roundings, no add after a multiply, so a kernel with FMA contraction
-  gives the same bits. ``y[m, j]`` is NaN where row ``m`` of ``p`` or column ``j`` of ``v`` holds NaN
-  (as the float matmul of the fake-quantized operands).
+  int32). A level is ``2^-e * N[r] * 2^-S``: log2 ``e = q``, one class ``N = [2^23]``; log-sqrt2
+  ``e = ceil(q/2)``, ``r`` = ``q`` odd, ``N = [2^23, 11863283]`` (``float32(sqrt2) = 11863283 * 2^-23``),
+  ``S = 23``; adaptive base ``2^(p/D)``: ``e = floor(q p / D)``, ``r = (q p / g) mod (D / g)``
+  (``g = gcd(p, D)``), ``N[r] = float32(2^(-r g / D)) * 2^24`` (an integer), ``S = 24``. With ``E`` the
+  exponent of the smallest level, one int32 accumulator per class ``acc_r = sum_{k in r}
+  v_int[k] << (E - e_k)`` holds ``2^E * sum 2^-e_k v_int[k]`` exactly (the type check proves
+  ``(2^v_bits - 1) * K * 2^E < 2^31``); ``t = sum_r int64(acc_r) * N[r]`` is exact in int64 and
+  ``y = float32(float64(t) * C)`` with ``C = float64(scale) * float64(v_scale) * 2^-(E+S)`` (exact in
+  float64): no add after a multiply, so a kernel with FMA contraction gives the same bits.
+  ``y[m, j]`` is NaN where row ``m`` of ``p`` or column ``j`` of ``v`` holds NaN (as the float matmul
+  of the fake-quantized operands).
 
 Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged ``custom``.
 """

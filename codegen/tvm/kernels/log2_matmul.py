@@ -8,16 +8,23 @@ Three element-wise stages feed one kernel:
   and ``2^(3/4)``. That is the reference's float64 ``log2`` rounding whenever ``y`` is at least one
   float64 ulp away from those irrational thresholds, which always holds when ``scale`` is a power of
   two (``y`` is a float32, at least ``1.4e-8`` relative away). One int32 per element: ``-1`` for the
-  zero code (and NaN), else ``E - e`` plus 32 for the odd (sqrt2) codes.
+  zero code (and NaN), else ``E - e`` plus 32 times the level's accumulator class (the odd sqrt2
+  codes; an adaptive base's fractional exponent). Adaptive bases ``2^a`` compare ``y`` against the
+  float64 thresholds ``2^(-(j + 1/2) a)`` instead: ``rint(-log2(y) / a) > j`` exactly when ``y`` is
+  below the ``j``-th one (with ``a = p/16``, ``p <= 16``, no threshold is a power of two); the two
+  can only disagree for ``y`` within float64 rounding of a threshold (tests check the float32
+  neighbours of every threshold of two bases).
 * ``V_int = clip(rint(v / v_scale) + z, lo, hi) - z`` in float32 arithmetic, as ``quantize_uniform``.
 * NaN flags per row of ``p`` and per column of ``v``.
 
 The kernel walks ``(batch*head, row)`` pairs in parallel; per token ``k`` one scalar branch skips
-the zero code or picks the accumulator, and the body ``acc[:] += V_int[k, :] << shift`` is
-vectorized over the head dimension (``vpsllvd``/``vpaddd``). The epilogue follows the reference
-exactly: ``t = int64(acc_even) * 2^23 + int64(acc_odd) * 11863283`` and
-``y = float32(float64(t) * C)``; no float add follows a multiply, so LLVM's FMA contraction
-cannot change a bit. GPU targets get the same stages with a plain TE reduction (correct, untuned).
+the zero code or picks the accumulator, and the body ``acc[r, :] += V_int[k, :] << shift`` is
+vectorized over the head dimension (``vpsllvd``/``vpaddd``). With one or two classes the choice is
+an unrolled compare (the accumulators stay in registers); an adaptive base's up to 16 classes index
+an accumulator row instead (1.8x faster than 16 compares on ViT-S attention). The epilogue follows
+the reference exactly: ``t = sum_r int64(acc_r) * N[r]`` and ``y = float32(float64(t) * C)``; no
+float add follows a multiply, so LLVM's FMA contraction cannot change a bit. GPU targets get the
+same stages with plain TE reductions (correct, untuned).
 """
 
 from __future__ import annotations
