@@ -126,3 +126,14 @@ def test_compiled_codes_match_log2_on_level_boundaries():
         out = reshift.compile(g, pipeline="none")(eye, vin)
         np.testing.assert_array_equal(out, ir.interpret(g, {"p": eye, "v": vin})[g.outputs[0].name])
         np.testing.assert_array_equal(out[:, 0], log2_quant_ref(near, 4, kind, base, 1.0, 16))
+
+
+@pytest.mark.parametrize("kind,base", [("log_sqrt2", 2.0), ("adaptive", 2 ** (5 / 16))])
+def test_cuda_build_of_the_portable_kernel(kind, base):
+    """GPU targets take the TE reductions (one per accumulator class); here they are built, not run."""
+    from reshift.codegen.tvm import build
+
+    g = attention_graph(3, 37, 32, bits=4, base_kind=kind, base=base)
+    cuda = build(g, "cuda-sm90")
+    source = next(m for m in cuda.executable.mod.imports[0].imports if m.kind == "cuda").inspect_source()
+    assert "__global__" in source and source.count("<<") >= 1  # the shifts survive into the device code

@@ -177,7 +177,7 @@ def log2_matmul_func(m: int, k: int, d: int, residues: int, rescale: float) -> t
 
 
 def portable_log2_matmul(
-    code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: te.Tensor, numerators: np.ndarray, rescale: float
+    code: te.Tensor, vi: te.Tensor, prow: te.Tensor, vcol: te.Tensor, numerators: tuple[int, ...], rescale: float
 ) -> te.Tensor:
     """The same sums as TE reductions (GPU targets)."""
     b, m, k = code.shape
@@ -223,7 +223,8 @@ def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"], *kind[1:])
     numerators = residue_numerators(*kind)[0]
     if current_target_is_gpu():
-        y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, numerators, rescale, name="log2_matmul")
+        ints = tuple(int(n) for n in numerators)  # emit_te takes no numpy arrays
+        y = ctx.te(portable_log2_matmul, code, vi, prow, vcol, ints, rescale, name="log2_matmul")
     else:
         func = log2_matmul_func(int(m), int(k), int(d), len(numerators), rescale)
         gv = ctx.bb.add_func(func, "log2_matmul_shift_add")
