@@ -213,7 +213,7 @@ TABLE_SHIFT = 24  # float32(2^(-r/D)) in (1/2, 1] is an integer times 2^-24
 ACC_LIMIT = 2**31 - 1
 
 
-def _adaptive_period(base: float, table_size: int) -> tuple[int, int, int]:
+def adaptive_period(base: float, table_size: int) -> tuple[int, int, int]:
     """``(p, R, g)``: ``base = 2^(p/D)``; the fractional part of ``q p / D`` takes ``R = D / g`` values
     (``g = gcd(p, D)``), ``r g / D`` for ``r`` in ``0..R-1``."""
     p = adaptive_exponent(base, table_size)
@@ -239,7 +239,7 @@ def residue_numerators(base_kind: str, base: float = 2.0, table_size: int = 16) 
         return np.array([1 << SQRT2_SHIFT], np.int64), SQRT2_SHIFT
     if base_kind == "log_sqrt2":
         return np.array([1 << SQRT2_SHIFT, SQRT2_NUMERATOR], np.int64), SQRT2_SHIFT
-    _, periods, g = _adaptive_period(base, table_size)
+    _, periods, g = adaptive_period(base, table_size)
     table = fraction_table(table_size)[::g][:periods].astype(np.float64)
     return np.rint(table * 2.0**TABLE_SHIFT).astype(np.int64), TABLE_SHIFT
 
@@ -262,7 +262,7 @@ def log2_shift_codes(
     elif base_kind == "log_sqrt2":
         e, residue = (qi + 1) // 2, qi % 2
     else:
-        step, periods, g = _adaptive_period(base, table_size)
+        step, periods, g = adaptive_period(base, table_size)
         e, residue = qi * step // table_size, (qi * step // g) % periods
     shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind, base, table_size) - e)
     return shift, np.where(skip, 0, residue)
@@ -457,6 +457,7 @@ __all__ = [
     "log2_codes",
     "log2_levels",
     "log2_matmul_bound",
+    "adaptive_period",
     "residue_numerators",
     "log2_matmul_ref",
     "log2_matmul_rescale",

@@ -114,31 +114,33 @@ class _Projection:
 
 
 class _Planner:
-    def __init__(self, graph: Graph, calibration, opts):
-        self.graph, self.producers, self.users = graph, graph.producers(), graph.users()
-        self.calibration = calibration
+    def __init__(self, graph: Graph, users, calibration, opts):
+        self.graph, self.users, self.calibration = graph, users, calibration
         self.qk_alpha, self.v_alpha = float(opts.get("qk_alpha", 0.5)), float(opts.get("v_alpha", 1.0))
         self.projections: dict[Node, _Projection] = {}
         self._env, self._bindings, self._amax = None, None, {}
 
-    # calibration: one run for the concrete shapes, all runs for the ranges
+    def _observe(self) -> None:
+        """One pass over the calibration batches: the first batch's values (concrete shapes for the
+        probes) and every projection output's per-channel ``max |x|``."""
+        outputs = [n.outputs[0] for n in self.graph.nodes if n.op == "linear"]
+        for index, batch in enumerate(self.calibration):
+            env = interpret(self.graph, batch, return_all=True)
+            if index == 0:
+                self._env, self._bindings = env, bind_inputs(self.graph, batch)[1]
+            for v in outputs:
+                a = np.abs(np.nan_to_num(env[v.name].astype(np.float64))).reshape(-1, v.shape[-1]).max(axis=0)
+                self._amax[v.name] = np.maximum(self._amax.get(v.name, 0.0), a)
+
     def env(self) -> tuple[dict, dict]:
         if self._env is None:
-            batch = self.calibration[0]
-            self._bindings = bind_inputs(self.graph, batch)[1]
-            self._env = interpret(self.graph, batch, return_all=True)
+            self._observe()
         return self._env, self._bindings
 
     def amax(self, value: Value) -> np.ndarray:
-        """Per-channel ``max |x|`` of a projection output over every calibration batch (all projections
-        are observed in one pass over the batches)."""
-        if not self._amax:
-            outputs = [n.outputs[0] for n in self.graph.nodes if n.op == "linear"]
-            for batch in self.calibration:
-                env = interpret(self.graph, batch, return_all=True)
-                for v in outputs:
-                    a = np.abs(np.nan_to_num(env[v.name].astype(np.float64))).reshape(-1, v.shape[-1]).max(axis=0)
-                    self._amax[v.name] = np.maximum(self._amax.get(v.name, 0.0), a)
+        """Per-channel ``max |x|`` of a projection output over every calibration batch."""
+        if self._env is None:
+            self._observe()
         return self._amax[value.name]
 
     def projection(self, node: Node) -> _Projection:
@@ -249,7 +251,7 @@ def attention_reparam(graph: Graph, ctx: PassContext) -> RuleStats:
             continue
         if planner is None:
             calibration = require_calibration(ctx.calibration, "attention scale migration")
-            planner = _Planner(graph, calibration, ctx.options)
+            planner = _Planner(graph, users, calibration, ctx.options)
         if qp_node is not None:
             rule, reason = "migrate_qk", planner.plan_qk(node, planner.projection(qp_node), planner.projection(kp_node))
         else:

@@ -177,10 +177,10 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
 
     def weight_codes(w: np.ndarray, x: Value, static_input: bool) -> tuple[np.ndarray, np.ndarray, str]:
         """``(codes, scales, rounding used)``; GPTQ falls back to nearest without enough calibration rows."""
-        rows = [t.reshape(-1, w.shape[1]) for t in observers[x.name].tensors] if rounding == "gptq" else []
-        n_rows = sum(len(r) for r in rows)
         if rounding == "nearest":
             return *quantize_weight(w, w_bits, weight_method), "nearest"
+        rows = [t.reshape(-1, w.shape[1]) for t in observers[x.name].tensors]
+        n_rows = sum(len(r) for r in rows)
         if n_rows < GPTQ_ROWS_PER_INPUT * w.shape[1]:
             why = f"nearest ({n_rows} calibration rows < {GPTQ_ROWS_PER_INPUT} x {w.shape[1]} inputs for gptq)"
             return *quantize_weight(w, w_bits, weight_method), why

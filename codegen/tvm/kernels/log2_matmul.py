@@ -38,13 +38,15 @@ from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.ir.graph import Node
 from reshift.ir.ops_quant import (
     adaptive_exponent,
+    adaptive_period,
     log2_matmul_rescale,
     residue_numerators,
     smallest_level_exponent,
     uniform_range,
 )
 
-RESIDUE = 32  # code = shift + 32 * residue class; shifts are below 31 (the int32 bound)
+RESIDUE_BITS = 5  # code = shift + 32 * residue class; shifts are below 31 (the int32 bound)
+RESIDUE = 1 << RESIDUE_BITS
 _MANTISSA = (1 << 52) - 1
 
 
@@ -65,9 +67,7 @@ def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float, base: flo
     e_max = smallest_level_exponent(bits, base_kind, base, table_size)
     zero_code = 2**bits - 1
     if base_kind == "adaptive":
-        step = adaptive_exponent(base, table_size)
-        periods = len(residue_numerators(base_kind, base, table_size)[0])
-        unit = table_size // periods  # gcd(step, table_size)
+        step, periods, unit = adaptive_period(base, table_size)  # unit = gcd(step, table_size)
 
         def adaptive(*idx):
             x = p[idx]
@@ -151,16 +151,16 @@ def log2_matmul_func(m: int, k: int, d: int, residues: int, rescale: float) -> t
             for kk in range(k):
                 c = code[bi // m, bi % m, kk]
                 if c >= 0:
+                    cls = T.shift_right(c, RESIDUE_BITS)
+                    shift = T.bitwise_and(c, RESIDUE - 1)
                     if few:  # unrolled: each accumulator stays in registers
                         for r in T.unroll(residues):
-                            if T.shift_right(c, 5) == r:
+                            if cls == r:
                                 for j in T.vectorized(d):
-                                    acc[r, j] = acc[r, j] + T.shift_left(vi[bi // m, kk, j], T.bitwise_and(c, 31))
+                                    acc[r, j] = acc[r, j] + T.shift_left(vi[bi // m, kk, j], shift)
                     else:  # an indexed accumulator row (L1) beats a chain of compares
                         for j in T.vectorized(d):
-                            acc[T.shift_right(c, 5), j] = acc[T.shift_right(c, 5), j] + T.shift_left(
-                                vi[bi // m, kk, j], T.bitwise_and(c, 31)
-                            )
+                            acc[cls, j] = acc[cls, j] + T.shift_left(vi[bi // m, kk, j], shift)
             for j in T.vectorized(d):
                 total[j] = T.int64(0)
             for r in T.unroll(residues):
@@ -189,8 +189,9 @@ def portable_log2_matmul(
 
         def fn(i, row, j):
             c = code[i, row, r]
-            hit = tirx.all(c >= 0, tirx.shift_right(c, 5) == residue)
-            return te.sum(tirx.Select(hit, tirx.shift_left(vi[i, r, j], tirx.bitwise_and(c, 31)), zero), axis=r)
+            hit = tirx.all(c >= 0, tirx.shift_right(c, RESIDUE_BITS) == residue)
+            shifted = tirx.shift_left(vi[i, r, j], tirx.bitwise_and(c, RESIDUE - 1))
+            return te.sum(tirx.Select(hit, shifted, zero), axis=r)
 
         return te.compute((b, m, d), fn, name=f"acc_{residue}")
 
