@@ -112,3 +112,23 @@ def test_refuses_matmul_with_a_constant_operand(rng):
 def test_needs_calibration(rng):
     with pytest.raises(PassError, match="calibration"):
         passes.run(bert_attention(rng), "attention_reparam")
+
+
+def test_refuses_broadcast_batches(rng):
+    """k from a batch-1 input against q from a batch-N one: the batch dims broadcast, so a channel of k
+    meets q channels of every batch row; the pass leaves it alone."""
+    b = GraphBuilder("broadcast")
+    x, memory = b.input("x", f"f32[N,{T},{C}]"), b.input("m", f"f32[1,{T},{C}]")
+
+    def heads(src):
+        y = b.linear(src, _const(b, rng, (C, C)), _const(b, rng, (C,)))
+        return b.transpose(b.reshape(y, shape=[-1, T, H, D]), perm=[0, 2, 1, 3])
+
+    g = b.build(b.matmul(heads(x), b.transpose(heads(memory), perm=[0, 1, 3, 2])))
+    calib = [
+        {"x": rng.standard_normal((3, T, C)).astype(np.float32), "m": rng.standard_normal((1, T, C)).astype(np.float32)}
+    ]
+    _, report = passes.run(g, "attention_reparam", calibration=calib)
+    assert not report.matches
+    (reason,) = refused(report, "migrate_qk")
+    assert "broadcast matmul" in reason
