@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test test-fast bench ops-table lint clean
+.PHONY: install system-tools demo test test-fast bench ops-table lint clean
+
+# System tools the test suite uses (tests/system_tools.py names them): Debian packages, installed
+# when `make` runs as root with apt-get; otherwise the tests that need them skip and say why.
+SYSTEM_PACKAGES := gcc-aarch64-linux-gnu
+SYSTEM_PACKAGE_TOOLS := aarch64-linux-gnu-gcc
 
 # torch 2.13.0 first: it is the CPU wheel on these machines; any other version pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -17,10 +22,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+system-tools:
+	@missing=""; for t in $(SYSTEM_PACKAGE_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing system packages for:$$missing ($(SYSTEM_PACKAGES))"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES)) >/dev/null \
+	    || echo "warning: apt-get could not install $(SYSTEM_PACKAGES); the tests that need$$missing will skip"; \
+	else \
+	  echo "note:$$missing not found and not installable here (needs root and apt-get); the tests that need it will skip"; \
+	fi
+
 demo: install
 	$(BIN)/python examples/quickstart.py
 
-test: install
+test: install system-tools
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import reshift
 from reshift.errors import ArtifactError, InputError, ModelLoadError
 from reshift.ir import Graph, interpret, parse
+from tests.system_tools import require_tool
 
 
 class ConvNet(torch.nn.Module):
@@ -114,10 +115,7 @@ def test_bad_sources(tmp_path):
 
 
 def test_cross_compiled_model_saves_but_does_not_run_here(tmp_path, rng):
-    import shutil
-
-    if shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.skip("no aarch64 cross compiler")
+    require_tool("aarch64-linux-gnu-gcc")
     cm = reshift.compile(_onnx_model(rng), target="arm64")
     with pytest.raises(ArtifactError, match="aarch64"):
         cm(np.ones((1, 4), np.float32))

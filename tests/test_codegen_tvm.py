@@ -30,6 +30,7 @@ from reshift.codegen.tvm import (  # noqa: E402
 from reshift.errors import CodegenError  # noqa: E402
 from reshift.ir import OPS, Graph, GraphBuilder, interpret  # noqa: E402
 from reshift.ir.types import numpy_dtype  # noqa: E402
+from tests.system_tools import require_tool  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -392,11 +393,18 @@ def _elf_machine(path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "swin_block"])
-def test_cross_builds(name, tmp_path):
+def test_cross_builds_arm64(name, tmp_path):
+    require_tool("aarch64-linux-gnu-gcc")
     graph, _ = _model_graph(name)
     arm = build(graph, "arm64")
     path = export_library(arm, tmp_path / "arm64.so")
     assert _elf_machine(path) == 183  # EM_AARCH64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "swin_block"])
+def test_cross_builds_cuda(name, tmp_path):
+    graph, _ = _model_graph(name)
     cuda = build(graph, "cuda-sm90")
     kinds = [m.kind for m in cuda.executable.mod.imports[0].imports]
     assert "cuda" in kinds
