@@ -113,8 +113,14 @@ def product(dims) -> int | tirx.PrimExpr:
     return result
 
 
+def constant(array: np.ndarray) -> relax.Constant:
+    """``array`` as a Relax constant of exactly its dtype: ``relax.const`` without a dtype makes int64 int32."""
+    array = np.asarray(array)
+    return relax.const(array, dtype=array.dtype.name)
+
+
 def scalar(value: float | int | bool, dtype: str) -> relax.Constant:
-    return relax.const(np.array(value, dtype=numpy_dtype(dtype)))
+    return constant(np.array(value, dtype=numpy_dtype(dtype)))
 
 
 def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
@@ -131,7 +137,7 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
     ctx = LowerContext(bb, *_input_symbols(graph), graph=graph)
     params = [relax.Var(v.name, relax.TensorType(ctx.shape(v), v.dtype)) for v in graph.inputs]
     env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params, strict=True))
-    env.update({c: relax.const(c.data) for c in graph.constants.values()})
+    env.update({c: constant(c.data) for c in graph.constants.values()})
     with bb.function(func_name, params):
         with bb.dataflow():
             for node in graph.nodes:
