@@ -257,6 +257,12 @@ def lower_reduce(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
     axes = node.attrs["axes"]
     rank = node.inputs[0].type.rank
     axis = sorted({a % rank for a in axes}) if axes else None
+    if node.inputs[0].dtype == "bool":
+        # TVM has no min/max identity for T.bool. Over 0/1 bytes, reduce_min is all; reduce_max is
+        # any, and so are numpy's bool sum and mean cast back to bool (nonzero -> True).
+        reduce = op.min if node.op == "reduce_min" else op.max
+        reduced = ctx.emit(reduce(op.astype(x, "uint8"), axis=axis, keepdims=node.attrs["keepdims"]))
+        return ctx.emit(op.astype(reduced, "bool"))
     return ctx.emit(_REDUCE[node.op](x, axis=axis, keepdims=node.attrs["keepdims"]))
 
 
