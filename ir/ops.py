@@ -19,13 +19,17 @@ from reshift.ir import numpy_kernels as nk
 from reshift.ir.shapes import (
     broadcast_shapes,
     normalize_axis,
+    require_dtype,
     require_float,
     require_rank,
+    require_same_dtype,
     window_output,
 )
-from reshift.ir.types import Dim, TensorType, numpy_dtype, split_dim
+from reshift.ir.types import FLOAT_DTYPES, INT_DTYPES, Dim, TensorType, numpy_dtype, split_dim
 
 REQUIRED = object()
+BOOL = frozenset({"bool"})
+NUMERIC_DTYPES = frozenset(FLOAT_DTYPES | INT_DTYPES)
 ATTR_KINDS = ("int", "float", "bool", "str", "ints", "floats", "shape", "dtype")
 
 
@@ -150,8 +154,14 @@ UNARY_FLOAT: dict[str, Callable] = {
 for _name, _fn in UNARY_FLOAT.items():
     register(_name, ["x"], {}, _float_same, _fn, f"elementwise {_name}", tags={"elementwise", "unary"})
 
-register("neg", ["x"], {}, _same, np.negative, "elementwise -x", tags={"elementwise", "unary"})
-register("abs", ["x"], {}, _same, np.abs, "elementwise absolute value", tags={"elementwise", "unary"})
+
+def _numeric_same(x: TensorType, *_, **__) -> list[TensorType]:
+    require_dtype(x, NUMERIC_DTYPES, "op", "input")
+    return [x]
+
+
+register("neg", ["x"], {}, _numeric_same, np.negative, "elementwise -x", tags={"elementwise", "unary"})
+register("abs", ["x"], {}, _numeric_same, np.abs, "elementwise absolute value", tags={"elementwise", "unary"})
 register("identity", ["x"], {}, _same, lambda x: x, "no-op copy", tags={"elementwise", "unary"})
 register(
     "gelu",
@@ -180,16 +190,24 @@ register(
     "convert to dtype",
     tags={"elementwise", "unary"},
 )
-register(
-    "logical_not", ["x"], {}, lambda x: [x.with_dtype("bool")], np.logical_not, "elementwise not", tags={"elementwise"}
-)
 
 
-def _binary_infer(result_dtype: str | None):
+def _logical_not_infer(x: TensorType) -> list[TensorType]:
+    require_dtype(x, BOOL, "logical_not", "input")
+    return [x]
+
+
+register("logical_not", ["x"], {}, _logical_not_infer, np.logical_not, "elementwise not (bool)", tags={"elementwise"})
+
+
+def _binary_infer(result_dtype: str | None, operand_dtypes: frozenset[str] | None = None):
+    """Broadcasting inference for ``op(a, b)``: one operand dtype (from ``operand_dtypes`` if given)."""
+
     def infer(a: TensorType, b: TensorType) -> list[TensorType]:
-        if a.dtype != b.dtype:
-            raise IRTypeError(f"binary op: dtype mismatch {a} vs {b}")
-        return [TensorType(broadcast_shapes(a.shape, b.shape), result_dtype or a.dtype)]
+        dtype = require_same_dtype("op", a=a, b=b)
+        if operand_dtypes is not None:
+            require_dtype(a, operand_dtypes, "op", "each operand")
+        return [TensorType(broadcast_shapes(a.shape, b.shape), result_dtype or dtype)]
 
     return infer
 
@@ -213,8 +231,11 @@ BINARY: dict[str, Callable] = {
     "maximum": _keep_dtype(np.maximum),
     "minimum": _keep_dtype(np.minimum),
 }
+# bool - bool, bool / bool and bool ** bool have no meaning in torch or ONNX and no TVM lowering.
+NO_BOOL_BINARY = frozenset({"sub", "div", "pow"})
 for _name, _fn in BINARY.items():
-    register(_name, ["a", "b"], {}, _binary_infer(None), _fn, f"broadcasting {_name}", tags={"elementwise", "binary"})
+    _infer = _binary_infer(None, NUMERIC_DTYPES if _name in NO_BOOL_BINARY else None)
+    register(_name, ["a", "b"], {}, _infer, _fn, f"broadcasting {_name}", tags={"elementwise", "binary"})
 
 COMPARE: dict[str, Callable] = {
     "equal": np.equal,
@@ -226,13 +247,14 @@ COMPARE: dict[str, Callable] = {
     "logical_or": np.logical_or,
 }
 for _name, _fn in COMPARE.items():
-    register(_name, ["a", "b"], {}, _binary_infer("bool"), _fn, f"broadcasting {_name} -> bool", tags={"elementwise"})
+    _infer = _binary_infer("bool", BOOL if _name.startswith("logical_") else None)
+    register(_name, ["a", "b"], {}, _infer, _fn, f"broadcasting {_name} -> bool", tags={"elementwise"})
 
 
 def _where_infer(cond: TensorType, a: TensorType, b: TensorType) -> list[TensorType]:
-    if cond.dtype != "bool" or a.dtype != b.dtype:
-        raise IRTypeError(f"where: expected bool condition and equal branch dtypes, got {cond}, {a}, {b}")
-    return [TensorType(broadcast_shapes(cond.shape, a.shape, b.shape, op="where"), a.dtype)]
+    require_dtype(cond, BOOL, "where", "the condition")
+    dtype = require_same_dtype("where", a=a, b=b)
+    return [TensorType(broadcast_shapes(cond.shape, a.shape, b.shape, op="where"), dtype)]
 
 
 register("where", ["cond", "a", "b"], {}, _where_infer, lambda c, a, b: np.where(c, a, b), "select a where cond else b")
@@ -240,8 +262,9 @@ register("where", ["cond", "a", "b"], {}, _where_infer, lambda c, a, b: np.where
 
 # -- linear algebra ---------------------------------------------------------------------------
 def _matmul_infer(a: TensorType, b: TensorType) -> list[TensorType]:
-    if a.rank < 1 or b.rank < 1 or a.dtype != b.dtype:
-        raise IRTypeError(f"matmul: bad operands {a} and {b}")
+    require_same_dtype("matmul", a=a, b=b)
+    if a.rank < 1 or b.rank < 1:
+        raise IRTypeError(f"matmul: operands {a} and {b} must have rank 1 or more")
     a_shape = a.shape if a.rank > 1 else (1,) + a.shape
     b_shape = b.shape if b.rank > 1 else b.shape + (1,)
     if a_shape[-1] != b_shape[-2]:
@@ -269,6 +292,7 @@ register(
 
 def _linear_infer(x: TensorType, w: TensorType, b: TensorType | None) -> list[TensorType]:
     require_rank(w, 2, "linear", "weight")
+    require_same_dtype("linear", x=x, weight=w, bias=b)
     if x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise IRTypeError(f"linear: input {x}, weight {w}, bias {b} do not agree (weight is [out, in])")
     return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
@@ -308,6 +332,7 @@ def conv2d_output_type(
 
 
 def _conv_infer(x, w, b, stride, padding, dilation, groups):
+    require_same_dtype("conv2d", x=x, weight=w, bias=b)
     return [conv2d_output_type(x, w, b, stride, padding, dilation, groups)]
 
 
@@ -330,6 +355,8 @@ register(
 
 # -- normalization ----------------------------------------------------------------------------
 def _bn_infer(x, scale, bias, mean, var, eps):
+    require_float(x, "batch_norm")
+    require_same_dtype("batch_norm", x=x, scale=scale, bias=bias, mean=mean, var=var)
     if x.rank < 2 or any(tuple(p.shape) != (x.shape[1],) for p in (scale, bias, mean, var)):
         raise IRTypeError(f"batch_norm: parameters must be [{x.shape[1] if x.rank > 1 else '?'}] for input {x}")
     return [x]
@@ -352,6 +379,8 @@ register(
 
 
 def _ln_infer(x, weight, bias, axis, eps):
+    require_float(x, "layer_norm")
+    require_same_dtype("layer_norm", x=x, weight=weight, bias=bias)
     start = normalize_axis(axis, x.rank, "layer_norm")
     for p in (weight, bias):
         if p is not None and tuple(p.shape) != tuple(x.shape[start:]):
@@ -388,6 +417,7 @@ def _softmax(x, axis):
 
 
 def _axis_same(x, axis):
+    require_float(x, "softmax")
     normalize_axis(axis, x.rank, "softmax")
     return [x]
 
@@ -480,7 +510,10 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
     try:
         return opdef.infer(*input_types, **attrs)
     except IRTypeError as exc:
-        raise IRTypeError(f"{opdef.name}: {exc}") from None
+        message = str(exc)
+        for generic in ("op: ", "binary op: ", f"{opdef.name}: "):  # shared inference names no op
+            message = message.removeprefix(generic)
+        raise IRTypeError(f"{opdef.name}: {message}") from None
 
 
 from reshift.ir import ops_layout as _ops_layout  # noqa: E402,F401

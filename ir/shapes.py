@@ -49,11 +49,23 @@ def window_output(x: TensorType, kernel, stride, padding, dilation, ceil_mode=Fa
     h, w = x.shape[2], x.shape[3]
     if isinstance(h, str) or isinstance(w, str):
         raise IRTypeError("spatial dimensions must be static")
+    if len(kernel) != 2 or len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise IRTypeError(f"window: kernel {list(kernel)}, stride, dilation take 2 values, padding 4")
+    if min(*kernel, *stride, *dilation) < 1 or min(padding) < 0:
+        raise IRTypeError(
+            f"window: kernel {list(kernel)}, stride {list(stride)} and dilation {list(dilation)} must be "
+            f"positive and padding {list(padding)} non-negative"
+        )
     top, left, bottom, right = padding
-    return (
+    out = (
         pool_output_size(h, kernel[0], stride[0], top, bottom, dilation[0], ceil_mode),
         pool_output_size(w, kernel[1], stride[1], left, right, dilation[1], ceil_mode),
     )
+    if min(out) < 1:
+        raise IRTypeError(
+            f"window: kernel {list(kernel)} (dilation {list(dilation)}) is larger than the padded input {x}"
+        )
+    return out
 
 
 def require_rank(t: TensorType, rank: int, op: str, what: str = "input") -> None:
@@ -61,6 +73,29 @@ def require_rank(t: TensorType, rank: int, op: str, what: str = "input") -> None
         raise IRTypeError(f"{op}: {what} must have rank {rank}, got {t}")
 
 
-def require_float(t: TensorType, op: str) -> None:
+def require_float(t: TensorType, op: str, what: str = "input") -> None:
+    """Refuse a non-float operand (ops whose math, or whose backends, only exist for floats)."""
     if t.dtype not in ("float32", "float16", "bfloat16"):
-        raise IRTypeError(f"{op}: expected a float tensor, got {t}")
+        raise IRTypeError(f"{op}: expected a float tensor, got {t}; cast the {what} to float32 first")
+
+
+def require_same_dtype(op: str, **operands: TensorType | None) -> str:
+    """The one dtype the named (non-absent) operands share, or an error naming each operand's type.
+
+    Backends reject mixed operands (TVM: "int64 on the LHS ... int32 on the RHS"), so the
+    registry does too: the frontend or pass that built the node must insert a ``cast``.
+    """
+    present = {name: t for name, t in operands.items() if t is not None}
+    dtypes = {t.dtype for t in present.values()}
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{name} is {t}" for name, t in present.items())
+        raise IRTypeError(
+            f"{op}: operand dtypes differ ({listed}); they must be one dtype: insert a cast on the odd one out"
+        )
+    return dtypes.pop() if dtypes else ""
+
+
+def require_dtype(t: TensorType, allowed: frozenset[str] | set[str], op: str, what: str) -> None:
+    """Refuse an operand whose dtype is not one of ``allowed`` (e.g. indices that are not integers)."""
+    if t.dtype not in allowed:
+        raise IRTypeError(f"{op}: {what} must be {' or '.join(sorted(allowed))}, got {t}; cast it first")

@@ -166,11 +166,24 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
                         f"lowering of {node.op} (node {node.name}) gave {len(results)} outputs, "
                         f"expected {len(node.outputs)}"
                     )
+                _check_dtypes(node, results)
                 env.update(zip(node.outputs, results, strict=True))
             outputs = [env[v] for v in graph.outputs]
             out = bb.emit_output(outputs[0] if len(outputs) == 1 else relax.Tuple(outputs))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _check_dtypes(node: Node, results: list) -> None:
+    """Refuse a lowering whose Relax result dtype differs from the graph's (a codegen bug, named here
+    rather than as a Relax type error at the next op that reads it)."""
+    for value, result in zip(node.outputs, results, strict=True):
+        dtype = getattr(getattr(result, "ty", None), "dtype", None)
+        if isinstance(dtype, str) and dtype != value.dtype:
+            raise CodegenError(
+                f"internal: lowering of {node.op} (node {node.name}) made %{value.name} {dtype}, "
+                f"the graph says {value.type}; report it with the graph"
+            )
 
 
 def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tuple[int, tirx.Var]]]:
