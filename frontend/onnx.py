@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, UnsupportedOpError
+from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, ResourceLimitError, UnsupportedOpError
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
+from reshift.frontend.onnx_tensors import tensor_to_array, type_name
 from reshift.frontend.shape_eval import SYM_OPS, SYM_PASSTHROUGH, SYMBOL, ShapeEvalError, has_sym, normalize
 from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
-from reshift.ir.ops import REQUIRED
+from reshift.ir.limits import check_array_size, check_type_size
+from reshift.ir.ops import REQUIRED, infer_types
 from reshift.ir.types import TensorType
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -116,12 +117,26 @@ def check_model(proto: onnx.ModelProto, source: str, path: str | None = None) ->
             f"Re-export with e.g. torch.onnx.export(..., opset_version=17) or convert with "
             f"onnx.version_converter.convert_version(model, 17)."
         )
+    _check_text(proto, source)
     try:
         onnx.checker.check_model(path if path is not None and proto.ByteSize() > 2**31 - 1 else proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first})") from None
     return opset
+
+
+def _check_text(proto: onnx.ModelProto, source: str) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``)."""
+    graph = proto.graph
+    named = [("graph input", v.name) for v in graph.input] + [("graph output", v.name) for v in graph.output]
+    named += [("value_info", v.name) for v in graph.value_info] + [("initializer", t.name) for t in graph.initializer]
+    for index, node in enumerate(graph.node):
+        fields = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+        named += [(f"node #{index}", text) for text in fields]
+    for what, text in named:
+        if isinstance(text, bytes):
+            raise ModelLoadError(f"{source}: {what} has a name that is not valid UTF-8 ({text!r}); corrupted file")
 
 
 class _Conversion:
@@ -157,6 +172,8 @@ class _Conversion:
             values.pop()
         name = self._hint if not self.graph.name_taken(self._hint) else self.graph.fresh_name(self._hint)
         node = create_node(self.graph, op, values, attrs, name=name)
+        for output in node.outputs:
+            check_type_size(output.type, f"{op} output {output.name!r}")
         self.graph.nodes.append(node)
         return node.outputs if len(node.outputs) != 1 else node.outputs[0]
 
@@ -169,8 +186,10 @@ class _Conversion:
             else:
                 raise ShapeEvalError(f"{op} on a batch-dependent shape cannot be evaluated at conversion time")
         else:
+            attrs = opdef.normalize_attrs(attrs)
+            _check_fold_size(opdef, inputs, attrs)
             with np.errstate(all="ignore"):
-                result = opdef.reference(*inputs, **opdef.normalize_attrs(attrs))
+                result = opdef.reference(*inputs, **attrs)
         if isinstance(result, (tuple, list)):
             return [normalize(np.asarray(r)) for r in result]
         return normalize(np.asarray(result))
@@ -203,7 +222,7 @@ class _Conversion:
         graph = self.proto.graph
         initializers = {t.name for t in graph.initializer}
         for tensor in graph.initializer:
-            self._bind_known(tensor.name, numpy_helper.to_array(tensor))
+            self._bind_known(tensor.name, tensor_to_array(tensor, f"{self.source}: initializer {tensor.name!r}"))
         for value_info in graph.input:
             if value_info.name not in initializers:
                 self.env[value_info.name] = self.builder.input(
@@ -227,7 +246,7 @@ class _Conversion:
         where = f"{self.source}: graph input {value_info.name!r}"
         tensor_type = value_info.type.tensor_type
         if not value_info.type.HasField("tensor_type") or tensor_type.elem_type not in ONNX_DTYPES:
-            elem = onnx.TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
+            elem = type_name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
             raise ModelLoadError(f"{where} has type {elem}; supported: {', '.join(ONNX_DTYPES.values())}")
         dtype = ONNX_DTYPES[tensor_type.elem_type]
         if value_info.name in self.input_shapes:
@@ -236,6 +255,8 @@ class _Conversion:
             raise ModelLoadError(f"{where} has no declared shape; pass input_shapes={{{value_info.name!r}: (...)}}")
         dims: list = []
         for axis, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                raise ModelLoadError(f"{where}: axis {axis} has negative size {dim.dim_value}")
             if dim.HasField("dim_value"):
                 dims.append(int(dim.dim_value))
             elif axis == 0:
@@ -246,6 +267,7 @@ class _Conversion:
                     f"{where}: axis {axis} is symbolic ({label!r}); reshift allows a symbolic batch (axis 0) "
                     f"only. Export with a fixed size or pass input_shapes={{{value_info.name!r}: (...)}}."
                 )
+        check_array_size([1 if isinstance(d, str) else d for d in dims], dtype, where)
         return TensorType(tuple(dims), dtype)
 
     def _lookup(self, name: str) -> Operand | None:
@@ -272,6 +294,8 @@ class _Conversion:
                         self.shape_only.add(id(result))
         except (NotConvertible, ShapeEvalError, IRTypeError) as exc:
             raise ModelLoadError(f"{where}: {exc}") from None
+        except ResourceLimitError as exc:
+            raise ResourceLimitError(f"{where}: {exc}") from None
         except ReshiftError:
             raise
         except Exception as exc:  # a numpy failure while folding: report the node, keep the cause
@@ -374,6 +398,17 @@ class _Conversion:
         if clean != value.name and not self.graph.name_taken(clean) and clean not in renamed:
             value.name = clean  # the ONNX output name, so results line up with onnxruntime's
         self.graph.outputs.append(value)
+
+
+def _check_fold_size(opdef, inputs, attrs: dict[str, Any]) -> None:
+    """Refuse folding an op whose result would be over the tensor limit, before numpy allocates it."""
+    try:
+        types = [None if x is None else TensorType.of(x) for x in inputs]
+        outputs = infer_types(opdef, types, attrs)
+    except IRTypeError:
+        return  # inference is stricter than numpy (dtype promotion, float64 shape math): the reference decides
+    for output in outputs:
+        check_type_size(output, f"folding {opdef.name}")
 
 
 def _symbolic_attrs(opdef, attrs: dict[str, Any]) -> bool:

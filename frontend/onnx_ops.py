@@ -15,7 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from reshift.frontend.onnx_tensors import tensor_to_array
 from reshift.frontend.shape_eval import Sym, known_to_dim, shape_vector
+from reshift.ir.limits import check_array_size
 from reshift.ir.types import dims_product, split_dim
 
 
@@ -44,7 +46,7 @@ def onnx_attrs(node: onnx.NodeProto) -> dict:
         if isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, onnx.TensorProto):
-            value = onnx.numpy_helper.to_array(value)
+            value = tensor_to_array(value, f"node {node.name or node.op_type!r} attribute {attr.name!r}")
         out[attr.name] = value
     return out
 
@@ -262,6 +264,14 @@ def _gather_nd(data, indices, batch_dims=0):
     return np.asarray(picked, dtype=data.dtype).reshape(indices.shape[:-1] + data.shape[indices.shape[-1] :])
 
 
+def _tile(x, repeats):
+    repeats = [int(r) for r in np.asarray(repeats).reshape(-1)]
+    if len(repeats) != x.ndim or any(r < 0 for r in repeats):
+        raise NotConvertible(f"Tile repeats {repeats} must be {x.ndim} non-negative counts")
+    check_array_size([d * r for d, r in zip(x.shape, repeats, strict=True)], x.dtype, "Tile result")
+    return np.tile(x, repeats)
+
+
 def _reduce_prod(x, axes=None, keepdims=1, noop_with_empty_axes=0):
     axes = tuple(int(a) for a in np.asarray(axes).reshape(-1)) if axes is not None else None
     return np.prod(x, axis=axes or None, keepdims=bool(keepdims)).astype(x.dtype)
@@ -277,6 +287,7 @@ def _cumsum(x, axis, exclusive=0, reverse=0):
 
 
 _KNOWN_IMPLS = {
+    "Tile": _tile,
     "GatherElements": _gather_elements,
     "GatherND": _gather_nd,
     "ReduceProd": _reduce_prod,
@@ -324,6 +335,9 @@ def _constant_of_shape(ctx, node, ins, at):
     fill = np.asarray(at.get("value", np.zeros(1, np.float32))).reshape(-1)[:1]
     dims = _ints(ins[0], "ConstantOfShape shape")
     if not any(isinstance(d, Sym) for d in dims):
+        if any(d < 0 for d in dims):
+            raise NotConvertible(f"ConstantOfShape shape {dims} has a negative dimension")
+        check_array_size(dims, fill.dtype, "ConstantOfShape result")
         return np.full(dims, fill[0], dtype=fill.dtype)
     return ctx.op("expand", fill.reshape((1,) * len(dims)), shape=[known_to_dim(d) for d in dims])
 
@@ -336,6 +350,9 @@ def _range(ctx, node, ins, at):
         if isinstance(start, Sym) or isinstance(delta, Sym) or start != 0 or delta != 1:
             raise NotConvertible("Range over the batch size must start at 0 with step 1")
         return ctx.op("arange", shape=[known_to_dim(limit)], dtype=dtype.name)
+    if delta == 0:
+        raise NotConvertible("Range delta is 0")
+    check_array_size([max(math.ceil((limit - start) / delta), 0)], dtype, "Range result")
     return np.arange(start, limit, delta).astype(dtype)
 
 
@@ -449,7 +466,12 @@ def _slice(ctx, node, ins, at):
 
 @converter("Gather")
 def _gather(ctx, node, ins, at):
-    return ctx.op("gather", ins[0], ins[1], axis=_norm(at.get("axis", 0), len(ctx.shape(ins[0]))))
+    axis = _norm(at.get("axis", 0), len(ctx.shape(ins[0])))
+    size, indices = ctx.shape(ins[0])[axis], ins[1]
+    if isinstance(indices, np.ndarray) and indices.dtype != object and indices.size and isinstance(size, int):
+        if indices.min() < -size or indices.max() >= size:
+            raise NotConvertible(f"Gather indices {indices.min()}..{indices.max()} out of range for size {size}")
+    return ctx.op("gather", ins[0], indices, axis=axis)
 
 
 @converter("Expand")

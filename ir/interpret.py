@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from reshift.errors import InputError
-from reshift.ir.graph import Graph, Value
+from reshift.errors import ExecutionError, InputError
+from reshift.ir.graph import Graph, Node, Value
+from reshift.ir.limits import check_array_size
 from reshift.ir.ops import get_op, resolve_symbolic_attrs
 from reshift.ir.types import numpy_dtype, split_dim
 
@@ -56,8 +57,7 @@ def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False)
         opdef = get_op(node.op)
         attrs = resolve_symbolic_attrs(opdef, node.attrs, bindings)
         args = [env[v] if v is not None else None for v in node.inputs]
-        with np.errstate(all="ignore"):
-            results = opdef.reference(*args, **attrs)
+        results = _run_reference(node, opdef, args, attrs, bindings)
         results = results if isinstance(results, tuple) else (results,)
         for value, array in zip(node.outputs, results, strict=True):
             array = np.asarray(array)
@@ -71,3 +71,22 @@ def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False)
     if return_all:
         return {v.name: a for v, a in env.items()}
     return {v.name: env[v] for v in graph.outputs}
+
+
+# numpy's complaints about the values themselves; anything else (TypeError, KeyError...) is a bug
+_VALUE_ERRORS = (IndexError, ValueError, ArithmeticError, MemoryError)
+
+
+def _run_reference(node: Node, opdef, args: list, attrs: dict[str, Any], bindings: dict[str, int]):
+    """One node's numpy reference, refused if an output is over the tensor limit.
+
+    A failure on the values (an index out of range, say) becomes an :class:`ExecutionError`
+    naming the node, with numpy's exception chained.
+    """
+    for value in node.outputs:
+        check_array_size(value.type.concrete_shape(bindings), value.dtype, f"node {node.name} ({node.op}) output")
+    try:
+        with np.errstate(all="ignore"):
+            return opdef.reference(*args, **attrs)
+    except _VALUE_ERRORS as exc:
+        raise ExecutionError(f"node {node.name} ({node.op}) failed on its inputs: {type(exc).__name__}: {exc}") from exc

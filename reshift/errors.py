@@ -61,3 +61,15 @@ class CodegenError(ReshiftError):
 
 class ArtifactError(ReshiftError):
     """A compiled artifact is missing files, corrupted or built for another target."""
+
+
+class ResourceLimitError(ReshiftError):
+    """A tensor's declared size is over the per-tensor memory limit (``RESHIFT_MAX_TENSOR_BYTES``)."""
+
+
+class ExecutionError(ReshiftError):
+    """An op's numpy reference failed on the values it was given (e.g. an index out of range)."""
+
+
+class ExportError(ReshiftError):
+    """``torch.export`` could not trace a torch model; the message gives torch's reason and what to do."""
