@@ -441,9 +441,9 @@ def deploy_model(args: argparse.Namespace) -> int:
     inputs, reference, source = _host_reference(args, meta, inputs)
     console = _console()
     with stage(console, f"connect to {_where(args)}"):
-        session = remote.connect(**_remote_args(args))
+        session = remote.connect(**_remote_args(args), timeout=args.timeout)
     with stage(console, "upload model.so and load it on the device"):
-        model = remote.deploy(args.model, session, _where(args))
+        model = remote.deploy(args.model, session)
     with stage(console, "run on the device"):
         outputs = model.run_dict(inputs)
     ok = True
@@ -474,9 +474,9 @@ def bench_remote(args: argparse.Namespace) -> int:
         raise InputError(f"bench --rpc/--tracker times a compiled artifact directory, not {args.model}")
     console = _console()
     with stage(console, f"connect to {_where(args)}"):
-        session = remote.connect(**_remote_args(args))
+        session = remote.connect(**_remote_args(args), timeout=args.timeout)
     with stage(console, "upload model.so and load it on the device"):
-        model = remote.deploy(args.model, session, _where(args))
+        model = remote.deploy(args.model, session)
     inputs = remote.random_inputs(model.meta["inputs"], args.batch)
     model.run_dict(inputs)  # warm-up
     with stage(console, f"time_evaluator, {args.repeat} runs"):
@@ -492,6 +492,15 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC server of the device (e.g. 127.0.0.1:9090)")
     p.add_argument("--tracker", metavar="HOST:PORT", help="TVM RPC tracker that hands out devices by --key")
     p.add_argument("--key", help="device key under the tracker (e.g. reshift-edge)")
+
+
+def _add_timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds the device may take to answer a call beyond its measured run time; then exit 2 (default: 60)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for both runtimes (default: all)")
     p.add_argument("--pipeline", default="exact", help="pass pipeline when compiling an ONNX model")
     _add_remote_options(p)
+    _add_timeout_option(p)
 
     p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
     p.add_argument("model", help="MODEL.onnx")
@@ -560,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size for random inputs (default: 1)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs on the device (default: 10)")
     p.add_argument("--atol", type=float, default=1e-4, help="max error vs the host, absolute or relative (1e-4)")
+    _add_timeout_option(p)
     return parser
 
 

@@ -10,8 +10,12 @@
 ``inputs``/``outputs`` (``{"name", "shape", "dtype"}``; a symbolic dim is a string such as
 ``"N"`` or ``"197*N"``), ``target`` (``name``, ``tvm_target`` dict, ``device_type``),
 ``pipeline``, ``graph_sha256`` (sha256 of the source graph's text form with full weights),
-``so_sha256`` (sha256 of model.so, checked on load), ``created`` (UTC, ISO 8601) and, for CUDA,
-``cuda_kernels`` (``file``, ``sha256``, ``bytes`` and the ``source_sha256`` it was compiled from).
+``so_sha256`` (sha256 of model.so, checked on load), ``created`` (UTC, ISO 8601), for CUDA
+``cuda_kernels`` (``file``, ``sha256``, ``bytes`` and the ``source_sha256`` it was compiled from,
+checked on load) and ``meta_sha256``: the sha256 of meta.json's own content without this key
+(:func:`meta_checksum`), so an edited or corrupted meta.json is refused on load; a meta.json swapped
+in from another artifact is refused by ``so_sha256``. The weights are inside model.so, so these
+checksums cover every file the runtime reads.
 
 This module needs only the standard library (the runtime imports neither torch nor onnx).
 """
@@ -31,6 +35,7 @@ from reshift.errors import ArtifactError
 FORMAT_VERSION = 1
 SO_NAME = "model.so"
 META_NAME = "meta.json"
+META_CHECKSUM_KEY = "meta_sha256"
 REQUIRED_KEYS = ("format", "inputs", "outputs", "target", "so_sha256")
 
 # normalized CPU architecture names (platform.machine() and LLVM triple prefixes)
@@ -58,9 +63,10 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _value_spec(value: Any) -> dict[str, Any]:
+def value_spec(graph: Any, value: Any) -> dict[str, Any]:
+    """``{"name", "shape", "dtype"}`` of a graph input or output, named as the model names it."""
     shape = [d if isinstance(d, str) else int(d) for d in value.shape]
-    return {"name": value.name, "shape": shape, "dtype": value.dtype}
+    return {"name": graph.user_name(value), "shape": shape, "dtype": value.dtype}
 
 
 def make_meta(
@@ -84,8 +90,8 @@ def make_meta(
         "reshift_version": __version__,
         "tvm_version": tvm_version,
         "name": graph.name,
-        "inputs": [_value_spec(v) for v in graph.inputs],
-        "outputs": [_value_spec(v) for v in graph.outputs],
+        "inputs": [value_spec(graph, v) for v in graph.inputs],
+        "outputs": [value_spec(graph, v) for v in graph.outputs],
         "target": target_dict(target),
         "pipeline": pipeline,
         "graph_sha256": sha256_text(source_graph_text) if source_graph_text is not None else None,
@@ -130,10 +136,32 @@ def device_name(device_type: Any, tvm_target: dict[str, Any]) -> str:
     return "cpu" if kind in ("llvm", "c") else str(kind)
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of a meta dict's canonical JSON without its ``meta_sha256`` key (what write_meta stores)."""
+    content = {k: v for k, v in meta.items() if k != META_CHECKSUM_KEY}
+    return sha256_text(json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True))
+
+
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write meta.json with its own checksum (``meta_sha256``) added; ``meta`` itself is not changed."""
     path = Path(directory) / META_NAME
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    content = json.loads(json.dumps(meta))  # the form read_meta will see (tuples -> lists, keys -> str)
+    content[META_CHECKSUM_KEY] = meta_checksum(content)
+    path.write_text(json.dumps(content, indent=2) + "\n")
     return path
+
+
+def _check_meta_checksum(path: Path, meta: dict[str, Any]) -> None:
+    """ArtifactError when meta.json was edited after it was written (artifacts without the key pass)."""
+    stored = meta.get(META_CHECKSUM_KEY)
+    if stored is None:
+        return
+    actual = meta_checksum(meta)
+    if actual != stored:
+        raise ArtifactError(
+            f"{path} does not match its own checksum ({META_CHECKSUM_KEY} {str(stored)[:12]}..., content "
+            f"{actual[:12]}...): it was edited or corrupted after `reshift compile` wrote it; recompile the model"
+        )
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -152,6 +180,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is corrupted ({exc}); recompile the model") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} is corrupted (not a JSON object); recompile the model")
+    _check_meta_checksum(path, meta)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ArtifactError(f"{path} is corrupted: missing {', '.join(missing)}; recompile the model")

@@ -12,6 +12,7 @@ tvm is imported on first load.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,13 @@ def tvm_device(device: str):
 
 
 class LoadedModel:
-    """A compiled model ready to run: a Relax VM over the executable plus the artifact's meta."""
+    """A compiled model ready to run: a Relax VM over the executable plus the artifact's meta.
+
+    Thread safety: one instance may be called from several threads; the calls into the VM are
+    serialized by a lock (TVM's VirtualMachine keeps per-call state and crashes when entered
+    concurrently). Each kernel already runs on TVM's thread pool over all cores; for calls truly in
+    parallel, load the artifact once per thread (separate VMs run concurrently).
+    """
 
     def __init__(self, executable: Any, meta: dict[str, Any], device: str = "cpu", path: str | Path | None = None):
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
@@ -73,6 +80,12 @@ class LoadedModel:
                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
             ) from None
         self._main = self._vm["main"]
+        self._lock = threading.Lock()  # the VM is not reentrant: one call at a time
+
+    def _invoke(self, tensors: list[Any]) -> list[Any]:
+        """One VM call under the lock; the outputs are fresh tensors each call, safe to use unlocked."""
+        with self._lock:
+            return _flatten(self._main(*tensors))
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -165,8 +178,7 @@ class LoadedModel:
 
     def run(self, inputs: list[Any]) -> list[Any]:
         """Run on already bound inputs; returns the raw TVM output tensors."""
-        result = self._main(*[self._to_tvm(x) for x in inputs])
-        outputs = _flatten(result)
+        outputs = self._invoke([self._to_tvm(x) for x in inputs])
         if len(outputs) != len(self.meta["outputs"]):
             raise ArtifactError(
                 f"model returned {len(outputs)} output(s), meta.json lists {len(self.meta['outputs'])}; "
@@ -194,12 +206,12 @@ class LoadedModel:
         """Latency in milliseconds over ``repeat`` calls (inputs bound and converted once)."""
         tensors = [self._to_tvm(x) for x in self.bind(args, kwargs)]
         for _ in range(warmup):
-            _flatten(self._main(*tensors))
+            self._invoke(tensors)
         self._sync()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            _flatten(self._main(*tensors))
+            self._invoke(tensors)
             self._sync()
             times.append((time.perf_counter() - start) * 1e3)
         return latency_stats(times)

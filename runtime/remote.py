@@ -5,6 +5,11 @@
     outputs = model.run_dict(inputs)                 # numpy in, numpy out (tensors cross the RPC link)
     stats = model.time(inputs, repeat=10)            # TVM time_evaluator on the device: median/p90 ms
 
+Every remote call is bounded in time (runtime/rpc_session.py): a device that dies mid-run gives a
+:class:`DeviceError` at once, one that hangs gives it after ``timeout`` seconds (plus the call's
+expected duration), never a hang. A tracker that hands out a hung device is asked again, so a
+tracker with one of two devices gone still serves the other.
+
 The host's reference for checking a deployment is the IR interpreter, which the runtime cannot run
 (the artifact holds no graph). It is either recomputed from the source model (``reshift deploy
 --model``) or stored next to the artifact as ``reference.npz`` (:func:`save_reference`: inputs and
@@ -15,14 +20,25 @@ this module imports neither torch nor onnx; tvm is imported on first use.
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reshift.errors import ArtifactError, InputError, ReshiftError
+from reshift.errors import ArtifactError, InputError
 from reshift.runtime.artifact import normalize_arch, read_meta, split_dim, target_arch, verify_so
 from reshift.runtime.module import LoadedModel, _flatten, latency_stats
+from reshift.runtime.rpc_session import (
+    DEFAULT_TIMEOUT,
+    RESTART_HINT,
+    BoundedSession,
+    DeviceError,
+    DeviceLost,
+    DeviceTimeout,
+    last_line,
+    open_bounded,
+)
 
 REFERENCE_NAME = "reference.npz"
 START_HINT = "start it with `make edge-device` (python examples/edge/device.py start --port {port})"
@@ -30,10 +46,10 @@ START_HINT = "start it with `make edge-device` (python examples/edge/device.py s
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 243: "riscv64", 40: "arm"}
 # the remote function an emulated device registers (examples/edge/rpc_server_in_process.py)
 MACHINE_FUNC = "reshift.edge.machine"
+TRACKER_ATTEMPTS = 3  # sessions asked of a tracker before giving up (each bounded by the timeout)
+SECONDS_PER_MB = 1.0  # added to the bound of an upload or a load, per MB of model.so
 
-
-class DeviceError(ReshiftError):
-    """The remote device cannot be reached or cannot run this artifact; the message says what to do."""
+__all__ = ["DeviceError", "RemoteModel", "connect", "deploy"]
 
 
 def parse_address(address: str, what: str = "--rpc") -> tuple[str, int]:
@@ -62,45 +78,83 @@ def connect(
     tracker: str | None = None,
     key: str | None = None,
     session_timeout: float = 300,
-):
-    """A TVM RPC session: directly to ``rpc`` HOST:PORT, or a device of ``key`` from ``tracker``."""
-    from tvm import rpc as tvm_rpc
+    timeout: float = DEFAULT_TIMEOUT,
+) -> BoundedSession:
+    """A TVM RPC session: directly to ``rpc`` HOST:PORT, or a device of ``key`` from ``tracker``.
 
+    ``timeout`` bounds opening the session and each later call (seconds); ``session_timeout`` is
+    how long the server keeps a session before it ends it (so an abandoned one frees the device).
+    """
     if tracker:
-        if not key:
-            raise InputError("--tracker needs --key: the tracker hands devices out by key")
-        host, port = parse_address(tracker, "--tracker")
-        _probe(host, port, "tracker")
-        try:
-            client = tvm_rpc.connect_tracker(host, port)
-            queue = client.summary().get("queue_info", {})
-            if key not in queue:
-                known = ", ".join(sorted(queue)) or "none"
-                raise DeviceError(
-                    f"the tracker at {tracker} has no device under key {key!r} (keys: {known}); start one with "
-                    f"`python examples/edge/device.py start --tracker {tracker} --key {key}`"
-                )
-            return client.request(key, session_timeout=session_timeout, max_retry=3)
-        except DeviceError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- TVM errors become one readable message
-            raise DeviceError(f"no session for key {key!r} from the tracker at {tracker}: {_last_line(exc)}") from None
+        return _request(tracker, key, session_timeout, timeout)
     if not rpc:
         raise InputError("give the device as --rpc HOST:PORT (or --tracker HOST:PORT --key NAME)")
+    from tvm import rpc as tvm_rpc
+
     host, port = parse_address(rpc)
     _probe(host, port, "device")
+    where = f"the device at {rpc}"
     try:
-        return tvm_rpc.connect(host, port, session_timeout=session_timeout)
+        session, sockets = open_bounded(lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout), timeout)
+    except DeviceTimeout:
+        raise DeviceError(
+            f"{where} accepted the connection but opened no session within {timeout:.0f} s: its RPC server is "
+            f"hung, or busy with another session (a TVM RPC server serves one at a time). {RESTART_HINT}"
+        ) from None
     except Exception as exc:  # noqa: BLE001
-        reason = _last_line(exc)
+        reason = last_line(exc)
         if "matches key" in reason:
             reason += " (that server is registered with a tracker: use --tracker HOST:PORT --key NAME)"
         raise DeviceError(f"cannot open an RPC session with the device at {rpc}: {reason}") from None
+    return BoundedSession(session, where, sockets, timeout)
 
 
-def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
+def _request(tracker: str, key: str | None, session_timeout: float, timeout: float) -> BoundedSession:
+    """A session with a device of ``key`` from the tracker; a device that does not answer is skipped."""
+    if not key:
+        raise InputError("--tracker needs --key: the tracker hands devices out by key")
+    host, port = parse_address(tracker, "--tracker")
+    _probe(host, port, "tracker")
+    tracker_address = (socket.gethostbyname(host), port)
+    for _ in range(TRACKER_ATTEMPTS):
+        try:
+            session, sockets = open_bounded(
+                lambda: _tracker_session(host, port, tracker, key, session_timeout), timeout, {tracker_address}
+            )
+        except DeviceTimeout:
+            continue  # a hung device (or none free): the tracker no longer offers the one it handed out
+        except DeviceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- TVM errors become one readable message
+            raise DeviceError(f"no session for key {key!r} from the tracker at {tracker}: {last_line(exc)}") from None
+        server = next((f"{c[2][0]}:{c[2][1]}" for c in sockets or ()), "?")
+        return BoundedSession(session, f"the {key!r} device at {server} (tracker {tracker})", sockets, timeout)
+    raise DeviceError(
+        f"no {key!r} device from the tracker at {tracker} opened a session within {timeout:.0f} s, "
+        f"{TRACKER_ATTEMPTS} times: the devices under that key are hung or all busy. {RESTART_HINT}"
+    )
+
+
+def _tracker_session(host: str, port: int, tracker: str, key: str, session_timeout: float):
+    """Ask the tracker for a device of ``key`` (DeviceError when it has none under that key)."""
+    from tvm import rpc as tvm_rpc
+
+    client = tvm_rpc.connect_tracker(host, port)
+    queue = client.summary().get("queue_info", {})
+    if key not in queue:
+        known = ", ".join(sorted(queue)) or "none"
+        raise DeviceError(
+            f"the tracker at {tracker} has no device under key {key!r} (keys: {known}); start one with "
+            f"`python examples/edge/device.py start --tracker {tracker} --key {key}`"
+        )
+    return client.request(key, session_timeout=session_timeout, max_retry=3)
+
+
+def bounded(remote: Any, where: str = "the device") -> BoundedSession:
+    """``remote`` as a BoundedSession (a plain TVM session is wrapped: errors readable, calls unbounded)."""
+    if isinstance(remote, BoundedSession):
+        return remote
+    return BoundedSession(remote, where, None, DEFAULT_TIMEOUT)
 
 
 def elf_arch(path: str | Path) -> str | None:
@@ -114,18 +168,25 @@ def elf_arch(path: str | Path) -> str | None:
 
 def remote_arch(remote) -> str | None:
     """The device's CPU architecture if its server says (our emulated device does), else None."""
+    session = bounded(remote)
     try:
-        machine = remote.get_function(MACHINE_FUNC)
+        return normalize_arch(str(session.call("asking its CPU architecture", _machine, session.session)))
+    except (DeviceLost, DeviceTimeout):
+        raise
     except Exception:  # noqa: BLE001 -- a stock rpc_server has no such function
         return None
-    try:
-        return normalize_arch(str(machine()))
-    except Exception:  # noqa: BLE001
-        return None
+
+
+def _machine(session: Any) -> str:
+    return session.get_function(MACHINE_FUNC)()
 
 
 class RemoteModel:
-    """An artifact loaded on a remote device: same input checks as :class:`LoadedModel`, run over RPC."""
+    """An artifact loaded on a remote device: same input checks as :class:`LoadedModel`, run over RPC.
+
+    Calls go through the session's bounds (:class:`BoundedSession`) and the VM's stateful
+    interface (``set_input``/``invoke_stateful``/``get_outputs``), which returns tuples over RPC.
+    """
 
     bind = LoadedModel.bind
     _check = LoadedModel._check
@@ -133,52 +194,75 @@ class RemoteModel:
     input_names = LoadedModel.input_names
     output_names = LoadedModel.output_names
 
-    def __init__(self, remote, rexec, meta: dict[str, Any], where: str):
+    def __init__(self, remote, rexec, meta: dict[str, Any], where: str | None = None):
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler library
 
-        self.remote = remote
+        self.session = bounded(remote, where or "the device")
+        self.remote = self.session.session
         self.meta = meta
         self.device = "cpu"
-        self.where = where
-        self._dev = remote.cpu()
-        self._vm = VirtualMachine(rexec, self._dev)
+        self.where = where or self.session.where
+        self._dev = self.remote.cpu()
+        self._vm = self.session.call("creating the VM", VirtualMachine, rexec, self._dev)
+        self._run_s = 0.0  # the last run's wall time: part of the bounds of later calls
 
     def __repr__(self) -> str:
         return f"<RemoteModel {self.meta.get('name', '')} on {self.where}>"
 
-    def _tensors(self, inputs: dict[str, Any]) -> list[Any]:
+    def _set_inputs(self, inputs: dict[str, Any]) -> None:
         import tvm
 
-        return [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._dev) for x in self.bind((), inputs)]
+        tensors = [tvm.runtime.tensor(np.ascontiguousarray(x), device=self._dev) for x in self.bind((), inputs)]
+        self._vm.set_input("main", *tensors)
+
+    def _run(self, inputs: dict[str, Any]) -> list[np.ndarray]:
+        self._set_inputs(inputs)
+        self._vm.invoke_stateful("main")
+        return [o.numpy() for o in _flatten(self._vm.get_outputs("main"))]
 
     def run_dict(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """``{input name: array} -> {output name: numpy array}``, computed on the device."""
-        outputs = _flatten(self._vm["main"](*self._tensors(inputs)))
+        start = time.monotonic()
+        outputs = self.session.call("running the model", self._run, inputs, bound=self._bound(1))
+        self._run_s = time.monotonic() - start
         if len(outputs) != len(self.meta["outputs"]):
             raise ArtifactError(
                 f"model returned {len(outputs)} output(s), meta.json lists {len(self.meta['outputs'])}; "
                 "the artifact is inconsistent (recompile it)"
             )
-        return {name: o.numpy() for name, o in zip(self.output_names, outputs, strict=True)}
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def time(self, inputs: dict[str, Any], repeat: int = 10, number: int = 1) -> dict[str, float]:
         """Device latency in ms from TVM's ``time_evaluator`` (``repeat`` samples of ``number`` runs each)."""
-        tensors = self._tensors(inputs)
-        evaluator = self._vm.time_evaluator("main", self._dev, number=number, repeat=repeat)
-        result = evaluator(*tensors)
-        return latency_stats([t * 1e3 for t in result.results])
+        if not self._run_s:
+            self.run_dict(inputs)  # a warm-up that also measures how long the timed runs may take
+        what = f"timing {repeat} x {number} runs"
+        results = self.session.call(what, self._time, inputs, repeat, number, bound=self._bound(1 + repeat * number))
+        return latency_stats([t * 1e3 for t in results])
+
+    def _time(self, inputs: dict[str, Any], repeat: int, number: int) -> list[float]:
+        self._set_inputs(inputs)
+        evaluator = self._vm.time_evaluator("invoke_stateful", self._dev, number=number, repeat=repeat)
+        return list(evaluator("main").results)
+
+    def _bound(self, runs: int) -> float:
+        """Seconds a call of ``runs`` model runs may take: the timeout plus twice the expected time."""
+        return self.session.timeout + 2 * runs * self._run_s
 
 
 def _upload_name(meta: dict[str, Any]) -> str:
     return f"reshift-{str(meta['so_sha256'])[:16]}.so"  # distinct per artifact in the session's dir
 
 
-def deploy(directory: str | Path, remote, where: str = "the device") -> RemoteModel:
+def deploy(directory: str | Path, remote, where: str | None = None) -> RemoteModel:
     """Check an artifact against the device, upload its model.so and load it there.
 
-    DeviceError when the artifact's CPU architecture is not the device's, ArtifactError when the
-    artifact is not a CPU artifact (a CUDA build) or is corrupted.
+    DeviceError when the artifact's CPU architecture is not the device's or the device fails or
+    stops answering, ArtifactError when the artifact is not a CPU artifact (a CUDA build) or is
+    corrupted. ``where`` names the device in messages (default: the session's own name).
     """
+    session = bounded(remote, where or "the device")
+    where = where or session.where
     meta = read_meta(directory)
     so = verify_so(directory, meta)
     target = meta["target"]
@@ -195,18 +279,21 @@ def deploy(directory: str | Path, remote, where: str = "the device") -> RemoteMo
             f"{so} is an {built_for} library but meta.json says target {name!r} ({declared}); recompile the model"
         )
     arch = built_for or declared
-    device_arch = remote_arch(remote)
+    device_arch = remote_arch(session)
     if arch and device_arch and arch != device_arch:
         raise DeviceError(_mismatch(directory, name, arch, f"{where} is {device_arch}"))
+    bound = session.timeout + SECONDS_PER_MB * so.stat().st_size / 1e6
     try:
-        remote.upload(str(so), _upload_name(meta))
-        rexec = remote.load_module(_upload_name(meta))
-        return RemoteModel(remote, rexec, meta, where)
-    except Exception as exc:  # noqa: BLE001
-        reason = _last_line(exc)
+        session.call(f"uploading {so}", session.session.upload, str(so), _upload_name(meta), bound=bound)
+        rexec = session.call(f"loading {so}", session.session.load_module, _upload_name(meta), bound=bound)
+    except (DeviceLost, DeviceTimeout):
+        raise
+    except DeviceError as exc:
+        reason = exc.reason or str(exc)
         if any(word in reason for word in ("ELF", "wrong", "cannot open shared object", "invalid")):
             raise DeviceError(_mismatch(directory, name, arch or "?", f"{where} cannot load it ({reason})")) from None
         raise DeviceError(f"{where} failed to load {so}: {reason}") from None
+    return RemoteModel(session, rexec, meta, where)
 
 
 def _mismatch(directory: str | Path, name: str, arch: str, device: str) -> str:
