@@ -1,11 +1,12 @@
 """ONNX frontend: ``from_onnx(path_or_proto) -> reshift.ir.Graph``.
 
 Loading validates the file (present, parseable, ``onnx.checker`` clean, default-domain opset
-13..21), then every node's op type is looked up in :data:`ONNX_CONVERTERS`; all unsupported op
-types are reported at once. Conversion walks the nodes in order with a partial evaluator:
-initializers, ``Constant`` nodes and shapes (which may hold the batch symbol ``N``) are *known*
-values, any node whose inputs are all known is folded with the op registry's numpy reference,
-and only the rest becomes IR nodes, so ``Reshape``/``Expand``/``Slice`` get static attributes.
+up to 21; older than 13 is upgraded by :mod:`reshift.frontend.onnx_upgrade`), then every node's
+op type is looked up in :data:`ONNX_CONVERTERS`; all unsupported op types are reported at once.
+Conversion walks the nodes in order with a partial evaluator: initializers, ``Constant`` nodes
+and shapes (which may hold the batch symbol ``N``) are *known* values, any node whose inputs are
+all known is folded with the op registry's numpy reference, and only the rest becomes IR nodes,
+so ``Reshape``/``Expand``/``Slice`` get static attributes.
 Nodes of the ``ai.reshift`` domain (written by :mod:`reshift.codegen.onnx`) map back to the
 registry op of the same name.
 """
@@ -23,6 +24,7 @@ import onnx
 from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, ResourceLimitError, UnsupportedOpError
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
 from reshift.frontend.onnx_tensors import tensor_to_array, type_name
+from reshift.frontend.onnx_upgrade import OLDEST_OPSET, default_opset, upgrade_opset
 from reshift.frontend.shape_eval import SYM_OPS, SYM_PASSTHROUGH, SYMBOL, ShapeEvalError, has_sym, normalize
 from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
 from reshift.ir.limits import check_array_size, check_type_size
@@ -57,6 +59,8 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str
     """
     proto, source = load_model(model)
     opset = check_model(proto, source, None if isinstance(model, onnx.ModelProto) else source)
+    proto, upgrade_note = upgrade_opset(proto, source)
+    opset = default_opset(proto)
     unsupported: dict[str, list[str]] = defaultdict(list)
     for index, node in enumerate(proto.graph.node):
         key = _op_key(node)
@@ -64,7 +68,9 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str
             unsupported[key].append(node.name or f"#{index}")
     if unsupported:
         raise UnsupportedOpError(source, dict(unsupported))
-    return _Conversion(proto, source, opset, input_shapes or {}).run()
+    graph = _Conversion(proto, source, opset, input_shapes or {}).run()
+    graph.notes.extend([upgrade_note] if upgrade_note else [])
+    return graph
 
 
 def _registry_ops() -> set[str]:
@@ -101,27 +107,26 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelPr
 
 
 def check_model(proto: onnx.ModelProto, source: str, path: str | None = None) -> int:
-    """Run the ONNX checker and return the default-domain opset (13..21 supported).
+    """Run the ONNX checker and return the default-domain opset (up to 21; below 13 is upgraded on import).
 
     With ``path`` the checker reads the file, which also works past protobuf's 2 GiB limit.
     """
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{source}: the model has an empty graph (truncated or not an ONNX model)")
-    opsets = {entry.domain: entry.version for entry in proto.opset_import}
-    opset = opsets.get("", opsets.get("ai.onnx"))
+    opset = default_opset(proto)
     if opset is None:
         raise ModelLoadError(f"{source}: the model imports no default-domain opset; re-export it with opset 13..21")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if not OLDEST_OPSET <= opset <= MAX_OPSET:
         raise ModelLoadError(
-            f"{source}: opset {opset} is not supported; reshift reads opsets {MIN_OPSET}..{MAX_OPSET}. "
-            f"Re-export with e.g. torch.onnx.export(..., opset_version=17) or convert with "
-            f"onnx.version_converter.convert_version(model, 17)."
+            f"{source}: opset {opset} is not supported; reshift reads opsets {OLDEST_OPSET}..{MAX_OPSET} "
+            f"(below {MIN_OPSET} through onnx.version_converter). Re-export with e.g. "
+            f"torch.onnx.export(..., opset_version=17)."
         )
     _check_text(proto, source)
     try:
         onnx.checker.check_model(path if path is not None and proto.ByteSize() > 2**31 - 1 else proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = " ".join(str(exc).split())[:500] or type(exc).__name__  # multi-line: the node is on line 2
         raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first})") from None
     return opset
 
@@ -225,9 +230,10 @@ class _Conversion:
             self._bind_known(tensor.name, tensor_to_array(tensor, f"{self.source}: initializer {tensor.name!r}"))
         for value_info in graph.input:
             if value_info.name not in initializers:
-                self.env[value_info.name] = self.builder.input(
-                    sanitize_name(value_info.name), self._input_type(value_info)
-                )
+                value = self.builder.input(sanitize_name(value_info.name), self._input_type(value_info))
+                self.env[value_info.name] = value
+                if value.name != value_info.name:
+                    self.graph.source_names[value.name] = value_info.name
         for node in graph.node:
             self._convert_node(node)
         for value_info in graph.output:
@@ -398,6 +404,7 @@ class _Conversion:
         if clean != value.name and not self.graph.name_taken(clean) and clean not in renamed:
             value.name = clean  # the ONNX output name, so results line up with onnxruntime's
         self.graph.outputs.append(value)
+        self.graph.output_names.append(name)
 
 
 def _check_fold_size(opdef, inputs, attrs: dict[str, Any]) -> None:

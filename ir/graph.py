@@ -81,6 +81,11 @@ class Graph:
         self.outputs: list[Value] = list(outputs or [])
         self.nodes: list[Node] = list(nodes or [])
         self.constants: dict[str, Value] = {c.name: c for c in constants or []}
+        self.notes: list[str] = []  # what the frontend did to read the model (e.g. an opset upgrade)
+        # the model's own names where the IR had to rename: graph input value name -> name, and the
+        # outputs by position (passes may replace an output value, never reorder the outputs)
+        self.source_names: dict[str, str] = {}
+        self.output_names: list[str] = []
         self._counters: dict[str, int] = {}
         self._taken: set[str] = set()
         self._taken_signature: tuple[int, int, int] | None = None
@@ -182,7 +187,19 @@ class Graph:
             Node(n.op, [clone(v) for v in n.inputs], [clone(v) for v in n.outputs], dict(n.attrs), n.name)
             for n in self.nodes
         ]
-        return Graph(self.name, inputs, [clone(v) for v in self.outputs], nodes, constants)
+        graph = Graph(self.name, inputs, [clone(v) for v in self.outputs], nodes, constants)
+        graph.notes = list(self.notes)
+        graph.source_names = dict(self.source_names)
+        graph.output_names = list(self.output_names)
+        return graph
+
+    def user_name(self, value: Value) -> str:
+        """The name the model's author gave a graph input or output (the IR name where none was given)."""
+        if len(self.output_names) == len(self.outputs):
+            for position, output in enumerate(self.outputs):
+                if output is value:
+                    return self.output_names[position]
+        return self.source_names.get(value.name, value.name)
 
     # -- views -------------------------------------------------------------------------------
     def to_networkx(self):
@@ -224,6 +241,7 @@ class Graph:
                 "inputs:  " + ", ".join(repr(v) for v in self.inputs),
                 "outputs: " + ", ".join(repr(v) for v in self.outputs),
                 f"ops:     {hist}",
+                *(f"note:    {note}" for note in self.notes),
             ]
         )
 

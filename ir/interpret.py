@@ -14,8 +14,13 @@ from reshift.ir.types import numpy_dtype, split_dim
 
 
 def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.ndarray], dict[str, int]]:
-    """Check names, dtypes and shapes of ``inputs`` against the graph; bind symbolic dims."""
-    expected = {v.name: v for v in graph.inputs}
+    """Check names, dtypes and shapes of ``inputs`` against the graph; bind symbolic dims.
+
+    Inputs are named as the model names them (:meth:`Graph.user_name`); the IR name works too.
+    """
+    expected = {graph.user_name(v): v for v in graph.inputs}
+    ir_names = {v.name: name for name, v in expected.items()}
+    inputs = {name if name in expected else ir_names.get(name, name): x for name, x in inputs.items()}
     missing = sorted(set(expected) - set(inputs))
     unexpected = sorted(set(inputs) - set(expected))
     if missing or unexpected:
@@ -47,7 +52,7 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
 
 
 def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False) -> dict[str, np.ndarray]:
-    """Run ``graph`` on numpy arrays; returns ``{output name: array}``.
+    """Run ``graph`` on numpy arrays; returns ``{output name: array}`` (the model's own output names).
 
     With ``return_all`` every value computed is returned, keyed by value name.
     """
@@ -70,7 +75,7 @@ def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False)
             env[value] = array
     if return_all:
         return {v.name: a for v, a in env.items()}
-    return {v.name: env[v] for v in graph.outputs}
+    return {graph.user_name(v): env[v] for v in graph.outputs}
 
 
 # numpy's complaints about the values themselves; anything else (TypeError, KeyError...) is a bug

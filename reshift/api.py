@@ -18,7 +18,7 @@ import numpy as np
 from reshift.errors import ArtifactError, InputError, ModelLoadError
 from reshift.ir.graph import Graph
 from reshift.ir.specialize import specialize_batch
-from reshift.runtime.artifact import SO_NAME, make_meta, target_dict, write_meta
+from reshift.runtime.artifact import SO_NAME, make_meta, target_dict, value_spec, write_meta
 
 # options of compile(**options) that belong to a frontend rather than to the pass pipeline
 FRONTEND_OPTIONS = {"torch": ("dynamic_batch", "input_names"), "onnx": ("input_shapes",)}
@@ -85,8 +85,8 @@ class CompiledModel:
         self.meta = {
             "format": 1,
             "name": graph.name,
-            "inputs": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.inputs],
-            "outputs": [{"name": v.name, "shape": list(v.shape), "dtype": v.dtype} for v in graph.outputs],
+            "inputs": [value_spec(graph, v) for v in graph.inputs],
+            "outputs": [value_spec(graph, v) for v in graph.outputs],
             "target": target_dict(build.target),
             "pipeline": pipeline,
         }

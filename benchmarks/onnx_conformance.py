@@ -1,0 +1,183 @@
+"""ONNX conformance: the ONNX package's own backend test models through reshift.
+
+Every model under ``onnx/backend/test/data/{pytorch-converted,pytorch-operator,simple,light}``
+with reference inputs/outputs goes through three stages, each checked against the reference
+outputs the ONNX package ships: import (``from_onnx``), the numpy interpreter, and a CPU build
+(``reshift.compile``, with ``--compile``). A table row per model names the first stage that failed
+and the error's first line; the totals and a JSON copy go to ``benchmarks/results/``.
+
+    .venv/bin/python benchmarks/onnx_conformance.py [--compile] [--filter SUBSTRING] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import reshift  # noqa: E402
+from reshift.errors import ReshiftError, UnsupportedOpError  # noqa: E402
+
+SUITES = ("pytorch-converted", "pytorch-operator", "simple", "light")
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def backend_data_dir() -> Path:
+    return Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+def cases(root: Path, suites=SUITES) -> list[tuple[str, Path, list[Path]]]:
+    """``(name, model path, data-set dirs)`` for every model with reference data."""
+    found = []
+    for suite in suites:
+        base = root / suite
+        if not base.is_dir():
+            continue
+        for entry in sorted(base.iterdir()):
+            if entry.is_dir() and (entry / "model.onnx").is_file():
+                sets = sorted(p for p in entry.iterdir() if p.name.startswith("test_data_set"))
+                found.append((f"{suite}/{entry.name}", entry / "model.onnx", sets))
+            elif entry.suffix == ".onnx":  # light/: model.onnx next to <name>_output_0.pb, no inputs
+                found.append((f"{suite}/{entry.stem}", entry, []))
+    return found
+
+
+def read_tensors(directory: Path, prefix: str) -> list[np.ndarray]:
+    files = sorted(directory.glob(f"{prefix}_*.pb"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return [numpy_helper.to_array(onnx.load_tensor(str(f))) for f in files]
+
+
+def reference_data(model_path: Path, data_sets: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """The shipped inputs/outputs; for ``light/`` models (no inputs shipped) seeded random inputs
+    and onnxruntime's outputs on them, as the ONNX backend runner does with its reference evaluator."""
+    if data_sets:
+        return read_tensors(data_sets[0], "input"), read_tensors(data_sets[0], "output")
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    inputs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value or 1 for d in value.type.tensor_type.shape.dim]
+        inputs.append(rng.standard_normal(dims).astype(np.float32))
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return inputs, session.run(None, dict(zip(names, inputs, strict=True)))
+
+
+def graph_input_names(model_path: Path) -> list[str]:
+    """The model's real inputs in order (graph inputs that are not initializers)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def agree(actual: list[np.ndarray], expected: list[np.ndarray]) -> str | None:
+    """None when every output matches (shape, and values within RTOL/ATOL), else what differs."""
+    if len(actual) != len(expected):
+        return f"{len(actual)} outputs, expected {len(expected)}"
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        a = np.asarray(a)
+        if a.shape != e.shape:
+            return f"output {index}: shape {a.shape}, expected {e.shape}"
+        if e.dtype == bool or np.issubdtype(e.dtype, np.integer):
+            if not np.array_equal(a, e):
+                return f"output {index}: values differ"
+        elif not np.allclose(a.astype(np.float64), e.astype(np.float64), rtol=RTOL, atol=ATOL, equal_nan=True):
+            err = float(np.nanmax(np.abs(a.astype(np.float64) - e)))
+            return f"output {index}: max |diff| {err:.3g}"
+    return None
+
+
+def first_line(exc: BaseException, path: Path) -> str:
+    """The error's class and first line, without the model's path (which every message starts with)."""
+    if isinstance(exc, UnsupportedOpError):
+        return f"UnsupportedOpError: {', '.join(sorted(exc.unsupported))}"
+    text = str(exc).replace(f"{path}: ", "").replace(str(path), "<model>").strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:160]
+
+
+def run_case(model_path: Path, data_sets: list[Path], build: bool) -> dict:
+    """One model through the stages; the record names the first failing stage."""
+    record: dict = {"stage": "import"}
+    data = reference_data(model_path, data_sets)
+    if data is None:
+        return {**record, "status": "skip", "why": "no reference data"}
+    inputs, expected = data
+    names = graph_input_names(model_path)
+    feeds = dict(zip(names, inputs, strict=False))
+    try:
+        graph = reshift.frontend.from_onnx(str(model_path))
+        record["stage"] = "interpret"
+        outputs = reshift.ir.interpret(graph, feeds)
+        problem = agree(list(outputs.values()), expected)
+        if problem:
+            return {**record, "status": "wrong", "why": problem}
+        if build:
+            record["stage"] = "compile"
+            compiled = reshift.compile(str(model_path), target="cpu")
+            record["stage"] = "run"
+            problem = agree(list(compiled.run_dict(feeds).values()), expected)
+            if problem:
+                return {**record, "status": "wrong", "why": problem}
+    except ReshiftError as exc:
+        return {**record, "status": "refused", "why": first_line(exc, model_path)}
+    except Exception as exc:  # noqa: BLE001 -- a raw exception is a reshift bug: counted, printed
+        return {
+            **record,
+            "status": "crash",
+            "why": first_line(exc, model_path),
+            "traceback": traceback.format_exc(limit=3),
+        }
+    return {**record, "status": "ok", "why": ""}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="also build for cpu and run the artifact")
+    parser.add_argument("--filter", default="", help="only models whose name contains this")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the JSON results")
+    args = parser.parse_args()
+    records = {}
+    started = time.perf_counter()
+    for name, model_path, data_sets in cases(backend_data_dir()):
+        if args.filter not in name:
+            continue
+        record = run_case(model_path, data_sets, args.compile)
+        records[name] = record
+        why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
+        print(f"{record['status']:<8} {name}{why}", flush=True)
+    counts = Counter(r["status"] for r in records.values())
+    reasons = Counter(r["why"][:70] for r in records.values() if r["status"] in ("refused", "crash"))
+    print(
+        f"\n{len(records)} models in {time.perf_counter() - started:.0f} s: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
+    print("most common refusals: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common(8)))
+    out = args.json or Path(__file__).parent / "results" / f"onnx_conformance-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(
+        json.dumps(
+            {"onnx": onnx.__version__, "compile": args.compile, "counts": counts, "models": records},
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
