@@ -554,5 +554,5 @@ def _adaptive_avg_pool(cx, a):
     return cx.emit("avg_pool2d", [x], kernel=kernel, stride=kernel)
 
 
-# The shape, data-movement and indexing converters register themselves into the same table.
-from reshift.frontend import aten_shape_ops  # noqa: E402, F401
+# The shape, data-movement, indexing and attention converters register themselves into the same table.
+from reshift.frontend import aten_attention, aten_shape_ops  # noqa: E402, F401

@@ -261,3 +261,35 @@ def _arange_axis(samples: list[np.ndarray], size: Any, batches: tuple) -> int | 
             return None
         place = big[0]
     return place
+
+
+@converts("cumsum")
+def _cumsum(cx, a):
+    """``torch.cumsum``: integer inputs accumulate in the result dtype (int64 unless ``dtype``)."""
+    x = _operand(cx, a["self"], cx.out_type.dtype)
+    return cx.emit("cumsum", [x], axis=_axis(a["dim"], x.type.rank))
+
+
+@converts("gather")
+def _gather_elements(cx, a):
+    """``torch.gather(x, dim, index)`` is ``gather_elements`` (ONNX GatherElements), not ``gather``."""
+    x = cx.value(a["self"])
+    return cx.emit("gather_elements", [x, cx.value(a["index"])], axis=_axis(a["dim"], x.type.rank))
+
+
+@converts("upsample_bilinear2d.vec", "upsample_bilinear2d.default")
+def _upsample_bilinear(cx, a):
+    """Bilinear upsampling to torch's output size; coordinates from ``align_corners``.
+
+    torch maps output to input coordinates with ``1 / scale_factor`` when a factor is given and
+    with ``in / out`` otherwise; the two agree only when ``in * factor`` is whole, so other
+    factors are refused rather than resampled at slightly different points.
+    """
+    x = cx.value(a["input"] if "input" in a else a["self"])
+    size = tuple(cx.out_type.shape[2:])
+    factors = a.get("scale_factors") or [a.get("scales_h"), a.get("scales_w")]
+    for length, out, factor in zip(x.shape[2:], size, factors, strict=True):
+        if factor is not None and not a["align_corners"] and length * factor != out:
+            raise Unsupported(f"scale factor {factor} on a length of {length} (not a whole output size {out})")
+    mode = "align_corners" if a["align_corners"] else "half_pixel"
+    return cx.emit("resize2d", [x], size=size, mode="linear", coordinate_transformation=mode)

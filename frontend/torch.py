@@ -16,6 +16,7 @@ Unsupported ops are collected over the whole graph and reported in one
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-from reshift.errors import IRTypeError, ReshiftError, UnsupportedOpError
+from reshift.errors import ExportError, IRTypeError, ReshiftError, UnsupportedOpError
 from reshift.frontend.aten_ops import ATEN_CONVERTERS, SHAPE_ONLY_OPS, SIDE_EFFECT_OPS, Unsupported
 from reshift.ir import Graph, TensorType, Value, create_node, get_op, sanitize_name, verify
 from reshift.ir.types import Dim, make_dim, split_dim
@@ -62,11 +63,35 @@ def from_torch(
     static shapes, with a warning, when the model pins its batch size).
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    program = _export(module.eval(), inputs, dynamic_batch)
+    with _without_cache(module) as notes:
+        program = _export(module.eval(), inputs, dynamic_batch)
     program = program.run_decompositions(decomposition_table())
     graph = _Converter(program, type(module).__name__, input_names).run()
+    graph.notes.extend(notes)
     verify(graph)
     return graph
+
+
+@contextlib.contextmanager
+def _without_cache(module: torch.nn.Module):
+    """Export a Hugging Face model with ``config.use_cache = False`` (restored afterwards).
+
+    A causal LM's ``forward`` returns a ``DynamicCache`` (``past_key_values``) when the cache is on,
+    which torch.export cannot return; reshift compiles one full forward, so the cache outputs are
+    dropped. Yields the notes saying so (they become ``graph.notes``).
+    """
+    config = getattr(module, "config", None)
+    if getattr(config, "use_cache", False) is not True:
+        yield []
+        return
+    config.use_cache = False
+    try:
+        yield [
+            f"{type(module).__name__} exported with use_cache=False: the KV-cache outputs "
+            "(past_key_values) are dropped; the graph computes one full forward pass"
+        ]
+    finally:
+        config.use_cache = True
 
 
 def decomposition_table():
@@ -115,8 +140,26 @@ def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool):
                 "exporting with static shapes, so the graph only accepts the example batch size",
                 stacklevel=3,
             )
-    with torch.no_grad():
-        return torch.export.export(module, inputs)
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, inputs)
+    except Exception as exc:  # torch.export raises many kinds; the user gets one reshift error
+        raise ExportError(_export_failure(module, exc)) from exc
+
+
+def _export_failure(module: torch.nn.Module, exc: Exception) -> str:
+    """The message of a failed ``torch.export``: torch's first line, then what to change."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Cache" in first and "not a known type" in first:
+        advice = "call the model with use_cache=False (or set model.config.use_cache = False): reshift has no KV cache"
+    elif "in output, which is not a known type" in first:
+        advice = "wrap the model in a module whose forward returns tensors (or tuples/dicts of tensors)"
+    else:
+        advice = (
+            "make forward traceable by torch.export (no data-dependent Python control flow), "
+            'or use torch.compile(model, backend="reshift"), which runs untraceable parts eagerly'
+        )
+    return f"torch.export failed for {type(module).__name__}: {type(exc).__name__}: {first}\nTo fix: {advice}."
 
 
 class _Lazy:

@@ -8,11 +8,13 @@ runs an unpadded Relax pool, so ``ceil_mode`` and ``count_include_pad`` match Py
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te
 
-from reshift.codegen.tvm.lower import LowerContext, lowering, op
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.errors import CodegenError
 from reshift.ir.graph import Node
 from reshift.ir.numpy_kernels import pool_output_size
+from reshift.ir.ops_index import linear_taps
 from reshift.ir.types import numpy_dtype
 
 
@@ -166,3 +168,44 @@ def _window_counts(node: Node, oh: int, ow: int) -> np.ndarray:
             cols = slice(max(c0, 0), max(c0 + kernel[1], 0))
             counts[0, 0, i, j] = valid[rows, cols].sum()
     return counts
+
+
+@lowering("cumsum")
+def lower_cumsum(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
+    """Relax cumsum (inclusive or exclusive); ``reverse`` scans the flipped axis."""
+    attrs = node.attrs
+    axis = attrs["axis"] % node.inputs[0].type.rank
+    if attrs["reverse"]:
+        x = ctx.emit(op.flip(x, axis))
+    y = ctx.emit(op.cumsum(x, axis=axis, dtype=node.outputs[0].dtype, exclusive=bool(attrs["exclusive"])))
+    return ctx.emit(op.flip(y, axis)) if attrs["reverse"] else y
+
+
+@lowering("gather_elements")
+def lower_gather_elements(ctx: LowerContext, node: Node, x: relax.Expr, indices: relax.Expr) -> relax.Expr:
+    """Relax gather_elements after mapping negative indices to ``index + size`` (as the reference)."""
+    axis = node.attrs["axis"] % node.inputs[0].type.rank
+    size, dtype = ctx.dim(node.inputs[0].shape[axis]), node.inputs[1].dtype
+    if not isinstance(size, int):
+        raise CodegenError(f"gather_elements (node {node.name}) along the batch axis; gather along a static axis")
+    wrapped = op.where(op.less(indices, scalar(0, dtype)), op.add(indices, scalar(size, dtype)), indices)
+    return ctx.emit(op.gather_elements(x, ctx.emit(wrapped), axis=axis))
+
+
+@lowering("resize2d")
+def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
+    """Bilinear resize as a TE compute over the reference's own tap tables (``ops_index.linear_taps``)."""
+    (h, w), (oh, ow) = node.inputs[0].shape[2:], node.attrs["size"]
+    mode = node.attrs["coordinate_transformation"]
+    taps = [relax.const(t) for t in (*linear_taps(h, oh, mode), *linear_taps(w, ow, mode))]
+
+    def compute(data, low_h, high_h, weight_h, low_w, high_w, weight_w):
+        def column(b, c, row, j):
+            return data[b, c, row, low_w[j]] * (1 - weight_w[j]) + data[b, c, row, high_w[j]] * weight_w[j]
+
+        def pixel(b, c, i, j):  # columns of the two source rows, then rows (the reference's order)
+            return column(b, c, low_h[i], j) * (1 - weight_h[i]) + column(b, c, high_h[i], j) * weight_h[i]
+
+        return te.compute((data.shape[0], data.shape[1], oh, ow), pixel, name="resize2d")
+
+    return ctx.te(compute, x, *taps, name="resize2d_linear")
