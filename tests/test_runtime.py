@@ -1,4 +1,5 @@
-"""The runtime: artifact save/load round trip, corrupted artifacts, input checks, DLPack, no torch/onnx."""
+"""The runtime: artifact save/load round trip, corrupted artifacts, input checks, DLPack, no torch/onnx,
+calls from several threads and memory over many calls."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
 
 import reshift
+from reshift.cli import main as cli_main
 from reshift.errors import ArtifactError, InputError
 from reshift.ir import interpret, parse
+from reshift.runtime.artifact import write_meta
 
 GRAPH = """
 graph two_heads(%x: f32[N,4], %bias: f32[3]) {
@@ -58,6 +62,13 @@ def copy_of(artifact, tmp_path):
     return make
 
 
+@pytest.fixture(scope="module")
+def other_artifact(graph, tmp_path_factory):
+    """Another model with the same interface (weights doubled): its files must not pass for ours."""
+    text = GRAPH.replace("two_heads", "other_heads").replace("[0.5, -1.0,", "[1.0, -2.0,")
+    return reshift.compile(parse(text), pipeline="none").save(tmp_path_factory.mktemp("other") / "other_heads")
+
+
 def test_artifact_layout_and_meta(artifact):
     assert sorted(p.name for p in artifact.iterdir()) == ["meta.json", "model.so"]
     meta = json.loads((artifact / "meta.json").read_text())
@@ -68,6 +79,7 @@ def test_artifact_layout_and_meta(artifact):
     assert meta["target"]["tvm_target"]["kind"] == "llvm"
     assert meta["pipeline"] == "none" and meta["reshift_version"] == reshift.__version__
     assert len(meta["so_sha256"]) == 64 and len(meta["graph_sha256"]) == 64 and meta["created"]
+    assert len(meta["meta_sha256"]) == 64
 
 
 def test_round_trip_matches_interpreter(graph, artifact, inputs):
@@ -132,12 +144,73 @@ def test_corrupted_meta(copy_of):
         reshift.load(broken)
 
 
-def test_corrupted_so_fails_checksum(copy_of):
-    broken = copy_of()
-    with open(broken / "model.so", "ab") as f:
+def _flip_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _append(path):
+    with open(path, "ab") as f:
         f.write(b"\0garbage")
-    with pytest.raises(ArtifactError, match="does not match its checksum"):
+
+
+def _edit_meta(path):
+    meta = json.loads(path.read_text())
+    meta["inputs"][0]["shape"] = ["N", 5]  # a plausible edit: still well-formed, now wrong
+    path.write_text(json.dumps(meta, indent=2))
+
+
+CORRUPTIONS = {
+    "so-bit-flip": ("model.so", _flip_bit, "model.so does not match its checksum in meta.json"),
+    "so-truncated": ("model.so", _truncate, "model.so does not match its checksum in meta.json"),
+    "so-appended": ("model.so", _append, "model.so does not match its checksum in meta.json"),
+    "so-swapped": ("model.so", "other", "model.so does not match its checksum in meta.json"),
+    "meta-swapped": ("meta.json", "other", "model.so does not match its checksum in meta.json"),
+    "meta-edited": ("meta.json", _edit_meta, "meta.json does not match its own checksum"),
+    "meta-bit-flip": ("meta.json", _flip_bit, "meta.json"),
+}
+
+
+@pytest.fixture(params=list(CORRUPTIONS))
+def corrupted(request, copy_of, other_artifact):
+    """A copy of the artifact with one file damaged or replaced, and the message that must refuse it."""
+    name, damage, message = CORRUPTIONS[request.param]
+    broken = copy_of()
+    if damage == "other":
+        shutil.copyfile(other_artifact / name, broken / name)
+    else:
+        damage(broken / name)
+    return broken, message
+
+
+def test_corrupted_or_swapped_files_are_refused_at_load(corrupted):
+    broken, message = corrupted
+    with pytest.raises(ArtifactError, match=message) as info:
         reshift.load(broken)
+    assert str(broken) in str(info.value) and "recompile" in str(info.value)
+
+
+def test_cli_run_on_corrupted_artifact_exits_2(corrupted, inputs, tmp_path, capsys):
+    broken, message = corrupted
+    np.savez(tmp_path / "in.npz", **inputs)
+    assert cli_main(["run", str(broken), "--input", str(tmp_path / "in.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reshift run: error: ") and message in err
+    assert "Traceback" not in err and "\n\n" not in err.strip()  # one paragraph
+
+
+def test_meta_without_own_checksum_still_loads(copy_of, inputs):
+    """Artifacts written before meta.json carried ``meta_sha256`` stay loadable (model.so is still checked)."""
+    old = copy_of()
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["meta_sha256"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert reshift.load(old)(**inputs)[0].shape == (5, 3)
 
 
 @pytest.mark.parametrize(
@@ -157,9 +230,55 @@ def test_target_mismatch(copy_of, target, message):
     broken = copy_of()
     meta = json.loads((broken / "meta.json").read_text())
     meta["target"] = target
-    (broken / "meta.json").write_text(json.dumps(meta))
+    write_meta(broken, meta)  # a consistent meta.json for another target, not a corrupted one
     with pytest.raises(ArtifactError, match=message):
         reshift.load(broken, device="cpu")
+
+
+def test_four_threads_match_sequential_calls(artifact):
+    """One LoadedModel called from 4 threads at once (different batch sizes) gives the sequential outputs."""
+    model = reshift.load(artifact)
+    rng = np.random.default_rng(7)
+    cases = [
+        (rng.standard_normal((int(n), 4)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
+        for n in rng.integers(1, 33, size=16)
+    ]
+    expected = [model(*case) for case in cases]
+    mismatches: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def worker(offset: int) -> None:
+        try:
+            for step in range(150):
+                index = (offset * 5 + step) % len(cases)
+                r, s = model(*cases[index])
+                if not (np.array_equal(r, expected[index][0]) and np.array_equal(s, expected[index][1])):
+                    mismatches.append((offset, step))
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck in the model"
+    assert not errors and not mismatches, (errors[:3], mismatches[:5])
+
+
+def test_many_calls_hold_memory_flat(artifact):
+    """RSS after 2,000 more calls stays within a few MB of its level after warm-up (benchmarks/soak_runtime.py: 10k)."""
+    psutil = pytest.importorskip("psutil")
+    model = reshift.load(artifact)
+    x, bias = np.ones((8, 4), np.float32), np.zeros(3, np.float32)
+    for _ in range(300):
+        model(x, bias)
+    process = psutil.Process()
+    warm = process.memory_info().rss
+    for _ in range(2000):
+        model(x, bias)
+    growth_mb = (process.memory_info().rss - warm) / 2**20
+    assert growth_mb < 4, f"RSS grew {growth_mb:.1f} MB over 2,000 calls after warm-up"
 
 
 def test_torch_tensors_in_and_out(artifact, graph, inputs):
