@@ -58,7 +58,11 @@ def _known(x, what: str) -> np.ndarray:
 
 
 def _ints(x, what: str) -> list:
-    return [e if isinstance(e, Sym) else int(e) for e in np.asarray(_known(x, what)).reshape(-1).tolist()]
+    """A shape-like input (shape, axes, starts, pads) as Python ints; an integer tensor in ONNX."""
+    values = np.asarray(_known(x, what))
+    if values.dtype.kind not in "iuO":  # "O": holds symbolic batch dims
+        raise NotConvertible(f"{what} must be an int64 tensor, got {values.dtype}; insert a Cast to int64 before it")
+    return [e if isinstance(e, Sym) else int(e) for e in values.reshape(-1).tolist()]
 
 
 def _scalar(x, what: str):

@@ -178,8 +178,11 @@ def _check_dtypes(node: Node, results: list) -> None:
     """Refuse a lowering whose Relax result dtype differs from the graph's (a codegen bug, named here
     rather than as a Relax type error at the next op that reads it)."""
     for value, result in zip(node.outputs, results, strict=True):
-        dtype = getattr(getattr(result, "ty", None), "dtype", None)
-        if isinstance(dtype, str) and dtype != value.dtype:
+        ty = getattr(result, "ty", None)
+        if not isinstance(ty, relax.TensorType):
+            continue  # ABSORBED, or a tuple a later node unpacks
+        dtype = str(getattr(ty.dtype, "dtype", ty.dtype))  # a PrimType on emitted vars
+        if dtype not in ("", "void") and dtype != value.dtype:
             raise CodegenError(
                 f"internal: lowering of {node.op} (node {node.name}) made %{value.name} {dtype}, "
                 f"the graph says {value.type}; report it with the graph"
@@ -210,7 +213,7 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 # The op lowerings themselves live in lower_ops.py (elementwise, contraction, normalization),
 # lower_shape.py (data movement, pooling, gathers) and lower_lowbit.py (reference low-bit linears);
 # importing them fills LOWERINGS.
-from reshift.codegen.tvm import lower_lowbit, lower_ops, lower_shape  # noqa: E402,F401
+from reshift.codegen.tvm import lower_lowbit, lower_nn, lower_ops, lower_shape  # noqa: E402,F401
 from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels
 from reshift.codegen.tvm.kernels import shift_conv as _kernels_shift_conv  # noqa: E402,F401 -- shift_conv2d (im2col + shift GEMV)

@@ -49,6 +49,12 @@ _SPECS = (
     ModelSpec("vit_s16", vit_s16, _image),
     ModelSpec("swin_block", swin_block, swin_example_inputs),
     ModelSpec("minilm", minilm_encoder, minilm_example_inputs, ("input_ids", "attention_mask")),
+    ModelSpec(  # the 2-D mask straight into BERT, as a plain torch.onnx.export of the encoder has it
+        "minilm_builtin_mask",
+        partial(minilm_encoder, builtin_mask=True),
+        minilm_example_inputs,
+        ("input_ids", "attention_mask"),
+    ),
     ModelSpec("gpt2", gpt2_small, gpt2_example_inputs, ("input_ids",), rtol=1e-3),
 )
 

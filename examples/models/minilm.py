@@ -44,28 +44,36 @@ class MiniLMEncoder(nn.Module):
     The padding mask goes to BERT as the classic additive ``[B, 1, 1, T]`` mask (0 keep, float32
     min drop) and token types as explicit zeros; transformers passes 4D masks through unchanged,
     so the graph avoids its mask-building code (``gather``, ``index``, ``and``, ``new_ones``).
+    ``builtin_mask=True`` is what a user's plain export does instead: the 2-D ``[B, T]`` mask goes
+    to BERT as is, so the graph holds transformers 5's mask construction (batch ``arange``, int64
+    index arithmetic, ``gather``, ``and``) and BERT's own token-type buffer.
     """
 
-    def __init__(self, bert: nn.Module, normalize: bool = True) -> None:
+    def __init__(self, bert: nn.Module, normalize: bool = True, builtin_mask: bool = False) -> None:
         super().__init__()
         self.bert = bert
         self.normalize = normalize
+        self.builtin_mask = builtin_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        keep = attention_mask[:, None, None, :].to(torch.float32)
-        additive = (1.0 - keep) * torch.finfo(torch.float32).min
-        hidden = self.bert(
-            input_ids=input_ids,
-            attention_mask=additive,
-            token_type_ids=torch.zeros_like(input_ids),
-        ).last_hidden_state
+        if self.builtin_mask:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            keep = attention_mask[:, None, None, :].to(torch.float32)
+            additive = (1.0 - keep) * torch.finfo(torch.float32).min
+            hidden = self.bert(
+                input_ids=input_ids,
+                attention_mask=additive,
+                token_type_ids=torch.zeros_like(input_ids),
+            ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
 
 
-def minilm_encoder(normalize: bool = True) -> nn.Module:
-    """The pretrained all-MiniLM-L6-v2 encoder, eval mode, float32, eager attention, offline."""
+def minilm_encoder(normalize: bool = True, builtin_mask: bool = False) -> nn.Module:
+    """The pretrained all-MiniLM-L6-v2 encoder, eval mode, float32, eager attention, offline
+    (``builtin_mask``: BERT builds the attention mask from the 2-D padding mask itself)."""
     from transformers import BertModel
     from transformers.utils import logging
 
@@ -78,7 +86,7 @@ def minilm_encoder(normalize: bool = True) -> nn.Module:
         logging.set_verbosity(verbosity)
         if bar:
             logging.enable_progress_bar()
-    return finalize(MiniLMEncoder(bert, normalize))
+    return finalize(MiniLMEncoder(bert, normalize, builtin_mask))
 
 
 def minilm_example_inputs(batch: int = 1, seq_len: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
