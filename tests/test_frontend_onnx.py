@@ -308,6 +308,7 @@ EXPORTS = [
     ("vit_s16", 17, False),
     ("swin_block", 21, False),
     ("minilm", 17, False),
+    ("minilm_builtin_mask", 17, False),  # the 2-D mask into BERT: transformers' int64 mask arithmetic
     ("gpt2", 17, False),
     ("gpt2", 18, True),
 ]

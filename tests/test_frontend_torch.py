@@ -280,7 +280,7 @@ def test_importing_the_frontend_package_does_not_import_torch():
 
 
 # -- reference models ------------------------------------------------------------------------------
-HEAVY = {"resnet18", "repvgg_a0_train", "repvgg_a0_deploy", "mobileone_s0", "vit_s16", "minilm"}
+HEAVY = {"resnet18", "repvgg_a0_train", "repvgg_a0_deploy", "mobileone_s0", "vit_s16", "minilm", "minilm_builtin_mask"}
 
 
 def model_names() -> list[str]:
