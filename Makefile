@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install system-tools demo test test-fast bench ops-table lint clean
+.PHONY: install system-tools demo test test-fast bench fuzz ops-table lint clean
 
 # System tools the test suite uses (tests/system_tools.py names them): Debian packages, installed
 # when `make` runs as root with apt-get; otherwise the tests that need them skip and say why.
@@ -46,6 +46,10 @@ bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python benchmarks/agreement.py
 	$(BIN)/python benchmarks/e2e.py --quick
+
+# ONNX mutation fuzzing (issue #14): 2,000 cases over four seed models; fails on a raw exception or hang.
+fuzz: install
+	$(BIN)/python benchmarks/fuzz_onnx.py --cases 2000
 
 ops-table: install
 	$(BIN)/python -c "from pathlib import Path; from reshift.ir.op_table import splice_into; p = Path('README.md'); p.write_text(splice_into(p.read_text()))"

@@ -21,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import sys
 import tempfile
@@ -41,6 +42,15 @@ STATUSES = ("accepted", "refused", "raw", "hang")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reshift" / "fuzz_onnx"
 FUZZ_MAX_TENSOR_BYTES = 64 << 20  # the stated limit for fuzzing: 64 MiB per tensor
 BATCH = 2  # the value every symbolic dimension takes when inputs are drawn
+
+
+# where a refusal points: a quoted name, or the part of the model (file, opset, node, tensor)
+LOCATION = re.compile(r"'[^']+'|\b(node|initializer|graph (input|output)|opset|tensor name|not a readable ONNX model)\b")
+
+
+def names_location(message: str) -> bool:
+    """Whether an error message says where the problem is, not only what numpy thought of it."""
+    return LOCATION.search(message) is not None
 
 
 class CaseTimeout(Exception):
@@ -195,6 +205,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "overall": {status: overall[status] for status in STATUSES},
         "per_model": {m: {s: c[s] for s in STATUSES} for m, c in sorted(per_model.items())},
         "refusals": dict(Counter(o.error for o in outcomes if o.status == "refused").most_common()),
+        "unnamed_refusals": sum(o.status == "refused" and not names_location(o.message) for o in outcomes),
         "per_kind": {
             kind: dict(Counter(o.status for o in outcomes if o.kind == kind))
             for kind in sorted({o.kind for o in outcomes})
@@ -211,6 +222,7 @@ def print_summary(summary: dict) -> None:
         print(f"{model:<12}" + "".join(f"{counts[s]:>10}" for s in STATUSES))
     print(f"{'overall':<12}" + "".join(f"{summary['overall'][s]:>10}" for s in STATUSES))
     print("refusals: " + ", ".join(f"{name} {count}" for name, count in summary["refusals"].items()))
+    print(f"refusals whose message names no node, tensor or input: {summary['unnamed_refusals']}")
     for failure in summary["failures"][:20]:
         print(f"\n{failure['status'].upper()} {failure['model']}:{failure['seed']}:{failure['index']} "
               f"[{failure['kind']}: {failure['detail']}] {failure['error']}: {failure['message'][:300]}")  # fmt: skip

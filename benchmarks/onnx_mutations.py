@@ -259,6 +259,8 @@ def _corrupt_tensor(tensor: onnx.TensorProto, rng: np.random.Generator) -> str:
     if roll < 0.45:
         before, tensor.data_type = tensor.data_type, _pick(rng, ELEM_TYPES)
         return f"data_type {before} -> {tensor.data_type}"
+    if roll < 0.6 and tensor.raw_data:
+        return _reshape_tensor(tensor, rng)
     if roll < 0.8 or tensor.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
         dims = list(tensor.dims)
         if dims and rng.random() < 0.8:
@@ -279,6 +281,23 @@ def _corrupt_tensor(tensor: onnx.TensorProto, rng: np.random.Generator) -> str:
     flat[index] = np.clip(_pick(rng, BAD_INTS), np.iinfo(flat.dtype).min, np.iinfo(flat.dtype).max)
     tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
     return f"element {index} -> {int(flat[index])}"
+
+
+def _reshape_tensor(tensor: onnx.TensorProto, rng: np.random.Generator) -> str:
+    """New dims with raw_data cut or padded to match, so the file stays self-consistent."""
+    dims = list(tensor.dims)
+    itemsize = len(tensor.raw_data) // max(int(np.prod(dims)), 1)
+    if dims and rng.random() < 0.5:
+        dims = [int(d) for d in rng.permutation(dims)] if rng.random() < 0.5 else [int(np.prod(dims))]
+    elif dims:
+        dims[int(rng.integers(len(dims)))] = int(rng.choice([0, 1, 2, 7, 33]))
+    else:
+        dims = [int(rng.choice([0, 2, 7]))]
+    size = int(np.prod(dims)) * itemsize
+    tensor.raw_data = (tensor.raw_data * (size // max(len(tensor.raw_data), 1) + 1))[:size]
+    del tensor.dims[:]
+    tensor.dims.extend(dims)
+    return f"dims -> {dims} with matching raw_data"
 
 
 def corrupt_initializer(model: onnx.ModelProto, rng: np.random.Generator) -> str | None:

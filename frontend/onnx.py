@@ -127,8 +127,20 @@ def check_model(proto: onnx.ModelProto, source: str, path: str | None = None) ->
         onnx.checker.check_model(path if path is not None and proto.ByteSize() > 2**31 - 1 else proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = " ".join(str(exc).split())[:500] or type(exc).__name__  # multi-line: the node is on line 2
-        raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first})") from None
+        raise ModelLoadError(f"{source}: invalid ONNX model (onnx.checker: {first}){_untyped(proto)}") from None
     return opset
+
+
+def _untyped(proto: onnx.ModelProto) -> str:
+    """The graph inputs/outputs without a type or shape, which the checker's message does not name."""
+    graph = proto.graph
+    missing = [
+        f"graph {kind} {v.name!r} has no {'type' if not v.HasField('type') else 'shape'}"
+        for kind, values in (("input", graph.input), ("output", graph.output))
+        for v in values
+        if not v.HasField("type") or (v.type.HasField("tensor_type") and not v.type.tensor_type.HasField("shape"))
+    ]
+    return f"; {', '.join(missing)}" if missing else ""
 
 
 def _check_text(proto: onnx.ModelProto, source: str) -> None:
