@@ -235,6 +235,32 @@ def _pad(em, node, ins):
     return em.final(node, "Pad", [ins[0], pads, em.scalar(node.attrs["value"], node.inputs[0])], mode="constant")
 
 
+@lowering("cumsum")
+def _cumsum(em, node, ins):
+    a = node.attrs
+    axis = em.const(np.asarray(a["axis"], np.int64), "axis")
+    return em.final(node, "CumSum", [ins[0], axis], exclusive=int(a["exclusive"]), reverse=int(a["reverse"]))
+
+
+@lowering("gather_elements")
+def _gather_elements(em, node, ins):
+    return em.final(node, "GatherElements", ins, axis=node.attrs["axis"])
+
+
+@lowering("resize2d")
+def _resize2d(em, node, ins):
+    """ONNX Resize by output sizes; the coordinate modes are ONNX's own names."""
+    a = node.attrs
+    sizes = em.shape_tensor(node.outputs[0].shape)
+    return em.final(
+        node,
+        "Resize",
+        [ins[0], "", "", sizes],
+        mode=a["mode"],
+        coordinate_transformation_mode=a["coordinate_transformation"],
+    )
+
+
 @lowering("arange")
 def _arange(em, node, ins):
     a, out = node.attrs, node.outputs[0]

@@ -128,6 +128,16 @@ CASES = {
         ],
     ),
     "pad": (["f32[N,3,4]"], lambda b, x: b.pad(x, pads=(0, 1, 0, 0, 2, 3), value=-1.5)),
+    "cumsum": (["f32[N,4,6]"], lambda b, x: [b.cumsum(x, axis=2), b.cumsum(x, axis=1, exclusive=True, reverse=True)]),
+    "gather_elements": (["f32[N,10,3]", "i64[N,4,3]"], lambda b, x, i: b.gather_elements(x, i, axis=1)),
+    "resize2d": (
+        ["f32[N,2,4,6]"],
+        lambda b, x: [
+            b.resize2d(x, size=(8, 9)),
+            b.resize2d(x, size=(3, 2), coordinate_transformation="align_corners"),
+            b.resize2d(x, size=(7, 5), coordinate_transformation="asymmetric"),
+        ],
+    ),
     "arange": (
         ["f32[N,3]"],
         lambda b, x: [

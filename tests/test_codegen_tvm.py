@@ -213,6 +213,26 @@ def graph_shape():
     return b.build(*outs), lambda n: {"x": f32(n, 4, 6), "ids": RNG.integers(-10, 10, (n, 5)), "y": f32(3 * n, 2)}
 
 
+def graph_index():
+    """cumsum, gather_elements, resize2d (ir/ops_index.py) and bool reductions (any/all)."""
+    b = GraphBuilder("index")
+    x = b.input("x", "f32[N,4,6]")
+    ids = b.input("ids", "i64[N,4,3]")
+    counts = b.input("counts", "i64[N,5]")
+    outs = [b.cumsum(x, axis=2), b.cumsum(x, axis=1, exclusive=True), b.cumsum(x, axis=-1, reverse=True)]
+    outs += [b.cumsum(counts, axis=1, exclusive=True, reverse=True), b.gather_elements(x, ids, axis=2)]
+    image = b.reshape(x, shape=("N", 1, 4, 6))
+    for mode in ("half_pixel", "align_corners", "asymmetric"):
+        outs += [b.resize2d(image, size=(8, 9), coordinate_transformation=mode), b.resize2d(image, size=(3, 1))]
+    positive = b.greater(x, b.constant(np.array(0.0, np.float32)))
+    outs += [b.reduce_max(positive, axes=(2,), keepdims=True), b.reduce_min(positive, axes=(1, 2), keepdims=False)]
+
+    def feeds(n):
+        return {"x": f32(n, 4, 6), "ids": RNG.integers(-6, 6, (n, 4, 3)), "counts": RNG.integers(-9, 9, (n, 5))}
+
+    return b.build(*outs), feeds
+
+
 def graph_lowbit():
     from reshift.ir.ops_lowbit import pack_signs, pack_trits
 
@@ -262,7 +282,16 @@ def graph_lowbit():
 
 OP_GRAPHS = {
     fn.__name__: fn
-    for fn in (graph_unary, graph_binary, graph_contraction, graph_norm, graph_pool, graph_shape, graph_lowbit)
+    for fn in (
+        graph_unary,
+        graph_binary,
+        graph_contraction,
+        graph_norm,
+        graph_pool,
+        graph_shape,
+        graph_index,
+        graph_lowbit,
+    )
 }
 
 
