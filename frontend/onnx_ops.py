@@ -636,3 +636,24 @@ def _reduce(ctx, node, ins, at):
         return ctx.op("reduce_sum", ctx.op("abs", x), **attrs)
     squares = ctx.op("reduce_sum", ctx.op("mul", x, x), **attrs)
     return ctx.op("sqrt", squares) if node.op_type == "ReduceL2" else squares
+
+
+@converter("If")
+def _if(ctx, node, ins, at):
+    """ONNX ``If`` with a condition known at conversion time: the taken branch, inlined.
+
+    reshift compiles one dataflow graph, so a branch chosen at run time cannot be kept; a
+    condition computed from constants, shapes or frozen inputs (``input_values``) is folded away.
+    """
+    cond = ins[0]
+    if not isinstance(cond, np.ndarray):
+        raise NotConvertible(
+            "the condition is computed at run time and reshift compiles a single branch; make it a constant "
+            "(freeze the input it depends on with input_values={name: value}, e.g. a sample rate)"
+        )
+    flat = np.asarray(cond).reshape(-1)
+    if flat.size != 1:
+        raise NotConvertible(f"the condition has {flat.size} elements; If needs a single boolean")
+    branch = at["then_branch" if bool(flat[0]) else "else_branch"]
+    label = node.name or node.op_type
+    return ctx.inline_subgraph(branch, f"If {label!r} {'then' if bool(flat[0]) else 'else'}_branch")
