@@ -298,13 +298,18 @@ def _sequential_groups(m: Match) -> int | str:
 
 
 def _check_sequential_convs(m: Match, graph: Graph) -> str | None:
+    """DBB transform III: ``KxK(1x1(x))`` is one KxK conv.
+
+    A zero padding on the 1x1 (DBB's BNAndPad as exported) composes too: the 1x1's output border
+    is its bias ``b1``, exactly what the composed bias ``b2 + sum W2 b1`` adds on the composed
+    conv's zero-padded border, so the composed conv takes the 1x1's padding.
+    """
     stride, padding, dilation, _ = _attrs(m, "conv_a")
     k = _kernel(m, "w1")
-    if k != (1, 1) or stride != (1, 1) or any(padding):
-        return (
-            f"first conv is {k[0]}x{k[1]}, stride {list(stride)}, padding {list(padding)};"
-            " only an unpadded stride-1 1x1 composes"
-        )
+    if k != (1, 1) or stride != (1, 1):
+        return f"first conv is {k[0]}x{k[1]}, stride {list(stride)}; only a stride-1 1x1 composes"
+    if any(padding) and "pad" in m.nodes:
+        return f"the 1x1 pads its input {list(padding)} and a pad node pads its output; not composed"
     groups = _sequential_groups(m)
     if isinstance(groups, str):
         return groups
@@ -329,6 +334,7 @@ def _merge_sequential_convs(m: Match, ctx) -> Value:
     g1 = _attrs(m, "conv_a")[3]
     groups = _sequential_groups(m)
     pads, _ = _pad_spatial(m)
+    pads = tuple(p + q for p, q in zip(pads, _attrs(m, "conv_a")[1], strict=True))  # the 1x1's own padding
     w1 = _dense(_f64(m, "w1"), g1)[:, :, 0, 0]  # [mid, in]
     w2 = _dense(_f64(m, "w2"), g2)  # [out, mid, K, K]
     weight = _grouped(np.einsum("omhw,mi->oihw", w2, w1), groups)

@@ -212,7 +212,46 @@ def test_sequential_refuses_a_3x3_first_conv(rng):
         .replace("@one", "{padding=[1, 1, 1, 1]} @one")
     )
     g2, report = run_exact(parse(text, rng), rng)
-    assert "only an unpadded stride-1 1x1 composes" in refused(report, "merge_sequential_convs")[0]
+    assert "only a stride-1 1x1 composes" in refused(report, "merge_sequential_convs")[0]
+
+
+PADDED_1X1 = """
+graph g(%x: f32[N,2,6,6]) {
+  const %w1: f32[3,2,1,1] = ...
+  const %b1: f32[3] = [0.5, -1.0, 2.0]
+  const %w2: f32[4,3,3,3] = ...
+  const %b2: f32[4] = ...
+  %h: f32[N,3,8,8] = conv2d(%x, %w1, %b1) {padding=[1, 1, 1, 1]} @one
+  %y: f32[N,4,OUT,OUT] = conv2d(%h, %w2, %b2) {padding=[KP, KP, KP, KP]} @kxk
+  return %y
+}
+"""
+
+
+def test_sequential_merges_a_padded_biased_1x1(rng):
+    """DBB's BNAndPad exported as zero padding on the 1x1: its border is b1, the composed bias carries it."""
+    g2, report = run_exact(parse(PADDED_1X1.replace("OUT", "6").replace("KP", "0"), rng), rng)
+    assert g2.op_histogram() == {"conv2d": 1}
+    assert g2.nodes[0].attrs["padding"] == (1, 1, 1, 1)
+
+
+def test_sequential_refuses_a_padded_biased_1x1_before_a_padded_kxk(rng):
+    """The KxK's own zero border is not the 1x1's bias border."""
+    g2, report = run_exact(parse(PADDED_1X1.replace("OUT", "8").replace("KP", "1"), rng), rng)
+    assert g2.op_histogram()["conv2d"] == 2
+    assert "zero padding after a biased 1x1" in refused(report, "merge_sequential_convs")[0]
+
+
+def test_sequential_refuses_a_padded_1x1_with_a_pad_node(rng):
+    text = PADDED_1X1.replace("OUT", "8").replace("KP", "0")
+    text = text.replace(
+        "  %y: f32[N,4,8,8] = conv2d(%h,",
+        "  %p: f32[N,3,10,10] = pad(%h) {pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.5} @pad\n"
+        "  %y: f32[N,4,8,8] = conv2d(%p,",
+    )
+    g2, report = run_exact(parse(text, rng), rng)
+    assert g2.op_histogram()["conv2d"] == 2
+    assert "a pad node pads its output" in refused(report, "merge_padded_sequential_convs")[0]
 
 
 # -- avg pool, offsets before a conv, affine after ------------------------------------------------
