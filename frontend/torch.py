@@ -118,7 +118,9 @@ def converter_for(target: Any):
 
 
 def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool):
+    """torch.export with dim 0 dynamic, else static (with a warning); failing both is an ExportError."""
     tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    dynamic_failure = None
     if dynamic_batch and tensors:
         # A batch of 1 makes torch specialize the dimension; trace with 2 (values do not matter).
         if all(x.shape[0] == 1 for x in tensors):
@@ -134,17 +136,19 @@ def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool):
             with torch.no_grad():
                 return torch.export.export(module, inputs_for_export, dynamic_shapes=shapes)
         except Exception as exc:  # torch raises many kinds here; any of them means "not dynamic"
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(
-                f"torch.export with a dynamic batch failed for {type(module).__name__} ({reason}); "
-                "exporting with static shapes, so the graph only accepts the example batch size",
-                stacklevel=3,
-            )
+            dynamic_failure = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     try:
         with torch.no_grad():
-            return torch.export.export(module, inputs)
+            program = torch.export.export(module, inputs)
     except Exception as exc:  # torch.export raises many kinds; the user gets one reshift error
         raise ExportError(_export_failure(module, exc)) from exc
+    if dynamic_failure is not None:
+        warnings.warn(
+            f"torch.export with a dynamic batch failed for {type(module).__name__} ({dynamic_failure}); "
+            "exporting with static shapes, so the graph only accepts the example batch size",
+            stacklevel=3,
+        )
+    return program
 
 
 def _export_failure(module: torch.nn.Module, exc: Exception) -> str:
