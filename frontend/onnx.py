@@ -315,9 +315,9 @@ class _Conversion:
             raise ModelLoadError(f"{where} has no declared shape; pass input_shapes={{{value_info.name!r}: (...)}}")
         dims: list = []
         for axis, dim in enumerate(tensor_type.shape.dim):
-            if dim.HasField("dim_value") and dim.dim_value < 0:
+            if dim.HasField("dim_value") and dim.dim_value < -1:
                 raise ModelLoadError(f"{where}: axis {axis} has negative size {dim.dim_value}")
-            if dim.HasField("dim_value"):
+            if dim.HasField("dim_value") and dim.dim_value >= 0:  # -1 (Paddle's exports): unknown, as dim_param
                 dims.append(int(dim.dim_value))
             elif axis == 0:
                 dims.append(SYMBOL)
@@ -325,7 +325,8 @@ class _Conversion:
                 label = dim.dim_param or "?"
                 raise ModelLoadError(
                     f"{where}: axis {axis} is symbolic ({label!r}); reshift allows a symbolic batch (axis 0) "
-                    f"only. Export with a fixed size or pass input_shapes={{{value_info.name!r}: (...)}}."
+                    f"only. Export with a fixed size or pass input_shapes={{{value_info.name!r}: (...)}} "
+                    f"(CLI: --input-shape {value_info.name}=D1,D2,...)."
                 )
         check_array_size([1 if isinstance(d, str) else d for d in dims], dtype, where)
         return TensorType(tuple(dims), dtype)

@@ -27,8 +27,26 @@ def command(name: str):
     return register
 
 
-def load_graph(model: str):
-    """An IR graph from an ONNX file (artifact directories are handled by the runtime)."""
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``--input-shape NAME=1,3,48,320`` (repeatable) as ``{name: shape}``; InputError when malformed."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise InputError(f"--input-shape {spec!r}: expected NAME=D1,D2,... with positive sizes, e.g. x=1,3,48,320")
+        shapes[name] = shape
+    return shapes
+
+
+def load_graph(model: str, input_shape: list[str] | None = None):
+    """An IR graph from an ONNX file (artifact directories are handled by the runtime).
+
+    ``input_shape`` holds ``--input-shape`` values: they pin the named inputs' symbolic dims.
+    """
     from reshift.frontend import from_onnx
 
     path = Path(model)
@@ -36,7 +54,7 @@ def load_graph(model: str):
         raise ModelLoadError(f"{model}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{model} is a directory; expected an .onnx model file")
-    return from_onnx(path)
+    return from_onnx(path, input_shapes=parse_input_shapes(input_shape))
 
 
 @command("inspect")
@@ -47,7 +65,7 @@ def inspect_model(args: argparse.Namespace) -> int:
 
     if Path(args.model).is_dir():
         return inspect_artifact(args.model)
-    graph = load_graph(args.model)
+    graph = load_graph(args.model, getattr(args, "input_shape", None))
     print(graph.summary())
     print(f"MACs (batch 1): {graph_macs(graph):,}")
     calibration = None
@@ -101,7 +119,7 @@ def export_model(args: argparse.Namespace) -> int:
     from reshift import passes
     from reshift.codegen.onnx import to_onnx
 
-    graph = load_graph(args.model)
+    graph = load_graph(args.model, getattr(args, "input_shape", None))
     optimized, report = passes.run(graph, args.pipeline)
     to_onnx(optimized, args.output, opset=args.opset)
     print(report)
@@ -175,7 +193,7 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
 
     spec = tvm_codegen.resolve_target(target)  # a bad --target fails before any work
     with stage(console, f"load {args.model}"):
-        graph = load_graph(args.model)
+        graph = load_graph(args.model, getattr(args, "input_shape", None))
     with stage(console, f"passes ({args.pipeline})"):
         calibration = _calibration(getattr(args, "calib", None))
         bits = getattr(args, "bits", None)  # `compile --bits`: average code bits -> the bcq budget with scales
@@ -407,7 +425,7 @@ def _host_reference(args: argparse.Namespace, meta: dict[str, Any], inputs: dict
         from reshift.ir.text import print_graph
         from reshift.runtime.artifact import sha256_text
 
-        graph = load_graph(args.model_source)
+        graph = load_graph(args.model_source, getattr(args, "input_shape", None))
         expected = meta.get("graph_sha256")
         if expected and sha256_text(print_graph(graph, weights="full")) != expected:
             raise InputError(
@@ -503,11 +521,21 @@ def _add_timeout_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_input_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="NAME=D1,D2,...",
+        help="pin a model input's shape (its symbolic dims), e.g. x=1,3,48,320; repeat per input",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reshift", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report (or an artifact's meta)")
+    _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx or an artifact directory")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
@@ -515,12 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ops", help="list the supported ops (markdown table)")
 
     p = sub.add_parser("export", help="run a pass pipeline on an ONNX model and write the result as standard ONNX")
+    _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
     p = sub.add_parser("compile", help="compile an ONNX model to an artifact directory (model.so + meta.json)")
+    _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="cpu", help="cpu, arm64, cuda, cuda-sm80, cuda-sm87, cuda-sm90 (default: cpu)")
@@ -543,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
 
     p = sub.add_parser("bench", help="time an artifact, or an ONNX model against onnxruntime")
+    _add_input_shape(p)
     p.add_argument("model", help="artifact directory or MODEL.onnx")
     p.add_argument("--batch", type=int, default=1, help="batch size for a symbolic batch (default: 1)")
     p.add_argument("--repeat", type=int, default=50, help="timed runs (default: 50)")
@@ -553,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timeout_option(p)
 
     p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
+    _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
     p.add_argument("--db", help="tuning database directory, reused by later builds (default: ~/.cache/reshift/tune_db)")
@@ -562,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_remote_options(p)
 
     p = sub.add_parser("deploy", help="run an artifact on a device over TVM RPC: check it against the host, time it")
+    _add_input_shape(p)
     p.add_argument("model", help="artifact directory (compiled for the device, e.g. --target arm64)")
     _add_remote_options(p)
     p.add_argument("--input", "-i", help="inputs (.npz); default: reference.npz's, else random (symbolic batch 1)")

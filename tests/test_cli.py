@@ -131,3 +131,30 @@ def test_console_script_compile_and_run(files, tmp_path):
         timeout=300,
     )
     assert ran.returncode == 0 and "y: float32[5, 3]" in ran.stdout
+
+
+def _two_symbolic_dims(path) -> None:
+    """A model whose input has a symbolic batch AND a symbolic width (as OCR recognizers do)."""
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "w"])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_input_shape_pins_symbolic_dims(tmp_path, capsys):
+    _two_symbolic_dims(tmp_path / "wide.onnx")
+    assert main(["inspect", str(tmp_path / "wide.onnx")]) == 2
+    assert "--input-shape x=D1,D2,..." in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "wide.onnx"), "--input-shape", "x=1,3,320"]) == 0
+    assert "%x: f32[1,3,320]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["x", "x=", "=1,2", "x=1,a", "x=0,3"])
+def test_malformed_input_shape_exits_2(tmp_path, capsys, spec):
+    _two_symbolic_dims(tmp_path / "wide.onnx")
+    assert main(["inspect", str(tmp_path / "wide.onnx"), "--input-shape", spec]) == 2
+    assert "expected NAME=D1,D2,..." in capsys.readouterr().err
