@@ -4,14 +4,15 @@ For every tiny, randomly initialized architecture in ``examples/models/hf_tiny.p
 stages run, each compared with torch eager on the same inputs (max|a - b| / max|b| <= 1e-4):
 
 * ``import``: ``reshift.frontend.from_torch`` + ``reshift.ir.interpret``;
-* ``compile``: ``reshift.compile(graph, target="cpu")`` at the traced batch and at batch 1;
-* ``dynamo``: ``torch.compile(model, backend="reshift")``; any ``ReshiftFallbackWarning`` (a
+* ``compile``: ``reshift.compile(graph, target="cpu")`` at the traced batch 2 and at batches 1 and 4;
+* ``dynamo``: ``torch.compile(model, backend="reshift")`` at batches 2, 1, 4; any ``ReshiftFallbackWarning`` (a
   subgraph run eagerly) is a failure.
 
 Prints a table (ok, or the error class and first line) and totals; ``--save`` writes it to
 ``benchmarks/results/hf_coverage-<stamp>.{json,txt}``. Usage::
 
     python benchmarks/hf_coverage.py [--only bert,gpt2] [--stages import,compile] [--save]
+    python benchmarks/hf_coverage.py --table benchmarks/results/hf_coverage-<stamp>.json
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from reshift.dynamo import ReshiftFallbackWarning  # noqa: E402
 
 STAGES = ("import", "compile", "dynamo")
 TOLERANCE = 1e-4
-BATCH = 2  # traced batch; compile is also checked at batch 1 (the symbolic batch)
+BATCH = 2  # traced batch (torch.export specializes a batch of 1)
+CHECKED_BATCHES = (BATCH, 1, 4)  # compile and dynamo are checked at each (the batch is symbolic)
 
 
 def relative_error(actual, reference) -> float:
@@ -95,7 +97,7 @@ def stage_compile(name: str, state: dict) -> str | None:
         return "blocked: import failed"
     model, make = build(name)
     compiled = reshift.compile(state["graph"], target="cpu")
-    for batch in (BATCH, 1):
+    for batch in CHECKED_BATCHES:
         inputs = make(batch, seed=batch)
         result = compiled(*[x.numpy() for x in inputs])
         result = list(result) if isinstance(result, (tuple, list)) else [result]
@@ -111,7 +113,7 @@ def stage_dynamo(name: str, state: dict) -> str | None:
     compiled = torch.compile(model, backend="reshift")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReshiftFallbackWarning)
-        for batch in (BATCH, 1):
+        for batch in CHECKED_BATCHES:
             inputs = make(batch, seed=batch)
             with torch.no_grad():
                 result = tensors_of(compiled(*inputs))
@@ -182,7 +184,12 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of import,compile,dynamo")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/hf_coverage-<stamp>.json/.txt")
     parser.add_argument("--tag", default="", help="suffix for the saved file names")
+    parser.add_argument("--table", metavar="JSON", help="print the table of a saved run instead of running")
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())["results"]
+        print(table(saved, tuple(s for s in STAGES if s in next(iter(saved.values())))))
+        return
     names = args.only.split(",") if args.only else list(ARCHITECTURES)
     stages = tuple(s for s in STAGES if s in args.stages.split(","))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
