@@ -116,6 +116,7 @@ def _request(tracker: str, key: str | None, session_timeout: float, timeout: flo
     host, port = parse_address(tracker, "--tracker")
     _probe(host, port, "tracker")
     tracker_address = (socket.gethostbyname(host), port)
+    reason = f"no answer within {timeout:.0f} s"
     for _ in range(TRACKER_ATTEMPTS):
         try:
             session, sockets = open_bounded(
@@ -125,13 +126,14 @@ def _request(tracker: str, key: str | None, session_timeout: float, timeout: flo
             continue  # a hung device (or none free): the tracker no longer offers the one it handed out
         except DeviceError:
             raise
-        except Exception as exc:  # noqa: BLE001 -- TVM errors become one readable message
-            raise DeviceError(f"no session for key {key!r} from the tracker at {tracker}: {last_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 -- a device that died before the tracker noticed: ask again
+            reason = last_line(exc)
+            continue
         server = next((f"{c[2][0]}:{c[2][1]}" for c in sockets or ()), "?")
         return BoundedSession(session, f"the {key!r} device at {server} (tracker {tracker})", sockets, timeout)
     raise DeviceError(
-        f"no {key!r} device from the tracker at {tracker} opened a session within {timeout:.0f} s, "
-        f"{TRACKER_ATTEMPTS} times: the devices under that key are hung or all busy. {RESTART_HINT}"
+        f"no {key!r} device from the tracker at {tracker} opened a session in {TRACKER_ATTEMPTS} attempts "
+        f"({reason}): the devices under that key are down, hung or all busy. {RESTART_HINT}"
     )
 
 
@@ -147,7 +149,8 @@ def _tracker_session(host: str, port: int, tracker: str, key: str, session_timeo
             f"the tracker at {tracker} has no device under key {key!r} (keys: {known}); start one with "
             f"`python examples/edge/device.py start --tracker {tracker} --key {key}`"
         )
-    return client.request(key, session_timeout=session_timeout, max_retry=3)
+    # One try: a retry inside TVM would outlive a cut-off attempt and take the next device for nobody.
+    return client.request(key, session_timeout=session_timeout, max_retry=1)
 
 
 def bounded(remote: Any, where: str = "the device") -> BoundedSession:
@@ -208,6 +211,10 @@ class RemoteModel:
 
     def __repr__(self) -> str:
         return f"<RemoteModel {self.meta.get('name', '')} on {self.where}>"
+
+    def close(self) -> None:
+        """End the RPC session (the device is free for the next client); later calls raise DeviceError."""
+        self.session.close()
 
     def _set_inputs(self, inputs: dict[str, Any]) -> None:
         import tvm

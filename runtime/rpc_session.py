@@ -144,6 +144,20 @@ class BoundedSession:
     def __repr__(self) -> str:
         return f"<BoundedSession {self.where}, timeout {self.timeout:g} s>"
 
+    def __enter__(self) -> BoundedSession:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the session now, so the device's server takes the next client; later calls raise DeviceError.
+
+        Dropping the last reference ends it too, but only when the garbage collector gets to it.
+        """
+        self._dead = self._dead or "the session was closed"
+        cut(self._connections)
+
     def call(self, what: str, fn: Callable[..., Any], *args: Any, bound: float | None = None) -> Any:
         """``fn(*args)`` on the device within ``bound`` seconds (default: the session's timeout).
 
