@@ -1,11 +1,12 @@
 """Seed models for the ONNX mutation fuzzer (benchmarks/fuzz_onnx.py): small, real exports.
 
-Four architectures through ``torch.onnx.export`` (legacy exporter, opset 17), seeded and tiny so
-that converting and interpreting one takes milliseconds: a CNN (conv/BN/ReLU, max pool, a
-grouped conv, a residual add, global pooling, a linear head), a ViT (patch conv, class token,
-pre-norm blocks), a BERT-style encoder (``transformers.BertModel`` from a tiny config, random
-init, offline) and the ViT again with a symbolic batch (``dynamic_axes``). Exports are cached
-by name in a directory, so torch is imported only when a file is missing.
+Five models through ``torch.onnx.export`` (legacy exporter, opset 17), seeded and tiny so that
+converting and interpreting one takes milliseconds: a CNN (conv/BN/ReLU, max pool, a grouped
+conv, a residual add, global pooling, a linear head), a ViT (patch conv, class token, pre-norm
+blocks), a BERT-style encoder (``transformers.BertModel`` from a tiny config, random init,
+offline), the ViT again with a symbolic batch (``dynamic_axes``) and a mix of layout and
+pooling ops the others lack. Exports are cached by name in a directory, so torch is imported
+only when a file is missing.
 """
 
 from __future__ import annotations
@@ -95,6 +96,36 @@ def _bert():
     return Encoder().eval(), (ids, torch.ones(1, 8, dtype=torch.int64))
 
 
+def _ops_mix():
+    """Layout and pooling ops the other seeds lack: Pad, Split, Slice with steps, ceil-mode pools,
+    Clip, Where, PRelu, ConvTranspose, LayerNorm, GELU, ReduceMax; two outputs."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class OpsMix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3)
+            self.up = nn.ConvTranspose2d(3, 3, 2, stride=2)
+            self.act = nn.PReLU(5)
+            self.norm = nn.LayerNorm(9)
+            self.fc = nn.Linear(9, 6)
+
+        def forward(self, x):
+            x = self.conv(F.pad(x, (1, 1, 2, 0)))
+            a, b = torch.split(x, [3, 5], dim=1)
+            a = F.max_pool2d(self.up(a), 3, 2, ceil_mode=True)
+            b = F.avg_pool2d(self.act(b), 2, 2, ceil_mode=True)
+            y = torch.cat([a[:, :, ::2, ::2], b], 1)[:, :, 1:, 1:]
+            y = torch.clamp(y, -1.0, 1.0) + torch.where(y > 0, y, 0.1 * y)
+            y = F.gelu(self.norm(y.flatten(2)))
+            return self.fc(y).softmax(-1), y.amax(dim=1)
+
+    torch.manual_seed(0)
+    return OpsMix().eval(), (torch.randn(1, 4, 8, 8),)
+
+
 SEED_MODELS: dict[str, SeedModel] = {
     spec.name: spec
     for spec in (
@@ -102,6 +133,7 @@ SEED_MODELS: dict[str, SeedModel] = {
         SeedModel("vit", _vit),
         SeedModel("bert", _bert, ("input_ids", "attention_mask")),
         SeedModel("vit_batch", _vit, symbolic_batch=True),
+        SeedModel("ops_mix", _ops_mix),
     )
 }
 

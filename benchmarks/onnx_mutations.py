@@ -388,6 +388,15 @@ def opset_version(model: onnx.ModelProto, rng: np.random.Generator) -> str | Non
     return f"opset -> {entry.version}"
 
 
+STACKABLE = ("bad_attribute", "random_attribute", "int_constant", "initializer", "input_dims")
+
+
+def stacked(model: onnx.ModelProto, rng: np.random.Generator) -> str | None:
+    """Two or three of the mutators the ONNX checker tends to let through, one after another."""
+    done = [PROTO_MUTATORS[kind](model, rng) for kind in rng.choice(STACKABLE, int(rng.integers(2, 4)))]
+    return "; ".join(d for d in done if d) or None
+
+
 PROTO_MUTATORS: dict[str, ProtoMutator] = {
     "node_byte_flip": flip_node_bytes,
     "dangling_input": dangling_input,
@@ -406,9 +415,12 @@ PROTO_MUTATORS: dict[str, ProtoMutator] = {
     "input_elem_type": input_elem_type,
     "graph_outputs": graph_outputs,
     "opset": opset_version,
+    "stacked": stacked,
 }
 # tensor and attribute corruption are the interesting cases; weight them up
-WEIGHTS: dict[str, float] = {"initializer": 3.0, "int_constant": 2.0, "bad_attribute": 3.0, "random_attribute": 2.0}
+WEIGHTS: dict[str, float] = {
+    "initializer": 3.0, "int_constant": 2.0, "bad_attribute": 3.0, "random_attribute": 2.0, "stacked": 2.0,
+}  # fmt: skip
 KINDS: tuple[str, ...] = tuple(BYTE_MUTATORS) + tuple(PROTO_MUTATORS)
 
 

@@ -151,7 +151,7 @@ def _untyped(proto: onnx.ModelProto) -> str:
 
 
 def _check_text(proto: onnx.ModelProto, source: str) -> None:
-    """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``)."""
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``) or hold control characters."""
     graph = proto.graph
     named = [("graph input", v.name) for v in graph.input] + [("graph output", v.name) for v in graph.output]
     named += [("value_info", v.name) for v in graph.value_info] + [("initializer", t.name) for t in graph.initializer]
@@ -161,6 +161,8 @@ def _check_text(proto: onnx.ModelProto, source: str) -> None:
     for what, text in named:
         if isinstance(text, bytes):
             raise ModelLoadError(f"{source}: {what} has a name that is not valid UTF-8 ({text!r}); corrupted file")
+        if any(ord(c) < 32 for c in text):
+            raise ModelLoadError(f"{source}: {what} has a name with control characters ({text!r}); corrupted file")
 
 
 class _Conversion:
@@ -218,9 +220,14 @@ class _Conversion:
                 raise ShapeEvalError(f"{op} on a batch-dependent shape cannot be evaluated at conversion time")
         else:
             attrs = opdef.normalize_attrs(attrs)
-            _check_fold_size(opdef, inputs, attrs)
-            with np.errstate(all="ignore"):
-                result = opdef.reference(*inputs, **attrs)
+            refusal = _check_fold(opdef, inputs, attrs)
+            try:
+                with np.errstate(all="ignore"):
+                    result = opdef.reference(*inputs, **attrs)
+            except Exception as exc:
+                if refusal is None:
+                    raise
+                raise refusal from exc  # the registry's reason reads better than numpy's
         if isinstance(result, (tuple, list)):
             return [normalize(np.asarray(r)) for r in result]
         return normalize(np.asarray(result))
@@ -462,15 +469,21 @@ class _Conversion:
         self.graph.output_names.append(name)
 
 
-def _check_fold_size(opdef, inputs, attrs: dict[str, Any]) -> None:
-    """Refuse folding an op whose result would be over the tensor limit, before numpy allocates it."""
+def _check_fold(opdef, inputs, attrs: dict[str, Any]) -> IRTypeError | None:
+    """Refuse folding an op whose result would be over the tensor limit, before numpy allocates it.
+
+    Returns type inference's objection, if any, without raising it: inference is stricter than
+    numpy (dtype promotion, float64 shape math), so the reference decides and the objection is
+    the message only if the reference fails too.
+    """
     try:
         types = [None if x is None else TensorType.of(x) for x in inputs]
         outputs = infer_types(opdef, types, attrs)
-    except IRTypeError:
-        return  # inference is stricter than numpy (dtype promotion, float64 shape math): the reference decides
+    except IRTypeError as exc:
+        return exc
     for output in outputs:
         check_type_size(output, f"folding {opdef.name}")
+    return None
 
 
 def _symbolic_attrs(opdef, attrs: dict[str, Any]) -> bool:

@@ -193,8 +193,10 @@ def _cast(ctx, node, ins, at):
         target = ctx.dtype(ins[1])
     elif at["to"] in ONNX_DTYPES:
         target = ONNX_DTYPES[at["to"]]
-    else:
+    elif at["to"] in onnx.helper.get_all_tensor_dtypes():
         target = onnx.helper.tensor_dtype_to_np_dtype(at["to"]).name
+    else:
+        raise NotConvertible(f"Cast to element type {at['to']}, which ONNX does not define")
     if ctx.dtype(x) == target or (isinstance(x, np.ndarray) and x.dtype == object and target.startswith("int")):
         return x
     if isinstance(x, np.ndarray) and target not in ONNX_DTYPES.values():

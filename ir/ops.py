@@ -293,7 +293,7 @@ register(
 def _linear_infer(x: TensorType, w: TensorType, b: TensorType | None) -> list[TensorType]:
     require_rank(w, 2, "linear", "weight")
     require_same_dtype("linear", x=x, weight=w, bias=b)
-    if x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
+    if x.rank < 1 or x.shape[-1] != w.shape[1] or (b is not None and tuple(b.shape) != (w.shape[0],)):
         raise IRTypeError(f"linear: input {x}, weight {w}, bias {b} do not agree (weight is [out, in])")
     return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
 
@@ -435,7 +435,10 @@ register(
 
 # -- reductions -------------------------------------------------------------------------------
 def _reduce_infer(x, axes, keepdims):
-    axes = {normalize_axis(a, x.rank, "reduce") for a in axes} if axes else set(range(x.rank))
+    normalized = [normalize_axis(a, x.rank, "reduce") for a in axes]
+    if len(set(normalized)) != len(normalized):
+        raise IRTypeError(f"reduce: axes {list(axes)} name an axis twice (rank {x.rank})")
+    axes = set(normalized) if axes else set(range(x.rank))
     shape = [(1 if i in axes else d) for i, d in enumerate(x.shape) if keepdims or i not in axes]
     return [x.with_shape(shape)]
 

@@ -147,3 +147,24 @@ def test_gather_with_constant_indices_out_of_range_is_refused_at_import():
     model = make([node], [2, 3], {"ids": np.array([0, 7], np.int64)})
     with pytest.raises(ModelLoadError, match=r"node 'pick' \(Gather\).*out of range for size 3"):
         from_onnx(model)
+
+
+def test_reduce_with_a_repeated_axis_is_refused_at_import():
+    node = helper.make_node("ReduceMax", ["x"], ["y"], name="peak", axes=[0, 0], keepdims=0)
+    with pytest.raises(ModelLoadError, match=r"node 'peak' \(ReduceMax\).*axis twice"):
+        from_onnx(make([node], [2, 3], {}))
+
+
+def test_cast_to_an_undefined_element_type_names_the_node():
+    node = helper.make_node("Cast", ["x"], ["y"], name="cast", to=99)
+    with pytest.raises(ModelLoadError, match=r"node 'cast' \(Cast\)"):
+        from_onnx(make([node], [2, 3], {}))
+
+
+def test_folded_shape_math_reports_the_registry_reason():
+    """A Concat of two constants along a missing axis: the op registry's message, not numpy's."""
+    node = helper.make_node("Concat", ["a", "b"], ["c"], name="join", axis=3)
+    add = helper.make_node("Add", ["x", "c"], ["y"], name="add")
+    model = make([node, add], [2], {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)})
+    with pytest.raises(ModelLoadError, match=r"node 'join' \(Concat\).*axis 3 out of range for rank 1"):
+        from_onnx(model)
