@@ -124,7 +124,6 @@ KNOWN_ONLY = {
     "Round": np.round,
     "Sign": np.sign,
     "Mod": lambda a, b, fmod=0: np.fmod(a, b) if fmod else np.mod(a, b),
-    "Tile": np.tile,
     "ReduceProd": None,
     "GatherElements": None,
     "GatherND": None,
@@ -293,7 +292,6 @@ def _cumsum(x, axis, exclusive=0, reverse=0):
 
 
 _KNOWN_IMPLS = {
-    "Tile": _tile,
     "GatherElements": _gather_elements,
     "GatherND": _gather_nd,
     "ReduceProd": _reduce_prod,
@@ -500,72 +498,7 @@ def _trilu(ctx, node, ins, at):
     return ctx.op("where", mask, x, np.zeros((), np.dtype(ctx.dtype(x))))
 
 
-@converter("Pad")
-def _pad(ctx, node, ins, at):
-    x = ins[0]
-    if at.get("mode", "constant") != "constant":
-        raise NotConvertible(f"Pad mode {at['mode']!r} is not supported (constant only)")
-    rank = len(ctx.shape(x))
-    pads = _ints(ins[1], "Pad pads")
-    value = _scalar(ins[2], "Pad value") if len(ins) > 2 and ins[2] is not None else 0.0
-    axes = _axes_arg(ctx, ins, {}, index=3)
-    if axes is not None:
-        full = [0] * (2 * rank)
-        for i, axis in enumerate(_norm(a, rank) for a in axes):
-            full[axis], full[axis + rank] = pads[i], pads[i + len(axes)]
-        pads = full
-    if not any(pads):
-        return x
-    return ctx.op("pad", x, pads=pads, value=float(value))
-
-
-# -- neural-network ops -------------------------------------------------------------------------
-def _window_pads(in_dims, kernel, strides, dilations, at) -> list[int]:
-    """ONNX ``pads``/``auto_pad`` as the IR's (top, left, bottom, right)."""
-    auto = at.get("auto_pad", "NOTSET")
-    if auto in ("NOTSET", ""):
-        return list(at.get("pads", [0, 0, 0, 0]))
-    if auto == "VALID":
-        return [0, 0, 0, 0]
-    begins, ends = [], []
-    for size, k, s, d in zip(in_dims, kernel, strides, dilations, strict=False):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        small = total // 2
-        begins.append(small if auto == "SAME_UPPER" else total - small)
-        ends.append(total - begins[-1])
-    return begins + ends
-
-
-def _require_2d(ctx, x, what):
-    if len(ctx.shape(x)) != 4:
-        raise NotConvertible(f"{what}: only 2-D (NCHW) inputs are supported, got rank {len(ctx.shape(x))}")
-
-
-@converter("Conv")
-def _conv(ctx, node, ins, at):
-    x, w, b = (list(ins) + [None])[:3]
-    _require_2d(ctx, x, "Conv")
-    kernel = list(ctx.shape(w)[2:])
-    strides, dilations = list(at.get("strides", [1, 1])), list(at.get("dilations", [1, 1]))
-    pads = _window_pads(ctx.shape(x)[2:], kernel, strides, dilations, at)
-    return ctx.op("conv2d", x, w, b, stride=strides, padding=pads, dilation=dilations, groups=at.get("group", 1))
-
-
-@converter("MaxPool", "AveragePool")
-def _pool(ctx, node, ins, at):
-    x = ins[0]
-    _require_2d(ctx, x, node.op_type)
-    kernel = list(at["kernel_shape"])
-    strides, dilations = list(at.get("strides", [1, 1])), list(at.get("dilations", [1, 1]))
-    attrs = {"kernel": kernel, "stride": strides, "ceil_mode": bool(at.get("ceil_mode", 0))}
-    attrs["padding"] = _window_pads(ctx.shape(x)[2:], kernel, strides, dilations, at)
-    if node.op_type == "MaxPool":
-        return ctx.op("max_pool2d", x, dilation=dilations, **attrs)
-    if dilations != [1, 1]:
-        raise NotConvertible("AveragePool with dilations is not supported")
-    return ctx.op("avg_pool2d", x, count_include_pad=bool(at.get("count_include_pad", 0)), **attrs)
-
-
+# -- Pad, Tile, Conv, ConvTranspose, pooling, PRelu/Elu/Selu, LRN, InstanceNormalization: onnx_ops_nn.py --
 @converter("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(ctx, node, ins, at):
     op = "reduce_mean" if node.op_type == "GlobalAveragePool" else "reduce_max"
@@ -638,6 +571,9 @@ def _reduce(ctx, node, ins, at):
         return ctx.op("reduce_sum", ctx.op("abs", x), **attrs)
     squares = ctx.op("reduce_sum", ctx.op("mul", x, x), **attrs)
     return ctx.op("sqrt", squares) if node.op_type == "ReduceL2" else squares
+
+
+from reshift.frontend import onnx_ops_nn as _onnx_ops_nn  # noqa: E402,F401 -- registers its converters
 
 
 @converter("If")

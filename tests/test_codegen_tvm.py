@@ -280,6 +280,37 @@ def graph_lowbit():
     return b.build(*outs), feeds
 
 
+def graph_conv_nd():
+    """conv3d and conv_transpose2d (ir/ops_nn.py): strides, asymmetric padding, dilation, groups."""
+    b = GraphBuilder("conv_nd")
+    v = b.input("v", "f32[N,4,5,6,7]")
+    x = b.input("x", "f32[N,4,5,6]")
+    outs = [
+        b.conv3d(
+            v,
+            b.constant(f32(6, 2, 2, 3, 2)),
+            b.constant(f32(6)),
+            stride=(1, 2, 1),
+            padding=(1, 0, 1, 0, 2, 1),
+            dilation=(2, 1, 1),
+            groups=2,
+        ),
+        b.conv3d(v, b.constant(f32(3, 4, 1, 1, 1)), None),
+        b.conv_transpose2d(
+            x,
+            b.constant(f32(4, 3, 3, 2)),
+            b.constant(f32(6)),
+            stride=(2, 3),
+            padding=(1, 0, 1, 0),
+            output_padding=(1, 2),
+            dilation=(1, 2),
+            groups=2,
+        ),
+        b.conv_transpose2d(x, b.constant(f32(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)),
+    ]
+    return b.build(*outs), lambda n: {"v": f32(n, 4, 5, 6, 7), "x": f32(n, 4, 5, 6)}
+
+
 OP_GRAPHS = {
     fn.__name__: fn
     for fn in (
@@ -291,6 +322,7 @@ OP_GRAPHS = {
         graph_shape,
         graph_index,
         graph_lowbit,
+        graph_conv_nd,
     )
 }
 
@@ -441,6 +473,14 @@ def test_cross_builds_cuda(name, tmp_path):
     assert "__global__" in source
     path = export_library(cuda, tmp_path / "cuda.so")
     assert _elf_machine(path) == 62 and os.path.getsize(path) > 0  # x86-64 host library with the kernels inside
+
+
+@pytest.mark.slow
+def test_cross_build_cuda_conv_nd():
+    """conv3d and conv_transpose2d get dlight CUDA schedules (device code, no host loops)."""
+    graph, _ = graph_conv_nd()
+    cuda = build(graph, "cuda-sm90")
+    assert "cuda" in [m.kind for m in cuda.executable.mod.imports[0].imports]
 
 
 def test_gpu_build_refuses_blocks_outside_thread_bindings():

@@ -1,0 +1,47 @@
+"""Lowerings of ``conv3d`` and ``conv_transpose2d`` (``ir/ops_nn.py``) to Relax's convolutions.
+
+Relax's ``nn.conv3d`` (NCDHW/OIDHW) and ``nn.conv2d_transpose`` (NCHW/IOHW) take padding as
+begins then ends and ``output_padding`` at the end, as the IR does; the bias is a broadcast add.
+Both legalize to TOPI's computes on CPU and get dlight schedules on CUDA.
+"""
+
+from __future__ import annotations
+
+from tvm import relax
+
+from reshift.codegen.tvm.lower import LowerContext, lowering, op
+from reshift.ir.graph import Node
+
+
+def _add_bias(ctx: LowerContext, y: relax.Expr, b: relax.Expr | None, rank: int) -> relax.Expr:
+    return y if b is None else ctx.emit(op.add(y, op.reshape(b, (1, -1) + (1,) * (rank - 2))))
+
+
+@lowering("conv3d")
+def lower_conv3d(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None) -> relax.Expr:
+    attrs = node.attrs
+    y = ctx.emit(
+        op.nn.conv3d(
+            x, w, strides=attrs["stride"], padding=attrs["padding"], dilation=attrs["dilation"], groups=attrs["groups"]
+        )
+    )
+    return _add_bias(ctx, y, b, 5)
+
+
+@lowering("conv_transpose2d")
+def lower_conv_transpose2d(
+    ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None
+) -> relax.Expr:
+    attrs = node.attrs
+    y = ctx.emit(
+        op.nn.conv2d_transpose(
+            x,
+            w,
+            strides=attrs["stride"],
+            padding=attrs["padding"],
+            output_padding=attrs["output_padding"],
+            dilation=attrs["dilation"],
+            groups=attrs["groups"],
+        )
+    )
+    return _add_bias(ctx, y, b, 4)
