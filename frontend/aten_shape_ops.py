@@ -293,3 +293,11 @@ def _upsample_bilinear(cx, a):
             raise Unsupported(f"scale factor {factor} on a length of {length} (not a whole output size {out})")
     mode = "align_corners" if a["align_corners"] else "half_pixel"
     return cx.emit("resize2d", [x], size=size, mode="linear", coordinate_transformation=mode)
+
+
+@converts("copy")
+def _copy(cx, a):
+    """Functional ``aten.copy(self, src)`` (a functionalized ``self.copy_(src)``): src, in self's shape and dtype."""
+    src = _operand(cx, a["src"], cx.out_type.dtype)
+    shape = cx.out_type.shape
+    return src if src.shape == shape else cx.emit("expand", [src], shape=shape)
