@@ -12,7 +12,10 @@ MiniLM encoder on 16 tokens.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import threading
 import time
 import uuid
 
@@ -190,6 +193,39 @@ def test_mismatch_found_by_loading_on_a_stock_server(tiny_artifacts, edge_device
         remote_api.deploy(tiny_artifacts[1], session)
 
 
+# -- faults: a device that dies or hangs mid-run ends the command with exit 2 in bounded time ------
+@pytest.fixture
+def doomed_device(rootfs):
+    """A device of the test's own, which the test kills or stops; stopped at teardown in any case."""
+    name = f"test-{uuid.uuid4().hex[:6]}"
+    state = _start(name)
+    yield state
+    device.stop(name)  # SIGTERM, then SIGKILL: also ends a stopped (SIGSTOP) device
+
+
+def test_device_killed_mid_bench_exits_2(tiny_artifacts, doomed_device, capsys, monkeypatch):
+    timed = remote_api.RemoteModel.time
+
+    def time_then_die(self, inputs, repeat=10, number=1):
+        threading.Timer(2.0, device.stop, args=(doomed_device["name"],)).start()
+        return timed(self, inputs, repeat=10**5, number=10)  # hours under qemu, unless the device dies
+
+    monkeypatch.setattr(remote_api.RemoteModel, "time", time_then_die)
+    start = time.monotonic()
+    assert cli.main(["bench", str(tiny_artifacts[0]), "--rpc", _rpc(doomed_device), "--repeat", "3"]) == 2
+    assert time.monotonic() - start < 180  # connect, upload and a warm-up run under qemu, then the kill
+    err = capsys.readouterr().err
+    assert f"lost the connection to the device at {_rpc(doomed_device)} while timing" in err
+
+
+def test_hung_device_exits_2_after_the_timeout(tiny_artifacts, doomed_device, capsys):
+    os.killpg(device.Device(doomed_device["name"]).pid(), signal.SIGSTOP)  # socket open, no answers
+    start = time.monotonic()
+    assert cli.main(["deploy", str(tiny_artifacts[0]), "--rpc", _rpc(doomed_device), "--timeout", "5"]) == 2
+    assert time.monotonic() - start < 30
+    assert "opened no session within 5 s" in capsys.readouterr().err
+
+
 def test_bench_over_rpc_without_reference(tiny_artifacts, edge_device, capsys):
     assert cli.main(["bench", str(tiny_artifacts[0]), "--rpc", _rpc(edge_device), "--repeat", "3"]) == 0
     assert "reshift (rpc)" in capsys.readouterr().out
@@ -217,7 +253,7 @@ def tracker_pair(rootfs):
         while client.summary()["queue_info"].get(KEY, {}).get("free", 0) < 2:
             assert time.monotonic() < deadline, f"tracker never saw 2 devices: {client.summary()}"
             time.sleep(0.5)
-        yield {"addr": addr, "port": tracker.port, "client": client}
+        yield {"addr": addr, "port": tracker.port, "client": client, "names": names}
     finally:
         for name in names:
             device.stop(name)
@@ -263,3 +299,13 @@ def test_remote_tuning_on_two_devices(tracker_pair, tmp_path, monkeypatch):
     y = remote_api.deploy(out_dir, session).run_dict({"x": x})
     reference = interpret(graph, {"x": x})
     np.testing.assert_allclose(y[graph.outputs[0].name], reference[graph.outputs[0].name], rtol=1e-4, atol=1e-4)
+
+
+def test_tracker_still_serves_when_one_device_dies(tracker_pair, arm64_lib):
+    """Last: it stops one of the pair. Every request then reaches the other, within a bounded time."""
+    device.stop(tracker_pair["names"][0])
+    for _ in range(2):
+        start = time.monotonic()
+        with remote_api.connect(tracker=tracker_pair["addr"], key=KEY, timeout=60) as session:
+            _check_on(session, arm64_lib)
+        assert time.monotonic() - start < 240
