@@ -1,7 +1,7 @@
 """Tiny, randomly initialized Hugging Face ``transformers`` models for coverage runs and tests.
 
-Each builder makes one architecture from a small config (hidden 32-64, 2 layers, 2-4 heads, vocab
-99, images 32x32) with a fixed seed and no download, and returns ``(model, example_inputs)``.
+
+
 Builds are cached per process (:func:`build`), never on disk.
 """
 
@@ -51,6 +51,40 @@ def _vision(model_cls: str, config_cls: str, size: int = IMAGE, **config) -> Cal
 
         model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
         return model, functools.partial(_pixels, size=size)
+
+    return make
+
+
+def _waveform(batch: int, seed: int = 0) -> tuple[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 400, generator=generator),)
+
+
+def _mel(batch: int, seed: int = 0) -> tuple[torch.Tensor]:
+    """Whisper's log-mel features ``[B, mel bins, 2 * max_source_positions]``."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 32, generator=generator),)
+
+
+def _audio(model_cls: str, config_cls: str, **config) -> Callable:
+    """A builder of an audio model fed ``[B, 400]`` raw waveforms."""
+
+    def make() -> tuple[torch.nn.Module, Callable]:
+        import transformers
+
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)), _waveform
+
+    return make
+
+
+def _whisper_encoder(**config) -> Callable:
+    """A builder of Whisper's audio encoder (``WhisperEncoder``, no decoder) fed log-mel features."""
+
+    def make() -> tuple[torch.nn.Module, Callable]:
+        from transformers import WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder(WhisperConfig(**config)), _mel
 
     return make
 
@@ -137,6 +171,31 @@ ARCHITECTURES: dict[str, Callable] = {
     ),
     "mamba": _text(
         "MambaForCausalLM", "MambaConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8
+    ),
+    # beyond the issue's list: more text, audio and decoder families
+    "albert": _text("AlbertModel", "AlbertConfig", **TEXT, embedding_size=16),
+    "electra": _text("ElectraModel", "ElectraConfig", **TEXT, embedding_size=16),
+    "gpt_neox": _text("GPTNeoXForCausalLM", "GPTNeoXConfig", **DECODER),
+    "wav2vec2": _audio(
+        "Wav2Vec2Model",
+        "Wav2Vec2Config",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_kernel=(10, 3),
+        conv_stride=(5, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    ),
+    "whisper_encoder": _whisper_encoder(
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        num_mel_bins=16,
+        max_source_positions=16,
     ),
 }
 
