@@ -1,8 +1,10 @@
 """Tiny, randomly initialized Hugging Face ``transformers`` models for coverage runs and tests.
 
-
-
-Builds are cached per process (:func:`build`), never on disk.
+Each builder makes one architecture from a small config (hidden 16-64, 1-2 layers per stage, 1-4
+heads, vocab 99, 8 tokens, 32x32 or 64x64 images, 400-sample waveforms, 16x32 log-mel features)
+with a fixed seed and no download, and returns ``(model, inputs(batch, seed))``: text, vision,
+audio, decoder and state-space (Mamba) families. Builds are cached per process (:func:`build`),
+never on disk.
 """
 
 from __future__ import annotations
