@@ -1,0 +1,111 @@
+"""The decoder template in numpy: the ground truth for the TVM build and the calibration capture.
+
+``forward`` runs ``ids`` (positions ``pos .. pos + n - 1``) through the decoder of a
+:class:`~reshift.llm.config.DecoderSpec`, writes their keys and values into the caches
+``[layers, kv_heads, max_seq_len, head_dim]`` at those positions (the cache is state, modelled as
+an in/out argument exactly as the compiled ``prefill`` / ``decode`` functions do) and returns the
+logits of the last position. ``capture`` collects the input rows of every linear (BCQ calibration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reshift.llm.config import DecoderSpec
+
+LINEARS_GATED = ("q", "k", "v", "o", "gate", "up", "down")
+LINEARS_PLAIN = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+def linear_names(spec: DecoderSpec) -> list[str]:
+    """The canonical names of every linear layer, in execution order (``lm_head`` last)."""
+    per_layer = LINEARS_GATED if spec.gated else LINEARS_PLAIN
+    return [f"layers.{i}.{p}" for i in range(spec.num_layers) for p in per_layer] + ["lm_head"]
+
+
+def activation(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "silu":
+        return x / (1.0 + np.exp(-x))
+    if name == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    if name == "gelu":
+        from math import erf
+
+        return 0.5 * x * (1.0 + np.vectorize(erf)(x / math.sqrt(2.0)).astype(x.dtype))
+    if name == "relu":
+        return np.maximum(x, 0)
+    raise ValueError(name)
+
+
+def norm(spec: DecoderSpec, w: dict[str, np.ndarray], prefix: str, x: np.ndarray) -> np.ndarray:
+    if spec.norm == "rms":
+        return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + spec.norm_eps)) * w[prefix + ".w"]
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + spec.norm_eps) * w[prefix + ".w"] + w[prefix + ".b"]
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotary_dim: int) -> np.ndarray:
+    """HF ``rotate_half`` on the first ``rotary_dim`` of each head: ``x [n, heads, D]``, ``cos [n, rot/2]``."""
+    half = rotary_dim // 2
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
+
+
+def forward(
+    spec: DecoderSpec,
+    w: dict[str, np.ndarray],
+    ids: np.ndarray,
+    pos: int,
+    cache_k: np.ndarray,
+    cache_v: np.ndarray,
+    capture: dict[str, list[np.ndarray]] | None = None,
+) -> np.ndarray:
+    """Logits ``[vocab]`` of the last of ``ids`` (1-D), the caches updated in place."""
+    n = len(ids)
+    h_, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    def lin(name: str, x: np.ndarray) -> np.ndarray:
+        if capture is not None:
+            capture.setdefault(name, []).append(x.copy())
+        y = x @ w[name + ".w"].T
+        return y + w[name + ".b"] if name + ".b" in w else y
+
+    x = w["embed"][ids] * np.float32(spec.embed_scale)
+    positions = np.arange(pos, pos + n)
+    if spec.learned_positions:
+        x = x + w["pos_embed"][positions + spec.position_offset]
+    if spec.rotary_dim:
+        cos_t, sin_t = spec.rope_tables(pos + n)
+        cos, sin = cos_t[positions], sin_t[positions]
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        hn = norm(spec, w, p + "norm1", x)
+        q = lin(p + "q", hn).reshape(n, h_, d)
+        k = lin(p + "k", hn).reshape(n, kv, d)
+        v = lin(p + "v", hn).reshape(n, kv, d)
+        if spec.rotary_dim:
+            q, k = rope(q, cos, sin, spec.rotary_dim), rope(k, cos, sin, spec.rotary_dim)
+        cache_k[i, :, pos : pos + n] = k.transpose(1, 0, 2)
+        cache_v[i, :, pos : pos + n] = v.transpose(1, 0, 2)
+        attn = np.zeros((n, h_, d), np.float32)
+        window = spec.windows[i]
+        for t in range(n):
+            end = pos + t + 1
+            start = max(0, end - window) if window else 0
+            for head in range(h_):
+                g = head // (h_ // kv)
+                scores = cache_k[i, g, start:end] @ q[t, head] * np.float32(spec.attn_scale)
+                e = np.exp(scores - scores.max())
+                attn[t, head] = (e / e.sum()) @ cache_v[i, g, start:end]
+        x = x + lin(p + "o", attn.reshape(n, h_ * d))
+        hn = norm(spec, w, p + "norm2", x)
+        if spec.gated:
+            x = x + lin(p + "down", activation(spec.act, lin(p + "gate", hn)) * lin(p + "up", hn))
+        else:
+            x = x + lin(p + "fc2", activation(spec.act, lin(p + "fc1", hn)))
+    last = norm(spec, w, "norm", x[-1:])
+    return lin("lm_head", last)[0]
