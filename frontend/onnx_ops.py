@@ -18,7 +18,7 @@ import onnx
 from reshift.frontend.onnx_tensors import tensor_to_array
 from reshift.frontend.shape_eval import Sym, known_to_dim, shape_vector
 from reshift.ir.limits import check_array_size
-from reshift.ir.types import dims_product, split_dim
+from reshift.ir.types import FLOAT_DTYPES, dims_product, split_dim
 
 
 class NotConvertible(Exception):
@@ -160,8 +160,12 @@ for _onnx, _ir in VARIADIC.items():
 @converter("Pow")
 def _pow(ctx, node, ins, at):
     base, exponent = ins
-    if isinstance(exponent, np.ndarray) and ctx.dtype(exponent) != ctx.dtype(base):
-        exponent = exponent.astype(np.dtype(ctx.dtype(base)))
+    base_dtype, exponent_dtype = ctx.dtype(base), ctx.dtype(exponent)
+    if base_dtype not in FLOAT_DTYPES and exponent_dtype in FLOAT_DTYPES:  # int ** float: in float, then back
+        power = ctx.op("pow", ctx.op("cast", base, dtype=exponent_dtype), exponent)
+        return ctx.op("cast", power, dtype=base_dtype)
+    if exponent_dtype != base_dtype:  # ONNX lets the exponent's type differ; the IR's pow does not
+        exponent = ctx.op("cast", exponent, dtype=base_dtype)
     if isinstance(exponent, np.ndarray) and exponent.size == 1 and float(exponent.reshape(-1)[0]) == 2.0:
         return ctx.op("mul", base, base)
     return ctx.op("pow", base, exponent)

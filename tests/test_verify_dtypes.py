@@ -120,6 +120,38 @@ def test_onnx_float_shape_tensor_is_refused_naming_the_node(op_type):
         from_onnx(model)
 
 
+@pytest.mark.parametrize(
+    "base,exponent",
+    [
+        (np.array([[1.5, 2, 3], [0.5, 4, 2]], np.float32), np.array([[2, 3, 0], [1, 2, 3]], np.int64)),
+        (np.array([[4, 9, 3], [2, 16, 2]], np.int64), np.array([[0.5, 0.5, 2], [3, 0.25, 1]], np.float32)),
+    ],
+)
+def test_onnx_pow_with_an_exponent_of_another_dtype_gets_a_cast(base, exponent):
+    """ONNX Pow's exponent may have another type than the base (the IR's pow may not): ORT's results."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import helper
+
+    from reshift.frontend import from_onnx
+
+    def info(name, array):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), ["n", 3])
+
+    graph = helper.make_graph(
+        [helper.make_node("Pow", ["b", "e"], ["y"], name="p")],
+        "g",
+        [info("b", base), info("e", exponent)],
+        [info("y", base)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = {"b": base, "e": exponent}
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ir.interpret(from_onnx(model), feeds)["y"]
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 # -- TVM: constants keep their dtype; a lowering that changes one is named --------------------------
 def test_int64_constant_lowers_as_int64():
     """``relax.const`` turns an int64 array into int32 unless told: the MiniLM ``bert_Mul`` failure."""
