@@ -197,7 +197,7 @@ def _logical_not_infer(x: TensorType) -> list[TensorType]:
     return [x]
 
 
-register("logical_not", ["x"], {}, _logical_not_infer, np.logical_not, "elementwise not (bool)", tags={"elementwise"})
+register("logical_not", ["x"], {}, _logical_not_infer, np.logical_not, "elementwise not", tags={"elementwise"})
 
 
 def _binary_infer(result_dtype: str | None, operand_dtypes: frozenset[str] | None = None):
