@@ -52,6 +52,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with room for
 
 IR_TO_ONNX_DTYPE: dict[str, int] = {
     "float32": TensorProto.FLOAT,
+    "float64": TensorProto.DOUBLE,
     "float16": TensorProto.FLOAT16,
     "bfloat16": TensorProto.BFLOAT16,
     "int8": TensorProto.INT8,

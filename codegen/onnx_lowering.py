@@ -126,6 +126,24 @@ def _conv2d(em, node, ins):
     )
 
 
+@lowering("conv3d", "conv_transpose2d")
+def _conv_nd(em, node, ins):
+    """ONNX ``Conv`` (rank 5) and ``ConvTranspose``: the IR's begins-then-ends padding is ONNX's ``pads``."""
+    a = node.attrs
+    extra = {"output_padding": list(a["output_padding"])} if node.op == "conv_transpose2d" else {}
+    return em.final(
+        node,
+        "Conv" if node.op == "conv3d" else "ConvTranspose",
+        [n for n in ins if n],
+        kernel_shape=list(node.inputs[1].shape[2:]),
+        strides=list(a["stride"]),
+        pads=list(a["padding"]),
+        dilations=list(a["dilation"]),
+        group=a["groups"],
+        **extra,
+    )
+
+
 @lowering("batch_norm")
 def _batch_norm(em, node, ins):
     return em.final(node, "BatchNormalization", ins, epsilon=node.attrs["eps"])

@@ -342,23 +342,37 @@ def _t(cx, a):
 
 @converts("conv2d.default", "convolution.default", "conv1d.default")
 def _conv(cx, a):
-    if a.get("transposed"):
-        raise Unsupported("transposed convolution")
     x, weight = cx.value(a["input"]), cx.value(a["weight"])
     bias = cx.value(a["bias"]) if a["bias"] is not None else None
     if isinstance(a["padding"], str):
         raise Unsupported(f"padding={a['padding']!r}")
     one_d = x.type.rank == 3
-    if x.type.rank not in (3, 4):
-        raise Unsupported(f"{x.type.rank - 2}-D convolution")
+    if x.type.rank not in (3, 4, 5) or (a.get("transposed") and x.type.rank == 5):
+        raise Unsupported(f"{x.type.rank - 2}-D {'transposed ' if a.get('transposed') else ''}convolution")
     stride, padding, dilation = (
         [a[k]] if isinstance(a[k], int) else list(a[k]) for k in ("stride", "padding", "dilation")
     )
+    if x.type.rank == 5:  # conv3d; torch pads symmetrically, the IR takes begins then ends
+        stride, padding, dilation = ((v * 3 if len(v) == 1 else v) for v in (stride, padding, dilation))
+        attrs = {"stride": stride, "padding": padding + padding, "dilation": dilation, "groups": a["groups"]}
+        return cx.emit("conv3d", [x, weight, bias], **attrs)
     if one_d:  # run a 1-D convolution as a 2-D one over a height of 1
         x = cx.emit("reshape", [x], shape=x.shape[:2] + (1,) + x.shape[2:])
         weight = cx.emit("reshape", [weight], shape=weight.shape[:2] + (1,) + weight.shape[2:])
         stride, padding, dilation = [1] + stride[-1:], [0] + padding[-1:], [1] + dilation[-1:]
     ph, pw = _pair(padding)
+    if a.get("transposed"):  # conv_transpose1d/2d: weight (in, out/groups, kh, kw) as the IR's
+        extra = [a["output_padding"]] if isinstance(a["output_padding"], int) else list(a["output_padding"])
+        y = cx.emit(
+            "conv_transpose2d",
+            [x, weight, bias],
+            stride=_pair(stride),
+            padding=(ph, pw, ph, pw),
+            output_padding=_pair([0] + extra[-1:] if one_d else extra),
+            dilation=_pair(dilation),
+            groups=a["groups"],
+        )
+        return cx.emit("reshape", [y], shape=cx.out_type.shape) if one_d else y
     y = cx.emit(
         "conv2d",
         [x, weight, bias],

@@ -40,6 +40,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 # ONNX TensorProto element type -> IR dtype name
 ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.DOUBLE: "float64",  # computed in float64 (interpreter and TVM), never cast
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.INT8: "int8",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from reshift.errors import IRTypeError
 from reshift.ir.numpy_kernels import pool_output_size
-from reshift.ir.types import Dim, TensorType, dim_div, dims_product, split_dim
+from reshift.ir.types import FLOAT_DTYPES, Dim, TensorType, dim_div, dims_product, split_dim
 
 
 def normalize_axis(axis: int, rank: int, op: str = "") -> int:
@@ -75,7 +75,7 @@ def require_rank(t: TensorType, rank: int, op: str, what: str = "input") -> None
 
 def require_float(t: TensorType, op: str, what: str = "input") -> None:
     """Refuse a non-float operand (ops whose math, or whose backends, only exist for floats)."""
-    if t.dtype not in ("float32", "float16", "bfloat16"):
+    if t.dtype not in FLOAT_DTYPES:
         raise IRTypeError(f"{op}: expected a float tensor, got {t}; cast the {what} to float32 first")
 
 

@@ -20,6 +20,7 @@ Dim = int | str
 # dtype name -> short name used by the text form
 DTYPES: dict[str, str] = {
     "float32": "f32",
+    "float64": "f64",
     "float16": "f16",
     "bfloat16": "bf16",
     "int8": "i8",
@@ -29,7 +30,7 @@ DTYPES: dict[str, str] = {
     "bool": "bool",
 }
 SHORT_DTYPES: dict[str, str] = {short: name for name, short in DTYPES.items()}
-FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
 INT_DTYPES = frozenset({"int8", "uint8", "int32", "int64"})
 
 _SYMBOLIC_DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
@@ -51,8 +52,6 @@ def dtype_of_array(array: np.ndarray) -> str:
     name = array.dtype.name
     if name in DTYPES:
         return name
-    if name == "float64":
-        raise IRTypeError("float64 arrays are not supported; cast to float32 first")
     raise IRTypeError(f"numpy dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
 
 

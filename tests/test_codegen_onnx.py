@@ -71,6 +71,36 @@ CASES = {
             b.conv2d(x, b.constant(_w(3, 4, 3, 3)), None, dilation=(2, 2)),
         ],
     ),
+    "conv3d": (
+        ["f32[N,4,5,6,7]"],
+        lambda b, x: [
+            b.conv3d(
+                x,
+                b.constant(_w(6, 2, 2, 3, 2)),
+                b.constant(_w(6)),
+                stride=(1, 2, 1),
+                padding=(1, 0, 1, 0, 2, 1),
+                groups=2,
+            ),
+            b.conv3d(x, b.constant(_w(3, 4, 1, 2, 1)), None, dilation=(1, 2, 1)),
+        ],
+    ),
+    "conv_transpose2d": (
+        ["f32[N,4,5,6]"],
+        lambda b, x: [
+            b.conv_transpose2d(
+                x,
+                b.constant(_w(4, 3, 3, 2)),
+                b.constant(_w(6)),
+                stride=(2, 3),
+                padding=(1, 0, 1, 1),
+                output_padding=(1, 2),
+                dilation=(1, 2),
+                groups=2,
+            ),
+            b.conv_transpose2d(x, b.constant(_w(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)),
+        ],
+    ),
     "batch_norm": (
         ["f32[N,3,4,4]"],
         lambda b, x: b.batch_norm(

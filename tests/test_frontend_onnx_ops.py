@@ -194,3 +194,24 @@ def test_tile_repeats_computed_at_run_time_is_refused():
     model = make_model([tile], [("x", F, ["batch", 3]), ("r", TensorProto.INT64, [2])], [("y", F, None)])
     with pytest.raises(ModelLoadError, match="tile_node.*Tile repeats must be a constant"):
         from_onnx(model)
+
+
+def test_float64_graph_is_computed_in_float64():
+    """DOUBLE inputs and initializers stay float64 through the interpreter and the CPU build (no cast)."""
+    import reshift
+
+    D = TensorProto.DOUBLE
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    inits = [("w", np.linspace(-1, 1, 12).reshape(4, 3)), ("b", np.asarray([1e-12, 0.5, -0.25]))]
+    model = make_model(nodes, [("x", D, ["batch", 4])], [("y", D, None)], inits)
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    graph = from_onnx(model)
+    assert graph.inputs[0].dtype == "float64" and graph.outputs[0].dtype == "float64"
+    compare(model, {"x": x}, rtol=1e-12)
+    got = reshift.compile(model, target="cpu").run_dict({"x": x})["y"]
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, interpret(graph, {"x": x})["y"], rtol=1e-12)

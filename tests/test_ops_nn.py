@@ -82,3 +82,25 @@ def test_inferred_shapes_and_refusals():
         b.conv3d(v, b.constant(np.zeros((6, 2, 1, 1, 1), np.float32)), None, groups=3)
     with pytest.raises(IRTypeError, match="dtypes differ"):
         b.conv3d(v, b.constant(np.zeros((6, 4, 1, 1, 1), np.float16)), None)
+
+
+@pytest.mark.parametrize(
+    "module, shape",
+    [
+        (
+            torch.nn.Conv3d(4, 6, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1), groups=2),
+            (2, 4, 5, 6, 7),
+        ),
+        (torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 6)),
+        (torch.nn.ConvTranspose1d(3, 2, 4, stride=3, padding=1, output_padding=2, dilation=1), (2, 3, 7)),
+    ],
+    ids=["conv3d", "conv_transpose2d", "conv_transpose1d"],
+)
+def test_torch_convolutions_convert(module, shape):
+    from reshift.frontend import from_torch
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    graph = from_torch(module.eval(), (x,))
+    want = module(x).detach().numpy()
+    got = ir.interpret(graph, {graph.inputs[0].name: x.numpy()})[graph.outputs[0].name]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
