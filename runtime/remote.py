@@ -95,7 +95,11 @@ def connect(
     _probe(host, port, "device")
     where = f"the device at {rpc}"
     try:
-        session, sockets = open_bounded(lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout), timeout)
+        session, sockets = open_bounded(
+            lambda: tvm_rpc.connect(host, port, session_timeout=session_timeout),
+            timeout,
+            peer=(socket.gethostbyname(host), port),
+        )
     except DeviceTimeout:
         raise DeviceError(
             f"{where} accepted the connection but opened no session within {timeout:.0f} s: its RPC server is "

@@ -57,8 +57,10 @@ def tcp_connections() -> set[Connection] | None:
         import psutil
     except ImportError:
         return None
+    process = psutil.Process()
+    listing = getattr(process, "net_connections", None) or process.connections  # psutil < 6: connections
     found = set()
-    for conn in psutil.Process().net_connections(kind="tcp"):
+    for conn in listing(kind="tcp"):
         if conn.fd >= 0 and conn.raddr:
             found.add((conn.fd, tuple(conn.laddr), tuple(conn.raddr)))
     return found
@@ -109,18 +111,30 @@ def run_bounded(fn: Callable[[], Any], bound: float, on_timeout: Callable[[], No
 
 
 def open_bounded(
-    open_session: Callable[[], Any], bound: float, exclude: set[tuple[str, int]] = frozenset()
+    open_session: Callable[[], Any],
+    bound: float,
+    exclude: set[tuple[str, int]] = frozenset(),
+    peer: tuple[str, int] | None = None,
 ) -> tuple[Any, set[Connection] | None]:
     """Open an RPC session within ``bound`` seconds; the session and the TCP connections it opened.
 
-    Connections to an ``exclude``d address (a tracker's) are not the session's. On timeout the new
-    connections are cut and DeviceTimeout is raised.
+    The session's connections are those opened meanwhile, to ``peer`` when it is known, never to an
+    ``exclude``d address (a tracker's); without a ``peer``, a connection another thread opens in the
+    same instant would count as well. On timeout they are cut and DeviceTimeout is raised.
     """
     before = tcp_connections()
     if before is None:
         return open_session(), None
-    session = run_bounded(open_session, bound, lambda: cut((tcp_connections() or set()) - before))
-    return session, {c for c in (tcp_connections() or set()) - before if c[2] not in exclude}
+
+    def new_connections() -> set[Connection]:
+        return (tcp_connections() or set()) - before
+
+    def opened() -> set[Connection]:
+        return {c for c in new_connections() if c[2] not in exclude and (peer is None or c[2] == peer)}
+
+    # on timeout without a peer, cut every new connection: a tracker's too, in case it is the one waiting
+    session = run_bounded(open_session, bound, lambda: cut(opened() if peer else new_connections()))
+    return session, opened()
 
 
 class BoundedSession:
