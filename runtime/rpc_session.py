@@ -153,6 +153,8 @@ class BoundedSession:
         self._dead: str | None = None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "session":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.session, name)
 
     def __repr__(self) -> str:
