@@ -160,10 +160,10 @@ def cell(row: dict) -> str:
 
 def table(results: dict[str, dict[str, dict]], stages: tuple[str, ...]) -> str:
     """The architecture x stage table, per-stage and end-to-end totals, then each failure's first line."""
-    lines = [f"{'architecture':14}" + "".join(f" | {s:26}" for s in stages)]
+    lines = [f"{'architecture':16}" + "".join(f" | {s:26}" for s in stages)]
     lines.append("-" * len(lines[0]))
     for name, rows in results.items():
-        lines.append(f"{name:14}" + "".join(f" | {cell(rows[s]):26}" for s in stages))
+        lines.append(f"{name:16}" + "".join(f" | {cell(rows[s]):26}" for s in stages))
     total = len(results)
     lines.append("")
     for stage in stages:
@@ -199,7 +199,7 @@ def main() -> None:
         results[name] = {stage: run_stage(stage, name, state) for stage in stages}
         seconds = sum(r["seconds"] for r in results[name].values())
         status = " | ".join(cell(results[name][s]) for s in stages)
-        print(f"{name:14} {seconds:6.1f}s {status}", flush=True)
+        print(f"{name:16} {seconds:6.1f}s {status}", flush=True)
     text = table(results, stages)
     print("\n" + text)
     if args.save:
