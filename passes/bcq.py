@@ -34,24 +34,31 @@ refits (optional); with calibration data the same GPTQ fit over the codebook ``{
 
 from __future__ import annotations
 
-import itertools
+import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from reshift.ir.graph import Graph
-from reshift.ir.ops_lowbit import pack_signs, pack_trits
+from reshift.ir.ops_lowbit import pack_signs, pack_trits, unpack_signs
+from reshift.passes.bcq_fit import (
+    HessianFactor,
+    as_factor,
+    combos,
+    compensated_target,
+    fit_weight_only,
+    gptq_codes,
+    grouped,
+    output_error,
+    planes,
+    refit_scales,
+)
+from reshift.passes.bcq_progress import LayerProgress
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
-from reshift.passes.quant_common import (
-    LayerPlan,
-    compensated_target,
-    hessian,
-    quantize_linears,
-    refit_scales_output,
-    relative_output_error,
-)
+from reshift.passes.quant_common import LayerPlan, quantize_linears, relative_output_error
 from reshift.passes.rules import RuleStats
 
 DEFAULT_GROUP_SIZE = 128
@@ -69,150 +76,54 @@ class BCQFit:
     history: list[float]
 
     def weight(self, group_size: int) -> np.ndarray:
-        scales = np.repeat(self.alpha, group_size, axis=1)[:, : self.codes.shape[2], :]
-        return np.einsum("okq,qok->ok", scales, self.codes.astype(np.float64))
-
-
-def _combos(q: int) -> np.ndarray:
-    """All ``2^q`` sign vectors, ``[2^q, q]``."""
-    return np.array(list(itertools.product((-1.0, 1.0), repeat=q)))
-
-
-def _grouped(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` [O, K] as ``[O, groups, G]`` (zero padded) and the validity mask ``[groups, G]``."""
-    out, k = w.shape
-    ng = -(-k // group_size)
-    padded = np.zeros((out, ng * group_size))
-    padded[:, :k] = w
-    mask = (np.arange(ng * group_size) < k).reshape(ng, group_size)
-    return padded.reshape(out, ng, group_size), mask
-
-
-def _ls_alpha(wg: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Least-squares alphas ``[O, groups, q]`` given codes ``bg`` [q, O, groups, G]."""
-    bm = bg * mask
-    gram = np.einsum("iogk,jogk->ogij", bm, bm)
-    rhs = np.einsum("iogk,ogk->ogi", bm, wg)
-    return (np.linalg.pinv(gram) @ rhs[..., None])[..., 0]
-
-
-def _nearest_codes(wg: np.ndarray, alpha: np.ndarray, combos: np.ndarray, rows: int = 256) -> np.ndarray:
-    """Per weight the sign combination whose value ``combo . alpha`` is nearest: ``[q, O, groups, G]``."""
-    out = np.empty((combos.shape[1],) + wg.shape)
-    for start in range(0, wg.shape[0], rows):
-        values = alpha[start : start + rows] @ combos.T  # [o, groups, 2^q]
-        best = np.argmin(np.abs(wg[start : start + rows, :, :, None] - values[:, :, None, :]), axis=-1)
-        out[:, start : start + rows] = np.moveaxis(combos[best], -1, 0)
-    return out
+        k = self.codes.shape[2]
+        out = np.zeros(self.codes.shape[1:])
+        for i, plane in enumerate(self.codes):
+            out += np.repeat(self.alpha[:, :, i], group_size, axis=1)[:, :k] * plane
+        return out
 
 
 def _fit_weight_only(w: np.ndarray, q: int, group_size: int, iters: int) -> BCQFit:
-    wg, mask = _grouped(w, group_size)
-    combos = _combos(q)
-    residual = wg * mask
-    codes, alphas = [], []
-    for _ in range(q):  # greedy init
-        a = np.abs(residual).sum(-1) / mask.sum(-1)
-        b = np.where(residual >= 0, 1.0, -1.0)
-        residual = residual - a[..., None] * b * mask
-        codes.append(b)
-        alphas.append(a)
-    bg, alpha = np.stack(codes), np.stack(alphas, axis=-1)
-    history = [float(np.linalg.norm(residual))]
-    for _ in range(iters):
-        alpha = _ls_alpha(wg, bg, mask)
-        bg = _nearest_codes(wg, alpha, combos)
-        recon = np.einsum("ogi,iogk->ogk", alpha, bg)
-        history.append(float(np.linalg.norm((wg - recon) * mask)))
-        if history[-2] - history[-1] <= 1e-12 * max(history[0], 1e-30):
-            break
-    k = w.shape[1]
-    return BCQFit(bg.reshape(q, w.shape[0], -1)[:, :, :k].astype(np.int8), alpha, history)
+    fit = fit_weight_only(w, q, group_size, iters)
+    codes = planes(fit.idx.reshape(w.shape[0], -1)[:, : w.shape[1]], combos(q))
+    return BCQFit(codes, fit.alpha, fit.history)
 
 
-def _hessian_factor(x: np.ndarray, damp: float, act_order: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``H = X^T X + lambda I`` (:func:`hessian`) and the act-order permutation: columns by
-    descending ``H[k,k]`` (GPTQ's "act-order", Frantar et al. 2023 Sec. 4), so the columns that
-    carry the most input energy are quantized first and the later ones absorb their error. Also
-    the dead-input mask (inputs that are zero on every calibration row)."""
-    h = hessian(x, damp)
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
-    return h, perm, np.all(x == 0, axis=0)
-
-
-def _gptq_codes(
-    w: np.ndarray,
-    h: np.ndarray,
-    perm: np.ndarray,
-    group_size: int,
-    combos: np.ndarray,
-    init: Callable[[np.ndarray], np.ndarray],
-    alpha: np.ndarray | None = None,
-    block: int = 128,
-) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ (Frantar et al. 2023, Alg. 1) over a per-group codebook ``alpha[o, g] . combo``.
-
-    Columns go in the order ``perm`` with ``U`` the upper Cholesky factor of ``H^-1`` (permuted);
-    each column takes its nearest code and its error ``(w - w_q) / U[k,k]`` is propagated to the
-    later columns, inside a block of ``block`` columns at once and to the rest lazily per block
-    (Alg. 1's lazy batch update). A group's scales are fitted by ``init`` to its error-compensated
-    columns when its first column comes up (ShiftAddLLM Sec. 3.1), unless ``alpha`` fixes them.
-    Returns codes ``[q, O, K]`` in the original column order and ``alpha`` ``[O, groups, q]``.
-    """
-    out, k = w.shape
-    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(perm, perm)])).T
-    work = w[:, perm].astype(np.float64)
-    inverse = np.empty(k, int)
-    inverse[perm] = np.arange(k)
-    ng, q = -(-k // group_size), combos.shape[1]
-    ready = np.zeros(ng, bool) if alpha is None else np.ones(ng, bool)
-    alpha = np.zeros((out, ng, q)) if alpha is None else alpha.copy()
-    codes = np.empty((q, out, k), np.int8)
-    rows = np.arange(out)
-    for b0 in range(0, k, block):
-        b1 = min(k, b0 + block)
-        errors = np.zeros((out, b1 - b0))
-        for j in range(b0, b1):
-            g = perm[j] // group_size
-            if not ready[g]:
-                alpha[:, g] = init(work[:, inverse[g * group_size : min(k, (g + 1) * group_size)]])
-                ready[g] = True
-            values = alpha[:, g] @ combos.T  # [O, codebook]
-            best = np.argmin(np.abs(work[:, j, None] - values), axis=1)
-            codes[:, :, j] = combos[best].T
-            errors[:, j - b0] = (work[:, j] - values[rows, best]) / u[j, j]
-            work[:, j + 1 : b1] -= np.outer(errors[:, j - b0], u[j, j + 1 : b1])
-        work[:, b1:] -= errors @ u[b0:b1, b1:]
-    return codes[:, :, inverse], alpha
-
-
-def _output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
-    """``tr((W - W_hat) H (W - W_hat)^T)``, the squared output error on the calibration rows."""
-    diff = w - w_hat
-    return float(np.einsum("ok,kl,ol->", diff, h, diff))
+def _hessian_factor(x: np.ndarray, damp: float, act_order: bool = True) -> HessianFactor:
+    """``H = X^T X + lambda I`` (as :func:`~reshift.passes.quant_common.hessian`) with the act-order
+    permutation (columns by descending ``H[k,k]``, GPTQ's "act-order", Frantar et al. 2023 Sec. 4:
+    the columns carrying the most input energy go first, the later ones absorb their error), the
+    dead-input mask and the factors GPTQ and the refit need (:class:`HessianFactor`). Compute it once
+    per input and share it between the layers reading that input."""
+    return HessianFactor.of(x, damp, act_order)
 
 
 def _fit_output_aware(
     w: np.ndarray,
     group_size: int,
-    factor: tuple,
-    combos: np.ndarray,
+    factor: HessianFactor,
+    table: np.ndarray,
     init: Callable[[np.ndarray], np.ndarray],
     rounds: int,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ codes (:func:`_gptq_codes`), then the scales refitted to the output,
-    ``min_alpha ||X W^T - X W_hat^T||`` (:func:`refit_scales_output`), since compensation moved the
-    weights away from the alphas fitted at each group's start. ``rounds > 1`` alternates: GPTQ codes
-    again with those alphas fixed, refit again; the round with the lowest output error is kept."""
-    h, perm, dead = factor
-    w = np.where(dead, 0.0, w)  # no output depends on a dead input: GPTQ zeroes those weights
+    """GPTQ codes (:func:`~reshift.passes.bcq_fit.gptq_codes`), then the scales refitted to the output,
+    ``min_alpha ||X W^T - X W_hat^T||`` (:func:`~reshift.passes.bcq_fit.refit_scales`), since
+    compensation moved the weights away from the alphas fitted at each group's start. ``rounds > 1``
+    alternates: GPTQ codes again with those alphas fixed, refit again; the round with the lowest
+    output error is kept."""
+    w = np.where(factor.dead, 0.0, w)  # no output depends on a dead input: GPTQ zeroes those weights
     best = None
     alpha = None
-    for _ in range(max(1, rounds)):
-        codes, _ = _gptq_codes(w, h, perm, group_size, combos, init, alpha)
-        alpha = refit_scales_output(w, codes, group_size, h)
-        scales = np.repeat(alpha, group_size, axis=1)[:, : w.shape[1], :]
-        error = _output_error(w, np.einsum("okq,qok->ok", scales, codes.astype(np.float64)), h)
+    rounds = max(1, rounds)
+    for r in range(rounds):
+        tick = None if progress is None else (lambda f, r=r: progress((r + f) / rounds))
+        idx, _ = gptq_codes(w, factor, group_size, table, init, alpha, progress=tick)
+        codes = planes(idx, table)
+        alpha = refit_scales(w, codes, group_size, factor)
+        if rounds == 1:
+            return codes, alpha
+        error = output_error(w, BCQFit(codes, alpha, []).weight(group_size), factor)
         if best is None or error < best[0]:
             best = (error, codes, alpha)
     return best[1], best[2]
@@ -225,36 +136,42 @@ def fit_bcq(
     x: np.ndarray | None = None,
     iters: int = 10,
     damp: float = 0.01,
-    factor: tuple | None = None,
+    factor: HessianFactor | None = None,
     act_order: bool = True,
     rounds: int = DEFAULT_GPTQ_ROUNDS,
     x_float: np.ndarray | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> BCQFit:
     """Fit ``q`` binary planes with group-wise alphas to ``w`` [O, K]; to the output ``x @ w^T``
     when calibration rows ``x`` [M, K] are given (see module docstring), or to the float model's
     output ``x_float @ w^T`` from the actual inputs ``x`` (:func:`compensated_target`). ``factor``
-    reuses a :func:`_hessian_factor` of ``x`` across calls (bit allocation fits each layer several times)."""
+    (:func:`_hessian_factor` of ``x``) reuses the Hessian across calls: layers reading one input,
+    and bit allocation, which fits each layer several times. ``progress(fraction)`` hears how far the fit is."""
     if not 1 <= q <= 4:
         raise ValueError(f"fit_bcq: q={q} bit planes; supported 1..4 (exhaustive code search is 2^q)")
     w = np.asarray(w, dtype=np.float64)
     if x is None:
-        return _fit_weight_only(w, q, group_size, iters)
-    factor = factor or _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+        fit = _fit_weight_only(w, q, group_size, iters)
+        if progress is not None:
+            progress(1.0)
+        return fit
+    factor = as_factor(factor, x, damp, act_order)
     if x_float is not None:
-        w = compensated_target(w, x, x_float, factor[0])
+        w = compensated_target(w, x, x_float, factor)
     codes, alpha = _fit_output_aware(
         w,
         group_size,
         factor,
-        _combos(q),
-        lambda block: _fit_weight_only(block, q, block.shape[1], iters).alpha[:, 0],
+        combos(q),
+        lambda block: fit_weight_only(block, q, block.shape[1], iters).alpha[:, 0],
         rounds,
+        progress,
     )
     return BCQFit(codes, alpha, [])
 
 
 def _fit_ternary_weight_only(w: np.ndarray, group_size: int, refit: bool, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    wg, mask = _grouped(w, group_size)
+    wg, mask = grouped(w, group_size)
     scale = np.abs(wg * mask).sum(-1) / mask.sum(-1)
     for step in range(1 + (iters if refit else 0)):
         safe = np.where(scale > 0, scale, 1.0)
@@ -276,19 +193,21 @@ def fit_ternary(
     act_order: bool = True,
     rounds: int = DEFAULT_GPTQ_ROUNDS,
     x_float: np.ndarray | None = None,
+    factor: HessianFactor | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(T int8 [O,K] in {-1,0,1}, scale float64 [O, groups])``: BitNet b1.58 absmean, then
     alternating LS refits of the scale (``refit``). With calibration rows ``x`` the codes come from
     the same GPTQ column-by-column compensation as BCQ over the codebook ``{-s, 0, s}`` (each
     group's ``s`` from the weight-only fit of its compensated columns), then the output-aware scale
     refit. (Refitting the scales alone to the output, codes fixed, overfits small calibration sets.)
-    ``x_float`` as in :func:`fit_bcq`."""
+    ``x_float``, ``factor`` and ``progress`` as in :func:`fit_bcq`."""
     w = np.asarray(w, dtype=np.float64)
     if x is None:
         return _fit_ternary_weight_only(w, group_size, refit, iters)
-    factor = _hessian_factor(np.asarray(x, dtype=np.float64), damp, act_order)
+    factor = as_factor(factor, x, damp, act_order)
     if x_float is not None:
-        w = compensated_target(w, x, x_float, factor[0])
+        w = compensated_target(w, x, x_float, factor)
     codes, scale = _fit_output_aware(
         w,
         group_size,
@@ -296,6 +215,7 @@ def fit_ternary(
         np.array([[-1.0], [0.0], [1.0]]),
         lambda block: _fit_ternary_weight_only(block, block.shape[1], refit, iters)[1],
         rounds,
+        progress,
     )
     return codes[0], scale[..., 0]
 
@@ -358,8 +278,34 @@ def _float_inputs(options: dict, xs_float: dict[str, np.ndarray] | None) -> dict
     return (xs_float or {}) if options.get("asymmetric", True) else {}
 
 
+def _shared_factors(
+    candidates: list[Match], xs: dict[str, np.ndarray], damp: float, act_order: bool
+) -> Callable[[int], HessianFactor | None]:
+    """The :class:`HessianFactor` of candidate ``i``'s input: computed when its first reader comes up,
+    shared by every layer reading the same value (q/k/v, gate/up) and dropped after its last."""
+    last = {m["x"].name: i for i, m in enumerate(candidates)}
+    cache: dict[str, HessianFactor] = {}
+
+    def factor(i: int) -> HessianFactor | None:
+        name = candidates[i]["x"].name
+        if xs.get(name) is None:
+            return None
+        found = cache.get(name) or _hessian_factor(xs[name], damp, act_order)
+        if last[name] == i:
+            cache.pop(name, None)
+        else:
+            cache[name] = found
+        return found
+
+    return factor
+
+
 def _plan_bcq(
-    candidates: list[Match], xs: dict[str, np.ndarray], options: dict, xs_float: dict[str, np.ndarray] | None = None
+    candidates: list[Match],
+    xs: dict[str, np.ndarray],
+    options: dict,
+    xs_float: dict[str, np.ndarray] | None = None,
+    progress: LayerProgress | None = None,
 ) -> dict[str, LayerPlan]:
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     iters = int(options.get("bcq_iters", 10))
@@ -374,19 +320,26 @@ def _plan_bcq(
     )
     calibration = "sequential" if _sequential(options) else "independent"
     xs_float = _float_inputs(options, xs_float)
-    fits: dict[str, dict[int, BCQFit]] = {}
+    progress = progress or LayerProgress(False)
+    factor_of = _shared_factors(candidates, xs, damp, act_order)
+    fits: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # packed codes and alphas per q
+    seconds: dict[str, float] = {}
     sensitivity = []
-    for m in candidates:
+    for i, m in enumerate(candidates):
         w, x = m.array("weight"), xs.get(m["x"].name)
-        factor = _hessian_factor(x, damp, act_order) if x is not None else None
-        x_float = xs_float.get(m["x"].name)
-        fits[m.root.name] = {
-            q: fit_bcq(w, q, group_size, x, iters, damp, factor, rounds=rounds, x_float=x_float) for q in choices
-        }
-        errors = {}
-        for q, fit in fits[m.root.name].items():
-            diff = w - fit.weight(group_size)
-            errors[q] = float(np.sum((x @ diff.T) ** 2) if x is not None else np.sum(diff**2))
+        start = time.perf_counter()
+        with progress.layer(m.root.name, len(choices)) as layer:
+            factor = factor_of(i)
+            x_float = xs_float.get(m["x"].name)
+            errors, fits[m.root.name] = {}, {}
+            for n, q in enumerate(choices):
+                fit = fit_bcq(
+                    w, q, group_size, x, iters, damp, factor, rounds=rounds, x_float=x_float, progress=layer.fit(n)
+                )
+                diff = w - fit.weight(group_size)
+                errors[q] = float(np.sum((x @ diff.T) ** 2) if x is not None else np.sum(diff**2))
+                fits[m.root.name][q] = (pack_signs(fit.codes), fit.alpha)  # q/8 bytes a weight until allocated
+        seconds[m.root.name] = time.perf_counter() - start
         sensitivity.append(LayerSensitivity(m.root.name, w.size, errors))
     if budget is not None:
         chosen = allocate_bits(sensitivity, float(budget), group_size)
@@ -395,35 +348,43 @@ def _plan_bcq(
     plans = {}
     for m in candidates:
         q = chosen[m.root.name]
-        fit = fits[m.root.name][q]
+        bits, alpha = fits.pop(m.root.name)[q]
         w, x = m.array("weight"), xs.get(m["x"].name)
+        w_hat = BCQFit(unpack_signs(bits, w.shape[1]), alpha, []).weight(group_size)
         details = {
             "bits": q,
             "bits_per_weight": bits_per_weight(q, group_size),
-            "error": relative_output_error(w, fit.weight(group_size), x, xs_float.get(m["x"].name)),
+            "error": relative_output_error(w, w_hat, x, xs_float.get(m["x"].name)),
             "error_kind": "output" if x is not None else "weight",
+            "bytes": bits.nbytes + alpha.size * 4,  # as stored: packed sign planes, float32 alphas
+            "float_bytes": w.nbytes,
+            "seconds": round(seconds[m.root.name], 3),
         }
         if x is not None:
             details["calibration"] = calibration + (" asymmetric" if m["x"].name in xs_float else "")
 
-        def build(m, rc, fit=fit, k=w.shape[1]):
+        def build(m, rc, bits=bits, alpha=alpha, k=w.shape[1]):
             name = m.root.name
             return rc.op(
                 "bcq_linear",
                 m["x"],
-                rc.constant(pack_signs(fit.codes), f"{name}_bits"),
-                rc.constant(fit.alpha.astype(np.float32), f"{name}_alpha"),
+                rc.constant(bits, f"{name}_bits"),
+                rc.constant(alpha.astype(np.float32), f"{name}_alpha"),
                 m.get("bias"),
                 group_size=group_size,
                 in_features=k,
             )
 
-        plans[m.root.name] = LayerPlan(build=build, details=details, weight=fit.weight(group_size))
+        plans[m.root.name] = LayerPlan(build=build, details=details, weight=w_hat.astype(np.float32))
     return plans
 
 
 def _plan_ternary(
-    candidates: list[Match], xs: dict[str, np.ndarray], options: dict, xs_float: dict[str, np.ndarray] | None = None
+    candidates: list[Match],
+    xs: dict[str, np.ndarray],
+    options: dict,
+    xs_float: dict[str, np.ndarray] | None = None,
+    progress: LayerProgress | None = None,
 ) -> dict[str, LayerPlan]:
     group_size = int(options.get("group_size", DEFAULT_GROUP_SIZE))
     refit = bool(options.get("ternary_refit", True))
@@ -431,31 +392,50 @@ def _plan_ternary(
     act_order = bool(options.get("act_order", True))
     rounds = int(options.get("gptq_rounds", DEFAULT_GPTQ_ROUNDS))
     xs_float = _float_inputs(options, xs_float)
+    progress = progress or LayerProgress(False)
+    factor_of = _shared_factors(candidates, xs, damp, act_order)
     plans = {}
-    for m in candidates:
+    for i, m in enumerate(candidates):
         w, x, x_float = m.array("weight"), xs.get(m["x"].name), xs_float.get(m["x"].name)
-        codes, scale = fit_ternary(
-            w, group_size, refit, x, damp=damp, act_order=act_order, rounds=rounds, x_float=x_float
-        )
+        start = time.perf_counter()
+        with progress.layer(m.root.name, 1) as layer:
+            codes, scale = fit_ternary(
+                w,
+                group_size,
+                refit,
+                x,
+                damp=damp,
+                act_order=act_order,
+                rounds=rounds,
+                x_float=x_float,
+                factor=factor_of(i),
+                progress=layer.fit(0),
+            )
+        w_hat = ternary_dequant(codes, scale, group_size)
+        trits = pack_trits(codes)
         details = {
             "bits": 2,
-            "error": relative_output_error(w, ternary_dequant(codes, scale, group_size), x, x_float),
+            "bits_per_weight": 2 + 16.0 / group_size,
+            "error": relative_output_error(w, w_hat, x, x_float),
             "error_kind": "output" if x is not None else "weight",
+            "bytes": trits.nbytes + scale.size * 4,
+            "float_bytes": w.nbytes,
+            "seconds": round(time.perf_counter() - start, 3),
         }
 
-        def build(m, rc, codes=codes, scale=scale, k=w.shape[1]):
+        def build(m, rc, trits=trits, scale=scale, k=w.shape[1]):
             name = m.root.name
             return rc.op(
                 "ternary_linear",
                 m["x"],
-                rc.constant(pack_trits(codes), f"{name}_trits"),
+                rc.constant(trits, f"{name}_trits"),
                 rc.constant(scale.astype(np.float32), f"{name}_scale"),
                 m.get("bias"),
                 group_size=group_size,
                 in_features=k,
             )
 
-        plans[m.root.name] = LayerPlan(build=build, details=details, weight=ternary_dequant(codes, scale, group_size))
+        plans[m.root.name] = LayerPlan(build=build, details=details, weight=w_hat.astype(np.float32))
     return plans
 
 
@@ -464,14 +444,23 @@ def _sequential(options: dict) -> bool:
     return bool(options.get("sequential", True)) and options.get("bits") is None
 
 
+def _with_progress(graph: Graph, ctx: PassContext, rule: str, plan: Callable[..., dict[str, LayerPlan]]) -> RuleStats:
+    """:func:`quantize_linears` with a progress bar over the layers (option ``progress``: on, off, or
+    by default only when stderr is a terminal)."""
+    with LayerProgress.for_pass(graph, ctx, rule) as progress:
+        return quantize_linears(
+            graph, ctx, rule, functools.partial(plan, progress=progress), sequential=_sequential(ctx.options)
+        )
+
+
 def bcq_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``bcq_linear`` (per-layer bits under ``bits`` budget)."""
-    return quantize_linears(graph, ctx, "linear_to_bcq", _plan_bcq, sequential=_sequential(ctx.options))
+    return _with_progress(graph, ctx, "linear_to_bcq", _plan_bcq)
 
 
 def ternary_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     """Rewrite every eligible ``linear`` into ``ternary_linear``."""
-    return quantize_linears(graph, ctx, "linear_to_ternary", _plan_ternary, sequential=_sequential(ctx.options))
+    return _with_progress(graph, ctx, "linear_to_ternary", _plan_ternary)
 
 
 BCQ_PASSES = [
