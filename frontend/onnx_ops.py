@@ -122,7 +122,6 @@ KNOWN_ONLY = {
     "Floor": np.floor,
     "Ceil": np.ceil,
     "Round": np.round,
-    "Sign": np.sign,
     "Mod": lambda a, b, fmod=0: np.fmod(a, b) if fmod else np.mod(a, b),
     "ReduceProd": None,
     "GatherElements": None,
@@ -502,7 +501,7 @@ def _trilu(ctx, node, ins, at):
     return ctx.op("where", mask, x, np.zeros((), np.dtype(ctx.dtype(x))))
 
 
-# -- Pad, Tile, Conv, ConvTranspose, pooling, PRelu/Elu/Selu, LRN, InstanceNormalization: onnx_ops_nn.py --
+# -- Sign, Shrink, Pad, Tile, Conv, ConvTranspose, pools, PRelu/Elu/Selu, LRN, InstanceNorm: onnx_ops_nn.py --
 @converter("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(ctx, node, ins, at):
     op = "reduce_mean" if node.op_type == "GlobalAveragePool" else "reduce_max"

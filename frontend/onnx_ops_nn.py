@@ -13,6 +13,7 @@ What each ONNX op becomes (semantics: https://onnx.ai/onnx/operators/):
 - ``LRN``: the square sum over the channel window as an ``avg_pool2d`` (count_include_pad) over
   the channel axis, times ``size``.
 - ``InstanceNormalization``: ``layer_norm`` over the spatial axes, then the per-channel affine.
+- ``Sign``/``Shrink``: comparisons, casts and ``where``.
 - ``Pad``: ``pad`` (constant); reflect/edge/wrap as slices concatenated around x.
 - ``Tile``: folded on known x, else ``reshape`` + ``expand`` + ``reshape``.
 """
@@ -232,6 +233,30 @@ def _prelu(ctx, node, ins, at):
     if len(slope_dims) == 1 and len(dims) > 2 and slope_dims[0] not in (1, dims[-1]) and slope_dims[0] == dims[1]:
         slope = ctx.op("reshape", slope, shape=[dims[1]] + [1] * (len(dims) - 2))
     return ctx.op("add", ctx.op("relu", x), ctx.op("mul", ctx.op("minimum", x, _const(ctx, x, 0)), slope))
+
+
+@converter("Sign")
+def _sign(ctx, node, ins, at):
+    """``where(x > 0, 1, where(x < 0, -1, x))``: zeros and NaN pass through, as ``np.sign`` (no
+    ``x == x`` test, which compilers fold to true)."""
+    x = ins[0]
+    if isinstance(x, np.ndarray):
+        return np.sign(x)
+    if ctx.dtype(x) == "bool":
+        raise NotConvertible("Sign of a bool tensor; ONNX Sign takes numbers")
+    zero = _const(ctx, x, 0)
+    unsigned = ctx.dtype(x).startswith("uint")
+    rest = x if unsigned else ctx.op("where", ctx.op("less", x, zero), _const(ctx, x, -1), x)
+    return ctx.op("where", ctx.op("greater", x, zero), _const(ctx, x, 1), rest)
+
+
+@converter("Shrink")
+def _shrink(ctx, node, ins, at):
+    """``x + bias`` below ``-lambd``, ``x - bias`` above ``lambd``, else 0 (ONNX Shrink)."""
+    x = ins[0]
+    bias, lambd = _const(ctx, x, at.get("bias", 0.0)), _const(ctx, x, at.get("lambd", 0.5))
+    upper = ctx.op("where", ctx.op("greater", x, lambd), ctx.op("sub", x, bias), _const(ctx, x, 0))
+    return ctx.op("where", ctx.op("less", x, ctx.op("neg", lambd)), ctx.op("add", x, bias), upper)
 
 
 # -- normalizations -----------------------------------------------------------------------------

@@ -105,6 +105,8 @@ CASES = {
     "pad_reflect": (node("Pad", "pads", mode="reflect"), {"pads": np.asarray([0, 1, 2, 3, 0, 2, 1, 2])}, (3, 4, 5)),
     "pad_edge": (node("Pad", "pads", mode="edge"), {"pads": np.asarray([0, 0, 3, 0, 0, 1, 0, 2])}, (3, 4, 5)),
     "pad_wrap": (node("Pad", "pads", mode="wrap"), {"pads": np.asarray([0, 0, 2, 1, 0, 0, 1, 3])}, (3, 4, 5), 19),
+    "sign": (node("Sign"), {}, (3, 4)),
+    "shrink": (node("Shrink", bias=0.5, lambd=0.75), {}, (3, 8)),
     "tile": (node("Tile", "repeats"), {"repeats": np.asarray([1, 2, 1, 3])}, (3, 1, 2)),
     "tile_batch": (node("Tile", "repeats"), {"repeats": np.asarray([2, 1, 1])}, (3, 2)),
 }
@@ -215,3 +217,16 @@ def test_float64_graph_is_computed_in_float64():
     got = reshift.compile(model, target="cpu").run_dict({"x": x})["y"]
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, interpret(graph, {"x": x})["y"], rtol=1e-12)
+
+
+def test_sign_keeps_nan_and_integers():
+    """NaN passes through the interpreter and the CPU build (no ``x == x`` test a compiler folds away)."""
+    import reshift
+
+    model = make_model([node("Sign")], [("x", F, ["batch", 5])], [("y", F, None)])
+    x = np.asarray([[np.nan, -0.0, 0.0, -3.5, 2.0]], np.float32)
+    np.testing.assert_array_equal(interpret(from_onnx(model), {"x": x})["y"], np.sign(x))
+    np.testing.assert_array_equal(reshift.compile(model, target="cpu").run_dict({"x": x})["y"], np.sign(x))
+    for elem, dtype in ((TensorProto.INT32, np.int32), (TensorProto.UINT8, np.uint8)):
+        ints = make_model([node("Sign")], [("x", elem, ["batch", 3])], [("y", elem, None)])
+        compare(ints, {"x": np.asarray([[0, 7, 9], [0, 1, 2]], dtype) * (1 if dtype == np.uint8 else -1)})
