@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import re
 import signal
 import sys
@@ -45,7 +44,9 @@ BATCH = 2  # the value every symbolic dimension takes when inputs are drawn
 
 
 # where a refusal points: a quoted name, or the part of the model (file, opset, node, tensor)
-LOCATION = re.compile(r"'[^']+'|\b(node|initializer|graph (input|output)|opset|tensor name|not a readable ONNX model)\b")
+LOCATION = re.compile(
+    r"'[^']+'|\b(node|initializer|graph (input|output)|opset|tensor name|not a readable ONNX model)\b"
+)
 
 
 def names_location(message: str) -> bool:
@@ -132,59 +133,56 @@ def _on_alarm(signum, frame):
 
 
 # -- the campaign: a worker process per batch of cases, watched for hangs -----------------------
-def _worker(tasks, results, models: dict[str, bytes], timeout: float, memory_limit: int) -> None:
+def _worker(conn, tasks: list[tuple], models: dict[str, bytes], timeout: float, memory_limit: int) -> None:
     import resource
 
     if memory_limit:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     with tempfile.TemporaryDirectory(prefix="fuzz_onnx_") as workdir:
-        while True:
-            task = tasks.get()
-            if task is None:
-                return
-            model, seed, index = task
-            results.put(("start", task))
-            results.put(("done", run_case(model, models[model], seed, index, Path(workdir), timeout)))
+        for model, seed, index in tasks:
+            conn.send(run_case(model, models[model], seed, index, Path(workdir), timeout))  # sent before the next
 
 
 def run_campaign(
-    models: dict[str, bytes], cases: list[tuple[str, int, int]], timeout: float, memory_limit: int
+    models: dict[str, bytes], cases: list[tuple[str, int, int]], timeout: float, memory_limit: int, grace: float = 20
 ) -> list[Outcome]:
-    """Run ``cases`` (model, seed, index) in a worker; a case silent past the timeout is a hang."""
+    """Run ``cases`` (model, seed, index) in a worker; a case silent past ``timeout + grace`` is a hang.
+
+    The worker takes cases in order and sends each outcome before starting the next, so when it
+    stops answering (stuck in C code, or dead) the culprit is the first case without an outcome;
+    it is recorded and a fresh worker goes on with the rest.
+    """
     context = mp.get_context("fork")
     outcomes: list[Outcome] = []
     pending = list(cases)
     while pending:
-        tasks, results = context.Queue(), context.Queue()
-        for task in pending:
-            tasks.put(task)
-        tasks.put(None)
-        worker = context.Process(target=_worker, args=(tasks, results, models, timeout, memory_limit), daemon=True)
+        receiver, sender = context.Pipe(duplex=False)
+        worker = context.Process(target=_worker, args=(sender, pending, models, timeout, memory_limit), daemon=True)
         worker.start()
-        done: set[tuple] = set()
-        current = None
-        while len(done) < len(pending):
+        sender.close()
+        answered = 0
+        while answered < len(pending):
             try:
-                event, payload = results.get(timeout=timeout + 20)
-            except queue.Empty:
+                if not receiver.poll(timeout + grace):
+                    break
+                outcome = receiver.recv()
+            except EOFError:  # the worker died
                 break
-            if event == "start":
-                current = payload
-            else:
-                outcomes.append(payload)
-                done.add((payload.model, payload.seed, payload.index))
-                _progress(len(outcomes), len(cases))
+            outcomes.append(outcome)
+            answered += 1
+            _progress(len(outcomes), len(cases))
+        worker.join(1)
+        exitcode = worker.exitcode
         worker.kill()
         worker.join()
-        if len(done) == len(pending):
+        receiver.close()
+        if answered == len(pending):
             break
-        if current is not None and current not in done:  # hung in C code, or the worker died
-            model, seed, index = current
-            mutation = mutate(model, models[model], seed, index)
-            died = "worker died" if worker.exitcode not in (None, -signal.SIGKILL) else "no answer"
-            outcomes.append(Outcome(model, seed, index, mutation.kind, mutation.detail, "hang", died))
-            done.add(current)
-        pending = [task for task in pending if task not in done]
+        model, seed, index = pending[answered]
+        mutation = mutate(model, models[model], seed, index)
+        why = f"worker died (exit code {exitcode})" if exitcode is not None else "no answer"
+        outcomes.append(Outcome(model, seed, index, mutation.kind, mutation.detail, "hang", why))
+        pending = pending[answered + 1 :]
     return outcomes
 
 

@@ -84,3 +84,32 @@ def test_a_stray_exception_is_raw(seed_models, tmp_path, monkeypatch):
 )
 def test_names_location(message, named):
     assert names_location(message) is named
+
+
+def test_campaign_survives_a_stuck_and_a_dying_worker(seed_models, monkeypatch):
+    """A case stuck where the alarm cannot reach it, and one that kills the worker: both are
+    reported as hangs against the right index, and the cases after them still run."""
+    import os
+    import signal
+
+    import benchmarks.fuzz_onnx as fuzz
+
+    def sabotaged(model, data, seed, index, workdir, timeout=10.0):
+        if index == 1:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+            time.sleep(60)
+        if index == 3:
+            os._exit(3)
+        return fuzz.Outcome(model, seed, index, "none", "", "accepted")
+
+    monkeypatch.setattr(fuzz, "run_case", sabotaged)
+    cases = [("cnn", SEED, i) for i in range(5)]
+    outcomes = fuzz.run_campaign({"cnn": seed_models["cnn"]}, cases, timeout=0.2, memory_limit=0, grace=1)
+    statuses = {o.index: (o.status, o.error) for o in outcomes}
+    assert statuses == {
+        0: ("accepted", ""),
+        1: ("hang", "no answer"),
+        2: ("accepted", ""),
+        3: ("hang", "worker died (exit code 3)"),
+        4: ("accepted", ""),
+    }
