@@ -12,7 +12,8 @@ What each ONNX op becomes (semantics: https://onnx.ai/onnx/operators/):
 - ``PRelu``/``Elu``/``Selu``: ``relu(x) + f(min(x, 0))``, elementwise and exact.
 - ``LRN``: the square sum over the channel window as an ``avg_pool2d`` (count_include_pad) over
   the channel axis, times ``size``.
-- ``InstanceNormalization``: ``layer_norm`` over the spatial axes, then the per-channel affine.
+- ``InstanceNormalization``: ``layer_norm`` over the spatial axes, then the per-channel affine;
+  ``GroupNormalization`` the same over channel groups.
 - ``Sign``/``Shrink``: comparisons, casts and ``where``.
 - ``Pad``: ``pad`` (constant); reflect/edge/wrap as slices concatenated around x.
 - ``Tile``: folded on known x, else ``reshape`` + ``expand`` + ``reshape``.
@@ -288,6 +289,24 @@ def _instance_norm(ctx, node, ins, at):
     normalized = ctx.op("layer_norm", x, None, None, axis=2, eps=at.get("epsilon", 1e-5))
     channel = [dims[1]] + [1] * (len(dims) - 2)
     scaled = ctx.op("mul", normalized, ctx.op("reshape", scale, shape=channel))
+    return ctx.op("add", scaled, ctx.op("reshape", bias, shape=channel))
+
+
+@converter("GroupNormalization")
+def _group_norm(ctx, node, ins, at):
+    """``layer_norm`` of x viewed as ``[N, groups, C/groups * spatial]``, then the per-channel affine
+    (opset 21; the checker refuses opset 18's per-group scale as deprecated)."""
+    x, scale, bias = ins
+    dims = list(ctx.shape(x))
+    groups = int(at["num_groups"])
+    if len(dims) < 3 or groups < 1 or dims[1] % groups:
+        raise NotConvertible(f"GroupNormalization: {dims[1] if len(dims) > 1 else '?'} channels, num_groups={groups}")
+    grouped = ctx.op("reshape", x, shape=[dims[0], groups, dims_product(dims[1:]) // groups])
+    normalized = ctx.op("layer_norm", grouped, None, None, axis=2, eps=at.get("epsilon", 1e-5))
+    if any(tuple(ctx.shape(p)) != (dims[1],) for p in (scale, bias)):
+        raise NotConvertible(f"GroupNormalization scale and bias must be [{dims[1]}] (one value per channel)")
+    channel = [dims[1]] + [1] * (len(dims) - 2)
+    scaled = ctx.op("mul", ctx.op("reshape", normalized, shape=dims), ctx.op("reshape", scale, shape=channel))
     return ctx.op("add", scaled, ctx.op("reshape", bias, shape=channel))
 
 

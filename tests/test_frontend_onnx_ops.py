@@ -102,6 +102,12 @@ CASES = {
         (3, 4, 5),
     ),
     "instance_norm_rank3": (node("InstanceNormalization", "s", "b"), {"s": w_of(4), "b": w_of(4)}, (4, 6)),
+    "group_norm": (
+        node("GroupNormalization", "s", "b", num_groups=2, epsilon=1e-3),
+        {"s": w_of(6), "b": w_of(6) + 1},
+        (6, 3, 4),
+        21,
+    ),
     "pad_reflect": (node("Pad", "pads", mode="reflect"), {"pads": np.asarray([0, 1, 2, 3, 0, 2, 1, 2])}, (3, 4, 5)),
     "pad_edge": (node("Pad", "pads", mode="edge"), {"pads": np.asarray([0, 0, 3, 0, 0, 1, 0, 2])}, (3, 4, 5)),
     "pad_wrap": (node("Pad", "pads", mode="wrap"), {"pads": np.asarray([0, 0, 2, 1, 0, 0, 1, 3])}, (3, 4, 5), 19),
@@ -116,7 +122,13 @@ def case_model(name: str):
     spec = CASES[name]
     onnx_node, inits, shape = spec[:3]
     opset = spec[3] if len(spec) > 3 else 17
-    return make_model([onnx_node], [("x", F, ["batch", *shape])], [("y", F, None)], list(inits.items()), opset), shape
+    out = output_shape(onnx_node, shape)
+    return make_model([onnx_node], [("x", F, ["batch", *shape])], [("y", F, out)], list(inits.items()), opset), shape
+
+
+def output_shape(onnx_node, shape):
+    """None (ONNX shape inference fills it) except for GroupNormalization, which it cannot infer."""
+    return ["batch", *shape] if onnx_node.op_type == "GroupNormalization" else None
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -139,7 +151,7 @@ def test_lrn_even_size_matches_onnx_reference():
     np.testing.assert_allclose(interpret(from_onnx(model), {"x": x})["y"], want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["avg_pool3d_exclude_pad", "lrn", "pad_reflect", "tile_batch"])
+@pytest.mark.parametrize("name", ["avg_pool3d_exclude_pad", "lrn", "pad_reflect", "tile_batch", "group_norm"])
 def test_decomposition_builds_for_cpu(name):
     """Decompositions reshape around the symbolic batch; the CPU build agrees with the interpreter."""
     import reshift
@@ -157,6 +169,13 @@ REFUSED = {
         {"w": w_of(2, 2, 2, 2, 2)},
         (2, 4, 4, 4),
         r"convtranspose_node.*only 1-D \(rank 3\), 2-D \(rank 4\) inputs are supported, got rank 5",
+    ),
+    "group_norm_uneven": (
+        node("GroupNormalization", "s", "b", num_groups=4),
+        {"s": w_of(6), "b": w_of(6)},
+        (6, 3),
+        r"groupnormalization_node.*6 channels, num_groups=4",
+        21,
     ),
     "conv4d": (node("Conv", "w"), {"w": w_of(2, 2, 1, 1, 1, 1)}, (2, 3, 3, 3, 3), r"conv_node.*got rank 6"),
     "pad_reflect_too_wide": (
@@ -185,7 +204,9 @@ REFUSED = {
 def test_unsupported_forms_are_refused_naming_the_node(name):
     onnx_node, inits, shape, message = REFUSED[name][:4]
     opset = REFUSED[name][4] if len(REFUSED[name]) > 4 else 17
-    outputs = [(out, TensorProto.INT64 if out == "i" else F, None) for out in onnx_node.output]
+    outputs = [
+        (out, TensorProto.INT64 if out == "i" else F, output_shape(onnx_node, shape)) for out in onnx_node.output
+    ]
     model = make_model([onnx_node], [("x", F, ["batch", *shape])], outputs, list(inits.items()), opset)
     with pytest.raises(ModelLoadError, match=message):
         from_onnx(model)
