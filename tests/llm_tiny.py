@@ -20,8 +20,14 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     if family == "llama3":
         return transformers.LlamaConfig(
             **common,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},  # fmt: skip
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },  # fmt: skip
             tie_word_embeddings=True,
         )
     if family == "qwen2":
@@ -43,10 +49,11 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
-    with torch.no_grad():  # larger than the 0.02 init so that greedy tokens are not all one id
+    std = 0.4 if family in ("gpt2", "gemma", "opt") else 0.15  # larger than the 0.02 init: varied greedy tokens
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, std)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
     return model.eval().float()

@@ -181,7 +181,11 @@ def spec_from_config(config: dict[str, Any]) -> DecoderSpec:
         raise UnsupportedFeatureError(family, f"activation {act!r}")
     theta, scaling = _rope(config, family)
     partial = float(
-        _get(config, "partial_rotary_factor", default=(config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+        _get(
+            config,
+            "partial_rotary_factor",
+            default=(config.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0),
+        )
     )
     rotary = int(head_dim * partial)
     if rotary % 2:
@@ -233,7 +237,11 @@ def _learned_positions_spec(config: dict, family: str) -> DecoderSpec:
             raise UnsupportedFeatureError(family, "word_embed_proj_dim != hidden_size (project_in/project_out)")
         if config.get("_remove_final_layer_norm"):
             raise UnsupportedFeatureError(family, "_remove_final_layer_norm=True")
-        heads, act, ffn = int(config["num_attention_heads"]), str(config.get("activation_function", "relu")), int(config["ffn_dim"])
+        heads, act, ffn = (
+            int(config["num_attention_heads"]),
+            str(config.get("activation_function", "relu")),
+            int(config["ffn_dim"]),
+        )
         positions, offset, eps = int(config["max_position_embeddings"]) + 2, 2, 1e-5
         layers, bias = int(config["num_hidden_layers"]), bool(config.get("enable_bias", True))
     if act not in _ACTIVATIONS:

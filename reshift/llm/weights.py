@@ -50,6 +50,11 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def read_model_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(config dict, raw checkpoint tensors)`` of a local Hugging Face model directory."""
+    return read_config(directory), read_weights(directory)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """``config.json`` of a local Hugging Face model directory."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -58,6 +63,12 @@ def read_model_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.
         config = json.loads(config_path.read_text())
     except ValueError as exc:
         raise ModelLoadError(f"{config_path}: not valid JSON ({exc})") from None
+    return config
+
+
+def read_weights(directory: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of the directory's ``*.safetensors`` files (shards merged)."""
+    directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".gguf", ".pth")]
@@ -66,7 +77,7 @@ def read_model_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.
     tensors: dict[str, np.ndarray] = {}
     for path in files:
         tensors.update(read_safetensors(path))
-    return config, tensors
+    return tensors
 
 
 def state_dict_numpy(module: Any) -> dict[str, np.ndarray]:

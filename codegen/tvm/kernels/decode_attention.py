@@ -1,0 +1,95 @@
+"""Causal attention that reads the KV cache directly (decode and prefill, grouped-query, sliding window).
+
+For query row ``i`` (absolute position ``pos + i``) and head ``h`` (KV head ``h // (heads / kv_heads)``)
+the keys are cache rows ``max(0, pos + i + 1 - window) .. pos + i`` of one layer: the scores go to a
+per-(row, head) buffer, then ``softmax`` (max-subtracted, as transformers' eager attention) and the
+weighted sum of the value rows. Rows and heads run in parallel; the loops over the cache stop at
+the current length, so a decode step costs what the filled part of the cache costs, not
+``max_seq_len``. The head-dim loops are 16-lane vectors when ``head_dim % 16 == 0``.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from reshift.codegen.tvm.kernels.kv_cache import _ATTRS
+
+LANES = 16
+
+
+def attention_func(
+    layer: int, layers: int, heads: int, kv_heads: int, head_dim: int, max_seq: int, window: int, scale: float
+) -> tirx.PrimFunc:
+    """``(q [n, heads, D], cache_k, cache_v, pos int32[1]) -> out [n, heads * D]`` for one layer."""
+    group = heads // kv_heads
+    win = window if window > 0 else max_seq + 1
+    shape = (layers, kv_heads, max_seq, head_dim)
+    s = T.float32(scale)
+    vec = head_dim % LANES == 0
+    chunks = head_dim // LANES
+    lanes = T.Ramp(0, 1, LANES)
+    zero = T.Broadcast(T.float32(0), LANES)
+
+    @T.prim_func(private=True)
+    def attention(q_h: T.handle, ck_h: T.handle, cv_h: T.handle, p_h: T.handle, o_h: T.handle):
+        T.func_attr(_ATTRS)
+        n = T.int64()
+        q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
+        ck = T.match_buffer(ck_h, shape, "float32")
+        cv = T.match_buffer(cv_h, shape, "float32")
+        pos = T.match_buffer(p_h, (1,), "int32")
+        out = T.match_buffer(o_h, (n, heads * head_dim), "float32")
+        qf = T.decl_buffer((n * heads * head_dim,), "float32", data=q.data)
+        kf = T.decl_buffer((layers * kv_heads * max_seq * head_dim,), "float32", data=ck.data)
+        vf = T.decl_buffer((layers * kv_heads * max_seq * head_dim,), "float32", data=cv.data)
+        of = T.decl_buffer((n * heads * head_dim,), "float32", data=out.data)
+        for ih in T.parallel(n * heads):
+            score = T.alloc_buffer((max_seq,), "float32", scope="global")
+            red = T.alloc_buffer((2,), "float32", scope="global")
+            acc = T.alloc_buffer((LANES,), "float32", scope="global")
+            i = ih // heads
+            h = ih % heads
+            g = h // group
+            end = T.Cast("int64", pos[0]) + i + 1
+            start = T.max(end - win, T.int64(0))
+            qb = ih * head_dim
+            cb = (layer * kv_heads + g) * max_seq * head_dim
+            red[0] = T.min_value("float32")
+            for t in range(start, end):
+                if vec:
+                    acc[lanes] = zero
+                    for c in range(chunks):
+                        acc[lanes] = (
+                            acc[lanes]
+                            + qf[T.Ramp(qb + c * LANES, 1, LANES)] * kf[T.Ramp(cb + t * head_dim + c * LANES, 1, LANES)]
+                        )
+                    red[1] = T.float32(0)
+                    for l in range(LANES):
+                        red[1] = red[1] + acc[l]
+                else:
+                    red[1] = T.float32(0)
+                    for d in range(head_dim):
+                        red[1] = red[1] + qf[qb + d] * kf[cb + t * head_dim + d]
+                score[t] = red[1] * s
+                red[0] = T.max(red[0], score[t])
+            red[1] = T.float32(0)
+            for t in range(start, end):
+                score[t] = T.exp(score[t] - red[0])
+                red[1] = red[1] + score[t]
+            for d in range(head_dim):
+                of[qb + d] = T.float32(0)
+            for t in range(start, end):
+                if vec:
+                    for c in range(chunks):
+                        of[T.Ramp(qb + c * LANES, 1, LANES)] = (
+                            of[T.Ramp(qb + c * LANES, 1, LANES)]
+                            + T.Broadcast(score[t], LANES) * vf[T.Ramp(cb + t * head_dim + c * LANES, 1, LANES)]
+                        )
+                else:
+                    for d in range(head_dim):
+                        of[qb + d] = of[qb + d] + score[t] * vf[cb + t * head_dim + d]
+            for d in range(head_dim):
+                of[qb + d] = of[qb + d] / red[1]
+
+    return attention

@@ -1,0 +1,155 @@
+"""CLI commands for LLM artifacts: ``reshift llm compile``, ``reshift generate``, ``reshift bench`` on one.
+
+    reshift llm compile MODEL_DIR -o OUT [--pipeline bcq --bits 3 --calib-text FILE] [--max-seq-len N]
+    reshift generate OUT --prompt-ids 1,2,3 -n 64 [--sample --temperature T --top-k K --top-p P --seed S]
+    reshift generate OUT --prompt "text" --tokenizer MODEL_DIR     # needs the `tokenizers` package
+    reshift bench OUT                                              # prefill and decode tokens/s
+
+Bad input raises a :class:`~reshift.errors.ReshiftError`, which ``reshift.cli.main`` turns into exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from reshift.errors import InputError, ModelLoadError
+
+
+def add_parsers(sub) -> None:
+    """Register ``llm`` (with its ``compile`` subcommand) and ``generate``."""
+    p = sub.add_parser("llm", help="LLM generation: compile a Hugging Face causal LM with a KV cache")
+    llm_sub = p.add_subparsers(dest="llm_command", required=True)
+    c = llm_sub.add_parser("compile", help="compile a local Hugging Face model directory to an LLM artifact")
+    c.add_argument("model", help="model directory (config.json + *.safetensors)")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument("--pipeline", default="bcq", choices=["exact", "bcq"], help="exact or bcq (default: bcq)")
+    c.add_argument("--bits", type=int, default=3, help="BCQ bit planes per weight, 2-4 (default: 3)")
+    c.add_argument("--calib-text", help="calibration text file (tokenized with the model dir's tokenizer.json)")
+    c.add_argument("--calib-tokens", type=int, default=256, help="calibration tokens to use (default: 256)")
+    c.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length (default: 2048)")
+    c.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
+
+    g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
+    g.add_argument("model", help="LLM artifact directory")
+    g.add_argument("--prompt-ids", help="prompt token ids, comma separated")
+    g.add_argument("--prompt", help="prompt text (needs --tokenizer or a tokenizer.json in the artifact dir)")
+    g.add_argument("--tokenizer", help="tokenizer.json, or a model directory holding one")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the model's end-of-sequence id")
+    g.add_argument("--json", action="store_true", help="print the ids as JSON")
+
+
+def _tokenizer(path: str | Path):
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ModelLoadError(f"{path}: no tokenizer.json; pass --prompt-ids, or --tokenizer with a tokenizers file")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ModelLoadError("--prompt needs the `tokenizers` package (pip install tokenizers)") from None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 -- tokenizers raises its own exception type
+        raise ModelLoadError(f"{file}: the tokenizers package cannot read it ({exc})") from None
+
+
+def parse_ids(text: str) -> np.ndarray:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise InputError("--prompt-ids is empty")
+    return np.array(ids, np.int64)
+
+
+def llm_compile(args: argparse.Namespace) -> int:
+    import reshift.llm
+    from reshift.llm.compiler import format_report
+
+    calibration = None
+    if args.calib_text:
+        text_path = Path(args.calib_text)
+        if not text_path.is_file():
+            raise InputError(f"--calib-text {text_path}: no such file")
+        ids = _tokenizer(args.model).encode(text_path.read_text()).ids[: args.calib_tokens]
+        if not ids:
+            raise InputError(f"--calib-text {text_path} tokenizes to no tokens")
+        calibration = np.array(ids, np.int64)
+    print(
+        f"compiling {args.model} ({args.pipeline}{f', {args.bits} bits' if args.pipeline == 'bcq' else ''}) ...",
+        file=sys.stderr,
+    )
+    llm = reshift.llm.compile(
+        args.model,
+        pipeline=args.pipeline,
+        bits=args.bits,
+        calibration=calibration,
+        max_seq_len=args.max_seq_len,
+        quantize_lm_head=args.lm_head,
+        out_dir=args.output,
+    )
+    tok = Path(args.model) / "tokenizer.json"
+    if tok.is_file():
+        (Path(args.output) / "tokenizer.json").write_bytes(tok.read_bytes())
+    print(format_report(llm.report))
+    print(f"wrote {args.output} ({llm.spec['family']}, {llm.spec['num_layers']} layers, max_seq_len {llm.max_seq_len})")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import reshift.llm
+
+    if (args.prompt_ids is None) == (args.prompt is None):
+        raise InputError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")
+    llm = reshift.llm.load(args.model)
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = _tokenizer(args.tokenizer or args.model)
+        prompt = np.array(tokenizer.encode(args.prompt).ids, np.int64)
+    else:
+        prompt = parse_ids(args.prompt_ids)
+    ids = llm.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=None if args.no_eos else (llm.eos_token_id or None),
+        seed=args.seed,
+    )
+    new = [int(t) for t in ids[len(prompt) :]]
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt.tolist(), "new_ids": new}))
+    elif tokenizer is not None:
+        print(tokenizer.decode([int(t) for t in ids]))
+    else:
+        print(",".join(map(str, new)))
+    return 0
+
+
+def bench_llm(args: argparse.Namespace) -> int:
+    """``reshift bench OUT`` for an LLM artifact: prefill and decode tokens/s."""
+    import reshift.llm
+
+    llm = reshift.llm.load(args.model)
+    prompt = min(128, llm.max_seq_len // 2)
+    stats = llm.benchmark(prompt_len=prompt, new_tokens=min(32, llm.max_seq_len - prompt))
+    print(
+        f"{llm.spec['family']} ({llm.meta['pipeline']}): prefill {stats['prefill_tokens_per_s']:.1f} tokens/s "
+        f"({stats['prompt_tokens']}-token prompt), decode {stats['decode_tokens_per_s']:.1f} tokens/s "
+        f"({stats['decode_ms_per_token']:.2f} ms/token)"
+    )
+    return 0

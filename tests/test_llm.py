@@ -1,0 +1,217 @@
+"""reshift.llm end to end: greedy tokens and logits against transformers, BCQ against the numpy
+reference, the KV cache updated in place, save -> load without torch, sampling, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reshift.llm
+from reshift.errors import InputError, ModelLoadError, PassError, ReshiftError
+from reshift.llm.compiler import prepare, read_model
+from reshift.llm.config import UnsupportedFeatureError, spec_from_config
+from reshift.llm.reference import forward
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_tiny import hf_greedy, tiny_config, tiny_model  # noqa: E402
+
+PROMPT = [3, 17, 42, 9, 100, 7, 55]
+FAST = ["llama", "qwen2", "gpt2"]
+SLOW = ["llama3", "mistral", "phi3", "gemma", "opt"]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache: dict[tuple, tuple] = {}
+
+    def get(family: str, pipeline: str = "exact", **kw):
+        key = (family, pipeline, repr(sorted(kw.items())))
+        if key not in cache:
+            model = tiny_model(family)
+            cache[key] = (model, reshift.llm.compile(model, pipeline=pipeline, max_seq_len=128, **kw))
+        return cache[key]
+
+    return get
+
+
+def _check_against_transformers(model, llm) -> None:
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+    logits = llm.prefill(np.array(PROMPT))
+    np.testing.assert_allclose(logits, ref[-1], atol=1e-4, rtol=1e-4)
+    step = llm.decode(11)  # one decode step reads the cache the prefill wrote
+    with torch.no_grad():
+        ref2 = model(torch.tensor([PROMPT + [11]])).logits[0, -1].numpy()
+    np.testing.assert_allclose(step, ref2, atol=1e-4, rtol=1e-4)
+    ours = llm.generate(np.array(PROMPT), max_new_tokens=64)
+    assert ours.tolist()[: len(PROMPT)] == PROMPT
+    assert ours.tolist()[len(PROMPT) :] == hf_greedy(model, PROMPT, 64)
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_greedy_matches_transformers(compiled, family):
+    _check_against_transformers(*compiled(family))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", SLOW)
+def test_greedy_matches_transformers_more_families(compiled, family):
+    _check_against_transformers(*compiled(family))
+
+
+def test_spec_flags():
+    """The template's flags for each family (window, rope scaling, tied, norms) read as the config says."""
+    assert spec_from_config(tiny_config("mistral").to_dict()).windows == [8, 8]
+    llama3 = spec_from_config(tiny_config("llama3").to_dict())
+    assert llama3.rope_scaling["rope_type"] == "llama3" and llama3.tied_embeddings
+    gemma = spec_from_config(tiny_config("gemma").to_dict())
+    assert gemma.act == "gelu_tanh" and gemma.embed_scale == 8.0 and gemma.head_dim == 16
+    gpt2 = spec_from_config(tiny_config("gpt2").to_dict())
+    assert gpt2.norm == "layer" and gpt2.learned_positions == 512 and not gpt2.gated
+    assert spec_from_config(tiny_config("opt").to_dict()).position_offset == 2
+
+
+def test_bcq_every_linear_matches_reference(compiled):
+    """BCQ 3-bit: the LUT-GEMV build computes the numpy decoder on the dequantized BCQ weights."""
+    model, llm = compiled("llama", "bcq", bits=3)
+    report = llm.report["layers"]
+    assert {r["bits"] for r in report if r["name"] != "lm_head"} == {3}
+    assert len(report) == 2 * 7 + 1 and all(0 < r["weight_error"] < 1 for r in report[:-1])
+    assert report[-1]["name"] == "lm_head" and report[-1]["bits"] == 32
+    assert llm.report["linear_bytes"] < 0.3 * llm.report["linear_bytes_fp32"]
+    spec, weights, _ = read_model(model)
+    dequant: dict[str, np.ndarray] = {}
+    prepare(spec, weights, "bcq", 3, None, 128, False, dequant)
+    shape = (spec.num_layers, spec.num_kv_heads, 128, spec.head_dim)
+    ck, cv = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    ref = forward(spec, {**weights, **dequant}, np.array(PROMPT), 0, ck, cv)
+    np.testing.assert_allclose(llm.prefill(np.array(PROMPT)), ref, atol=2e-4, rtol=1e-4)
+    ref_step = forward(spec, {**weights, **dequant}, np.array([5]), len(PROMPT), ck, cv)
+    np.testing.assert_allclose(llm.decode(5), ref_step, atol=2e-4, rtol=1e-4)
+
+
+def test_bcq_lm_head_and_calibration(compiled):
+    model, llm = compiled("gpt2", "bcq", bits=4, quantize_lm_head=True, calibration=np.array([PROMPT * 4]))
+    rows = {r["name"]: r for r in llm.report["layers"]}
+    assert rows["lm_head"]["bits"] == 4 and "output_error" in rows["layers.0.q"]
+    assert llm.report["calibrated"]
+    out = llm.generate(np.array(PROMPT), max_new_tokens=8)
+    assert out.shape == (len(PROMPT) + 8,) and out.max() < 256
+
+
+def test_decode_updates_the_cache_in_place(compiled):
+    """The VM writes into the runtime's preallocated cache tensors: no copy of the cache is made."""
+    model, llm = compiled("llama")
+    llm.prefill(np.array(PROMPT))
+    ck_before, cv_before = llm.cache_k, llm.cache_v
+    snapshot = ck_before.numpy().copy()
+    llm.decode(11)
+    assert llm.cache_k.same_as(ck_before) and llm.cache_v.same_as(cv_before)
+    after = ck_before.numpy()  # the tensor handed to the VM now holds the new row
+    pos = len(PROMPT)
+    assert not np.allclose(after[:, :, pos], snapshot[:, :, pos])
+    np.testing.assert_array_equal(after[:, :, :pos], snapshot[:, :, :pos])
+    np.testing.assert_array_equal(after[:, :, pos + 1 :], snapshot[:, :, pos + 1 :])
+
+
+def test_sampling_reproducible(compiled):
+    model, llm = compiled("llama")
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    a = llm.generate(np.array(PROMPT), seed=1, **kw)
+    b = llm.generate(np.array(PROMPT), seed=1, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, llm.generate(np.array(PROMPT), seed=2, **kw))
+    greedy = llm.generate(np.array(PROMPT), max_new_tokens=16)
+    np.testing.assert_array_equal(
+        llm.generate(np.array(PROMPT), do_sample=True, top_k=1, seed=3, max_new_tokens=16), greedy
+    )
+    streamed: list[int] = []
+    out = llm.generate(
+        np.array([PROMPT]), max_new_tokens=5, stream=streamed.append, eos_token_id=int(greedy[len(PROMPT) + 2])
+    )
+    assert out.shape == (1, len(PROMPT) + 3) and streamed == out[0, len(PROMPT) :].tolist()
+
+
+def test_save_load_without_torch(compiled, tmp_path):
+    model, llm = compiled("qwen2")
+    expected = llm.generate(np.array(PROMPT), max_new_tokens=20)
+    llm.save(tmp_path / "art")
+    code = f"""
+import sys, json
+sys.modules["torch"] = None
+sys.modules["transformers"] = None
+import numpy as np
+import reshift.llm
+llm = reshift.llm.load({str(tmp_path / "art")!r})
+ids = llm.generate(np.array({PROMPT}), max_new_tokens=20)
+assert "torch" not in [m for m, v in sys.modules.items() if v is not None]
+print(json.dumps(ids.tolist()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+
+def test_bad_input(compiled, tmp_path):
+    model, llm = compiled("llama")
+    with pytest.raises(InputError, match="more than max_seq_len=128"):
+        llm.generate(np.arange(129) % 200, max_new_tokens=1)
+    with pytest.raises(InputError, match="exceeds max_seq_len"):
+        llm.generate(np.array(PROMPT), max_new_tokens=128)
+    with pytest.raises(InputError, match="token id 256 is outside the vocabulary"):
+        llm.generate(np.array([1, 256, 3]))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        llm.generate(np.array([-1]))
+    config = tiny_config("llama").to_dict()
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config.pop("rope_parameters", None)
+    with pytest.raises(UnsupportedFeatureError, match="rope scaling type 'yarn'"):
+        spec_from_config(config)
+    with pytest.raises(UnsupportedFeatureError, match="scale_attn_by_inverse_layer_idx"):
+        spec_from_config({**tiny_config("gpt2").to_dict(), "scale_attn_by_inverse_layer_idx": True})
+    with pytest.raises(UnsupportedFeatureError, match="model_type='bert'"):
+        spec_from_config({"model_type": "bert"})
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(tiny_config("llama").to_dict()))
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        reshift.llm.compile(empty)
+    with pytest.raises(PassError, match="unknown pipeline"):
+        reshift.llm.compile(model, pipeline="nope")
+    assert issubclass(UnsupportedFeatureError, ReshiftError)
+
+
+def test_cli_compile_generate_bench(tmp_path, capsys):
+    """`reshift llm compile DIR`, `reshift generate`, `reshift bench` on a saved HF directory; bad input exits 2."""
+    from reshift.cli import main
+
+    model = tiny_model("gpt2", seed=1)
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "art"
+    assert (
+        main(["llm", "compile", str(tmp_path / "hf"), "-o", str(out), "--pipeline", "exact", "--max-seq-len", "96"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt-ids", ",".join(map(str, PROMPT)), "-n", "12", "--no-eos"]) == 0
+    ids = [int(t) for t in capsys.readouterr().out.strip().split(",")]
+    assert ids == hf_greedy(model, PROMPT, 12)
+    assert main(["bench", str(out)]) == 0
+    assert "decode" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt-ids", "1,999", "-n", "2"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
+    assert main(["generate", str(out), "--prompt-ids", ",".join(["1"] * 97), "-n", "2"]) == 2
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(tiny_config("llama").to_dict()))
+    assert main(["llm", "compile", str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
+    cfg = {**tiny_config("llama").to_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    cfg.pop("rope_parameters", None)
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
+    assert main(["llm", "compile", str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
+    assert "unsupported architecture feature rope scaling type 'yarn'" in capsys.readouterr().err
