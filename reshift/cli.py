@@ -375,6 +375,10 @@ def bench_model(args: argparse.Namespace) -> int:
     if args.rpc or args.tracker:
         return bench_remote(args)
     _set_threads(args.threads)
+    if (Path(args.model) / "llm.json").is_file():  # an LLM artifact: prefill/decode tokens/s
+        from reshift.cli_llm import bench_llm
+
+        return bench_llm(args)
     from reshift.codegen.tvm import describe_host_cpu
 
     console = _console()
@@ -604,6 +608,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10, help="timed runs on the device (default: 10)")
     p.add_argument("--atol", type=float, default=1e-4, help="max error vs the host, absolute or relative (1e-4)")
     _add_timeout_option(p)
+
+    from reshift import cli_llm
+
+    cli_llm.add_parsers(sub)  # `reshift llm compile`, `reshift generate`
+    COMMANDS.setdefault("llm", lambda a: cli_llm.llm_compile(a))
+    COMMANDS.setdefault("generate", cli_llm.generate)
     return parser
 
 
