@@ -360,3 +360,108 @@ def test_sequential_calibration_captures_shared_inputs_once_and_refuses_under_a_
     # without calibration data nothing is captured: weight-only fit, no calibration detail
     _, report = passes.run(g, "bcq", group_size=16, skip=[], bcq_q=2)
     assert all("calibration" not in d and d["error_kind"] == "weight" for d in report.details.values())
+
+
+# -- the vectorized fit: same objective as before, Hessians shared ------------------------------
+# Relative errors of the implementation before vectorizing (commit dd67a5ff, one column at a time,
+# float64 throughout) on the data of `frozen_case`; the vectorized fit must not be worse (2% slack
+# for the float32 GPTQ loop). Keys: w = weight-only, x = calibrated, f = fitted to the float model's
+# outputs (x_float), t = calibrated ternary; "many" rows (192 >= K = 160) and "few" (64 < K).
+REFERENCE_ERRORS = {
+    "many": {"w2": 0.319276, "x2": 0.160102, "f2": 0.159658, "w3": 0.170053, "x3": 0.078263, "f3": 0.078238,
+             "w4": 0.08782, "x4": 0.038543, "f4": 0.039051, "t": 0.277436},
+    "few": {"x2": 0.114497, "f2": 0.114173, "x3": 0.04762, "f3": 0.047622, "x4": 0.022959, "f4": 0.023304,
+            "t": 0.228508},
+}  # fmt: skip
+
+
+def frozen_case():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 160))
+    x = correlated(rng, 192, 160)
+    return w, x, x + 0.05 * rng.standard_normal(x.shape)
+
+
+@pytest.mark.parametrize("rows", ["many", "few"])
+def test_vectorized_fit_is_no_worse_than_the_reference(rows):
+    w, x, x_float = frozen_case()
+    if rows == "few":
+        x, x_float = x[:64], x_float[:64]
+    got = {}
+    for q in (2, 3, 4):
+        if rows == "many":
+            got[f"w{q}"] = relative_output_error(w, fit_bcq(w, q, 32).weight(32), None)
+        got[f"x{q}"] = relative_output_error(w, fit_bcq(w, q, 32, x=x).weight(32), x)
+        got[f"f{q}"] = relative_output_error(w, fit_bcq(w, q, 32, x=x, x_float=x_float).weight(32), x, x_float)
+    t, s = fit_ternary(w, 32, x=x)
+    got["t"] = relative_output_error(w, ternary_dequant(t, s, 32), x)
+    worse = {k: (v, REFERENCE_ERRORS[rows][k]) for k, v in got.items() if v > 1.02 * REFERENCE_ERRORS[rows][k]}
+    assert not worse, worse
+
+
+def test_hessian_factor_matches_the_explicit_inverse(rng):
+    from reshift.passes.bcq import _hessian_factor
+    from reshift.passes.quant_common import compensated_target, hessian
+
+    for rows in (24, 200):  # fewer and more rows than inputs
+        x = correlated(rng, rows, 40)
+        x[:, 3] = 0.0
+        factor = _hessian_factor(x, 0.01)
+        h = hessian(x, 0.01)
+        np.testing.assert_allclose(factor.h, h, rtol=1e-12)
+        hp = h[np.ix_(factor.perm, factor.perm)]
+        u = np.linalg.cholesky(np.linalg.inv(hp)).T
+        np.testing.assert_allclose(factor.u, u, rtol=2e-4, atol=2e-6 * np.abs(u).max())
+        np.testing.assert_allclose(factor.root.T @ factor.root + np.diag(factor.d), h, rtol=1e-9, atol=1e-9)
+        w = rng.standard_normal((6, 40))
+        x_float = x + 0.1 * rng.standard_normal(x.shape)
+        from reshift.passes.bcq_fit import compensated_target as fast_target
+
+        np.testing.assert_allclose(fast_target(w, x, x_float, factor), compensated_target(w, x, x_float, h), rtol=1e-6)
+
+
+def test_shared_hessian_gives_identical_fits(rng, monkeypatch):
+    from reshift.passes import bcq
+
+    x = correlated(rng, 96, 32)
+    w1, w2 = rng.standard_normal((8, 32)), rng.standard_normal((16, 32))
+    factor = bcq._hessian_factor(x, 0.01)
+    for w in (w1, w2):
+        for q in (2, 3):
+            shared, own = fit_bcq(w, q, 16, x=x, factor=factor), fit_bcq(w, q, 16, x=x)
+            np.testing.assert_array_equal(shared.codes, own.codes)
+            np.testing.assert_array_equal(shared.alpha, own.alpha)
+    # the pass computes one factor per input value: q, k and v share theirs
+    calls = []
+    real = bcq._hessian_factor
+    monkeypatch.setattr(bcq, "_hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = parse(QKV, rng)
+    calib = [{"x": correlated(rng, 128, 16).astype(np.float32)}]
+    g2, report = passes.run(g, "bcq", calibration=calib, group_size=16, skip=[], bcq_q=2, sequential=False)
+    assert len(calls) == 2 and g2.op_histogram()["bcq_linear"] == 4
+    monkeypatch.setattr(bcq, "_hessian_factor", real)
+    xs = capture_activations(g, calib, [g.inputs[0]])
+    for name in ("q", "k", "v"):
+        weight = next(n for n in g.nodes if n.name == name).inputs[1].data
+        own = fit_bcq(weight, 2, 16, x=xs[g.inputs[0].name])
+        np.testing.assert_array_equal(g2.constants[f"{name}_bits"].data, pack_signs(own.codes))
+
+
+def test_pass_report_lists_bits_error_and_bytes_per_layer(rng, capsys):
+    g = mlp(rng, widths=(16, 64, 64, 64, 8))
+    g2, report = passes.run(g, "bcq", calibration=calibration(rng), bits=5.5, group_size=16)
+    for name, layer in report.details.items():
+        stored = g2.constants[f"{name}_bits"].data.nbytes + g2.constants[f"{name}_alpha"].data.nbytes
+        assert layer["bytes"] == stored and layer["float_bytes"] == 4 * 64 * 64
+        assert layer["bits"] in (2, 3, 4) and 0 < layer["error"] < 1 and layer["seconds"] >= 0
+    text = str(report)
+    assert "'bytes'" in text and "'bits'" in text and "'error'" in text
+    _, report = passes.run(g, "ternary", group_size=16)
+    assert all(d["bytes"] <= d["float_bytes"] / 8 for d in report.details.values())  # 2 + 32/16 bits
+    assert capsys.readouterr().err == ""  # no progress bar unless on a terminal or asked
+
+
+def test_progress_bar_on_request(rng, capsys):
+    passes.run(mlp(rng), "bcq", calibration=calibration(rng), group_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "linear_to_bcq" in err and "2/2" in err
