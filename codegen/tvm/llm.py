@@ -7,8 +7,9 @@ the two functions share one copy (the runtime uploads it once and passes the sam
 both). The caches ``f32 [layers, kv_heads, max_seq_len, head_dim]`` are threaded through every
 layer by ``R.call_tir_inplace`` (``kernels/kv_cache.py``), so their outputs alias their inputs and the
 VM updates the preallocated cache without copying it; attention reads it in place
-(``kernels/decode_attention.py``). Linears are dense ``x @ W^T`` (weights stored transposed,
-``[in, out]``) or BCQ lookup-table GEMVs (``kernels/lut_gemv.py``) on packed ``words``/``alpha``.
+(``kernels/decode_attention.py``). Linears are fp32 GEMMs on weights packed in 16-column panels
+(``kernels/dense_cpu.py``) or BCQ lookup-table GEMVs (``kernels/lut_gemv.py``) on packed
+``words``/``alpha``; q/k/v and gate/up are fused into one linear each (same input).
 
 The graph is built here straight from a :class:`~reshift.llm.config.DecoderSpec` rather than
 through ``ir.Graph``: the IR has one symbolic dimension and no state, and torch.export of HF's
@@ -24,6 +25,7 @@ import tvm
 from tvm import relax, tirx
 
 from reshift.codegen.tvm.kernels.decode_attention import attention_func
+from reshift.codegen.tvm.kernels.dense_cpu import dense_func
 from reshift.codegen.tvm.kernels.kv_cache import embed_func, kv_append_func, rope_q_func
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor
 from reshift.codegen.tvm.kernels.lut_gemv import gemv_func, table_compute
@@ -66,15 +68,18 @@ class _Function:
     def linear(self, x: relax.Expr, rows, name: str) -> relax.Expr:
         form = self.forms[name]
         out = form["out_features"]
+        k = form["in_features"]
         if form["kind"] == "dense":
-            y = self.emit(op.matmul(x, self.w(name + ".wt")))
-            return self.emit(op.add(y, self.w(name + ".b"))) if name + ".b" in self.vars else y
-        k, g = form["in_features"], form["group_size"]
-        words = self.arrays[name + ".words"]
-        blocks, n_groups, planes = words.shape[:3]
-        lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
-        gv = self.bb.add_func(gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512"), "bcq_lut_gemv")
-        args = [lut, self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
+            blocks = self.arrays[name + ".panels"].shape[0]
+            gv = self.bb.add_func(dense_func(k, blocks), "dense_packed_f32")
+            args = [x, self.w(name + ".panels"), self.w(name + ".bias")]
+        else:
+            g = form["group_size"]
+            words = self.arrays[name + ".words"]
+            blocks, n_groups, planes = words.shape[:3]
+            lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
+            gv = self.bb.add_func(gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512"), "bcq_lut_gemv")
+            args = [lut, self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
         y = self.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "float32")))
         if out % ROWS:
             y = self.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))

@@ -86,10 +86,14 @@ def _linear_form(
         else None
     )
     out_features, in_features = w.shape
-    if not quantize:
-        params[fused + ".wt"] = np.ascontiguousarray(w.T)
+    if not quantize:  # packed 16-column panels for the register-tiled GEMM of kernels/dense_cpu.py
+        from reshift.codegen.tvm.kernels.dense_cpu import pack_panels
+
+        params[fused + ".panels"] = pack_panels(w)
+        padded = np.zeros(params[fused + ".panels"].shape[0] * 16, np.float32)
         if bias is not None:
-            params[fused + ".b"] = bias
+            padded[:out_features] = bias
+        params[fused + ".bias"] = padded
         for m in members:
             o, k = weights[m + ".w"].shape
             report.append(

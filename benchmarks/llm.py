@@ -1,0 +1,177 @@
+"""LLM generation speed: prefill and decode tokens/s, peak RSS and weight bytes per pipeline.
+
+    .venv/bin/python benchmarks/llm.py                      # random-weight tiny Llama in a temp dir
+    .venv/bin/python benchmarks/llm.py MODEL_DIR            # a local Hugging Face directory
+    .venv/bin/python benchmarks/llm.py --tinyllama-shapes   # TinyLlama-1.1B shapes, random weights (slow to fit)
+    .venv/bin/python benchmarks/llm.py --tinyllama-shapes --layers 2   # the same shapes, 2 of the 22 layers
+
+Each pipeline is compiled in one subprocess and timed in another that loads the artifact with the
+runtime alone (``reshift.llm.load``), so the peak RSS printed is the runtime's. ``--threads``
+(default 2) sets TVM_NUM_THREADS for both. The roofline line is weight bytes read per decoded
+token divided by this machine's measured read bandwidth (a numpy sum over 1 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TINY = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=4096)  # fmt: skip
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A minimal safetensors writer (F32 / F16), so that no torch is needed to make the model."""
+    header, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        kind = {"float32": "F32", "float16": "F16"}[array.dtype.name]
+        blob = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for blob in blobs:
+            f.write(blob)
+
+
+def write_random_llama(directory: Path, shapes: dict, dtype: str = "float32", seed: int = 0) -> Path:
+    """A Llama-architecture HF directory (config.json + model.safetensors) with random weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h, f, v = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
+    kv = h // shapes["num_attention_heads"] * shapes["num_key_value_heads"]
+
+    def rand(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dtype)
+
+    t = {"model.embed_tokens.weight": rand(v, h), "model.norm.weight": np.ones(h, dtype), "lm_head.weight": rand(v, h)}
+    for i in range(shapes["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({
+            p + "input_layernorm.weight": np.ones(h, dtype), p + "post_attention_layernorm.weight": np.ones(h, dtype),
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
+            p + "mlp.down_proj.weight": rand(h, f),
+        })  # fmt: skip
+    write_safetensors(directory / "model.safetensors", t)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 2048, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "torch_dtype": dtype, **shapes}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def read_bandwidth_gbs() -> float:
+    a = np.ones(1 << 28, np.float32)  # 1 GiB
+    a.sum()
+    t0 = time.perf_counter()
+    a.sum()
+    return a.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def _child(code: str, threads: int) -> dict:
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PEAK = """
+def peak_rss_mb():  # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+COMPILE = (
+    PEAK
+    + """
+import json, sys, time
+import reshift.llm
+t0 = time.perf_counter()
+llm = reshift.llm.compile({model!r}, pipeline={pipeline!r}, bits={bits}, max_seq_len={max_seq}, out_dir={out!r})
+r = llm.report
+print(json.dumps({{"compile_s": time.perf_counter() - t0, "fit_s": r["fit_seconds"], "weight_bytes": r["weight_bytes"],
+                  "linear_bytes": r["linear_bytes"], "rss_mb": peak_rss_mb()}}))
+"""
+)
+BENCH = (
+    PEAK
+    + """
+import json, sys
+sys.modules["torch"] = None
+import reshift.llm
+llm = reshift.llm.load({out!r})
+s = llm.benchmark(prompt_len={prompt}, new_tokens={new}, repeat={repeat})
+s["rss_mb"] = peak_rss_mb()
+print(json.dumps(s))
+"""
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", help="local HF model directory (default: a random tiny Llama)")
+    ap.add_argument("--tinyllama-shapes", action="store_true", help="random weights with TinyLlama-1.1B's shapes")
+    ap.add_argument("--layers", type=int, help="override the number of layers of the generated model")
+    ap.add_argument("--pipelines", default="exact,bcq", help="comma-separated (default: exact,bcq)")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default: 128)")
+    ap.add_argument("--new", type=int, default=32, help="decoded tokens timed (default: 32)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="reshift_llm_bench_"))
+    if args.model:
+        model = args.model
+    else:
+        shapes = dict(TINYLLAMA if args.tinyllama_shapes else TINY)
+        if args.layers:
+            shapes["num_hidden_layers"] = args.layers
+        model = str(write_random_llama(work / "hf", shapes, "float16" if args.tinyllama_shapes else "float32"))
+    bandwidth = read_bandwidth_gbs()
+    rows = []
+    for pipeline in args.pipelines.split(","):
+        out = str(work / f"art_{pipeline}")
+        c = _child(
+            COMPILE.format(model=model, pipeline=pipeline, bits=args.bits, max_seq=args.max_seq_len, out=out),
+            args.threads,
+        )
+        b = _child(BENCH.format(out=out, prompt=args.prompt, new=args.new, repeat=args.repeat), args.threads)
+        roofline = bandwidth * 1e9 / c["weight_bytes"]
+        name = pipeline if pipeline == "exact" else f"bcq{args.bits}"
+        compile_stats = {f"c_{k}": v for k, v in c.items()}
+        rows.append({"pipeline": name, **b, **compile_stats, "roofline_tokens_per_s": roofline})
+    print(f"model: {model}   threads: {args.threads}   read bandwidth: {bandwidth:.1f} GB/s")
+    print(f"{'pipeline':<8} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline':>9} {'weights MB':>10} "
+          f"{'peak RSS MB':>11} {'compile s':>9}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['pipeline']:<8} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
+            f"{r['roofline_tokens_per_s']:>9.1f} {r['c_weight_bytes'] / 1e6:>10.1f} {r['rss_mb']:>11.0f} "
+            f"{r['c_compile_s']:>9.1f}"
+        )
+    print(json.dumps({"model": model, "threads": args.threads, "bandwidth_gbs": bandwidth, "results": rows}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
