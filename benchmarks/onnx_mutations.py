@@ -393,7 +393,7 @@ STACKABLE = ("bad_attribute", "random_attribute", "int_constant", "initializer",
 
 def stacked(model: onnx.ModelProto, rng: np.random.Generator) -> str | None:
     """Two or three of the mutators the ONNX checker tends to let through, one after another."""
-    done = [PROTO_MUTATORS[kind](model, rng) for kind in rng.choice(STACKABLE, int(rng.integers(2, 4)))]
+    done = [_apply(str(kind), model, rng) for kind in rng.choice(STACKABLE, int(rng.integers(2, 4)))]
     return "; ".join(d for d in done if d) or None
 
 
@@ -424,6 +424,14 @@ WEIGHTS: dict[str, float] = {
 KINDS: tuple[str, ...] = tuple(BYTE_MUTATORS) + tuple(PROTO_MUTATORS)
 
 
+def _apply(kind: str, model: onnx.ModelProto, rng: np.random.Generator) -> str | None:
+    """One proto mutator; ``None`` if it does not apply, or trips over an earlier corruption."""
+    try:
+        return PROTO_MUTATORS[kind](model, rng)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError):  # e.g. to_array of a corrupted tensor
+        return None
+
+
 def case_rng(model_name: str, seed: int, index: int) -> np.random.Generator:
     """The generator for one case, determined by the model name, the seed and the index."""
     return np.random.default_rng([zlib.crc32(model_name.encode()), seed, index])
@@ -439,7 +447,7 @@ def mutate(model_name: str, data: bytes, seed: int, index: int) -> Mutation:
             detail, mutated = BYTE_MUTATORS[kind](data, rng)
             return Mutation(kind, detail, mutated)
         model = onnx.load_from_string(data)
-        detail = PROTO_MUTATORS[kind](model, rng)
+        detail = _apply(kind, model, rng)
         if detail is not None:
             return Mutation(kind, detail, model.SerializeToString())
     detail, mutated = flip_bytes(data, rng)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from reshift.errors import ModelLoadError
 from reshift.frontend.onnx_tensors import tensor_to_array
 from reshift.frontend.shape_eval import Sym, known_to_dim, shape_vector
 from reshift.ir.limits import check_array_size
@@ -44,7 +45,10 @@ def onnx_attrs(node: onnx.NodeProto) -> dict:
     for attr in node.attribute:
         value = onnx.helper.get_attribute_value(attr)
         if isinstance(value, bytes):
-            value = value.decode()
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                raise ModelLoadError(f"node {node.name!r} attribute {attr.name!r}: {value!r} is not UTF-8") from None
         elif isinstance(value, onnx.TensorProto):
             value = tensor_to_array(value, f"node {node.name or node.op_type!r} attribute {attr.name!r}")
         out[attr.name] = value

@@ -31,8 +31,12 @@ def max_tensor_bytes() -> int:
 
 
 def check_tensor_size(shape: Sequence[int], itemsize: int, what: str) -> None:
-    """Refuse a tensor of ``shape`` (ints, symbolic dims already bound) whose bytes exceed the limit."""
-    count = math.prod(int(d) for d in shape)
+    """Refuse a tensor of ``shape`` (ints, symbolic dims already bound) whose bytes exceed the limit.
+
+    A zero dimension counts as 1: an empty batch must not hide absurd spatial sizes, since
+    references allocate per-window buffers that do not scale with the batch.
+    """
+    count = math.prod(max(int(d), 1) for d in shape)
     limit = max_tensor_bytes()
     if count * itemsize > limit:
         raise ResourceLimitError(

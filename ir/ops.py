@@ -321,6 +321,8 @@ def conv2d_output_type(
     """The NCHW output type of a conv with an OIHW filter ``w`` (shared by ``conv2d`` and ``shift_conv2d``)."""
     require_rank(x, 4, op)
     require_rank(w, 4, op, weight)
+    if not w.is_static or isinstance(x.shape[1], str):
+        raise IRTypeError(f"{op}: the {weight} {w} and the input channels of {x} must be static")
     if len(stride) != 2 or len(padding) != 4 or len(dilation) != 2:
         raise IRTypeError(f"{op}: stride/dilation take 2 values, padding 4 (top, left, bottom, right)")
     if groups < 1 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:

@@ -168,3 +168,19 @@ def test_folded_shape_math_reports_the_registry_reason():
     model = make([node, add], [2], {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)})
     with pytest.raises(ModelLoadError, match=r"node 'join' \(Concat\).*axis 3 out of range for rank 1"):
         from_onnx(model)
+
+
+def test_an_empty_dimension_does_not_hide_huge_ones():
+    from reshift.ir.limits import check_tensor_size
+
+    check_tensor_size([0, 1024], 4, "small")
+    with pytest.raises(ResourceLimitError, match="empty batch"):
+        check_tensor_size([0, 2**40], 4, "empty batch")
+
+
+def test_conv_over_a_batch_dependent_weight_is_refused():
+    """MatMul turned Conv in a model with a symbolic batch: the weight's shape holds ``N``."""
+    node = helper.make_node("Conv", ["x", "x"], ["y"], name="conv")
+    model = make([node], ["batch", 3, 4, 4], {})
+    with pytest.raises(ModelLoadError, match=r"node 'conv' \(Conv\).*must be static"):
+        from_onnx(model)
