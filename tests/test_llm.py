@@ -215,3 +215,56 @@ def test_cli_compile_generate_bench(tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
     assert main(["llm", "compile", str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
     assert "unsupported architecture feature rope scaling type 'yarn'" in capsys.readouterr().err
+
+
+def test_safetensors_reader_bf16_f16(tmp_path):
+    """The offline reader widens bf16 and f16 exactly as torch does."""
+    from safetensors.torch import save_file
+
+    from reshift.llm.weights import read_safetensors
+
+    a = torch.randn(3, 5)
+    save_file({"b": a.bfloat16(), "h": a.half(), "f": a}, str(tmp_path / "m.safetensors"))
+    t = read_safetensors(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(t["b"], a.bfloat16().float().numpy())
+    np.testing.assert_array_equal(t["h"], a.half().float().numpy())
+    np.testing.assert_array_equal(t["f"], a.numpy())
+
+
+def test_cli_prompt_text_with_tokenizer(compiled, tmp_path, capsys):
+    """`reshift generate OUT --prompt TEXT` tokenizes with the artifact's tokenizer.json."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from reshift.cli import main
+
+    model, llm = compiled("llama")
+    llm.save(tmp_path / "art")
+    tok = Tokenizer(WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tmp_path / "art" / "tokenizer.json"))
+    assert main(["generate", str(tmp_path / "art"), "--prompt", "w3 w17 w42", "-n", "4", "--no-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prompt_ids"] == [3, 17, 42] and out["new_ids"] == hf_greedy(model, [3, 17, 42], 4)
+
+
+@pytest.mark.slow
+def test_decode_time_does_not_grow_with_cache_size():
+    """No per-token copy of the cache: a 64x larger preallocated cache leaves decode time alone."""
+    import time
+
+    model = tiny_model("llama")
+    times = []
+    for max_seq in (64, 4096):
+        llm = reshift.llm.compile(model, pipeline="exact", max_seq_len=max_seq)
+        llm.prefill(np.array(PROMPT))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for tok in range(20):
+                llm.decode(tok)
+            best = min(best, time.perf_counter() - t0)
+            llm.prefill(np.array(PROMPT))
+        times.append(best)
+    assert times[1] < 2.0 * times[0], times
