@@ -247,6 +247,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         "forms_sha": hashlib.sha256(json.dumps(forms, sort_keys=True).encode()).hexdigest()[:16],
     }
     (out / LLM_META).write_text(json.dumps(meta, indent=1))
+    del weights, params, mod, executable  # the runtime reloads them from the files: keep one copy alive
     return LLM(out)
 
 
