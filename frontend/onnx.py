@@ -154,7 +154,8 @@ def _untyped(proto: onnx.ModelProto) -> str:
 def _check_text(proto: onnx.ModelProto, source: str) -> None:
     """Refuse names that are not valid UTF-8 (protobuf hands them over as ``bytes``) or hold control characters."""
     graph = proto.graph
-    named = [("graph input", v.name) for v in graph.input] + [("graph output", v.name) for v in graph.output]
+    named = [("the graph", graph.name)] + [("graph input", v.name) for v in graph.input]
+    named += [("graph output", v.name) for v in graph.output]
     named += [("value_info", v.name) for v in graph.value_info] + [("initializer", t.name) for t in graph.initializer]
     for index, node in enumerate(graph.node):
         fields = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
