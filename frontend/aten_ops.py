@@ -145,12 +145,13 @@ def _log1p(cx, a):
 
 @converts("elu")
 def _elu(cx, a):
-    if a["scale"] != 1 or a["input_scale"] != 1:
-        raise Unsupported("elu with scale or input_scale (selu)")
+    """``scale * where(x > 0, x, alpha * (exp(input_scale * x) - 1))``; SELU is elu with a scale."""
     x = cx.value(a["self"])
-    negative = cx.emit("sub", [cx.emit("exp", [x]), cx.value(1.0, x.dtype)])
+    scaled = x if a["input_scale"] == 1 else cx.emit("mul", [x, cx.value(float(a["input_scale"]), x.dtype)])
+    negative = cx.emit("sub", [cx.emit("exp", [scaled]), cx.value(1.0, x.dtype)])
     negative = cx.emit("mul", [negative, cx.value(float(a["alpha"]), x.dtype)])
-    return cx.emit("where", [cx.emit("greater", [x, cx.value(0.0, x.dtype)]), x, negative])
+    y = cx.emit("where", [cx.emit("greater", [x, cx.value(0.0, x.dtype)]), x, negative])
+    return y if a["scale"] == 1 else cx.emit("mul", [y, cx.value(float(a["scale"]), x.dtype)])
 
 
 @converts("bitwise_not")
@@ -569,4 +570,4 @@ def _adaptive_avg_pool(cx, a):
 
 
 # The shape, data-movement, indexing and attention converters register themselves into the same table.
-from reshift.frontend import aten_attention, aten_shape_ops  # noqa: E402, F401
+from reshift.frontend import aten_attention, aten_nn_ops, aten_shape_ops  # noqa: E402, F401

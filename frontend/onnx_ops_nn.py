@@ -7,8 +7,7 @@ What each ONNX op becomes (semantics: https://onnx.ai/onnx/operators/):
 - ``ConvTranspose``: ``conv_transpose2d``; 1-D over a unit height; ``output_shape`` and
   ``auto_pad`` become explicit pads as the ONNX spec derives them.
 - ``MaxPool``/``AveragePool``: the 2-D pools; 1-D over a unit height; 3-D as a pool over (H, W)
-  then one over D. Exact: a max over a box is a max of maxes, and an average pool's divisor
-  (window cells inside the input, or inside the padding too) is the product of per-axis counts.
+  then one over D (``frontend/decompose.py``, shared with the ATen converters).
 - ``PRelu``/``Elu``/``Selu``: ``relu(x) + f(min(x, 0))``, elementwise and exact.
 - ``LRN``: the square sum over the channel window as an ``avg_pool2d`` (count_include_pad) over
   the channel axis, times ``size``.
@@ -25,6 +24,7 @@ import math
 
 import numpy as np
 
+from reshift.frontend.decompose import pool3d_as_2d
 from reshift.frontend.onnx_ops import NotConvertible, _axes_arg, _ints, _known, _norm, _scalar, converter
 from reshift.frontend.onnx_ops import _tile as tile_known
 from reshift.frontend.shape_eval import Sym
@@ -184,17 +184,17 @@ def _pool(ctx, node, ins, at):
             at,
         )
         return _drop_height(ctx, y)
-    n, c, d, h, w = ctx.shape(x)  # 3-D: pool (H, W) of every depth slice, then D of every (h, w) column
-    planes = ctx.op("reshape", x, shape=[n, c * d, h, w])
-    planes = _pool2d(
-        ctx, node.op_type, planes, kernel[1:], strides[1:], [pads[1], pads[2], pads[4], pads[5]], dilations[1:], at
+    return pool3d_as_2d(
+        x,
+        ctx.shape(x),
+        kernel,
+        strides,
+        pads,
+        dilations,
+        pool2d=lambda v, k, s, p, d: _pool2d(ctx, node.op_type, v, k, s, p, d, at),
+        reshape=lambda v, shape: ctx.op("reshape", v, shape=shape),
+        shape_of=ctx.shape,
     )
-    oh, ow = ctx.shape(planes)[2:]
-    columns = ctx.op("reshape", planes, shape=[n, c, d, oh * ow])
-    columns = _pool2d(
-        ctx, node.op_type, columns, [kernel[0], 1], [strides[0], 1], [pads[0], 0, pads[3], 0], [dilations[0], 1], at
-    )
-    return ctx.op("reshape", columns, shape=[n, c, ctx.shape(columns)[2], oh, ow])
 
 
 # -- activations --------------------------------------------------------------------------------
