@@ -78,18 +78,24 @@ def _without_cache(module: torch.nn.Module):
 
     A causal LM's ``forward`` returns a ``DynamicCache`` (``past_key_values``) when the cache is on,
     which torch.export cannot return; reshift compiles one full forward, so the cache outputs are
-    dropped. Yields the notes saying so (they become ``graph.notes``).
+    dropped. Yields the notes saying so (they become ``graph.notes``); encoders, whose
+    ``use_cache`` only matters in decoder mode, get none.
     """
     config = getattr(module, "config", None)
     if getattr(config, "use_cache", False) is not True:
         yield []
         return
+    generates = getattr(module, "can_generate", lambda: False)() or getattr(config, "is_decoder", False)
     config.use_cache = False
     try:
-        yield [
-            f"{type(module).__name__} exported with use_cache=False: the KV-cache outputs "
-            "(past_key_values) are dropped; the graph computes one full forward pass"
-        ]
+        yield (
+            [
+                f"{type(module).__name__} exported with use_cache=False: the KV-cache outputs "
+                "(past_key_values) are dropped; the graph computes one full forward pass"
+            ]
+            if generates
+            else []
+        )
     finally:
         config.use_cache = True
 
