@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
     c = llm_sub.add_parser("compile", help="compile a local Hugging Face model directory to an LLM artifact")
     c.add_argument("model", help="model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
-    c.add_argument("--pipeline", default="bcq", choices=["exact", "bcq"], help="exact or bcq (default: bcq)")
+    c.add_argument("--pipeline", default="bcq", choices=["exact", "bcq", "ternary"], help="default: bcq")
     c.add_argument("--bits", type=int, default=3, help="BCQ bit planes per weight, 2-4 (default: 3)")
     c.add_argument("--calib-text", help="calibration text file (tokenized with the model dir's tokenizer.json)")
     c.add_argument("--calib-tokens", type=int, default=256, help="calibration tokens to use (default: 256)")

@@ -77,17 +77,18 @@ def test_spec_flags():
     assert spec_from_config(tiny_config("opt").to_dict()).position_offset == 2
 
 
-def test_bcq_every_linear_matches_reference(compiled):
-    """BCQ 3-bit: the LUT-GEMV build computes the numpy decoder on the dequantized BCQ weights."""
-    model, llm = compiled("llama", "bcq", bits=3)
+@pytest.mark.parametrize("pipeline,bits", [("bcq", 3), ("ternary", "ternary")])
+def test_lowbit_every_linear_matches_reference(compiled, pipeline, bits):
+    """BCQ 3-bit / ternary: the LUT-GEMV build computes the numpy decoder on the dequantized weights."""
+    model, llm = compiled("llama", pipeline)
     report = llm.report["layers"]
-    assert {r["bits"] for r in report if r["name"] != "lm_head"} == {3}
+    assert {r["bits"] for r in report if r["name"] != "lm_head"} == {bits}
     assert len(report) == 2 * 7 + 1 and all(0 < r["weight_error"] < 1 for r in report[:-1])
     assert report[-1]["name"] == "lm_head" and report[-1]["bits"] == 32
     assert llm.report["linear_bytes"] < 0.3 * llm.report["linear_bytes_fp32"]
     spec, weights, _ = read_model(model)
     dequant: dict[str, np.ndarray] = {}
-    prepare(spec, weights, "bcq", 3, None, 128, False, dequant)
+    prepare(spec, weights, pipeline, 3, None, 128, False, dequant)
     shape = (spec.num_layers, spec.num_kv_heads, 128, spec.head_dim)
     ck, cv = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     ref = forward(spec, {**weights, **dequant}, np.array(PROMPT), 0, ck, cv)

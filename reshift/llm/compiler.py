@@ -1,7 +1,7 @@
 """``reshift.llm.compile``: a Hugging Face causal LM to a runnable LLM artifact (prefill + decode).
 
 Steps: config -> :class:`~reshift.llm.config.DecoderSpec`; checkpoint -> canonical float32
-weights; with ``pipeline="bcq"`` every linear of every block (and ``lm_head`` with
+weights; with ``pipeline="bcq"`` (or ``"ternary"``, ``fit_ternary``) every linear of every block (and ``lm_head`` with
 ``quantize_lm_head=True``) is fitted by ``reshift.passes.bcq.fit_bcq`` (ShiftAddLLM: weight error,
 or output error on captured calibration activations) and packed for the lookup-table GEMV; the
 weights become the parameters of one Relax module with ``prefill`` and ``decode``
@@ -28,7 +28,7 @@ from reshift.llm.weights import canonical_weights, read_config, read_weights, st
 from reshift.runtime.artifact import sha256_file
 from reshift.runtime.llm import LLM, LLM_FORMAT, LLM_META, SO_FILE, WEIGHTS_FILE
 
-PIPELINES = ("exact", "bcq")
+PIPELINES = ("exact", "bcq", "ternary")
 GROUP_SIZE = 128
 
 
@@ -108,34 +108,47 @@ def _linear_form(
             )
         return {"kind": "dense", "out_features": out_features, "in_features": in_features}
     from reshift.codegen.tvm.kernels.lut_gemv import bias_row
-    from reshift.codegen.tvm.kernels.packing import pack_bcq
-    from reshift.ir.ops_lowbit import pack_signs
-    from reshift.passes.bcq import bits_per_weight, fit_bcq
+    from reshift.codegen.tvm.kernels.packing import pack_bcq, pack_ternary
+    from reshift.ir.ops_lowbit import pack_signs, pack_trits
+    from reshift.passes.bcq import bits_per_weight, fit_bcq, fit_ternary, ternary_dequant
 
+    ternary = bits == 0  # BitNet b1.58 codes {-1, 0, +1}: two sign planes through the same LUT GEMV
     codes, alphas = [], []
     for m in members:
         wm = weights[m + ".w"]
         x = rows.get(m) if rows else None
-        fit = fit_bcq(wm, q=bits, group_size=GROUP_SIZE, x=x)
-        w_hat = fit.weight(GROUP_SIZE)
+        if ternary:
+            t, scale = fit_ternary(wm, group_size=GROUP_SIZE, x=x)
+            w_hat = ternary_dequant(t, scale, GROUP_SIZE)
+            codes.append(t)
+            alphas.append(scale)
+            stored_bits = 2 + 16.0 / GROUP_SIZE  # 2-bit trit codes + one fp16 scale per group
+        else:
+            fit = fit_bcq(wm, q=bits, group_size=GROUP_SIZE, x=x)
+            w_hat = fit.weight(GROUP_SIZE)
+            codes.append(fit.codes)
+            alphas.append(fit.alpha)
+            stored_bits = bits_per_weight(bits, GROUP_SIZE)
         if dequantized is not None:
             dequantized[m + ".w"] = w_hat.astype(np.float32)
         row = {
             "name": m,
             "shape": list(wm.shape),
-            "bits": bits,
+            "bits": "ternary" if ternary else bits,
             "weight_error": float(np.linalg.norm(wm - w_hat) / max(np.linalg.norm(wm), 1e-30)),
             "bytes_fp32": 4 * wm.size,
-            "bytes": int(np.ceil(wm.size * bits_per_weight(bits, GROUP_SIZE) / 8)),
+            "bytes": int(np.ceil(wm.size * stored_bits / 8)),
         }
         if x is not None:
             ref = x @ wm.T
             row["output_error"] = float(np.linalg.norm(ref - x @ w_hat.T) / max(np.linalg.norm(ref), 1e-30))
         report.append(row)
-        codes.append(fit.codes)
-        alphas.append(fit.alpha)
-    bits_packed = pack_signs(np.concatenate(codes, axis=1))
-    words, alpha = pack_bcq(bits_packed, np.concatenate(alphas).astype(np.float32), GROUP_SIZE, in_features)
+    if ternary:
+        trits = pack_trits(np.concatenate(codes))
+        words, alpha = pack_ternary(trits, np.concatenate(alphas).astype(np.float32), GROUP_SIZE, in_features)
+    else:
+        bits_packed = pack_signs(np.concatenate(codes, axis=1))
+        words, alpha = pack_bcq(bits_packed, np.concatenate(alphas).astype(np.float32), GROUP_SIZE, in_features)
     params[fused + ".words"] = words
     params[fused + ".alpha"] = alpha
     params[fused + ".bias"] = bias_row(bias, out_features)
@@ -169,12 +182,14 @@ def prepare(
         params["rope.cos"], params["rope.sin"] = spec.rope_tables(max_seq_len)
     for name in sorted(k for k in weights if ".norm" in k or k.startswith("norm.")):
         params[name] = weights[name]
-    rows = calibration_rows(spec, weights, calibration) if (pipeline == "bcq" and calibration is not None) else None
+    lossy = pipeline in ("bcq", "ternary")
+    rows = calibration_rows(spec, weights, calibration) if (lossy and calibration is not None) else None
     forms: dict[str, dict] = {}
     report: list[dict[str, Any]] = []
     for fused, members in fused_linears(spec):
-        quantize = pipeline == "bcq" and (fused != "lm_head" or quantize_lm_head)
-        forms[fused] = _linear_form(spec, weights, fused, members, quantize, bits, rows, params, report, dequantized)
+        quantize = lossy and (fused != "lm_head" or quantize_lm_head)
+        planes = 0 if pipeline == "ternary" else bits
+        forms[fused] = _linear_form(spec, weights, fused, members, quantize, planes, rows, params, report, dequantized)
     return params, forms, report
 
 
@@ -190,8 +205,9 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
 ) -> LLM:
     """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`.
 
-    ``pipeline``: ``"exact"`` (float32 weights, same tokens as transformers) or ``"bcq"`` (every
-    block linear as ``bits``-bit binary codes with group-wise scales, lookup-table GEMV);
+    ``pipeline``: ``"exact"`` (float32 weights, same tokens as transformers), ``"bcq"`` (every
+    block linear as ``bits``-bit binary codes with group-wise scales, lookup-table GEMV) or
+    ``"ternary"`` (BitNet b1.58 codes {-1, 0, +1} with group scales, same GEMV, ``bits`` ignored);
     ``calibration``: token ids ``[sequences, tokens]`` for ShiftAddLLM's output-aware fit;
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it).
@@ -228,7 +244,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         "format": LLM_FORMAT,
         "spec": spec.to_json(),
         "pipeline": pipeline,
-        "bits": bits if pipeline == "bcq" else 32,
+        "bits": {"bcq": bits, "ternary": 1.58}.get(pipeline, 32),
         "max_seq_len": int(max_seq_len),
         "cache_shape": [spec.num_layers, spec.num_kv_heads, int(max_seq_len), spec.head_dim],
         "params": list(params),
