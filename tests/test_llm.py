@@ -269,3 +269,14 @@ def test_decode_time_does_not_grow_with_cache_size():
             llm.prefill(np.array(PROMPT))
         times.append(best)
     assert times[1] < 2.0 * times[0], times
+
+
+@pytest.mark.slow
+def test_sliding_window_prefill_longer_than_window(compiled):
+    """Mistral with window 8: a 20-token prompt masks inside the prefill as well as in decode."""
+    model, llm = compiled("mistral")
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 20)]
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1].numpy()
+    np.testing.assert_allclose(llm.prefill(np.array(prompt)), ref, atol=1e-4, rtol=1e-4)
+    assert llm.generate(np.array(prompt), max_new_tokens=32).tolist()[20:] == hf_greedy(model, prompt, 32)
