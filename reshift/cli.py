@@ -63,6 +63,10 @@ def inspect_model(args: argparse.Namespace) -> int:
     from reshift import passes
     from reshift.ir.analysis import graph_macs
 
+    if (Path(args.model) / "llm.json").is_file():  # an LLM artifact: its spec and per-layer report
+        from reshift.cli_llm import inspect_llm
+
+        return inspect_llm(args)
     if Path(args.model).is_dir():
         return inspect_artifact(args.model)
     graph = load_graph(args.model, getattr(args, "input_shape", None))

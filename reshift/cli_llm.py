@@ -153,3 +153,21 @@ def bench_llm(args: argparse.Namespace) -> int:
         f"({stats['decode_ms_per_token']:.2f} ms/token)"
     )
     return 0
+
+
+def inspect_llm(args: argparse.Namespace) -> int:
+    """``reshift inspect OUT`` for an LLM artifact: the decoder description and the per-layer report
+    (read from llm.json; nothing is loaded)."""
+    from reshift.llm.compiler import format_report
+    from reshift.runtime.llm import LLM_META
+
+    meta = json.loads((Path(args.model) / LLM_META).read_text())
+    spec = meta["spec"]
+    print(
+        f"{spec['family']}: {spec['num_layers']} layers, hidden {spec['hidden_size']}, heads "
+        f"{spec['num_heads']}/{spec['num_kv_heads']} (head_dim {spec['head_dim']}), ffn {spec['ffn_size']}, "
+        f"vocab {spec['vocab_size']}; pipeline {meta['pipeline']}, max_seq_len {meta['max_seq_len']}, "
+        f"KV cache {meta['cache_shape']} x2 float32"
+    )
+    print(format_report(meta.get("report", {})))
+    return 0

@@ -205,6 +205,8 @@ def test_cli_compile_generate_bench(tmp_path, capsys):
     assert ids == hf_greedy(model, PROMPT, 12)
     assert main(["bench", str(out)]) == 0
     assert "decode" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    assert "layers.1.fc2" in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt-ids", "1,999", "-n", "2"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt-ids", ",".join(["1"] * 97), "-n", "2"]) == 2
