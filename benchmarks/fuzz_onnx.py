@@ -45,7 +45,7 @@ BATCH = 2  # the value every symbolic dimension takes when inputs are drawn
 
 # where a refusal points: a quoted name, or the part of the model (file, opset, node, tensor)
 LOCATION = re.compile(
-    r"'[^']+'|\b(node|initializer|graph (input|output)|opset|tensor name|not a readable ONNX model)\b"
+    r"'[^']+'|\b(node|initializer|graph (input|output)|opset|tensor name|empty graph|not a readable ONNX model)\b"
 )
 
 
