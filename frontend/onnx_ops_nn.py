@@ -59,6 +59,13 @@ def _spatial_rank(ctx, x, what: str, ranks=(1, 2, 3)) -> int:
     return rank
 
 
+def _weight_kernel(ctx, x, w, what: str) -> list[int]:
+    """The kernel size from the weight, which must have x's rank (``[O, C/groups, k1, ...]``)."""
+    if len(ctx.shape(w)) != len(ctx.shape(x)):
+        raise NotConvertible(f"{what}: weight {list(ctx.shape(w))} must have the input's rank {len(ctx.shape(x))}")
+    return list(ctx.shape(w)[2:])
+
+
 def _window_attrs(ctx, x, kernel, at) -> tuple[list[int], list[int], list[int]]:
     rank = len(kernel)
     strides, dilations = list(at.get("strides", [1] * rank)), list(at.get("dilations", [1] * rank))
@@ -82,7 +89,7 @@ def _drop_height(ctx, y):
 def _conv(ctx, node, ins, at):
     x, w, b = (list(ins) + [None])[:3]
     rank = _spatial_rank(ctx, x, "Conv")
-    kernel = list(ctx.shape(w)[2:])
+    kernel = _weight_kernel(ctx, x, w, "Conv")
     strides, pads, dilations = _window_attrs(ctx, x, kernel, at)
     group = at.get("group", 1)
     if rank == 3:
@@ -129,7 +136,7 @@ def _transpose_pads(in_dims, kernel, strides, dilations, output_padding, at) -> 
 def _conv_transpose(ctx, node, ins, at):
     x, w, b = (list(ins) + [None])[:3]
     rank = _spatial_rank(ctx, x, "ConvTranspose", ranks=(1, 2))
-    kernel = list(ctx.shape(w)[2:])
+    kernel = _weight_kernel(ctx, x, w, "ConvTranspose")
     strides, dilations = list(at.get("strides", [1] * rank)), list(at.get("dilations", [1] * rank))
     output_padding = list(at.get("output_padding", [0] * rank))
     if len(strides) != rank or len(dilations) != rank or len(output_padding) != rank:
