@@ -28,7 +28,12 @@ def add_parsers(sub) -> None:
     c.add_argument("model", help="model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
     c.add_argument("--pipeline", default="bcq", choices=["exact", "bcq", "ternary"], help="default: bcq")
-    c.add_argument("--bits", type=int, default=3, help="BCQ bit planes per weight, 2-4 (default: 3)")
+    c.add_argument(
+        "--bits",
+        type=float,
+        default=3,
+        help="BCQ bit planes 2/3/4, or an average budget (e.g. 2.5) allocated per layer",
+    )
     c.add_argument("--calib-text", help="calibration text file (tokenized with the model dir's tokenizer.json)")
     c.add_argument("--calib-tokens", type=int, default=256, help="calibration tokens to use (default: 256)")
     c.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length (default: 2048)")
@@ -94,7 +99,7 @@ def llm_compile(args: argparse.Namespace) -> int:
     llm = reshift.llm.compile(
         args.model,
         pipeline=args.pipeline,
-        bits=args.bits,
+        bits=int(args.bits) if float(args.bits).is_integer() else args.bits,
         calibration=calibration,
         max_seq_len=args.max_seq_len,
         quantize_lm_head=args.lm_head,

@@ -282,3 +282,20 @@ def test_sliding_window_prefill_longer_than_window(compiled):
         ref = model(torch.tensor([prompt])).logits[0, -1].numpy()
     np.testing.assert_allclose(llm.prefill(np.array(prompt)), ref, atol=1e-4, rtol=1e-4)
     assert llm.generate(np.array(prompt), max_new_tokens=32).tolist()[20:] == hf_greedy(model, prompt, 32)
+
+
+def test_bcq_bit_allocation_under_a_budget(compiled):
+    """A fractional ``bits`` is an average budget: q in {2, 3, 4} per fused linear, within budget."""
+    from reshift.passes.bcq import bits_per_weight
+
+    model, llm = compiled("llama", "bcq", bits=2.8, calibration=np.array([PROMPT * 3]))
+    rows = [r for r in llm.report["layers"] if r["name"] != "lm_head"]
+    assert {r["bits"] for r in rows} <= {2, 3, 4} and len({r["bits"] for r in rows}) > 1
+    by_name = {r["name"]: r["bits"] for r in rows}
+    assert by_name["layers.0.q"] == by_name["layers.0.k"] == by_name["layers.0.v"]
+    sizes = [np.prod(r["shape"]) for r in rows]
+    average = sum(s * bits_per_weight(r["bits"], 128) for s, r in zip(sizes, rows, strict=True)) / sum(sizes)
+    assert average <= 2.8 + 1e-9
+    assert llm.generate(np.array(PROMPT), max_new_tokens=4).shape == (len(PROMPT) + 4,)
+    with pytest.raises(PassError, match="bits=1.5"):
+        reshift.llm.compile(model, bits=1.5)

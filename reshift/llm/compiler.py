@@ -76,8 +76,10 @@ def _linear_form(
     params: dict[str, np.ndarray],
     report: list[dict[str, Any]],
     dequantized: dict[str, np.ndarray] | None = None,
+    fitter: Any = None,
 ) -> dict[str, Any]:
-    """Prepare one fused linear's parameters (dense ``[in, out]`` or packed BCQ) and its report rows."""
+    """Prepare one fused linear's parameters (dense ``[in, out]`` or packed BCQ) and its report rows;
+    ``fitter(member, q)`` (memoized by bit allocation) returns the member's ``BCQFit``."""
     w = np.concatenate([weights[m + ".w"] for m in members])
     has_bias = any(m + ".b" in weights for m in members)
     bias = (
@@ -124,7 +126,7 @@ def _linear_form(
             alphas.append(scale)
             stored_bits = 2 + 16.0 / GROUP_SIZE  # 2-bit trit codes + one fp16 scale per group
         else:
-            fit = fit_bcq(wm, q=bits, group_size=GROUP_SIZE, x=x)
+            fit = fitter(m, bits) if fitter else fit_bcq(wm, q=bits, group_size=GROUP_SIZE, x=x)
             w_hat = fit.weight(GROUP_SIZE)
             codes.append(fit.codes)
             alphas.append(fit.alpha)
@@ -186,17 +188,53 @@ def prepare(
     rows = calibration_rows(spec, weights, calibration) if (lossy and calibration is not None) else None
     forms: dict[str, dict] = {}
     report: list[dict[str, Any]] = []
-    for fused, members in fused_linears(spec):
-        quantize = lossy and (fused != "lm_head" or quantize_lm_head)
-        planes = 0 if pipeline == "ternary" else bits
-        forms[fused] = _linear_form(spec, weights, fused, members, quantize, planes, rows, params, report, dequantized)
+    linears = [(f, ms, lossy and (f != "lm_head" or quantize_lm_head)) for f, ms in fused_linears(spec)]
+    fitter, per_layer = None, {}
+    if pipeline == "bcq" and float(bits) not in (2.0, 3.0, 4.0):
+        fitter, per_layer = _allocate(weights, [(f, ms) for f, ms, q in linears if q], float(bits), rows)
+    for fused, members, quantize in linears:
+        planes = 0 if pipeline == "ternary" else per_layer.get(fused, int(bits))
+        forms[fused] = _linear_form(
+            spec, weights, fused, members, quantize, planes, rows, params, report, dequantized, fitter
+        )
     return params, forms, report
+
+
+def _allocate(weights, linears, budget: float, rows) -> tuple[Any, dict[str, int]]:
+    """ShiftAddLLM's per-layer bit allocation: every fused linear (q/k/v, gate/up share one ``q``) fitted
+    at q = 2, 3, 4; ``passes.bcq.allocate_bits`` picks the ``q`` per linear that minimizes the summed
+    output error (weight error without calibration) under an average of ``budget`` bits per weight."""
+    from reshift.passes.bcq import LayerSensitivity, allocate_bits, fit_bcq
+
+    fits: dict[tuple[str, int], Any] = {}
+
+    def fitter(member: str, q: int):
+        if (member, q) not in fits:
+            x = rows.get(member) if rows else None
+            fits[member, q] = fit_bcq(weights[member + ".w"], q=q, group_size=GROUP_SIZE, x=x)
+        return fits[member, q]
+
+    layers = []
+    for fused, members in linears:
+        errors = {}
+        for q in (2, 3, 4):
+            err = 0.0
+            for m in members:
+                diff = weights[m + ".w"] - fitter(m, q).weight(GROUP_SIZE)
+                x = rows.get(m) if rows else None
+                err += float(np.sum((x @ diff.T) ** 2)) if x is not None else float(np.sum(diff**2))
+            errors[q] = err
+        layers.append(LayerSensitivity(fused, sum(weights[m + ".w"].size for m in members), errors))
+    try:
+        return fitter, allocate_bits(layers, budget, GROUP_SIZE)
+    except ValueError as exc:
+        raise PassError(f"reshift.llm.compile: bits={budget}: {exc}") from None
 
 
 def compile(  # noqa: A001 -- the public name the API contract fixes
     model_or_dir: Any,
     pipeline: str = "bcq",
-    bits: int = 3,
+    bits: float = 3,
     calibration: Any = None,
     target: str = "cpu",
     max_seq_len: int = 2048,
@@ -208,14 +246,19 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     ``pipeline``: ``"exact"`` (float32 weights, same tokens as transformers), ``"bcq"`` (every
     block linear as ``bits``-bit binary codes with group-wise scales, lookup-table GEMV) or
     ``"ternary"`` (BitNet b1.58 codes {-1, 0, +1} with group scales, same GEMV, ``bits`` ignored);
+    ``bits``: 2, 3 or 4 planes everywhere, or a fractional average budget (e.g. 2.5) for per-layer
+    allocation (:func:`_allocate`);
     ``calibration``: token ids ``[sequences, tokens]`` for ShiftAddLLM's output-aware fit;
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it).
     """
     if pipeline not in PIPELINES:
         raise PassError(f"reshift.llm.compile: unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    if pipeline == "bcq" and bits not in (2, 3, 4):
-        raise PassError(f"reshift.llm.compile: bits={bits}; BCQ supports 2, 3 or 4 bit planes")
+    if pipeline == "bcq" and not 2 <= float(bits) <= 4.5:
+        raise PassError(
+            f"reshift.llm.compile: bits={bits}; BCQ takes 2, 3 or 4 bit planes, or an average budget "
+            "between 2 and 4.5 bits per weight (scales included) for per-layer allocation"
+        )
     if target != "cpu":
         raise PassError(f"reshift.llm.compile: target {target!r}; LLM artifacts build for 'cpu' in this version")
     if not 1 <= int(max_seq_len) <= 1 << 20:
