@@ -137,16 +137,25 @@ class SortedGroups:
 
     def cells(self, book: Codebook) -> tuple[np.ndarray, np.ndarray]:
         """Per (row, group, sorted codebook value): weight count and weight sum, ``[O, groups, C]``."""
-        g = self.sorted.shape[-1]
-        below = np.zeros(book.mids.shape, np.intp)  # weights <= each midpoint
-        step = 1 << (g.bit_length() - 1)
-        while step:
-            cand = below + step
-            probe = take_last(self.sorted, np.minimum(cand, g) - 1)
-            below = np.where((cand <= g) & (probe <= book.mids), cand, below)
-            step >>= 1
-        edges = np.concatenate([np.zeros_like(self.n_valid), below, self.n_valid], axis=-1)
-        return np.diff(edges, axis=-1).astype(np.float64), np.diff(take_last(self.prefix, edges), axis=-1)
+        out, ng, g = self.sorted.shape
+        counts = np.empty(book.values.shape)
+        sums = np.empty(book.values.shape)
+        rows = max(1, ROW_CHUNK_ELEMENTS // 8 // (ng * g))  # the binary search probes stay in cache
+        for start in range(0, out, rows):
+            part = slice(start, start + rows)
+            mids, ordered = book.mids[part], self.sorted[part]
+            below = np.zeros(mids.shape, np.intp)  # weights <= each midpoint
+            step = 1 << (g.bit_length() - 1)
+            while step:
+                cand = below + step
+                probe = take_last(ordered, np.minimum(cand, g) - 1)
+                below = np.where((cand <= g) & (probe <= mids), cand, below)
+                step >>= 1
+            n_valid = self.n_valid[part]
+            edges = np.concatenate([np.zeros_like(n_valid), below, n_valid], axis=-1)
+            counts[part] = np.diff(edges, axis=-1)
+            sums[part] = np.diff(take_last(self.prefix[part], edges), axis=-1)
+        return counts, sums
 
 
 @dataclass
@@ -224,7 +233,6 @@ class HessianFactor:
     u: np.ndarray  # [K, K] float32, upper Cholesky factor of H[perm][:, perm]^-1 (GPTQ's loop runs in float32)
     root: np.ndarray  # [r, K] with root^T root + diag(d) = H, r = min(M, K)
     d: np.ndarray  # [K] damping diagonal (zeros when root is a full Cholesky factor)
-    x: np.ndarray | None  # the rows, float64 (for the float-target compensation)
 
     def __iter__(self):
         return iter((self.h, self.perm, self.dead))
@@ -249,15 +257,14 @@ class HessianFactor:
             root = np.empty_like(h)
             root[:, perm] = flipped[::-1, ::-1].T
             d = np.zeros(len(h))
-        return cls(h, perm, np.all(x == 0, axis=0), u, root, d, x)
+        return cls(h, perm, np.all(x == 0, axis=0), u, root, d)
 
     def apply_inverse_rows(self, x: np.ndarray) -> np.ndarray:
-        """``X H^-1`` for this factor's own rows ``X``: Woodbury ``(I + X D^-1 X^T)^-1 X D^-1`` when
-        there are fewer rows than inputs, else through ``U``."""
-        if self.root is x or (len(x) < len(self.h) and self.d.all()):
-            xd = x / self.d
-            small = np.eye(len(x)) + xd @ x.T
-            return np.linalg.solve(small, xd)
+        """``X H^-1`` for the rows ``X`` this factor was computed from: Woodbury, ``(I + X D^-1 X^T)^-1
+        X D^-1`` (``M x M``), when there are fewer rows than inputs, else through ``U``."""
+        if self.d.all():  # root is X itself
+            xd = self.root / self.d
+            return np.linalg.solve(np.eye(len(xd)) + xd @ self.root.T, xd)
         u = self.u.astype(np.float64)
         xp = x[:, self.perm] @ u.T @ u
         out = np.empty_like(xp)
@@ -311,7 +318,7 @@ def gptq_codes(
     """
     out, k = w.shape
     perm, u = factor.perm, factor.u
-    work = np.ascontiguousarray(w[:, perm], dtype=np.float32)
+    work = np.ascontiguousarray(w[:, perm].T, dtype=np.float32)  # [K, O]: a column is one contiguous row
     position = np.empty(k, int)
     position[perm] = np.arange(k)
     ng = -(-k // group_size)
@@ -319,11 +326,11 @@ def gptq_codes(
     books: list[Codebook | None] = [None] * ng
     fixed = alpha is not None
     alpha = np.zeros((out, ng, table.shape[1])) if alpha is None else np.array(alpha, np.float64)
-    idx = np.empty((out, k), np.uint8)
+    idx = np.empty((k, out), np.uint8)
     rows = np.arange(out)
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
-        errors = np.zeros((out, b1 - b0), np.float32)
+        errors = np.zeros((b1 - b0, out), np.float32)
         for s0 in range(b0, b1, sub):
             s1 = min(b1, s0 + sub)
             for j in range(s0, s1):
@@ -331,27 +338,27 @@ def gptq_codes(
                 if books[g] is None:
                     if not fixed:
                         cols = position[g * group_size : min(k, (g + 1) * group_size)]
-                        current = work[:, cols]
+                        current = work[cols]  # [G, O]
                         late = (cols >= s1) & (cols < b1)  # this sub-block's updates, still pending
                         if late.any() and j > s0:
-                            current[:, late] -= errors[:, s0 - b0 : j - b0] @ u[s0:j, cols[late]]
-                        alpha[:, g] = init(current.astype(np.float64))
+                            current[late] -= u[s0:j, cols[late]].T @ errors[s0 - b0 : j - b0]
+                        alpha[:, g] = init(current.T.astype(np.float64))
                     books[g] = Codebook.of(alpha[:, g].astype(np.float32), table.astype(np.float32))
                 book = books[g]
-                column = work[:, j]
+                column = work[j]
                 pos = book.position(column)
-                idx[:, j] = book.order[rows, pos]
+                idx[j] = book.order[rows, pos]
                 err = (column - book.values[rows, pos]) / u[j, j]
-                errors[:, j - b0] = err
+                errors[j - b0] = err
                 if j + 1 < s1:
-                    work[:, j + 1 : s1] -= np.outer(err, u[j, j + 1 : s1])
+                    work[j + 1 : s1] -= np.outer(u[j, j + 1 : s1], err)
             if s1 < b1:
-                work[:, s1:b1] -= errors[:, s0 - b0 : s1 - b0] @ u[s0:s1, s1:b1]
+                work[s1:b1] -= u[s0:s1, s1:b1].T @ errors[s0 - b0 : s1 - b0]
         if b1 < k:
-            work[:, b1:] -= errors @ u[b0:b1, b1:]
+            work[b1:] -= u[b0:b1, b1:].T @ errors
         if progress is not None:
             progress(b1 / k)
-    return idx[:, position], alpha
+    return np.ascontiguousarray(idx[position].T), alpha
 
 
 def refit_scales(w: np.ndarray, codes: np.ndarray, group_size: int, factor: HessianFactor) -> np.ndarray:

@@ -73,8 +73,15 @@ class LayerProgress:
         if progress._progress is None:
             yield progress
             return
-        with progress._progress:
+        try:
+            progress._progress.start()
+        except Exception:  # rich < 14 refuses a second live display (the CLI's spinner): no bars then
+            yield cls(False)
+            return
+        try:
             yield progress
+        finally:
+            progress._progress.stop()
 
     @contextmanager
     def layer(self, name: str, fits: int) -> Iterator[LayerTicker]:

@@ -400,13 +400,13 @@ def test_vectorized_fit_is_no_worse_than_the_reference(rows):
 
 
 def test_hessian_factor_matches_the_explicit_inverse(rng):
-    from reshift.passes.bcq import _hessian_factor
+    from reshift.passes.bcq import hessian_factor
     from reshift.passes.quant_common import compensated_target, hessian
 
     for rows in (24, 200):  # fewer and more rows than inputs
         x = correlated(rng, rows, 40)
         x[:, 3] = 0.0
-        factor = _hessian_factor(x, 0.01)
+        factor = hessian_factor(x, 0.01)
         h = hessian(x, 0.01)
         np.testing.assert_allclose(factor.h, h, rtol=1e-12)
         hp = h[np.ix_(factor.perm, factor.perm)]
@@ -425,7 +425,7 @@ def test_shared_hessian_gives_identical_fits(rng, monkeypatch):
 
     x = correlated(rng, 96, 32)
     w1, w2 = rng.standard_normal((8, 32)), rng.standard_normal((16, 32))
-    factor = bcq._hessian_factor(x, 0.01)
+    factor = bcq.hessian_factor(x, 0.01)
     for w in (w1, w2):
         for q in (2, 3):
             shared, own = fit_bcq(w, q, 16, x=x, factor=factor), fit_bcq(w, q, 16, x=x)
@@ -433,13 +433,13 @@ def test_shared_hessian_gives_identical_fits(rng, monkeypatch):
             np.testing.assert_array_equal(shared.alpha, own.alpha)
     # the pass computes one factor per input value: q, k and v share theirs
     calls = []
-    real = bcq._hessian_factor
-    monkeypatch.setattr(bcq, "_hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = bcq.hessian_factor
+    monkeypatch.setattr(bcq, "hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = parse(QKV, rng)
     calib = [{"x": correlated(rng, 128, 16).astype(np.float32)}]
     g2, report = passes.run(g, "bcq", calibration=calib, group_size=16, skip=[], bcq_q=2, sequential=False)
     assert len(calls) == 2 and g2.op_histogram()["bcq_linear"] == 4
-    monkeypatch.setattr(bcq, "_hessian_factor", real)
+    monkeypatch.setattr(bcq, "hessian_factor", real)
     xs = capture_activations(g, calib, [g.inputs[0]])
     for name in ("q", "k", "v"):
         weight = next(n for n in g.nodes if n.name == name).inputs[1].data
