@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +309,10 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     }
     (out / LLM_META).write_text(json.dumps(meta, indent=1))
     del weights, params, mod, executable  # the runtime reloads them from the files: keep one copy alive
-    return LLM(out)
+    llm = LLM(out)
+    if out_dir is None:  # a temporary artifact lives as long as the object (save() copies it first)
+        weakref.finalize(llm, shutil.rmtree, out, ignore_errors=True)
+    return llm
 
 
 def format_report(report: dict[str, Any]) -> str:
