@@ -126,11 +126,11 @@ def _conv2d(em, node, ins):
     )
 
 
-@lowering("conv3d", "conv_transpose2d")
+@lowering("conv3d", "conv_transpose2d", "conv_transpose3d")
 def _conv_nd(em, node, ins):
     """ONNX ``Conv`` (rank 5) and ``ConvTranspose``: the IR's begins-then-ends padding is ONNX's ``pads``."""
     a = node.attrs
-    extra = {"output_padding": list(a["output_padding"])} if node.op == "conv_transpose2d" else {}
+    extra = {"output_padding": list(a["output_padding"])} if node.op.startswith("conv_transpose") else {}
     return em.final(
         node,
         "Conv" if node.op == "conv3d" else "ConvTranspose",

@@ -348,14 +348,19 @@ def _conv(cx, a):
     if isinstance(a["padding"], str):
         raise Unsupported(f"padding={a['padding']!r}")
     one_d = x.type.rank == 3
-    if x.type.rank not in (3, 4, 5) or (a.get("transposed") and x.type.rank == 5):
-        raise Unsupported(f"{x.type.rank - 2}-D {'transposed ' if a.get('transposed') else ''}convolution")
+    if x.type.rank not in (3, 4, 5):
+        raise Unsupported(f"{x.type.rank - 2}-D convolution")
     stride, padding, dilation = (
         [a[k]] if isinstance(a[k], int) else list(a[k]) for k in ("stride", "padding", "dilation")
     )
-    if x.type.rank == 5:  # conv3d; torch pads symmetrically, the IR takes begins then ends
+    if x.type.rank == 5:  # conv3d / conv_transpose3d; torch pads symmetrically, the IR takes begins then ends
         stride, padding, dilation = ((v * 3 if len(v) == 1 else v) for v in (stride, padding, dilation))
         attrs = {"stride": stride, "padding": padding + padding, "dilation": dilation, "groups": a["groups"]}
+        if a.get("transposed"):
+            extra = [a["output_padding"]] if isinstance(a["output_padding"], int) else list(a["output_padding"])
+            return cx.emit(
+                "conv_transpose3d", [x, weight, bias], output_padding=extra * 3 if len(extra) == 1 else extra, **attrs
+            )
         return cx.emit("conv3d", [x, weight, bias], **attrs)
     if one_d:  # run a 1-D convolution as a 2-D one over a height of 1
         x = cx.emit("reshape", [x], shape=x.shape[:2] + (1,) + x.shape[2:])

@@ -4,7 +4,7 @@ What each ONNX op becomes (semantics: https://onnx.ai/onnx/operators/):
 
 - ``Conv``: ``conv2d``; 1-D as ``conv2d`` over a unit height (the tuned 2-D kernels serve it);
   3-D ``conv3d``.
-- ``ConvTranspose``: ``conv_transpose2d``; 1-D over a unit height; ``output_shape`` and
+- ``ConvTranspose``: ``conv_transpose2d``/``3d``; 1-D over a unit height; ``output_shape`` and
   ``auto_pad`` become explicit pads as the ONNX spec derives them.
 - ``MaxPool``/``AveragePool``: the 2-D pools; 1-D over a unit height; 3-D as a pool over (H, W)
   then one over D (``frontend/decompose.py``, shared with the ATen converters).
@@ -135,7 +135,7 @@ def _transpose_pads(in_dims, kernel, strides, dilations, output_padding, at) -> 
 @converter("ConvTranspose")
 def _conv_transpose(ctx, node, ins, at):
     x, w, b = (list(ins) + [None])[:3]
-    rank = _spatial_rank(ctx, x, "ConvTranspose", ranks=(1, 2))
+    rank = _spatial_rank(ctx, x, "ConvTranspose")
     kernel = _weight_kernel(ctx, x, w, "ConvTranspose")
     strides, dilations = list(at.get("strides", [1] * rank)), list(at.get("dilations", [1] * rank))
     output_padding = list(at.get("output_padding", [0] * rank))
@@ -146,9 +146,9 @@ def _conv_transpose(ctx, node, ins, at):
         )
     pads = _transpose_pads(ctx.shape(x)[2:], kernel, strides, dilations, output_padding, at)
     attrs = {"groups": at.get("group", 1)}
-    if rank == 2:
+    if rank > 1:
         attrs.update(stride=strides, padding=pads, output_padding=output_padding, dilation=dilations)
-        return ctx.op("conv_transpose2d", x, w, b, **attrs)
+        return ctx.op(f"conv_transpose{rank}d", x, w, b, **attrs)
     attrs.update(
         stride=[1, strides[0]],
         padding=[0, pads[0], 0, pads[1]],

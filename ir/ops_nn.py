@@ -1,4 +1,4 @@
-"""Volumetric and transposed convolutions of the registry: ``conv3d``, ``conv_transpose2d``.
+"""Volumetric and transposed convolutions of the registry: ``conv3d``, ``conv_transpose2d``/``3d``.
 
 Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``). 1-D convs,
 1-D/3-D pooling, PRelu/Elu/Selu, LRN and InstanceNormalization need no op of their own: the
@@ -94,80 +94,94 @@ register(
 )
 
 
-# -- conv_transpose2d ------------------------------------------------------------------------------
+# -- conv_transpose2d, conv_transpose3d ----------------------------------------------------------
 def conv_transpose_length(size: int, kernel: int, stride: int, dilation: int, lo: int, hi: int, extra: int) -> int:
     """ONNX ConvTranspose output length: ``stride*(in-1) + output_padding + dilation*(k-1) + 1 - pads``."""
     return stride * (size - 1) + extra + dilation * (kernel - 1) + 1 - lo - hi
 
 
-def _conv_transpose2d_infer(x, w, b, stride, padding, output_padding, dilation, groups):
-    require_rank(x, 4, "conv_transpose2d")
-    require_rank(w, 4, "conv_transpose2d", "weight")
-    require_float(x, "conv_transpose2d")
-    require_same_dtype("conv_transpose2d", x=x, weight=w, bias=b)
-    _check_window("conv_transpose2d", w.shape[2:], stride, padding, dilation, 2)
-    if len(output_padding) != 2 or any(
-        not 0 <= p < max(s, d) for p, s, d in zip(output_padding, stride, dilation, strict=True)
-    ):
-        raise IRTypeError(
-            f"conv_transpose2d: output_padding {list(output_padding)} must be 2 values, each "
-            "below its stride or dilation"
-        )
-    if groups < 1 or x.shape[1] != w.shape[0] or w.shape[0] % groups:
-        raise IRTypeError(f"conv_transpose2d: input {x} and weight {w} (IOHW) disagree with groups={groups}")
-    out_channels = w.shape[1] * groups
-    if b is not None and tuple(b.shape) != (out_channels,):
-        raise IRTypeError(f"conv_transpose2d: bias {b} must be [{out_channels}]")
-    out = []
-    for i, size in enumerate(_static_spatial(x, "conv_transpose2d")):
-        length = conv_transpose_length(
-            size, w.shape[2 + i], stride[i], dilation[i], padding[i], padding[i + 2], output_padding[i]
-        )
-        if length < 1:
-            raise IRTypeError(f"conv_transpose2d: padding {list(padding)} leaves no output for input {x}")
-        out.append(length)
-    return [x.with_shape((x.shape[0], out_channels, *out))]
+def _conv_transpose_infer(rank: int):
+    op = f"conv_transpose{rank}d"
+
+    def infer(x, w, b, stride, padding, output_padding, dilation, groups):
+        require_rank(x, rank + 2, op)
+        require_rank(w, rank + 2, op, "weight")
+        require_float(x, op)
+        require_same_dtype(op, x=x, weight=w, bias=b)
+        _check_window(op, w.shape[2:], stride, padding, dilation, rank)
+        if len(output_padding) != rank or any(
+            not 0 <= p < max(s, d) for p, s, d in zip(output_padding, stride, dilation, strict=True)
+        ):
+            raise IRTypeError(
+                f"{op}: output_padding {list(output_padding)} must be {rank} values, each below its stride or dilation"
+            )
+        if groups < 1 or x.shape[1] != w.shape[0] or w.shape[0] % groups:
+            raise IRTypeError(f"{op}: input {x} and weight {w} (in, out/groups, ...) disagree with groups={groups}")
+        out_channels = w.shape[1] * groups
+        if b is not None and tuple(b.shape) != (out_channels,):
+            raise IRTypeError(f"{op}: bias {b} must be [{out_channels}]")
+        out = []
+        for i, size in enumerate(_static_spatial(x, op)):
+            lo, hi = padding[i], padding[i + rank]
+            length = conv_transpose_length(size, w.shape[2 + i], stride[i], dilation[i], lo, hi, output_padding[i])
+            if length < 1:
+                raise IRTypeError(f"{op}: padding {list(padding)} leaves no output for input {x}")
+            out.append(length)
+        return [x.with_shape((x.shape[0], out_channels, *out))]
+
+    return infer
 
 
-def conv_transpose2d(x, w, b, stride, padding, output_padding, dilation, groups):
-    """The gradient of conv2d w.r.t. its input (ONNX ``ConvTranspose``): every input pixel ``i``
-    adds ``x[i] * w[tap]`` at output ``i*stride + tap*dilation - pad_begin``; weight IOHW."""
-    n, c, h, wd = x.shape
-    _, og, kh, kw = w.shape
-    cg = c // groups
-    full_h = stride[0] * (h - 1) + dilation[0] * (kh - 1) + 1 + output_padding[0]
-    full_w = stride[1] * (wd - 1) + dilation[1] * (kw - 1) + 1 + output_padding[1]
-    acc = np.zeros((n, groups, og, full_h, full_w), dtype=np.result_type(x.dtype, np.float32))
-    xg = x.reshape(n, groups, cg, h, wd)
-    wg = w.reshape(groups, cg, og, kh, kw)
-    for i in range(kh):
-        for j in range(kw):
-            tap = np.einsum("ngchw,gco->ngohw", xg, wg[:, :, :, i, j], optimize=True)
-            r0, c0 = i * dilation[0], j * dilation[1]
-            acc[
-                :, :, :, r0 : r0 + stride[0] * (h - 1) + 1 : stride[0], c0 : c0 + stride[1] * (wd - 1) + 1 : stride[1]
-            ] += tap
-    top, left, bottom, right = padding
-    y = acc.reshape(n, groups * og, full_h, full_w)[:, :, top : full_h - bottom, left : full_w - right]
+def conv_transpose(x, w, b, stride, padding, output_padding, dilation, groups):
+    """The gradient of a conv w.r.t. its input (ONNX ``ConvTranspose``), any spatial rank: every input
+    element ``i`` adds ``x[i] * w[tap]`` at output ``i*stride + tap*dilation - pad_begin``; weight
+    ``[in, out/groups, k1, ...]``."""
+    n, c, *spatial = x.shape
+    _, og, *kernel = w.shape
+    rank = len(spatial)
+    full = [
+        s * (size - 1) + d * (k - 1) + 1 + e
+        for size, k, s, d, e in zip(spatial, kernel, stride, dilation, output_padding, strict=True)
+    ]
+    acc = np.zeros((n, groups, og, *full), dtype=np.result_type(x.dtype, np.float32))
+    xg = x.reshape(n, groups, c // groups, *spatial)
+    wg = w.reshape(groups, c // groups, og, *kernel)
+    for tap in np.ndindex(*kernel):
+        contribution = np.einsum("ngc...,gco->ngo...", xg, wg[(..., *tap)], optimize=True)
+        window = tuple(
+            slice(t * d, t * d + s * (size - 1) + 1, s)
+            for t, d, s, size in zip(tap, dilation, stride, spatial, strict=True)
+        )
+        acc[(slice(None),) * 3 + window] += contribution
+    crop = tuple(slice(lo, length - hi) for lo, hi, length in zip(padding[:rank], padding[rank:], full, strict=True))
+    y = acc.reshape(n, groups * og, *full)[(slice(None),) * 2 + crop]
     if b is not None:
-        y = y + b.reshape(1, -1, 1, 1)
+        y = y + b.reshape(1, -1, *([1] * rank))
     return np.ascontiguousarray(y).astype(x.dtype)
 
 
-register(
-    "conv_transpose2d",
-    ["x", "weight", "bias?"],
-    {
-        "stride": Attr("ints", (1, 1)),
-        "padding": Attr("ints", (0, 0, 0, 0)),
-        "output_padding": Attr("ints", (0, 0)),
-        "dilation": Attr("ints", (1, 1)),
+def _conv_transpose_attrs(rank: int) -> dict[str, Attr]:
+    return {
+        "stride": Attr("ints", (1,) * rank),
+        "padding": Attr("ints", (0,) * (2 * rank)),
+        "output_padding": Attr("ints", (0,) * rank),
+        "dilation": Attr("ints", (1,) * rank),
         "groups": Attr("int", 1),
-    },
-    _conv_transpose2d_infer,
-    conv_transpose2d,
-    "NCHW transposed convolution, weight IOHW (in, out/groups, kh, kw), padding (top, left, bottom, right) "
-    "cropped from the full output, output_padding added at the bottom/right",
-    macs=lambda out, x, w, *_: int(np.prod(x)) * int(np.prod(w[1:])),
-    tags={"contraction"},
-)
+    }
+
+
+_CONV_TRANSPOSE_DOCS = {
+    2: "NCHW transposed convolution, weight IOHW (in, out/groups, kh, kw), padding (top, left, bottom, right)",
+    3: "NCDHW transposed convolution, weight IODHW, padding (front, top, left, back, bottom, right)",
+}
+for _rank, _doc in _CONV_TRANSPOSE_DOCS.items():
+    register(
+        f"conv_transpose{_rank}d",
+        ["x", "weight", "bias?"],
+        _conv_transpose_attrs(_rank),
+        _conv_transpose_infer(_rank),
+        conv_transpose,
+        f"{_doc} cropped from the full output, output_padding added at the ends",
+        macs=lambda out, x, w, *_: int(np.prod(x)) * int(np.prod(w[1:])),
+        tags={"contraction"},
+    )

@@ -101,6 +101,12 @@ CASES = {
             b.conv_transpose2d(x, b.constant(_w(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)),
         ],
     ),
+    "conv_transpose3d": (
+        ["f32[N,4,3,4,5]"],
+        lambda b, x: b.conv_transpose3d(
+            x, b.constant(_w(4, 2, 2, 3, 2)), b.constant(_w(4)), stride=(2, 1, 2), padding=(1, 0, 0, 0, 1, 1), groups=2
+        ),
+    ),
     "batch_norm": (
         ["f32[N,3,4,4]"],
         lambda b, x: b.batch_norm(

@@ -281,7 +281,7 @@ def graph_lowbit():
 
 
 def graph_conv_nd():
-    """conv3d and conv_transpose2d (ir/ops_nn.py): strides, asymmetric padding, dilation, groups."""
+    """conv3d and conv_transpose2d/3d (ir/ops_nn.py): strides, asymmetric padding, dilation, groups."""
     b = GraphBuilder("conv_nd")
     v = b.input("v", "f32[N,4,5,6,7]")
     x = b.input("x", "f32[N,4,5,6]")
@@ -307,6 +307,15 @@ def graph_conv_nd():
             groups=2,
         ),
         b.conv_transpose2d(x, b.constant(f32(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)),
+        b.conv_transpose3d(
+            v,
+            b.constant(f32(4, 2, 2, 3, 2)),
+            b.constant(f32(4)),
+            stride=(2, 1, 2),
+            padding=(1, 0, 0, 0, 1, 1),
+            output_padding=(1, 0, 1),
+            groups=2,
+        ),
     ]
     return b.build(*outs), lambda n: {"v": f32(n, 4, 5, 6, 7), "x": f32(n, 4, 5, 6)}
 
@@ -477,7 +486,7 @@ def test_cross_builds_cuda(name, tmp_path):
 
 @pytest.mark.slow
 def test_cross_build_cuda_conv_nd():
-    """conv3d and conv_transpose2d get dlight CUDA schedules (device code, no host loops)."""
+    """conv3d and conv_transpose2d/3d get dlight CUDA schedules (device code, no host loops)."""
     graph, _ = graph_conv_nd()
     cuda = build(graph, "cuda-sm90")
     assert "cuda" in [m.kind for m in cuda.executable.mod.imports[0].imports]

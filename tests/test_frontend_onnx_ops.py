@@ -51,6 +51,11 @@ CASES = {
         {"w": w_of(4, 2, 3, 2)},
         (4, 5, 4),
     ),
+    "conv_transpose3d": (
+        node("ConvTranspose", "w", "b", strides=[2, 1, 2], pads=[1, 0, 0, 0, 1, 1], output_padding=[1, 0, 1], group=2),
+        {"w": w_of(4, 2, 2, 3, 2), "b": w_of(4)},
+        (4, 3, 4, 5),
+    ),
     "conv_transpose1d": (node("ConvTranspose", "w", strides=[3], pads=[1, 0]), {"w": w_of(3, 2, 4)}, (3, 7)),
     "conv_transpose_output_shape": (
         node("ConvTranspose", "w", strides=[2, 2], output_shape=[10, 9]),
@@ -164,11 +169,11 @@ def test_decomposition_builds_for_cpu(name):
 
 
 REFUSED = {
-    "conv_transpose3d": (
+    "conv_transpose4d": (
         node("ConvTranspose", "w"),
-        {"w": w_of(2, 2, 2, 2, 2)},
-        (2, 4, 4, 4),
-        r"convtranspose_node.*only 1-D \(rank 3\), 2-D \(rank 4\) inputs are supported, got rank 5",
+        {"w": w_of(2, 2, 1, 1, 1, 1)},
+        (2, 3, 3, 3, 3),
+        r"convtranspose_node.*only 1-D \(rank 3\), 2-D \(rank 4\), 3-D \(rank 5\) inputs are supported, got rank 6",
     ),
     "group_norm_uneven": (
         node("GroupNormalization", "s", "b", num_groups=4),

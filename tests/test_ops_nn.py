@@ -1,4 +1,4 @@
-"""ir/ops_nn.py: conv3d and conv_transpose2d references against torch, and their type inference."""
+"""ir/ops_nn.py: conv3d and conv_transpose2d/3d references against torch, type inference, torch frontend."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from reshift import ir
 from reshift.errors import IRTypeError
-from reshift.ir.ops_nn import conv3d, conv_transpose2d
+from reshift.ir.ops_nn import conv3d, conv_transpose
 
 
 @pytest.mark.parametrize(
@@ -49,15 +49,25 @@ def test_conv_transpose2d_matches_torch(rng, stride, padding, output_padding, di
         dilation=dilation,
         groups=groups,
     )
-    got = conv_transpose2d(x, w, b, stride, padding, output_padding, dilation, groups)
+    got = conv_transpose(x, w, b, stride, padding, output_padding, dilation, groups)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose3d_matches_torch(rng):
+    x = rng.standard_normal((2, 4, 3, 4, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 2, 3, 2)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    attrs = {"stride": (2, 1, 2), "output_padding": (1, 0, 1), "dilation": (1, 2, 1), "groups": 2}
+    want = F.conv_transpose3d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), padding=(1, 0, 1), **attrs)
+    got = conv_transpose(x, w, b, padding=(1, 0, 1, 1, 0, 1), **attrs)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_conv_transpose2d_asymmetric_padding_crops_the_full_output(rng):
     x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
     w = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
-    full = conv_transpose2d(x, w, None, (2, 2), (0, 0, 0, 0), (0, 0), (1, 1), 1)
-    cropped = conv_transpose2d(x, w, None, (2, 2), (1, 0, 2, 3), (0, 0), (1, 1), 1)
+    full = conv_transpose(x, w, None, (2, 2), (0, 0, 0, 0), (0, 0), (1, 1), 1)
+    cropped = conv_transpose(x, w, None, (2, 2), (1, 0, 2, 3), (0, 0), (1, 1), 1)
     np.testing.assert_array_equal(cropped, full[:, :, 1:-2, 0:-3])
 
 
@@ -92,9 +102,13 @@ def test_inferred_shapes_and_refusals():
             (2, 4, 5, 6, 7),
         ),
         (torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 6)),
+        (
+            torch.nn.ConvTranspose3d(4, 2, (2, 3, 2), stride=(2, 1, 2), padding=(1, 0, 1), output_padding=(1, 0, 0)),
+            (2, 4, 3, 4, 5),
+        ),
         (torch.nn.ConvTranspose1d(3, 2, 4, stride=3, padding=1, output_padding=2, dilation=1), (2, 3, 7)),
     ],
-    ids=["conv3d", "conv_transpose2d", "conv_transpose1d"],
+    ids=["conv3d", "conv_transpose2d", "conv_transpose3d", "conv_transpose1d"],
 )
 def test_torch_convolutions_convert(module, shape):
     from reshift.frontend import from_torch

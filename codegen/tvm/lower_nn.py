@@ -1,6 +1,6 @@
-"""Lowerings of ``conv3d`` and ``conv_transpose2d`` (``ir/ops_nn.py``) to Relax's convolutions.
+"""Lowerings of ``conv3d`` and ``conv_transpose2d``/``3d`` (``ir/ops_nn.py``) to Relax's convolutions.
 
-Relax's ``nn.conv3d`` (NCDHW/OIDHW) and ``nn.conv2d_transpose`` (NCHW/IOHW) take padding as
+Relax's ``nn.conv3d`` (NCDHW/OIDHW) and ``nn.conv2d_transpose``/``conv3d_transpose`` (IOHW/IODHW) take padding as
 begins then ends and ``output_padding`` at the end, as the IR does; the bias is a broadcast add.
 Both legalize to TOPI's computes on CPU and get dlight schedules on CUDA.
 """
@@ -45,3 +45,22 @@ def lower_conv_transpose2d(
         )
     )
     return _add_bias(ctx, y, b, 4)
+
+
+@lowering("conv_transpose3d")
+def lower_conv_transpose3d(
+    ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None
+) -> relax.Expr:
+    attrs = node.attrs
+    y = ctx.emit(
+        op.nn.conv3d_transpose(
+            x,
+            w,
+            strides=attrs["stride"],
+            padding=attrs["padding"],
+            output_padding=attrs["output_padding"],
+            dilation=attrs["dilation"],
+            groups=attrs["groups"],
+        )
+    )
+    return _add_bias(ctx, y, b, 5)
