@@ -130,27 +130,32 @@ class SortedGroups:
     (``O(groups * 2^q * log G)`` per ALS step instead of a pass over every weight)."""
 
     def __init__(self, wg: np.ndarray, mask: np.ndarray) -> None:
-        self.sorted = np.sort(np.where(mask, wg, np.inf), axis=-1)  # padding sorts last
-        finite = np.where(np.isfinite(self.sorted), self.sorted, 0.0)
-        self.prefix = np.concatenate([np.zeros(wg.shape[:2] + (1,)), np.cumsum(finite, axis=-1)], axis=-1)
-        self.n_valid = np.broadcast_to(mask.sum(-1)[None, :, None], wg.shape[:2] + (1,))
+        out, ng, g = wg.shape
+        width = 1 << (g - 1).bit_length()  # a power of two: the search needs no bounds checks
+        self.sorted = np.full((out, ng, width), np.inf)  # padding sorts last, never <= a midpoint
+        self.sorted[..., :g] = np.sort(np.where(mask, wg, np.inf), axis=-1)
+        finite = np.where(np.isfinite(self.sorted[..., :g]), self.sorted[..., :g], 0.0)
+        self.prefix = np.concatenate([np.zeros((out, ng, 1)), np.cumsum(finite, axis=-1)], axis=-1)
+        self.n_valid = np.broadcast_to(mask.sum(-1)[None, :, None], (out, ng, 1))
 
     def cells(self, book: Codebook) -> tuple[np.ndarray, np.ndarray]:
         """Per (row, group, sorted codebook value): weight count and weight sum, ``[O, groups, C]``."""
-        out, ng, g = self.sorted.shape
+        out, ng, width = self.sorted.shape
         counts = np.empty(book.values.shape)
         sums = np.empty(book.values.shape)
-        rows = max(1, ROW_CHUNK_ELEMENTS // 8 // (ng * g))  # the binary search probes stay in cache
+        rows = max(1, ROW_CHUNK_ELEMENTS // 8 // (ng * width))  # the binary search probes stay in cache
+        base = (np.arange(min(rows, out) * ng) * width - 1).reshape(-1, ng, 1)
         for start in range(0, out, rows):
             part = slice(start, start + rows)
-            mids, ordered = book.mids[part], self.sorted[part]
-            below = np.zeros(mids.shape, np.intp)  # weights <= each midpoint
-            step = 1 << (g.bit_length() - 1)
+            mids, ordered = book.mids[part], self.sorted[part].reshape(-1)
+            at = base[: len(mids)]
+            below = np.zeros(mids.shape, np.intp)  # weights <= each midpoint, by binary search
+            step = width >> 1
             while step:
                 cand = below + step
-                probe = take_last(ordered, np.minimum(cand, g) - 1)
-                below = np.where((cand <= g) & (probe <= mids), cand, below)
+                below = np.where(ordered[at + cand] <= mids, cand, below)
                 step >>= 1
+            below += ordered[at + below + 1] <= mids  # the last candidate, index below (0-based)
             n_valid = self.n_valid[part]
             edges = np.concatenate([np.zeros_like(n_valid), below, n_valid], axis=-1)
             counts[part] = np.diff(edges, axis=-1)
