@@ -217,19 +217,11 @@ class _Conversion:
             if op in SYM_OPS:
                 result = SYM_OPS[op](*inputs, **attrs)
             elif op in SYM_PASSTHROUGH:
-                result = opdef.reference(*inputs, **opdef.normalize_attrs(attrs))
+                result = _fold_reference(opdef, inputs, opdef.normalize_attrs(attrs))
             else:
                 raise ShapeEvalError(f"{op} on a batch-dependent shape cannot be evaluated at conversion time")
         else:
-            attrs = opdef.normalize_attrs(attrs)
-            refusal = _check_fold(opdef, inputs, attrs)
-            try:
-                with np.errstate(all="ignore"):
-                    result = opdef.reference(*inputs, **attrs)
-            except Exception as exc:
-                if refusal is None:
-                    raise
-                raise refusal from exc  # the registry's reason reads better than numpy's
+            result = _fold_reference(opdef, inputs, opdef.normalize_attrs(attrs))
         if isinstance(result, (tuple, list)):
             return [normalize(np.asarray(r)) for r in result]
         return normalize(np.asarray(result))
@@ -471,6 +463,18 @@ class _Conversion:
         self.graph.output_names.append(name)
 
 
+def _fold_reference(opdef, inputs, attrs: dict[str, Any]):
+    """The op's numpy reference on known arrays, checked against the tensor limit first."""
+    refusal = _check_fold(opdef, inputs, attrs)
+    try:
+        with np.errstate(all="ignore"):
+            return opdef.reference(*inputs, **attrs)
+    except Exception as exc:
+        if refusal is None:
+            raise
+        raise refusal from exc  # the registry's reason reads better than numpy's
+
+
 def _check_fold(opdef, inputs, attrs: dict[str, Any]) -> IRTypeError | None:
     """Refuse folding an op whose result would be over the tensor limit, before numpy allocates it.
 
@@ -479,13 +483,18 @@ def _check_fold(opdef, inputs, attrs: dict[str, Any]) -> IRTypeError | None:
     the message only if the reference fails too.
     """
     try:
-        types = [None if x is None else TensorType.of(x) for x in inputs]
+        types = [None if x is None else _known_type(x) for x in inputs]
         outputs = infer_types(opdef, types, attrs)
     except IRTypeError as exc:
         return exc
     for output in outputs:
         check_type_size(output, f"folding {opdef.name}")
     return None
+
+
+def _known_type(x: np.ndarray) -> TensorType:
+    """A known array's type; a shape vector holding the batch symbol (dtype object) is int64."""
+    return TensorType(x.shape, "int64") if x.dtype == object else TensorType.of(x)
 
 
 def _symbolic_attrs(opdef, attrs: dict[str, Any]) -> bool:
