@@ -208,6 +208,10 @@ def summarize(outcomes: list[Outcome]) -> dict:
             kind: dict(Counter(o.status for o in outcomes if o.kind == kind))
             for kind in sorted({o.kind for o in outcomes})
         },
+        "slowest": [
+            f"{o.model}:{o.seed}:{o.index} {o.seconds:.3f} s ({o.kind})"
+            for o in sorted(outcomes, key=lambda o: -o.seconds)[:5]
+        ],
         "failures": [asdict(o) for o in outcomes if o.status in ("raw", "hang")],
     }
 
@@ -221,6 +225,7 @@ def print_summary(summary: dict) -> None:
     print(f"{'overall':<12}" + "".join(f"{summary['overall'][s]:>10}" for s in STATUSES))
     print("refusals: " + ", ".join(f"{name} {count}" for name, count in summary["refusals"].items()))
     print(f"refusals whose message names no node, tensor or input: {summary['unnamed_refusals']}")
+    print("slowest cases: " + ", ".join(summary["slowest"][:3]))
     for failure in summary["failures"][:20]:
         print(f"\n{failure['status'].upper()} {failure['model']}:{failure['seed']}:{failure['index']} "
               f"[{failure['kind']}: {failure['detail']}] {failure['error']}: {failure['message'][:300]}")  # fmt: skip

@@ -265,6 +265,13 @@ def _known_only(op_type: str, fn) -> Converter:
 
 
 def _gather_elements(data, indices, axis=0):
+    axis = _norm(axis, data.ndim)
+    if indices.ndim != data.ndim or (
+        indices.size and not -data.shape[axis] <= indices.min() <= indices.max() < data.shape[axis]
+    ):
+        raise NotConvertible(
+            f"GatherElements indices {indices.shape} out of range for data {data.shape} on axis {axis}"
+        )
     return np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis=axis)
 
 
@@ -344,6 +351,8 @@ def _size(ctx, node, ins, at):
 @converter("ConstantOfShape")
 def _constant_of_shape(ctx, node, ins, at):
     fill = np.asarray(at.get("value", np.zeros(1, np.float32))).reshape(-1)[:1]
+    if fill.size == 0:
+        raise NotConvertible("ConstantOfShape value is an empty tensor; it must hold one element")
     dims = _ints(ins[0], "ConstantOfShape shape")
     if not any(isinstance(d, Sym) for d in dims):
         if any(d < 0 for d in dims):
@@ -373,6 +382,8 @@ def _reshape(ctx, node, ins, at):
     dims = ctx.shape(x)
     target = _ints(shape, "Reshape shape")
     if not at.get("allowzero", 0):
+        if any(not isinstance(d, Sym) and d == 0 for d in target[len(dims) :]):
+            raise NotConvertible(f"Reshape shape {target} copies (0) an axis that {len(dims)}-d input lacks")
         target = [dims[i] if (not isinstance(d, Sym) and d == 0) else d for i, d in enumerate(target)]
     target = [d if isinstance(d, str) else known_to_dim(d) for d in target]
     return ctx.op("reshape", x, shape=target)

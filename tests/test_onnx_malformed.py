@@ -184,3 +184,10 @@ def test_conv_over_a_batch_dependent_weight_is_refused():
     model = make([node], ["batch", 3, 4, 4], {})
     with pytest.raises(ModelLoadError, match=r"node 'conv' \(Conv\).*must be static"):
         from_onnx(model)
+
+
+def test_reshape_copying_an_axis_the_input_lacks_names_the_node():
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="flat")
+    model = make([node], [6], {"shape": np.array([2, 0, 3], np.int64)})
+    with pytest.raises(ModelLoadError, match=r"node 'flat' \(Reshape\).*copies \(0\) an axis"):
+        from_onnx(model)
