@@ -59,7 +59,13 @@ def test_cases_replay_from_model_seed_and_index(seed_models):
 
 
 def test_a_slow_case_is_a_hang(seed_models, tmp_path, monkeypatch):
-    monkeypatch.setattr("reshift.frontend.from_onnx", lambda path: time.sleep(5))
+    def slow(path):
+        try:
+            time.sleep(5)
+        except Exception as exc:  # the frontend's own fallbacks must not swallow the timeout
+            raise AssertionError("caught") from exc
+
+    monkeypatch.setattr("reshift.frontend.from_onnx", slow)
     outcome = run_case("cnn", seed_models["cnn"], SEED, 0, tmp_path, timeout=0.2)
     assert outcome.status == "hang" and outcome.seconds < 2
 
