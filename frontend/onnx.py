@@ -9,6 +9,11 @@ all known is folded with the op registry's numpy reference, and only the rest be
 so ``Reshape``/``Expand``/``Slice`` get static attributes.
 Nodes of the ``ai.reshift`` domain (written by :mod:`reshift.codegen.onnx`) map back to the
 registry op of the same name.
+A malformed file never escapes as a bare exception: initializers are read by
+:mod:`reshift.frontend.onnx_tensors`, a graph input, fold or node whose declared size is over
+``RESHIFT_MAX_TENSOR_BYTES`` (:mod:`reshift.ir.limits`) is refused before anything is allocated,
+and every error is a ``reshift.errors`` class naming the node, tensor or input
+(``benchmarks/fuzz_onnx.py`` checks this on mutated models).
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
 def interpret(graph: Graph, inputs: dict[str, Any], *, return_all: bool = False) -> dict[str, np.ndarray]:
     """Run ``graph`` on numpy arrays; returns ``{output name: array}`` (the model's own output names).
 
-    With ``return_all`` every value computed is returned, keyed by value name.
+    With ``return_all`` every value computed is returned, keyed by value name. A node whose
+    output would be over the tensor limit (:mod:`reshift.ir.limits`) raises ``ResourceLimitError``
+    before it runs; a reference failing on its values raises ``ExecutionError`` naming the node.
     """
     env, bindings = bind_inputs(graph, inputs)
     env.update({c: c.data for c in graph.constants.values()})
