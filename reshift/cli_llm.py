@@ -79,6 +79,14 @@ def parse_ids(text: str) -> np.ndarray:
     return np.array(ids, np.int64)
 
 
+def _progress(name: str, done: int, total: int) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    print(
+        f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name:<24}", end="", file=sys.stderr, flush=True
+    )
+
+
 def llm_compile(args: argparse.Namespace) -> int:
     import reshift.llm
     from reshift.llm.compiler import format_report
@@ -104,7 +112,9 @@ def llm_compile(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         quantize_lm_head=args.lm_head,
         out_dir=args.output,
+        progress=_progress,
     )
+    print(file=sys.stderr)
     tok = Path(args.model) / "tokenizer.json"
     if tok.is_file():
         (Path(args.output) / "tokenizer.json").write_bytes(tok.read_bytes())

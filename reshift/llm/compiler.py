@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +175,11 @@ def prepare(
     max_seq_len: int,
     quantize_lm_head: bool,
     dequantized: dict[str, np.ndarray] | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict], list[dict[str, Any]]]:
     """``(parameters in call order, per fused linear its form, per linear its report row)``;
-    ``dequantized`` (if given) receives the BCQ weights as float32 (for checks against the reference)."""
+    ``dequantized`` (if given) receives the BCQ weights as float32 (for checks against the reference);
+    ``progress(name, done, total)`` is called before each fused linear is prepared."""
     from reshift.codegen.tvm.llm import fused_linears
 
     params: dict[str, np.ndarray] = {"embed": weights["embed"]}
@@ -194,7 +197,9 @@ def prepare(
     fitter, per_layer = None, {}
     if pipeline == "bcq" and float(bits) not in (2.0, 3.0, 4.0):
         fitter, per_layer = _allocate(weights, [(f, ms) for f, ms, q in linears if q], float(bits), rows)
-    for fused, members, quantize in linears:
+    for done, (fused, members, quantize) in enumerate(linears):
+        if progress is not None:
+            progress(fused, done, len(linears))
         planes = 0 if pipeline == "ternary" else per_layer.get(fused, int(bits))
         forms[fused] = _linear_form(
             spec, weights, fused, members, quantize, planes, rows, params, report, dequantized, fitter
@@ -242,6 +247,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     max_seq_len: int = 2048,
     quantize_lm_head: bool = False,
     out_dir: str | Path | None = None,
+    progress: Callable[[str, int, int], Any] | None = None,
 ) -> LLM:
     """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`.
 
@@ -252,7 +258,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     allocation (:func:`_allocate`);
     ``calibration``: token ids ``[sequences, tokens]`` for ShiftAddLLM's output-aware fit;
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
-    written (a temporary directory by default; ``.save(dir)`` copies it).
+    written (a temporary directory by default; ``.save(dir)`` copies it); ``progress(name, i, n)``
+    is called per linear as it is fitted (the CLI prints it).
     """
     if pipeline not in PIPELINES:
         raise PassError(f"reshift.llm.compile: unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
@@ -267,7 +274,9 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
     t0 = time.perf_counter()
     spec, weights, _ = read_model(model_or_dir)
-    params, forms, report = prepare(spec, weights, pipeline, bits, calibration, int(max_seq_len), quantize_lm_head)
+    params, forms, report = prepare(
+        spec, weights, pipeline, bits, calibration, int(max_seq_len), quantize_lm_head, progress=progress
+    )
     t_fit = time.perf_counter() - t0
     import tvm
 
