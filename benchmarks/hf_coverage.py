@@ -64,13 +64,14 @@ def tensors_of(output) -> list[np.ndarray]:
     ]
 
 
-def compare(actual: list[np.ndarray], reference: list[np.ndarray]) -> str | None:
-    """``None`` when every output pair agrees within TOLERANCE, else what differs."""
+def compare(actual: list[np.ndarray], reference: list[np.ndarray], state: dict) -> str | None:
+    """``None`` when every output pair agrees within TOLERANCE, else what differs; the worst error goes to ``state``."""
     if not actual:
         return "no outputs"
     count = min(len(actual), len(reference))
     for index in range(count):
         error = relative_error(actual[index], reference[index])
+        state["worst"] = max(state.get("worst", 0.0), error)
         if not error <= TOLERANCE:
             shapes = f"{np.shape(actual[index])} vs {np.shape(reference[index])}"
             return f"output {index}: relative error {error:.2e} ({shapes})"
@@ -89,7 +90,7 @@ def stage_import(name: str, state: dict) -> str | None:
     state["graph"] = graph
     feeds = {v.name: x.numpy() for v, x in zip(graph.inputs, inputs, strict=True)}
     outputs = reshift.ir.interpret(graph, feeds)
-    return compare([outputs[v.name] for v in graph.outputs], eager(model, inputs))
+    return compare([outputs[v.name] for v in graph.outputs], eager(model, inputs), state)
 
 
 def stage_compile(name: str, state: dict) -> str | None:
@@ -101,7 +102,7 @@ def stage_compile(name: str, state: dict) -> str | None:
         inputs = make(batch, seed=batch)
         result = compiled(*[x.numpy() for x in inputs])
         result = list(result) if isinstance(result, (tuple, list)) else [result]
-        problem = compare(result, eager(model, inputs))
+        problem = compare(result, eager(model, inputs), state)
         if problem:
             return f"batch {batch}: {problem}"
     return None
@@ -117,7 +118,7 @@ def stage_dynamo(name: str, state: dict) -> str | None:
             inputs = make(batch, seed=batch)
             with torch.no_grad():
                 result = tensors_of(compiled(*inputs))
-            problem = compare(result, eager(model, inputs))
+            problem = compare(result, eager(model, inputs), state)
             if problem:
                 return f"batch {batch}: {problem}"
     fallbacks = [str(w.message) for w in caught if issubclass(w.category, ReshiftFallbackWarning)]
@@ -147,6 +148,8 @@ def run_stage(stage: str, name: str, state: dict) -> dict:
         row = {"ok": False, "error": type(exc).__name__, "detail": first, "traceback": traceback.format_exc(limit=-6)}
     if row["detail"] and row["detail"].startswith("blocked"):
         row["error"] = "blocked"
+    worst = state.pop("worst", None)
+    row["max_relative_error"] = None if worst is None else float(f"{worst:.3g}")
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -170,6 +173,12 @@ def table(results: dict[str, dict[str, dict]], stages: tuple[str, ...]) -> str:
         lines.append(f"{stage:8} ok: {sum(r[stage]['ok'] for r in results.values())}/{total}")
     end_to_end = sum(all(r[s]["ok"] for s in stages) for r in results.values())
     lines.append(f"end to end ({'+'.join(stages)}): {end_to_end}/{total}")
+    worst = {s: [r[s].get("max_relative_error") for r in results.values() if r[s]["ok"]] for s in stages}
+    worst = {
+        s: max(e for e in errors if e is not None) for s, errors in worst.items() if any(e is not None for e in errors)
+    }
+    if worst:
+        lines.append("worst relative error of a passing stage: " + ", ".join(f"{s} {e:.1e}" for s, e in worst.items()))
     lines.append("\nfailures:")
     for name, rows in results.items():
         for stage in stages:
