@@ -22,13 +22,36 @@ this file only computes them faster:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 ROW_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of rows in the code search (cache-sized)
+
+
+@functools.cache
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController  # optional: without it BLAS keeps its threads
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Many small GEMMs (a batched ``[96, M] @ [M, 96]`` per output row, GPTQ's 16-column updates)
+    lose more to BLAS thread hand-offs than threads gain (10x on a busy 2-core machine)."""
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def combos(q: int) -> np.ndarray:
@@ -53,6 +76,7 @@ def take_last(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return a.reshape(-1)[rows + idx]
 
 
+@one_blas_thread()
 def _solve_small(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """``gram^+ rhs`` for stacks of small symmetric systems: ``solve`` where well conditioned,
     the pseudo-inverse (the minimum-norm least-squares solution) where singular."""
@@ -336,29 +360,30 @@ def gptq_codes(
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
         errors = np.zeros((b1 - b0, out), np.float32)
-        for s0 in range(b0, b1, sub):
-            s1 = min(b1, s0 + sub)
-            for j in range(s0, s1):
-                g = group_of[j]
-                if books[g] is None:
-                    if not fixed:
-                        cols = position[g * group_size : min(k, (g + 1) * group_size)]
-                        current = work[cols]  # [G, O]
-                        late = (cols >= s1) & (cols < b1)  # this sub-block's updates, still pending
-                        if late.any() and j > s0:
-                            current[late] -= u[s0:j, cols[late]].T @ errors[s0 - b0 : j - b0]
-                        alpha[:, g] = init(current.T.astype(np.float64))
-                    books[g] = Codebook.of(alpha[:, g].astype(np.float32), table.astype(np.float32))
-                book = books[g]
-                column = work[j]
-                pos = book.position(column)
-                idx[j] = book.order[rows, pos]
-                err = (column - book.values[rows, pos]) / u[j, j]
-                errors[j - b0] = err
-                if j + 1 < s1:
-                    work[j + 1 : s1] -= np.outer(u[j, j + 1 : s1], err)
-            if s1 < b1:
-                work[s1:b1] -= u[s0:s1, s1:b1].T @ errors[s0 - b0 : s1 - b0]
+        with one_blas_thread():  # the trailing update below is one large GEMM and keeps them
+            for s0 in range(b0, b1, sub):
+                s1 = min(b1, s0 + sub)
+                for j in range(s0, s1):
+                    g = group_of[j]
+                    if books[g] is None:
+                        if not fixed:
+                            cols = position[g * group_size : min(k, (g + 1) * group_size)]
+                            current = work[cols]  # [G, O]
+                            late = (cols >= s1) & (cols < b1)  # this sub-block's updates, still pending
+                            if late.any() and j > s0:
+                                current[late] -= u[s0:j, cols[late]].T @ errors[s0 - b0 : j - b0]
+                            alpha[:, g] = init(current.T.astype(np.float64))
+                        books[g] = Codebook.of(alpha[:, g].astype(np.float32), table.astype(np.float32))
+                    book = books[g]
+                    column = work[j]
+                    pos = book.position(column)
+                    idx[j] = book.order[rows, pos]
+                    err = (column - book.values[rows, pos]) / u[j, j]
+                    errors[j - b0] = err
+                    if j + 1 < s1:
+                        work[j + 1 : s1] -= np.outer(u[j, j + 1 : s1], err)
+                if s1 < b1:
+                    work[s1:b1] -= u[s0:s1, s1:b1].T @ errors[s0 - b0 : s1 - b0]
         if b1 < k:
             work[b1:] -= u[b0:b1, b1:].T @ errors
         if progress is not None:
@@ -385,30 +410,31 @@ def refit_scales(w: np.ndarray, codes: np.ndarray, group_size: int, factor: Hess
     result = np.zeros((out, ng, q))
     n = ng * q
     step = max(1, (1 << 25) // (8 * max(n * r, q * kp, n * n)))
-    for start in range(0, out, step):
-        stop = min(out, start + step)
-        oc = stop - start
-        c = np.zeros((q, oc, kp))
-        c[:, :, :k] = codes[:, start:stop]
-        c = c.reshape(q, oc, ng, group_size)
-        # z[o, (g, i), r] = sum_{t in g} codes[i, o, t] A[r, t]
-        z = np.matmul(c.transpose(2, 0, 1, 3).reshape(ng, q * oc, group_size), a_groups)
-        z = np.ascontiguousarray(z.reshape(ng, q, oc, r).transpose(2, 0, 1, 3)).reshape(oc, n, r)
-        system = np.matmul(z, z.transpose(0, 2, 1))
-        rhs = np.matmul(z, y[:, start:stop].T[:, :, None])[..., 0]
-        if factor.d.any():
-            wc = np.zeros((oc, kp))
-            wc[:, :k] = w[start:stop]
-            wc = wc.reshape(oc, ng, group_size)
-            cd = c * d_groups  # [q, oc, ng, G]
-            diag_block = np.einsum("iogt,jogt->ogij", cd, c, optimize=True)
-            s6 = system.reshape(oc, ng, q, ng, q)
-            gi = np.arange(ng)
-            s6[:, gi, :, gi, :] += diag_block.transpose(1, 0, 2, 3)
-            rhs += np.einsum("iogt,ogt->ogi", cd, wc, optimize=True).reshape(oc, n)
-        ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2) / n, 1e-30)
-        system[:, np.arange(n), np.arange(n)] += ridge[:, None]
-        result[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0].reshape(oc, ng, q)
+    with one_blas_thread():  # one small GEMM pair per output row
+        for start in range(0, out, step):
+            stop = min(out, start + step)
+            oc = stop - start
+            c = np.zeros((q, oc, kp))
+            c[:, :, :k] = codes[:, start:stop]
+            c = c.reshape(q, oc, ng, group_size)
+            # z[o, (g, i), r] = sum_{t in g} codes[i, o, t] A[r, t]
+            z = np.matmul(c.transpose(2, 0, 1, 3).reshape(ng, q * oc, group_size), a_groups)
+            z = np.ascontiguousarray(z.reshape(ng, q, oc, r).transpose(2, 0, 1, 3)).reshape(oc, n, r)
+            system = np.matmul(z, z.transpose(0, 2, 1))
+            rhs = np.matmul(z, y[:, start:stop].T[:, :, None])[..., 0]
+            if factor.d.any():
+                wc = np.zeros((oc, kp))
+                wc[:, :k] = w[start:stop]
+                wc = wc.reshape(oc, ng, group_size)
+                cd = c * d_groups  # [q, oc, ng, G]
+                diag_block = np.einsum("iogt,jogt->ogij", cd, c, optimize=True)
+                s6 = system.reshape(oc, ng, q, ng, q)
+                gi = np.arange(ng)
+                s6[:, gi, :, gi, :] += diag_block.transpose(1, 0, 2, 3)
+                rhs += np.einsum("iogt,ogt->ogi", cd, wc, optimize=True).reshape(oc, n)
+            ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2) / n, 1e-30)
+            system[:, np.arange(n), np.arange(n)] += ridge[:, None]
+            result[start:stop] = np.linalg.solve(system, rhs[..., None])[..., 0].reshape(oc, ng, q)
     return result
 
 
