@@ -6,9 +6,11 @@ this file only computes them faster:
 * Codes are kept as one index per weight into the ``2^q`` sign combinations. The nearest code of a
   weight is found against the sorted codebook ``alpha . combo`` of its group by counting the
   midpoints below it (1-D Voronoi cells), for all rows and groups at once.
-* Alternating least squares reads its normal equations off per-group histograms: with ``n[c]``
+* Alternating least squares reads its normal equations off per-group statistics: with ``n[c]``
   weights on combination ``c`` and ``s[c]`` their sum, ``gram = sum_c n[c] c c^T`` and
-  ``rhs = sum_c s[c] c`` (two ``bincount`` calls over the whole matrix).
+  ``rhs = sum_c s[c] c``. Both come from each group's weights sorted once, with prefix sums, by a
+  binary search of the codebook's midpoints (:class:`SortedGroups`): no pass over the weights per
+  step; the codes themselves are formed once, at the end.
 * :class:`HessianFactor` holds everything GPTQ needs of one input, computed once and shared by every
   layer reading that input (q/k/v, gate/up) and every ``q`` tried: ``H = X^T X + D`` (``D`` the
   damping diagonal), the act-order permutation and the upper Cholesky factor ``U`` of ``H^-1``,
@@ -16,8 +18,9 @@ this file only computes them faster:
 * The output-aware scale refit ``(M H M^T) a = M H w`` is formed from ``A M^T`` with ``A^T A + D =
   H`` (``A = X`` when there are fewer rows than inputs, else a Cholesky factor): cost
   ``O * min(rows, K) * K * q`` instead of ``O * K^2 * q``.
-* GPTQ's column loop (Frantar et al. 2023, Alg. 1) runs in float32 with two levels of lazy batch
-  updates (16 columns eagerly, 128 by one GEMM, the rest by one GEMM per 128).
+* GPTQ's column loop (Frantar et al. 2023, Alg. 1) runs in float32 on the transposed weight (a
+  column is contiguous) with two levels of lazy batch updates (16 columns eagerly, 128 by one
+  GEMM, the rest by one GEMM per 128 columns). Many small GEMMs run on one BLAS thread.
 """
 
 from __future__ import annotations
@@ -341,9 +344,9 @@ def gptq_codes(
     are fitted by ``init`` to its error-compensated columns when its first column comes up
     (ShiftAddLLM Sec. 3.1), unless ``alpha`` fixes them: the columns inside the current block with
     every update so far, those beyond it with the updates of the earlier blocks (the lazy update
-    reaches them at the block's end; fitting to fully updated columns measured no better); ``progress`` hears
-    the fraction of columns done after each block. Returns the
-    combination index per weight ``[O, K]`` (original column order) and ``alpha`` ``[O, groups, q]``.
+    reaches them at the block's end; fitting to fully updated columns measured no better).
+    ``progress`` hears the fraction of columns done after each block. Returns the combination
+    index per weight ``[O, K]`` (original column order) and ``alpha`` ``[O, groups, q]``.
     """
     out, k = w.shape
     perm, u = factor.perm, factor.u
