@@ -21,6 +21,8 @@ IMAGE = 32
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 DECODER = dict(TEXT, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 VISION = dict(image_size=IMAGE, num_channels=3)
+# Deep conv stacks lose their signal at transformers' default initializer_range (0.02): MobileNetV2,
+# MobileViT and LeViT outputs were below 1e-8, so their initializer ranges are set to keep O(1) outputs.
 
 
 def _ids(batch: int, seed: int = 0) -> tuple[torch.Tensor]:
@@ -110,7 +112,9 @@ ARCHITECTURES: dict[str, Callable] = {
     "convnext": _vision("ConvNextModel", "ConvNextConfig", num_stages=2, **STAGES),
     "resnet": _vision("ResNetModel", "ResNetConfig", embedding_size=16, **STAGES),
     "regnet": _vision("RegNetModel", "RegNetConfig", embedding_size=16, groups_width=8, **STAGES),
-    "mobilenet_v2": _vision("MobileNetV2Model", "MobileNetV2Config", image_size=IMAGE, depth_multiplier=0.35),
+    "mobilenet_v2": _vision(
+        "MobileNetV2Model", "MobileNetV2Config", image_size=IMAGE, depth_multiplier=0.35, initializer_range=0.5
+    ),
     "mobilevit": _vision(
         "MobileViTModel",
         "MobileViTConfig",
@@ -119,6 +123,7 @@ ARCHITECTURES: dict[str, Callable] = {
         hidden_sizes=[32, 32, 32],
         neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32],
         num_attention_heads=2,
+        initializer_range=0.5,
     ),
     "levit": _vision(
         "LevitModel",
@@ -129,6 +134,7 @@ ARCHITECTURES: dict[str, Callable] = {
         num_attention_heads=[2, 2, 2],
         depths=[1, 1, 1],
         key_dim=[8, 8, 8],
+        initializer_range=0.15,
     ),
     "segformer": _vision(
         "SegformerForSemanticSegmentation",
@@ -140,6 +146,7 @@ ARCHITECTURES: dict[str, Callable] = {
         num_attention_heads=[1, 2],
         decoder_hidden_size=32,
         num_labels=3,
+        initializer_range=0.1,
     ),
     "t5_encoder": _text(
         "T5EncoderModel", "T5Config", vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2
