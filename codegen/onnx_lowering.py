@@ -276,6 +276,7 @@ def _resize2d(em, node, ins):
         [ins[0], "", "", sizes],
         mode=a["mode"],
         coordinate_transformation_mode=a["coordinate_transformation"],
+        nearest_mode=a["nearest_mode"],
     )
 
 

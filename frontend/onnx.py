@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, ResourceLimitError, UnsupportedOpError
-from reshift.frontend import onnx_rnn  # noqa: F401 -- registers the LSTM/GRU converters
+from reshift.frontend import onnx_resize, onnx_rnn  # noqa: F401 -- register Resize, LSTM/GRU
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
 from reshift.frontend.onnx_tensors import tensor_to_array, type_name
 from reshift.frontend.onnx_upgrade import OLDEST_OPSET, default_opset, upgrade_opset

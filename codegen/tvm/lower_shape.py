@@ -14,7 +14,7 @@ from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
 from reshift.errors import CodegenError
 from reshift.ir.graph import Node
 from reshift.ir.numpy_kernels import pool_output_size
-from reshift.ir.ops_index import linear_taps
+from reshift.ir.ops_index import linear_taps, nearest_taps
 from reshift.ir.types import numpy_dtype
 
 
@@ -194,9 +194,20 @@ def lower_gather_elements(ctx: LowerContext, node: Node, x: relax.Expr, indices:
 
 @lowering("resize2d")
 def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
-    """Bilinear resize as a TE compute over the reference's own tap tables (``ops_index.linear_taps``)."""
+    """Bilinear or nearest resize as a TE compute over the reference's own tap tables (``ops_index``)."""
     (h, w), (oh, ow) = node.inputs[0].shape[2:], node.attrs["size"]
     mode = node.attrs["coordinate_transformation"]
+    if node.attrs["mode"] == "nearest":
+        rounding = node.attrs["nearest_mode"]
+        rows, cols = (
+            relax.const(t) for t in (nearest_taps(h, oh, mode, rounding), nearest_taps(w, ow, mode, rounding))
+        )
+
+        def gather(data, rows, cols):
+            shape = (data.shape[0], data.shape[1], oh, ow)
+            return te.compute(shape, lambda b, c, i, j: data[b, c, rows[i], cols[j]], name="resize2d")
+
+        return ctx.te(gather, x, rows, cols, name="resize2d_nearest")
     taps = [relax.const(t) for t in (*linear_taps(h, oh, mode), *linear_taps(w, ow, mode))]
 
     def compute(data, low_h, high_h, weight_h, low_w, high_w, weight_w):

@@ -1,0 +1,73 @@
+"""ONNX ``Resize`` (opset 10-19; ``Upsample`` arrives here through the opset upgrade) as ``resize2d``.
+
+Only the two spatial axes of an NCHW tensor may change. ``nearest`` and ``linear`` modes with the
+``half_pixel``, ``pytorch_half_pixel`` (= ``half_pixel`` when every output size is above 1),
+``align_corners`` and ``asymmetric`` coordinate transformations are exact; ``resize2d`` computes
+the source coordinate from ``output size / input size``, so a ``scales`` input whose product with
+the input size is not a whole number (where ONNX's coordinate uses the given scale, not the ratio)
+is refused, as are ``cubic``, ``antialias``, ``roi`` crops and ``keep_aspect_ratio_policy``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reshift.frontend.onnx_ops import NotConvertible, _known, converter
+from reshift.ir.ops_index import COORDINATE_MODES, NEAREST_MODES
+
+
+def _output_size(ctx, x, scales, sizes) -> list[int]:
+    """The static output H, W from ``sizes`` or ``scales`` (batch and channels unchanged)."""
+    dims = list(ctx.shape(x))
+    if sizes is not None and np.asarray(_known(sizes, "Resize sizes")).size:
+        out = [int(s) for s in np.asarray(sizes).reshape(-1)]
+        kept = len(out) == 4 and all(isinstance(d, str) or d == o for d, o in zip(dims[:2], out[:2], strict=True))
+        if not kept:
+            raise NotConvertible(f"Resize sizes {out} change the batch or channel axis; only H and W may change")
+        return out[2:]
+    if scales is None:
+        raise NotConvertible("Resize has neither scales nor sizes")
+    factors = [float(f) for f in np.asarray(_known(scales, "Resize scales")).reshape(-1)]
+    if len(factors) != 4 or factors[:2] != [1.0, 1.0]:
+        raise NotConvertible(f"Resize scales {factors} change the batch or channel axis; only H and W may change")
+    out = []
+    for size, factor in zip(dims[2:], factors[2:], strict=True):
+        if isinstance(size, str):
+            raise NotConvertible("Resize over a symbolic spatial size; pin it with input_shapes / --input-shape")
+        resized = math.floor(size * factor)
+        if resized < 1 or not math.isclose(resized / size, factor, rel_tol=1e-6):
+            raise NotConvertible(
+                f"Resize scale {factor} on a size of {size} is not a whole output size; pass sizes instead of scales"
+            )
+        out.append(resized)
+    return out
+
+
+@converter("Resize")
+def _resize(ctx, node, ins, at):
+    """ONNX Resize of the spatial axes (module docstring: what is exact, what is refused)."""
+    x, roi, scales, sizes = (list(ins) + [None] * 4)[:4]  # opset >= 11 (older models are upgraded)
+    if len(ctx.shape(x)) != 4:
+        raise NotConvertible(f"Resize of a rank-{len(ctx.shape(x))} tensor; only NCHW (rank 4) is supported")
+    mode = at.get("mode", "nearest")
+    coordinate = at.get("coordinate_transformation_mode", "half_pixel")
+    rounding = at.get("nearest_mode", "round_prefer_floor")
+    for name in ("antialias", "exclude_outside"):
+        if at.get(name, 0):
+            raise NotConvertible(f"Resize {name}=1 is not supported")
+    if at.get("keep_aspect_ratio_policy", "stretch") != "stretch" or "axes" in at:
+        raise NotConvertible("Resize with axes or keep_aspect_ratio_policy is not supported")
+    if mode not in ("nearest", "linear"):
+        raise NotConvertible(f"Resize mode {mode!r} is not supported (nearest, linear)")
+    if coordinate == "tf_crop_and_resize" and roi is not None:
+        raise NotConvertible("Resize with tf_crop_and_resize (an roi crop) is not supported")
+    size = _output_size(ctx, x, scales, sizes)
+    if coordinate == "pytorch_half_pixel" and min(size) > 1:
+        coordinate = "half_pixel"
+    if coordinate not in COORDINATE_MODES:
+        raise NotConvertible(f"Resize coordinate_transformation_mode {coordinate!r} is not supported")
+    if mode == "nearest" and rounding not in NEAREST_MODES:
+        raise NotConvertible(f"Resize nearest_mode {rounding!r} is not supported")
+    return ctx.op("resize2d", x, size=size, mode=mode, coordinate_transformation=coordinate, nearest_mode=rounding)
