@@ -22,7 +22,8 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention
 DECODER = dict(TEXT, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 VISION = dict(image_size=IMAGE, num_channels=3)
 # Deep conv stacks lose their signal at transformers' default initializer_range (0.02): MobileNetV2,
-# MobileViT and LeViT outputs were below 1e-8, so their initializer ranges are set to keep O(1) outputs.
+# MobileViT and LeViT outputs were below 1e-8. Their ranges below keep the outputs at 1e-2..1 while
+# eager fp32 stays within 1e-6 of fp64 (at 0.5 MobileNetV2 is chaotic: fp32 is 4% off fp64).
 
 
 def _ids(batch: int, seed: int = 0) -> tuple[torch.Tensor]:
@@ -113,7 +114,7 @@ ARCHITECTURES: dict[str, Callable] = {
     "resnet": _vision("ResNetModel", "ResNetConfig", embedding_size=16, **STAGES),
     "regnet": _vision("RegNetModel", "RegNetConfig", embedding_size=16, groups_width=8, **STAGES),
     "mobilenet_v2": _vision(
-        "MobileNetV2Model", "MobileNetV2Config", image_size=IMAGE, depth_multiplier=0.35, initializer_range=0.5
+        "MobileNetV2Model", "MobileNetV2Config", image_size=IMAGE, depth_multiplier=0.35, initializer_range=0.2
     ),
     "mobilevit": _vision(
         "MobileViTModel",
@@ -123,7 +124,7 @@ ARCHITECTURES: dict[str, Callable] = {
         hidden_sizes=[32, 32, 32],
         neck_hidden_sizes=[8, 8, 16, 16, 16, 16, 32],
         num_attention_heads=2,
-        initializer_range=0.5,
+        initializer_range=0.3,
     ),
     "levit": _vision(
         "LevitModel",
