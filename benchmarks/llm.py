@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-head", action="store_true", help="bcq: quantize lm_head too (default: fp32)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model and artifacts (temp dir)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="reshift_llm_bench_"))
     if args.model:
@@ -177,6 +179,10 @@ def main() -> None:
     print(json.dumps({"model": model, "threads": args.threads, "bandwidth_gbs": bandwidth, "results": rows}))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
