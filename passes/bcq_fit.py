@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ROW_CHUNK_ELEMENTS = 1 << 20  # weights per chunk of rows in the code search (cache-sized)
+GPTQ_DTYPE = np.float32  # GPTQ's column loop (its reference code runs in float32 too)
 
 
 @functools.cache
@@ -282,7 +283,7 @@ class HessianFactor:
         perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
         # H_p = R R^T with R upper (R = flip(chol(flip(H_p)))), so H_p^-1 = (R^-1)^T R^-1 and U = R^-1
         flipped = np.linalg.cholesky(h[np.ix_(perm[::-1], perm[::-1])])
-        u = np.ascontiguousarray(_inverse_lower(flipped)[::-1, ::-1], dtype=np.float32)
+        u = np.ascontiguousarray(_inverse_lower(flipped)[::-1, ::-1], dtype=GPTQ_DTYPE)
         if len(x) < len(h):
             root = x
         else:  # A_p = R^T, columns back in the original order
@@ -350,7 +351,7 @@ def gptq_codes(
     """
     out, k = w.shape
     perm, u = factor.perm, factor.u
-    work = np.ascontiguousarray(w[:, perm].T, dtype=np.float32)  # [K, O]: a column is one contiguous row
+    work = np.ascontiguousarray(w[:, perm].T, dtype=GPTQ_DTYPE)  # [K, O]: a column is one contiguous row
     position = np.empty(k, int)
     position[perm] = np.arange(k)
     ng = -(-k // group_size)
@@ -362,7 +363,7 @@ def gptq_codes(
     rows = np.arange(out)
     for b0 in range(0, k, block):
         b1 = min(k, b0 + block)
-        errors = np.zeros((b1 - b0, out), np.float32)
+        errors = np.zeros((b1 - b0, out), GPTQ_DTYPE)
         with one_blas_thread():  # the trailing update below is one large GEMM and keeps them
             for s0 in range(b0, b1, sub):
                 s1 = min(b1, s0 + sub)
@@ -376,7 +377,7 @@ def gptq_codes(
                             if late.any() and j > s0:
                                 current[late] -= u[s0:j, cols[late]].T @ errors[s0 - b0 : j - b0]
                             alpha[:, g] = init(current.T.astype(np.float64))
-                        books[g] = Codebook.of(alpha[:, g].astype(np.float32), table.astype(np.float32))
+                        books[g] = Codebook.of(alpha[:, g].astype(GPTQ_DTYPE), table.astype(GPTQ_DTYPE))
                     book = books[g]
                     column = work[j]
                     pos = book.position(column)
