@@ -107,6 +107,16 @@ def agree(actual: list[np.ndarray], expected: list[np.ndarray]) -> str | None:
     return None
 
 
+def max_relative_error(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """max over outputs of max|actual - expected| / max|expected| (float64)."""
+    worst = 0.0
+    for a, e in zip(actual, expected, strict=True):
+        e64 = np.asarray(e, np.float64)
+        scale = max(float(np.max(np.abs(e64), initial=0.0)), 1e-30)
+        worst = max(worst, float(np.max(np.abs(np.asarray(a, np.float64) - e64), initial=0.0)) / scale)
+    return worst
+
+
 def first_line(exc: BaseException, path: Path) -> str:
     """The error's class and first line, without the model's path (which every message starts with)."""
     if isinstance(exc, UnsupportedOpError):
@@ -141,13 +151,16 @@ def run_stages(
         problem = agree(list(outputs.values()), expected)
         if problem:
             return {**record, "status": "wrong", "why": problem}
+        record["rel_err_interpret"] = max_relative_error(list(outputs.values()), expected)
         if build:
             record["stage"] = "compile"
             compiled = reshift.compile(str(model_path), target="cpu", **{k: v for k, v in frontend.items() if v})
             record["stage"] = "run"
-            problem = agree(list(compiled.run_dict(feeds).values()), expected)
+            results = list(compiled.run_dict(feeds).values())
+            problem = agree(results, expected)
             if problem:
                 return {**record, "status": "wrong", "why": problem}
+            record["rel_err_compiled"] = max_relative_error(results, expected)
             if time_it:
                 record.update(latency_vs_onnxruntime(compiled, model_path, feeds, ort_feeds))
     except ReshiftError as exc:
@@ -216,13 +229,18 @@ def main() -> int:
         record = run_stages(path, feeds, expected, args.compile, shapes, model.constants or None, time_it=args.compile)
         records[f"wheel/{model.name}"] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
+        errors = "".join(
+            f"  {key.split('_')[-1]} {record[key]:.1e}"
+            for key in ("rel_err_interpret", "rel_err_compiled")
+            if key in record
+        )
         speed = (
             f"  {record['ms_reshift']:.2f} ms vs onnxruntime {record['ms_onnxruntime']:.2f} ms "
             f"({record['ratio_to_onnxruntime']:.2f}x{slow_note(record['ratio_to_onnxruntime'])})"
             if "ms_reshift" in record
             else ""
         )
-        print(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{speed}", flush=True)
+        print(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{errors}{speed}", flush=True)
     counts = Counter(r["status"] for r in records.values())
     reasons = Counter(r["why"][:70] for r in records.values() if r["status"] in ("refused", "crash"))
     print(
