@@ -8,6 +8,16 @@ import numpy as np
 
 from reshift import ir, passes
 
+# a small two-output artifact the runtime tests load, corrupt and serve over RPC
+TWO_HEADS = """
+graph two_heads(%x: f32[N,4], %bias: f32[3]) {
+  const %w: f32[3,4] = [0.5, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75, -2.0, 1.5, 0.125, -0.25]
+  %y: f32[N,3] = linear(%x, %w, %bias) @fc
+  %r: f32[N,3] = relu(%y) @act
+  %s: f32[N,3] = sigmoid(%y) @gate
+  return %r, %s
+}
+"""
 CONST = re.compile(r"const %(\w+): f32\[([\d,]*)\] = \.\.\.")
 
 

@@ -25,20 +25,13 @@ from reshift import cli
 from reshift.ir import parse
 from reshift.runtime import remote
 from reshift.runtime.rpc_session import DeviceLost, DeviceTimeout
+from tests.helpers import TWO_HEADS
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = REPO / "examples" / "edge" / "rpc_server_in_process.py"
 READY_LINE = "reshift-edge: listening on"
 KEY = "reshift-host-test"
-GRAPH = """
-graph two_heads(%x: f32[N,4], %bias: f32[3]) {
-  const %w: f32[3,4] = [0.5, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75, -2.0, 1.5, 0.125, -0.25]
-  %y: f32[N,3] = linear(%x, %w, %bias) @fc
-  %r: f32[N,3] = relu(%y) @act
-  %s: f32[N,3] = sigmoid(%y) @gate
-  return %r, %s
-}
-"""
+GRAPH = TWO_HEADS
 
 
 def _free_port() -> int:

@@ -20,16 +20,9 @@ from reshift.cli import main as cli_main
 from reshift.errors import ArtifactError, InputError
 from reshift.ir import interpret, parse
 from reshift.runtime.artifact import write_meta
+from tests.helpers import TWO_HEADS
 
-GRAPH = """
-graph two_heads(%x: f32[N,4], %bias: f32[3]) {
-  const %w: f32[3,4] = [0.5, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75, -2.0, 1.5, 0.125, -0.25]
-  %y: f32[N,3] = linear(%x, %w, %bias) @fc
-  %r: f32[N,3] = relu(%y) @act
-  %s: f32[N,3] = sigmoid(%y) @gate
-  return %r, %s
-}
-"""
+GRAPH = TWO_HEADS
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,15 @@ def lower_conv3d(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b:
     return _add_bias(ctx, y, b, 5)
 
 
-@lowering("conv_transpose2d")
-def lower_conv_transpose2d(
+@lowering("conv_transpose2d", "conv_transpose3d")
+def lower_conv_transpose(
     ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None
 ) -> relax.Expr:
+    """Relax conv2d_transpose / conv3d_transpose (the registry's attributes are Relax's)."""
     attrs = node.attrs
+    transpose = op.nn.conv2d_transpose if node.op == "conv_transpose2d" else op.nn.conv3d_transpose
     y = ctx.emit(
-        op.nn.conv2d_transpose(
+        transpose(
             x,
             w,
             strides=attrs["stride"],
@@ -44,23 +46,4 @@ def lower_conv_transpose2d(
             groups=attrs["groups"],
         )
     )
-    return _add_bias(ctx, y, b, 4)
-
-
-@lowering("conv_transpose3d")
-def lower_conv_transpose3d(
-    ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None
-) -> relax.Expr:
-    attrs = node.attrs
-    y = ctx.emit(
-        op.nn.conv3d_transpose(
-            x,
-            w,
-            strides=attrs["stride"],
-            padding=attrs["padding"],
-            output_padding=attrs["output_padding"],
-            dilation=attrs["dilation"],
-            groups=attrs["groups"],
-        )
-    )
-    return _add_bias(ctx, y, b, 5)
+    return _add_bias(ctx, y, b, node.inputs[0].type.rank)
