@@ -1,10 +1,10 @@
 """Opset upgrade on import: models below opset 13 are rewritten by ``onnx.version_converter``.
 
 reshift's ONNX converters implement the opset 13..21 semantics (``Split``/``Squeeze`` axes as
-inputs, ``Resize`` scales, ...). Older models (opset 6..12 as the model zoo, the ONNX package's
-backend tests and many PyPI wheels ship them) are converted to :data:`UPGRADE_TO` first; the graph's ``notes`` say so. Where the
-converter fails, the error names the opset and the converter's complaint (usually the op that
-has no adapter), and says how to convert the model by hand.
+inputs, ``Resize`` scales, ...). Older models (opset 6..12, as the model zoo, the ONNX package's
+backend tests and many PyPI wheels ship them) are converted to :data:`UPGRADE_TO` first; the
+graph's ``notes`` say so. Where the converter fails, the error names the opset and the
+converter's complaint (usually the op that has no adapter), and says how to convert the model.
 """
 
 from __future__ import annotations
