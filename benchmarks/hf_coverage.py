@@ -13,6 +13,10 @@ Prints a table (ok, or the error class and first line) and totals; ``--save`` wr
 
     python benchmarks/hf_coverage.py [--only bert,gpt2] [--stages import,compile] [--save]
     python benchmarks/hf_coverage.py --table benchmarks/results/hf_coverage-<stamp>.json
+
+``--pipelines exact,shift,bcq,w8a8`` (with the import stage) also runs those pass pipelines on every
+architecture that imports, interpreter only (:mod:`benchmarks.pipeline_check`), against the un-passed
+interpreter output; the table, per-pipeline totals and (``--save``) the records go with the run's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import reshift  # noqa: E402
+from benchmarks import pipeline_check  # noqa: E402
 from examples.models.hf_tiny import ARCHITECTURES, build  # noqa: E402
 from reshift.dynamo import ReshiftFallbackWarning  # noqa: E402
 
@@ -89,6 +94,7 @@ def stage_import(name: str, state: dict) -> str | None:
     graph = reshift.frontend.from_torch(model, inputs)
     state["graph"] = graph
     feeds = {v.name: x.numpy() for v, x in zip(graph.inputs, inputs, strict=True)}
+    state["feeds"] = feeds
     outputs = reshift.ir.interpret(graph, feeds)
     return compare([outputs[v.name] for v in graph.outputs], eager(model, inputs), state)
 
@@ -194,11 +200,22 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/hf_coverage-<stamp>.json/.txt")
     parser.add_argument("--tag", default="", help="suffix for the saved file names")
     parser.add_argument("--table", metavar="JSON", help="print the table of a saved run instead of running")
+    parser.add_argument(
+        "--pipelines", default="", help="comma-separated pass pipelines to run on every imported architecture"
+    )
+    parser.add_argument("--limit", type=float, default=60.0, help="seconds per architecture and pipeline")
+    parser.add_argument("--no-skip", action="store_true", help="pipelines get skip=() (quantize first/last layers too)")
     args = parser.parse_args()
     if args.table:
-        saved = json.loads(Path(args.table).read_text())["results"]
+        loaded = json.loads(Path(args.table).read_text())
+        saved = loaded["results"]
         print(table(saved, tuple(s for s in STAGES if s in next(iter(saved.values())))))
+        if loaded.get("pipelines"):
+            print("\n" + pipeline_check.table(loaded["pipelines"], loaded["pipeline_names"]))
         return
+    pipelines = tuple(p for p in args.pipelines.split(",") if p)
+    passed: dict[str, dict[str, dict]] = {}
+    options = {"skip": ()} if args.no_skip else {}
     names = args.only.split(",") if args.only else list(ARCHITECTURES)
     stages = tuple(s for s in STAGES if s in args.stages.split(","))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -209,13 +226,24 @@ def main() -> None:
         seconds = sum(r["seconds"] for r in results[name].values())
         status = " | ".join(cell(results[name][s]) for s in stages)
         print(f"{name:16} {seconds:6.1f}s {status}", flush=True)
+        if pipelines and "graph" in state:
+            passed[name] = pipeline_check.run_all(
+                state["graph"], state["feeds"], pipelines, limit_s=args.limit, options=options
+            )
+            print(pipeline_check.short_line(passed[name], pipelines), flush=True)
     text = table(results, stages)
+    if pipelines:
+        text += "\n\n" + pipeline_check.table(passed, pipelines)
     print("\n" + text)
     if args.save:
         out = ROOT / "benchmarks" / "results"
         stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{args.tag}" if args.tag else "")
         meta = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
-        (out / f"hf_coverage-{stamp}.json").write_text(json.dumps({"versions": meta, "results": results}, indent=1))
+        saved = {"versions": meta, "results": results}
+        if pipelines:
+            saved.update(pipeline_names=pipelines, pipeline_options={k: list(v) for k, v in options.items()})
+            saved["pipelines"] = passed
+        (out / f"hf_coverage-{stamp}.json").write_text(json.dumps(saved, indent=1))
         (out / f"hf_coverage-{stamp}.txt").write_text(text + "\n")
         print(f"wrote {out}/hf_coverage-{stamp}.json and .txt")
 

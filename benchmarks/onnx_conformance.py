@@ -9,6 +9,11 @@ against it. A row per model names the first stage that failed and the error's fi
 totals and a JSON copy go to ``benchmarks/results/``.
 
     .venv/bin/python benchmarks/onnx_conformance.py [--compile] [--wheels] [--filter SUBSTRING] [--json PATH]
+
+``--pipelines exact,shift,bcq,w8a8`` also runs those pass pipelines (interpreter only, no build) on
+every model that imports (:mod:`benchmarks.pipeline_check`): a models x pipelines table, totals per
+pipeline, and ``benchmarks/results/onnx_pipelines-<stamp>.{json,txt}``. ``--suites`` picks the
+backend suites (``--suites light,pytorch-converted``; ``--suites none`` for the wheels alone).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reshift  # noqa: E402
-from benchmarks import wheel_models  # noqa: E402
+from benchmarks import pipeline_check, wheel_models  # noqa: E402
 from reshift.codegen.tvm import describe_host_cpu  # noqa: E402
 from reshift.errors import ReshiftError, UnsupportedOpError  # noqa: E402
 
@@ -125,29 +130,53 @@ def first_line(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:160]
 
 
-def run_case(model_path: Path, data_sets: list[Path], build: bool) -> dict:
+def run_case(
+    model_path: Path, data_sets: list[Path], build: bool, pipelines=(), limit_s: float = 60.0, options=None
+) -> dict:
     """One backend test model through the stages, against its shipped reference data."""
     data = reference_data(model_path, data_sets)
     if data is None:
         return {"stage": "import", "status": "skip", "why": "no reference data"}
     inputs, expected = data
     feeds = dict(zip(graph_input_names(model_path), inputs, strict=False))
-    return run_stages(model_path, feeds, expected, build)
+    return run_stages(model_path, feeds, expected, build, pipelines=pipelines, limit_s=limit_s, options=options)
 
 
 def run_stages(
-    model_path: Path, feeds: dict, expected: list, build: bool, input_shapes=None, input_values=None, time_it=False
+    model_path: Path,
+    feeds: dict,
+    expected: list,
+    build: bool,
+    input_shapes=None,
+    input_values=None,
+    time_it=False,
+    pipelines=(),
+    limit_s: float = 60.0,
+    options=None,
 ) -> dict:
     """Import, interpret and (with ``build``) compile + run; the record names the first failing stage.
 
-    ``input_values`` are frozen into the model (reshift) and fed (onnxruntime)."""
+    ``input_values`` are frozen into the model (reshift) and fed (onnxruntime). With ``pipelines``,
+    a model that imports also gets ``record["pipelines"]`` (:func:`pipeline_check.run_all`)."""
+    held: dict = {}
+    record = _stages(model_path, feeds, expected, build, input_shapes, input_values, time_it, held)
+    if pipelines and "graph" in held:
+        record["pipelines"] = pipeline_check.run_all(
+            held["graph"], held["feeds"], pipelines, held.get("reference"), limit_s, options
+        )
+    return record
+
+
+def _stages(model_path, feeds, expected, build, input_shapes, input_values, time_it, held: dict) -> dict:
     record: dict = {"stage": "import"}
     frontend = {"input_shapes": input_shapes, "input_values": input_values}
     ort_feeds, feeds = feeds, {k: v for k, v in feeds.items() if k not in (input_values or {})}
     try:
         graph = reshift.frontend.from_onnx(str(model_path), **frontend)
+        held.update(graph=graph, feeds=feeds)
         record["stage"] = "interpret"
         outputs = reshift.ir.interpret(graph, feeds)
+        held["reference"] = list(outputs.values())
         problem = agree(list(outputs.values()), expected)
         if problem:
             return {**record, "status": "wrong", "why": problem}
@@ -207,18 +236,29 @@ def main() -> int:
     )
     parser.add_argument("--threads", type=int, default=2, help="threads for reshift and onnxruntime when timing")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON results")
+    parser.add_argument(
+        "--pipelines", default="", help="comma-separated pass pipelines to run on every imported model (e.g. exact,bcq)"
+    )
+    parser.add_argument("--suites", default=",".join(SUITES), help="backend suites to run ('none': no backend models)")
+    parser.add_argument("--limit", type=float, default=60.0, help="seconds per model and pipeline (with --pipelines)")
+    parser.add_argument("--no-skip", action="store_true", help="pipelines get skip=() (quantize first/last layers too)")
     args = parser.parse_args()
+    pipelines = tuple(p for p in args.pipelines.split(",") if p)
+    suites = tuple(s for s in args.suites.split(",") if s in SUITES)
+    options = {"skip": ()} if args.no_skip else {}
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     print(f"host: {describe_host_cpu()}; {args.threads} threads")
     records = {}
     started = time.perf_counter()
-    for name, model_path, data_sets in cases(backend_data_dir()):
+    for name, model_path, data_sets in cases(backend_data_dir(), suites):
         if args.filter not in name:
             continue
-        record = run_case(model_path, data_sets, args.compile)
+        record = run_case(model_path, data_sets, args.compile, pipelines, args.limit, options)
         records[name] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
         print(f"{record['status']:<8} {name}{why}", flush=True)
+        if "pipelines" in record:
+            print(pipeline_check.short_line(record["pipelines"], pipelines), flush=True)
     for model in wheel_models.MODELS if args.wheels else []:
         if args.filter not in f"wheel/{model.name}":
             continue
@@ -226,7 +266,18 @@ def main() -> int:
         feeds = wheel_models.feeds_for(model)
         expected = wheel_models.onnxruntime_outputs(path, feeds)
         shapes = {k: v for k, v in model.input_shapes.items()}
-        record = run_stages(path, feeds, expected, args.compile, shapes, model.constants or None, time_it=args.compile)
+        record = run_stages(
+            path,
+            feeds,
+            expected,
+            args.compile,
+            shapes,
+            model.constants or None,
+            time_it=args.compile,
+            pipelines=pipelines,
+            limit_s=args.limit,
+            options=options,
+        )
         records[f"wheel/{model.name}"] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
         errors = "".join(
@@ -241,6 +292,8 @@ def main() -> int:
             else ""
         )
         print(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{errors}{speed}", flush=True)
+        if "pipelines" in record:
+            print(pipeline_check.short_line(record["pipelines"], pipelines), flush=True)
     counts = Counter(r["status"] for r in records.values())
     reasons = Counter(r["why"][:70] for r in records.values() if r["status"] in ("refused", "crash"))
     print(
@@ -248,7 +301,20 @@ def main() -> int:
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
     print("most common refusals: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common(8)))
-    out = args.json or Path(__file__).parent / "results" / f"onnx_conformance-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if pipelines:
+        passed = {name: r["pipelines"] for name, r in records.items() if "pipelines" in r}
+        text = pipeline_check.table(passed, pipelines)
+        print("\n" + text)
+        base = Path(__file__).parent / "results" / f"onnx_pipelines-{stamp}{'-noskip' if args.no_skip else ''}"
+        base.with_suffix(".txt").write_text(text + "\n")
+        meta = {"onnx": onnx.__version__, "pipelines": pipelines, "suites": suites, "wheels": args.wheels}
+        meta["options"] = {k: list(v) for k, v in options.items()}
+        base.with_suffix(".json").write_text(json.dumps({**meta, "limit_s": args.limit, "models": passed}, indent=1))
+        print(f"wrote {base}.json and .txt")
+        if args.json is None:
+            return 0  # the per-stage JSON below stays the conformance run's (without --pipelines)
+    out = args.json or Path(__file__).parent / "results" / f"onnx_conformance-{stamp}.json"
     out.write_text(
         json.dumps(
             {"onnx": onnx.__version__, "compile": args.compile, "counts": counts, "models": records},
