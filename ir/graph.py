@@ -195,6 +195,8 @@ class Graph:
 
     def user_name(self, value: Value) -> str:
         """The name the model's author gave a graph input or output (the IR name where none was given)."""
+        if any(value is v for v in self.inputs):
+            return self.source_names.get(value.name, value.name)
         if len(self.output_names) == len(self.outputs):
             for position, output in enumerate(self.outputs):
                 if output is value:

@@ -85,6 +85,7 @@ def _capture(
     graph = graph.copy()  # run only what the values need (sequential calibration captures early layers often)
     by_name = {v.name: v for v in graph.values()}
     graph.outputs = [by_name[v.name] for v in values]
+    graph.output_names = []  # these outputs are the captured values, not the model's named outputs
     graph.remove_unused()
     for batch in calibration:
         env = interpret(graph, batch, return_all=True)

@@ -150,3 +150,12 @@ def test_onnx_backend_models_import_and_interpret():
     assert not bad, bad
     ok = sum(r["status"] == "ok" for r in records.values())
     assert ok >= CONFORMANCE_FLOOR, f"{ok} of {len(records)} backend models pass, expected >= {CONFORMANCE_FLOOR}"
+
+
+def test_calibrated_pipeline_on_a_layer_that_reads_the_renamed_input():
+    """Calibration captures the graph input itself (a layer's input): the model's names still bind."""
+    graph = from_onnx(old_model(opset=13, input_name="0", output_name="3"))
+    x = np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32)
+    quantized, _ = reshift.passes.run(graph, "shift", calibration=[{"0": x}], skip=())
+    assert "shift_linear" in quantized.op_histogram()
+    assert list(interpret(quantized, {"0": x})) == ["3"]
