@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reshift.ir.graph import Graph
+from reshift.ir.limits import ENV_VAR, max_tensor_bytes
 from reshift.ir.ops_lowbit import pack_signs, pack_trits, unpack_signs
 from reshift.passes.bcq_fit import (
     HessianFactor,
@@ -309,6 +310,26 @@ def _shared_factors(
     return factor
 
 
+def _within_hessian_limit(xs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The calibration inputs whose K x K float64 Hessian fits the tensor limit, and why the rest don't.
+
+    A layer with too many inputs (VGG's 25088-input classifier: a 4.7 GiB Hessian) is fitted to
+    its weights alone instead of running out of memory.
+    """
+    limit = max_tensor_bytes()
+    kept, refused = {}, {}
+    for name, x in xs.items():
+        k = x.shape[-1]
+        if k * k * 8 > limit:
+            refused[name] = (
+                f"off: the {k}x{k} Hessian would need {k * k * 8 / 2**30:.1f} GiB, over the tensor limit "
+                f"{limit / 2**30:.1f} GiB ({ENV_VAR}); fitted to the weights alone"
+            )
+        else:
+            kept[name] = x
+    return kept, refused
+
+
 def _plan_bcq(
     candidates: list[Match],
     xs: dict[str, np.ndarray],
@@ -329,6 +350,8 @@ def _plan_bcq(
     )
     calibration = "sequential" if _sequential(options) else "independent"
     xs_float = _float_inputs(options, xs_float)
+    xs, too_wide = _within_hessian_limit(xs)
+    xs_float = {name: x for name, x in xs_float.items() if name not in too_wide}
     progress = progress or LayerProgress(False)
     factor_of = _shared_factors(candidates, xs, damp, act_order)
     fits: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # packed codes and alphas per q
@@ -371,6 +394,8 @@ def _plan_bcq(
         }
         if x is not None:
             details["calibration"] = calibration + (" asymmetric" if m["x"].name in xs_float else "")
+        elif m["x"].name in too_wide:
+            details["calibration"] = too_wide[m["x"].name]
 
         def build(m, rc, bits=bits, alpha=alpha, k=w.shape[1]):
             name = m.root.name

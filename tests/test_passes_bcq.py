@@ -465,3 +465,18 @@ def test_progress_bar_on_request(rng, capsys):
     passes.run(mlp(rng), "bcq", calibration=calibration(rng), group_size=16, progress=True)
     err = capsys.readouterr().err
     assert "linear_to_bcq" in err and "2/2" in err
+
+
+def test_a_layer_whose_hessian_exceeds_the_tensor_limit_fits_its_weights_alone(rng, monkeypatch):
+    """VGG's 25088-input classifier needs a 4.7 GiB Hessian: refused with the reason, never a MemoryError."""
+    g = parse(QKV, rng)  # 16 inputs: a 16x16 float64 Hessian is 2 KiB, over the limit; 4 rows of 16 fit
+    calib = [{"x": correlated(rng, 4, 16).astype(np.float32)}]
+    monkeypatch.setenv("RESHIFT_MAX_TENSOR_BYTES", "1536")
+    g2, report = passes.run(g, "bcq", calibration=calib, group_size=16, skip=[], bcq_q=2)
+    assert g2.op_histogram()["bcq_linear"] == 4
+    for details in report.details.values():
+        assert details["error_kind"] == "weight"
+        assert (
+            details["calibration"].startswith("off: the 16x16 Hessian")
+            and "RESHIFT_MAX_TENSOR_BYTES" in details["calibration"]
+        )
