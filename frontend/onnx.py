@@ -286,7 +286,7 @@ class _Conversion:
                 f"{self.source}: input_values names {unknown}; the graph inputs are {sorted(declared)}"
             )
         for name, value in self.input_values.items():
-            expected = self._input_type(declared[name]).dtype
+            expected = self._input_dtype(declared[name])
             array = np.asarray(value)
             if array.dtype != np.dtype(expected) and not np.can_cast(array, np.dtype(expected), casting="same_kind"):
                 raise ModelLoadError(f"{self.source}: input_values[{name!r}] is {array.dtype}; the input is {expected}")
@@ -308,13 +308,21 @@ class _Conversion:
         self.env[name] = array
         self._names[id(array)] = name
 
-    def _input_type(self, value_info: onnx.ValueInfoProto) -> TensorType:
-        where = f"{self.source}: graph input {value_info.name!r}"
+    def _input_dtype(self, value_info: onnx.ValueInfoProto) -> str:
+        """A graph input's IR dtype; ModelLoadError for a non-tensor or an unsupported element type."""
         tensor_type = value_info.type.tensor_type
         if not value_info.type.HasField("tensor_type") or tensor_type.elem_type not in ONNX_DTYPES:
             elem = type_name(tensor_type.elem_type) if tensor_type.elem_type else "non-tensor"
-            raise ModelLoadError(f"{where} has type {elem}; supported: {', '.join(ONNX_DTYPES.values())}")
-        dtype = ONNX_DTYPES[tensor_type.elem_type]
+            raise ModelLoadError(
+                f"{self.source}: graph input {value_info.name!r} has type {elem}; "
+                f"supported: {', '.join(ONNX_DTYPES.values())}"
+            )
+        return ONNX_DTYPES[tensor_type.elem_type]
+
+    def _input_type(self, value_info: onnx.ValueInfoProto) -> TensorType:
+        where = f"{self.source}: graph input {value_info.name!r}"
+        tensor_type = value_info.type.tensor_type
+        dtype = self._input_dtype(value_info)
         if value_info.name in self.input_shapes:
             return TensorType(tuple(self.input_shapes[value_info.name]), dtype)
         if not tensor_type.HasField("shape"):
