@@ -38,7 +38,7 @@ SAMPLE_BATCHES = (2, 3)
 
 TORCH_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
-    torch.float64: "float32",  # the IR has no float64; weights and masks become float32
+    torch.float64: "float64",  # computed in float64, never silently narrowed
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
     torch.int8: "int8",
@@ -185,7 +185,7 @@ _POISON = object()  # the value of a node downstream of an unsupported op
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy copy of a tensor in its IR dtype (float64 -> float32, bfloat16 via ml_dtypes)."""
+    """A numpy copy of a tensor in its IR dtype (int16 -> int32, bfloat16 via ml_dtypes)."""
     tensor = tensor.detach().cpu()
     if tensor.dtype not in TORCH_DTYPES:
         raise IRTypeError(f"tensor dtype {tensor.dtype} has no reshift IR equivalent")
@@ -258,8 +258,8 @@ class _Converter:
             name = sanitize_name(self.input_names[user_index])
         else:
             name = sanitize_name(node.name)
-        if meta.dtype not in TORCH_DTYPES or meta.dtype == torch.float64:
-            raise IRTypeError(f"input {name!r} has dtype {meta.dtype}; cast it to float32 before conversion")
+        if meta.dtype not in TORCH_DTYPES:
+            raise IRTypeError(f"input {name!r} has dtype {meta.dtype}, which the reshift IR lacks; cast it first")
         value = Value(self._claim(name), self.tensor_type(meta))
         self.graph.inputs.append(value)
         self.env[node] = value

@@ -333,7 +333,7 @@ def random_inputs(specs: list[dict[str, Any]], batch: int, seed: int = 0) -> dic
             coefficient, symbol = split_dim(dim)
             shape.append(coefficient * (batch if symbol else 1))
         dtype = spec["dtype"]
-        if dtype in ("float32", "float16", "bfloat16"):
+        if dtype in ("float32", "float64", "float16", "bfloat16"):
             inputs[spec["name"]] = rng.standard_normal(shape).astype(np.float32).astype(_np_dtype(dtype))
         elif dtype == "bool":
             inputs[spec["name"]] = np.ones(shape, dtype=bool)

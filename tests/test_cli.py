@@ -158,3 +158,13 @@ def test_malformed_input_shape_exits_2(tmp_path, capsys, spec):
     _two_symbolic_dims(tmp_path / "wide.onnx")
     assert main(["inspect", str(tmp_path / "wide.onnx"), "--input-shape", spec]) == 2
     assert "expected NAME=D1,D2,..." in capsys.readouterr().err
+
+
+def test_bench_inputs_are_random_for_every_float_dtype():
+    from reshift.cli import random_inputs
+
+    specs = [{"name": name, "shape": ["N", 3], "dtype": name} for name in ("float32", "float64", "float16")]
+    inputs = random_inputs(specs, batch=2)
+    for name, array in inputs.items():
+        assert array.dtype == np.dtype(name) and array.shape == (2, 3)
+        assert np.all(array != 0), name  # zeros would time a degenerate input

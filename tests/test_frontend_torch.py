@@ -301,3 +301,27 @@ def test_reference_model_matches_eager_at_batch_1_and_4(name):
     assert all(v.shape[0] == "N" for v in graph.inputs), "the batch dimension must stay symbolic"
     for batch in (1, 4):
         check_against_eager(graph, module, spec.example_inputs(batch), rtol=spec.rtol)
+
+
+class _Float64Head(nn.Module):
+    """A float64 layer between float32 casts: ``1 + 1e-9`` is lost in float32, kept in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        y = self.linear(x.double()) * (1.0 + 1e-9) - self.linear(x.double())
+        return y.float() * 1e9
+
+
+def test_float64_is_computed_in_float64_not_narrowed():
+    x = torch.randn(2, 4)
+    model = _Float64Head()
+    graph = from_torch(model, (x,))
+    assert {v.type.dtype for v in graph.values()} == {"float32", "float64"}
+    assert str(graph.constants["linear.weight"].dtype) == "float64"
+    out = ir.interpret(graph, {graph.inputs[0].name: x.numpy()})
+    (actual,) = out.values()
+    np.testing.assert_allclose(actual, model(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+    assert np.abs(actual).max() > 1e-3  # in float32 the difference would be exactly 0
