@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tvm import relax
 
+from reshift.codegen.tvm.kernels import conv_transpose_cpu
 from reshift.codegen.tvm.lower import LowerContext, lowering, op
 from reshift.ir.graph import Node
 
@@ -32,7 +33,11 @@ def lower_conv3d(ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b:
 def lower_conv_transpose(
     ctx: LowerContext, node: Node, x: relax.Expr, w: relax.Expr, b: relax.Expr | None
 ) -> relax.Expr:
-    """Relax conv2d_transpose / conv3d_transpose (the registry's attributes are Relax's)."""
+    """Relax conv2d_transpose / conv3d_transpose (the registry's attributes are Relax's); on the CPU a
+    ``kernel == stride`` one runs as a 1x1 conv kernel plus a depth-to-space copy (``conv_transpose_cpu``)."""
+    fast = conv_transpose_cpu.conv_transpose2d(ctx, node, x) if node.op == "conv_transpose2d" else None
+    if fast is not None:
+        return fast
     attrs = node.attrs
     transpose = op.nn.conv2d_transpose if node.op == "conv_transpose2d" else op.nn.conv3d_transpose
     y = ctx.emit(

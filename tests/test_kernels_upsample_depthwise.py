@@ -1,0 +1,64 @@
+"""The CPU kernels of PP-OCR-style nets against the interpreter: ``kernel == stride`` transposed
+convs (kernels/conv_transpose_cpu.py) and depthwise convs (kernels/depthwise_cpu.py).
+
+Symbolic batch (1 and 2 through one build), odd channel counts, pads that crop, no bias; within
+1e-5 relative (max |diff| / max |reference|). Negative cases keep Relax's reference lowering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from reshift.codegen.tvm import build, lower  # noqa: E402
+from reshift.ir import GraphBuilder, interpret  # noqa: E402
+
+RNG = np.random.default_rng(5)
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _check(graph, shape):
+    vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
+    for batch in (1, 2):
+        x = f32(batch, *shape)
+        expected = interpret(graph, {"x": x})[graph.outputs[0].name]
+        actual = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert actual.shape == expected.shape
+        error = np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max()
+        assert error <= 1e-5, f"{graph.name} batch {batch}: relative error {error:.3g}"
+
+
+# (in ch, out ch, h, w, stride == kernel, padding, bias)
+TRANSPOSED = [
+    (24, 24, 10, 10, (2, 2), (0, 0, 0, 0), False),  # PP-OCRv4 det's head
+    (24, 1, 12, 8, (2, 2), (0, 0, 0, 0), True),
+    (5, 7, 6, 9, (3, 2), (1, 0, 2, 1), True),  # pads crop the depth-to-space copy
+]
+
+
+@pytest.mark.parametrize("case", TRANSPOSED, ids=lambda c: f"{c[0]}-{c[1]}-s{c[4][0]}{c[4][1]}-p{sum(c[5])}")
+def test_conv_transpose_as_1x1_matches_interpreter(case):
+    c, oc, h, w, stride, padding, bias = case
+    b = GraphBuilder("deconv")
+    x = b.input("x", f"f32[N,{c},{h},{w}]")
+    bias_value = b.constant(f32(oc)) if bias else None
+    y = b.conv_transpose2d(x, b.constant(f32(c, oc, *stride)), bias_value, stride=stride, padding=padding)
+    graph = b.build(y)
+    assert "depth_to_space" in lower(graph).script()
+    _check(graph, (c, h, w))
+
+
+def test_conv_transpose_overlapping_keeps_relax():
+    """kernel 3, stride 2: windows overlap, no 1x1 form."""
+    b = GraphBuilder("deconv3")
+    x = b.input("x", "f32[N,4,5,6]")
+    graph = b.build(b.conv_transpose2d(x, b.constant(f32(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)))
+    assert "depth_to_space" not in lower(graph).script()
