@@ -26,12 +26,28 @@ from typing import Any
 import numpy as np
 import onnx
 
-from reshift.errors import IRTypeError, ModelLoadError, ReshiftError, ResourceLimitError, UnsupportedOpError
+from reshift.errors import (
+    IRTypeError,
+    ModelLoadError,
+    ReshiftError,
+    ResourceLimitError,
+    SymbolicShapeError,
+    UnsupportedOpError,
+)
 from reshift.frontend import onnx_resize, onnx_rnn  # noqa: F401 -- register Resize, LSTM/GRU
 from reshift.frontend.onnx_ops import ONNX_CONVERTERS, NotConvertible, onnx_attrs
 from reshift.frontend.onnx_tensors import tensor_to_array, type_name
 from reshift.frontend.onnx_upgrade import OLDEST_OPSET, default_opset, upgrade_opset
-from reshift.frontend.shape_eval import SYM_OPS, SYM_PASSTHROUGH, SYMBOL, ShapeEvalError, has_sym, normalize
+from reshift.frontend.shape_eval import (
+    SYM_OPS,
+    SYM_PASSTHROUGH,
+    SYMBOL,
+    ShapeEvalError,
+    Sym,
+    SymbolNames,
+    has_sym,
+    normalize,
+)
 from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
 from reshift.ir.limits import check_array_size, check_type_size
 from reshift.ir.ops import REQUIRED, infer_types
@@ -200,6 +216,7 @@ class _Conversion:
         self._hint = "v"
         self._materialized: dict[int, tuple[np.ndarray, Value]] = {}
         self._names: dict[int, str] = {}
+        self.dim_symbols = SymbolNames(proto.graph, initializers={t.name for t in proto.graph.initializer})
 
     # -- the API converters use ---------------------------------------------------------------
     def op(self, op: str, *inputs: Operand | None, **attrs: Any) -> Operand | list[Operand]:
@@ -333,15 +350,8 @@ class _Conversion:
                 raise ModelLoadError(f"{where}: axis {axis} has negative size {dim.dim_value}")
             if dim.HasField("dim_value") and dim.dim_value >= 0:  # -1 (Paddle's exports): unknown, as dim_param
                 dims.append(int(dim.dim_value))
-            elif axis == 0:
-                dims.append(SYMBOL)
-            else:
-                label = dim.dim_param or "?"
-                raise ModelLoadError(
-                    f"{where}: axis {axis} is symbolic ({label!r}); reshift allows a symbolic batch (axis 0) "
-                    f"only. Export with a fixed size or pass input_shapes={{{value_info.name!r}: (...)}} "
-                    f"(CLI: --input-shape {value_info.name}=D1,D2,...)."
-                )
+            else:  # axis 0 is the batch N; other axes get their own symbol (from dim_param)
+                dims.append(self.dim_symbols.symbol(value_info.name, axis, dim.dim_param))
         check_array_size([1 if isinstance(d, str) else d for d in dims], dtype, where)
         return TensorType(tuple(dims), dtype)
 
@@ -367,7 +377,11 @@ class _Conversion:
                 for result in results if isinstance(results, list) else [results]:
                     if isinstance(result, Value):
                         self.shape_only.add(id(result))
+        except SymbolicShapeError as exc:
+            raise self._symbolic_error(where, node, exc) from None
         except (NotConvertible, ShapeEvalError, IRTypeError) as exc:
+            if self._non_batch_symbols(inputs):
+                raise self._symbolic_error(where, node, exc) from None
             raise ModelLoadError(f"{where}: {exc}") from None
         except ResourceLimitError as exc:
             raise ResourceLimitError(f"{where}: {exc}") from None
@@ -386,6 +400,36 @@ class _Conversion:
                 self.env[name] = result
             else:
                 self.missing[name] = f"output {index} of node {label!r} ({node.op_type}) is not supported"
+
+    def _non_batch_symbols(self, inputs: list) -> set[str]:
+        """The symbols other than the batch that a node's inputs mention (types or shape vectors)."""
+        found: set[str] = set()
+        for x in inputs:
+            if isinstance(x, Value):
+                found |= x.type.symbols
+            elif isinstance(x, np.ndarray) and has_sym(x):
+                found |= {s for e in x.flat if isinstance(e, Sym) for s in e.symbols}
+        return found - {SYMBOL}
+
+    def _symbolic_error(self, where: str, node: onnx.NodeProto, exc: Exception) -> SymbolicShapeError:
+        """A node that cannot keep a symbolic dim: name the inputs/axes it comes from and the way out."""
+        inputs = [self.env.get(name) for name in node.input if name]
+        symbols = self._non_batch_symbols(inputs) or set(getattr(exc, "symbols", {}))
+        origins = {s: self.dim_symbols.origins.get(s, []) for s in sorted(symbols)}
+        named = "; ".join(
+            f"{s} is " + ", ".join(f"axis {axis} of input {name!r}" for name, axis in axes)
+            for s, axes in origins.items()
+        )
+        pins = " ".join(
+            f"--input-shape {name}=D1,D2,..." for name in sorted({n for a in origins.values() for n, _ in a})
+        )
+        return SymbolicShapeError(
+            f"{where}: {node.op_type} cannot keep the symbolic dimension(s) {', '.join(sorted(symbols))} "
+            f"({named or 'from the graph inputs'}): {exc}. Pin them for a static build "
+            f"(input_shapes={{...}}, CLI: {pins or '--input-shape NAME=D1,D2,...'}), or call reshift.compile "
+            "without pins to specialize per input shape at run time.",
+            origins,
+        )
 
     def _convert(self, node: onnx.NodeProto, inputs: list, shape_only: bool):
         attrs = onnx_attrs(node)
@@ -424,11 +468,21 @@ class _Conversion:
         return results
 
     def _probe_env(self, batch: int) -> dict[str, Operand]:
+        """The environment of a conversion at concrete sizes: N = ``batch``, others by :meth:`SymbolNames.probe`."""
         shapes = dict(self.input_shapes)
+        probe_index = PROBE_BATCHES.index(batch)
         for value_info in self.proto.graph.input:
             dims = value_info.type.tensor_type.shape.dim
-            if value_info.name not in shapes and dims and not dims[0].HasField("dim_value"):
-                shapes[value_info.name] = (batch,) + tuple(d.dim_value for d in dims[1:])
+            if value_info.name in shapes or all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+                continue
+            concrete = []
+            for axis, d in enumerate(dims):
+                if d.HasField("dim_value") and d.dim_value >= 0:
+                    concrete.append(int(d.dim_value))
+                else:
+                    symbol = self.dim_symbols.symbol(value_info.name, axis, d.dim_param)
+                    concrete.append(batch if symbol == SYMBOL else self.dim_symbols.probe(symbol, probe_index))
+            shapes[value_info.name] = tuple(concrete)
         probe = _Conversion(self.proto, self.source, self.opset, shapes, probe=True, input_values=self.input_values)
         try:
             probe.run()
@@ -439,6 +493,8 @@ class _Conversion:
     def _batch_invariant(self, small: np.ndarray, large: np.ndarray) -> Operand | None:
         if small.shape == large.shape:
             return small if np.array_equal(small, large) else None
+        if set(self.dim_symbols.origins) - {SYMBOL}:
+            return None  # other symbols vary between the probes too: a changed axis is not the batch's alone
         axes = [i for i, (a, b) in enumerate(zip(small.shape, large.shape, strict=False)) if a != b]
         if small.ndim != large.ndim or len(axes) != 1:
             return None

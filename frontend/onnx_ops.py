@@ -17,7 +17,7 @@ import onnx
 
 from reshift.errors import ModelLoadError
 from reshift.frontend.onnx_tensors import tensor_to_array
-from reshift.frontend.shape_eval import Sym, known_to_dim, shape_vector
+from reshift.frontend.shape_eval import Sym, dim_to_known, known_to_dim, shape_vector
 from reshift.ir.limits import check_array_size
 from reshift.ir.types import FLOAT_DTYPES, dims_product, split_dim
 
@@ -344,7 +344,7 @@ def _size(ctx, node, ins, at):
     if symbol is None:
         return np.asarray(coefficient, dtype=np.int64)
     out = np.empty((), dtype=object)
-    out[()] = Sym(coefficient)
+    out[()] = dim_to_known(count)
     return out
 
 

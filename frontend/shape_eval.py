@@ -1,10 +1,11 @@
-"""Partial evaluation of shape arithmetic that may involve the symbolic batch size.
+"""Partial evaluation of shape arithmetic that may involve symbolic sizes (batch, sequence, ...).
 
 Exporters compute shapes at run time (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape``).
 The ONNX frontend evaluates those chains at conversion time over *known* values: numpy
-arrays whose elements are ints or :class:`Sym` (an integer multiple of the batch symbol), so a
-``Reshape`` gets a static target such as ``("N", 197, 6, 64)``. Arrays without a :class:`Sym`
-are ordinary int64 arrays and fold through the op registry's numpy references instead.
+arrays whose elements are ints or :class:`Sym` (a monomial ``k*N*S`` of the graph's symbols,
+the IR's symbolic dimension), so a ``Reshape`` gets a static target such as
+``("N", "S", 6, 64)``. Arrays without a :class:`Sym` are ordinary int64 arrays and fold
+through the op registry's numpy references instead.
 """
 
 from __future__ import annotations
@@ -14,22 +15,27 @@ from collections.abc import Callable
 import numpy as np
 
 from reshift.errors import ReshiftError
-from reshift.ir.types import Dim, make_dim, split_dim
+from reshift.ir.types import Dim, dim_terms, monomial
 
-SYMBOL = "N"
+SYMBOL = "N"  # the batch symbol: a symbolic axis 0 of a graph input
 
 
 class ShapeEvalError(ReshiftError):
-    """A shape computation cannot be evaluated without knowing the batch size."""
+    """A shape computation cannot be evaluated without knowing the symbolic sizes."""
 
 
 class Sym:
-    """``coefficient * N``: a dimension that scales with the symbolic batch size."""
+    """``coefficient * prod(symbols)``: a size that scales with symbolic dimensions (``4*N*S``)."""
 
-    __slots__ = ("coefficient",)
+    __slots__ = ("coefficient", "symbols")
 
-    def __init__(self, coefficient: int):
+    def __init__(self, coefficient: int, symbols: tuple[str, ...] = (SYMBOL,)):
         self.coefficient = int(coefficient)
+        self.symbols = tuple(sorted(symbols))
+
+    @property
+    def dim(self) -> Dim:
+        return monomial(self.coefficient, self.symbols)
 
     @staticmethod
     def _other(other):
@@ -37,82 +43,93 @@ class Sym:
             return other
         if isinstance(other, (int, np.integer)):
             return int(other)
-        raise ShapeEvalError(f"cannot combine the batch size with {other!r}")
+        raise ShapeEvalError(f"cannot combine a symbolic size with {other!r}")
 
     def __mul__(self, other):
         other = self._other(other)
         if isinstance(other, Sym):
-            raise ShapeEvalError("the product of two batch-dependent sizes is not a dimension")
-        return Sym(self.coefficient * other) if other else 0
+            return _known(self.coefficient * other.coefficient, self.symbols + other.symbols)
+        return _known(self.coefficient * other, self.symbols)
 
     __rmul__ = __mul__
 
     def __floordiv__(self, other):
         other = self._other(other)
-        if isinstance(other, Sym):
-            if self.coefficient % other.coefficient:
+        divisor, symbols = (other.coefficient, other.symbols) if isinstance(other, Sym) else (other, ())
+        rest = list(self.symbols)
+        for symbol in symbols:
+            if symbol not in rest:
                 raise ShapeEvalError(f"{self} is not a multiple of {other}")
-            return self.coefficient // other.coefficient
-        if other <= 0 or self.coefficient % other:
-            raise ShapeEvalError(f"{self} / {other} is not a whole dimension for every batch size")
-        return Sym(self.coefficient // other)
+            rest.remove(symbol)
+        if divisor == 0 or self.coefficient % divisor:
+            raise ShapeEvalError(f"{self} / {other} is not a whole dimension for every size")
+        return _known(self.coefficient // divisor, tuple(rest))
 
     __truediv__ = __floordiv__
 
     def __rfloordiv__(self, other):
-        raise ShapeEvalError(f"cannot divide {other!r} by the batch size")
+        raise ShapeEvalError(f"cannot divide {other!r} by the symbolic size {self}")
 
     __rtruediv__ = __rfloordiv__
 
     def __add__(self, other):
         other = self._other(other)
-        if isinstance(other, Sym):
-            return Sym(self.coefficient + other.coefficient)
-        if other == 0:
+        if isinstance(other, Sym) and other.symbols == self.symbols:
+            return _known(self.coefficient + other.coefficient, self.symbols)
+        if not isinstance(other, Sym) and other == 0:
             return self
-        raise ShapeEvalError(f"{self} + {other} is not a multiple of the batch size")
+        raise ShapeEvalError(f"{self} + {other} is not a single symbolic dimension (a monomial such as 2*N)")
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return self + (-1) * other if not isinstance(other, Sym) else self + Sym(-other.coefficient)
+        return self + (-1) * other if not isinstance(other, Sym) else self + (-other)
 
     def __rsub__(self, other):
-        return Sym(-self.coefficient) + other
+        return (-self) + other
 
     def __neg__(self):
-        return Sym(-self.coefficient)
+        return Sym(-self.coefficient, self.symbols)
 
     def __eq__(self, other):
         if isinstance(other, Sym):
-            return self.coefficient == other.coefficient
-        return False  # the batch size is treated as unknown, never a particular number
+            return self.coefficient == other.coefficient and self.symbols == other.symbols
+        return False  # a symbolic size is treated as unknown, never a particular number
 
     def __ne__(self, other):
         return not self == other
 
     def __hash__(self):
-        return hash(("Sym", self.coefficient))
+        return hash(("Sym", self.coefficient, self.symbols))
 
     def __int__(self):
-        raise ShapeEvalError(f"{self} has no fixed value; it depends on the batch size")
+        raise ShapeEvalError(f"{self} has no fixed value; it depends on the symbolic sizes {', '.join(self.symbols)}")
 
     __index__ = __int__
 
     def __repr__(self):
-        return str(make_dim(self.coefficient, SYMBOL))
+        if self.coefficient < 0:
+            return f"-{monomial(-self.coefficient, self.symbols)}"
+        return str(self.dim)
+
+
+def _known(coefficient: int, symbols: tuple[str, ...]):
+    """A known element: an int without symbols (or for 0), else a :class:`Sym`."""
+    return int(coefficient) if not symbols or coefficient == 0 else Sym(coefficient, symbols)
 
 
 def dim_to_known(dim: Dim):
-    """An IR dimension (``7`` or ``"4*N"``) as a known element (``7`` or ``Sym(4)``)."""
-    coefficient, symbol = split_dim(dim)
-    return coefficient if symbol is None else Sym(coefficient)
+    """An IR dimension (``7`` or ``"4*N*S"``) as a known element (``7`` or ``Sym(4, ("N", "S"))``)."""
+    coefficient, symbols = dim_terms(dim)
+    return coefficient if not symbols else Sym(coefficient, symbols)
 
 
 def known_to_dim(element) -> Dim:
     """Inverse of :func:`dim_to_known`, for writing a known shape vector into an attribute."""
     if isinstance(element, Sym):
-        return make_dim(element.coefficient, SYMBOL)
+        if element.coefficient <= 0:
+            raise ShapeEvalError(f"{element} is not a size (negative for every value of its symbols)")
+        return element.dim
     return int(element)
 
 
@@ -158,7 +175,7 @@ def _div(a, b):
 def _compare(fn: Callable) -> Callable:
     def compare(a, b):
         if isinstance(a, Sym) or isinstance(b, Sym):
-            raise ShapeEvalError("cannot order a batch-dependent size against a number")
+            raise ShapeEvalError(f"cannot order the symbolic size {a if isinstance(a, Sym) else b} against a number")
         return fn(a, b)
 
     return compare
@@ -168,13 +185,13 @@ def _max(a, b):
     if isinstance(b, Sym) and not isinstance(a, Sym):
         a, b = b, a
     if isinstance(a, Sym) and not isinstance(b, Sym) and b <= 1:
-        return a  # the batch size is at least 1
+        return a  # a symbolic size is at least 1
     return _compare(max)(a, b)
 
 
 def _cast(x, dtype):
     if dtype not in ("int64", "int32"):
-        raise ShapeEvalError(f"cannot cast a batch-dependent shape to {dtype}")
+        raise ShapeEvalError(f"cannot cast a shape holding symbolic sizes to {dtype}")
     return x
 
 
@@ -199,3 +216,58 @@ SYM_OPS: dict[str, Callable] = {
     "neg": lambda x: _elementwise(lambda a, _: -a)(x, 0),
 }
 SYM_PASSTHROUGH = frozenset({"reshape", "concat", "gather", "slice", "transpose", "expand", "split"})
+
+
+class SymbolNames:
+    """The IR symbol of every symbolic axis of an ONNX model's graph inputs.
+
+    Axis 0 is the batch ``N`` (and so is its ``dim_param`` wherever else it appears); another
+    axis takes its ``dim_param`` made an identifier (``"sequence length"`` -> ``sequence_length``),
+    shared by every axis naming it, so ``input_ids`` and ``attention_mask`` agree on ``[N, seq]``;
+    an unnamed or ``-1`` axis gets a fresh ``S1``, ``S2``... ``origins`` records where each
+    symbol comes from, for error messages and for pinning it (:mod:`reshift.specializing`).
+    """
+
+    def __init__(self, graph, initializers: set[str] = frozenset()):
+        self.origins: dict[str, list[tuple[str, int]]] = {}
+        self._by_param: dict[str, str] = {}
+        self._by_axis: dict[tuple[str, int], str] = {}
+        self._fresh = 0
+        for value_info in graph.input:
+            dims = value_info.type.tensor_type.shape.dim if value_info.name not in initializers else []
+            if dims and dims[0].dim_param:
+                self._by_param[dims[0].dim_param] = SYMBOL
+
+    def symbol(self, input_name: str, axis: int, dim_param: str = "") -> str:
+        """The symbol of ``input_name``'s symbolic ``axis`` (the same answer every time it is asked)."""
+        key = (input_name, axis)
+        if key not in self._by_axis:
+            if axis == 0:
+                symbol = SYMBOL
+            elif dim_param in self._by_param:
+                symbol = self._by_param[dim_param]
+            else:
+                symbol = self._new(dim_param)
+                if dim_param:
+                    self._by_param[dim_param] = symbol
+            self._by_axis[key] = symbol
+            self.origins.setdefault(symbol, []).append(key)
+        return self._by_axis[key]
+
+    def _new(self, dim_param: str) -> str:
+        taken = {SYMBOL, *self._by_param.values(), *self.origins}
+        name = "".join(c if c.isalnum() or c == "_" else "_" for c in dim_param.strip()).strip("_")
+        if name and name[0].isdigit():
+            name = f"S_{name}"
+        if not name.isascii():
+            name = ""
+        while not name or name in taken:
+            self._fresh += 1
+            name = f"S{self._fresh}"
+        return name
+
+    def probe(self, symbol: str, index: int) -> int:
+        """A concrete size for a non-batch symbol in probe conversion ``index`` (0 or 1): distinct per symbol."""
+        rank = sorted(s for s in self.origins if s != SYMBOL).index(symbol) if symbol in self.origins else 0
+        base = 5 + 2 * rank
+        return base if index == 0 else 2 * base + 1

@@ -7,7 +7,7 @@ from reshift.ir.ops import get_op
 
 
 def graph_macs(graph: Graph, batch: int = 1) -> int:
-    """Multiply-accumulates of one run with every symbolic dimension's symbol set to ``batch``."""
+    """Multiply-accumulates of one run with every symbol (batch, sequence, ...) set to ``batch``."""
     total = 0
     symbols = set().union(*(v.type.symbols for v in graph.inputs)) if graph.inputs else set()
     bindings = {s: batch for s in symbols}

@@ -10,7 +10,7 @@ from reshift.errors import ExecutionError, InputError
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.limits import check_array_size
 from reshift.ir.ops import get_op, resolve_symbolic_attrs
-from reshift.ir.types import numpy_dtype, split_dim
+from reshift.ir.types import dim_terms, numpy_dtype, resolve_dim
 
 
 def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.ndarray], dict[str, int]]:
@@ -31,6 +31,7 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
             + (f"unexpected {unexpected}" if unexpected else "")
         )
     bindings: dict[str, int] = {}
+    bound_at: dict[str, str] = {}  # symbol -> "input 'x' axis 1", for the conflict message
     env: dict[Value, np.ndarray] = {}
     for name, value in expected.items():
         array = np.asarray(inputs[name])
@@ -39,15 +40,27 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
         if array.ndim != value.type.rank:
             raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape}")
         for axis, (dim, actual) in enumerate(zip(value.shape, array.shape, strict=True)):
-            coefficient, symbol = split_dim(dim)
-            if symbol is None:
-                if actual != coefficient:
-                    raise InputError(f"input {name!r}: expected {value.type}, got shape {array.shape} (axis {axis})")
-            elif actual % coefficient or bindings.setdefault(symbol, actual // coefficient) != actual // coefficient:
-                raise InputError(
-                    f"input {name!r}: axis {axis} is {actual}, inconsistent with {symbol}={bindings[symbol]}"
-                )
+            coefficient, symbols = dim_terms(dim)
+            if len(symbols) == 1 and actual % coefficient == 0 and symbols[0] not in bindings:
+                bindings[symbols[0]] = actual // coefficient
+                bound_at[symbols[0]] = f"input {name!r} axis {axis}"
         env[value] = array
+    for name, value in expected.items():  # every axis against the bindings, products of symbols too
+        shape = env[value].shape
+        for axis, (dim, actual) in enumerate(zip(value.shape, shape, strict=True)):
+            symbols = dim_terms(dim)[1]
+            unbound = [s for s in symbols if s not in bindings]
+            if unbound:
+                raise InputError(
+                    f"input {name!r}: expected {value.type}, got shape {shape}: axis {axis} ({dim}) is {actual}, "
+                    f"which gives no whole value for {unbound[0]}"
+                )
+            if resolve_dim(dim, bindings) != actual:
+                sources = "; ".join(f"{s}={bindings[s]} from {bound_at[s]}" for s in sorted(set(symbols)))
+                raise InputError(
+                    f"input {name!r}: expected {value.type}, got shape {shape}: axis {axis} is {actual}, "
+                    + (f"inconsistent with {sources}" if symbols else f"not {dim}")
+                )
     return env, bindings
 
 

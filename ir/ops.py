@@ -25,7 +25,7 @@ from reshift.ir.shapes import (
     require_same_dtype,
     window_output,
 )
-from reshift.ir.types import FLOAT_DTYPES, INT_DTYPES, Dim, TensorType, numpy_dtype, split_dim
+from reshift.ir.types import FLOAT_DTYPES, INT_DTYPES, Dim, TensorType, numpy_dtype, resolve_dim
 
 REQUIRED = object()
 BOOL = frozenset({"bool"})
@@ -495,11 +495,7 @@ register(
 
 
 def _resolve_shape_attr(shape: tuple[Dim, ...], bindings: dict[str, int]) -> tuple[int, ...]:
-    out = []
-    for d in shape:
-        coefficient, symbol = split_dim(d) if d != -1 else (-1, None)
-        out.append(coefficient * bindings[symbol] if symbol else coefficient)
-    return tuple(out)
+    return tuple(-1 if d == -1 else resolve_dim(d, bindings) for d in shape)
 
 
 def resolve_symbolic_attrs(opdef: OpDef, attrs: dict[str, Any], bindings: dict[str, int]) -> dict[str, Any]:

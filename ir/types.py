@@ -1,9 +1,12 @@
-"""Tensor types of the IR: static shapes with at most one symbolic batch dimension.
+"""Tensor types of the IR: static shapes whose dimensions may be symbolic monomials.
 
-A dimension is an ``int`` or a symbolic ``str``. A symbolic dimension is either the batch
-symbol itself (``"N"``) or an integer multiple of it (``"197*N"``), which is what flattening
-the batch into the next dimension produces (``view(B*197, 384)``). Only one symbol may appear
-in a graph; :func:`dim_mul` and :func:`dim_div` keep that closed under reshape arithmetic.
+A dimension is an ``int`` or a symbolic ``str``: a monomial ``k*A*B...``, a positive integer
+coefficient times a product of symbols (a symbol may repeat), written canonically with the
+coefficient first (omitted when 1) and the symbols sorted: ``"N"``, ``"197*N"``, ``"12*N*S"``.
+Monomials are what flattening and head reshapes produce (``[N, S, 384] -> [N*S, 384]``,
+``[N*S, 384] -> [N, S, 6, 64]``), so :func:`dim_mul` and :func:`dim_div` are closed over them;
+a sum of two different monomials (``S + 1``) is not a dimension and is refused. A graph may hold
+several symbols (batch ``N``, sequence length ``S``, ...); each is bound from the inputs at run time.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SHORT_DTYPES: dict[str, str] = {short: name for name, short in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float32", "float64", "float16", "bfloat16"})
 INT_DTYPES = frozenset({"int8", "uint8", "int32", "int64"})
 
-_SYMBOLIC_DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
+_SYMBOLIC_DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*(?:\*[A-Za-z_][A-Za-z0-9_]*)*)$")
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
@@ -55,39 +58,75 @@ def dtype_of_array(array: np.ndarray) -> str:
     raise IRTypeError(f"numpy dtype {name!r} is not supported; expected one of {', '.join(DTYPES)}")
 
 
-def split_dim(dim: Dim) -> tuple[int, str | None]:
-    """A dimension as ``(coefficient, symbol)``: ``7 -> (7, None)``, ``"4*N" -> (4, "N")``."""
+def dim_terms(dim: Dim) -> tuple[int, tuple[str, ...]]:
+    """A dimension as ``(coefficient, sorted symbols)``: ``7 -> (7, ())``, ``"4*S*N" -> (4, ("N", "S"))``."""
     if isinstance(dim, (int, np.integer)):
-        return int(dim), None
-    match = _SYMBOLIC_DIM.match(dim)
+        return int(dim), ()
+    match = _SYMBOLIC_DIM.match(dim) if isinstance(dim, str) else None
     if match is None:
-        raise IRTypeError(f"malformed symbolic dimension {dim!r}; expected 'N' or 'K*N'")
-    return int(match.group(1) or 1), match.group(2)
+        raise IRTypeError(f"malformed symbolic dimension {dim!r}; expected e.g. 'N', '4*N' or '12*N*S'")
+    coefficient = int(match.group(1) or 1)
+    if coefficient == 0:
+        raise IRTypeError(f"malformed symbolic dimension {dim!r}: a zero coefficient is the number 0")
+    return coefficient, tuple(sorted(match.group(2).split("*")))
+
+
+def monomial(coefficient: int, symbols: tuple[str, ...] | list[str] = ()) -> Dim:
+    """The canonical dimension ``coefficient * prod(symbols)`` (an int without symbols or for 0)."""
+    if not symbols or coefficient == 0:
+        return int(coefficient)
+    text = "*".join(sorted(symbols))
+    return text if coefficient == 1 else f"{coefficient}*{text}"
+
+
+def canonical_dim(dim: Dim) -> Dim:
+    """A dimension in canonical form (``"S*N"`` -> ``"N*S"``, ``"1*N"`` -> ``"N"``)."""
+    return monomial(*dim_terms(dim))
+
+
+def dim_symbols(dim: Dim) -> set[str]:
+    """The distinct symbols a dimension mentions."""
+    return set(dim_terms(dim)[1])
+
+
+def split_dim(dim: Dim) -> tuple[int, str | None]:
+    """A dimension as ``(coefficient, symbolic part)``: ``7 -> (7, None)``, ``"4*N*S" -> (4, "N*S")``.
+
+    The symbolic part is the canonical product text; callers that need the symbols use
+    :func:`dim_terms`.
+    """
+    coefficient, symbols = dim_terms(dim)
+    return coefficient, "*".join(symbols) if symbols else None
 
 
 def make_dim(coefficient: int, symbol: str | None) -> Dim:
-    """Inverse of :func:`split_dim`."""
+    """Inverse of :func:`split_dim` (``symbol`` may be a product such as ``"N*S"``)."""
     if symbol is None:
         return coefficient
-    return symbol if coefficient == 1 else f"{coefficient}*{symbol}"
+    return monomial(coefficient, tuple(symbol.split("*")))
 
 
 def dim_mul(a: Dim, b: Dim) -> Dim:
-    """Product of two dimensions; at most one of them may be symbolic."""
-    (ca, sa), (cb, sb) = split_dim(a), split_dim(b)
-    if sa is not None and sb is not None:
-        raise IRTypeError(f"cannot multiply two symbolic dimensions {a!r} and {b!r}")
-    return make_dim(ca * cb, sa or sb)
+    """Product of two dimensions: coefficients multiply, symbol products concatenate."""
+    (ca, sa), (cb, sb) = dim_terms(a), dim_terms(b)
+    return monomial(ca * cb, sa + sb)
 
 
 def dim_div(a: Dim, b: Dim) -> Dim:
-    """Exact quotient ``a / b`` of dimensions, or an error if it is not a whole dimension."""
-    (ca, sa), (cb, sb) = split_dim(a), split_dim(b)
-    if sb is not None and sa != sb:
-        raise IRTypeError(f"cannot divide {a!r} by {b!r}")
+    """Exact quotient ``a / b`` of dimensions, or an error if it is not a whole dimension.
+
+    ``b``'s symbols must all occur in ``a`` (with multiplicity) and its coefficient must divide
+    ``a``'s: ``"12*N*S" / "4*S" = "3*N"``, but ``"N" / 2`` is refused (not whole for every N).
+    """
+    (ca, sa), (cb, sb) = dim_terms(a), dim_terms(b)
+    rest = list(sa)
+    for symbol in sb:
+        if symbol not in rest:
+            raise IRTypeError(f"cannot divide {a!r} by {b!r}: {symbol} does not divide it")
+        rest.remove(symbol)
     if cb == 0 or ca % cb:
         raise IRTypeError(f"{a!r} is not divisible by {b!r}")
-    return make_dim(ca // cb, None if sb is not None else sa)
+    return monomial(ca // cb, rest)
 
 
 def dims_product(dims: tuple[Dim, ...] | list[Dim]) -> Dim:
@@ -100,12 +139,12 @@ def dims_product(dims: tuple[Dim, ...] | list[Dim]) -> Dim:
 
 def resolve_dim(dim: Dim, bindings: dict[str, int]) -> int:
     """The concrete value of a dimension given values for the symbols."""
-    coefficient, symbol = split_dim(dim)
-    if symbol is None:
-        return coefficient
-    if symbol not in bindings:
-        raise IRTypeError(f"symbolic dimension {symbol!r} has no value")
-    return coefficient * bindings[symbol]
+    coefficient, symbols = dim_terms(dim)
+    for symbol in symbols:
+        if symbol not in bindings:
+            raise IRTypeError(f"symbolic dimension {symbol!r} has no value")
+        coefficient *= bindings[symbol]
+    return coefficient
 
 
 @dataclass(frozen=True)
@@ -118,11 +157,9 @@ class TensorType:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise IRTypeError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        shape = tuple(d if isinstance(d, str) else int(d) for d in self.shape)
+        shape = tuple(canonical_dim(d) if isinstance(d, str) else int(d) for d in self.shape)
         for dim in shape:
-            if isinstance(dim, str):
-                split_dim(dim)
-            elif dim < 0:
+            if isinstance(dim, int) and dim < 0:
                 raise IRTypeError(f"negative dimension in shape {shape}")
         object.__setattr__(self, "shape", shape)
 
@@ -132,7 +169,7 @@ class TensorType:
 
     @property
     def symbols(self) -> set[str]:
-        return {s for s in (split_dim(d)[1] for d in self.shape) if s is not None}
+        return {s for d in self.shape for s in dim_terms(d)[1]}
 
     @property
     def is_static(self) -> bool:

@@ -73,3 +73,17 @@ class ExecutionError(ReshiftError):
 
 class ExportError(ReshiftError):
     """``torch.export`` could not trace a torch model; the message gives torch's reason and what to do."""
+
+
+class SymbolicShapeError(ModelLoadError, IRTypeError):
+    """An op cannot keep a symbolic dimension (a conv or pool over a symbolic height/width, whose
+    size would be an affine floor expression rather than a monomial such as ``4*N``).
+
+    ``symbols`` maps each symbol involved to the graph inputs and axes it comes from (filled in
+    by the frontend), so a caller can pin exactly those: :func:`reshift.compile` does so per call
+    shape (:mod:`reshift.specializing`), the CLI asks for ``--input-shape``.
+    """
+
+    def __init__(self, message: str, symbols: dict[str, list[tuple[str, int]]] | None = None):
+        super().__init__(message)
+        self.symbols = dict(symbols or {})

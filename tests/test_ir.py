@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from reshift import ir
 from reshift.errors import InputError, IRTypeError, ParseError, UnknownOpError, VerificationError
-from reshift.ir.types import TensorType, dim_div, dim_mul
+from reshift.ir.specialize import specialize, specialize_batch
+from reshift.ir.types import TensorType, dim_div, dim_mul, dims_product, make_dim, resolve_dim, split_dim
 
 TINY = """
 graph tiny(%x: f32[N,4]) {
@@ -123,10 +124,56 @@ def test_verify_reports_broken_invariants(rng):
         ir.verify(g)
 
 
-def test_verify_rejects_two_symbols():
-    g = ir.parse("graph g(%x: f32[N,4], %y: f32[M,4]) {\n %z: f32[N,4] = relu(%x) @r\n return %z, %y\n}")
-    with pytest.raises(VerificationError, match="more than one symbolic"):
-        ir.verify(g)
+TWO_SYMBOLS = """
+graph g(%x: f32[N,S,8], %m: f32[N,S]) {
+  %flat: f32[N*S,8] = reshape(%x) {shape=[N*S, 8]} @flat
+  %heads: f32[N,S,2,4] = reshape(%flat) {shape=[N, S, 2, 4]} @heads
+  %t: f32[N,2,S,4] = transpose(%heads) {perm=[0, 2, 1, 3]} @t
+  %p: f32[N,S,8] = reshape(%t) {shape=[N, S, 8]} @p
+  %mm: f32[N,S,1] = reshape(%m) {shape=[N, S, 1]} @mm
+  %y: f32[N,S,8] = mul(%p, %mm) @y
+  return %y
+}
+"""
+
+
+def test_two_symbols_through_text_verify_and_interpret():
+    g = ir.parse(TWO_SYMBOLS)
+    ir.verify(g)
+    assert ir.parse(str(g)).nodes[0].outputs[0].type == TensorType(("S*N", 8))  # canonical: N*S
+    rng = np.random.default_rng(0)
+    for n, s in ((1, 3), (2, 5)):
+        x, m = rng.standard_normal((n, s, 8)).astype(np.float32), rng.standard_normal((n, s)).astype(np.float32)
+        want = x.reshape(n, s, 2, 4).transpose(0, 2, 1, 3).reshape(n, s, 8) * m[..., None]
+        np.testing.assert_allclose(ir.interpret(g, {"x": x, "m": m})["y"], want, rtol=1e-6)
+    with pytest.raises(InputError, match=r"input 'm'.*axis 1 is 4, inconsistent with S=5 from input 'x' axis 1"):
+        ir.interpret(g, {"x": np.zeros((2, 5, 8), np.float32), "m": np.zeros((2, 4), np.float32)})
+
+
+def test_dim_algebra_over_monomials():
+    assert dim_mul("S", "4*N") == "4*N*S" and dim_mul("N*S", "N") == "N*N*S"
+    assert dim_div("12*N*S", "4*S") == "3*N" and dim_div("N*S", "N*S") == 1 and dim_div("384*N*S", 384) == "N*S"
+    assert resolve_dim("12*N*S", {"N": 2, "S": 3}) == 72 and dims_product(["N", "S", 6]) == "6*N*S"
+    assert make_dim(*split_dim("6*S*N")) == "6*N*S" and split_dim("6*S*N") == (6, "N*S")
+    for bad in (("N*S", "T"), ("N*S", "N*N"), ("3*N", 2)):
+        with pytest.raises(IRTypeError):
+            dim_div(*bad)
+    with pytest.raises(IRTypeError, match="has no value"):
+        resolve_dim("N*S", {"N": 2})
+
+
+@pytest.mark.parametrize("bad", ["N+1", "2*3*N", "N**2", "0*N", "N*", "*N"])
+def test_malformed_dims_are_refused(bad):
+    with pytest.raises(IRTypeError, match="malformed"):
+        TensorType(("N", bad))
+
+
+def test_specialize_binds_some_symbols():
+    g = specialize(ir.parse(TWO_SYMBOLS), {"S": 3})
+    assert g.inputs[0].type == TensorType(("N", 3, 8)) and g.nodes[0].attrs["shape"] == ("3*N", 8)
+    x, m = np.ones((2, 3, 8), np.float32), np.ones((2, 3), np.float32)
+    assert ir.interpret(g, {"x": x, "m": m})["y"].shape == (2, 3, 8)
+    assert specialize_batch(ir.parse(TWO_SYMBOLS), 2).inputs[1].type == TensorType((2, "S"))
 
 
 def test_builder_type_errors_name_the_node():
