@@ -153,11 +153,19 @@ class OnnxEmitter:
 
     # -- the batch symbol at run time -------------------------------------------------------------
     def symbolic_dim(self, dim: Dim) -> str:
-        """A 1-element int64 tensor holding ``dim`` (e.g. ``"197*N"``) for the input's batch."""
+        """A 1-element int64 tensor holding ``dim`` (``"197*N"``, ``"12*N*S"``) for the inputs' sizes."""
         coefficient, symbol = split_dim(dim)
         if symbol is None:
             return self.const(np.asarray([coefficient], np.int64), "dim")
         key = ("symbolic", coefficient, symbol)
+        if "*" in symbol and key not in self._cache:  # a product N*S: the product of each symbol's size
+            factors = [self.symbolic_dim(s) for s in symbol.split("*")]
+            value = factors[0]
+            for factor in factors[1:]:
+                value = self.one("Mul", [value, factor])
+            if coefficient != 1:
+                value = self.one("Mul", [value, self.const(np.asarray([coefficient], np.int64), "dim")])
+            self._cache[key] = value
         if key not in self._cache:
             source = next(
                 (

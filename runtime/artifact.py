@@ -48,7 +48,7 @@ _ARCH_ALIASES = {
     "armv8": "aarch64",
     "riscv64": "riscv64",
 }
-_SYMBOLIC_DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*)$")
+_SYMBOLIC_DIM = re.compile(r"^(?:(\d+)\*)?([A-Za-z_][A-Za-z0-9_]*(?:\*[A-Za-z_][A-Za-z0-9_]*)*)$")  # k*N*S
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -255,7 +255,7 @@ def check_target(meta: dict[str, Any], device: str, directory: str | Path = "") 
 
 
 def split_dim(dim: int | str) -> tuple[int, str | None]:
-    """``7 -> (7, None)``, ``"4*N" -> (4, "N")`` (the IR's symbolic dims, without importing the IR)."""
+    """``7 -> (7, None)``, ``"4*N" -> (4, "N")``, ``"4*N*S" -> (4, "N*S")`` (the IR's dims, without the IR)."""
     if isinstance(dim, int):
         return dim, None
     match = _SYMBOLIC_DIM.match(dim)

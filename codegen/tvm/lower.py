@@ -1,7 +1,7 @@
 """Lowering reshift's IR to a Relax IRModule: one function per op in the ``LOWERINGS`` table.
 
-``lower(graph)`` makes a Relax function ``main`` whose parameters are the graph inputs (the batch
-symbol ``N`` becomes one ``tirx.Var("N", "int64")``, ``"197*N"`` becomes ``197 * N``), whose weights
+``lower(graph)`` makes a Relax function ``main`` whose parameters are the graph inputs (each
+symbol becomes one ``tirx.Var``: ``N`` -> ``tirx.Var("N", "int64")``, ``"12*N*S"`` -> ``N * S * 12``), whose weights
 are bound as ``relax.const`` and which returns one tensor, or a tuple in graph-output order.
 Each lowering gets the context, the node and the Relax expressions of its inputs (``None`` for an
 absent optional input) and returns one expression or a list (one per node output). Where a Relax
@@ -19,7 +19,7 @@ from tvm import relax, tirx
 
 from reshift.errors import CodegenError
 from reshift.ir.graph import Graph, Node, Value
-from reshift.ir.types import Dim, numpy_dtype, split_dim
+from reshift.ir.types import Dim, dim_terms, numpy_dtype
 
 op = relax.op
 
@@ -84,16 +84,19 @@ class LowerContext:
         return readers[0] if len(readers) == 1 and value not in self.graph_outputs else None
 
     def dim(self, dim: Dim) -> int | tirx.PrimExpr:
-        coefficient, symbol = split_dim(dim)
-        if symbol is None:
+        """An IR dimension as a TIR expression: ``"12*N*S"`` -> ``N * S * 12`` over the input vars."""
+        coefficient, symbols = dim_terms(dim)
+        if not symbols:
             return coefficient
-        if symbol in self.multiples and coefficient % self.multiples[symbol][0] == 0:
-            k, total = self.multiples[symbol]
+        if len(symbols) == 1 and symbols[0] in self.multiples and coefficient % self.multiples[symbols[0]][0] == 0:
+            k, total = self.multiples[symbols[0]]
             return total if coefficient == k else total * (coefficient // k)
-        if symbol not in self.symbols:
-            self.symbols[symbol] = tirx.Var(symbol, "int64")
-        var = self.symbols[symbol]
-        return var if coefficient == 1 else var * coefficient
+        expr = None
+        for symbol in symbols:
+            if symbol not in self.symbols:
+                self.symbols[symbol] = tirx.Var(symbol, "int64")
+            expr = self.symbols[symbol] if expr is None else expr * self.symbols[symbol]
+        return expr if coefficient == 1 else expr * coefficient
 
     def shape(self, value: Value) -> list[int | tirx.PrimExpr]:
         return [self.dim(d) for d in value.shape]
@@ -194,11 +197,14 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
     symbols: dict[str, tirx.PrimExpr] = {}
     multiples: dict[str, tuple[int, tirx.Var]] = {}
     coefficients: dict[str, set[int]] = {}
+    products: list[str] = []
     for value in graph.inputs:
         for dim in value.shape:
-            coefficient, symbol = split_dim(dim)
-            if symbol is not None:
-                coefficients.setdefault(symbol, set()).add(coefficient)
+            coefficient, names = dim_terms(dim)
+            if len(names) == 1:
+                coefficients.setdefault(names[0], set()).add(coefficient)
+            elif names:
+                products.append(f"%{value.name}: {value.type}")
     for symbol, seen in coefficients.items():
         if 1 in seen:
             symbols[symbol] = tirx.Var(symbol, "int64")
@@ -207,6 +213,12 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
             total = tirx.Var(f"{k}x{symbol}", "int64")
             multiples[symbol] = (k, total)
             symbols[symbol] = tirx.floordiv(total, k)
+    unbound = sorted({s for v in graph.inputs for s in v.type.symbols} - set(symbols))
+    if unbound:  # an input axis N*S with neither N nor S alone on another axis: nothing to bind them from
+        raise CodegenError(
+            f"the symbols {unbound} appear only inside products in the graph inputs ({', '.join(products)}); "
+            "the TVM build binds each symbol from one input axis: pin them with input_shapes / --input-shape"
+        )
     return symbols, multiples
 
 
