@@ -62,3 +62,38 @@ def test_conv_transpose_overlapping_keeps_relax():
     x = b.input("x", "f32[N,4,5,6]")
     graph = b.build(b.conv_transpose2d(x, b.constant(f32(4, 2, 3, 3)), None, stride=(2, 2), padding=(1, 1, 1, 1)))
     assert "depth_to_space" not in lower(graph).script()
+
+
+# (channels, h, w, kernel, stride, padding, dilation, bias)
+DEPTHWISE = [
+    (16, 20, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), True),
+    (19, 10, 10, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), False),  # a row narrower than a vector
+    (8, 17, 23, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), True),  # stride 2, odd sizes
+    (5, 12, 40, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), True),
+    (6, 9, 33, (3, 1), (1, 2), (0, 1, 2, 0), (2, 1), True),  # asymmetric padding, dilation
+]
+
+
+@pytest.mark.parametrize(
+    "case", DEPTHWISE, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-k{c[3][0]}{c[3][1]}-s{c[4][0]}{c[4][1]}"
+)
+def test_depthwise_matches_interpreter(case):
+    c, h, w, kernel, stride, padding, dilation, bias = case
+    b = GraphBuilder("depthwise")
+    x = b.input("x", f"f32[N,{c},{h},{w}]")
+    bias_value = b.constant(f32(c)) if bias else None
+    y = b.conv2d(
+        x, b.constant(f32(c, 1, *kernel)), bias_value, stride=stride, padding=padding, dilation=dilation, groups=c
+    )
+    graph = b.build(b.relu(y))
+    assert "depthwise_conv2d_f32" in lower(graph).script()
+    _check(graph, (c, h, w))
+
+
+def test_grouped_conv_keeps_relax():
+    """groups=2 with 4 channels per group is no depthwise conv."""
+    b = GraphBuilder("grouped")
+    x = b.input("x", "f32[N,8,6,6]")
+    graph = b.build(b.conv2d(x, b.constant(f32(8, 4, 3, 3)), None, padding=(1, 1, 1, 1), groups=2))
+    assert "depthwise_conv2d_f32" not in lower(graph).script()
+    _check(graph, (8, 6, 6))

@@ -425,7 +425,12 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
 
 
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
-    """groups=1 fp32 conv with a constant filter and static spatial size; else ``None``."""
+    """groups=1 fp32 conv with a constant filter and static spatial size, or a depthwise one
+    (``depthwise_cpu``); else ``None``."""
+    if node.attrs["groups"] != 1:
+        from reshift.codegen.tvm.kernels import depthwise_cpu  # it imports this module
+
+        return depthwise_cpu.depthwise_conv2d(ctx, node, x)
     conv = _cpu_conv(ctx, node)
     if conv is None:
         return None
