@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/llm.py MODEL_DIR            # a local Hugging Face directory
     .venv/bin/python benchmarks/llm.py --tinyllama-shapes   # TinyLlama-1.1B shapes, random weights (slow to fit)
     .venv/bin/python benchmarks/llm.py --tinyllama-shapes --layers 2   # the same shapes, 2 of the 22 layers
+    .venv/bin/python benchmarks/llm.py --tinyllama-shapes --pipelines bcq3,bcq2 --lm-head --llamacpp  # vs llama.cpp
 
 Each pipeline is compiled in one subprocess and timed in another that loads the artifact with the
 runtime alone (``reshift.llm.load``), so the peak RSS printed is the runtime's. ``--threads``
@@ -11,6 +12,11 @@ runtime alone (``reshift.llm.load``), so the peak RSS printed is the runtime's. 
 bandwidth (a numpy sum over 1 GiB) divided by the weight bytes one decoded token reads (every
 linear, ``lm_head`` included; the embedding reads one row); a last-level cache larger than the
 model (the tiny default) lets decode beat it.
+
+``--llamacpp [Q4_0,Q3_K_S,Q2_K,TQ2_0]`` adds llama.cpp rows (``benchmarks/llamacpp.py``: built from the
+sources vendored in the llama-cpp-python sdist, the same weights as GGUF, ``llama-quantize``-d, one
+``llama-bench`` process per type with the same threads, prompt and decoded tokens) and the ratio
+tables reshift / llama.cpp. ``--json`` also writes a bar chart beside it (matplotlib, the bench extra).
 """
 
 from __future__ import annotations
@@ -128,58 +134,158 @@ print(json.dumps(s))
 )
 
 
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def parse_pipeline(spec: str, bits: float) -> tuple[str, float, str]:
+    """``exact``, ``ternary``, ``bcq`` (``--bits``) or ``bcqN`` -> (pipeline, bits, row name)."""
+    if spec.startswith("bcq"):
+        bits = float(spec[3:]) if spec != "bcq" else bits
+        bits = int(bits) if bits == int(bits) else bits  # 2, 3, 4 planes everywhere; a fraction is a budget
+        return "bcq", bits, f"bcq{bits:g}"
+    return spec, bits, spec
+
+
+def print_ratios(rows: list[dict], base: list[dict]) -> None:
+    """reshift / llama.cpp tokens/s, one table per phase; SLOWER marks where reshift is slower."""
+    for key, label in (("decode_tokens_per_s", "decode"), ("prefill_tokens_per_s", "prefill")):
+        print(f"{label} tokens/s, reshift / llama.cpp:")
+        print(f"{'':<8} " + " ".join(f"{b['quant']:>14}" for b in base))
+        for r in rows:
+            cells = []
+            for b in base:
+                x = r[key] / b[key]
+                cells.append(f"{x:.2f}x" + (" SLOWER" if x < 1 else ""))
+            print(f"{r['pipeline']:<8} " + " ".join(f"{c:>14}" for c in cells))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing (the bench extra): no chart")
+        return
+    names = [r["pipeline"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("decode_tokens_per_s", "prefill_tokens_per_s"), strict=True):
+        colors = ["tab:gray" if n.startswith("llama.cpp") else "tab:blue" for n in names]
+        ax.bar(names, [r[key] for r in rows], color=colors)
+        if key.startswith("decode"):
+            ax.plot(names, [r["roofline_tokens_per_s"] for r in rows], "k_", markersize=20, label="DRAM roofline")
+            ax.legend()
+        ax.set_title(f"{key.split('_')[0]} tokens/s (higher is better)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"chart: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="local HF model directory (default: a random tiny Llama)")
     ap.add_argument("--tinyllama-shapes", action="store_true", help="random weights with TinyLlama-1.1B's shapes")
     ap.add_argument("--layers", type=int, help="override the number of layers of the generated model")
-    ap.add_argument("--pipelines", default="exact,bcq", help="comma-separated (default: exact,bcq)")
-    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--pipelines", default="exact,bcq", help="exact, bcq, bcqN, ternary (default: exact,bcq)")
+    ap.add_argument("--bits", type=float, default=3)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default: 128)")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens timed (default: 32)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-head", action="store_true", help="bcq: quantize lm_head too (default: fp32)")
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--llamacpp", nargs="?", const="Q4_0,Q3_K_S,Q2_K,TQ2_0", help="add llama.cpp rows of these types")
+    ap.add_argument("--json", help="write the results here (and a chart beside it)")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and artifacts (temp dir)")
+    ap.add_argument("--work", help="a kept folder for model, artifacts and GGUF files; a rerun reuses what it holds")
+    ap.add_argument("--compile-only", action="store_true", help="compile the pipelines into --work, time nothing")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="reshift_llm_bench_"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="reshift_llm_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.model:
         model = args.model
+    elif (work / "hf" / "config.json").exists():
+        model = str(work / "hf")  # written by an earlier run with the same --work (seed 0)
     else:
         shapes = dict(TINYLLAMA if args.tinyllama_shapes else TINY)
         if args.layers:
             shapes["num_hidden_layers"] = args.layers
         model = str(write_random_llama(work / "hf", shapes, "float16" if args.tinyllama_shapes else "float32"))
+    load_start = os.getloadavg()
     bandwidth = read_bandwidth_gbs()
     rows = []
-    for pipeline in args.pipelines.split(","):
-        out = str(work / f"art_{pipeline}")
-        c = _child(
-            COMPILE.format(
-                model=model, pipeline=pipeline, bits=args.bits, max_seq=args.max_seq_len, out=out, lm_head=args.lm_head
-            ),
-            args.threads,
+    for spec in args.pipelines.split(","):
+        pipeline, bits, name = parse_pipeline(spec, args.bits)
+        out = str(work / f"art_{name}")
+        code = COMPILE.format(
+            model=model, pipeline=pipeline, bits=bits, max_seq=args.max_seq_len, out=out, lm_head=args.lm_head
         )
+        stats = Path(out + ".compile.json")  # what compiled it, beside it: reused while the settings match
+        cached = json.loads(stats.read_text()) if args.work and stats.exists() else {}
+        if cached.get("code") == code:
+            c = cached["stats"]
+        else:
+            c = _child(code, args.threads)
+            stats.write_text(json.dumps({"code": code, "stats": c}))
+        if args.compile_only:
+            continue
         b = _child(BENCH.format(out=out, prompt=args.prompt, new=args.new, repeat=args.repeat), args.threads)
         roofline = bandwidth * 1e9 / c["linear_bytes"]  # bytes read per token: every linear, lm_head included
-        name = pipeline if pipeline == "exact" else f"bcq{args.bits}"
         compile_stats = {f"c_{k}": v for k, v in c.items()}
         rows.append({"pipeline": name, **b, **compile_stats, "roofline_tokens_per_s": roofline})
-    print(f"model: {model}   threads: {args.threads}   read bandwidth: {bandwidth:.1f} GB/s")
-    print(f"{'pipeline':<8} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline':>9} {'linears MB':>10} "
-          f"{'peak RSS MB':>11} {'compile s':>9}")  # fmt: skip
+    if args.compile_only:
+        print(f"compiled into {work}")
+        return
+    base = []
+    if args.llamacpp:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from llamacpp import llamacpp_rows
+
+        base = llamacpp_rows(
+            Path(model), work / "gguf", args.llamacpp.split(","), args.threads, args.prompt, args.new, args.repeat
+        )
+        for b in base:
+            b["roofline_tokens_per_s"] = bandwidth * 1e9 / b["linear_bytes"]
+    load_end = os.getloadavg()
+    config = json.loads((Path(model) / "config.json").read_text())
+    shapes = {k: config[k] for k in TINY}
+    print(f"model: {model}   shapes: {shapes}")
+    print(f"CPU: {cpu_name()}   threads: {args.threads}   read bandwidth: {bandwidth:.1f} GB/s   "
+          f"load average: {load_start[0]:.1f} at start, {load_end[0]:.1f} at end   prompt {args.prompt}, "
+          f"decode {args.new} tokens")  # fmt: skip
+    print(f"{'pipeline':<17} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline':>9} {'linears MB':>10} "
+          f"{'model MB':>9} {'peak RSS MB':>11} {'compile s':>9}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['pipeline']:<8} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
-            f"{r['roofline_tokens_per_s']:>9.1f} {r['c_linear_bytes'] / 1e6:>10.1f} {r['rss_mb']:>11.0f} "
-            f"{r['c_compile_s']:>9.1f}"
+            f"{r['pipeline']:<17} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
+            f"{r['roofline_tokens_per_s']:>9.1f} {r['c_linear_bytes'] / 1e6:>10.1f} {r['c_weight_bytes'] / 1e6:>9.1f} "
+            f"{r['rss_mb']:>11.0f} {r['c_compile_s']:>9.1f}"
         )
-    print(json.dumps({"model": model, "threads": args.threads, "bandwidth_gbs": bandwidth, "results": rows}))
+    for b in base:
+        print(
+            f"{b['pipeline']:<17} {b['prefill_tokens_per_s']:>13.1f} {b['decode_tokens_per_s']:>12.1f} "
+            f"{b['roofline_tokens_per_s']:>9.1f} {b['linear_bytes'] / 1e6:>10.1f} {b['model_bytes'] / 1e6:>9.1f} "
+            f"{b['rss_mb']:>11.0f} {'-':>9}"
+        )
+    if base:
+        print(f"llama.cpp: build {base[0]['build_commit']}, llama-bench CPU {base[0]['cpu_info']!r}; "
+              f"decode = tg{args.new} at depth {base[0]['decode_depth']}; tensor types "
+              + "; ".join(f"{b['quant']}: {b['tensor_types']}" for b in base))  # fmt: skip
+        print_ratios(rows, base)
+    summary = {"model": model, "shapes": shapes, "cpu": cpu_name(), "threads": args.threads,
+               "bandwidth_gbs": bandwidth, "load_average": [load_start, load_end], "prompt_tokens": args.prompt,
+               "new_tokens": args.new, "results": rows, "llamacpp": base}  # fmt: skip
+    print(json.dumps(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.keep:
+        Path(args.json).write_text(json.dumps(summary if base else rows, indent=1))
+        plot(rows + base, Path(args.json).with_suffix(".png"))
+    if args.keep or args.work:
         print(f"kept {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)

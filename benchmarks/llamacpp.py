@@ -1,0 +1,291 @@
+"""llama.cpp as the baseline of benchmarks/llm.py: build, convert, quantize, llama-bench.
+
+    .venv/bin/python benchmarks/llamacpp.py build                              # download + build (cached)
+    .venv/bin/python benchmarks/llamacpp.py bench HF_DIR --quants Q4_0,Q2_K    # llama.cpp rows alone
+
+llama.cpp is built from the sources vendored in the ``llama-cpp-python`` sdist (``pip download
+--no-deps --no-binary :all:``) into ``~/.cache/reshift/llamacpp`` (``RESHIFT_LLAMACPP_CACHE``):
+CPU only, Release, ``-DGGML_NATIVE=ON``, the llama-bench / llama-quantize / llama-perplexity /
+llama-cli targets, ``nice`` and ``-j2``; a second run finds the binaries and skips the build.
+A local Hugging Face Llama directory (``benchmarks/llm.py``'s random weights) is written as GGUF
+(F16 matrices, F32 norms) with the ``gguf`` package vendored beside those sources (its version
+matches the binaries), q/k rows permuted as ``convert_hf_to_gguf.py`` does, with a placeholder
+SentencePiece vocabulary (llama-bench feeds random token ids, so only its size matters), then
+``llama-quantize``-d. ``llama-bench`` times prefill (``-p``) and decode at a context depth of the
+prompt length (``-n`` after ``-d``), the same decode ``reshift.llm``'s benchmark times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(os.environ.get("RESHIFT_LLAMACPP_CACHE", "~/.cache/reshift/llamacpp")).expanduser()
+TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-cli")
+QUANTS = ("Q4_0", "Q3_K_S", "Q2_K", "TQ2_0")
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
+               "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_APP=OFF"]  # fmt: skip
+
+
+def _log(msg: str) -> None:
+    print(f"[llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def source_dir() -> Path:
+    """The vendored llama.cpp of the newest cached llama-cpp-python sdist (downloaded if none is)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        _log(f"downloading the llama-cpp-python sdist into {CACHE}")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python"]
+        subprocess.run([*cmd, "-d", str(CACHE)], check=True, stdout=sys.stderr)
+        sdists = sorted(CACHE.glob("llama_cpp_python-*.tar.gz"))
+    sdist = sdists[-1]
+    root = CACHE / sdist.name.removesuffix(".tar.gz")
+    if not (root / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        _log(f"unpacking {sdist.name}")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(CACHE, filter="data")
+    return root / "vendor" / "llama.cpp"
+
+
+def _cmake() -> str:
+    found = shutil.which("cmake") or str(Path(sys.executable).with_name("cmake"))
+    if not Path(found).exists():
+        raise SystemExit("cmake not found: install it (`.venv/bin/pip install cmake`, in the bench extra)")
+    return found
+
+
+def build() -> Path:
+    """The bin/ folder of the built llama.cpp; builds it (minutes on 2 cores) only when a target is missing."""
+    src = source_dir()
+    out = CACHE / f"build-{src.parent.parent.name.removeprefix('llama_cpp_python-')}"
+    bins = out / "bin"
+    if all((bins / t).exists() for t in TARGETS):
+        return bins
+    cmake = _cmake()
+    _log(f"building llama.cpp from {src} into {out} (nice, -j2; minutes)")
+    nice = ["nice", "-n", "10"]
+    subprocess.run([*nice, cmake, "-S", str(src), "-B", str(out), *CMAKE_FLAGS], check=True, stdout=sys.stderr)
+    build_cmd = [*nice, cmake, "--build", str(out), "--config", "Release", "-j2", "--target", *TARGETS]
+    subprocess.run(build_cmd, check=True, stdout=sys.stderr)
+    return bins
+
+
+def _gguf():
+    """The ``gguf`` package vendored with the built sources (an installed one would not match the binaries)."""
+    sys.path.insert(0, str(source_dir() / "gguf-py"))
+    import gguf
+
+    return gguf
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Memory-mapped tensors of one safetensors file (F32 / F16 / BF16-as-uint16 are what the writer makes)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    dtypes = {"F32": np.float32, "F16": np.float16}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = dtypes[info["dtype"]]
+        count = (end - begin) // np.dtype(dtype).itemsize
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=(count,))
+        out[name] = arr.reshape(info["shape"])
+    return out
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half q/k row order to GGML's interleaved pairs (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+              "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+
+
+def write_gguf(hf_dir: Path, path: Path) -> Path:
+    """The HF Llama directory as an F16 GGUF (norms F32) with a placeholder vocabulary of the config's size."""
+    gguf = _gguf()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv_heads, vocab = cfg.get("num_key_value_heads", heads), cfg["vocab_size"]
+    tensors: dict[str, np.ndarray] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(read_safetensors(f))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(hf_dir.name)
+    w.add_context_length(cfg.get("max_position_embeddings", 2048))
+    w.add_embedding_length(h)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(h // heads)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    # SentencePiece layout: unk, bos, eos, the 256 byte tokens llama.cpp looks up, then filler pieces
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
+    types += [gguf.TokenType.NORMAL] * (vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, t in tensors.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            gname = f"blk.{layer}.{HF_TO_GGUF[rest.removesuffix('.weight')]}.weight"
+            if rest.startswith("self_attn.q_proj"):
+                t = _permute(t, heads)
+            elif rest.startswith("self_attn.k_proj"):
+                t = _permute(t, kv_heads)
+        w.add_tensor(gname, np.asarray(t, np.float32 if t.ndim == 1 else np.float16))
+    if "lm_head.weight" not in tensors:  # tied embeddings
+        w.add_tensor("output.weight", np.asarray(tensors["model.embed_tokens.weight"], np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def quantize(bins: Path, f16: Path, qtype: str, threads: int = 2) -> Path:
+    """``llama-quantize`` f16 to qtype (kept beside it; reused while newer than the f16 file)."""
+    out = f16.with_name(f"{f16.stem.removesuffix('-F16')}-{qtype}.gguf")
+    if out.exists() and out.stat().st_mtime >= f16.stat().st_mtime:
+        return out
+    cmd = ["nice", "-n", "10", str(bins / "llama-quantize"), str(f16), str(out), qtype, str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize {qtype} failed:\n{done.stderr[-2000:]}")
+    return out
+
+
+def tensor_bytes(path: Path) -> dict:
+    """Bytes per decoded token (every matrix but the embedding, which reads one row) and the tensor types."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    types: dict[str, int] = {}
+    linear = 0
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        if t.name != "token_embd.weight":
+            linear += int(t.n_bytes)
+    return {"linear_bytes": linear, "tensor_types": types}
+
+
+def parse_bench_json(text: str, prompt: int, new: int) -> dict:
+    """Prefill (pp``prompt`` at depth 0) and decode (tg``new`` at depth ``prompt``, else 0) from llama-bench -o json."""
+    rows = json.loads(text)
+    pp = [r for r in rows if r["n_prompt"] == prompt and r["n_gen"] == 0 and r.get("n_depth", 0) == 0]
+    tg = {r.get("n_depth", 0): r for r in rows if r["n_prompt"] == 0 and r["n_gen"] == new}
+    if not pp or not tg:
+        raise ValueError(
+            f"llama-bench output has no pp{prompt} / tg{new} rows: {[(r['n_prompt'], r['n_gen']) for r in rows]}"
+        )
+    decode = tg.get(prompt, tg.get(0))
+    first = rows[0]
+    return {
+        "prefill_tokens_per_s": pp[0]["avg_ts"],
+        "prefill_stddev": pp[0]["stddev_ts"],
+        "decode_tokens_per_s": decode["avg_ts"],
+        "decode_stddev": decode["stddev_ts"],
+        "decode_depth": decode.get("n_depth", 0),
+        "decode_d0_tokens_per_s": tg[0]["avg_ts"] if 0 in tg else None,
+        "cpu_info": first.get("cpu_info"),
+        "build_commit": first.get("build_commit"),
+        "model_type": first.get("model_type"),
+        "model_size": first.get("model_size"),
+        "threads": first.get("n_threads"),
+    }
+
+
+def run_bench(bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int) -> dict:
+    """One llama-bench process; its peak RSS comes from wait4 on that process alone."""
+    cmd = [str(bins / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(new),
+           "-d", f"0,{prompt}", "-r", str(repeat), "-o", "json"]  # fmt: skip
+    out_path = model.with_suffix(".bench.json")
+    with open(out_path, "w") as out, open(model.with_suffix(".bench.log"), "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({proc.returncode}): see {model.with_suffix('.bench.log')}")
+    result = parse_bench_json(out_path.read_text(), prompt, new)
+    result["rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["command"] = " ".join(cmd)
+    return result
+
+
+def llamacpp_rows(hf_dir: Path, work: Path, quants, threads: int, prompt: int, new: int, repeat: int) -> list[dict]:
+    """One row per quantization type, with the bytes one decoded token reads."""
+    bins = build()
+    work.mkdir(parents=True, exist_ok=True)
+    f16 = work / "model-F16.gguf"
+    if not f16.exists():
+        _log(f"writing {f16}")
+        write_gguf(hf_dir, f16)
+    rows = []
+    for q in quants:
+        _log(f"llama-quantize {q}")
+        path = f16 if q == "F16" else quantize(bins, f16, q, threads)
+        _log(f"llama-bench {q}")
+        r = run_bench(bins, path, threads, prompt, new, repeat)
+        rows.append({"pipeline": f"llama.cpp {q}", "quant": q, **r, "model_bytes": path.stat().st_size,
+                     **tensor_bytes(path)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build", help="download and build llama.cpp (cached)")
+    b = sub.add_parser("bench", help="llama-bench rows for a local HF Llama directory")
+    b.add_argument("model")
+    b.add_argument("--quants", default=",".join(QUANTS))
+    b.add_argument("--work", help="where the GGUF files go (default: MODEL/gguf)")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--prompt", type=int, default=128)
+    b.add_argument("--new", type=int, default=64)
+    b.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if args.cmd == "build":
+        print(build())
+        return
+    work = Path(args.work) if args.work else Path(args.model) / "gguf"
+    rows = llamacpp_rows(
+        Path(args.model), work, args.quants.split(","), args.threads, args.prompt, args.new, args.repeat
+    )
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
