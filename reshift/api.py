@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from reshift.errors import ArtifactError, InputError, ModelLoadError
+from reshift.errors import ArtifactError, InputError, ModelLoadError, SymbolicShapeError
 from reshift.ir.graph import Graph
 from reshift.ir.specialize import specialize_batch
 from reshift.runtime.artifact import SO_NAME, make_meta, target_dict, value_spec, write_meta
@@ -153,6 +153,11 @@ def compile(
 ) -> CompiledModel:
     """Compile a torch module (with ``example_inputs``), ONNX path/proto or IR graph for ``target``.
 
+    An ONNX model whose symbolic sizes cannot stay symbolic (a conv over a symbolic width raises
+    :class:`~reshift.errors.SymbolicShapeError`) and is given no ``input_shapes`` comes back as a
+    :class:`reshift.specializing.SpecializingModel`: same call interface, one build per input
+    shape, at most ``max_shapes`` (default 8) kept.
+
     ``tune=True`` (or ``trials=N``, ``tune_db=DIR``) tunes kernels with MetaSchedule first; a
     symbolic batch is then fixed to ``tune_batch`` (default: the example inputs' batch, else 1);
     other ``options`` go to the frontend (``dynamic_batch``, ``input_names``, ``input_shapes``)
@@ -161,11 +166,22 @@ def compile(
     from reshift import passes
     from reshift.codegen import tvm as tvm_codegen
 
+    max_shapes = int(options.pop("max_shapes", 8))
+    given = {"target": target, "pipeline": pipeline, "calibration": calibration, "tune": tune, **options}
     trials = int(options.pop("trials", 64))
     tune_db = options.pop("tune_db", None)
     progress = options.pop("progress", None)
     tune_batch = options.pop("tune_batch", None)
-    source, examples = to_graph(model_or_path, example_inputs, options)
+    try:
+        source, examples = to_graph(model_or_path, example_inputs, options)
+    except SymbolicShapeError as exc:
+        if "input_shapes" in given or not (
+            isinstance(model_or_path, (str, os.PathLike)) or _is_onnx_proto(model_or_path)
+        ):
+            raise
+        from reshift.specializing import SpecializingModel
+
+        return SpecializingModel(model_or_path, exc, given, max_shapes=max_shapes)
     for key in FRONTEND_OPTIONS["torch"] + FRONTEND_OPTIONS["onnx"]:
         options.pop(key, None)
     calibration = _calibration(calibration)
@@ -194,6 +210,12 @@ def tune_and_build(
     """
     if any(not v.type.is_static for v in graph.inputs):
         graph = specialize_batch(graph, int(batch or 1))
+    others = sorted(set().union(*(v.type.symbols for v in graph.inputs)))
+    if others:
+        raise InputError(
+            f"tuning needs static sizes, but {', '.join(others)} stay symbolic after fixing the batch: "
+            "pin them with input_shapes={...} (CLI: --input-shape NAME=D1,D2,...)"
+        )
     db_dir = db_dir or default_tune_db()
     from reshift.codegen import tvm as tvm_codegen
     from reshift.errors import CodegenError
