@@ -30,7 +30,7 @@ import numpy as np
 
 CACHE = Path(os.environ.get("RESHIFT_LLAMACPP_CACHE", "~/.cache/reshift/llamacpp")).expanduser()
 TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-cli")
-QUANTS = ("Q4_0", "Q3_K_S", "Q2_K", "TQ2_0")
+QUANTS = ("Q4_0", "Q3_K_S", "Q2_K", "TQ2_0", "TQ1_0")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
                "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",

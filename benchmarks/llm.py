@@ -13,8 +13,8 @@ bandwidth (a numpy sum over 1 GiB) divided by the weight bytes one decoded token
 linear, ``lm_head`` included; the embedding reads one row); a last-level cache larger than the
 model (the tiny default) lets decode beat it.
 
-``--llamacpp [Q4_0,Q3_K_S,Q2_K,TQ2_0]`` adds llama.cpp rows (``benchmarks/llamacpp.py``: built from the
-sources vendored in the llama-cpp-python sdist, the same weights as GGUF, ``llama-quantize``-d, one
+``--llamacpp [Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0]`` adds llama.cpp rows (``benchmarks/llamacpp.py``: built from
+the sources vendored in the llama-cpp-python sdist, the same weights as GGUF, ``llama-quantize``-d, one
 ``llama-bench`` process per type with the same threads, prompt and decoded tokens) and the ratio
 tables reshift / llama.cpp. ``--json`` also writes a bar chart beside it (matplotlib, the bench extra).
 """
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-head", action="store_true", help="bcq: quantize lm_head too (default: fp32)")
-    ap.add_argument("--llamacpp", nargs="?", const="Q4_0,Q3_K_S,Q2_K,TQ2_0", help="add llama.cpp rows of these types")
+    ap.add_argument("--llamacpp", nargs="?", const="Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0", help="llama.cpp rows of these types")
     ap.add_argument("--json", help="write the results here (and a chart beside it)")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and artifacts (temp dir)")
     ap.add_argument("--work", help="a kept folder for model, artifacts and GGUF files; a rerun reuses what it holds")
