@@ -265,18 +265,49 @@ def _gather_elements(em, node, ins):
     return em.final(node, "GatherElements", ins, axis=node.attrs["axis"])
 
 
+@lowering("gather_nd")
+def _gather_nd(em, node, ins):
+    return em.final(node, "GatherND", ins, batch_dims=node.attrs["batch_dims"])
+
+
+# ScatterND's reduction attribute: add/mul from opset 16, max/min from 18
+_SCATTER_ND_OPSET = {"none": 11, "add": 16, "mul": 16, "max": 18, "min": 18}
+
+
+@lowering("scatter_nd")
+def _scatter_nd(em, node, ins):
+    from reshift.errors import CodegenError
+
+    reduction = node.attrs["reduction"]
+    if em.opset < _SCATTER_ND_OPSET[reduction]:
+        raise CodegenError(
+            f"scatter_nd (node {node.name}) with reduction {reduction!r} needs ONNX opset "
+            f">= {_SCATTER_ND_OPSET[reduction]}; export with opset={_SCATTER_ND_OPSET[reduction]} or later"
+        )
+    attrs = {"reduction": reduction} if reduction != "none" else {}
+    return em.final(node, "ScatterND", ins, **attrs)
+
+
 @lowering("resize2d")
 def _resize2d(em, node, ins):
     """ONNX Resize by output sizes; the coordinate modes are ONNX's own names."""
     a = node.attrs
     sizes = em.shape_tensor(node.outputs[0].shape)
+    roi, extra = "", {}
+    if a["mode"] == "cubic":
+        extra = {"cubic_coeff_a": a["cubic_coeff_a"], "exclude_outside": int(a["exclude_outside"])}
+    if a["coordinate_transformation"] == "tf_crop_and_resize":
+        h0, w0, h1, w1 = a["roi"]
+        roi = em.const(np.asarray([0, 0, h0, w0, 1, 1, h1, w1], np.float32), "roi")
+        extra["extrapolation_value"] = a["extrapolation_value"]
     return em.final(
         node,
         "Resize",
-        [ins[0], "", "", sizes],
+        [ins[0], roi, "", sizes],
         mode=a["mode"],
         coordinate_transformation_mode=a["coordinate_transformation"],
         nearest_mode=a["nearest_mode"],
+        **extra,
     )
 
 

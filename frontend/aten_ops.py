@@ -576,3 +576,4 @@ def _adaptive_avg_pool(cx, a):
 
 # The shape, data-movement, indexing and attention converters register themselves into the same table.
 from reshift.frontend import aten_attention, aten_nn_ops, aten_shape_ops  # noqa: E402, F401
+from reshift.frontend import aten_math_ops as _aten_math_ops  # noqa: E402, F401 -- einsum, topk, isnan, isinf

@@ -128,9 +128,6 @@ KNOWN_ONLY = {
     "Round": np.round,
     "Mod": lambda a, b, fmod=0: np.fmod(a, b) if fmod else np.mod(a, b),
     "ReduceProd": None,
-    "GatherElements": None,
-    "GatherND": None,
-    "CumSum": None,
 }
 
 
@@ -264,25 +261,6 @@ def _known_only(op_type: str, fn) -> Converter:
     return convert
 
 
-def _gather_elements(data, indices, axis=0):
-    axis = _norm(axis, data.ndim)
-    if indices.ndim != data.ndim or (
-        indices.size and not -data.shape[axis] <= indices.min() <= indices.max() < data.shape[axis]
-    ):
-        raise NotConvertible(
-            f"GatherElements indices {indices.shape} out of range for data {data.shape} on axis {axis}"
-        )
-    return np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis=axis)
-
-
-def _gather_nd(data, indices, batch_dims=0):
-    if batch_dims:
-        return np.stack([_gather_nd(d, i) for d, i in zip(data, indices, strict=False)])
-    flat = indices.reshape(-1, indices.shape[-1])
-    picked = [data[tuple(row)] for row in flat]
-    return np.asarray(picked, dtype=data.dtype).reshape(indices.shape[:-1] + data.shape[indices.shape[-1] :])
-
-
 def _tile(x, repeats):
     repeats = [int(r) for r in np.asarray(repeats).reshape(-1)]
     if len(repeats) != x.ndim or any(r < 0 for r in repeats):
@@ -296,21 +274,7 @@ def _reduce_prod(x, axes=None, keepdims=1, noop_with_empty_axes=0):
     return np.prod(x, axis=axes or None, keepdims=bool(keepdims)).astype(x.dtype)
 
 
-def _cumsum(x, axis, exclusive=0, reverse=0):
-    axis = int(np.asarray(axis).reshape(-1)[0])
-    y = np.flip(x, axis) if reverse else x
-    out = np.cumsum(y, axis=axis, dtype=x.dtype)
-    if exclusive:
-        out = out - y
-    return np.flip(out, axis) if reverse else out
-
-
-_KNOWN_IMPLS = {
-    "GatherElements": _gather_elements,
-    "GatherND": _gather_nd,
-    "ReduceProd": _reduce_prod,
-    "CumSum": _cumsum,
-}
+_KNOWN_IMPLS = {"ReduceProd": _reduce_prod}
 for _onnx, _fn in KNOWN_ONLY.items():
     ONNX_CONVERTERS[_onnx] = _known_only(_onnx, _fn)
 
@@ -591,6 +555,7 @@ def _reduce(ctx, node, ins, at):
     return ctx.op("sqrt", squares) if node.op_type == "ReduceL2" else squares
 
 
+from reshift.frontend import onnx_ops_index as _onnx_ops_index  # noqa: E402,F401 -- GatherElements/ND, ScatterND, CumSum
 from reshift.frontend import onnx_ops_nn as _onnx_ops_nn  # noqa: E402,F401 -- registers its converters
 
 

@@ -1,11 +1,14 @@
 """ONNX ``Resize`` (opset 10-19; ``Upsample`` arrives here through the opset upgrade) as ``resize2d``.
 
-Only the two spatial axes of an NCHW tensor may change. ``nearest`` and ``linear`` modes with the
-``half_pixel``, ``pytorch_half_pixel`` (= ``half_pixel`` when every output size is above 1),
-``align_corners`` and ``asymmetric`` coordinate transformations are exact; ``resize2d`` computes
-the source coordinate from ``output size / input size``, so a ``scales`` input whose product with
-the input size is not a whole number (where ONNX's coordinate uses the given scale, not the ratio)
-is refused, as are ``cubic``, ``antialias``, ``roi`` crops and ``keep_aspect_ratio_policy``.
+Only the two spatial axes of an NCHW tensor may change. ``nearest``, ``linear`` and ``cubic``
+(``cubic_coeff_a``, ``exclude_outside``) modes with the ``half_pixel``, ``pytorch_half_pixel``,
+``align_corners``, ``asymmetric`` and ``tf_crop_and_resize`` (a constant ``roi`` that leaves the
+batch and channel axes whole; ``extrapolation_value``) coordinate transformations are exact;
+``resize2d`` computes the source coordinate from ``output size / input size``, so a ``scales``
+input whose product with the input size is not a whole number (where ONNX's coordinate uses the
+given scale, not the ratio) is refused, as are ``antialias``, ``axes`` and
+``keep_aspect_ratio_policy``. onnxruntime (1.2x) leaves an axis whose size does not change as it
+is even under ``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import numpy as np
 
 from reshift.frontend.onnx_ops import NotConvertible, _known, converter
-from reshift.ir.ops_index import COORDINATE_MODES, NEAREST_MODES
+from reshift.ir.ops_index import COORDINATE_MODES, NEAREST_MODES, RESIZE_MODES
 
 
 def _output_size(ctx, x, scales, sizes) -> list[int]:
@@ -54,20 +57,40 @@ def _resize(ctx, node, ins, at):
     mode = at.get("mode", "nearest")
     coordinate = at.get("coordinate_transformation_mode", "half_pixel")
     rounding = at.get("nearest_mode", "round_prefer_floor")
-    for name in ("antialias", "exclude_outside"):
-        if at.get(name, 0):
-            raise NotConvertible(f"Resize {name}=1 is not supported")
+    if at.get("antialias", 0):
+        raise NotConvertible("Resize antialias=1 is not supported")
     if at.get("keep_aspect_ratio_policy", "stretch") != "stretch" or "axes" in at:
         raise NotConvertible("Resize with axes or keep_aspect_ratio_policy is not supported")
-    if mode not in ("nearest", "linear"):
-        raise NotConvertible(f"Resize mode {mode!r} is not supported (nearest, linear)")
-    if coordinate == "tf_crop_and_resize" and roi is not None:
-        raise NotConvertible("Resize with tf_crop_and_resize (an roi crop) is not supported")
+    if at.get("exclude_outside", 0) and mode != "cubic":
+        raise NotConvertible(f"Resize exclude_outside=1 with mode {mode!r} is not supported (only with cubic)")
+    if mode not in RESIZE_MODES:
+        raise NotConvertible(f"Resize mode {mode!r} is not supported ({', '.join(RESIZE_MODES)})")
     size = _output_size(ctx, x, scales, sizes)
-    if coordinate == "pytorch_half_pixel" and min(size) > 1:
-        coordinate = "half_pixel"
     if coordinate not in COORDINATE_MODES:
         raise NotConvertible(f"Resize coordinate_transformation_mode {coordinate!r} is not supported")
+    if coordinate == "pytorch_half_pixel" and min(size) > 1:
+        coordinate = "half_pixel"
     if mode == "nearest" and rounding not in NEAREST_MODES:
         raise NotConvertible(f"Resize nearest_mode {rounding!r} is not supported")
-    return ctx.op("resize2d", x, size=size, mode=mode, coordinate_transformation=coordinate, nearest_mode=rounding)
+    attrs = {"size": size, "mode": mode, "coordinate_transformation": coordinate, "nearest_mode": rounding}
+    if mode == "cubic":
+        attrs |= {
+            "cubic_coeff_a": at.get("cubic_coeff_a", -0.75),
+            "exclude_outside": bool(at.get("exclude_outside", 0)),
+        }
+    if coordinate == "tf_crop_and_resize":
+        attrs |= {"roi": _crop_roi(roi), "extrapolation_value": at.get("extrapolation_value", 0.0)}
+    return ctx.op("resize2d", x, **attrs)
+
+
+def _crop_roi(roi) -> list[float]:
+    """``tf_crop_and_resize``'s ``roi`` input (starts, then ends, normalized) as resize2d's (h0, w0, h1, w1)."""
+    if roi is None or not isinstance(roi, np.ndarray) or roi.size != 8:
+        raise NotConvertible(
+            "Resize tf_crop_and_resize needs a constant roi of 8 values (4 starts, 4 ends); a run-time or "
+            "missing roi is not supported"
+        )
+    starts, ends = [float(v) for v in roi.reshape(-1)[:4]], [float(v) for v in roi.reshape(-1)[4:]]
+    if starts[:2] != [0.0, 0.0] or ends[:2] != [1.0, 1.0]:
+        raise NotConvertible(f"Resize roi {roi.tolist()} crops the batch or channel axis; only H and W may be cropped")
+    return [starts[2], starts[3], ends[2], ends[3]]

@@ -15,7 +15,7 @@ from reshift.frontend import from_onnx
 from reshift.ir import interpret
 
 
-def _model(extra_topk: bool = False) -> onnx.ModelProto:
+def _model(unsupported_op: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes = [
         helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1, name="fc"),
@@ -26,10 +26,9 @@ def _model(extra_topk: bool = False) -> onnx.ModelProto:
         numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b"),
     ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]
-    if extra_topk:
-        initializers.append(numpy_helper.from_array(np.array([2], np.int64), "k"))
-        nodes.append(helper.make_node("TopK", ["y", "k"], ["top", "idx"], name="best"))
-        outputs = [helper.make_tensor_value_info("top", TensorProto.FLOAT, ["N", 2])]
+    if unsupported_op:
+        nodes.append(helper.make_node("NonZero", ["y"], ["nonzero"], name="where_positive"))
+        outputs = [helper.make_tensor_value_info("nonzero", TensorProto.INT64, [2, None])]
     graph = helper.make_graph(
         nodes, "gemm_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])], outputs, initializers
     )
@@ -40,7 +39,7 @@ def _model(extra_topk: bool = False) -> onnx.ModelProto:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     onnx.save(_model(), root / "model.onnx")
-    onnx.save(_model(extra_topk=True), root / "topk.onnx")
+    onnx.save(_model(unsupported_op=True), root / "nonzero.onnx")
     (root / "garbage.onnx").write_bytes(b"\x08\x07this is not a protobuf\xff\xfe" * 10)
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
     np.savez(root / "in.npz", x=x)
@@ -87,7 +86,7 @@ def test_bench_artifact_and_onnx(files, capsys):
     [
         (["compile", "{root}/missing.onnx", "-o", "{root}/x"], "no such file"),
         (["compile", "{root}/garbage.onnx", "-o", "{root}/x"], "garbage.onnx"),
-        (["compile", "{root}/topk.onnx", "-o", "{root}/x"], "TopK"),
+        (["compile", "{root}/nonzero.onnx", "-o", "{root}/x"], "NonZero"),
         (["compile", "{root}/model.onnx", "-o", "{root}/x", "--target", "vax"], "unknown target 'vax'"),
         (["run", "{root}/out", "--input", "{root}/missing.npz"], "no such input file"),
         (["run", "{root}/out", "--input", "{root}/model.onnx"], "not a readable .npz"),

@@ -172,7 +172,25 @@ CASES = {
             b.resize2d(x, size=(8, 9)),
             b.resize2d(x, size=(3, 2), coordinate_transformation="align_corners"),
             b.resize2d(x, size=(7, 5), coordinate_transformation="asymmetric"),
+            b.resize2d(x, size=(8, 9), mode="cubic", exclude_outside=True),
+            b.resize2d(x, size=(3, 5), mode="cubic", cubic_coeff_a=-0.5, coordinate_transformation="align_corners"),
+            b.resize2d(x, size=(5, 7), coordinate_transformation="tf_crop_and_resize", roi=(0.1, -0.2, 0.8, 1.1)),
         ],
+    ),
+    "gather_nd": (
+        ["f32[N,10,3]", "i64[N,4,1]"],
+        lambda b, x, i: [
+            b.gather_nd(x, i, batch_dims=1),
+            b.gather_nd(x, b.constant(np.asarray([[0, 1], [-1, 9]], np.int64))),  # axis 0 is the batch
+        ],
+    ),
+    "scatter_nd": (
+        ["f32[N,5,3]", "f32[N,2,3]"],
+        lambda b, x, u: b.scatter_nd(
+            b.transpose(x, perm=(1, 0, 2)),
+            b.constant(np.asarray([[3], [-5]], np.int64)),
+            b.transpose(u, perm=(1, 0, 2)),
+        ),
     ),
     "arange": (
         ["f32[N,3]"],
@@ -232,6 +250,24 @@ def test_op_runs_in_onnxruntime(op, opset):
     model = to_onnx(graph, opset=opset)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     check_in_onnxruntime(graph, model)
+
+
+def _scatter_nd_graph(reduction: str):
+    b = GraphBuilder(f"scatter_{reduction}")
+    x, u = b.input("x", "f32[6,N]"), b.input("u", "f32[3,N]")
+    index = b.constant(np.asarray([[1], [-1], [1]], np.int64))  # a repeated row: combined in order
+    return b.build(b.scatter_nd(x, index, u, reduction=reduction))
+
+
+@pytest.mark.parametrize("reduction", ["add", "mul", "max", "min"])
+def test_scatter_nd_reductions_run_in_onnxruntime(reduction):
+    graph = _scatter_nd_graph(reduction)
+    check_in_onnxruntime(graph, to_onnx(graph, opset=18))
+
+
+def test_scatter_nd_reduction_below_its_opset_is_refused():
+    with pytest.raises(CodegenError, match=r"scatter_nd \(node .*reduction 'add' needs ONNX opset >= 16"):
+        to_onnx(_scatter_nd_graph("add"), opset=13)
 
 
 def test_layer_norm_and_gelu_use_native_ops_when_available():

@@ -214,21 +214,41 @@ def graph_shape():
 
 
 def graph_index():
-    """cumsum, gather_elements, resize2d (ir/ops_index.py) and bool reductions (any/all)."""
+    """cumsum, gather_elements, gather_nd, scatter_nd, resize2d (ir/ops_index.py) and bool reductions."""
     b = GraphBuilder("index")
     x = b.input("x", "f32[N,4,6]")
     ids = b.input("ids", "i64[N,4,3]")
     counts = b.input("counts", "i64[N,5]")
+    points, rows = b.input("points", "i32[N,3,1]"), b.input("rows", "f32[3,6]")
     outs = [b.cumsum(x, axis=2), b.cumsum(x, axis=1, exclusive=True), b.cumsum(x, axis=-1, reverse=True)]
     outs += [b.cumsum(counts, axis=1, exclusive=True, reverse=True), b.gather_elements(x, ids, axis=2)]
+    outs += [b.gather_nd(x, points, batch_dims=1), b.gather_nd(x, b.constant(np.array([[0, 3], [-1, -4]])))]
+    corner = b.constant(np.array([[0, 1], [-1, 3], [0, 1]]))  # a repeated row: combined in order
+    outs += [b.scatter_nd(x, corner, rows, reduction=r) for r in ("add", "mul", "max")]
+    by_row = b.transpose(x, perm=(1, 0, 2))  # [4, N, 6]: rows 2 and 0 replaced by x's rows 1 and 2
+    picked = b.transpose(b.slice(x, starts=(1,), ends=(3,), axes=(1,), steps=(1,)), perm=(1, 0, 2))
+    outs.append(b.scatter_nd(by_row, b.constant(np.array([[2], [-4]])), picked))
     image = b.reshape(x, shape=("N", 1, 4, 6))
     for mode in ("half_pixel", "align_corners", "asymmetric"):
         outs += [b.resize2d(image, size=(8, 9), coordinate_transformation=mode), b.resize2d(image, size=(3, 1))]
+        outs.append(b.resize2d(image, size=(7, 3), mode="cubic", coordinate_transformation=mode))
+    outs.append(b.resize2d(image, size=(9, 1), mode="cubic", exclude_outside=True, cubic_coeff_a=-0.5))
+    for resample in ("nearest", "linear", "cubic"):
+        crop = {"roi": (-0.2, 0.1, 0.9, 1.3), "extrapolation_value": -3.0}
+        outs.append(
+            b.resize2d(image, size=(5, 7), mode=resample, coordinate_transformation="tf_crop_and_resize", **crop)
+        )
     positive = b.greater(x, b.constant(np.array(0.0, np.float32)))
     outs += [b.reduce_max(positive, axes=(2,), keepdims=True), b.reduce_min(positive, axes=(1, 2), keepdims=False)]
 
     def feeds(n):
-        return {"x": f32(n, 4, 6), "ids": RNG.integers(-6, 6, (n, 4, 3)), "counts": RNG.integers(-9, 9, (n, 5))}
+        return {
+            "x": f32(n, 4, 6),
+            "ids": RNG.integers(-6, 6, (n, 4, 3)),
+            "counts": RNG.integers(-9, 9, (n, 5)),
+            "points": RNG.integers(-4, 4, (n, 3, 1)).astype(np.int32),
+            "rows": f32(3, 6),
+        }
 
     return b.build(*outs), feeds
 

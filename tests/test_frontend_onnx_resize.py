@@ -104,7 +104,10 @@ def test_upsample_from_opset_9_is_upgraded():
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        (dict(scales=[1, 1, 2, 2], mode="cubic"), "mode 'cubic' is not supported"),
+        (dict(scales=[1, 1, 2, 2], mode="lanczos"), "mode 'lanczos' is not supported"),
+        (dict(scales=[1, 1, 2, 2], mode="linear", exclude_outside=1), "exclude_outside=1 with mode 'linear'"),
+        (dict(scales=[1, 1, 2, 2], mode="cubic", antialias=1, opset=18), "antialias=1"),
+        (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), "needs a constant roi"),
         (dict(scales=[1, 2, 2, 2]), "change the batch or channel axis"),
         (dict(scales=[1, 1, 1.5, 1.5]), "not a whole output size"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_half_pixel_for_nn"), "tf_half_pixel_for_nn"),

@@ -60,8 +60,10 @@ def test_resize2d_matches_torch_bilinear(size, align_corners):
 def test_resize2d_refuses_an_unsupported_mode():
     builder = GraphBuilder("g")
     x = builder.input("x", "f32[N,1,4,4]")
-    with pytest.raises(IRTypeError, match="cubic"):
-        builder.resize2d(x, size=(8, 8), mode="cubic")
+    with pytest.raises(IRTypeError, match="mode 'lanczos' is not supported"):
+        builder.resize2d(x, size=(8, 8), mode="lanczos")
+    with pytest.raises(IRTypeError, match="tf_half_pixel_for_nn"):
+        builder.resize2d(x, size=(8, 8), coordinate_transformation="tf_half_pixel_for_nn")
 
 
 class _Attention(torch.nn.Module):

@@ -99,10 +99,15 @@ def _check_no_host_kernels(mod: tvm.IRModule, spec: TargetSpec) -> None:
 
 
 def _host_block(script: str) -> str | None:
-    """The first block (or bare store) of a TVMScript PrimFunc not nested in a ``T.thread_binding`` loop."""
+    """The first block (or bare store) of a TVMScript PrimFunc not nested in a ``T.thread_binding`` loop.
+
+    A block that launches its threads itself (``T.launch_thread``: TVM's hand-written GPU kernels,
+    e.g. the topk/sort of ``topi.cuda``) is bound too.
+    """
     loops: list[tuple[int, bool]] = []  # (indent, is thread binding) of the enclosing for-loops
     body = False
-    for line in script.splitlines():
+    lines = script.splitlines()
+    for number, line in enumerate(lines):
         text = line.strip()
         if not body:
             body = text.startswith("def ")
@@ -117,8 +122,19 @@ def _host_block(script: str) -> str | None:
             continue
         bound = any(thread for _, thread in loops)
         if text.startswith("with T.sblock(") and '"root"' not in text and not bound:
-            return text
+            if not _launches_threads(lines[number + 1 :], indent):
+                return text
     return None
+
+
+def _launches_threads(rest: list[str], indent: int) -> bool:
+    """Whether the block body starting at ``rest`` (lines indented past ``indent``) calls ``T.launch_thread``."""
+    for line in rest:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            return False
+        if "T.launch_thread(" in line:
+            return True
+    return False
 
 
 def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=None) -> tvm.transform.Pass:

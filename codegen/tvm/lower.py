@@ -226,6 +226,7 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 # lower_shape.py (data movement, pooling, gathers) and lower_lowbit.py (reference low-bit linears);
 # importing them fills LOWERINGS.
 from reshift.codegen.tvm import lower_lowbit, lower_nn, lower_ops, lower_shape  # noqa: E402,F401
+from reshift.codegen.tvm import lower_select as _lower_select  # noqa: E402,F401 -- topk, isnan, isinf
 from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels
 from reshift.codegen.tvm.kernels import shift_conv as _kernels_shift_conv  # noqa: E402,F401 -- shift_conv2d (im2col + shift GEMV)

@@ -8,13 +8,12 @@ runs an unpadded Relax pool, so ``ceil_mode`` and ``count_include_pad`` match Py
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax, te
+from tvm import relax, te, tirx
 
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
-from reshift.errors import CodegenError
 from reshift.ir.graph import Node
 from reshift.ir.numpy_kernels import pool_output_size
-from reshift.ir.ops_index import linear_taps, nearest_taps
+from reshift.ir.ops_index import axis_rois, cubic_taps, inside_roi, linear_taps, nearest_taps
 from reshift.ir.types import numpy_dtype
 
 
@@ -181,42 +180,135 @@ def lower_cumsum(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
     return ctx.emit(op.flip(y, axis)) if attrs["reverse"] else y
 
 
+def _safe_index(index: te.Tensor | tirx.PrimExpr, size: tirx.PrimExpr) -> tirx.PrimExpr:
+    """An index in ``[-size, size)`` mapped to ``[0, size)``; any other index clamped into it.
+
+    The references raise on an out-of-range index; a compiled kernel cannot, so it clamps rather
+    than read or write outside the tensor (the result for such an index is the edge element's).
+    """
+    index = index.astype("int64")
+    size = tirx.const(size, "int64") if isinstance(size, int) else size.astype("int64")
+    wrapped = tirx.Select(index < 0, index + size, index)
+    return tirx.max(tirx.min(wrapped, size - 1), tirx.const(0, "int64"))
+
+
 @lowering("gather_elements")
 def lower_gather_elements(ctx: LowerContext, node: Node, x: relax.Expr, indices: relax.Expr) -> relax.Expr:
-    """Relax gather_elements after mapping negative indices to ``index + size`` (as the reference)."""
+    """``out[..., i, ...] = x[..., indices[..., i, ...], ...]`` on ``axis``, negatives wrapped, the rest clamped."""
     axis = node.attrs["axis"] % node.inputs[0].type.rank
-    size, dtype = ctx.dim(node.inputs[0].shape[axis]), node.inputs[1].dtype
-    if not isinstance(size, int):
-        raise CodegenError(f"gather_elements (node {node.name}) along the batch axis; gather along a static axis")
-    wrapped = op.where(op.less(indices, scalar(0, dtype)), op.add(indices, scalar(size, dtype)), indices)
-    return ctx.emit(op.gather_elements(x, ctx.emit(wrapped), axis=axis))
+
+    def compute(data, index):
+        def element(*i):
+            at = list(i)
+            at[axis] = _safe_index(index[i], data.shape[axis])
+            return data[tuple(at)]
+
+        return te.compute(index.shape, element, name="gather_elements")
+
+    return ctx.te(compute, x, indices, name="gather_elements")
+
+
+@lowering("gather_nd")
+def lower_gather_nd(ctx: LowerContext, node: Node, x: relax.Expr, indices: relax.Expr) -> relax.Expr:
+    """ONNX GatherND as one TE compute; each index component wrapped, then clamped (``_safe_index``)."""
+    batch_dims, depth = node.attrs["batch_dims"], node.inputs[1].shape[-1]
+    lead = node.inputs[1].type.rank - 1
+
+    def compute(data, index):
+        out_shape = list(index.shape[:-1]) + list(data.shape[batch_dims + depth :])
+
+        def element(*i):
+            coordinates = [_safe_index(index[i[:lead] + (k,)], data.shape[batch_dims + k]) for k in range(depth)]
+            return data[tuple(i[:batch_dims]) + tuple(coordinates) + tuple(i[lead:])]
+
+        return te.compute(out_shape, element, name="gather_nd")
+
+    return ctx.te(compute, x, indices, name="gather_nd")
+
+
+_RELAX_REDUCTION = {"none": "update", "add": "add", "mul": "mul", "max": "max", "min": "min"}
+
+
+@lowering("scatter_nd")
+def lower_scatter_nd(
+    ctx: LowerContext, node: Node, data: relax.Expr, indices: relax.Expr, updates: relax.Expr
+) -> relax.Expr:
+    """Relax scatter_nd (TOPI: serial over index tuples, so a repeated tuple's last update wins as in the
+    reference; parallel over the slice) after the indices are wrapped and clamped (``_safe_index``)."""
+    depth = node.inputs[1].shape[-1]
+
+    def safe(data, index):
+        def component(*i):  # index[..., k] addresses data axis k
+            size = data.shape[depth - 1]
+            for axis in reversed(range(depth - 1)):
+                size = tirx.Select(i[-1] == axis, data.shape[axis].astype("int64"), size.astype("int64"))
+            return _safe_index(index[i], size)
+
+        return te.compute(index.shape, component, name="scatter_nd_index")
+
+    index = ctx.te(safe, data, indices, name="scatter_nd_index")
+    return ctx.emit(op.scatter_nd(data, index, updates, reduction=_RELAX_REDUCTION[node.attrs["reduction"]]))
+
+
+def _weighted_sum(terms: list, weights: list) -> tirx.PrimExpr:
+    total = terms[0] * weights[0]
+    for term, weight in zip(terms[1:], weights[1:], strict=True):
+        total = total + term * weight
+    return total
+
+
+def _resize_axis_taps(node: Node, length: int, out: int, roi: tuple[float, float]) -> list[np.ndarray]:
+    """The reference's own tap tables for one axis (``ir/ops_index.py``): what the TE compute reads."""
+    a, mode = node.attrs, node.attrs["coordinate_transformation"]
+    if a["mode"] == "nearest":
+        return [nearest_taps(length, out, mode, a["nearest_mode"], roi)]
+    if a["mode"] == "cubic":
+        return list(cubic_taps(length, out, mode, a["cubic_coeff_a"], a["exclude_outside"], roi))
+    return list(linear_taps(length, out, mode, roi))
 
 
 @lowering("resize2d")
 def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
-    """Bilinear or nearest resize as a TE compute over the reference's own tap tables (``ops_index``)."""
+    """Nearest, bilinear or cubic resize as a TE compute over the reference's tap tables; a
+    ``tf_crop_and_resize`` output outside the input is the extrapolation value (a constant mask)."""
     (h, w), (oh, ow) = node.inputs[0].shape[2:], node.attrs["size"]
-    mode = node.attrs["coordinate_transformation"]
-    if node.attrs["mode"] == "nearest":
-        rounding = node.attrs["nearest_mode"]
-        rows, cols = (
-            relax.const(t) for t in (nearest_taps(h, oh, mode, rounding), nearest_taps(w, ow, mode, rounding))
-        )
+    resample, coordinates = node.attrs["mode"], node.attrs["coordinate_transformation"]
+    roi_h, roi_w = axis_rois(node.attrs["roi"])
+    rows, cols = _resize_axis_taps(node, h, oh, roi_h), _resize_axis_taps(node, w, ow, roi_w)
+    taps = [relax.const(t) for t in (*rows, *cols)]
 
-        def gather(data, rows, cols):
-            shape = (data.shape[0], data.shape[1], oh, ow)
-            return te.compute(shape, lambda b, c, i, j: data[b, c, rows[i], cols[j]], name="resize2d")
+    def compute(data, *tables):
+        if resample == "nearest":
+            row, col = tables
 
-        return ctx.te(gather, x, rows, cols, name="resize2d_nearest")
-    taps = [relax.const(t) for t in (*linear_taps(h, oh, mode), *linear_taps(w, ow, mode))]
+            def pixel(b, c, i, j):
+                return data[b, c, row[i], col[j]]
 
-    def compute(data, low_h, high_h, weight_h, low_w, high_w, weight_w):
-        def column(b, c, row, j):
-            return data[b, c, row, low_w[j]] * (1 - weight_w[j]) + data[b, c, row, high_w[j]] * weight_w[j]
+        elif resample == "cubic":
+            row, row_weight, col, col_weight = tables
 
-        def pixel(b, c, i, j):  # columns of the two source rows, then rows (the reference's order)
-            return column(b, c, low_h[i], j) * (1 - weight_h[i]) + column(b, c, high_h[i], j) * weight_h[i]
+            def pixel(b, c, i, j):  # each source column along the rows first, then along the row (as the reference)
+                def column(q):
+                    return _weighted_sum(
+                        [data[b, c, row[i, p], q] for p in range(4)], [row_weight[i, p] for p in range(4)]
+                    )
+
+                return _weighted_sum([column(col[j, q]) for q in range(4)], [col_weight[j, q] for q in range(4)])
+
+        else:
+            low_h, high_h, weight_h, low_w, high_w, weight_w = tables
+
+            def column(b, c, r, j):
+                return data[b, c, r, low_w[j]] * (1 - weight_w[j]) + data[b, c, r, high_w[j]] * weight_w[j]
+
+            def pixel(b, c, i, j):  # columns of the two source rows, then rows (the reference's order)
+                return column(b, c, low_h[i], j) * (1 - weight_h[i]) + column(b, c, high_h[i], j) * weight_h[i]
 
         return te.compute((data.shape[0], data.shape[1], oh, ow), pixel, name="resize2d")
 
-    return ctx.te(compute, x, *taps, name="resize2d_linear")
+    y = ctx.te(compute, x, *taps, name=f"resize2d_{resample}")
+    if coordinates != "tf_crop_and_resize":
+        return y
+    inside = inside_roi(h, oh, coordinates, roi_h)[:, None] & inside_roi(w, ow, coordinates, roi_w)[None, :]
+    fill = scalar(node.attrs["extrapolation_value"], node.inputs[0].dtype)
+    return ctx.emit(op.where(relax.const(inside.reshape(1, 1, oh, ow)), y, fill))
