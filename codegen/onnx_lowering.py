@@ -327,6 +327,26 @@ def _arange(em, node, ins):
     return em.final(node, "Identity", [y])
 
 
+@lowering("topk")
+def _topk(em, node, ins):
+    a = node.attrs
+    k = em.const(np.asarray([a["k"]], np.int64), "k")
+    return em.final(node, "TopK", [ins[0], k], axis=a["axis"], largest=int(a["largest"]), sorted=int(a["sorted"]))
+
+
+@lowering("isnan")
+def _isnan(em, node, ins):
+    return em.final(node, "IsNaN", ins)
+
+
+@lowering("isinf")
+def _isinf(em, node, ins):
+    a = node.attrs
+    return em.final(
+        node, "IsInf", ins, detect_positive=int(a["detect_positive"]), detect_negative=int(a["detect_negative"])
+    )
+
+
 # -- reference decompositions of reshift's custom ops (see the codegen.onnx docstring) -------------
 def _dequantized_linear(em: OnnxEmitter, node: Node, ins, weight: np.ndarray):
     """``x @ W^T + bias`` with ``W`` dequantized at export time (packed weights are constants)."""

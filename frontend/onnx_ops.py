@@ -556,6 +556,7 @@ def _reduce(ctx, node, ins, at):
 
 
 from reshift.frontend import onnx_ops_index as _onnx_ops_index  # noqa: E402,F401 -- GatherElements/ND, ScatterND, CumSum
+from reshift.frontend import onnx_ops_math as _onnx_ops_math  # noqa: E402,F401 -- Einsum, TopK, IsNaN, IsInf
 from reshift.frontend import onnx_ops_nn as _onnx_ops_nn  # noqa: E402,F401 -- registers its converters
 
 

@@ -192,6 +192,15 @@ CASES = {
             b.transpose(u, perm=(1, 0, 2)),
         ),
     ),
+    "topk": (["f32[N,5,6]"], lambda b, x: [*b.topk(x, k=3), *b.topk(x, k=2, axis=1, largest=False)]),
+    "isnan": (["f32[N,3,5]"], lambda b, x: b.isnan(b.log(x))),
+    "isinf": (
+        ["f32[N,3,5]"],
+        lambda b, x: [
+            b.isinf(b.concat(b.reciprocal(b.relu(x)), b.neg(b.reciprocal(b.relu(x))), axis=1), **flags)
+            for flags in ({}, {"detect_negative": False}, {"detect_positive": False})
+        ],
+    ),
     "arange": (
         ["f32[N,3]"],
         lambda b, x: [

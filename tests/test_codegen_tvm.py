@@ -253,6 +253,18 @@ def graph_index():
     return b.build(*outs), feeds
 
 
+def graph_select():
+    """topk (ties: lower index first), isnan and isinf (ir/ops_select.py)."""
+    b = GraphBuilder("select")
+    x = b.input("x", "f32[N,5,6]")
+    outs = [*b.topk(x, k=3), *b.topk(x, k=2, axis=1, largest=False), *b.topk(b.neg(x), k=6, sorted=False)]
+    special = b.reciprocal(b.relu(x))  # +inf where x <= 0
+    special = b.concat(special, b.neg(special), b.log(x), axis=2)  # -inf, NaN where x < 0
+    outs += [b.isnan(special), b.isinf(special), b.isinf(special, detect_negative=False)]
+    outs += [b.isinf(special, detect_positive=False), b.isinf(special, detect_positive=False, detect_negative=False)]
+    return b.build(*outs), lambda n: {"x": np.round(f32(n, 5, 6)).astype(np.float32)}  # few values: many ties
+
+
 def graph_lowbit():
     from reshift.ir.ops_lowbit import pack_signs, pack_trits
 
@@ -350,6 +362,7 @@ OP_GRAPHS = {
         graph_pool,
         graph_shape,
         graph_index,
+        graph_select,
         graph_lowbit,
         graph_conv_nd,
     )
