@@ -224,8 +224,9 @@ class SymbolNames:
     Axis 0 is the batch ``N`` (and so is its ``dim_param`` wherever else it appears); another
     axis takes its ``dim_param`` made an identifier (``"sequence length"`` -> ``sequence_length``),
     shared by every axis naming it, so ``input_ids`` and ``attention_mask`` agree on ``[N, seq]``;
-    an unnamed or ``-1`` axis gets a fresh ``S1``, ``S2``... ``origins`` records where each
-    symbol comes from, for error messages and for pinning it (:mod:`reshift.specializing`).
+    an unnamed or ``-1`` axis, or a placeholder such as ``"?"``, gets a fresh ``S1``, ``S2``...
+    ``origins`` records where each symbol comes from, for error messages and for pinning it
+    (:mod:`reshift.specializing`).
     """
 
     def __init__(self, graph, initializers: set[str] = frozenset()):
@@ -248,7 +249,7 @@ class SymbolNames:
                 symbol = self._by_param[dim_param]
             else:
                 symbol = self._new(dim_param)
-                if dim_param:
+                if _identifier(dim_param):  # a placeholder such as "?" names nothing: no sharing
                     self._by_param[dim_param] = symbol
             self._by_axis[key] = symbol
             self.origins.setdefault(symbol, []).append(key)
@@ -256,11 +257,7 @@ class SymbolNames:
 
     def _new(self, dim_param: str) -> str:
         taken = {SYMBOL, *self._by_param.values(), *self.origins}
-        name = "".join(c if c.isalnum() or c == "_" else "_" for c in dim_param.strip()).strip("_")
-        if name and name[0].isdigit():
-            name = f"S_{name}"
-        if not name.isascii():
-            name = ""
+        name = _identifier(dim_param)
         while not name or name in taken:
             self._fresh += 1
             name = f"S{self._fresh}"
@@ -271,3 +268,9 @@ class SymbolNames:
         rank = sorted(s for s in self.origins if s != SYMBOL).index(symbol) if symbol in self.origins else 0
         base = 5 + 2 * rank
         return base if index == 0 else 2 * base + 1
+
+
+def _identifier(dim_param: str) -> str:
+    """``dim_param`` as an IR symbol name (``"seq len"`` -> ``seq_len``); "" when nothing of it is usable."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in dim_param.strip()).strip("_")
+    return f"S_{name}" if name[:1].isdigit() else name
