@@ -55,7 +55,9 @@ def verify(graph: Graph) -> None:
             opdef = get_op(node.op)
             low, high = opdef.arity()
             if len(node.inputs) < low or (high is not None and len(node.inputs) != high):
-                raise IRTypeError(f"takes {low}..{high or 'any'} inputs (omitted optional ones as None), got {len(node.inputs)}")
+                raise IRTypeError(
+                    f"takes {low}..{high or 'any'} inputs (omitted optional ones as None), got {len(node.inputs)}"
+                )
             attrs = opdef.normalize_attrs(node.attrs, where=f"{where}: ")
             types = infer_types(opdef, [v.type if v is not None else None for v in node.inputs], attrs)
             recorded = [v.type for v in node.outputs]

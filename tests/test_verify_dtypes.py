@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from reshift import ir
-from reshift.errors import IRTypeError, VerificationError
+from reshift.errors import IRTypeError, ParseError, VerificationError
 
 
 def _graph(inputs: str, body: str, out: str = "y") -> ir.Graph:
@@ -216,3 +216,27 @@ def test_minilm_plain_onnx_export_compiles_and_matches_onnxruntime(tmp_path):
         for got in (compiled.run_dict(feeds)["output"], ir.interpret(graph, feeds)["output"]):
             assert got.shape == want.shape == (batch, 384)
             assert np.max(np.abs(got - want)) <= spec.rtol * np.max(np.abs(want)), batch
+
+
+# -- arity: an omitted optional input is None, a missing required one is refused -----------------
+_LINEAR_NO_BIAS = "  const %w: f32[3,4] = [0,1,2,3,4,5,6,7,8,9,10,11]\n  %y: f32[N,3] = linear(%x, %w)"
+
+
+def test_text_form_may_omit_an_optional_trailing_input():
+    graph = _graph("%x: f32[N,4]", _LINEAR_NO_BIAS)
+    ir.verify(graph)
+    assert graph.nodes[0].inputs[2] is None
+    (y,) = ir.interpret(graph, {"x": np.ones((2, 4), np.float32)}).values()
+    np.testing.assert_array_equal(y, [[6, 22, 38]] * 2)
+
+
+def test_text_form_with_a_required_input_missing_is_refused():
+    with pytest.raises(ParseError, match="linear takes 2..3 inputs, got 1"):
+        _graph("%x: f32[N,4]", "  %y: f32[N,3] = linear(%x)")
+
+
+def test_node_built_without_its_optional_slots_is_refused_by_verify():
+    graph = _graph("%x: f32[N,4]", _LINEAR_NO_BIAS)
+    graph.nodes[0].inputs = graph.nodes[0].inputs[:2]  # as a pass building Node(...) by hand might
+    with pytest.raises(VerificationError, match="takes 2..3 inputs"):
+        ir.verify(graph)
