@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from reshift.errors import ModelLoadError
+from reshift.errors import IRTypeError, ModelLoadError
 from reshift.frontend.onnx_tensors import tensor_to_array
 from reshift.frontend.shape_eval import Sym, dim_to_known, known_to_dim, shape_vector
 from reshift.ir.limits import check_array_size
@@ -509,6 +509,8 @@ def _softmax(ctx, node, ins, at):
 def _matmul(ctx, node, ins, at):
     a, b = ins
     if isinstance(b, np.ndarray) and b.ndim == 2 and not isinstance(a, np.ndarray):
+        if a.type.rank and a.type.shape[-1] != b.shape[0]:  # say it in MatMul's terms, not linear's
+            raise IRTypeError(f"inner dimensions differ: {a.type} @ {list(b.shape)}")
         return ctx.op("linear", a, np.ascontiguousarray(b.T))  # weight [out, in], as passes expect
     return ctx.op("matmul", a, b)
 

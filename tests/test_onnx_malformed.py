@@ -191,3 +191,19 @@ def test_reshape_copying_an_axis_the_input_lacks_names_the_node():
     model = make([node], [6], {"shape": np.array([2, 0, 3], np.int64)})
     with pytest.raises(ModelLoadError, match=r"node 'flat' \(Reshape\).*copies \(0\) an axis"):
         from_onnx(model)
+
+
+def test_shape_mismatch_names_the_onnx_node_once_in_its_own_terms():
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    with pytest.raises(ModelLoadError) as info:
+        from_onnx(make([node], [2, 4], {"w": np.ones((5, 3), np.float32)}))
+    message = str(info.value)
+    assert "node 'mm' (MatMul): inner dimensions differ: f32[2,4] @ [5, 3]" in message
+    assert message.count("mm") == 1 and "linear" not in message  # not the internal op it becomes
+
+
+def test_internal_node_prefix_is_dropped_from_converter_errors():
+    node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)
+    with pytest.raises(ModelLoadError) as info:
+        from_onnx(make([node], [2, 4], {"w": np.ones((3, 5), np.float32)}))
+    assert str(info.value).startswith("g: node 'fc' (Gemm): linear: ") and "node fc" not in str(info.value)
