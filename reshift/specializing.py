@@ -12,8 +12,10 @@ artifact (``reshift compile`` on the command line, ``save``) needs the sizes pin
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ class SpecializingModel:
         if max_shapes < 1:
             raise InputError(f"max_shapes must be at least 1, got {max_shapes}")
         proto, self.source = load_model(model)
+        self.label = Path(self.source).name if isinstance(model, (str, os.PathLike)) else self.source
         self.model, self.error, self.max_shapes = model, error, int(max_shapes)
         self.compile_options = dict(compile_options)
         frozen = set(self.compile_options.get("input_values") or {})
@@ -92,7 +95,7 @@ class SpecializingModel:
             self.cache.popitem(last=False)
         shown = " ".join(f"{name}={','.join(str(int(d)) for d in shape)}" for name, shape, _ in pins)
         print(
-            f"reshift: compiling {self.source} for {shown} (shape {len(self.cache) + 1} of at most {self.max_shapes})",
+            f"reshift: compiling {self.label} for {shown} (shape {len(self.cache) + 1} of at most {self.max_shapes})",
             file=sys.stderr,
         )
         input_shapes = {
