@@ -142,16 +142,16 @@ def meta_checksum(meta: dict[str, Any]) -> str:
     return sha256_text(json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True))
 
 
-def write_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
-    """Write meta.json with its own checksum (``meta_sha256``) added; ``meta`` itself is not changed."""
-    path = Path(directory) / META_NAME
+def write_meta(directory: str | Path, meta: dict[str, Any], name: str = META_NAME) -> Path:
+    """Write meta.json (or ``name``) with its own checksum (``meta_sha256``) added; ``meta`` is not changed."""
+    path = Path(directory) / name
     content = json.loads(json.dumps(meta))  # the form read_meta will see (tuples -> lists, keys -> str)
     content[META_CHECKSUM_KEY] = meta_checksum(content)
     path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
 
-def _check_meta_checksum(path: Path, meta: dict[str, Any]) -> None:
+def check_meta_checksum(path: Path, meta: dict[str, Any]) -> None:
     """ArtifactError when meta.json was edited after it was written (artifacts without the key pass)."""
     stored = meta.get(META_CHECKSUM_KEY)
     if stored is None:
@@ -180,7 +180,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is corrupted ({exc}); recompile the model") from None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path} is corrupted (not a JSON object); recompile the model")
-    _check_meta_checksum(path, meta)
+    check_meta_checksum(path, meta)
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise ArtifactError(f"{path} is corrupted: missing {', '.join(missing)}; recompile the model")

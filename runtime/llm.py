@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from reshift.errors import ArtifactError, InputError
-from reshift.runtime.artifact import sha256_file
+from reshift.runtime.artifact import check_meta_checksum, sha256_file
 
 LLM_META = "llm.json"
 LLM_FORMAT = "reshift-llm-1"
@@ -81,13 +81,14 @@ class LLM:
             self.meta: dict[str, Any] = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise ArtifactError(f"{meta_path} is corrupted ({exc}); recompile the model") from None
+        check_meta_checksum(meta_path, self.meta)
         if self.meta.get("format") != LLM_FORMAT:
             raise ArtifactError(f"{meta_path}: format {self.meta.get('format')!r}, this runtime reads {LLM_FORMAT}")
         for name, key in ((SO_FILE, "so_sha256"), (WEIGHTS_FILE, "weights_sha256")):
             f = self.path / name
             if not f.is_file():
                 raise ArtifactError(f"{self.path} has no {name}; the artifact is incomplete (recompile it)")
-            if sha256_file(f) != self.meta[key]:
+            if sha256_file(f) != self.meta.get(key):
                 raise ArtifactError(f"{f} does not match its checksum in {LLM_META}: corrupted or replaced; recompile")
         if device.split(":")[0] != "cpu":
             raise ArtifactError(f"LLM artifacts run on the CPU in this version (asked for {device!r})")

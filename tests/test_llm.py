@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reshift.llm
-from reshift.errors import InputError, ModelLoadError, PassError, ReshiftError
+from reshift.errors import ArtifactError, InputError, ModelLoadError, PassError, ReshiftError
 from reshift.llm.compiler import prepare, read_model
 from reshift.llm.config import UnsupportedFeatureError, spec_from_config
 from reshift.llm.reference import forward
@@ -157,6 +157,11 @@ print(json.dumps(ids.tolist()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected.tolist()
+    meta = json.loads((tmp_path / "art" / "llm.json").read_text())
+    meta["max_seq_len"] = 4 * meta["max_seq_len"]  # a hand edit the cache shape no longer matches
+    (tmp_path / "art" / "llm.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="does not match its own checksum"):
+        reshift.llm.load(tmp_path / "art")
 
 
 def test_bad_input(compiled, tmp_path):

@@ -28,7 +28,7 @@ from reshift.errors import InputError, ModelLoadError, PassError
 from reshift.llm.config import DecoderSpec, spec_from_config
 from reshift.llm.reference import forward
 from reshift.llm.weights import canonical_weights, read_config, read_weights, state_dict_numpy
-from reshift.runtime.artifact import sha256_file
+from reshift.runtime.artifact import sha256_file, write_meta
 from reshift.runtime.llm import LLM, LLM_FORMAT, LLM_META, SO_FILE, WEIGHTS_FILE
 
 PIPELINES = ("exact", "bcq", "ternary")
@@ -316,7 +316,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         },
         "forms_sha": hashlib.sha256(json.dumps(forms, sort_keys=True).encode()).hexdigest()[:16],
     }
-    (out / LLM_META).write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta, name=LLM_META)
     del weights, params, mod, executable  # the runtime reloads them from the files: keep one copy alive
     llm = LLM(out)
     if out_dir is None:  # a temporary artifact lives as long as the object (save() copies it first)
