@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from reshift.frontend.aten_index_ops import gather_with_run_time_indices
 from reshift.frontend.aten_ops import Unsupported, _axis, _operand, converts
 from reshift.ir import Value
 from reshift.ir.types import resolve_dim
@@ -193,7 +194,7 @@ def _index(cx, a):
             raise Unsupported("boolean mask indexing")
         return cx.emit("gather", [x, index], axis=positions[0])
     if any(isinstance(indices[i], Value) and not indices[i].is_constant for i in positions):
-        raise Unsupported("several index tensors computed from the inputs")
+        return gather_with_run_time_indices(cx, x, indices, positions)
     if positions != list(range(positions[0], positions[-1] + 1)):
         raise Unsupported("non-adjacent index tensors")
     return _multi_index(cx, x, indices, positions)
