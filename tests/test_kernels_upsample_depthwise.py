@@ -97,3 +97,20 @@ def test_grouped_conv_keeps_relax():
     graph = b.build(b.conv2d(x, b.constant(f32(8, 4, 3, 3)), None, padding=(1, 1, 1, 1), groups=2))
     assert "depthwise_conv2d_f32" not in lower(graph).script()
     _check(graph, (8, 6, 6))
+
+
+def test_sigmoid_polynomial_is_relatively_accurate():
+    """The DB head's probability map: a few ulp relative to each output, tiny probabilities included
+    (onnxruntime's is ~1.3e-7 absolute there), 0 (no subnormals) and 1 in the tails, NaN kept."""
+    b = GraphBuilder("sigmoid")
+    x = b.input("x", "f32[N,64]")
+    graph = b.build(b.sigmoid(x))
+    assert "sigmoid" in lower(graph).script() and "tir_sigmoid" not in lower(graph).script()
+    vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
+    values = np.concatenate([np.linspace(-100, 100, 254, dtype=np.float32), [0.0, np.nan]]).reshape(4, 64)
+    y = vm["main"](tvm.runtime.tensor(values.astype(np.float32))).numpy()
+    exact = 1 / (1 + np.exp(-values.astype(np.float64)))
+    finite = ~np.isnan(values)
+    assert np.isnan(y[~finite]).all()
+    tiny = np.finfo(np.float32).tiny  # below x = -87 the output would be subnormal: 0 instead
+    assert (np.abs(y[finite] - exact[finite]) <= 4e-7 * exact[finite] + tiny).all()

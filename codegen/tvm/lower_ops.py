@@ -35,7 +35,8 @@ _UNARY = {
 
 @lowering(*_UNARY)
 def lower_unary(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
-    fast = cpu_kernels.tanh(ctx, node, x) if node.op == "tanh" else None
+    polynomial = {"tanh": cpu_kernels.tanh, "sigmoid": cpu_kernels.sigmoid}.get(node.op)
+    fast = polynomial(ctx, node, x) if polynomial is not None else None
     return fast if fast is not None else ctx.emit(_UNARY[node.op](x))
 
 

@@ -76,20 +76,21 @@ def _vector_factor(extent: int | None, lanes: int) -> int | None:
 
 
 def _row_length(block, var: tirx.Var, extent: int | None) -> int | None:
-    """The largest constant ``d`` dividing ``extent`` with ``var // d`` or ``var % d`` in the block
-    (a padded image flattened to ``[n, c, rows * row]``, as the conv kernels read it), or None.
+    """The largest constant ``d`` dividing ``extent`` with both ``var // d`` and ``var % d`` in the
+    block's indices (a padded image flattened to ``[n, c, rows * row]``, as the conv kernels read
+    it), or None.
 
     Split by ``d``, the indices simplify to the two loop variables; otherwise a fused parallel loop
     runs one element per job with a division chain (PP-OCRv4 det: 96x82x83 pad copy 4.5 ms)."""
     if extent is None:
         return None
-    found: list[int] = []
+    found: dict[type, set[int]] = {tirx.FloorDiv: set(), tirx.FloorMod: set()}
 
     def visit(expr) -> None:  # the index expressions are sums, products, divisions and mins
         if isinstance(expr, (tirx.FloorDiv, tirx.FloorMod)) and expr.a.same_as(var):
             d = _static(expr.b)
             if d is not None and 1 < d < extent and extent % d == 0:
-                found.append(d)
+                found[type(expr)].add(d)
         for child in ("a", "b"):
             if isinstance(getattr(expr, child, None), tvm.ir.expr.Expr):
                 visit(getattr(expr, child))
@@ -97,7 +98,7 @@ def _row_length(block, var: tirx.Var, extent: int | None) -> int | None:
     for region in list(block.reads) + list(block.writes):
         for rng in region.region:
             visit(rng.min)
-    return max(found, default=None)
+    return max(found[tirx.FloorDiv] & found[tirx.FloorMod], default=None)
 
 
 MIN_PARALLEL_JOBS = 128  # enough chunks for any thread count this targets, few enough to keep inner loops
@@ -133,11 +134,11 @@ def _schedule_block(sch: s_tir.Schedule, info, lanes: int) -> None:
         last = [i for i, kind in enumerate(kinds) if kind == "S"][-1]
         row = _row_length(stmt, stmt.iter_vars[last].var, _static(info.iters[last].dom))
         factor = _vector_factor(_static(info.iters[last].dom), lanes)
-        if factor and _innermost_everywhere(stmt, stmt.iter_vars[last].var):
+        if row is not None:  # a flattened image axis: rows as a loop of their own, no div/mod per element
+            spatial = spatial[:-1] + list(sch.split(spatial[-1], factors=[None, row]))
+        elif factor and _innermost_everywhere(stmt, stmt.iter_vars[last].var):
             outer, inner = sch.split(spatial[-1], factors=[None, factor])
             spatial = spatial[:-1] + [outer]
-        elif row is not None:  # a flattened image axis: rows as a loop of their own, no div/mod per element
-            spatial = spatial[:-1] + list(sch.split(spatial[-1], factors=[None, row]))
     if reduce and inner is not None:
         sch.reorder(*spatial, *reduce, inner)
         sch.decompose_reduction(block, reduce[0])
