@@ -283,7 +283,7 @@ register(
     ["a", "b"],
     {},
     _matmul_infer,
-    lambda a, b: np.matmul(a, b),
+    lambda a, b: np.matmul(a, b).astype(a.dtype, copy=False),  # numpy's bfloat16 matmul answers float32
     "numpy matmul",
     macs=_matmul_macs,
     tags={"contraction"},

@@ -147,3 +147,14 @@ def test_aten_einsum_trace_is_listed_unsupported():
 
     with pytest.raises(UnsupportedOpError, match="aten.einsum.*diagonal or trace"):
         from_torch(Trace(), (torch.randn(2, 3, 3),))
+
+
+def test_bfloat16_einsum_keeps_its_dtype():
+    """numpy's bfloat16 matmul answers float32; the matmul reference casts back (ONNX backend case)."""
+    node = helper.make_node("Einsum", ["x", "z"], ["y"], equation="bij,bjk->bik")
+    bf16 = TensorProto.BFLOAT16
+    model = make_model([node], [("x", bf16, [5, 2, 3]), ("z", bf16, [5, 3, 4])], [("y", bf16, [5, 2, 4])])
+    x, z = (x_of(*shape, seed=i).astype("bfloat16") for i, shape in enumerate([(5, 2, 3), (5, 3, 4)]))
+    y = interpret(from_onnx(model), {"x": x, "z": z})["y"]
+    assert y.dtype == x.dtype
+    np.testing.assert_allclose(y.astype(np.float32), np.matmul(x, z).astype(np.float32), rtol=1e-2)
