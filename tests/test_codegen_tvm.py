@@ -525,6 +525,33 @@ def test_cross_build_cuda_conv_nd():
     assert "cuda" in [m.kind for m in cuda.executable.mod.imports[0].imports]
 
 
+def test_cross_build_cuda_gather_scatter_resize():
+    """gather_elements/gather_nd (TE), scatter_nd (TOPI's GPU extern) and cubic/cropped resize get device kernels."""
+    b = GraphBuilder("index_cuda")
+    x, ids, points = b.input("x", "f32[N,4,6]"), b.input("ids", "i64[N,4,3]"), b.input("points", "i32[N,3,1]")
+    image = b.reshape(x, shape=("N", 1, 4, 6))
+    corner = b.constant(np.array([[0, 1], [-1, 3]]))
+    outs = [b.gather_elements(x, ids, axis=2), b.gather_nd(x, points, batch_dims=1)]
+    outs += [
+        b.scatter_nd(x, corner, b.input("rows", "f32[2,6]"), reduction="add"),
+        b.resize2d(image, size=(7, 3), mode="cubic"),
+    ]
+    outs.append(
+        b.resize2d(image, size=(5, 7), coordinate_transformation="tf_crop_and_resize", roi=(-0.2, 0.1, 0.9, 1.3))
+    )
+    modules = build(b.build(*outs), "cuda-sm90").executable.mod.imports[0].imports
+    source = next(m for m in modules if m.kind == "cuda").inspect_source()
+    for kernel in (
+        "gather_elements",
+        "gather_nd",
+        "scatter_nd_index",
+        "scatter_nd",
+        "resize2d_cubic",
+        "resize2d_linear",
+    ):
+        assert f"{kernel}_kernel(" in source, kernel
+
+
 def test_gpu_build_refuses_blocks_outside_thread_bindings():
     """A block left outside every thread binding would run on the host over device memory (segfault)."""
     from reshift.codegen.tvm.build import _host_block
