@@ -16,8 +16,8 @@ from reshift.ir import interpret
 F = TensorProto.FLOAT
 
 
-def resize_model(in_hw, scales=None, sizes=None, opset=13, **attrs) -> onnx.ModelProto:
-    inits = [numpy_helper.from_array(np.zeros(0, np.float32), "roi")]
+def resize_model(in_hw, scales=None, sizes=None, opset=13, roi=(), **attrs) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(np.asarray(roi, np.float32), "roi")]
     names = ["x", "roi"]
     if scales is not None:
         inits.append(numpy_helper.from_array(np.asarray(scales, np.float32), "scales"))
@@ -64,6 +64,29 @@ CASES = {
         sizes=[1, 2, 9, 5], mode="linear", coordinate_transformation_mode="pytorch_half_pixel"
     ),
     "linear_align_corners": dict(sizes=[1, 2, 8, 11], mode="linear", coordinate_transformation_mode="align_corners"),
+    "cubic_half_pixel": dict(scales=[1, 1, 2, 2], mode="cubic"),
+    "cubic_exclude_outside_tf_coefficient": dict(
+        sizes=[1, 2, 9, 4], mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1
+    ),
+    "cubic_pytorch_half_pixel_to_one": dict(
+        sizes=[1, 2, 1, 3], mode="cubic", coordinate_transformation_mode="pytorch_half_pixel"
+    ),
+    "cubic_align_corners": dict(sizes=[1, 2, 3, 11], mode="cubic", coordinate_transformation_mode="align_corners"),
+    "cubic_asymmetric": dict(sizes=[1, 2, 7, 8], mode="cubic", coordinate_transformation_mode="asymmetric"),
+    # onnxruntime leaves an axis whose size does not change uncropped; both axes change here
+    "cubic_tf_crop_and_resize": dict(
+        sizes=[1, 2, 4, 9],
+        mode="cubic",
+        coordinate_transformation_mode="tf_crop_and_resize",
+        roi=[0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3],
+        extrapolation_value=-7.0,
+    ),
+    "linear_tf_crop_and_resize": dict(
+        sizes=[1, 2, 8, 3],
+        mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize",
+        roi=[0, 0, 0.2, 0.3, 1, 1, 0.7, 0.9],
+    ),
 }
 
 
@@ -76,10 +99,21 @@ def test_resize_matches_onnxruntime(case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_nearest_tf_crop_and_resize_matches_the_onnx_reference():
+    """onnxruntime rounds some ties of the cropped coordinate the other way; ONNX's reference is the spec."""
+    from onnx.reference import ReferenceEvaluator
+
+    roi = [0, 0, -0.2, 0.1, 1, 1, 0.9, 1.3]
+    model = resize_model((5, 6), sizes=[1, 2, 9, 13], coordinate_transformation_mode="tf_crop_and_resize", roi=roi)
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 6)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(interpret(from_onnx(model), {"x": x})["y"], want)
+
+
 @pytest.mark.slow
 def test_resize_builds_for_cpu():
     x = np.random.default_rng(1).standard_normal((1, 2, 5, 6)).astype(np.float32)
-    for case in ("nearest_asymmetric_floor", "linear_half_pixel"):
+    for case in ("nearest_asymmetric_floor", "linear_half_pixel", "cubic_exclude_outside_tf_coefficient"):
         model = resize_model((5, 6), **CASES[case])
         np.testing.assert_allclose(reshift.compile(model, target="cpu")(x), run_ort(model, x), rtol=1e-5, atol=1e-6)
 

@@ -1,7 +1,9 @@
-"""cumsum, gather_elements, resize2d (ir/ops_index.py) and the SDPA converter against torch.
+"""cumsum, gather_elements, gather_nd, scatter_nd, resize2d (ir/ops_index.py) and the SDPA converter
+against torch.
 
 The numpy references are checked against the torch functions the aten converters map to them
-(``torch.cumsum``, ``torch.gather``, ``F.interpolate(mode="bilinear")``,
+(``torch.cumsum``, ``torch.gather``, advanced indexing, ``index_put``, ``F.interpolate(mode="bilinear"
+/ "bicubic")``,
 ``F.scaled_dot_product_attention``); TVM agreement with the references is test_codegen_tvm.py's
 ``graph_index``.
 """
@@ -55,6 +57,57 @@ def test_resize2d_matches_torch_bilinear(size, align_corners):
     mode = "align_corners" if align_corners else "half_pixel"
     actual = reference("resize2d", x, size=size, coordinate_transformation=mode)
     assert actual.shape == expected.shape and relative_error(actual, expected) < 1e-6
+
+
+def test_gather_nd_matches_torch_indexing():
+    x = RNG.standard_normal((3, 4, 5, 2)).astype(np.float32)
+    index = np.stack([RNG.integers(-3, 3, 6), RNG.integers(-4, 4, 6)], axis=1)
+    expected = torch.from_numpy(x)[torch.from_numpy(index[:, 0]), torch.from_numpy(index[:, 1])].numpy()
+    np.testing.assert_array_equal(reference("gather_nd", x, index), expected)
+    per_batch = RNG.integers(-4, 4, (3, 7, 1))  # batch_dims=1: row b of x indexed by row b of index
+    expected = np.stack([x[b][per_batch[b, :, 0]] for b in range(3)])
+    np.testing.assert_array_equal(reference("gather_nd", x, per_batch, batch_dims=1), expected)
+    with pytest.raises(IndexError, match=r"index 5 at position \[0, 1\] is out of range \[-5, 5\) for axis 2"):
+        reference("gather_nd", x, np.array([[0, 5]]), batch_dims=1)
+
+
+def test_scatter_nd_matches_torch_index_put():
+    data = RNG.standard_normal((5, 3)).astype(np.float32)
+    rows = np.array([[4], [-5], [2]])
+    updates = RNG.standard_normal((3, 3)).astype(np.float32)
+    put = torch.from_numpy(data).index_put((torch.from_numpy(rows[:, 0]),), torch.from_numpy(updates))
+    np.testing.assert_array_equal(reference("scatter_nd", data, rows, updates), put.numpy())
+    repeated = np.array([[1], [1], [-4]])  # row 1 three times: add sums, none keeps the last
+    added = torch.from_numpy(data).index_put((torch.from_numpy(repeated[:, 0]),), torch.from_numpy(updates), True)
+    np.testing.assert_allclose(reference("scatter_nd", data, repeated, updates, reduction="add"), added.numpy())
+    np.testing.assert_array_equal(reference("scatter_nd", data, repeated, updates)[1], updates[2])
+    product = reference("scatter_nd", data, repeated, updates, reduction="mul")[1]
+    np.testing.assert_allclose(product, data[1] * updates[0] * updates[1] * updates[2], rtol=1e-6)
+    with pytest.raises(IndexError, match="index -6 .* out of range"):
+        reference("scatter_nd", data, np.array([[-6]]), updates[:1])
+
+
+def test_scatter_and_gather_nd_types_are_checked():
+    b = GraphBuilder("g")
+    x, index = b.input("x", "f32[N,4]"), b.input("i", "i64[3,2]")
+    with pytest.raises(IRTypeError, match=r"updates must be float32\[3\]"):
+        b.scatter_nd(x, index, b.input("u", "f32[3,4]"))
+    with pytest.raises(IRTypeError, match="reduction 'mean'"):
+        b.scatter_nd(x, index, b.input("v", "f32[3]"), reduction="mean")
+    with pytest.raises(IRTypeError, match="M = 3"):
+        b.gather_nd(x, b.input("j", "i64[2,3]"))
+    with pytest.raises(IRTypeError, match="indices must be an int32/int64"):
+        b.gather_nd(x, b.input("f", "f32[2,1]"))
+
+
+@pytest.mark.parametrize("size", [(9, 13), (3, 2), (1, 1), (5, 7)])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_resize2d_cubic_matches_torch_bicubic(size, align_corners):
+    x = RNG.standard_normal((2, 3, 5, 7)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(x), size=size, mode="bicubic", align_corners=align_corners).numpy()
+    mode = "align_corners" if align_corners else "half_pixel"
+    actual = reference("resize2d", x, size=size, mode="cubic", coordinate_transformation=mode)
+    assert actual.shape == expected.shape and relative_error(actual, expected) < 1e-5
 
 
 def test_resize2d_refuses_an_unsupported_mode():
