@@ -373,3 +373,35 @@ def test_cuda_artifact_with_corrupted_kernels(cuda_artifact, tmp_path):
 def test_cuda_artifact_without_driver_names_the_library(cuda_artifact):
     with pytest.raises(ArtifactError, match=r"libtvm_runtime_cuda\.so\) cannot be loaded.*libcuda"):
         reshift.load(cuda_artifact[1], device="cuda")
+
+
+VIEWS = """
+graph views(%x: f32[2,6]) {
+  %y: f32[3,4] = reshape(%x) {shape=[3, 4]} @flat
+  %z: f32[2,6] = relu(%x) @act
+  return %y, %z
+}
+"""
+
+
+def test_outputs_own_their_memory():
+    """Inputs DLPack cannot share are staged in buffers reused across calls: no output may alias one
+    (a reshape's output is a view of its input in the VM), nor the caller's input."""
+    model = reshift.compile(parse(VIEWS), pipeline="none")
+    unaligned = np.arange(13, dtype=np.float32)[1:].reshape(2, 6)  # 4 bytes past an aligned start
+    first, _ = model(unaligned)
+    kept = first.copy()
+    second, _ = model(-unaligned)
+    np.testing.assert_array_equal(first, kept)  # the staging buffer was rewritten, the output not
+    np.testing.assert_array_equal(second, -kept)
+    aligned = np.empty(32, np.float32)
+    offset = (-aligned.ctypes.data % 64) // 4
+    x = aligned[offset : offset + 12].reshape(2, 6)  # 64-byte aligned: shared with the VM by DLPack
+    x[...] = unaligned
+    y, z = model.run_dict({"x": x}).values()
+    assert not np.shares_memory(y, x) and not np.shares_memory(z, x)
+    np.testing.assert_array_equal(y, kept)
+    with pytest.raises(InputError, match="dtype float32, got float64"):  # checks are cached per signature
+        model(unaligned.astype(np.float64))
+    with pytest.raises(InputError, match="axis 0"):
+        model(np.ones((3, 6), np.float32))
