@@ -66,12 +66,12 @@ def _cmake() -> str:
     return found
 
 
-def build() -> Path:
-    """The bin/ folder of the built llama.cpp; builds it (minutes on 2 cores) only when a target is missing."""
+def build(needed: tuple[str, ...] = TARGETS) -> Path:
+    """The built llama.cpp bin/ folder; builds all targets (minutes on 2 cores) when one ``needed`` is missing."""
     src = source_dir()
     out = CACHE / f"build-{src.parent.parent.name.removeprefix('llama_cpp_python-')}"
     bins = out / "bin"
-    if all((bins / t).exists() for t in TARGETS):
+    if all((bins / t).exists() for t in needed):
         return bins
     cmake = _cmake()
     _log(f"building llama.cpp from {src} into {out} (nice, -j2; minutes)")
@@ -247,7 +247,7 @@ def run_bench(bins: Path, model: Path, threads: int, prompt: int, new: int, repe
 
 def llamacpp_rows(hf_dir: Path, work: Path, quants, threads: int, prompt: int, new: int, repeat: int) -> list[dict]:
     """One row per quantization type, with the bytes one decoded token reads."""
-    bins = build()
+    bins = build(needed=("llama-bench", "llama-quantize"))
     work.mkdir(parents=True, exist_ok=True)
     f16 = work / "model-F16.gguf"
     if not f16.exists():
