@@ -46,6 +46,7 @@ from reshift.frontend.shape_eval import (
     Sym,
     SymbolNames,
     has_sym,
+    known_to_dim,
     normalize,
 )
 from reshift.ir import Graph, GraphBuilder, Value, create_node, get_op, sanitize_name
@@ -216,6 +217,7 @@ class _Conversion:
         self._hint = "v"
         self._materialized: dict[int, tuple[np.ndarray, Value]] = {}
         self._names: dict[int, str] = {}
+        self._sizes: dict[tuple, Value] = {}  # a symbolic size as a run-time [1] tensor (_symbolic_tensor)
         self.dim_symbols = SymbolNames(proto.graph, initializers={t.name for t in proto.graph.initializer})
 
     # -- the API converters use ---------------------------------------------------------------
@@ -252,9 +254,11 @@ class _Conversion:
         """An IR value for an operand; a known array becomes a graph constant (once)."""
         if isinstance(x, Value):
             return x
-        if has_sym(x):
-            raise ShapeEvalError("a shape that depends on the batch size is used as a run-time tensor")
         cached = self._materialized.get(id(x))
+        if cached is None and has_sym(x):
+            value = self._symbolic_tensor(x)
+            self._materialized[id(x)] = (x, value)
+            return value
         if cached is not None:
             return cached[1]
         hint = sanitize_name(self._names.get(id(x), f"{self._hint}_const"))
@@ -264,6 +268,27 @@ class _Conversion:
             raise NotConvertible(f"constant {hint!r}: {exc}") from None
         self._materialized[id(x)] = (x, constant)
         return constant
+
+    def _symbolic_tensor(self, x: np.ndarray) -> Value:
+        """A known int64 array holding symbolic sizes (``[N*S, 1]``, from ``Shape``) as a run-time tensor.
+
+        Each size ``k*N*S`` is read off ``arange(k*N*S)``: its last element plus one. That costs a
+        vector of that length per size, which is small for the sizes masks multiply by; it keeps
+        to ops every backend has (the ONNX export too).
+        """
+        parts: list[Operand] = []
+        for element in x.reshape(-1).tolist():
+            if not isinstance(element, Sym):
+                parts.append(np.asarray([int(element)], np.int64))
+                continue
+            key = ("size", element.coefficient, element.symbols)
+            if key not in self._sizes:
+                count = self.op("arange", shape=[known_to_dim(element)], dtype="int64")
+                last = self.op("gather", count, np.asarray([-1], np.int64), axis=0)
+                self._sizes[key] = self.op("add", last, np.asarray([1], np.int64))
+            parts.append(self._sizes[key])
+        vector = parts[0] if len(parts) == 1 else self.op("concat", *parts, axis=0)
+        return self.value(self.op("reshape", vector, shape=list(x.shape)))
 
     def shape(self, x: Operand) -> tuple:
         return tuple(x.shape)

@@ -431,23 +431,45 @@ def _slice(ctx, node, ins, at):
     starts, ends = _ints(starts, "Slice starts"), _ints(ends, "Slice ends")
     axes = _ints(ins[3], "Slice axes") if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
     steps = _ints(ins[4], "Slice steps") if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-    keep = ([], [], [], [])
+    keep, prefixes = ([], [], [], []), []
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=False):
         axis = _norm(axis, len(dims))
         dim = dims[axis]
         if isinstance(dim, (str, Sym)):
-            whole = start == 0 and step == 1 and (isinstance(end, Sym) or end >= INT64_MAX // 2)
+            whole = (
+                start == 0 and step == 1 and (_covers(end, dim) or not isinstance(end, Sym) and end >= INT64_MAX // 2)
+            )
             if not whole:
-                raise NotConvertible(f"cannot slice the symbolic batch dimension (axis {axis}) except whole")
+                raise NotConvertible(f"cannot slice the symbolic dimension {dim} (axis {axis}) except whole")
+            continue
+        if start == 0 and step == 1 and isinstance(end, Sym) and end.coefficient == 1 and len(end.symbols) == 1:
+            prefixes.append((axis, end.symbols[0], dim))  # table[:S], e.g. BERT's position ids
             continue
         if isinstance(start, Sym) or isinstance(end, Sym):
-            raise NotConvertible(f"slice bounds of axis {axis} depend on the batch size")
+            raise NotConvertible(f"slice bounds {start}:{end} of axis {axis} are symbolic")
         clamp = lambda v, d=dim: max(-d - 1, min(d, v))  # noqa: E731  (same result, readable attrs)
         for column, value in zip(keep, (clamp(start), clamp(end), axis, step), strict=False):
             column.append(value)
-    if not keep[2]:
-        return x
-    return ctx.op("slice", x, starts=keep[0], ends=keep[1], axes=keep[2], steps=keep[3])
+    if keep[2]:
+        x = ctx.op("slice", x, starts=keep[0], ends=keep[1], axes=keep[2], steps=keep[3])
+    for axis, symbol, dim in prefixes:
+        # the first S rows of a static axis: a gather of arange(S), exact while S <= dim, which the
+        # graph records (symbol_bounds) so binding a larger S is an InputError, not a wrapped read
+        bounds = ctx.graph.symbol_bounds
+        bounds[symbol] = min(bounds.get(symbol, dim), dim)
+        x = ctx.op("gather", x, ctx.op("arange", shape=[symbol], dtype="int64"), axis=axis)
+    return x
+
+
+def _covers(end, dim) -> bool:
+    """Whether a symbolic slice end reaches past ``dim`` for every value of the symbols (``2*N`` covers ``N``)."""
+    size = dim_to_known(dim) if isinstance(dim, str) else dim
+    return (
+        isinstance(end, Sym)
+        and isinstance(size, Sym)
+        and end.symbols == size.symbols
+        and end.coefficient >= size.coefficient
+    )
 
 
 @converter("Gather")

@@ -86,6 +86,9 @@ class Graph:
         # outputs by position (passes may replace an output value, never reorder the outputs)
         self.source_names: dict[str, str] = {}
         self.output_names: list[str] = []
+        # the largest size a symbol may take (a sequence sliced from a 512-row position table):
+        # binding a larger one is an InputError (interpreter, runtime) instead of reading past the table
+        self.symbol_bounds: dict[str, int] = {}
         self._counters: dict[str, int] = {}
         self._taken: set[str] = set()
         self._taken_signature: tuple[int, int, int] | None = None
@@ -191,6 +194,7 @@ class Graph:
         graph.notes = list(self.notes)
         graph.source_names = dict(self.source_names)
         graph.output_names = list(self.output_names)
+        graph.symbol_bounds = dict(self.symbol_bounds)
         return graph
 
     def user_name(self, value: Value) -> str:

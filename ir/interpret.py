@@ -61,6 +61,12 @@ def bind_inputs(graph: Graph, inputs: dict[str, Any]) -> tuple[dict[Value, np.nd
                     f"input {name!r}: expected {value.type}, got shape {shape}: axis {axis} is {actual}, "
                     + (f"inconsistent with {sources}" if symbols else f"not {dim}")
                 )
+    for symbol, limit in graph.symbol_bounds.items():
+        if bindings.get(symbol, 0) > limit:
+            raise InputError(
+                f"{bound_at[symbol]} gives {symbol}={bindings[symbol]}, but graph {graph.name} supports "
+                f"{symbol} up to {limit} (a table of {limit} rows is sliced to it); pass a shorter input"
+            )
     return env, bindings
 
 

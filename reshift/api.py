@@ -18,7 +18,7 @@ import numpy as np
 from reshift.errors import ArtifactError, InputError, ModelLoadError, SymbolicShapeError
 from reshift.ir.graph import Graph
 from reshift.ir.specialize import specialize_batch
-from reshift.runtime.artifact import SO_NAME, make_meta, target_dict, value_spec, write_meta
+from reshift.runtime.artifact import SO_NAME, make_meta, symbol_bounds, target_dict, value_spec, write_meta
 
 # options of compile(**options) that belong to a frontend rather than to the pass pipeline
 FRONTEND_OPTIONS = {"torch": ("dynamic_batch", "input_names"), "onnx": ("input_shapes", "input_values")}
@@ -89,6 +89,7 @@ class CompiledModel:
             "outputs": [value_spec(graph, v) for v in graph.outputs],
             "target": target_dict(build.target),
             "pipeline": pipeline,
+            **symbol_bounds(graph),
         }
 
     @property

@@ -69,6 +69,12 @@ def value_spec(graph: Any, value: Any) -> dict[str, Any]:
     return {"name": graph.user_name(value), "shape": shape, "dtype": value.dtype}
 
 
+def symbol_bounds(graph: Any) -> dict[str, Any]:
+    """``{"symbol_bounds": {...}}`` when the graph bounds a symbol (checked by the runtime), else ``{}``."""
+    bounds = getattr(graph, "symbol_bounds", None)
+    return {"symbol_bounds": {k: int(v) for k, v in bounds.items()}} if bounds else {}
+
+
 def make_meta(
     graph: Any,
     target: Any,
@@ -94,6 +100,7 @@ def make_meta(
         "outputs": [value_spec(graph, v) for v in graph.outputs],
         "target": target_dict(target),
         "pipeline": pipeline,
+        **symbol_bounds(graph),
         "graph_sha256": sha256_text(source_graph_text) if source_graph_text is not None else None,
         "so_sha256": sha256_file(so_path),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -25,15 +25,20 @@ def _init(name: str, array) -> onnx.TensorProto:
 
 
 def _attention_model() -> onnx.ModelProto:
-    """One attention block as exporters write it: shapes read back with Shape/Gather/Concat, a padding mask."""
+    """One attention block as exporters write it: shapes read back with Shape/Gather/Concat, position
+    ids sliced from a table (``table[:, :S]``, as BERT's), a padding mask, a size used as a tensor
+    (``arange(N) * S``)."""
     d, heads = 16, 2
     nodes = [
-        helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
-        helper.make_node("Shape", ["x"], ["sx"]),
+        helper.make_node("Shape", ["input_ids"], ["sx"]),
         helper.make_node("Gather", ["sx", "i0"], ["n"]),
         helper.make_node("Gather", ["sx", "i1"], ["t"]),
         helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
         helper.make_node("Unsqueeze", ["t", "ax0"], ["t1"]),
+        helper.make_node("Slice", ["pos_table", "start0", "t1", "ax1"], ["pos_ids"]),
+        helper.make_node("Gather", ["pos_emb", "pos_ids"], ["pos"]),
+        helper.make_node("Gather", ["emb", "input_ids"], ["tok"]),
+        helper.make_node("Add", ["tok", "pos"], ["x"]),
         helper.make_node("Concat", ["n1", "t1", "heads_shape"], ["qkv_shape"], axis=0),
         helper.make_node("Concat", ["n1", "t1", "model_dim"], ["out_shape"], axis=0),
         helper.make_node("MatMul", ["x", "w_qkv"], ["qkv0"]),
@@ -57,10 +62,21 @@ def _attention_model() -> onnx.ModelProto:
         helper.make_node("Reshape", ["o1", "out_shape"], ["o2"]),
         helper.make_node("MatMul", ["o2", "w_o"], ["o3"]),
         helper.make_node("Add", ["o3", "x"], ["r"]),
-        helper.make_node("LayerNormalization", ["r", "ln_w", "ln_b"], ["out"], axis=-1),
+        helper.make_node("LayerNormalization", ["r", "ln_w", "ln_b"], ["ln"], axis=-1),
+        helper.make_node("Range", ["i0", "n", "i1"], ["rows"]),
+        helper.make_node("Mul", ["rows", "t"], ["offsets"]),
+        helper.make_node("Cast", ["offsets"], ["offsets_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["offsets_f", "tenth"], ["shift0"]),
+        helper.make_node("Unsqueeze", ["shift0", "ax12"], ["shift"]),
+        helper.make_node("Add", ["ln", "shift"], ["out"]),
     ]
     inits = [
         _init("emb", RNG.standard_normal((50, d))),
+        _init("pos_emb", RNG.standard_normal((32, d))),
+        _init("pos_table", np.arange(32, dtype=np.int64)[None]),
+        _init("start0", np.array([0], np.int64)),
+        _init("ax1", np.array([1], np.int64)),
+        _init("tenth", np.array(0.1, np.float32)),
         _init("w_qkv", RNG.standard_normal((d, 3 * d)) * 0.3),
         _init("b_qkv", RNG.standard_normal(3 * d) * 0.1),
         _init("w_o", RNG.standard_normal((d, d)) * 0.3),
@@ -131,6 +147,11 @@ def test_batch_and_sequence_symbols_compile_once():
         np.testing.assert_allclose(cm(**inputs), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(reshift.errors.InputError, match="sequence"):
         cm(input_ids=np.zeros((2, 5), np.int64), attention_mask=np.ones((2, 6), np.int64))
+    # the position table has 32 rows: a longer sequence is refused, not read past the table
+    assert graph.symbol_bounds == {"sequence": 32}
+    for run in (cm, lambda **kw: ir.interpret(graph, kw)):
+        with pytest.raises(reshift.errors.InputError, match="up to 32"):
+            run(**_text_inputs(1, 33))
 
 
 def test_symbol_names_from_dim_params():
