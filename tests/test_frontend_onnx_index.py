@@ -1,5 +1,6 @@
 """ONNX Gather, GatherElements, GatherND, ScatterND and CumSum on run-time data and indices
-(frontend/onnx_ops_index.py, ir/ops_index.py) against onnxruntime, interpreted and built for cpu.
+(frontend/onnx_ops_index.py, ir/ops_index.py) against onnxruntime, interpreted and built for cpu, and
+the ONNX package's own node test cases for these ops and Resize.
 
 Negative cases: a constant index out of range is refused naming the node; a run-time one is an
 ``ExecutionError`` in the interpreter, and the compiled kernels clamp it (they never read or write
@@ -7,6 +8,9 @@ outside a tensor).
 """
 
 from __future__ import annotations
+
+import functools
+import importlib
 
 import numpy as np
 import pytest
@@ -117,3 +121,44 @@ def test_scatter_nd_reduction_is_checked():
     model = make_model([scatter], [("d", F, [4, 3]), ("i", I64, [1, 1]), ("u", F, [1, 3])], [("y", F, [4, 3])])
     with pytest.raises(ModelLoadError, match=r"put_node.*reduction 'average' is not supported"):
         from_onnx(model)
+
+
+@functools.cache
+def _onnx_node_cases(module: str) -> list:
+    """The ONNX package's own node test cases of one operator module (model, inputs, expected outputs)."""
+    from onnx.backend.test.case import node as cases
+
+    before = len(cases._NodeTestCases)
+    importlib.import_module(f"onnx.backend.test.case.node.{module}")  # its exports append the cases
+    return [c for c in cases._NodeTestCases[before:] if "expanded" not in c.name]
+
+
+# what stays refused, each for a reason the converter names
+REFUSED = {
+    "antialias": "antialias=1 is not supported",
+    "axes": "axes or keep_aspect_ratio_policy",
+    "not_larger": "axes or keep_aspect_ratio_policy",
+    "not_smaller": "axes or keep_aspect_ratio_policy",
+    "downsample_scales": "not a whole output size",  # scales 0.6, 0.8: ONNX samples at 1/scale, not in/out
+    "half_pixel_symmetric": "not a whole output size",  # (2.3x; the mode itself is not supported either)
+}
+
+
+@pytest.mark.parametrize("module", ["gather", "gatherelements", "gathernd", "scatternd", "cumsum", "resize"])
+def test_onnx_node_test_cases(module):
+    """Every case ONNX ships for the op matches its expected outputs, or is refused with its reason."""
+    checked = 0
+    for case in _onnx_node_cases(module):
+        (inputs, outputs), names = case.data_sets[0], [i.name for i in case.model.graph.input]
+        feeds = dict(zip(names, inputs, strict=True))
+        frozen = {n: feeds.pop(n) for n in names[1:]} if module in ("resize", "cumsum") else {}  # sizes, axis
+        reason = next((why for key, why in REFUSED.items() if key in case.name), None)
+        if reason is not None and module == "resize":
+            with pytest.raises(ModelLoadError, match=reason):
+                from_onnx(case.model, input_values=frozen)
+            continue
+        got = list(interpret(from_onnx(case.model, input_values=frozen), feeds).values())
+        for have, want in zip(got, outputs, strict=True):
+            np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6, err_msg=case.name)
+        checked += 1
+    assert checked >= {"resize": 17}.get(module, 1)  # resize: 17 of its cases run, the rest are refused
