@@ -8,6 +8,7 @@ the reference, the TVM lowering (tests/test_codegen_tvm.py::graph_select) and th
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -162,3 +163,28 @@ def main(a: T.Buffer((4,), "float32")):
 """
     assert _host_block(script) == 'with T.sblock("side"):'
     assert _host_block(script.split('    with T.sblock("side")')[0]) is None
+
+
+def test_sdpa_onnx_export_with_a_bool_mask_imports():
+    """torch.onnx's sdpa with a bool mask guards the softmax with IsNaN (MiniLM's default export);
+    a fully masked row is where it acts (NaN -> 0), compared with onnxruntime."""
+    import io
+
+    import torch.nn.functional as F
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, keep):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=keep[:, None, None, :].bool())
+
+    q, keep = torch.randn(3, 2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    buffer = io.BytesIO()
+    axes = {"q": {0: "N"}, "keep": {0: "N"}}
+    names = {"input_names": ["q", "keep"], "output_names": ["y"], "dynamic_axes": axes}
+    torch.onnx.export(Attention(), (q, keep), buffer, dynamo=False, opset_version=17, **names)
+    model = onnx.load_from_string(buffer.getvalue())
+    assert "IsNaN" in {n.op_type for n in model.graph.node}
+    graph = from_onnx(model)
+    feeds = {"q": q.numpy(), "keep": keep.numpy()}
+    (ours,), (want,) = interpret(graph, feeds).values(), run_ort(model, feeds)
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+    assert not np.isnan(ours).any() and not ours[2].any()
