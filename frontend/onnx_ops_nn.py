@@ -350,7 +350,7 @@ def _pad(ctx, node, ins, at):
 def _pad_axis(ctx, x, axis: int, before: int, after: int, mode: str):
     size = ctx.shape(x)[axis]
     if isinstance(size, str):
-        raise NotConvertible(f"Pad mode {mode!r} along the symbolic batch axis {axis}")
+        raise NotConvertible(f"Pad mode {mode!r} along the symbolic axis {axis}")
     if min(before, after) < 0:
         raise NotConvertible(f"Pad mode {mode!r} with negative pads {before}, {after} (cropping) is not supported")
     limit = size - 1 if mode == "reflect" else size

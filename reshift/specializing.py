@@ -23,6 +23,7 @@ import numpy as np
 from reshift.errors import InputError, SymbolicShapeError
 
 DEFAULT_MAX_SHAPES = 8
+BATCH = "N"  # the frontend's batch symbol: axis 0, and its dim_param wherever else it appears
 
 
 class SpecializingModel:
@@ -49,11 +50,15 @@ class SpecializingModel:
         self.compile_options = dict(compile_options)
         frozen = set(self.compile_options.get("input_values") or {})
         initializers = {t.name for t in proto.graph.initializer}
-        self.inputs: list[tuple[str, list[int | None], str]] = []  # name, declared dims (None: symbolic), dtype
-        for info in proto.graph.input:
-            if info.name in initializers or info.name in frozen:
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in _dims(info)]
+        # name, declared dims (an int; BATCH: the batch N, kept symbolic; None: pinned per call), dtype
+        self.inputs: list[tuple[str, list[int | str | None], str]] = []
+        infos = [i for i in proto.graph.input if i.name not in initializers and i.name not in frozen]
+        batch_params = {_dims(i)[0].dim_param for i in infos if _dims(i) and not _static(_dims(i)[0])} - {""}
+        for info in infos:
+            dims = [
+                d.dim_value if _static(d) else BATCH if axis == 0 or d.dim_param in batch_params else None
+                for axis, d in enumerate(_dims(info))
+            ]
             self.inputs.append((info.name, dims, ONNX_DTYPES.get(info.type.tensor_type.elem_type, "?")))
         self.input_names = [name for name, _, _ in self.inputs]
         self.cache: OrderedDict[tuple, Any] = OrderedDict()
@@ -85,7 +90,9 @@ class SpecializingModel:
     def for_inputs(self, inputs: dict[str, Any]):
         """The ``CompiledModel`` for these inputs' shape: from the cache, or compiled now (LRU eviction)."""
         pins = self._pins(inputs)
-        key = tuple((name, shape[1:] if dims and dims[0] is None else shape) for name, shape, dims in pins)
+        key = tuple(
+            (name, tuple(n for n, d in zip(shape, dims, strict=True) if d != BATCH)) for name, shape, dims in pins
+        )
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
@@ -99,7 +106,7 @@ class SpecializingModel:
             file=sys.stderr,
         )
         input_shapes = {
-            name: tuple("N" if axis == 0 and dims[0] is None else size for axis, size in enumerate(shape))
+            name: tuple(BATCH if d == BATCH else size for size, d in zip(shape, dims, strict=True))
             for name, shape, dims in pins
         }
         options = dict(self.compile_options)
@@ -123,12 +130,12 @@ class SpecializingModel:
             raise InputError(f"{self.source} takes inputs {self.input_names}; missing {missing}")
         pins = []
         for name, dims, _ in self.inputs:
-            if not any(d is None for d in dims[1:]):
+            if None not in dims:
                 continue
             shape = tuple(int(d) for d in inputs[name].shape)
             if len(shape) != len(dims):
                 raise InputError(f"input {name!r}: expected rank {len(dims)}, got shape {list(shape)}")
-            if min(shape[1:], default=1) < 1:
+            if min((n for n, d in zip(shape, dims, strict=True) if d is None), default=1) < 1:
                 raise InputError(f"input {name!r}: shape {list(shape)} has an empty axis")
             pins.append((name, shape, dims))
         return pins
@@ -138,6 +145,10 @@ class SpecializingModel:
             f"<SpecializingModel {self.source}: {len(self.cache)} of at most {self.max_shapes} shapes compiled "
             f"for {self.target}>"
         )
+
+
+def _static(dim) -> bool:
+    return dim.HasField("dim_value") and dim.dim_value >= 0
 
 
 def _dims(info) -> list:

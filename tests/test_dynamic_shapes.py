@@ -191,3 +191,14 @@ def test_cli_compile_refuses_symbolic_width(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "W is axis 3 of input 'x'" in err and "--input-shape x=" in err
     assert main(["inspect", str(path), "--input-shape", "x=1,3,16,24"]) == 0
+
+
+def test_specializing_keeps_the_batch_wherever_its_dim_param_appears():
+    x = helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", "samples"])
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 128])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "samples"])
+    graph = helper.make_graph([helper.make_node("Identity", ["audio"], ["y"])], "vad", [x, state], [out])
+    model = SpecializingModel(helper.make_model(graph), SymbolicShapeError("unused"), {})
+    assert [dims for _, dims, _ in model.inputs] == [["N", None], [2, "N", 128]]
+    inputs = {"audio": np.zeros((3, 512), np.float32), "state": np.zeros((2, 3, 128), np.float32)}
+    assert [(name, shape) for name, shape, _ in model._pins(inputs)] == [("audio", (3, 512))]  # state: nothing to pin
