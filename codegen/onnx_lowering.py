@@ -293,6 +293,9 @@ def _resize2d(em, node, ins):
     """ONNX Resize by output sizes; the coordinate modes are ONNX's own names."""
     a = node.attrs
     sizes = em.shape_tensor(node.outputs[0].shape)
+    scales = ""
+    if a["scales"]:  # ONNX samples at 1 / scale then; the output size is floor(in * scale) = size
+        scales, sizes = em.const(np.asarray([1.0, 1.0, *a["scales"]], np.float32), "scales"), ""
     roi, extra = "", {}
     if a["mode"] == "cubic":
         extra = {"cubic_coeff_a": a["cubic_coeff_a"], "exclude_outside": int(a["exclude_outside"])}
@@ -303,7 +306,7 @@ def _resize2d(em, node, ins):
     return em.final(
         node,
         "Resize",
-        [ins[0], roi, "", sizes],
+        [ins[0], roi, scales, sizes] if sizes else [ins[0], roi, scales],
         mode=a["mode"],
         coordinate_transformation_mode=a["coordinate_transformation"],
         nearest_mode=a["nearest_mode"],

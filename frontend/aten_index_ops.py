@@ -11,7 +11,8 @@ Registered into :data:`reshift.frontend.aten_ops.ATEN_CONVERTERS` (imported by a
   scatter as ``scatter_nd`` over full coordinate tuples (the run-time index on ``dim``, ``arange``
   on every other axis).
 - ``F.interpolate(mode="bicubic")`` (``aten.upsample_bicubic2d``): ``resize2d`` cubic with torch's
-  ``a = -0.75``, edge taps clamped, ``align_corners`` or ``half_pixel``.
+  ``a = -0.75``, edge taps clamped, ``align_corners`` or ``half_pixel`` (at ``1 / scale_factor``
+  when one is given, as torch samples).
 """
 
 from __future__ import annotations
@@ -153,18 +154,23 @@ def _filled(cx, value: Any, shape: tuple, dtype: str) -> Value:
     return cx.emit("expand", [scalar], shape=shape)
 
 
+def sampling_scales(x: Value, size: tuple, a: dict) -> dict:
+    """``resize2d``'s ``scales`` where torch samples at ``1 / scale_factor`` and that differs from
+    ``in / out`` (a factor whose product with the input size is not whole); ``align_corners`` ignores it."""
+    factors = a.get("scale_factors") or [a.get("scales_h"), a.get("scales_w")]
+    if a["align_corners"] or any(f is None for f in factors):
+        return {}
+    if all(length * factor == out for length, out, factor in zip(x.shape[2:], size, factors, strict=True)):
+        return {}
+    return {"scales": tuple(float(f) for f in factors)}
+
+
 @converts("upsample_bicubic2d.vec", "upsample_bicubic2d.default")
 def _upsample_bicubic(cx, a):
-    """Bicubic upsampling (torch: Keys kernel a = -0.75, edge taps clamped, no antialias) to torch's size.
-
-    As for bilinear, a ``scale_factor`` whose product with the input size is not whole is refused
-    (torch samples at ``1 / factor`` then, resize2d at ``in / out``).
-    """
+    """Bicubic upsampling (torch: Keys kernel a = -0.75, edge taps clamped, no antialias) to torch's size,
+    sampled at ``1 / scale_factor`` when a factor is given (``in / out`` otherwise, as torch)."""
     x = cx.value(a["input"] if "input" in a else a["self"])
     size = tuple(cx.out_type.shape[2:])
-    factors = a.get("scale_factors") or [a.get("scales_h"), a.get("scales_w")]
-    for length, out, factor in zip(x.shape[2:], size, factors, strict=True):
-        if factor is not None and not a["align_corners"] and length * factor != out:
-            raise Unsupported(f"scale factor {factor} on a length of {length} (not a whole output size {out})")
     mode = "align_corners" if a["align_corners"] else "half_pixel"
-    return cx.emit("resize2d", [x], size=size, mode="cubic", coordinate_transformation=mode, cubic_coeff_a=-0.75)
+    scales = sampling_scales(x, size, a)
+    return cx.emit("resize2d", [x], size=size, mode="cubic", coordinate_transformation=mode, **scales)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from reshift.frontend.aten_index_ops import gather_with_run_time_indices
+from reshift.frontend.aten_index_ops import gather_with_run_time_indices, sampling_scales
 from reshift.frontend.aten_ops import Unsupported, _axis, _operand, converts
 from reshift.ir import Value
 from reshift.ir.types import resolve_dim
@@ -283,17 +283,14 @@ def _upsample_bilinear(cx, a):
     """Bilinear upsampling to torch's output size; coordinates from ``align_corners``.
 
     torch maps output to input coordinates with ``1 / scale_factor`` when a factor is given and
-    with ``in / out`` otherwise; the two agree only when ``in * factor`` is whole, so other
-    factors are refused rather than resampled at slightly different points.
+    with ``in / out`` otherwise; a factor whose product with the input size is not whole becomes
+    resize2d's ``scales``, so it samples where torch does.
     """
     x = cx.value(a["input"] if "input" in a else a["self"])
     size = tuple(cx.out_type.shape[2:])
-    factors = a.get("scale_factors") or [a.get("scales_h"), a.get("scales_w")]
-    for length, out, factor in zip(x.shape[2:], size, factors, strict=True):
-        if factor is not None and not a["align_corners"] and length * factor != out:
-            raise Unsupported(f"scale factor {factor} on a length of {length} (not a whole output size {out})")
     mode = "align_corners" if a["align_corners"] else "half_pixel"
-    return cx.emit("resize2d", [x], size=size, mode="linear", coordinate_transformation=mode)
+    scales = sampling_scales(x, size, a)
+    return cx.emit("resize2d", [x], size=size, mode="linear", coordinate_transformation=mode, **scales)
 
 
 @converts("copy")

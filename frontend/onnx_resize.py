@@ -4,10 +4,10 @@ Only the two spatial axes of an NCHW tensor may change. ``nearest``, ``linear`` 
 (``cubic_coeff_a``, ``exclude_outside``) modes with the ``half_pixel``, ``pytorch_half_pixel``,
 ``align_corners``, ``asymmetric`` and ``tf_crop_and_resize`` (a constant ``roi`` that leaves the
 batch and channel axes whole; ``extrapolation_value``) coordinate transformations are exact;
-``resize2d`` computes the source coordinate from ``output size / input size``, so a ``scales``
-input whose product with the input size is not a whole number (where ONNX's coordinate uses the
-given scale, not the ratio) is refused, as are ``antialias``, ``axes`` and
-``keep_aspect_ratio_policy``. onnxruntime (1.2x) leaves an axis whose size does not change as it
+a ``scales`` input whose product with the input size is not whole (ONNX then samples at
+``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the half-pixel and
+asymmetric modes and refused for the others; ``antialias``, ``axes`` and
+``keep_aspect_ratio_policy`` are refused. onnxruntime (1.2x) leaves an axis whose size does not change as it
 is even under ``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
 """
 
@@ -18,34 +18,41 @@ import math
 import numpy as np
 
 from reshift.frontend.onnx_ops import NotConvertible, _known, converter
-from reshift.ir.ops_index import COORDINATE_MODES, NEAREST_MODES, RESIZE_MODES
+from reshift.ir.ops_index import COORDINATE_MODES, NEAREST_MODES, RESIZE_MODES, SCALED_MODES
 
 
-def _output_size(ctx, x, scales, sizes) -> list[int]:
-    """The static output H, W from ``sizes`` or ``scales`` (batch and channels unchanged)."""
+def _output_size(ctx, x, scales, sizes, coordinate: str) -> tuple[list[int], list[float]]:
+    """The static output H, W from ``sizes`` or ``scales`` (batch and channels unchanged), and the
+    scales when they are not ``out / in`` (the half-pixel and asymmetric modes sample at ``1 / scale``)."""
     dims = list(ctx.shape(x))
     if sizes is not None and np.asarray(_known(sizes, "Resize sizes")).size:
         out = [int(s) for s in np.asarray(sizes).reshape(-1)]
         kept = len(out) == 4 and all(isinstance(d, str) or d == o for d, o in zip(dims[:2], out[:2], strict=True))
         if not kept:
             raise NotConvertible(f"Resize sizes {out} change the batch or channel axis; only H and W may change")
-        return out[2:]
+        return out[2:], []
     if scales is None:
         raise NotConvertible("Resize has neither scales nor sizes")
     factors = [float(f) for f in np.asarray(_known(scales, "Resize scales")).reshape(-1)]
     if len(factors) != 4 or factors[:2] != [1.0, 1.0]:
         raise NotConvertible(f"Resize scales {factors} change the batch or channel axis; only H and W may change")
-    out = []
+    out, whole = [], True
     for size, factor in zip(dims[2:], factors[2:], strict=True):
         if isinstance(size, str):
             raise NotConvertible("Resize over a symbolic spatial size; pin it with input_shapes / --input-shape")
         resized = math.floor(size * factor)
-        if resized < 1 or not math.isclose(resized / size, factor, rel_tol=1e-6):
-            raise NotConvertible(
-                f"Resize scale {factor} on a size of {size} is not a whole output size; pass sizes instead of scales"
-            )
+        if resized < 1:
+            raise NotConvertible(f"Resize scale {factor} on a size of {size} leaves no output")
+        whole = whole and math.isclose(resized / size, factor, rel_tol=1e-6)
         out.append(resized)
-    return out
+    if whole:
+        return out, []
+    if coordinate not in SCALED_MODES:
+        raise NotConvertible(
+            f"Resize scales {factors[2:]} on sizes {dims[2:]} are not whole output sizes, which "
+            f"{coordinate} does not support (half_pixel, pytorch_half_pixel, asymmetric do); pass sizes instead"
+        )
+    return out, factors[2:]
 
 
 @converter("Resize")
@@ -65,14 +72,16 @@ def _resize(ctx, node, ins, at):
         raise NotConvertible(f"Resize exclude_outside=1 with mode {mode!r} is not supported (only with cubic)")
     if mode not in RESIZE_MODES:
         raise NotConvertible(f"Resize mode {mode!r} is not supported ({', '.join(RESIZE_MODES)})")
-    size = _output_size(ctx, x, scales, sizes)
     if coordinate not in COORDINATE_MODES:
         raise NotConvertible(f"Resize coordinate_transformation_mode {coordinate!r} is not supported")
+    size, factors = _output_size(ctx, x, scales, sizes, coordinate)
     if coordinate == "pytorch_half_pixel" and min(size) > 1:
         coordinate = "half_pixel"
     if mode == "nearest" and rounding not in NEAREST_MODES:
         raise NotConvertible(f"Resize nearest_mode {rounding!r} is not supported")
     attrs = {"size": size, "mode": mode, "coordinate_transformation": coordinate, "nearest_mode": rounding}
+    if factors:
+        attrs["scales"] = factors
     if mode == "cubic":
         attrs |= {
             "cubic_coeff_a": at.get("cubic_coeff_a", -0.75),

@@ -184,9 +184,12 @@ RESIZE_MODES = ("linear", "nearest", "cubic")
 COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize")
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 FULL_ROI = (0.0, 0.0, 1.0, 1.0)
+SCALED_MODES = ("half_pixel", "pytorch_half_pixel", "asymmetric")  # sample at 1 / scale
 
 
-def _resize2d_infer(x, size, mode, coordinate_transformation, nearest_mode, cubic_coeff_a, exclude_outside, roi, **_):
+def _resize2d_infer(
+    x, size, mode, coordinate_transformation, nearest_mode, cubic_coeff_a, exclude_outside, roi, scales, **_
+):
     require_rank(x, 4, "resize2d")
     require_float(x, "resize2d")
     if mode not in RESIZE_MODES:
@@ -201,19 +204,36 @@ def _resize2d_infer(x, size, mode, coordinate_transformation, nearest_mode, cubi
         raise IRTypeError(f"resize2d: size must be two positive ints (height, width), got {list(size)}")
     if len(roi) != 4:
         raise IRTypeError(f"resize2d: roi must be 4 floats (h_start, w_start, h_end, w_end), got {list(roi)}")
+    if scales and (len(scales) != 2 or min(scales) <= 0 or coordinate_transformation not in SCALED_MODES):
+        raise IRTypeError(
+            f"resize2d: scales {list(scales)} must be two positive factors, for coordinate_transformation in "
+            f"{SCALED_MODES} (the others do not sample at 1 / scale)"
+        )
     if any(isinstance(d, str) for d in x.shape[2:]):
         raise IRTypeError("resize2d: the spatial dimensions must be static")
     return [x.with_shape(x.shape[:2] + tuple(size))]
 
 
 def source_coordinates(
-    length: int, out: int, coordinate_transformation: str, roi: tuple[float, float] = (0.0, 1.0)
+    length: int,
+    out: int,
+    coordinate_transformation: str,
+    roi: tuple[float, float] = (0.0, 1.0),
+    scale: float | None = None,
 ) -> np.ndarray:
-    """ONNX Resize's source coordinate of each output index (scale = out / length).
+    """ONNX Resize's source coordinate of each output index.
 
-    ``roi`` is the (start, end) crop of ``tf_crop_and_resize`` in normalized coordinates.
+    ``roi`` is the (start, end) crop of ``tf_crop_and_resize`` in normalized coordinates; ``scale``
+    the factor given to ONNX Resize (``scales``) or torch (``scale_factor``) where ``out / length``
+    differs from it (``floor(length * scale) = out``): the half-pixel and asymmetric modes sample at
+    ``1 / scale`` then.
     """
     i = np.arange(out, dtype=np.float64)
+    if scale is not None and coordinate_transformation == "asymmetric":
+        return i / scale
+    one_pixel_torch = coordinate_transformation == "pytorch_half_pixel" and out == 1
+    if scale is not None and coordinate_transformation in SCALED_MODES and not one_pixel_torch:
+        return (i + 0.5) / scale - 0.5
     if coordinate_transformation == "align_corners":
         return i * ((length - 1) / (out - 1)) if out > 1 else np.zeros(out)
     if coordinate_transformation == "tf_crop_and_resize":
@@ -238,14 +258,19 @@ def inside_roi(length: int, out: int, coordinate_transformation: str, roi: tuple
 
 
 def nearest_taps(
-    length: int, out: int, coordinate_transformation: str, nearest_mode: str, roi: tuple[float, float] = (0.0, 1.0)
+    length: int,
+    out: int,
+    coordinate_transformation: str,
+    nearest_mode: str,
+    roi: tuple[float, float] = (0.0, 1.0),
+    scale: float | None = None,
 ) -> np.ndarray:
     """The source index of each output index for ONNX Resize's ``mode="nearest"``.
 
     ``round_prefer_floor`` rounds halves down, ``round_prefer_ceil`` up (ONNX's two rounding
     modes), then the index is clamped to ``[0, length - 1]``.
     """
-    source = source_coordinates(length, out, coordinate_transformation, roi)
+    source = source_coordinates(length, out, coordinate_transformation, roi, scale)
     if nearest_mode == "floor":
         index = np.floor(source)
     elif nearest_mode == "ceil":
@@ -258,7 +283,11 @@ def nearest_taps(
 
 
 def linear_taps(
-    length: int, out: int, coordinate_transformation: str, roi: tuple[float, float] = (0.0, 1.0)
+    length: int,
+    out: int,
+    coordinate_transformation: str,
+    roi: tuple[float, float] = (0.0, 1.0),
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(low, high, weight)`` per output index: ``out[i] = in[low] * (1 - w) + in[high] * w``.
 
@@ -266,7 +295,7 @@ def linear_taps(
     ``align_corners=False``), align_corners ``i * (length - 1) / (out - 1)``, asymmetric ``i / scale``;
     it is clamped to ``[0, length - 1]`` (torch clamps negatives to 0, the edge is replicated).
     """
-    source = np.clip(source_coordinates(length, out, coordinate_transformation, roi), 0.0, length - 1)
+    source = np.clip(source_coordinates(length, out, coordinate_transformation, roi, scale), 0.0, length - 1)
     low = np.floor(source).astype(np.int64)
     high = np.minimum(low + 1, length - 1)
     return low, high, (source - low).astype(np.float32)
@@ -279,6 +308,7 @@ def cubic_taps(
     a: float = -0.75,
     exclude_outside: bool = False,
     roi: tuple[float, float] = (0.0, 1.0),
+    scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(index, weight)``, each ``[out, 4]``: ``out[i] = sum_k in[index[i, k]] * weight[i, k]``.
 
@@ -287,7 +317,7 @@ def cubic_taps(
     Taps outside the input read the edge (torch and ONNX), or with ``exclude_outside`` get weight 0
     and the rest are renormalized (ONNX).
     """
-    source = source_coordinates(length, out, coordinate_transformation, roi)
+    source = source_coordinates(length, out, coordinate_transformation, roi, scale)
     base = np.floor(source)
     offsets = np.arange(-1, 3, dtype=np.float64)
     index = base[:, None] + offsets
@@ -307,6 +337,11 @@ def axis_rois(roi: tuple[float, ...]) -> tuple[tuple[float, float], tuple[float,
     return (roi[0], roi[2]), (roi[1], roi[3])
 
 
+def axis_scales(scales: tuple[float, ...]) -> tuple[float | None, float | None]:
+    """The given (height, width) scale factors, or ``(None, None)``: sample at ``length / out``."""
+    return (scales[0], scales[1]) if scales else (None, None)
+
+
 def _resize2d(
     x,
     size,
@@ -317,23 +352,24 @@ def _resize2d(
     exclude_outside=False,
     roi=FULL_ROI,
     extrapolation_value=0.0,
+    scales=(),
 ):
     """Cubic, bilinear (rows, then columns) or nearest resampling of ``[N, C, H, W]`` to ``[N, C, *size]``."""
     (h, w), (oh, ow) = x.shape[2:], size
-    roi_h, roi_w = axis_rois(roi)
+    (roi_h, roi_w), (scale_h, scale_w) = axis_rois(roi), axis_scales(scales)
     if mode == "nearest":
-        rows = nearest_taps(h, oh, coordinate_transformation, nearest_mode, roi_h)
-        cols = nearest_taps(w, ow, coordinate_transformation, nearest_mode, roi_w)
+        rows = nearest_taps(h, oh, coordinate_transformation, nearest_mode, roi_h, scale_h)
+        cols = nearest_taps(w, ow, coordinate_transformation, nearest_mode, roi_w, scale_w)
         y = x[:, :, rows][:, :, :, cols]
     elif mode == "cubic":
-        index, weight = cubic_taps(h, oh, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_h)
+        index, weight = cubic_taps(h, oh, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_h, scale_h)
         rows = sum(x[:, :, index[:, k], :] * weight[:, k, None] for k in range(4))
-        index, weight = cubic_taps(w, ow, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_w)
+        index, weight = cubic_taps(w, ow, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_w, scale_w)
         y = sum(rows[..., index[:, k]] * weight[:, k] for k in range(4))
     else:
-        low, high, weight = linear_taps(h, oh, coordinate_transformation, roi_h)
+        low, high, weight = linear_taps(h, oh, coordinate_transformation, roi_h, scale_h)
         rows = x[:, :, low, :] * (1 - weight)[:, None] + x[:, :, high, :] * weight[:, None]
-        low, high, weight = linear_taps(w, ow, coordinate_transformation, roi_w)
+        low, high, weight = linear_taps(w, ow, coordinate_transformation, roi_w, scale_w)
         y = rows[..., low] * (1 - weight) + rows[..., high] * weight
     if coordinate_transformation == "tf_crop_and_resize":
         inside = inside_roi(h, oh, coordinate_transformation, roi_h)[:, None]
@@ -354,6 +390,7 @@ register(
         "exclude_outside": Attr("bool", False),
         "roi": Attr("floats", FULL_ROI),
         "extrapolation_value": Attr("float", 0.0),
+        "scales": Attr("floats", ()),
     },
     _resize2d_infer,
     _resize2d,

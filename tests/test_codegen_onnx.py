@@ -175,6 +175,7 @@ CASES = {
             b.resize2d(x, size=(8, 9), mode="cubic", exclude_outside=True),
             b.resize2d(x, size=(3, 5), mode="cubic", cubic_coeff_a=-0.5, coordinate_transformation="align_corners"),
             b.resize2d(x, size=(5, 7), coordinate_transformation="tf_crop_and_resize", roi=(0.1, -0.2, 0.8, 1.1)),
+            b.resize2d(x, size=(3, 4), mode="cubic", scales=(0.8, 0.7)),  # sampled at 1 / scale, not in / out
         ],
     ),
     "gather_nd": (

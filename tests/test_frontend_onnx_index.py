@@ -139,8 +139,9 @@ REFUSED = {
     "axes": "axes or keep_aspect_ratio_policy",
     "not_larger": "axes or keep_aspect_ratio_policy",
     "not_smaller": "axes or keep_aspect_ratio_policy",
-    "downsample_scales": "not a whole output size",  # scales 0.6, 0.8: ONNX samples at 1/scale, not in/out
-    "half_pixel_symmetric": "not a whole output size",  # (2.3x; the mode itself is not supported either)
+    "downsample_scales_linear_align_corners": "are not whole output sizes",  # align_corners ignores 1 / scale
+    "downsample_scales_cubic_align_corners": "are not whole output sizes",
+    "half_pixel_symmetric": "half_pixel_symmetric' is not supported",
 }
 
 
@@ -161,4 +162,4 @@ def test_onnx_node_test_cases(module):
         for have, want in zip(got, outputs, strict=True):
             np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6, err_msg=case.name)
         checked += 1
-    assert checked >= {"resize": 17}.get(module, 1)  # resize: 17 of its cases run, the rest are refused
+    assert checked >= {"resize": 21}.get(module, 1)  # resize: 21 of its cases run, the rest are refused

@@ -65,6 +65,10 @@ CASES = {
     ),
     "linear_align_corners": dict(sizes=[1, 2, 8, 11], mode="linear", coordinate_transformation_mode="align_corners"),
     "cubic_half_pixel": dict(scales=[1, 1, 2, 2], mode="cubic"),
+    "cubic_fractional_scales": dict(scales=[1, 1, 0.7, 1.45], mode="cubic"),  # sampled at 1 / scale
+    "nearest_fractional_scales_asymmetric": dict(
+        scales=[1, 1, 1.7, 0.55], coordinate_transformation_mode="asymmetric", nearest_mode="floor"
+    ),
     "cubic_exclude_outside_tf_coefficient": dict(
         sizes=[1, 2, 9, 4], mode="cubic", cubic_coeff_a=-0.5, exclude_outside=1
     ),
@@ -143,7 +147,7 @@ def test_upsample_from_opset_9_is_upgraded():
         (dict(scales=[1, 1, 2, 2], mode="cubic", antialias=1, opset=18), "antialias=1"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), "needs a constant roi"),
         (dict(scales=[1, 2, 2, 2]), "change the batch or channel axis"),
-        (dict(scales=[1, 1, 1.5, 1.5]), "not a whole output size"),
+        (dict(scales=[1, 1, 1.5, 1.5], coordinate_transformation_mode="align_corners"), "not whole output sizes"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_half_pixel_for_nn"), "tf_half_pixel_for_nn"),
     ],
 )

@@ -68,6 +68,7 @@ class Bicubic(torch.nn.Module):
 BICUBIC = {
     "size_align_corners": dict(size=(9, 4), align_corners=True),
     "factor_2_half_pixel": dict(scale_factor=2.0, align_corners=False),
+    "factor_1_3_half_pixel": dict(scale_factor=1.3, align_corners=False),  # sampled at 1 / 1.3, not 5 / 6
 }
 
 
@@ -82,9 +83,12 @@ def test_bicubic_matches_torch(case):
     assert got.shape == want.shape and relative_error(got, want) < 1e-5
 
 
-def test_bicubic_by_a_fractional_factor_is_refused():
-    with pytest.raises(reshift.errors.ReshiftError, match="scale factor 1.3"):
-        from_torch(Bicubic(scale_factor=1.3, align_corners=False), (torch.randn(1, 1, 5, 7),))
+def test_bilinear_by_a_fractional_factor_samples_where_torch_does():
+    module, x = torch.nn.Upsample(scale_factor=(1.3, 0.6), mode="bilinear"), torch.randn(1, 2, 5, 7)
+    graph = from_torch(module, (x,))
+    got = interpret(graph, {graph.inputs[0].name: x.numpy()})[graph.outputs[0].name]
+    with torch.no_grad():
+        assert relative_error(got, module(x).numpy()) < 1e-5
 
 
 class MaskedPut(torch.nn.Module):

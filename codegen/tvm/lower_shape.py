@@ -13,7 +13,7 @@ from tvm import relax, te, tirx
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
 from reshift.ir.graph import Node
 from reshift.ir.numpy_kernels import pool_output_size
-from reshift.ir.ops_index import axis_rois, cubic_taps, inside_roi, linear_taps, nearest_taps
+from reshift.ir.ops_index import axis_rois, axis_scales, cubic_taps, inside_roi, linear_taps, nearest_taps
 from reshift.ir.types import numpy_dtype
 
 
@@ -257,14 +257,16 @@ def _weighted_sum(terms: list, weights: list) -> tirx.PrimExpr:
     return total
 
 
-def _resize_axis_taps(node: Node, length: int, out: int, roi: tuple[float, float]) -> list[np.ndarray]:
+def _resize_axis_taps(
+    node: Node, length: int, out: int, roi: tuple[float, float], scale: float | None
+) -> list[np.ndarray]:
     """The reference's own tap tables for one axis (``ir/ops_index.py``): what the TE compute reads."""
     a, mode = node.attrs, node.attrs["coordinate_transformation"]
     if a["mode"] == "nearest":
-        return [nearest_taps(length, out, mode, a["nearest_mode"], roi)]
+        return [nearest_taps(length, out, mode, a["nearest_mode"], roi, scale)]
     if a["mode"] == "cubic":
-        return list(cubic_taps(length, out, mode, a["cubic_coeff_a"], a["exclude_outside"], roi))
-    return list(linear_taps(length, out, mode, roi))
+        return list(cubic_taps(length, out, mode, a["cubic_coeff_a"], a["exclude_outside"], roi, scale))
+    return list(linear_taps(length, out, mode, roi, scale))
 
 
 @lowering("resize2d")
@@ -273,8 +275,8 @@ def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
     ``tf_crop_and_resize`` output outside the input is the extrapolation value (a constant mask)."""
     (h, w), (oh, ow) = node.inputs[0].shape[2:], node.attrs["size"]
     resample, coordinates = node.attrs["mode"], node.attrs["coordinate_transformation"]
-    roi_h, roi_w = axis_rois(node.attrs["roi"])
-    rows, cols = _resize_axis_taps(node, h, oh, roi_h), _resize_axis_taps(node, w, ow, roi_w)
+    (roi_h, roi_w), (scale_h, scale_w) = axis_rois(node.attrs["roi"]), axis_scales(node.attrs["scales"])
+    rows, cols = _resize_axis_taps(node, h, oh, roi_h, scale_h), _resize_axis_taps(node, w, ow, roi_w, scale_w)
     taps = [relax.const(t) for t in (*rows, *cols)]
 
     def compute(data, *tables):
