@@ -4,7 +4,7 @@ Loading validates the file (present, parseable, ``onnx.checker`` clean, default-
 up to 21; older than 13 is upgraded by :mod:`reshift.frontend.onnx_upgrade`), then every node's
 op type is looked up in :data:`ONNX_CONVERTERS`; all unsupported op types are reported at once.
 Conversion walks the nodes in order with a partial evaluator: initializers, ``Constant`` nodes
-and shapes (which may hold the batch symbol ``N``) are *known* values, any node whose inputs are
+and shapes (which may hold symbolic sizes such as ``N`` or ``N*S``) are *known* values, any node whose inputs are
 all known is folded with the op registry's numpy reference, and only the rest becomes IR nodes,
 so ``Reshape``/``Expand``/``Slice`` get static attributes.
 Nodes of the ``ai.reshift`` domain (written by :mod:`reshift.codegen.onnx`) map back to the
@@ -83,7 +83,9 @@ def from_onnx(
     """Convert an ONNX model (a path or a ``ModelProto``) to a verified reshift IR graph.
 
     ``input_shapes`` overrides the declared shapes of graph inputs (e.g. to fix a symbolic
-    sequence length); a symbolic first dimension always becomes the batch symbol ``N``.
+    sequence length); a symbolic first dimension always becomes the batch symbol ``N``, any other
+    its own symbol named from its ``dim_param`` (:class:`~reshift.frontend.shape_eval.SymbolNames`).
+    An op that cannot keep a symbolic dim raises :class:`~reshift.errors.SymbolicShapeError`.
     ``input_values`` freezes graph inputs to constants (e.g. a sample rate that selects an ``If``
     branch); they are no longer inputs of the graph.
     """
