@@ -33,6 +33,8 @@ def _topk(ctx, node, ins, at):
     x = ins[0]
     if "k" in at:  # opset 1..9
         k = at["k"]
+    elif len(ins) < 2 or ins[1] is None:
+        raise NotConvertible("TopK has no K input (opset 10 and later take K as the second input)")
     else:
         what = "TopK's K (the number of values to keep)"
         try:
