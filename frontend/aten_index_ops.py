@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from reshift.frontend.aten_ops import Unsupported, _axis, _operand, converts
+from reshift.frontend.decompose import element_coordinates
 from reshift.ir import Value
 
 
@@ -116,15 +117,7 @@ def _scatter(cx, a):
     shape = index.shape
     if index.type.rank != x.type.rank:
         raise Unsupported(f"scatter index of rank {index.type.rank} for a rank-{x.type.rank} tensor")
-    columns = []
-    for d in range(x.type.rank):
-        if d == dim:
-            columns.append(cx.emit("reshape", [cx.cast(index, "int64")], shape=shape + (1,)))
-            continue
-        grid = cx.emit("arange", [], shape=(shape[d],), dtype="int64")
-        grid = cx.emit("reshape", [grid], shape=tuple(shape[d] if k == d else 1 for k in range(len(shape))) + (1,))
-        columns.append(cx.emit("expand", [grid], shape=shape + (1,)))
-    tuples = cx.emit("concat", columns, axis=len(shape))
+    tuples = element_coordinates(cx.cast(index, "int64"), shape, dim, lambda op, ins, **at: cx.emit(op, ins, **at))
     src = a.get("src")
     updates = _source_block(cx, src, shape, x.dtype) if src is not None else _filled(cx, a["value"], shape, x.dtype)
     return cx.emit("scatter_nd", [x, tuples, updates], reduction=_SCATTER_REDUCE.get(reduce, "none"))

@@ -42,3 +42,20 @@ def pool3d_as_2d(
         reshape(planes, [n, c, d, oh * ow]), [kernel[0], 1], [stride[0], 1], [pads[0], 0, pads[3], 0], [dilation[0], 1]
     )
     return reshape(columns, [n, c, shape_of(columns)[2], oh, ow])
+
+
+def element_coordinates(index: Any, shape: Sequence, axis: int, op: Callable[..., Any]) -> Any:
+    """Where an element-wise scatter (ONNX ScatterElements, ``torch.scatter``) writes each index
+    element, as ScatterND index tuples ``[*shape, rank]``: the index itself on ``axis``, its own
+    position (``arange``) on every other axis. ``index`` is int64 of ``shape``; ``op(name, inputs,
+    **attrs)`` builds a registry op in the calling frontend.
+    """
+    rank, columns = len(shape), []
+    for d in range(rank):
+        if d == axis:
+            columns.append(op("reshape", [index], shape=[*shape, 1]))
+            continue
+        grid = op("arange", [], shape=[shape[d]], dtype="int64")
+        grid = op("reshape", [grid], shape=[shape[d] if k == d else 1 for k in range(rank)] + [1])
+        columns.append(op("expand", [grid], shape=[*shape, 1]))
+    return columns[0] if rank == 1 else op("concat", columns, axis=rank)

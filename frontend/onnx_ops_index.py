@@ -1,7 +1,8 @@
-"""ONNX ``GatherElements``, ``GatherND``, ``ScatterND`` and ``CumSum`` on run-time tensors.
+"""ONNX ``GatherElements``, ``GatherND``, ``ScatterND``, ``ScatterElements``, ``CumSum`` on run-time tensors.
 
 Registered into ``ONNX_CONVERTERS``. Each maps to the registry op of the same meaning
 (``gather_elements``, ``gather_nd``, ``scatter_nd``, ``cumsum``; ``Gather`` is in onnx_ops.py);
+``ScatterElements`` (and opset 9's ``Scatter``) is ``scatter_nd`` of each element's coordinates;
 ``ctx.op`` folds them when every input is known, so shape arithmetic still works. Indices that are
 known at conversion time are checked here, so a bad constant index names the node before anything
 runs; run-time indices are checked by the reference interpreter (an ``ExecutionError``) and wrapped
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from reshift.frontend.decompose import element_coordinates
 from reshift.frontend.onnx_ops import NotConvertible, _norm, _scalar, converter
 from reshift.ir.ops_index import SCATTER_REDUCTIONS
 
@@ -60,6 +62,25 @@ def _scatter_nd(ctx, node, ins, at):
     if isinstance(depth, int):
         _check_known_indices(indices, list(ctx.shape(data))[:depth], "ScatterND")
     return ctx.op("scatter_nd", data, indices, updates, reduction=reduction)
+
+
+@converter("ScatterElements", "Scatter")
+def _scatter_elements(ctx, node, ins, at):
+    """``out[..., indices[i, j], ...] = updates[i, j]`` on ``axis``: ScatterND of every element's full
+    coordinates (frontend/decompose.py, shared with ``torch.scatter``)."""
+    data, indices, updates = ins
+    rank, shape = len(ctx.shape(data)), list(ctx.shape(indices))
+    axis, reduction = _norm(at.get("axis", 0), rank), at.get("reduction", "none")
+    if reduction not in SCATTER_REDUCTIONS:
+        raise NotConvertible(
+            f"{node.op_type} reduction {reduction!r} is not supported ({', '.join(SCATTER_REDUCTIONS)})"
+        )
+    if len(shape) != rank or list(ctx.shape(updates)) != shape:
+        raise NotConvertible(f"{node.op_type} indices {shape} and updates must have data's rank {rank} and one shape")
+    _check_known_indices(indices, ctx.shape(data)[axis], node.op_type)
+    index = indices if ctx.dtype(indices) == "int64" else ctx.op("cast", indices, dtype="int64")
+    tuples = element_coordinates(index, shape, axis, lambda op, inputs, **attrs: ctx.op(op, *inputs, **attrs))
+    return ctx.op("scatter_nd", data, tuples, updates, reduction=reduction)
 
 
 @converter("CumSum")

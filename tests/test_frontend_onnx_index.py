@@ -1,4 +1,4 @@
-"""ONNX Gather, GatherElements, GatherND, ScatterND and CumSum on run-time data and indices
+"""ONNX Gather, GatherElements, GatherND, ScatterND, ScatterElements and CumSum on run-time data and indices
 (frontend/onnx_ops_index.py, ir/ops_index.py) against onnxruntime, interpreted and built for cpu, and
 the ONNX package's own node test cases for these ops and Resize.
 
@@ -39,6 +39,12 @@ NODES = [
     ),
     helper.make_node("ScatterND", ["d", "pi", "pu"], ["scatter_points"], reduction="add"),
     helper.make_node("CumSum", ["x", "axis"], ["cumsum"], exclusive=1),
+    *(  # a repeated target combines in order
+        helper.make_node(
+            "ScatterElements", ["x", "ei", "gather_elements"], [f"scatter_elements_{r}"], axis=1, reduction=r
+        )
+        for r in ("add", "max")
+    ),
 ]
 OUTPUTS = [n.output[0] for n in NODES]
 
@@ -145,7 +151,9 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("module", ["gather", "gatherelements", "gathernd", "scatternd", "cumsum", "resize"])
+@pytest.mark.parametrize(
+    "module", ["gather", "gatherelements", "gathernd", "scatternd", "scatterelements", "cumsum", "resize"]
+)
 def test_onnx_node_test_cases(module):
     """Every case ONNX ships for the op matches its expected outputs, or is refused with its reason."""
     checked = 0
