@@ -88,7 +88,9 @@ def lower_slice(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
 
 @lowering("gather")
 def lower_gather(ctx: LowerContext, node: Node, x: relax.Expr, indices: relax.Expr) -> relax.Expr:
-    # "wrap" maps the valid range [-size, size) like numpy; "fast" would read out of bounds
+    # "wrap" maps the valid range [-size, size) like numpy and any other index modulo size (never out
+    # of bounds; the reference raises on it); "fast" would read out of bounds. gather_elements,
+    # gather_nd and scatter_nd clamp instead (_safe_index)
     return ctx.emit(op.take(x, indices, axis=node.attrs["axis"] % node.inputs[0].type.rank, mode="wrap"))
 
 
