@@ -16,14 +16,12 @@ from reshift.ir.types import FLOAT_DTYPES
 
 @converts("einsum")
 def _einsum(cx, a):
-    operands = [cx.value(t) for t in a["tensors"]]
-    dtypes = {x.dtype for x in operands}
-    if len(dtypes) > 1:
-        raise Unsupported(f"einsum of mixed dtypes {sorted(dtypes)}; cast the operands to one dtype")
+    operands = [cx.value(t) for t in a["tensors"]]  # one dtype: torch refuses mixed ones itself
     build = Builders(
         op=lambda name, *xs, **attrs: cx.emit(name, list(xs), **attrs),
         matmul=lambda x, y: cx.emit("matmul", [x, y]),
         shape_of=lambda x: x.shape,
+        constant=lambda array: cx.constant(array, f"{cx.node.name}_diagonal"),
     )
     try:
         return einsum(a["equation"], operands, build)

@@ -11,7 +11,8 @@ label is broadcast (numpy and torch allow it): it is squeezed away, which makes 
 
 ``...`` stands for the broadcast leading axes (right-aligned across operands); it may be absent
 from an explicit output, where its axes are summed as torch does. A label repeated within one
-operand (a diagonal or trace, ``ii->i``, ``ii``) is refused: the IR has no diagonal gather.
+operand (a diagonal or trace, ``ii->i``, ``ii``) first takes that diagonal, exactly: the two axes
+side by side, flattened to ``n * n`` and gathered at ``i * (n + 1)`` (a static ``n`` only).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from reshift.errors import IRTypeError
 from reshift.ir.types import Dim, dims_product
@@ -33,11 +36,13 @@ class EinsumError(ValueError):
 
 @dataclass
 class Builders:
-    """The frontend's own builders: ``op(name, *inputs, **attrs)``, ``matmul(a, b)``, ``shape_of(x)``."""
+    """The frontend's own builders: ``op(name, *inputs, **attrs)``, ``matmul(a, b)``, ``shape_of(x)``
+    and ``constant(array)`` (an operand holding a numpy array)."""
 
     op: Callable[..., Any]
     matmul: Callable[[Any, Any], Any]
     shape_of: Callable[[Any], Sequence[Dim]]
+    constant: Callable[[np.ndarray], Any]
 
 
 def _term_labels(term: str, rank: int | None, ellipsis_rank: int, where: str) -> list[str]:
@@ -67,13 +72,6 @@ def parse_equation(equation: str, ranks: Sequence[int]) -> tuple[list[list[str]]
     letters_of = [len(t.replace("...", "")) for t in terms]
     ellipsis_rank = max([r - n for t, r, n in zip(terms, ranks, letters_of, strict=True) if "..." in t], default=0)
     inputs = [_term_labels(t, ranks[i], ellipsis_rank, f"operand {i} term") for i, t in enumerate(terms)]
-    for i, labels in enumerate(inputs):
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
-        if repeated:
-            raise EinsumError(
-                f"equation {equation!r}: label {repeated[0]!r} appears twice in operand {i} (a diagonal or trace), "
-                "which reshift does not support; rewrite it with an explicit mask and a sum"
-            )
     if arrow:
         output = _term_labels(rhs, None, ellipsis_rank, "output term")
         if len(set(output)) != len(output):
@@ -92,6 +90,11 @@ def einsum(equation: str, operands: Sequence[Any], build: Builders) -> Any:
     """``einsum(equation, *operands)`` built from the frontend's ops (module docstring: how)."""
     shapes = [list(build.shape_of(x)) for x in operands]
     inputs, output = parse_equation(equation, [len(s) for s in shapes])
+    operands = list(operands)
+    for i, labels in enumerate(inputs):
+        if len(set(labels)) != len(labels):
+            operands[i], inputs[i] = _diagonal(operands[i], labels, equation, i, build)
+            shapes[i] = list(build.shape_of(operands[i]))
     sizes = _label_sizes(equation, inputs, shapes)
     terms = []
     for x, labels, shape in zip(operands, inputs, shapes, strict=True):
@@ -106,6 +109,30 @@ def einsum(equation: str, operands: Sequence[Any], build: Builders) -> Any:
         terms = [_combine(first, second, needed, sizes, build), *rest]
     x, labels = _sum_unshared(terms[0], terms, 0, output, build)
     return _transposed(x, labels, output, build)
+
+
+def _diagonal(x, labels: list[str], equation: str, index: int, build: Builders):
+    """``x`` with every label repeated in it reduced to its diagonal (module docstring: how)."""
+    while len(set(labels)) != len(labels):
+        label = next(label for label in labels if labels.count(label) > 1)
+        first = labels.index(label)
+        second = labels.index(label, first + 1)
+        shape = list(build.shape_of(x))
+        n = shape[first]
+        if shape[second] != n or isinstance(n, str):
+            raise EinsumError(
+                f"equation {equation!r}: the diagonal of label {label!r} in operand {index} needs two equal static "
+                f"axes, got {n} and {shape[second]}; pin the symbolic size (input_shapes / --input-shape)"
+            )
+        order = [axis for axis in range(len(labels)) if axis != second]
+        order.insert(first + 1, second)
+        if order != list(range(len(labels))):
+            x = build.op("transpose", x, perm=order)
+        shape, labels = [shape[a] for a in order], [labels[a] for a in order]
+        x = build.op("reshape", x, shape=shape[:first] + [n * n] + shape[first + 2 :])
+        x = build.op("gather", x, build.constant(np.arange(n, dtype=np.int64) * (n + 1)), axis=first)
+        labels = labels[: first + 1] + labels[first + 2 :]
+    return x, labels
 
 
 def _label_sizes(equation: str, inputs: list[list[str]], shapes: list[list[Dim]]) -> dict[str, Dim]:

@@ -1,8 +1,8 @@
 """ONNX ``Einsum``, ``TopK``, ``IsNaN`` and ``IsInf`` converters (registered into ``ONNX_CONVERTERS``).
 
 - ``Einsum``: the shared decomposition of :mod:`reshift.frontend.einsum` (transposes, reshapes,
-  matmuls, muls, sums); a constant 2-D right operand of a contraction becomes ``linear``, as for
-  ``MatMul``, so the weight passes see it.
+  matmuls, muls, sums; a gather for a diagonal); a constant 2-D right operand of a contraction
+  becomes ``linear``, as for ``MatMul``, so the weight passes see it.
 - ``TopK``: the registry's ``topk``; ``K`` (an input from opset 10) must be known at conversion
   time, a run-time ``K`` has no static output shape.
 - ``IsNaN``/``IsInf``: the registry's ``isnan``/``isinf``.
@@ -21,6 +21,7 @@ def _einsum(ctx, node, ins, at):
         op=ctx.op,
         matmul=lambda a, b: ONNX_CONVERTERS["MatMul"](ctx, node, [a, b], {}),
         shape_of=ctx.shape,
+        constant=lambda array: array,
     )
     try:
         return einsum(at["equation"], ins, build)

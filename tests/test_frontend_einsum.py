@@ -2,7 +2,8 @@
 
 Each ONNX case is one ``Einsum`` node with a symbolic batch, compared at batch 2 and 3 (the
 interpreter against onnxruntime and numpy.einsum); the torch cases go through ``aten.einsum``.
-Negative cases check that a diagonal/trace or a malformed equation is refused with a reason.
+Negative cases check that a malformed equation, mismatched sizes or a diagonal over a symbolic
+size are refused with a reason.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from onnx import TensorProto, helper
 
 from reshift.codegen.tvm.build import build
-from reshift.errors import ModelLoadError, UnsupportedOpError
+from reshift.errors import ModelLoadError
 from reshift.frontend import from_torch
 from reshift.frontend.einsum import EinsumError, parse_equation
 from reshift.frontend.onnx import from_onnx
@@ -38,6 +39,9 @@ CASES = {
     "ellipsis": ("...ij,...jk->...ik", [("N", 2, 3, 4), ("N", 2, 4, 5)]),
     "broadcast_size_one": ("bij,bkj->bik", [("N", 3, 4), ("N", 1, 4)]),
     "three_operands": ("bi,ij,jk->bk", [("N", 3), (3, 4), (4, 2)]),
+    "diagonal": ("bii->bi", [("N", 3, 3)]),
+    "trace_then_matmul": ("bjii,jk->bk", [("N", 4, 3, 3), (4, 2)]),
+    "implicit_trace": ("bii", [("N", 3, 3)]),
 }
 W = x_of(4, 6, seed=9)
 
@@ -96,8 +100,6 @@ def test_einsum_builds_and_runs_on_cpu():
 @pytest.mark.parametrize(
     "equation, ranks, message",
     [
-        ("ii->i", [2], "label 'i' appears twice in operand 0 (a diagonal or trace)"),
-        ("bii", [3], "diagonal or trace"),
         ("ij,jk->ik", [2], "2 operand terms for 1 operands"),
         ("ijk->ij", [2], "names 3 axes, the operand has rank 2"),
         ("ij->ik", [2], "output label 'k' appears in no operand"),
@@ -110,10 +112,17 @@ def test_equation_errors(equation, ranks, message):
         parse_equation(equation, ranks)
 
 
-def test_onnx_trace_is_refused_naming_the_node():
-    node = helper.make_node("Einsum", ["x"], ["y"], name="trace_node", equation="bii->b")
-    model = make_model([node], [("x", F, ["N", 3, 3])], [("y", F, ["N"])])
-    with pytest.raises(ModelLoadError, match="trace_node.*diagonal or trace"):
+def test_diagonal_is_exact_next_to_infinities():
+    """A gather, not a mask: the infinities off the diagonal never reach the result."""
+    model = _model(*CASES["diagonal"])
+    x = np.where(np.eye(3, dtype=bool), x_of(2, 3, 3), np.float32(np.inf))
+    np.testing.assert_array_equal(interpret(from_onnx(model), {"x0": x})["y"], np.einsum("bii->bi", x))
+
+
+def test_onnx_diagonal_over_a_symbolic_size_is_refused_naming_the_node():
+    node = helper.make_node("Einsum", ["x"], ["y"], name="trace_node", equation="ii->i")
+    model = make_model([node], [("x", F, ["N", "N"])], [("y", F, ["N"])])
+    with pytest.raises(ModelLoadError, match="trace_node.*diagonal of label 'i' in operand 0 needs two equal static"):
         from_onnx(model)
 
 
@@ -129,7 +138,8 @@ class Einsums(torch.nn.Module):
     def forward(self, q, k):
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k)
         mixed = torch.einsum("bhqk,bhkd->bqhd", scores.softmax(-1), k)
-        return scores, mixed, torch.einsum("...d,...d->...", q, q), torch.einsum("bhqd->bdq", q)
+        traces = torch.einsum("bhqq->bh", scores[..., :3])
+        return scores, mixed, torch.einsum("...d,...d->...", q, q), torch.einsum("bhqd->bdq", q), traces
 
 
 def test_aten_einsum_matches_eager():
@@ -138,15 +148,6 @@ def test_aten_einsum_matches_eager():
     assert "einsum" not in {n.op for n in graph.nodes} and "matmul" in {n.op for n in graph.nodes}
     for batch in (1, 3):
         check_against_eager(graph, module, (torch.randn(batch, 2, 3, 4), torch.randn(batch, 2, 3, 4)))
-
-
-def test_aten_einsum_trace_is_listed_unsupported():
-    class Trace(torch.nn.Module):
-        def forward(self, x):
-            return torch.einsum("bii->b", x)
-
-    with pytest.raises(UnsupportedOpError, match="aten.einsum.*diagonal or trace"):
-        from_torch(Trace(), (torch.randn(2, 3, 3),))
 
 
 def test_bfloat16_einsum_keeps_its_dtype():
