@@ -291,7 +291,11 @@ def _scatter_nd(em, node, ins):
 @lowering("resize2d")
 def _resize2d(em, node, ins):
     """ONNX Resize by output sizes; the coordinate modes are ONNX's own names."""
+    from reshift.errors import CodegenError
+
     a = node.attrs
+    if a["coordinate_transformation"] == "half_pixel_symmetric" and em.opset < 19:
+        raise CodegenError(f"resize2d (node {node.name}): half_pixel_symmetric needs ONNX opset >= 19; export with 19")
     sizes = em.shape_tensor(node.outputs[0].shape)
     scales = ""
     if a["scales"]:  # ONNX samples at 1 / scale then; the output size is floor(in * scale) = size

@@ -181,10 +181,17 @@ register(
 )
 
 RESIZE_MODES = ("linear", "nearest", "cubic")
-COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize")
+COORDINATE_MODES = (
+    "half_pixel",
+    "half_pixel_symmetric",
+    "pytorch_half_pixel",
+    "align_corners",
+    "asymmetric",
+    "tf_crop_and_resize",
+)
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 FULL_ROI = (0.0, 0.0, 1.0, 1.0)
-SCALED_MODES = ("half_pixel", "pytorch_half_pixel", "asymmetric")  # sample at 1 / scale
+SCALED_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "asymmetric")  # sample at 1 / scale
 
 
 def _resize2d_infer(
@@ -229,6 +236,10 @@ def source_coordinates(
     ``1 / scale`` then.
     """
     i = np.arange(out, dtype=np.float64)
+    if coordinate_transformation == "half_pixel_symmetric":  # ONNX 19: half_pixel, re-centred when floored
+        factor = scale if scale is not None else out / length
+        offset = length / 2 * (1 - out / (factor * length))
+        return offset + (i + 0.5) / factor - 0.5
     if scale is not None and coordinate_transformation == "asymmetric":
         return i / scale
     one_pixel_torch = coordinate_transformation == "pytorch_half_pixel" and out == 1

@@ -275,6 +275,15 @@ def test_scatter_nd_reductions_run_in_onnxruntime(reduction):
     check_in_onnxruntime(graph, to_onnx(graph, opset=18))
 
 
+def test_resize2d_half_pixel_symmetric_needs_opset_19():
+    b = GraphBuilder("symmetric")
+    x = b.input("x", "f32[N,2,4,6]")
+    graph = b.build(b.resize2d(x, size=(9, 4), coordinate_transformation="half_pixel_symmetric", scales=(2.3, 0.7)))
+    check_in_onnxruntime(graph, to_onnx(graph, opset=19))
+    with pytest.raises(CodegenError, match="half_pixel_symmetric needs ONNX opset >= 19"):
+        to_onnx(graph, opset=18)
+
+
 def test_scatter_nd_reduction_below_its_opset_is_refused():
     with pytest.raises(CodegenError, match=r"scatter_nd \(node .*reduction 'add' needs ONNX opset >= 16"):
         to_onnx(_scatter_nd_graph("add"), opset=13)

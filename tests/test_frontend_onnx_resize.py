@@ -66,6 +66,9 @@ CASES = {
     "linear_align_corners": dict(sizes=[1, 2, 8, 11], mode="linear", coordinate_transformation_mode="align_corners"),
     "cubic_half_pixel": dict(scales=[1, 1, 2, 2], mode="cubic"),
     "cubic_fractional_scales": dict(scales=[1, 1, 0.7, 1.45], mode="cubic"),  # sampled at 1 / scale
+    "cubic_half_pixel_symmetric": dict(
+        scales=[1, 1, 2.3, 0.7], mode="cubic", coordinate_transformation_mode="half_pixel_symmetric", opset=19
+    ),
     "nearest_fractional_scales_asymmetric": dict(
         scales=[1, 1, 1.7, 0.55], coordinate_transformation_mode="asymmetric", nearest_mode="floor"
     ),
