@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class SpecializingModel:
             self.inputs.append((info.name, dims, ONNX_DTYPES.get(info.type.tensor_type.elem_type, "?")))
         self.input_names = [name for name, _, _ in self.inputs]
         self.cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
         self.compiles = 0
 
     # -- the CompiledModel interface -------------------------------------------------------
@@ -91,18 +93,26 @@ class SpecializingModel:
         """The ``CompiledModel`` for these inputs' shape: from the cache, or compiled now (LRU eviction)."""
         pins = self._pins(inputs)
         key = tuple(
-            (name, tuple(n for n, d in zip(shape, dims, strict=True) if d != BATCH)) for name, shape, dims in pins
+            (name, tuple(n for n, d in zip(shape, dims, strict=True) if d is None)) for name, shape, dims in pins
         )
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        with self._lock:  # one build per shape even when threads race to it
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+            compiled = self._compile(pins)
+            if len(self.cache) >= self.max_shapes:
+                self.cache.popitem(last=False)
+            self.cache[key] = compiled
+            return compiled
+
+    def _compile(self, pins: list[tuple[str, tuple[int, ...], list[int | str | None]]]):
+        """Import with these inputs' non-batch axes pinned, then the same pipeline and target."""
         from reshift.api import compile as reshift_compile
 
-        if len(self.cache) >= self.max_shapes:
-            self.cache.popitem(last=False)
         shown = " ".join(f"{name}={','.join(str(int(d)) for d in shape)}" for name, shape, _ in pins)
+        position = min(len(self.cache) + 1, self.max_shapes)
         print(
-            f"reshift: compiling {self.label} for {shown} (shape {len(self.cache) + 1} of at most {self.max_shapes})",
+            f"reshift: compiling {self.label} for {shown} (shape {position} of at most {self.max_shapes})",
             file=sys.stderr,
         )
         input_shapes = {
@@ -113,7 +123,6 @@ class SpecializingModel:
         options["input_shapes"] = {**(options.get("input_shapes") or {}), **input_shapes}
         compiled = reshift_compile(self.model, **options)
         self.compiles += 1
-        self.cache[key] = compiled
         return compiled
 
     def _named(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
