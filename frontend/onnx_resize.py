@@ -1,14 +1,15 @@
 """ONNX ``Resize`` (opset 10-19; ``Upsample`` arrives here through the opset upgrade) as ``resize2d``.
 
 Only the two spatial axes of an NCHW tensor may change. ``nearest``, ``linear`` and ``cubic``
-(``cubic_coeff_a``, ``exclude_outside``) modes with the ``half_pixel``, ``pytorch_half_pixel``,
-``align_corners``, ``asymmetric`` and ``tf_crop_and_resize`` (a constant ``roi`` that leaves the
-batch and channel axes whole; ``extrapolation_value``) coordinate transformations are exact;
-a ``scales`` input whose product with the input size is not whole (ONNX then samples at
-``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the half-pixel and
-asymmetric modes and refused for the others; ``antialias``, ``axes`` and
-``keep_aspect_ratio_policy`` are refused. onnxruntime (1.2x) leaves an axis whose size does not change as it
-is even under ``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
+(``cubic_coeff_a``, ``exclude_outside``) modes with the ``half_pixel``, ``half_pixel_symmetric``,
+``pytorch_half_pixel``, ``align_corners``, ``asymmetric`` and ``tf_crop_and_resize`` (a constant
+``roi`` that leaves the batch and channel axes whole; ``extrapolation_value``) coordinate
+transformations are exact. A ``scales`` input whose product with the input size is not whole
+(ONNX then samples at ``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the
+half-pixel and asymmetric modes and refused for the others; ``antialias``, ``axes`` and
+``keep_aspect_ratio_policy`` are refused. onnxruntime (1.2x) leaves an axis whose size does not
+change as it is even under ``tf_crop_and_resize``; reshift crops it as the ONNX specification and
+reference do.
 """
 
 from __future__ import annotations
