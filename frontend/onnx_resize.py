@@ -6,10 +6,10 @@ Only the two spatial axes of an NCHW tensor may change. ``nearest``, ``linear`` 
 ``roi`` that leaves the batch and channel axes whole; ``extrapolation_value``) coordinate
 transformations are exact. A ``scales`` input whose product with the input size is not whole
 (ONNX then samples at ``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the
-half-pixel and asymmetric modes and refused for the others; ``antialias``, ``axes`` and
-``keep_aspect_ratio_policy`` are refused. onnxruntime (1.2x) leaves an axis whose size does not
-change as it is even under ``tf_crop_and_resize``; reshift crops it as the ONNX specification and
-reference do.
+half-pixel and asymmetric modes and refused for the others. Opset 18's ``axes`` spread roi,
+scales and sizes over the four axes; ``antialias`` and ``keep_aspect_ratio_policy`` are refused.
+onnxruntime (1.2x) leaves an axis whose size does not change as it is even under
+``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
 """
 
 from __future__ import annotations
@@ -56,6 +56,33 @@ def _output_size(ctx, x, scales, sizes, coordinate: str) -> tuple[list[int], lis
     return out, factors[2:]
 
 
+def _on_every_axis(dims, axes: list[int], roi, scales, sizes):
+    """Opset 18's ``axes``: roi, scales and sizes given for those axes only, spread over all four."""
+    rank = len(dims)
+    axes = [a % rank if -rank <= a < rank else rank for a in axes]
+    if len(set(axes)) != len(axes) or any(a >= rank for a in axes):
+        raise NotConvertible(f"Resize axes {axes} must be distinct axes of the rank-{rank} input")
+
+    def spread(values, fill: list, what: str):
+        if values is None or not np.asarray(_known(values, f"Resize {what}")).size:
+            return values
+        values = np.asarray(values).reshape(-1)
+        if values.size != len(axes) * len(fill) // rank:
+            raise NotConvertible(f"Resize {what} has {values.size} values for axes {axes}")
+        full = np.asarray(fill, dtype=values.dtype)
+        for k, axis in enumerate(axes):
+            full[axis] = values[k]
+            if len(fill) > rank:  # roi: the starts, then the ends
+                full[rank + axis] = values[len(axes) + k]
+        return full
+
+    return (
+        spread(roi, [0.0] * rank + [1.0] * rank, "roi"),
+        spread(scales, [1.0] * rank, "scales"),
+        spread(sizes, list(dims), "sizes"),
+    )
+
+
 @converter("Resize")
 def _resize(ctx, node, ins, at):
     """ONNX Resize of the spatial axes (module docstring: what is exact, what is refused)."""
@@ -67,8 +94,10 @@ def _resize(ctx, node, ins, at):
     rounding = at.get("nearest_mode", "round_prefer_floor")
     if at.get("antialias", 0):
         raise NotConvertible("Resize antialias=1 is not supported")
-    if at.get("keep_aspect_ratio_policy", "stretch") != "stretch" or "axes" in at:
-        raise NotConvertible("Resize with axes or keep_aspect_ratio_policy is not supported")
+    if at.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise NotConvertible("Resize with keep_aspect_ratio_policy is not supported")
+    if "axes" in at:
+        roi, scales, sizes = _on_every_axis(ctx.shape(x), [int(a) for a in at["axes"]], roi, scales, sizes)
     if at.get("exclude_outside", 0) and mode != "cubic":
         raise NotConvertible(f"Resize exclude_outside=1 with mode {mode!r} is not supported (only with cubic)")
     if mode not in RESIZE_MODES:

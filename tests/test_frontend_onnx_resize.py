@@ -148,6 +148,7 @@ def test_upsample_from_opset_9_is_upgraded():
         (dict(scales=[1, 1, 2, 2], mode="lanczos"), "mode 'lanczos' is not supported"),
         (dict(scales=[1, 1, 2, 2], mode="linear", exclude_outside=1), "exclude_outside=1 with mode 'linear'"),
         (dict(scales=[1, 1, 2, 2], mode="cubic", antialias=1, opset=18), "antialias=1"),
+        (dict(sizes=[9, 9], axes=[3, 2], keep_aspect_ratio_policy="not_larger", opset=18), "keep_aspect_ratio"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), "needs a constant roi"),
         (dict(scales=[1, 2, 2, 2]), "change the batch or channel axis"),
         (dict(scales=[1, 1, 1.5, 1.5], coordinate_transformation_mode="align_corners"), "not whole output sizes"),
