@@ -319,8 +319,24 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def random_inputs(specs: list[dict[str, Any]], batch: int, seed: int = 0) -> dict[str, Any]:
-    """Inputs matching meta specs, symbolic dims bound to ``batch`` (floats normal, ints zero)."""
+BENCH_SIZE = 128  # what a non-batch symbol (a sequence length) is bound to when benchmarking
+
+
+def symbol_sizes(meta: dict[str, Any], batch: int) -> dict[str, int]:
+    """Sizes for an artifact's symbols when benchmarking: ``batch`` for N, else 128 (or the model's bound)."""
+    from reshift.runtime.artifact import split_dim
+
+    symbols = {s for spec in meta["inputs"] for d in spec["shape"] for s in (split_dim(d)[1] or "").split("*") if s}
+    bounds = meta.get("symbol_bounds", {})
+    return {s: batch if s == "N" else min(BENCH_SIZE, bounds.get(s, BENCH_SIZE)) for s in sorted(symbols)}
+
+
+def random_inputs(
+    specs: list[dict[str, Any]], batch: int, seed: int = 0, sizes: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Inputs matching meta specs, symbols bound to ``sizes`` (default: all to ``batch``); floats normal, ints zero."""
+    import math
+
     import numpy as np
 
     from reshift.runtime.artifact import split_dim
@@ -331,7 +347,8 @@ def random_inputs(specs: list[dict[str, Any]], batch: int, seed: int = 0) -> dic
         shape = []
         for dim in spec["shape"]:
             coefficient, symbol = split_dim(dim)
-            shape.append(coefficient * (batch if symbol else 1))
+            factors = [batch if sizes is None else sizes[s] for s in symbol.split("*")] if symbol else []
+            shape.append(coefficient * math.prod(factors))
         dtype = spec["dtype"]
         if dtype in ("float32", "float64", "float16", "bfloat16"):
             inputs[spec["name"]] = rng.standard_normal(shape).astype(np.float32).astype(_np_dtype(dtype))
@@ -395,10 +412,13 @@ def bench_model(args: argparse.Namespace) -> int:
 
         with quiet_native_stderr():
             model = load(args.model)
-    inputs = random_inputs(model.meta["inputs"], args.batch)
+    sizes = symbol_sizes(model.meta, args.batch)
+    inputs = random_inputs(model.meta["inputs"], args.batch, sizes=sizes)
     threads = args.threads or os.environ.get("TVM_NUM_THREADS") or "default"
     print(f"host: {describe_host_cpu()}")
-    print(f"model {model.meta.get('name', '?')} batch {args.batch}, {args.repeat} runs, threads {threads}")
+    others = ", ".join(f"{s}={n}" for s, n in sizes.items() if s != "N")
+    shown = f" ({others}; pin with --input-shape)" if others else ""
+    print(f"model {model.meta.get('name', '?')} batch {args.batch}{shown}, {args.repeat} runs, threads {threads}")
     with stage(console, "time reshift"):
         ours = model.benchmark(repeat=args.repeat, warmup=args.warmup, **inputs)
     rows = [("reshift (tvm)", ours)]

@@ -202,3 +202,16 @@ def test_specializing_keeps_the_batch_wherever_its_dim_param_appears():
     assert [dims for _, dims, _ in model.inputs] == [["N", None], [2, "N", 128]]
     inputs = {"audio": np.zeros((3, 512), np.float32), "state": np.zeros((2, 3, 128), np.float32)}
     assert [(name, shape) for name, shape, _ in model._pins(inputs)] == [("audio", (3, 512))]  # state: nothing to pin
+
+
+def test_bench_binds_non_batch_symbols_to_a_length_within_the_bound():
+    from reshift.cli import random_inputs, symbol_sizes
+
+    specs = [
+        {"name": "ids", "shape": ["N", "sequence"], "dtype": "int64"},
+        {"name": "h", "shape": ["4*N*sequence", 8], "dtype": "float32"},
+    ]
+    assert symbol_sizes({"inputs": specs}, 2) == {"N": 2, "sequence": 128}
+    sizes = symbol_sizes({"inputs": specs, "symbol_bounds": {"sequence": 64}}, 2)
+    inputs = random_inputs(specs, 2, sizes=sizes)
+    assert sizes == {"N": 2, "sequence": 64} and inputs["ids"].shape == (2, 64) and inputs["h"].shape == (512, 8)
