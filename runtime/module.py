@@ -122,7 +122,7 @@ class LoadedModel:
             if len(self._staging) >= _MAX_STAGING:  # many shapes (a symbolic batch): start over
                 self._staging.clear()
             if not x.size or x.dtype.name not in _NUMPY_DTYPES:
-                return tvm.runtime.tensor(np.ascontiguousarray(x), self._dev)
+                return tvm.runtime.tensor(np.ascontiguousarray(x).reshape(x.shape), self._dev)  # 0-d stays 0-d
             tensor = tvm.runtime.empty(x.shape, x.dtype.name, self._dev)
             held = self._staging[key] = (tensor, np.from_dlpack(tensor))
         np.copyto(held[1], x, casting="equiv")

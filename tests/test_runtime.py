@@ -405,3 +405,11 @@ def test_outputs_own_their_memory():
         model(unaligned.astype(np.float64))
     with pytest.raises(InputError, match="axis 0"):
         model(np.ones((3, 6), np.float32))
+
+
+def test_unaligned_zero_dim_float64_input_stays_zero_dim():
+    """np.ascontiguousarray makes a 0-d array 1-d; the copy path for dtypes without staging keeps its shape."""
+    graph = parse("graph scalar(%x: f64[]) {\n  %y: f64[] = neg(%x) @neg\n  return %y\n}")
+    model = reshift.compile(graph, target="cpu")
+    for value in np.arange(8.0):  # some of these 0-d arrays are 64-byte aligned (DLPack), some are not
+        assert np.asarray(model(np.array(value))).shape == () and float(np.asarray(model(np.array(value)))) == -value
