@@ -102,6 +102,19 @@ def _row_length(block, var: tirx.Var, extent: int | None) -> int | None:
 
 
 MIN_PARALLEL_JOBS = 128  # enough chunks for any thread count this targets, few enough to keep inner loops
+SERIAL_ITERATIONS = 16384  # a block with fewer loop iterations in all runs serially (no pool barrier)
+
+
+def _small(sch: s_tir.Schedule, loops: list) -> bool:
+    """Whether the block's loop nest is static and under ``SERIAL_ITERATIONS`` iterations: a few
+    microseconds of work, which a parallel launch (a barrier over the pool) would cost again."""
+    total = 1
+    for loop in loops:
+        extent = _static(sch.get(loop).extent)
+        if extent is None:
+            return False
+        total *= extent
+    return total < SERIAL_ITERATIONS
 
 
 def _parallel_prefix(sch: s_tir.Schedule, spatial: list) -> list:
@@ -127,6 +140,7 @@ def _schedule_block(sch: s_tir.Schedule, info, lanes: int) -> None:
     if len(loops) != len(kinds) or "O" in kinds:
         return
     spatial = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "S"]
+    small = _small(sch, loops)  # before the splits below replace some of these loops
     reduce = [loop for loop, kind in zip(loops, kinds, strict=True) if kind == "R"]
     stmt = sch.get(block)
     inner = None
@@ -144,7 +158,7 @@ def _schedule_block(sch: s_tir.Schedule, info, lanes: int) -> None:
         sch.decompose_reduction(block, reduce[0])
     elif reduce:
         sch.reorder(*spatial, *reduce)
-    outer = _parallel_prefix(sch, spatial)
+    outer = [] if small else _parallel_prefix(sch, spatial)
     if len(outer) > 1:
         sch.parallel(sch.fuse(*outer))
     elif outer:

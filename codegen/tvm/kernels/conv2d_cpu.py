@@ -26,6 +26,16 @@ from tvm.script import tirx as T
 
 LANES = 16
 OC_TILE = 4  # output channels per register tile when the caller does not choose (see ``oc_tile``)
+SERIAL_WORK = 1 << 18  # multiply-adds per image (~5 us) below which a kernel's jobs run serially
+
+
+def job_loop(work: int):
+    """``T.parallel``, or ``T.serial`` for a kernel doing under ``SERIAL_WORK`` multiply-adds per image:
+    a parallel launch is a barrier over every pool thread (microseconds, a whole time slice when the
+    host is oversubscribed) for work that takes about as long (PP-OCR's SE convs on 1x1 maps)."""
+    return T.parallel if work >= SERIAL_WORK else T.serial
+
+
 MAX_ACCUMULATORS = 15  # 16 x 64-byte accumulators would be 1 KiB: TVM then moves them to the heap
 _EFFICIENCY = {3: 1.0, 2: 0.9, 1: 0.6}  # relative FMA throughput of a tile of V pixel vectors
 
@@ -88,6 +98,7 @@ def conv_gemm_func(
     tiles = pixels // (LANES * panels)
     weights_outer = width * k > k * pixels  # stream the larger operand once
     lanes = T.Ramp(0, 1, LANES)
+    jobs = job_loop(width * k * pixels)
 
     @T.prim_func(private=True)
     def conv(
@@ -100,7 +111,7 @@ def conv_gemm_func(
         xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
         wf = T.decl_buffer((oc_blocks * k * rt,), "float32", data=w.data)
         yf = T.decl_buffer((n * width * pixels,), "float32", data=y.data)
-        for job in T.parallel(n * oc_blocks * tiles):
+        for job in jobs(n * oc_blocks * tiles):
             img = job // (oc_blocks * tiles)
             ob = T.Select(weights_outer, job % (oc_blocks * tiles) // tiles, job % oc_blocks)
             pt = T.Select(weights_outer, job % tiles, job % (oc_blocks * tiles) // oc_blocks)
@@ -218,10 +229,14 @@ def im2col_func(
             xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
             cf = T.decl_buffer((n * k * pixels,), "float32", data=col.data)
             for job in T.parallel(n * k):
-                img = job // k
-                kk = job % k
-                src = (img * channels + kk // (kh * kw)) * plane + (kk % (kh * kw) // kw) * d0 * row + (kk % kw) * d1
-                dst = job * pixels
+                # meta_var: substituted, not bound; a named scalar in an s_tir block is a buffer,
+                # allocated with TVMBackendAllocWorkspace in every job (silero's im2col: 2 -> 60 us)
+                img = T.meta_var(job // k)
+                kk = T.meta_var(job % k)
+                src = T.meta_var(
+                    (img * channels + kk // (kh * kw)) * plane + (kk % (kh * kw) // kw) * d0 * row + (kk % kw) * d1
+                )
+                dst = T.meta_var(job * pixels)
                 for y in range(oh):
                     for xv in range(vectors):
                         cf[T.Ramp(dst + y * ow + xv * LANES, 1, LANES)] = xf[

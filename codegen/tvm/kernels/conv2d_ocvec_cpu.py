@@ -107,6 +107,7 @@ def conv_ocvec_func(
     lines_per_c = kh * kw * width // LANES  # 64-byte lines of one input channel's filter taps
     zero = T.Broadcast(T.float32(0), LANES)
     padded = out != OutputLayout.plain(oh, ow)
+    jobs = conv2d_cpu.job_loop(out_channels * k * oh * ow)
 
     @T.prim_func(private=True)
     def conv(
@@ -122,7 +123,7 @@ def conv_ocvec_func(
         xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
         wf = T.decl_buffer((oc_blocks * k * width,), "float32", data=w.data)
         yf = T.decl_buffer((n * out_channels * out_plane,), "float32", data=y.data)
-        for job in T.parallel(n * oc_blocks * oh):
+        for job in jobs(n * oc_blocks * oh):
             img = job // (oc_blocks * oh)
             ob = job % (oc_blocks * oh) // oh
             r = job % oh

@@ -54,6 +54,7 @@ def depthwise_func(
     tiles = width // LANES
     taps = kh * kw
     out_plane = oh * width
+    jobs = conv2d_cpu.job_loop(channels * taps * out_plane)
 
     @T.prim_func(private=True)
     def depthwise(
@@ -65,7 +66,7 @@ def depthwise_func(
         y = T.match_buffer(y_h, (n, channels, out_plane), "float32")
         xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
         yf = T.decl_buffer((n * channels * out_plane,), "float32", data=y.data)
-        for job in T.parallel(n * channels):
+        for job in jobs(n * channels):
             c = job % channels
             acc = T.alloc_buffer((tiles, LANES), "float32", scope="global")
             for r in range(oh):
