@@ -248,6 +248,7 @@ class Graph:
                 "outputs: " + ", ".join(repr(v) for v in self.outputs),
                 f"ops:     {hist}",
                 *(f"note:    {note}" for note in self.notes),
+                *(f"bound:   {symbol} <= {limit}" for symbol, limit in sorted(self.symbol_bounds.items())),
             ]
         )
 

@@ -42,6 +42,12 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _at_one(graph) -> str:
+    """``batch 1`` or ``batch 1, sequence 1``: the sizes :func:`graph_macs` counts at."""
+    symbols = sorted(set().union(*(v.type.symbols for v in graph.inputs)) - {"N"}) if graph.inputs else []
+    return ", ".join(["batch 1", *(f"{s} 1" for s in symbols)])
+
+
 def load_graph(model: str, input_shape: list[str] | None = None):
     """An IR graph from an ONNX file (artifact directories are handled by the runtime).
 
@@ -71,7 +77,7 @@ def inspect_model(args: argparse.Namespace) -> int:
         return inspect_artifact(args.model)
     graph = load_graph(args.model, getattr(args, "input_shape", None))
     print(graph.summary())
-    print(f"MACs (batch 1): {graph_macs(graph):,}")
+    print(f"MACs ({_at_one(graph)}): {graph_macs(graph):,}")
     calibration = None
     if getattr(args, "calib", None):
         import numpy as np
@@ -84,7 +90,7 @@ def inspect_model(args: argparse.Namespace) -> int:
     print()
     print(f"after {args.pipeline}:")
     print(optimized.summary())
-    print(f"MACs (batch 1): {graph_macs(optimized):,}")
+    print(f"MACs ({_at_one(optimized)}): {graph_macs(optimized):,}")
     if calibration is not None:
         from reshift.passes.quantize import quantizer_table
 
