@@ -1,7 +1,8 @@
 """Lowerings of the selection and value-class ops (``ir/ops_select.py``): topk, isnan, isinf.
 
-``topk`` is Relax's topk, which returns ties lowest index first as the reference does (checked by
-tests/test_ops_select.py); the order of NaNs is not specified there, as in ONNX.
+``topk`` is Relax's topk, which on the CPU returns ties lowest index first as the reference does
+(tests/test_codegen_tvm.py ``graph_select`` feeds many ties); with NaNs in the input its order is
+not the reference's (ONNX leaves it open). On CUDA it becomes ``topi.cuda.topk`` (NOTES_tvm.md).
 """
 
 from __future__ import annotations
