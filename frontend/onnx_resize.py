@@ -7,7 +7,8 @@ Only the two spatial axes of an NCHW tensor may change. ``nearest``, ``linear`` 
 transformations are exact. A ``scales`` input whose product with the input size is not whole
 (ONNX then samples at ``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the
 half-pixel and asymmetric modes and refused for the others. Opset 18's ``axes`` spread roi,
-scales and sizes over the four axes; ``antialias`` and ``keep_aspect_ratio_policy`` are refused.
+scales and sizes over the four axes, and ``keep_aspect_ratio_policy`` gives them one scale (ONNX's
+reference rounds the sizes half up); ``antialias`` is refused.
 onnxruntime (1.2x) leaves an axis whose size does not change as it is even under
 ``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
 """
@@ -83,6 +84,26 @@ def _on_every_axis(dims, axes: list[int], roi, scales, sizes):
     )
 
 
+def _kept_aspect_size(dims, sizes, policy: str, axes, coordinate: str) -> tuple[list[int], list[float]]:
+    """``keep_aspect_ratio_policy``: one scale for every listed axis, the smallest (``not_larger``) or
+    largest (``not_smaller``) of ``sizes / dims``, and output sizes ``round_half_up(scale * dim)``."""
+    if sizes is None or any(isinstance(d, str) for d in dims):
+        raise NotConvertible("Resize keep_aspect_ratio_policy needs constant sizes and a static input shape")
+    wanted = [int(v) for v in np.asarray(_known(sizes, "Resize sizes")).reshape(-1)]
+    axes = [a % len(dims) for a in axes] if axes is not None else list(range(len(dims)))
+    ratios = [wanted[a] / dims[a] for a in axes]
+    scale = min(ratios) if policy == "not_larger" else max(ratios)
+    out = [int(scale * d + 0.5) if i in axes else d for i, d in enumerate(dims)]
+    if out[:2] != list(dims[:2]):
+        raise NotConvertible(f"Resize keep_aspect_ratio_policy gives sizes {out}, which change the batch or channels")
+    factors = [scale if i in axes else 1.0 for i in (2, 3)]
+    if all(math.isclose(o / d, f, rel_tol=1e-6) for o, d, f in zip(out[2:], dims[2:], factors, strict=True)):
+        return out[2:], []
+    if coordinate not in SCALED_MODES:
+        raise NotConvertible(f"Resize keep_aspect_ratio_policy with {coordinate}: the scale {scale} is not whole")
+    return out[2:], factors
+
+
 @converter("Resize")
 def _resize(ctx, node, ins, at):
     """ONNX Resize of the spatial axes (module docstring: what is exact, what is refused)."""
@@ -94,8 +115,9 @@ def _resize(ctx, node, ins, at):
     rounding = at.get("nearest_mode", "round_prefer_floor")
     if at.get("antialias", 0):
         raise NotConvertible("Resize antialias=1 is not supported")
-    if at.get("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise NotConvertible("Resize with keep_aspect_ratio_policy is not supported")
+    policy = at.get("keep_aspect_ratio_policy", "stretch")
+    if policy not in ("stretch", "not_larger", "not_smaller"):
+        raise NotConvertible(f"Resize keep_aspect_ratio_policy {policy!r} is not one ONNX defines")
     if "axes" in at:
         roi, scales, sizes = _on_every_axis(ctx.shape(x), [int(a) for a in at["axes"]], roi, scales, sizes)
     if at.get("exclude_outside", 0) and mode != "cubic":
@@ -104,7 +126,10 @@ def _resize(ctx, node, ins, at):
         raise NotConvertible(f"Resize mode {mode!r} is not supported ({', '.join(RESIZE_MODES)})")
     if coordinate not in COORDINATE_MODES:
         raise NotConvertible(f"Resize coordinate_transformation_mode {coordinate!r} is not supported")
-    size, factors = _output_size(ctx, x, scales, sizes, coordinate)
+    if policy == "stretch":
+        size, factors = _output_size(ctx, x, scales, sizes, coordinate)
+    else:
+        size, factors = _kept_aspect_size(ctx.shape(x), sizes, policy, at.get("axes"), coordinate)
     if coordinate == "pytorch_half_pixel" and min(size) > 1:
         coordinate = "half_pixel"
     if mode == "nearest" and rounding not in NEAREST_MODES:

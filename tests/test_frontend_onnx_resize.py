@@ -148,7 +148,6 @@ def test_upsample_from_opset_9_is_upgraded():
         (dict(scales=[1, 1, 2, 2], mode="lanczos"), "mode 'lanczos' is not supported"),
         (dict(scales=[1, 1, 2, 2], mode="linear", exclude_outside=1), "exclude_outside=1 with mode 'linear'"),
         (dict(scales=[1, 1, 2, 2], mode="cubic", antialias=1, opset=18), "antialias=1"),
-        (dict(sizes=[9, 9], axes=[3, 2], keep_aspect_ratio_policy="not_larger", opset=18), "keep_aspect_ratio"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), "needs a constant roi"),
         (dict(scales=[1, 2, 2, 2]), "change the batch or channel axis"),
         (dict(scales=[1, 1, 1.5, 1.5], coordinate_transformation_mode="align_corners"), "not whole output sizes"),
@@ -158,3 +157,12 @@ def test_upsample_from_opset_9_is_upgraded():
 def test_resize_refusals_name_the_node(kwargs, reason):
     with pytest.raises(ModelLoadError, match=rf"\(Resize\).*{reason}"):
         from_onnx(resize_model((5, 5), **kwargs))
+
+
+def test_kept_aspect_ratio_by_a_fractional_scale_needs_a_half_pixel_mode():
+    kept = dict(sizes=[7, 7], axes=[2, 3], keep_aspect_ratio_policy="not_larger", opset=18)  # one scale: 7 / 6
+    x = np.random.default_rng(3).standard_normal((1, 2, 5, 6)).astype(np.float32)
+    model = resize_model((5, 6), mode="cubic", **kept)
+    np.testing.assert_allclose(interpret(from_onnx(model), {"x": x})["y"], run_ort(model, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelLoadError, match=r"\(Resize\).*align_corners: the scale 1.166.* is not whole"):
+        from_onnx(resize_model((5, 6), coordinate_transformation_mode="align_corners", **kept))
