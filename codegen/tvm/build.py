@@ -20,6 +20,7 @@ from tvm import relax
 
 from reshift.codegen.tvm.lower import lower
 from reshift.codegen.tvm.schedule_cpu import schedule_passes
+from reshift.codegen.tvm.serial_small import serial_small_parallel
 from reshift.codegen.tvm.targets import TargetSpec, resolve_target
 from reshift.errors import CodegenError
 from reshift.ir.graph import Graph
@@ -148,7 +149,7 @@ def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=Non
         with target:  # the pass reads Target.current() when it is created
             passes.append(apply_database_pass(tuning_db))
     if schedule:
-        passes += schedule_passes()
+        passes += [*schedule_passes(), serial_small_parallel()]
     passes += [*cpu.dataflow_lower_passes(target), *cpu.finalize_passes(target)]
     sequence = tvm.transform.Sequential(passes)
 
