@@ -296,13 +296,17 @@ def _resize2d(em, node, ins):
     a = node.attrs
     if a["coordinate_transformation"] == "half_pixel_symmetric" and em.opset < 19:
         raise CodegenError(f"resize2d (node {node.name}): half_pixel_symmetric needs ONNX opset >= 19; export with 19")
+    if a["antialias"] and em.opset < 18:
+        raise CodegenError(f"resize2d (node {node.name}): antialias needs ONNX opset >= 18; export with 18 or later")
     sizes = em.shape_tensor(node.outputs[0].shape)
     scales = ""
     if a["scales"]:  # ONNX samples at 1 / scale then; the output size is floor(in * scale) = size
         scales, sizes = em.const(np.asarray([1.0, 1.0, *a["scales"]], np.float32), "scales"), ""
     roi, extra = "", {}
-    if a["mode"] == "cubic":
+    if a["mode"] == "cubic" or a["antialias"]:
         extra = {"cubic_coeff_a": a["cubic_coeff_a"], "exclude_outside": int(a["exclude_outside"])}
+    if a["antialias"]:
+        extra["antialias"] = 1
     if a["coordinate_transformation"] == "tf_crop_and_resize":
         h0, w0, h1, w1 = a["roi"]
         roi = em.const(np.asarray([0, 0, h0, w0, 1, 1, h1, w1], np.float32), "roi")

@@ -12,7 +12,8 @@ Registered into :data:`reshift.frontend.aten_ops.ATEN_CONVERTERS` (imported by a
   on every other axis).
 - ``F.interpolate(mode="bicubic")`` (``aten.upsample_bicubic2d``): ``resize2d`` cubic with torch's
   ``a = -0.75``, edge taps clamped, ``align_corners`` or ``half_pixel`` (at ``1 / scale_factor``
-  when one is given, as torch samples).
+  when one is given, as torch samples); ``antialias=True`` (bilinear and bicubic): resize2d's
+  ``antialias`` with the taps outside excluded, PIL's ``a = -0.5`` for bicubic.
 """
 
 from __future__ import annotations
@@ -167,3 +168,25 @@ def _upsample_bicubic(cx, a):
     mode = "align_corners" if a["align_corners"] else "half_pixel"
     scales = sampling_scales(x, size, a)
     return cx.emit("resize2d", [x], size=size, mode="cubic", coordinate_transformation=mode, **scales)
+
+
+@converts("_upsample_bilinear2d_aa.default", "_upsample_bilinear2d_aa.vec")
+def _upsample_bilinear_aa(cx, a):
+    """``F.interpolate(mode="bilinear", antialias=True)``: the stretched triangle filter, taps outside
+    the input dropped and the rest renormalized (resize2d ``antialias`` with ``exclude_outside``)."""
+    return _antialiased(cx, a, "linear", -0.75)
+
+
+@converts("_upsample_bicubic2d_aa.default", "_upsample_bicubic2d_aa.vec")
+def _upsample_bicubic_aa(cx, a):
+    """``F.interpolate(mode="bicubic", antialias=True)``: as bilinear, with PIL's cubic (``a = -0.5``)."""
+    return _antialiased(cx, a, "cubic", -0.5)
+
+
+def _antialiased(cx, a, mode: str, coefficient: float) -> Value:
+    x = cx.value(a["input"] if "input" in a else a["self"])
+    if a["align_corners"]:
+        raise Unsupported("antialiased interpolation with align_corners=True")
+    size = tuple(cx.out_type.shape[2:])
+    attrs = {"cubic_coeff_a": coefficient, "exclude_outside": True, "antialias": True}
+    return cx.emit("resize2d", [x], size=size, mode=mode, **attrs, **sampling_scales(x, size, a))

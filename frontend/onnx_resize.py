@@ -8,7 +8,8 @@ transformations are exact. A ``scales`` input whose product with the input size 
 (ONNX then samples at ``1 / scale``, not ``in / out``) is carried as resize2d's ``scales`` for the
 half-pixel and asymmetric modes and refused for the others. Opset 18's ``axes`` spread roi,
 scales and sizes over the four axes, and ``keep_aspect_ratio_policy`` gives them one scale (ONNX's
-reference rounds the sizes half up); ``antialias`` is refused.
+reference rounds the sizes half up). ``antialias`` (linear and cubic) stretches the kernel when
+downsampling.
 onnxruntime (1.2x) leaves an axis whose size does not change as it is even under
 ``tf_crop_and_resize``; reshift crops it as the ONNX specification and reference do.
 """
@@ -113,8 +114,8 @@ def _resize(ctx, node, ins, at):
     mode = at.get("mode", "nearest")
     coordinate = at.get("coordinate_transformation_mode", "half_pixel")
     rounding = at.get("nearest_mode", "round_prefer_floor")
-    if at.get("antialias", 0):
-        raise NotConvertible("Resize antialias=1 is not supported")
+    if at.get("antialias", 0) and mode == "nearest":
+        raise NotConvertible("Resize antialias=1 with mode 'nearest' is not defined (ONNX: linear and cubic)")
     policy = at.get("keep_aspect_ratio_policy", "stretch")
     if policy not in ("stretch", "not_larger", "not_smaller"):
         raise NotConvertible(f"Resize keep_aspect_ratio_policy {policy!r} is not one ONNX defines")
@@ -137,6 +138,8 @@ def _resize(ctx, node, ins, at):
     attrs = {"size": size, "mode": mode, "coordinate_transformation": coordinate, "nearest_mode": rounding}
     if factors:
         attrs["scales"] = factors
+    if at.get("antialias", 0):
+        attrs["antialias"] = True
     if mode == "cubic":
         attrs |= {
             "cubic_coeff_a": at.get("cubic_coeff_a", -0.75),

@@ -194,9 +194,7 @@ FULL_ROI = (0.0, 0.0, 1.0, 1.0)
 SCALED_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "asymmetric")  # sample at 1 / scale
 
 
-def _resize2d_infer(
-    x, size, mode, coordinate_transformation, nearest_mode, cubic_coeff_a, exclude_outside, roi, scales, **_
-):
+def _resize2d_infer(x, size, mode, coordinate_transformation, nearest_mode, roi, scales, antialias, **_):
     require_rank(x, 4, "resize2d")
     require_float(x, "resize2d")
     if mode not in RESIZE_MODES:
@@ -207,6 +205,8 @@ def _resize2d_infer(
         )
     if nearest_mode not in NEAREST_MODES:
         raise IRTypeError(f"resize2d: nearest_mode {nearest_mode!r} is not supported; expected one of {NEAREST_MODES}")
+    if antialias and mode == "nearest":
+        raise IRTypeError("resize2d: antialias applies to linear and cubic, not nearest")
     if len(size) != 2 or any(s < 1 for s in size):
         raise IRTypeError(f"resize2d: size must be two positive ints (height, width), got {list(size)}")
     if len(roi) != 4:
@@ -343,9 +343,57 @@ def cubic_taps(
     return np.clip(index, 0, length - 1).astype(np.int64), weight.astype(np.float32)
 
 
+def antialias_taps(
+    length: int,
+    out: int,
+    coordinate_transformation: str,
+    resample: str,
+    a: float = -0.75,
+    exclude_outside: bool = False,
+    roi: tuple[float, float] = (0.0, 1.0),
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, weight)``, each ``[out, K]``, for ONNX Resize's ``antialias=1`` (linear or cubic).
+
+    Downsampling by ``s < 1`` stretches the kernel by ``1 / s``: the taps are the ``K`` inputs
+    nearest the source coordinate, each weighted ``kernel(s * distance)``, normalized to sum 1
+    (upsampling keeps the plain kernel). The left tap is the one at ratio ``(0, 1]``, as ONNX's
+    reference picks it; taps outside read the edge, or with ``exclude_outside`` get weight 0.
+    """
+    factor = min(scale if scale is not None else out / length, 1.0)
+    source = source_coordinates(length, out, coordinate_transformation, roi, scale)
+    base = np.ceil(source) - 1
+    support = 2.0 if resample == "cubic" else 1.0
+    start = int(np.floor(-support / factor) + 1)
+    offsets = np.arange(start, 2 - start, dtype=np.float64)
+    index = base[:, None] + offsets
+    x = np.abs(factor * (offsets - (source - base)[:, None]))
+    if resample == "cubic":
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        weight = np.where(x <= 1, near, np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+    else:
+        weight = np.clip(1 - x, 0.0, 1.0)
+    if exclude_outside:
+        weight = np.where((index >= 0) & (index <= length - 1), weight, 0.0)
+    total = weight.sum(axis=1, keepdims=True)
+    weight = np.divide(weight, total, out=np.zeros_like(weight), where=total != 0)
+    return np.clip(index, 0, length - 1).astype(np.int64), weight.astype(np.float32)
+
+
 def axis_rois(roi: tuple[float, ...]) -> tuple[tuple[float, float], tuple[float, float]]:
     """The (start, end) crop of the height and of the width axis from ``(h_start, w_start, h_end, w_end)``."""
     return (roi[0], roi[2]), (roi[1], roi[3])
+
+
+def filter_taps(resample: str, coordinate_transformation: str, a: float, exclude_outside: bool, antialias: bool):
+    """``taps(length, out, roi, scale) -> (index, weight)`` of a cubic or antialiased resize (``[out, K]``)."""
+
+    def taps(length, out, roi, scale):
+        if antialias:
+            return antialias_taps(length, out, coordinate_transformation, resample, a, exclude_outside, roi, scale)
+        return cubic_taps(length, out, coordinate_transformation, a, exclude_outside, roi, scale)
+
+    return taps
 
 
 def axis_scales(scales: tuple[float, ...]) -> tuple[float | None, float | None]:
@@ -364,6 +412,7 @@ def _resize2d(
     roi=FULL_ROI,
     extrapolation_value=0.0,
     scales=(),
+    antialias=False,
 ):
     """Cubic, bilinear (rows, then columns) or nearest resampling of ``[N, C, H, W]`` to ``[N, C, *size]``."""
     (h, w), (oh, ow) = x.shape[2:], size
@@ -372,11 +421,12 @@ def _resize2d(
         rows = nearest_taps(h, oh, coordinate_transformation, nearest_mode, roi_h, scale_h)
         cols = nearest_taps(w, ow, coordinate_transformation, nearest_mode, roi_w, scale_w)
         y = x[:, :, rows][:, :, :, cols]
-    elif mode == "cubic":
-        index, weight = cubic_taps(h, oh, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_h, scale_h)
-        rows = sum(x[:, :, index[:, k], :] * weight[:, k, None] for k in range(4))
-        index, weight = cubic_taps(w, ow, coordinate_transformation, cubic_coeff_a, exclude_outside, roi_w, scale_w)
-        y = sum(rows[..., index[:, k]] * weight[:, k] for k in range(4))
+    elif mode == "cubic" or antialias:
+        taps = filter_taps(mode, coordinate_transformation, cubic_coeff_a, exclude_outside, antialias)
+        index, weight = taps(h, oh, roi_h, scale_h)
+        rows = sum(x[:, :, index[:, k], :] * weight[:, k, None] for k in range(index.shape[1]))
+        index, weight = taps(w, ow, roi_w, scale_w)
+        y = sum(rows[..., index[:, k]] * weight[:, k] for k in range(index.shape[1]))
     else:
         low, high, weight = linear_taps(h, oh, coordinate_transformation, roi_h, scale_h)
         rows = x[:, :, low, :] * (1 - weight)[:, None] + x[:, :, high, :] * weight[:, None]
@@ -402,6 +452,7 @@ register(
         "roi": Attr("floats", FULL_ROI),
         "extrapolation_value": Attr("float", 0.0),
         "scales": Attr("floats", ()),
+        "antialias": Attr("bool", False),
     },
     _resize2d_infer,
     _resize2d,

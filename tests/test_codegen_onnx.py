@@ -275,6 +275,15 @@ def test_scatter_nd_reductions_run_in_onnxruntime(reduction):
     check_in_onnxruntime(graph, to_onnx(graph, opset=18))
 
 
+def test_resize2d_antialias_runs_in_onnxruntime_from_opset_18():
+    b = GraphBuilder("antialias")
+    x = b.input("x", "f32[N,2,9,12]")
+    graph = b.build(*(b.resize2d(x, size=(4, 5), mode=m, antialias=True) for m in ("linear", "cubic")))
+    check_in_onnxruntime(graph, to_onnx(graph, opset=18))
+    with pytest.raises(CodegenError, match="antialias needs ONNX opset >= 18"):
+        to_onnx(graph, opset=17)
+
+
 def test_resize2d_half_pixel_symmetric_needs_opset_19():
     b = GraphBuilder("symmetric")
     x = b.input("x", "f32[N,2,4,6]")

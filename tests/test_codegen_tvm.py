@@ -234,6 +234,7 @@ def graph_index():
         outs.append(b.resize2d(image, size=(7, 3), mode="cubic", coordinate_transformation=mode))
     outs.append(b.resize2d(image, size=(9, 1), mode="cubic", exclude_outside=True, cubic_coeff_a=-0.5))
     outs.append(b.resize2d(image, size=(3, 4), mode="cubic", scales=(0.8, 0.7)))  # sampled at 1 / scale
+    outs += [b.resize2d(image, size=(2, 9), mode=m, antialias=True, exclude_outside=True) for m in ("linear", "cubic")]
     for resample in ("nearest", "linear", "cubic"):
         crop = {"roi": (-0.2, 0.1, 0.9, 1.3), "extrapolation_value": -3.0}
         outs.append(

@@ -66,6 +66,10 @@ CASES = {
     "linear_align_corners": dict(sizes=[1, 2, 8, 11], mode="linear", coordinate_transformation_mode="align_corners"),
     "cubic_half_pixel": dict(scales=[1, 1, 2, 2], mode="cubic"),
     "cubic_fractional_scales": dict(scales=[1, 1, 0.7, 1.45], mode="cubic"),  # sampled at 1 / scale
+    "linear_antialias_down": dict(sizes=[1, 2, 2, 4], mode="linear", antialias=1, opset=18),
+    "cubic_antialias_exclude_outside": dict(
+        scales=[1, 1, 0.6, 0.5], mode="cubic", antialias=1, exclude_outside=1, cubic_coeff_a=-0.5, opset=18
+    ),
     "cubic_half_pixel_symmetric": dict(
         scales=[1, 1, 2.3, 0.7], mode="cubic", coordinate_transformation_mode="half_pixel_symmetric", opset=19
     ),
@@ -120,7 +124,12 @@ def test_nearest_tf_crop_and_resize_matches_the_onnx_reference():
 @pytest.mark.slow
 def test_resize_builds_for_cpu():
     x = np.random.default_rng(1).standard_normal((1, 2, 5, 6)).astype(np.float32)
-    for case in ("nearest_asymmetric_floor", "linear_half_pixel", "cubic_exclude_outside_tf_coefficient"):
+    for case in (
+        "nearest_asymmetric_floor",
+        "linear_half_pixel",
+        "cubic_exclude_outside_tf_coefficient",
+        "linear_antialias_down",
+    ):
         model = resize_model((5, 6), **CASES[case])
         np.testing.assert_allclose(reshift.compile(model, target="cpu")(x), run_ort(model, x), rtol=1e-5, atol=1e-6)
 
@@ -147,7 +156,7 @@ def test_upsample_from_opset_9_is_upgraded():
     [
         (dict(scales=[1, 1, 2, 2], mode="lanczos"), "mode 'lanczos' is not supported"),
         (dict(scales=[1, 1, 2, 2], mode="linear", exclude_outside=1), "exclude_outside=1 with mode 'linear'"),
-        (dict(scales=[1, 1, 2, 2], mode="cubic", antialias=1, opset=18), "antialias=1"),
+        (dict(scales=[1, 1, 2, 2], mode="nearest", antialias=1, opset=18), "antialias=1 with mode 'nearest'"),
         (dict(scales=[1, 1, 2, 2], coordinate_transformation_mode="tf_crop_and_resize"), "needs a constant roi"),
         (dict(scales=[1, 2, 2, 2]), "change the batch or channel axis"),
         (dict(scales=[1, 1, 1.5, 1.5], coordinate_transformation_mode="align_corners"), "not whole output sizes"),

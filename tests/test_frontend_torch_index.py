@@ -58,10 +58,10 @@ def test_run_time_indexing_matches_torch():
 class Bicubic(torch.nn.Module):
     def __init__(self, **options):
         super().__init__()
-        self.options = options
+        self.options, self.mode = options, "bicubic"
 
     def forward(self, x):
-        return F.interpolate(x, mode="bicubic", **self.options)
+        return F.interpolate(x, mode=self.mode, **self.options)
 
 
 # the reference itself is checked against torch on more sizes in test_ops_index.py; these check the converter
@@ -81,6 +81,16 @@ def test_bicubic_matches_torch(case):
     with torch.no_grad():
         want = module(x).numpy()
     assert got.shape == want.shape and relative_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_antialiased_interpolation_matches_torch(mode):
+    module, x = Bicubic(size=(4, 9), antialias=True), torch.randn(1, 2, 11, 13)  # rows down, columns up
+    module.mode = mode
+    graph = from_torch(module, (x,))
+    got = interpret(graph, {graph.inputs[0].name: x.numpy()})[graph.outputs[0].name]
+    with torch.no_grad():
+        assert relative_error(got, module(x).numpy()) < 1e-5
 
 
 def test_bilinear_by_a_fractional_factor_samples_where_torch_does():

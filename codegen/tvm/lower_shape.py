@@ -13,7 +13,7 @@ from tvm import relax, te, tirx
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
 from reshift.ir.graph import Node
 from reshift.ir.numpy_kernels import pool_output_size
-from reshift.ir.ops_index import axis_rois, axis_scales, cubic_taps, inside_roi, linear_taps, nearest_taps
+from reshift.ir.ops_index import axis_rois, axis_scales, filter_taps, inside_roi, linear_taps, nearest_taps
 from reshift.ir.types import numpy_dtype
 
 
@@ -266,8 +266,9 @@ def _resize_axis_taps(
     a, mode = node.attrs, node.attrs["coordinate_transformation"]
     if a["mode"] == "nearest":
         return [nearest_taps(length, out, mode, a["nearest_mode"], roi, scale)]
-    if a["mode"] == "cubic":
-        return list(cubic_taps(length, out, mode, a["cubic_coeff_a"], a["exclude_outside"], roi, scale))
+    if a["mode"] == "cubic" or a["antialias"]:
+        taps = filter_taps(a["mode"], mode, a["cubic_coeff_a"], a["exclude_outside"], a["antialias"])
+        return list(taps(length, out, roi, scale))
     return list(linear_taps(length, out, mode, roi, scale))
 
 
@@ -280,6 +281,7 @@ def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
     (roi_h, roi_w), (scale_h, scale_w) = axis_rois(node.attrs["roi"]), axis_scales(node.attrs["scales"])
     rows, cols = _resize_axis_taps(node, h, oh, roi_h, scale_h), _resize_axis_taps(node, w, ow, roi_w, scale_w)
     taps = [relax.const(t) for t in (*rows, *cols)]
+    filtered = resample == "cubic" or node.attrs["antialias"]
 
     def compute(data, *tables):
         if resample == "nearest":
@@ -288,16 +290,19 @@ def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
             def pixel(b, c, i, j):
                 return data[b, c, row[i], col[j]]
 
-        elif resample == "cubic":
+        elif filtered:  # cubic or antialiased: K taps per axis
             row, row_weight, col, col_weight = tables
+            taps_h, taps_w = rows[0].shape[1], cols[0].shape[1]
 
             def pixel(b, c, i, j):  # each source column along the rows first, then along the row (as the reference)
                 def column(q):
                     return _weighted_sum(
-                        [data[b, c, row[i, p], q] for p in range(4)], [row_weight[i, p] for p in range(4)]
+                        [data[b, c, row[i, p], q] for p in range(taps_h)], [row_weight[i, p] for p in range(taps_h)]
                     )
 
-                return _weighted_sum([column(col[j, q]) for q in range(4)], [col_weight[j, q] for q in range(4)])
+                return _weighted_sum(
+                    [column(col[j, q]) for q in range(taps_w)], [col_weight[j, q] for q in range(taps_w)]
+                )
 
         else:
             low_h, high_h, weight_h, low_w, high_w, weight_w = tables
@@ -310,7 +315,7 @@ def lower_resize2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr:
 
         return te.compute((data.shape[0], data.shape[1], oh, ow), pixel, name="resize2d")
 
-    y = ctx.te(compute, x, *taps, name=f"resize2d_{resample}")
+    y = ctx.te(compute, x, *taps, name=f"resize2d_{resample}{'_antialias' if node.attrs['antialias'] else ''}")
     if coordinates != "tf_crop_and_resize":
         return y
     inside = inside_roi(h, oh, coordinates, roi_h)[:, None] & inside_roi(w, ow, coordinates, roi_w)[None, :]
