@@ -27,10 +27,32 @@ from reshift.runtime.cuda_kernels import register_prebuilt
 _NUMPY_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64", "bool")
 _MAX_SIGNATURES = 64  # input signatures remembered as checked
 _MAX_STAGING = 32  # staging tensors kept (one per input and shape)
+_COPY_BYTES = 1 << 16  # inputs up to this size are copied (~0.3 us) rather than checked for a zero-copy share
 
 
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
+
+
+def _device_type(x: Any) -> str | None:
+    return x.device.type if _is_torch(x) else None
+
+
+def _bind_slow(names: list[str], args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """Positional and named inputs in meta order; InputError naming what is extra, doubled or missing."""
+    if len(args) > len(names):
+        raise InputError(f"model takes {len(names)} input(s) {names}, got {len(args)} positional arguments")
+    bound: dict[str, Any] = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise InputError(f"unexpected input {key!r}; the model takes {names}")
+        if key in bound:
+            raise InputError(f"input {key!r} given both by position and by name")
+        bound[key] = value
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise InputError(f"missing input(s) {missing}; the model takes {names}")
+    return [bound[n] for n in names]
 
 
 def _dtype_name(x: Any) -> str:
@@ -86,6 +108,12 @@ class LoadedModel:
         self._checked: dict[tuple, None] = {}  # input signatures (dtypes, shapes) that passed _check
         self._staging: dict[tuple, tuple[Any, np.ndarray]] = {}  # (input, shape, dtype) -> (tensor, numpy view)
         self._cpu = self._dev_kind() == "cpu"
+        self._input_names = [s["name"] for s in meta["inputs"]]
+        self._input_set = set(self._input_names)
+        self._output_names = [s["name"] for s in meta["outputs"]]
+        import tvm
+
+        self._tvm = tvm  # imported by VirtualMachine above; kept for the per-call path
 
     def _invoke(self, tensors: list[Any]) -> list[Any]:
         """One VM call under the lock; the outputs are fresh tensors each call, safe to use unlocked."""
@@ -109,11 +137,9 @@ class LoadedModel:
 
     def _stage(self, index: int, x: np.ndarray):
         """A CPU tensor holding ``x``: ``x`` itself when DLPack can share it, else its staging copy."""
-        import tvm
-
-        if x.flags.c_contiguous and x.ctypes.data % 64 == 0 and x.size:
+        if x.nbytes > _COPY_BYTES and x.flags.c_contiguous and x.ctypes.data % 64 == 0:
             try:
-                return tvm.runtime.from_dlpack(x)  # zero-copy
+                return self._tvm.runtime.from_dlpack(x)  # zero-copy
             except Exception:  # noqa: BLE001,S110 -- a dtype the DLPack path refuses: copy instead
                 pass
         key = (index, x.shape, x.dtype)
@@ -121,10 +147,12 @@ class LoadedModel:
         if held is None:
             if len(self._staging) >= _MAX_STAGING:  # many shapes (a symbolic batch): start over
                 self._staging.clear()
-            if not x.size or x.dtype.name not in _NUMPY_DTYPES:
-                return tvm.runtime.tensor(np.ascontiguousarray(x).reshape(x.shape), self._dev)  # 0-d stays 0-d
-            tensor = tvm.runtime.empty(x.shape, x.dtype.name, self._dev)
-            held = self._staging[key] = (tensor, np.from_dlpack(tensor))
+            try:
+                tensor = self._tvm.runtime.empty(x.shape, x.dtype.name, self._dev)
+                held = (tensor, np.from_dlpack(tensor))
+            except Exception:  # noqa: BLE001 -- bfloat16 (numpy's DLPack refuses it)
+                return self._tvm.runtime.tensor(np.ascontiguousarray(x).reshape(x.shape), self._dev)  # 0-d stays 0-d
+            self._staging[key] = held
         np.copyto(held[1], x, casting="equiv")
         return held[0]
 
@@ -150,27 +178,23 @@ class LoadedModel:
     def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
         """Inputs in meta order, checked for names, dtypes and shapes (InputError otherwise)."""
         specs = self.meta["inputs"]
-        names = [s["name"] for s in specs]
-        if len(args) > len(specs):
-            raise InputError(f"model takes {len(specs)} input(s) {names}, got {len(args)} positional arguments")
-        bound: dict[str, Any] = dict(zip(names, args, strict=False))
-        for key, value in kwargs.items():
-            if key not in names:
-                raise InputError(f"unexpected input {key!r}; the model takes {names}")
-            if key in bound:
-                raise InputError(f"input {key!r} given both by position and by name")
-            bound[key] = value
-        missing = [n for n in names if n not in bound]
-        if missing:
-            raise InputError(f"missing input(s) {missing}; the model takes {names}")
-        ordered = []
-        for spec in specs:
-            x = bound[spec["name"]]
-            if not _is_torch(x) and not isinstance(x, np.ndarray):
-                x = np.asarray(x)
-            ordered.append(x)
+        names = self.__dict__.get("_input_names") or [s["name"] for s in specs]
+        if not args and kwargs.keys() == self.__dict__.get("_input_set", set(names)):  # by name (run_dict)
+            ordered = [kwargs[n] for n in names]
+        elif not kwargs and len(args) == len(names):  # by position
+            ordered = list(args)
+        else:
+            ordered = _bind_slow(names, args, kwargs)
+        for i, x in enumerate(ordered):
+            if type(x) is not np.ndarray and not _is_torch(x):
+                ordered[i] = np.asarray(x)
         # the checks depend only on each input's type, dtype, shape (and device): once per signature
-        signature = tuple((type(x), x.dtype, tuple(x.shape), _is_torch(x) and x.device.type) for x in ordered)
+        signature = tuple(
+            [
+                (x.dtype, x.shape) if type(x) is np.ndarray else (type(x), x.dtype, tuple(x.shape), _device_type(x))
+                for x in ordered
+            ]
+        )
         checked = self.__dict__.setdefault("_checked", {})
         if signature not in checked:
             bindings: dict[str, int] = {}
@@ -243,7 +267,7 @@ class LoadedModel:
 
     def _outputs(self, inputs: list[Any]) -> list[Any]:
         """Bound inputs -> outputs: numpy arrays (copies), or torch tensors when any input is one."""
-        if self._cpu and not any(_is_torch(x) for x in inputs):
+        if self._cpu and all(type(x) is np.ndarray for x in inputs):
             return self._run_numpy(inputs)
         outputs = self.run(inputs)
         if any(_is_torch(x) for x in inputs):
@@ -259,7 +283,7 @@ class LoadedModel:
         """``{input name: array} -> {output name: numpy array}`` (used by ``reshift run``)."""
         inputs = self.bind((), inputs)
         outputs = self._run_numpy(inputs) if self._cpu else [o.numpy() for o in self.run(inputs)]
-        return dict(zip(self.output_names, outputs, strict=False))
+        return dict(zip(self._output_names, outputs, strict=False))
 
     def benchmark(self, *args: Any, repeat: int = 50, warmup: int = 5, **kwargs: Any) -> dict[str, float]:
         """Latency in milliseconds over ``repeat`` calls (inputs bound and converted once)."""
