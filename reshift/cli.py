@@ -272,12 +272,13 @@ def compile_model(args: argparse.Namespace) -> int:
 @command("tune")
 def tune_model(args: argparse.Namespace) -> int:
     """Tune an ONNX model's kernels with MetaSchedule into a database directory."""
+    from reshift import cli_remote
     from reshift.api import default_tune_db
     from reshift.codegen import tvm as tvm_codegen
     from reshift.codegen.tvm.tune import remote_runner
 
     console = _console()
-    with remote_runner(**_remote_args(args)):  # --rpc/--tracker: measure on the device
+    with remote_runner(**cli_remote.remote_args(args)):  # --rpc/--tracker: measure on the device
         compiled = compile_onnx(args, console, args.target, tune=True)
     spec = tvm_codegen.resolve_target(args.target)
     print(f"tuned {compiled.graph.name} for {spec.name}: {args.trials} trials, database {args.db or default_tune_db()}")
@@ -400,7 +401,9 @@ def _time_ort(model_path: str, inputs: list[Any], threads: int | None, repeat: i
 def bench_model(args: argparse.Namespace) -> int:
     """Latency (median, p90) and throughput of an artifact, or of an ONNX model against onnxruntime."""
     if args.rpc or args.tracker:
-        return bench_remote(args)
+        from reshift import cli_remote
+
+        return cli_remote.bench_remote(args)
     _set_threads(args.threads)
     if (Path(args.model) / "llm.json").is_file():  # an LLM artifact: prefill/decode tokens/s
         from reshift.cli_llm import bench_llm
@@ -442,119 +445,6 @@ def bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _remote_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"rpc": args.rpc, "tracker": args.tracker, "key": args.key}
-
-
-def _where(args: argparse.Namespace) -> str:
-    return f"the device at {args.rpc}" if args.rpc else f"a {args.key!r} device from the tracker at {args.tracker}"
-
-
-def _host_reference(args: argparse.Namespace, meta: dict[str, Any], inputs: dict[str, Any] | None):
-    """(inputs, reference outputs or None, where they came from): --model, else the artifact's reference.npz."""
-    from reshift.runtime import remote
-
-    if args.model_source:
-        from reshift.ir.interpret import interpret
-        from reshift.ir.text import print_graph
-        from reshift.runtime.artifact import sha256_text
-
-        graph = load_graph(args.model_source, getattr(args, "input_shape", None))
-        expected = meta.get("graph_sha256")
-        if expected and sha256_text(print_graph(graph, weights="full")) != expected:
-            raise InputError(
-                f"{args.model_source} is not the model {args.model} was compiled from (its graph hash differs); "
-                "pass the source model or recompile the artifact"
-            )
-        inputs = inputs if inputs is not None else remote.random_inputs(meta["inputs"], args.batch)
-        return inputs, interpret(graph, inputs), f"the IR interpreter on {args.model_source}"
-    stored = remote.load_reference(args.model)
-    if stored is not None and inputs is None:
-        return stored[0], stored[1], f"{args.model}/{remote.REFERENCE_NAME}"
-    inputs = inputs if inputs is not None else remote.random_inputs(meta["inputs"], args.batch)
-    return inputs, None, None
-
-
-@command("deploy")
-def deploy_model(args: argparse.Namespace) -> int:
-    """Upload an artifact to a device over TVM RPC, run it, check it against the host reference, time it."""
-    import numpy as np
-
-    from reshift.runtime import remote
-    from reshift.runtime.artifact import read_meta
-
-    meta = read_meta(args.model)
-    inputs = None
-    if args.input:
-        inputs = _load_npz(args.input)
-        names = [s["name"] for s in meta["inputs"]]
-        if set(inputs) != set(names) and len(inputs) == len(names):  # np.savez(f, x) names it arr_0
-            inputs = dict(zip(names, inputs.values(), strict=False))
-    inputs, reference, source = _host_reference(args, meta, inputs)
-    console = _console()
-    with stage(console, f"connect to {_where(args)}"):
-        session = remote.connect(**_remote_args(args), timeout=args.timeout)
-    with stage(console, "upload model.so and load it on the device"):
-        model = remote.deploy(args.model, session)
-    with stage(console, "run on the device"):
-        outputs = model.run_dict(inputs)
-    ok = True
-    if reference is None:
-        print("outputs not checked: no host reference (pass --model MODEL.onnx, or save reference.npz in the artifact)")
-    else:
-        for name, err in remote.compare(outputs, reference).items():
-            good = err["max_abs"] <= args.atol or err["max_rel"] <= args.atol
-            ok &= good
-            print(
-                f"output {name}: max |device - host| = {err['max_abs']:.3g} (relative {err['max_rel']:.3g}) "
-                f"vs {source}: {'OK' if good else 'MISMATCH'} (tolerance {args.atol:g})"
-            )
-    if args.output:
-        np.savez(args.output, **outputs)
-        print(f"wrote the device outputs to {args.output}")
-    with stage(console, f"time_evaluator, {args.repeat} runs"):
-        stats = model.time(inputs, repeat=args.repeat)
-    print(f"device latency: median {stats['median_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms ({args.repeat} runs)")
-    return 0 if ok else 1
-
-
-def bench_remote(args: argparse.Namespace) -> int:
-    """``bench OUT_DIR --rpc``: time an artifact on a remote device with TVM's time_evaluator."""
-    from reshift.runtime import remote
-
-    if not _is_artifact(args.model):
-        raise InputError(f"bench --rpc/--tracker times a compiled artifact directory, not {args.model}")
-    console = _console()
-    with stage(console, f"connect to {_where(args)}"):
-        session = remote.connect(**_remote_args(args), timeout=args.timeout)
-    with stage(console, "upload model.so and load it on the device"):
-        model = remote.deploy(args.model, session)
-    inputs = remote.random_inputs(model.meta["inputs"], args.batch)
-    model.run_dict(inputs)  # warm-up
-    with stage(console, f"time_evaluator, {args.repeat} runs"):
-        stats = model.time(inputs, repeat=args.repeat)
-    print(f"model {model.meta.get('name', '?')} batch {args.batch} on {_where(args)}, {args.repeat} runs")
-    print(f"{'runtime':<16} {'median ms':>10} {'p90 ms':>10} {'items/s':>12}")
-    throughput = args.batch / (stats["median_ms"] / 1e3) if stats["median_ms"] > 0 else float("inf")
-    print(f"{'reshift (rpc)':<16} {stats['median_ms']:>10.3f} {stats['p90_ms']:>10.3f} {throughput:>12.1f}")
-    return 0
-
-
-def _add_remote_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC server of the device (e.g. 127.0.0.1:9090)")
-    p.add_argument("--tracker", metavar="HOST:PORT", help="TVM RPC tracker that hands out devices by --key")
-    p.add_argument("--key", help="device key under the tracker (e.g. reshift-edge)")
-
-
-def _add_timeout_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="seconds the device may take to answer a call beyond its measured run time; then exit 2 (default: 60)",
-    )
-
-
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-shape",
@@ -568,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reshift", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    from reshift import cli_remote  # registers `deploy`; its options are added below
+
     p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report (or an artifact's meta)")
     _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx or an artifact directory")
@@ -614,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default: 5)")
     p.add_argument("--threads", type=int, help="CPU threads for both runtimes (default: all)")
     p.add_argument("--pipeline", default="exact", help="pass pipeline when compiling an ONNX model")
-    _add_remote_options(p)
-    _add_timeout_option(p)
+    cli_remote.add_remote_options(p)
+    cli_remote.add_timeout_option(p)
 
     p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
     _add_input_shape(p)
@@ -625,19 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size the tuned kernels are for (default: 1)")
     p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
-    _add_remote_options(p)
+    cli_remote.add_remote_options(p)
 
     p = sub.add_parser("deploy", help="run an artifact on a device over TVM RPC: check it against the host, time it")
     _add_input_shape(p)
     p.add_argument("model", help="artifact directory (compiled for the device, e.g. --target arm64)")
-    _add_remote_options(p)
+    cli_remote.add_remote_options(p)
     p.add_argument("--input", "-i", help="inputs (.npz); default: reference.npz's, else random (symbolic batch 1)")
     p.add_argument("--model", dest="model_source", metavar="MODEL.onnx", help="source model: host reference")
     p.add_argument("-o", "--output", help="write the device outputs to this .npz")
     p.add_argument("--batch", type=int, default=1, help="batch size for random inputs (default: 1)")
     p.add_argument("--repeat", type=int, default=10, help="timed runs on the device (default: 10)")
     p.add_argument("--atol", type=float, default=1e-4, help="max error vs the host, absolute or relative (1e-4)")
-    _add_timeout_option(p)
+    cli_remote.add_timeout_option(p)
 
     from reshift import cli_llm
 
