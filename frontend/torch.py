@@ -29,7 +29,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from reshift.errors import ExportError, IRTypeError, ReshiftError, UnsupportedOpError
 from reshift.frontend.aten_ops import ATEN_CONVERTERS, SHAPE_ONLY_OPS, SIDE_EFFECT_OPS, Unsupported
 from reshift.ir import Graph, TensorType, Value, create_node, get_op, sanitize_name, verify
-from reshift.ir.types import Dim, make_dim, split_dim
+from reshift.ir.types import Dim, dim_terms, monomial, split_dim
 
 MAX_BATCH = 4096
 BATCH = "N"
@@ -56,17 +56,22 @@ def from_torch(
     *,
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
+    dynamic_dims: dict[int, dict[int, str]] | None = None,
 ) -> Graph:
     """Export ``module`` with ``torch.export`` and convert it to a verified reshift IR graph.
 
     With ``dynamic_batch`` dim 0 of every input is the IR's batch symbol ``N`` (falls back to
-    static shapes, with a warning, when the model pins its batch size).
+    static shapes, with a warning, when the model pins its batch size). ``dynamic_dims`` makes
+    more axes symbolic, per input index: ``{0: {1: "S"}}`` (a ``torch.export.Dim`` each; one
+    name may appear on several inputs). A value computed from such a size alone (a causal mask
+    over ``S``) is refused with the reason; pin the size (export it static) for those models.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    dynamic_dims = {int(k): {int(a): str(n) for a, n in v.items()} for k, v in (dynamic_dims or {}).items()}
     with _without_cache(module) as notes:
-        program = _export(module.eval(), inputs, dynamic_batch)
+        program = _export(module.eval(), inputs, dynamic_batch, dynamic_dims)
     program = program.run_decompositions(decomposition_table())
-    graph = _Converter(program, type(module).__name__, input_names).run()
+    graph = _Converter(program, type(module).__name__, input_names, dynamic_dims).run()
     graph.notes.extend(notes)
     verify(graph)
     return graph
@@ -123,7 +128,7 @@ def converter_for(target: Any):
     return ATEN_CONVERTERS.get(str(target)) or ATEN_CONVERTERS.get(str(target.overloadpacket))
 
 
-def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool):
+def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool, dynamic_dims: dict | None = None):
     """torch.export with dim 0 dynamic, else static (with a warning); failing both is an ExportError."""
     tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
     dynamic_failure = None
@@ -137,7 +142,17 @@ def _export(module: torch.nn.Module, inputs: tuple, dynamic_batch: bool):
         else:
             inputs_for_export = inputs
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None for x in inputs)
+        named = {
+            n: torch.export.Dim(n, min=1, max=MAX_BATCH)
+            for axes in (dynamic_dims or {}).values()
+            for n in axes.values()
+        }
+        shapes = tuple(
+            {0: batch, **{a: named[n] for a, n in (dynamic_dims or {}).get(i, {}).items()}}
+            if isinstance(x, torch.Tensor) and x.dim() > 0
+            else None
+            for i, x in enumerate(inputs)
+        )
         try:
             with torch.no_grad():
                 return torch.export.export(module, inputs_for_export, dynamic_shapes=shapes)
@@ -201,7 +216,7 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 class _Converter:
     """Walks an exported program once; converters see it as ``cx`` (see :mod:`aten_ops`)."""
 
-    def __init__(self, program, model_name: str, input_names: Sequence[str] | None):
+    def __init__(self, program, model_name: str, input_names: Sequence[str] | None, dynamic_dims: dict | None = None):
         self.program = program
         self.model_name = model_name
         self.input_names = list(input_names) if input_names is not None else None
@@ -215,7 +230,9 @@ class _Converter:
         self.samples: dict[tuple[torch.fx.Node, int | None], Any] = {}
         self.unsupported: dict[str, list[str]] = {}
         self.taken: set[str] = set()
-        self.symbol = None  # the sympy symbol torch uses for the batch
+        self.symbol = None  # a sympy symbol torch uses for an input size (set once one is seen)
+        self.dynamic_dims = dynamic_dims or {}  # user input index -> {axis: IR symbol}
+        self.symbol_names: dict[Any, str] = {}  # sympy symbol -> IR symbol (N, S, ...)
         self.node: torch.fx.Node | None = None  # the node being converted
         self.raw: dict[str, Any] = {}  # its bound FX-level arguments
         self.position = {n: i for i, n in enumerate(program.graph_module.graph.nodes)}
@@ -260,6 +277,10 @@ class _Converter:
             name = sanitize_name(node.name)
         if meta.dtype not in TORCH_DTYPES:
             raise IRTypeError(f"input {name!r} has dtype {meta.dtype}, which the reshift IR lacks; cast it first")
+        for axis, size in enumerate(meta.shape):  # name torch's size symbols after the axes they stand for
+            label = self.dynamic_dims.get(user_index, {}).get(axis, BATCH if axis == 0 else None)
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol and label is not None:
+                self.symbol_names.setdefault(size.node.expr, label)
         value = Value(self._claim(name), self.tensor_type(meta))
         self.graph.inputs.append(value)
         self.env[node] = value
@@ -383,10 +404,17 @@ class _Converter:
         if expr.is_Integer:
             return int(expr)
         coefficient, rest = expr.as_coeff_Mul()
-        if rest.is_Symbol and coefficient.is_Integer and (self.symbol is None or rest == self.symbol):
-            self.symbol = rest
-            return make_dim(int(coefficient), BATCH)
-        raise IRTypeError(f"dimension {expr} is not a whole multiple of the batch size")
+        powers = rest.as_powers_dict() if coefficient.is_Integer else {}
+        if powers and all(s.is_Symbol and p.is_Integer and p > 0 for s, p in powers.items()):
+            if not self.symbol_names and self.symbol is None:  # no input named it: the first one is the batch
+                self.symbol_names[next(iter(powers))] = BATCH
+            if all(s in self.symbol_names for s in powers):
+                self.symbol = next(iter(powers))
+                names = [self.symbol_names[s] for s, p in powers.items() for _ in range(int(p))]
+                return monomial(int(coefficient), names)
+        raise IRTypeError(
+            f"dimension {expr} is not a whole multiple of the symbolic sizes {sorted(self.symbol_names.values())}"
+        )
 
     def ir_dtype(self, dtype: torch.dtype) -> str:
         if dtype not in TORCH_DTYPES:
@@ -471,8 +499,8 @@ class _Converter:
             return self.tensors[node]
         entry = self.env.get(node)
         if isinstance(entry, (int, str)):
-            coefficient, symbol = split_dim(entry)
-            return coefficient * (batch if symbol else 1)
+            coefficient, symbols = dim_terms(entry)
+            return coefficient * (batch ** len(symbols) if symbols else 1)
         if node in self.dependent:  # read only for its shape by a SHAPE_ONLY op
             meta = node.meta["val"]
             shape = [d if isinstance(d, int) else self._evaluate_dim(d, batch) for d in meta.shape]
@@ -482,8 +510,8 @@ class _Converter:
             return node.target(*args, **kwargs)
 
     def _evaluate_dim(self, size: Any, batch: int | None) -> int:
-        coefficient, symbol = split_dim(self.dim(size))
-        return coefficient * (batch if symbol else 1)
+        coefficient, symbols = dim_terms(self.dim(size))
+        return coefficient * (batch ** len(symbols) if symbols else 1)
 
     def _materialize(self, node: torch.fx.Node) -> Value:
         """The IR constant for a lazy node, expanded along the batch if its shape has one."""
@@ -507,6 +535,10 @@ class _Converter:
         except Exception as exc:
             raise Unsupported(f"evaluating constant {node.name} failed: {type(exc).__name__}: {exc}") from None
         symbolic = [axis for axis, d in enumerate(shape) if isinstance(d, str)]
+        others = sorted({s for d in shape for s in dim_terms(d)[1]} - {BATCH})
+        if others or any(len(dim_terms(shape[a])[1]) > 1 for a in symbolic):
+            # sampled at one size per symbol, the batch's rule (equal slices) cannot be told from S's
+            raise Unsupported(f"constant {node.name} has a shape over the symbolic size(s) {others}; pin them")
         if not symbolic:
             if any(not _same(arrays[0], a) for a in arrays[1:]):
                 raise Unsupported(f"constant {node.name} changes with the batch size")

@@ -21,7 +21,7 @@ from reshift.ir.specialize import specialize_batch
 from reshift.runtime.artifact import SO_NAME, make_meta, symbol_bounds, target_dict, value_spec, write_meta
 
 # options of compile(**options) that belong to a frontend rather than to the pass pipeline
-FRONTEND_OPTIONS = {"torch": ("dynamic_batch", "input_names"), "onnx": ("input_shapes", "input_values")}
+FRONTEND_OPTIONS = {"torch": ("dynamic_batch", "input_names", "dynamic_dims"), "onnx": ("input_shapes", "input_values")}
 
 
 def _is_torch_module(obj: Any) -> bool:
