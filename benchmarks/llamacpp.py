@@ -5,8 +5,8 @@
 
 llama.cpp is built from the sources vendored in the ``llama-cpp-python`` sdist (``pip download
 --no-deps --no-binary :all:``) into ``~/.cache/reshift/llamacpp`` (``RESHIFT_LLAMACPP_CACHE``):
-CPU only, Release, ``-DGGML_NATIVE=ON``, the llama-bench / llama-quantize / llama-perplexity /
-llama-cli targets, ``nice`` and ``-j2``; a second run finds the binaries and skips the build.
+CPU only, Release, ``-DGGML_NATIVE=ON``, the llama-bench / llama-quantize / llama-perplexity
+targets, ``nice`` and ``-j2``; a second run finds the binaries and skips the build.
 A local Hugging Face Llama directory (``benchmarks/llm.py``'s random weights) is written as GGUF
 (F16 matrices, F32 norms) with the ``gguf`` package vendored beside those sources (its version
 matches the binaries), q/k rows permuted as ``convert_hf_to_gguf.py`` does, with a placeholder
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(os.environ.get("RESHIFT_LLAMACPP_CACHE", "~/.cache/reshift/llamacpp")).expanduser()
-TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity", "llama-cli")
+# llama-cli is left out: in this llama.cpp it links the whole server (LLAMA_BUILD_SERVER), minutes more on 2 cores
+TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
 QUANTS = ("Q4_0", "Q3_K_S", "Q2_K", "TQ2_0", "TQ1_0")
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
                "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
