@@ -114,3 +114,13 @@ def test_sigmoid_polynomial_is_relatively_accurate():
     assert np.isnan(y[~finite]).all()
     tiny = np.finfo(np.float32).tiny  # below x = -87 the output would be subnormal: 0 instead
     assert (np.abs(y[finite] - exact[finite]) <= 4e-7 * exact[finite] + tiny).all()
+
+
+def test_reductions_over_a_contiguous_axis_keep_lane_partials():
+    """SE blocks' global average pool (and sum / max / min over the last axes): the generic schedule
+    keeps one partial per SIMD lane (rfactor), then combines the lanes."""
+    b = GraphBuilder("pool")
+    x = b.input("x", "f32[N,6,5,32]")
+    outs = [b.op(name, x, axes=(2, 3)) for name in ("reduce_mean", "reduce_sum", "reduce_max", "reduce_min")]
+    graph = b.build(b.concat(*outs, b.op("reduce_mean", x, axes=(-1,)), axis=2))
+    _check(graph, (6, 5, 32))
