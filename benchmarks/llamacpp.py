@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,18 +231,39 @@ def parse_bench_json(text: str, prompt: int, new: int) -> dict:
 
 
 def run_bench(bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int) -> dict:
-    """One llama-bench process; its peak RSS comes from wait4 on that process alone."""
+    """One llama-bench process and its peak RSS. Where it crashes (the
+    AMX Q4_0 prefill kernel segfaults on some shapes here), it reruns with ``--repack 0`` and says so."""
+    try:
+        return _bench_once(bins, model, threads, prompt, new, repeat, [])
+    except RuntimeError as exc:
+        if "(-11)" not in str(exc):
+            raise
+        _log(f"{exc}; rerun with --repack 0 (no AMX / repacked CPU kernels)")
+        return {
+            **_bench_once(bins, model, threads, prompt, new, repeat, ["--repack", "0"]),
+            "crashed_with_repack": True,
+        }
+
+
+def _bench_once(bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int, extra: list) -> dict:
     cmd = [str(bins / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(new),
-           "-d", f"0,{prompt}", "-r", str(repeat), "-o", "json"]  # fmt: skip
+           "-d", f"0,{prompt}", "-r", str(repeat), "-o", "json", *extra]  # fmt: skip
     out_path = model.with_suffix(".bench.json")
     with open(out_path, "w") as out, open(model.with_suffix(".bench.log"), "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        peak_kib = 0
+        while proc.poll() is None:  # VmHWM, polled: wait4's ru_maxrss carries this Python's peak over the exec
+            try:
+                for line in open(f"/proc/{proc.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        peak_kib = max(peak_kib, int(line.split()[1]))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+            time.sleep(0.05)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): see {model.with_suffix('.bench.log')}")
     result = parse_bench_json(out_path.read_text(), prompt, new)
-    result["rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["rss_mb"] = peak_kib / 1024
     result["command"] = " ".join(cmd)
     return result
 
