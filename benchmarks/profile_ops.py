@@ -4,8 +4,10 @@
 
 Prints the median-free mean latency of the whole call and, from the VM's instrument hook
 (``cuda_check.kernel_profile``), each kernel's and VM builtin's mean time per run, slowest first.
-The hook costs a Python call per VM instruction, so small entries are inflated; one thread gives
-the steadiest figures on a shared host. ``RESHIFT_CONV=pixel|ocvec`` forces a conv kernel.
+The hook costs a Python call per VM instruction, so small entries are inflated (VM builtins most:
+their arguments are converted between the timestamps); one thread gives the steadiest figures on a
+shared host. ``call_overhead.py --kernels`` times each kernel alone on the VM's arguments instead.
+``RESHIFT_CONV=pixel|ocvec`` forces a conv kernel.
 """
 
 from __future__ import annotations
