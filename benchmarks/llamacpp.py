@@ -231,23 +231,30 @@ def parse_bench_json(text: str, prompt: int, new: int) -> dict:
 
 
 def run_bench(bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int) -> dict:
-    """One llama-bench process and its peak RSS. Where it crashes (the
-    AMX Q4_0 prefill kernel segfaults on some shapes here), it reruns with ``--repack 0`` and says so."""
+    """One llama-bench process and its peak RSS. Where it crashes (the AMX prefill kernel,
+    ``ggml_backend_amx_mul_mat``, segfaults here), it reruns with ``--repack 0`` (no AMX, no repacked
+    kernels) and times decode at depth 0 with the default kernels too, which needs no prefill."""
     try:
         return _bench_once(bins, model, threads, prompt, new, repeat, [])
     except RuntimeError as exc:
         if "(-11)" not in str(exc):
             raise
         _log(f"{exc}; rerun with --repack 0 (no AMX / repacked CPU kernels)")
-        return {
-            **_bench_once(bins, model, threads, prompt, new, repeat, ["--repack", "0"]),
-            "crashed_with_repack": True,
-        }
+    r = _bench_once(bins, model, threads, prompt, new, repeat, ["--repack", "0"])
+    try:
+        d0 = _bench_once(bins, model, threads, 0, new, repeat, ["-d", "0"], prefill=False)
+        r["decode_d0_repack_tokens_per_s"] = d0["decode_tokens_per_s"]
+    except RuntimeError as exc:
+        _log(f"decode with the default kernels: {exc}")
+        r["decode_d0_repack_tokens_per_s"] = None
+    return {**r, "repack": False}
 
 
-def _bench_once(bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int, extra: list) -> dict:
+def _bench_once(
+    bins: Path, model: Path, threads: int, prompt: int, new: int, repeat: int, extra: list, prefill: bool = True
+) -> dict:
     cmd = [str(bins / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(new),
-           "-d", f"0,{prompt}", "-r", str(repeat), "-o", "json", *extra]  # fmt: skip
+           "-r", str(repeat), "-o", "json", *(["-d", f"0,{prompt}"] if prefill else []), *extra]  # fmt: skip
     out_path = model.with_suffix(".bench.json")
     with open(out_path, "w") as out, open(model.with_suffix(".bench.log"), "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -262,6 +269,9 @@ def _bench_once(bins: Path, model: Path, threads: int, prompt: int, new: int, re
             time.sleep(0.05)
     if proc.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({proc.returncode}): see {model.with_suffix('.bench.log')}")
+    if not prefill:
+        rows = json.loads(out_path.read_text())
+        return {"decode_tokens_per_s": next(r["avg_ts"] for r in rows if r["n_gen"] == new), "rss_mb": peak_kib / 1024}
     result = parse_bench_json(out_path.read_text(), prompt, new)
     result["rss_mb"] = peak_kib / 1024
     result["command"] = " ".join(cmd)
