@@ -121,7 +121,7 @@ def _row_length(block, var: tirx.Var, extent: int | None) -> int | None:
 
 
 MIN_PARALLEL_JOBS = 128  # enough chunks for any thread count this targets, few enough to keep inner loops
-SERIAL_ITERATIONS = 16384  # a block with fewer loop iterations in all runs serially (no pool barrier)
+SERIAL_ITERATIONS = 65536  # a block with fewer loop iterations in all runs serially (no pool barrier)
 
 
 def _small(sch: s_tir.Schedule, loops: list) -> bool:

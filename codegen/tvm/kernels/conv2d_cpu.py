@@ -26,7 +26,7 @@ from tvm.script import tirx as T
 
 LANES = 16
 OC_TILE = 4  # output channels per register tile when the caller does not choose (see ``oc_tile``)
-SERIAL_WORK = 1 << 18  # multiply-adds per image (~5 us) below which a kernel's jobs run serially
+SERIAL_WORK = 1 << 20  # multiply-adds per image (~20 us) below which a kernel's jobs run serially
 
 
 def job_loop(work: int):
