@@ -274,9 +274,10 @@ def main() -> None:
             f"{b['rss_mb']:>11.0f} {'-':>9}"
         )
     if base:
-        print(f"llama.cpp: build {base[0]['build_commit']}, llama-bench CPU {base[0]['cpu_info']!r}; "
-              f"decode = tg{args.new} at depth {base[0]['decode_depth']}; tensor types "
-              + "; ".join(f"{b['quant']}: {b['tensor_types']}" for b in base))  # fmt: skip
+        print(f"llama.cpp build {base[0]['build_commit']} (CPU {base[0]['cpu_info']!r}), OMP_WAIT_POLICY=passive")
+        for b in base:
+            how = "" if b["prefill_repack"] else "; prefill with --repack 0 (the AMX kernel segfaults)"
+            print(f"  {b['quant']}: decode tg{args.new} at depth {b['decode_depth']}{how}; tensors {b['tensor_types']}")
         print_ratios(rows, base)
     summary = {"model": model, "shapes": shapes, "cpu": cpu_name(), "threads": args.threads,
                "bandwidth_gbs": bandwidth, "load_average": [load_start, load_end], "prompt_tokens": args.prompt,
