@@ -124,3 +124,22 @@ def test_reductions_over_a_contiguous_axis_keep_lane_partials():
     outs = [b.op(name, x, axes=(2, 3)) for name in ("reduce_mean", "reduce_sum", "reduce_max", "reduce_min")]
     graph = b.build(b.concat(*outs, b.op("reduce_mean", x, axes=(-1,)), axis=2))
     _check(graph, (6, 5, 32))
+
+
+def test_a_block_the_generic_schedule_gives_up_on_is_recorded(monkeypatch):
+    """A failing schedule leaves its block naive (still correct) and lands in SCHEDULE_FAILURES, so a
+    hidden slow kernel can be found; the reduction block above schedules without failures."""
+    from reshift.codegen.tvm import schedule_cpu
+
+    b = GraphBuilder("pool_only")
+    graph = b.build(b.op("reduce_mean", b.input("x", "f32[N,6,5,32]"), axes=(2, 3)))
+    schedule_cpu.SCHEDULE_FAILURES.clear()
+    _check(graph, (6, 5, 32))
+    assert not schedule_cpu.SCHEDULE_FAILURES
+
+    def refuse(*_):
+        raise ValueError("cannot parallelize")
+
+    monkeypatch.setattr(schedule_cpu, "_schedule_block", refuse)
+    _check(graph, (6, 5, 32))
+    assert any("ValueError: cannot parallelize" in f for f in schedule_cpu.SCHEDULE_FAILURES)

@@ -12,12 +12,20 @@ MetaSchedule tuning, where it works, replaces this.
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
 from tvm.target import Target
+
+LOG = logging.getLogger("reshift.schedule_cpu")
+# Blocks the rule gave up on, ``"block: error"``: they run as naive serial loops, so a kernel that
+# lands here is a performance bug to look at (two such were hidden until this list existed).
+SCHEDULE_FAILURES: deque[str] = deque(maxlen=1000)
 
 
 class ParallelVectorize(dl.cpu.base.CPUScheduleRule):
@@ -34,8 +42,10 @@ class ParallelVectorize(dl.cpu.base.CPUScheduleRule):
         for info in infos:
             try:
                 _schedule_block(sch, info, lanes)
-            except Exception:  # noqa: BLE001,S112 -- a block this simple rule cannot handle stays naive
-                continue
+            except Exception as exc:  # noqa: BLE001 -- a block this simple rule cannot handle stays naive
+                name = sch.get(info.block_rv).name_hint
+                SCHEDULE_FAILURES.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                LOG.debug("generic CPU schedule left block %s naive: %s", name, exc)
         return sch
 
 
