@@ -104,9 +104,11 @@ def test_bad_input_exits_2_without_traceback(files, capsys, argv, message):
 
 
 def test_tune_exits_0_or_2_cleanly(files, tmp_path):
-    """MetaSchedule may be unusable in this TVM build: then tune must exit 2 with a message, not crash."""
+    """MetaSchedule may be unusable in this TVM build: then tune must exit 2 with a message, not crash.
+
+    Two trials still take MetaSchedule about 90 s on 2 idle cores (its search, not the trials)."""
     argv = ["tune", str(files / "model.onnx"), "--trials", "2", "--db", str(tmp_path / "db")]
-    out = subprocess.run([sys.executable, "-m", "reshift", *argv], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "reshift", *argv], capture_output=True, text=True, timeout=600)
     assert out.returncode in (0, 2), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     if out.returncode == 2:
