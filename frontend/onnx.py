@@ -29,6 +29,7 @@ import onnx
 from reshift.errors import (
     IRTypeError,
     ModelLoadError,
+    NodeTypeError,
     ReshiftError,
     ResourceLimitError,
     SymbolicShapeError,
@@ -409,7 +410,8 @@ class _Conversion:
         except (NotConvertible, ShapeEvalError, IRTypeError) as exc:
             if self._non_batch_symbols(inputs):
                 raise self._symbolic_error(where, node, exc) from None
-            raise ModelLoadError(f"{where}: {_without_node_prefix(exc)}") from None
+            reason = exc.reason if isinstance(exc, NodeTypeError) else exc  # the ONNX node is named already
+            raise ModelLoadError(f"{where}: {reason}") from None
         except ResourceLimitError as exc:
             raise ResourceLimitError(f"{where}: {exc}") from None
         except ReshiftError:
@@ -607,10 +609,3 @@ def _convert_custom(ctx: _Conversion, node, inputs, attrs):
     opdef = get_op(node.op_type)
     attrs = {k: v for k, v in attrs.items() if k in opdef.attrs}
     return ctx.op(node.op_type, *inputs, **attrs)
-
-
-def _without_node_prefix(exc: Exception) -> str:
-    """The message without ``create_node``'s ``node NAME: `` (the ONNX node is already named)."""
-    message = str(exc)
-    head, sep, rest = message.partition(": ")
-    return rest if sep and head.startswith("node ") and " " not in head[5:] else message

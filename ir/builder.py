@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from reshift.errors import IRTypeError
+from reshift.errors import IRTypeError, NodeTypeError
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.ops import get_op, infer_types
 from reshift.ir.types import TensorType
@@ -38,15 +38,15 @@ def create_node(
     """A new node with normalized attributes and inferred output types (not yet in the graph)."""
     opdef = get_op(op)
     node_name = name or graph.fresh_name(op)
-    low, high = opdef.arity()
-    if len(inputs) < low or (high is not None and len(inputs) > high):
-        raise IRTypeError(f"{op} node {node_name}: takes {low}..{high or 'any'} inputs, got {len(inputs)}")
-    inputs = list(inputs) + [None] * ((high or len(inputs)) - len(inputs))
+    problem = opdef.arity_problem(len(inputs))
+    if problem:
+        raise NodeTypeError(node_name, f"{op} {problem}")
+    inputs = opdef.pad_inputs(inputs)
     attrs = opdef.normalize_attrs(attrs or {}, where=f"node {node_name}: ")
     try:
         types = infer_types(opdef, [v.type if v is not None else None for v in inputs], attrs)
     except IRTypeError as exc:
-        raise IRTypeError(f"node {node_name}: {exc}") from None
+        raise NodeTypeError(node_name, str(exc)) from None
     if output_names is None:
         output_names = [node_name] if len(types) == 1 else [f"{node_name}.{i}" for i in range(len(types))]
         fresh = name is None  # a fresh node name is unique among value names too

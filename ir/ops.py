@@ -61,6 +61,18 @@ class OpDef:
         required = sum(1 for n in self.inputs if not n.endswith(("?", "*")))
         return required, None if self.variadic else len(self.inputs)
 
+    def arity_problem(self, count: int, padded: bool = False) -> str | None:
+        """Why ``count`` inputs do not fit this op, or None; ``padded``: omitted optional ones must be None."""
+        low, high = self.arity()
+        if count < low or (high is not None and (count != high if padded else count > high)):
+            return f"takes {low}..{high or 'any'} inputs, got {count}"
+        return None
+
+    def pad_inputs(self, inputs: list) -> list:
+        """``inputs`` with the omitted optional trailing ones as None (the form nodes hold)."""
+        high = self.arity()[1]
+        return list(inputs) + [None] * ((high or len(inputs)) - len(inputs))
+
     def normalize_attrs(self, attrs: dict[str, Any], where: str = "") -> dict[str, Any]:
         """Fill defaults, reject unknown or missing attributes, coerce values to their kind."""
         unknown = set(attrs) - set(self.attrs)

@@ -233,12 +233,10 @@ def parse(text: str, weights: dict[str, np.ndarray] | None = None) -> Graph:
                     raise ParseError(f"line {lineno}: node has no typed outputs")
                 args = [lookup(tok, lineno) for tok in m.group(3).split(",") if tok.strip()]
                 opdef = get_op(m.group(2))
-                low, high = opdef.arity()
-                if len(args) < low or (high is not None and len(args) > high):
-                    raise ParseError(
-                        f"line {lineno}: {m.group(2)} takes {low}..{high or 'any'} inputs, got {len(args)}"
-                    )
-                args += [None] * ((high or len(args)) - len(args))  # omitted optional inputs, as create_node
+                problem = opdef.arity_problem(len(args))
+                if problem:
+                    raise ParseError(f"line {lineno}: {m.group(2)} {problem}")
+                args = opdef.pad_inputs(args)  # omitted optional inputs are None, as create_node makes them
                 attrs = opdef.normalize_attrs(_parse_attrs(m.group(4)) if m.group(4) else {})
                 node = Node(m.group(2), args, outputs, attrs, m.group(5) or graph.fresh_name(m.group(2)))
                 graph.nodes.append(node)

@@ -53,11 +53,9 @@ def verify(graph: Graph) -> None:
                 problems.append(f"{where}: input %{value.name} is not defined before use")
         try:
             opdef = get_op(node.op)
-            low, high = opdef.arity()
-            if len(node.inputs) < low or (high is not None and len(node.inputs) != high):
-                raise IRTypeError(
-                    f"takes {low}..{high or 'any'} inputs (omitted optional ones as None), got {len(node.inputs)}"
-                )
+            problem = opdef.arity_problem(len(node.inputs), padded=True)
+            if problem:
+                raise IRTypeError(f"{problem} (omitted optional inputs are held as None)")
             attrs = opdef.normalize_attrs(node.attrs, where=f"{where}: ")
             types = infer_types(opdef, [v.type if v is not None else None for v in node.inputs], attrs)
             recorded = [v.type for v in node.outputs]

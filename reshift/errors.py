@@ -14,6 +14,15 @@ class IRTypeError(ReshiftError):
     """A malformed type, shape or dtype."""
 
 
+class NodeTypeError(IRTypeError):
+    """An IRTypeError raised while building one node: ``reason`` without the ``node NAME:`` prefix,
+    for callers (the ONNX frontend) that name the node in their own terms."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"node {node}: {reason}")
+        self.node, self.reason = node, reason
+
+
 class VerificationError(ReshiftError):
     """A graph breaks an IR invariant (SSA, types, topological order, dangling values)."""
 
