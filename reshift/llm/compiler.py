@@ -26,8 +26,8 @@ import numpy as np
 
 from reshift.errors import InputError, ModelLoadError, PassError
 from reshift.llm.config import DecoderSpec, spec_from_config
-from reshift.llm.reference import forward
-from reshift.llm.weights import canonical_weights, read_config, read_weights, state_dict_numpy
+from reshift.llm.stream import BlockWeights, CalibrationStream, ModuleTensors, SafetensorsCheckpoint
+from reshift.llm.weights import canonical_weights, read_config
 from reshift.runtime.artifact import sha256_file, write_meta
 from reshift.runtime.llm import LLM, LLM_FORMAT, LLM_META, SO_FILE, WEIGHTS_FILE
 
@@ -35,37 +35,44 @@ PIPELINES = ("exact", "bcq", "ternary")
 GROUP_SIZE = 128
 
 
-def read_model(model_or_dir: Any) -> tuple[DecoderSpec, dict[str, np.ndarray], dict[str, Any]]:
-    """``(spec, canonical weights, config dict)`` of a transformers module or a local HF directory."""
+def open_model(model_or_dir: Any) -> tuple[DecoderSpec, BlockWeights, dict[str, Any]]:
+    """``(spec, weights to stream one block at a time, config dict)`` of a transformers module or a
+    local HF directory; every tensor the config needs is checked to exist, none is read yet."""
     if isinstance(model_or_dir, (str, Path)):
         path = Path(model_or_dir)
         if not path.is_dir():
             raise ModelLoadError(f"{path}: not a directory; give a local Hugging Face model directory or a module")
         config = read_config(path)
         spec = spec_from_config(config)  # an unsupported feature is named before the weights are read
-        return spec, canonical_weights(spec, read_weights(path)), config
+        raw: Any = SafetensorsCheckpoint.of_directory(path)
     elif hasattr(model_or_dir, "config") and hasattr(model_or_dir, "state_dict"):
-        config, raw = model_or_dir.config.to_dict(), state_dict_numpy(model_or_dir)
+        config, raw = model_or_dir.config.to_dict(), ModuleTensors(model_or_dir)
+        spec = spec_from_config(config)
     else:
         raise ModelLoadError(
             "reshift.llm.compile takes a transformers causal LM or a model directory, "
             f"got {type(model_or_dir).__name__}"
         )
-    spec = spec_from_config(config)
-    return spec, canonical_weights(spec, raw), config
+    return spec, BlockWeights.streamed(spec, raw), config
+
+
+def read_model(model_or_dir: Any) -> tuple[DecoderSpec, dict[str, np.ndarray], dict[str, Any]]:
+    """``(spec, canonical weights, config dict)`` of a transformers module or a local HF directory,
+    every tensor float32 in memory (:func:`open_model` streams them instead)."""
+    spec, blocks, config = open_model(model_or_dir)
+    return spec, canonical_weights(spec, blocks.raw), config
 
 
 def calibration_rows(spec: DecoderSpec, weights: dict[str, np.ndarray], calibration: Any, max_rows: int = 512):
-    """Inputs of every linear on the calibration token ids (rows of ``[sequences, tokens]`` or 1-D)."""
-    seqs = [np.asarray(calibration)] if np.asarray(calibration).ndim == 1 else list(np.asarray(calibration))
-    capture: dict[str, list[np.ndarray]] = {}
-    for seq in seqs:
-        seq = np.asarray(seq, dtype=np.int64)
-        if seq.size == 0 or seq.min() < 0 or seq.max() >= spec.vocab_size:
-            raise PassError(f"calibration token ids must lie in [0, {spec.vocab_size}); got {seq.min()}..{seq.max()}")
-        shape = (spec.num_layers, spec.num_kv_heads, len(seq), spec.head_dim)
-        forward(spec, weights, seq, 0, np.zeros(shape, np.float32), np.zeros(shape, np.float32), capture=capture)
-    return {k: np.concatenate(v)[:max_rows] for k, v in capture.items()}
+    """Inputs of every linear on the calibration token ids (rows of ``[sequences, tokens]`` or 1-D),
+    captured block by block (:class:`~reshift.llm.stream.CalibrationStream`) from canonical weights."""
+    blocks, stream = BlockWeights.in_memory(spec, weights), CalibrationStream(spec, calibration, max_rows)
+    stream.start(blocks.embeddings())
+    rows: dict[str, np.ndarray] = {}
+    for i in range(spec.num_layers):
+        rows.update(stream.block(i, blocks.layer(i)))
+    rows.update(stream.head(blocks.final(weights["embed"])))
+    return rows
 
 
 def _linear_form(
@@ -123,7 +130,7 @@ def _linear_form(
         wm = weights[m + ".w"]
         x = rows.get(m) if rows else None
         if ternary:
-            t, scale = fit_ternary(wm, group_size=GROUP_SIZE, x=x)
+            t, scale = fitter(m, 0) if fitter else fit_ternary(wm, group_size=GROUP_SIZE, x=x)
             w_hat = ternary_dequant(t, scale, GROUP_SIZE)
             codes.append(t)
             alphas.append(scale)
@@ -168,7 +175,7 @@ def _linear_form(
 
 def prepare(
     spec: DecoderSpec,
-    weights: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray] | BlockWeights,
     pipeline: str,
     bits: int,
     calibration: Any,
@@ -179,61 +186,135 @@ def prepare(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict], list[dict[str, Any]]]:
     """``(parameters in call order, per fused linear its form, per linear its report row)``;
     ``dequantized`` (if given) receives the BCQ weights as float32 (for checks against the reference);
-    ``progress(name, done, total)`` is called before each fused linear is prepared."""
+    ``progress(name, done, total)`` is called before each fused linear is prepared, and
+    ``progress.linear_done(name, report rows, seconds)`` (if it has one) after.
+
+    Block by block: block ``i``'s float weights (``weights`` is a canonical dict, or a
+    :class:`~reshift.llm.stream.BlockWeights` that reads them from the checkpoint now), the
+    calibration rows of its linears (:class:`~reshift.llm.stream.CalibrationStream`), one Hessian per
+    input shared by the linears reading it (q/k/v, gate/up), the fits, the packed parameters; then the
+    float copies go. A fractional ``bits`` keeps every fused linear packed at q = 2, 3, 4 until
+    :func:`_allocate` has seen them all."""
     from reshift.codegen.tvm.llm import fused_linears
 
-    params: dict[str, np.ndarray] = {"embed": weights["embed"]}
-    if spec.learned_positions:
-        params["pos_embed"] = weights["pos_embed"]
-    if spec.rotary_dim:
-        params["rope.cos"], params["rope.sin"] = spec.rope_tables(max_seq_len)
-    for name in sorted(k for k in weights if ".norm" in k or k.startswith("norm.")):
-        params[name] = weights[name]
+    blocks = weights if isinstance(weights, BlockWeights) else BlockWeights.in_memory(spec, weights)
     lossy = pipeline in ("bcq", "ternary")
-    rows = calibration_rows(spec, weights, calibration) if (lossy and calibration is not None) else None
+    stream = CalibrationStream(spec, calibration) if (lossy and calibration is not None) else None
+    allocating = pipeline == "bcq" and float(bits) not in (2.0, 3.0, 4.0)
+    planes = 0 if pipeline == "ternary" else int(bits)
+    linears = [(f, ms, lossy and (f != "lm_head" or quantize_lm_head)) for f, ms in fused_linears(spec)]
+    per_block: dict[int, list] = {}
+    for item in linears:
+        per_block.setdefault(int(item[0].split(".")[1]) if item[0].startswith("layers.") else -1, []).append(item)
+
+    embeddings = blocks.embeddings()
+    head: dict[str, np.ndarray] = dict(embeddings)
+    if spec.rotary_dim:
+        head["rope.cos"], head["rope.sin"] = spec.rope_tables(max_seq_len)
+    norms: dict[str, np.ndarray] = {}
+    done: dict[str, tuple] = {}  # fused -> (params, form, report rows), or per q when allocating
+    sensitivities = []
+    if stream is not None:
+        stream.start(embeddings)
+    for i in [*range(spec.num_layers), -1]:
+        w = blocks.layer(i) if i >= 0 else blocks.final(embeddings["embed"])
+        norms.update({k: v for k, v in w.items() if ".norm" in k or k.startswith("norm.")})
+        rows = None
+        if stream is not None:
+            rows = stream.block(i, w) if i >= 0 else stream.head(w)
+        for fused, members, quantize in per_block.get(i, []):
+            if progress is not None:
+                progress(fused, len(done), len(linears))
+            t0 = time.perf_counter()
+            fitter = _Fitter(w, rows)
+            choices = (2, 3, 4) if allocating and quantize else (planes,)
+            done[fused] = {}
+            for q in choices:
+                p_q, r_q, d_q = {}, [], {} if dequantized is not None else None
+                form = _linear_form(spec, w, fused, members, quantize, q, rows, p_q, r_q, d_q, fitter)
+                for r in r_q:
+                    r["seconds"] = round(fitter.seconds.get(r["name"], 0.0), 3)
+                done[fused][q] = (p_q, form, r_q, d_q)
+            if allocating and quantize:
+                sensitivities.append(fitter.sensitivity(fused, members))
+            fitter.release()
+            if progress is not None and hasattr(progress, "linear_done"):
+                progress.linear_done(fused, [r for c in done[fused].values() for r in c[2]], time.perf_counter() - t0)
+        del w, rows
+
+    chosen = _allocate(sensitivities, float(bits)) if allocating else {}
+    params = {**head, **{k: norms[k] for k in sorted(norms)}}
     forms: dict[str, dict] = {}
     report: list[dict[str, Any]] = []
-    linears = [(f, ms, lossy and (f != "lm_head" or quantize_lm_head)) for f, ms in fused_linears(spec)]
-    fitter, per_layer = None, {}
-    if pipeline == "bcq" and float(bits) not in (2.0, 3.0, 4.0):
-        fitter, per_layer = _allocate(weights, [(f, ms) for f, ms, q in linears if q], float(bits), rows)
-    for done, (fused, members, quantize) in enumerate(linears):
-        if progress is not None:
-            progress(fused, done, len(linears))
-        planes = 0 if pipeline == "ternary" else per_layer.get(fused, int(bits))
-        forms[fused] = _linear_form(
-            spec, weights, fused, members, quantize, planes, rows, params, report, dequantized, fitter
-        )
+    for fused, _, _ in linears:
+        candidates = done.pop(fused)
+        p_q, forms[fused], r_q, d_q = candidates[chosen.get(fused, next(iter(candidates)))]
+        params.update(p_q)
+        report.extend(r_q)
+        if dequantized is not None:
+            dequantized.update(d_q)
     return params, forms, report
 
 
-def _allocate(weights, linears, budget: float, rows) -> tuple[Any, dict[str, int]]:
-    """ShiftAddLLM's per-layer bit allocation: every fused linear (q/k/v, gate/up share one ``q``) fitted
-    at q = 2, 3, 4; ``passes.bcq.allocate_bits`` picks the ``q`` per linear that minimizes the summed
-    output error (weight error without calibration) under an average of ``budget`` bits per weight."""
-    from reshift.passes.bcq import LayerSensitivity, allocate_bits, fit_bcq
+class _Fitter:
+    """One fused linear's fits, ``fitter(member, q)`` (q = 0: ternary), memoized (bit allocation asks
+    for each member at q = 2, 3, 4), with one :class:`~reshift.passes.bcq_fit.HessianFactor` per input
+    array (q/k/v and gate/up share theirs), and the seconds each member's fits took."""
 
-    fits: dict[tuple[str, int], Any] = {}
+    def __init__(self, weights: dict[str, np.ndarray], rows: dict[str, np.ndarray] | None) -> None:
+        self.weights, self.rows = weights, rows or {}
+        self.fits: dict[tuple[str, int], Any] = {}
+        self.factors: dict[int, Any] = {}
+        self.seconds: dict[str, float] = {}
 
-    def fitter(member: str, q: int):
-        if (member, q) not in fits:
-            x = rows.get(member) if rows else None
-            fits[member, q] = fit_bcq(weights[member + ".w"], q=q, group_size=GROUP_SIZE, x=x)
-        return fits[member, q]
+    def __call__(self, member: str, q: int):
+        from reshift.passes.bcq import fit_bcq, fit_ternary, hessian_factor
 
-    layers = []
-    for fused, members in linears:
+        if (member, q) not in self.fits:
+            t0 = time.perf_counter()
+            x = self.rows.get(member)
+            factor = None
+            if x is not None:
+                if id(x) not in self.factors:
+                    self.factors[id(x)] = hessian_factor(x)
+                factor = self.factors[id(x)]
+            w = self.weights[member + ".w"]
+            if q == 0:
+                self.fits[member, q] = fit_ternary(w, group_size=GROUP_SIZE, x=x, factor=factor)
+            else:
+                self.fits[member, q] = fit_bcq(w, q=q, group_size=GROUP_SIZE, x=x, factor=factor)
+            self.seconds[member] = self.seconds.get(member, 0.0) + time.perf_counter() - t0
+        return self.fits[member, q]
+
+    def sensitivity(self, fused: str, members: list[str]):
+        """ShiftAddLLM's per-layer sensitivity: the output error ``||X (W - W_q)^T||^2`` summed over the
+        members (the weight error without calibration) at each q."""
+        from reshift.passes.bcq import LayerSensitivity
+
         errors = {}
         for q in (2, 3, 4):
             err = 0.0
             for m in members:
-                diff = weights[m + ".w"] - fitter(m, q).weight(GROUP_SIZE)
-                x = rows.get(m) if rows else None
+                diff = self.weights[m + ".w"] - self(m, q).weight(GROUP_SIZE)
+                x = self.rows.get(m)
                 err += float(np.sum((x @ diff.T) ** 2)) if x is not None else float(np.sum(diff**2))
             errors[q] = err
-        layers.append(LayerSensitivity(fused, sum(weights[m + ".w"].size for m in members), errors))
+        return LayerSensitivity(fused, sum(self.weights[m + ".w"].size for m in members), errors)
+
+    def release(self) -> None:
+        self.fits.clear()
+        self.factors.clear()
+
+
+def _allocate(layers: list, budget: float) -> dict[str, int]:
+    """ShiftAddLLM's per-layer bit allocation: every fused linear (q/k/v, gate/up share one ``q``) fitted
+    at q = 2, 3, 4 (:meth:`_Fitter.sensitivity`); ``passes.bcq.allocate_bits`` picks the ``q`` per linear
+    that minimizes the summed output error (weight error without calibration) under an average of
+    ``budget`` bits per weight."""
+    from reshift.passes.bcq import allocate_bits
+
     try:
-        return fitter, allocate_bits(layers, budget, GROUP_SIZE)
+        return allocate_bits(layers, budget, GROUP_SIZE)
     except ValueError as exc:
         raise PassError(f"reshift.llm.compile: bits={budget}: {exc}") from None
 
@@ -273,7 +354,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     if not 1 <= int(max_seq_len) <= 1 << 20:
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
     t0 = time.perf_counter()
-    spec, weights, _ = read_model(model_or_dir)
+    spec, weights, _ = open_model(model_or_dir)  # streamed: one block's float weights at a time
     params, forms, report = prepare(
         spec, weights, pipeline, bits, calibration, int(max_seq_len), quantize_lm_head, progress=progress
     )

@@ -4,7 +4,8 @@
 :class:`~reshift.llm.config.DecoderSpec`, writes their keys and values into the caches
 ``[layers, kv_heads, max_seq_len, head_dim]`` at those positions (the cache is state, modelled as
 an in/out argument exactly as the compiled ``prefill`` / ``decode`` functions do) and returns the
-logits of the last position. ``capture`` collects the input rows of every linear (BCQ calibration).
+logits of the last position. ``capture`` collects the input rows of every linear (BCQ calibration);
+``embed``, ``block`` and ``head`` are its pieces, for running it one block at a time.
 """
 
 from __future__ import annotations
@@ -65,47 +66,82 @@ def forward(
     capture: dict[str, list[np.ndarray]] | None = None,
 ) -> np.ndarray:
     """Logits ``[vocab]`` of the last of ``ids`` (1-D), the caches updated in place."""
+    x, cos, sin = embed(spec, w, ids, pos)
+    for i in range(spec.num_layers):
+        x = block(spec, w, i, x, pos, cache_k[i], cache_v[i], cos, sin, capture)
+    return head(spec, w, x, capture)
+
+
+def embed(spec: DecoderSpec, w: dict[str, np.ndarray], ids: np.ndarray, pos: int):
+    """``(hidden states [n, hidden], rope cos, rope sin)`` of ``ids`` at positions ``pos ..``."""
     n = len(ids)
-    h_, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-
-    def lin(name: str, x: np.ndarray) -> np.ndarray:
-        if capture is not None:
-            capture.setdefault(name, []).append(x.copy())
-        y = x @ w[name + ".w"].T
-        return y + w[name + ".b"] if name + ".b" in w else y
-
     x = w["embed"][ids] * np.float32(spec.embed_scale)
     positions = np.arange(pos, pos + n)
     if spec.learned_positions:
         x = x + w["pos_embed"][positions + spec.position_offset]
+    cos = sin = None
     if spec.rotary_dim:
         cos_t, sin_t = spec.rope_tables(pos + n)
         cos, sin = cos_t[positions], sin_t[positions]
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        hn = norm(spec, w, p + "norm1", x)
-        q = lin(p + "q", hn).reshape(n, h_, d)
-        k = lin(p + "k", hn).reshape(n, kv, d)
-        v = lin(p + "v", hn).reshape(n, kv, d)
-        if spec.rotary_dim:
-            q, k = rope(q, cos, sin, spec.rotary_dim), rope(k, cos, sin, spec.rotary_dim)
-        cache_k[i, :, pos : pos + n] = k.transpose(1, 0, 2)
-        cache_v[i, :, pos : pos + n] = v.transpose(1, 0, 2)
-        attn = np.zeros((n, h_, d), np.float32)
-        window = spec.windows[i]
-        for t in range(n):
-            end = pos + t + 1
-            start = max(0, end - window) if window else 0
-            for head in range(h_):
-                g = head // (h_ // kv)
-                scores = cache_k[i, g, start:end] @ q[t, head] * np.float32(spec.attn_scale)
-                e = np.exp(scores - scores.max())
-                attn[t, head] = (e / e.sum()) @ cache_v[i, g, start:end]
-        x = x + lin(p + "o", attn.reshape(n, h_ * d))
-        hn = norm(spec, w, p + "norm2", x)
-        if spec.gated:
-            x = x + lin(p + "down", activation(spec.act, lin(p + "gate", hn)) * lin(p + "up", hn))
-        else:
-            x = x + lin(p + "fc2", activation(spec.act, lin(p + "fc1", hn)))
+    return x, cos, sin
+
+
+def block(
+    spec: DecoderSpec,
+    w: dict[str, np.ndarray],
+    i: int,
+    x: np.ndarray,
+    pos: int,
+    cache_k: np.ndarray,
+    cache_v: np.ndarray,
+    cos: np.ndarray | None,
+    sin: np.ndarray | None,
+    capture: dict[str, list[np.ndarray]] | None = None,
+) -> np.ndarray:
+    """Decoder block ``i`` on hidden states ``x [n, hidden]`` at positions ``pos ..``: writes this
+    block's keys and values into ``cache_k`` / ``cache_v`` ``[kv_heads, max_seq_len, head_dim]``
+    (in place) and returns the block's output. ``w`` needs only block ``i``'s tensors, so that
+    calibration can run the model one block at a time (``reshift.llm.stream``). ``capture`` gets the
+    input rows of each linear; linears reading one input (q/k/v, gate/up) get the same array."""
+    n = len(x)
+    h_, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+    def lin(name: str, x: np.ndarray) -> np.ndarray:
+        if capture is not None:
+            capture.setdefault(name, []).append(x)  # never written to afterwards: no copy
+        y = x @ w[name + ".w"].T
+        return y + w[name + ".b"] if name + ".b" in w else y
+
+    p = f"layers.{i}."
+    hn = norm(spec, w, p + "norm1", x)
+    q = lin(p + "q", hn).reshape(n, h_, d)
+    k = lin(p + "k", hn).reshape(n, kv, d)
+    v = lin(p + "v", hn).reshape(n, kv, d)
+    if spec.rotary_dim:
+        q, k = rope(q, cos, sin, spec.rotary_dim), rope(k, cos, sin, spec.rotary_dim)
+    cache_k[:, pos : pos + n] = k.transpose(1, 0, 2)
+    cache_v[:, pos : pos + n] = v.transpose(1, 0, 2)
+    attn = np.zeros((n, h_, d), np.float32)
+    window = spec.windows[i]
+    for t in range(n):
+        end = pos + t + 1
+        start = max(0, end - window) if window else 0
+        for head in range(h_):
+            g = head // (h_ // kv)
+            scores = cache_k[g, start:end] @ q[t, head] * np.float32(spec.attn_scale)
+            e = np.exp(scores - scores.max())
+            attn[t, head] = (e / e.sum()) @ cache_v[g, start:end]
+    x = x + lin(p + "o", attn.reshape(n, h_ * d))
+    hn = norm(spec, w, p + "norm2", x)
+    if spec.gated:
+        return x + lin(p + "down", activation(spec.act, lin(p + "gate", hn)) * lin(p + "up", hn))
+    return x + lin(p + "fc2", activation(spec.act, lin(p + "fc1", hn)))
+
+
+def head(spec: DecoderSpec, w: dict[str, np.ndarray], x: np.ndarray, capture=None) -> np.ndarray:
+    """Logits ``[vocab]`` of the last row of ``x`` (final norm, ``lm_head``)."""
     last = norm(spec, w, "norm", x[-1:])
-    return lin("lm_head", last)[0]
+    if capture is not None:
+        capture.setdefault("lm_head", []).append(last)
+    y = last @ w["lm_head.w"].T
+    return (y + w["lm_head.b"] if "lm_head.b" in w else y)[0]

@@ -12,7 +12,7 @@ are split; GPT-2's Conv1D weights are transposed; Gemma's ``1 + w`` norm weights
 from __future__ import annotations
 
 import json
-import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +21,12 @@ import numpy as np
 from reshift.errors import ModelLoadError
 from reshift.llm.config import DecoderSpec
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64, "I64": np.int64}
-
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of one ``.safetensors`` file as float32 (bf16 widened by a 16-bit shift)."""
-    try:
-        data = path.read_bytes()
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-    except (OSError, struct.error, ValueError) as exc:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
-    base = 8 + size
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        kind = info["dtype"]
-        if kind not in _DTYPES:
-            raise ModelLoadError(f"{path}: tensor {name} has dtype {kind}; reshift.llm reads F32, F16, BF16")
-        start, end = info["data_offsets"]
-        raw = np.frombuffer(data[base + start : base + end], dtype=_DTYPES[kind]).reshape(info["shape"])
-        if kind == "BF16":
-            raw = (raw.astype(np.uint32) << 16).view(np.float32)
-        out[name] = np.ascontiguousarray(raw, dtype=np.float32) if raw.dtype.kind == "f" else raw
-    return out
+    from reshift.llm.stream import SafetensorsCheckpoint
+
+    return dict(SafetensorsCheckpoint([Path(path)]))
 
 
 def read_model_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -67,17 +48,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 
 def read_weights(directory: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of the directory's ``*.safetensors`` files (shards merged)."""
-    directory = Path(directory)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        others = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".gguf", ".pth")]
-        hint = f" (found {', '.join(others)}: re-save with save_pretrained(safe_serialization=True))" if others else ""
-        raise ModelLoadError(f"{directory}: no *.safetensors weights{hint}")
-    tensors: dict[str, np.ndarray] = {}
-    for path in files:
-        tensors.update(read_safetensors(path))
-    return tensors
+    """Every tensor of the directory's ``*.safetensors`` files (shards merged), float32 in memory;
+    :class:`reshift.llm.stream.SafetensorsCheckpoint` reads them one at a time instead."""
+    from reshift.llm.stream import SafetensorsCheckpoint
+
+    return dict(SafetensorsCheckpoint.of_directory(directory))
 
 
 def state_dict_numpy(module: Any) -> dict[str, np.ndarray]:
@@ -85,97 +60,157 @@ def state_dict_numpy(module: Any) -> dict[str, np.ndarray]:
     return {name: t.detach().float().cpu().numpy() for name, t in module.state_dict().items()}
 
 
-def _strip(tensors: dict[str, np.ndarray], prefixes: tuple[str, ...]) -> dict[str, np.ndarray]:
-    out = {}
-    for name, value in tensors.items():
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        out[name] = value
-    return out
+class _Renamed(Mapping):
+    """``raw`` under its names with the family's prefix stripped, values fetched only when read."""
+
+    def __init__(self, raw: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -> None:
+        self._raw, self._names = raw, {}
+        for name in raw:
+            short = name
+            for prefix in prefixes:
+                if name.startswith(prefix):
+                    short = name[len(prefix) :]
+                    break
+            self._names[short] = name
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._raw[self._names[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
-def canonical_weights(spec: DecoderSpec, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The checkpoint ``raw`` renamed to reshift's layout; raises naming the first missing tensor."""
-    fam = spec.family
-    if fam == "gpt2":
-        t = _strip(raw, ("transformer.",))
-    elif fam == "opt":
-        t = _strip(raw, ("model.decoder.", "decoder."))
-    else:
-        t = _strip(raw, ("model.",))
-    out: dict[str, np.ndarray] = {}
+def _renamed(spec: DecoderSpec, raw: Mapping[str, np.ndarray]) -> _Renamed:
+    if spec.family == "gpt2":
+        return _Renamed(raw, ("transformer.",))
+    if spec.family == "opt":
+        return _Renamed(raw, ("model.decoder.", "decoder."))
+    return _Renamed(raw, ("model.",))
 
+
+def _taker(spec: DecoderSpec, t: Mapping[str, np.ndarray], out: dict[str, np.ndarray]):
     def take(dst: str, src: str, optional: bool = False) -> None:
         if src in t:
             out[dst] = t[src]
         elif not optional:
             raise ModelLoadError(
-                f"{fam} checkpoint: tensor {src!r} is missing (have e.g. {sorted(t)[:4]}); "
+                f"{spec.family} checkpoint: tensor {src!r} is missing (have e.g. {sorted(t)[:4]}); "
                 "is this the model the config describes?"
             )
 
-    if fam == "gpt2":
+    return take
+
+
+def _need(spec: DecoderSpec, t: Mapping[str, np.ndarray], src: str) -> np.ndarray:
+    if src not in t:
+        _taker(spec, t, {})(src, src)
+    return t[src]
+
+
+def _finish(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def canonical_embeddings(spec: DecoderSpec, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``embed`` (and ``pos_embed``) of the checkpoint ``raw``, float32."""
+    t, out = _renamed(spec, raw), {}
+    take = _taker(spec, t, out)
+    if spec.family == "gpt2":
         take("embed", "wte.weight")
         take("pos_embed", "wpe.weight")
-        for i in range(spec.num_layers):
-            p, d = f"h.{i}.", f"layers.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                take(d + a + ".w", p + b + ".weight")
-                take(d + a + ".b", p + b + ".bias")
-            qkv_w, qkv_b = t[p + "attn.c_attn.weight"].T, t[p + "attn.c_attn.bias"]
-            for j, name in enumerate("qkv"):
-                h = spec.hidden_size
-                out[d + name + ".w"] = np.ascontiguousarray(qkv_w[j * h : (j + 1) * h])
-                out[d + name + ".b"] = qkv_b[j * h : (j + 1) * h]
-            for a, b in (("o", "attn.c_proj"), ("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj")):
-                out[d + a + ".w"] = np.ascontiguousarray(t[p + b + ".weight"].T)
-                take(d + a + ".b", p + b + ".bias")
+    else:
+        take("embed", "embed_tokens.weight")
+        if spec.family == "opt":
+            take("pos_embed", "embed_positions.weight")
+    return _finish(out)
+
+
+def canonical_layer(spec: DecoderSpec, raw: Mapping[str, np.ndarray], i: int, t=None) -> dict[str, np.ndarray]:
+    """Block ``i``'s norms and linears of the checkpoint ``raw`` in reshift's names, float32; raises
+    naming the first missing tensor. Only this block's tensors are read (a lazy ``raw`` streams)."""
+    fam, t, out = spec.family, t if t is not None else _renamed(spec, raw), {}
+    take = _taker(spec, t, out)
+    if fam == "gpt2":
+        p, d = f"h.{i}.", f"layers.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            take(d + a + ".w", p + b + ".weight")
+            take(d + a + ".b", p + b + ".bias")
+        qkv_w, qkv_b = _need(spec, t, p + "attn.c_attn.weight").T, _need(spec, t, p + "attn.c_attn.bias")
+        for j, name in enumerate("qkv"):
+            h = spec.hidden_size
+            out[d + name + ".w"] = qkv_w[j * h : (j + 1) * h]
+            out[d + name + ".b"] = qkv_b[j * h : (j + 1) * h]
+        for a, b in (("o", "attn.c_proj"), ("fc1", "mlp.c_fc"), ("fc2", "mlp.c_proj")):
+            out[d + a + ".w"] = _need(spec, t, p + b + ".weight").T
+            take(d + a + ".b", p + b + ".bias")
+    elif fam == "opt":
+        p, d = f"layers.{i}.", f"layers.{i}."
+        for a, b in (("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")):
+            take(d + a + ".w", p + b + ".weight")
+            take(d + a + ".b", p + b + ".bias")
+        for a, b in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                     ("o", "self_attn.out_proj"), ("fc1", "fc1"), ("fc2", "fc2")):  # fmt: skip
+            take(d + a + ".w", p + b + ".weight")
+            take(d + a + ".b", p + b + ".bias", optional=not spec.qkv_bias)
+    else:
+        p, d = f"layers.{i}.", f"layers.{i}."
+        take(d + "norm1.w", p + "input_layernorm.weight")
+        take(d + "norm2.w", p + "post_attention_layernorm.weight")
+        if fam == "phi3":
+            qkv = _need(spec, t, p + "self_attn.qkv_proj.weight")
+            q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            out[d + "q.w"], out[d + "k.w"], out[d + "v.w"] = np.split(qkv, [q_rows, q_rows + kv_rows])
+            out[d + "gate.w"], out[d + "up.w"] = np.split(_need(spec, t, p + "mlp.gate_up_proj.weight"), 2)
+        else:
+            for a in "qkv":
+                take(d + a + ".w", p + f"self_attn.{a}_proj.weight")
+                take(d + a + ".b", p + f"self_attn.{a}_proj.bias", optional=not spec.qkv_bias)
+            for a in ("gate", "up"):
+                take(d + a + ".w", p + f"mlp.{a}_proj.weight")
+                take(d + a + ".b", p + f"mlp.{a}_proj.bias", optional=True)
+        take(d + "o.w", p + "self_attn.o_proj.weight")
+        take(d + "o.b", p + "self_attn.o_proj.bias", optional=True)
+        take(d + "down.w", p + "mlp.down_proj.weight")
+        take(d + "down.b", p + "mlp.down_proj.bias", optional=True)
+        if fam == "gemma":  # Gemma's RMSNorm scales by 1 + w
+            for name in (d + "norm1.w", d + "norm2.w"):
+                out[name] = (out[name] + np.float32(1.0)).astype(np.float32)
+    return _finish(out)
+
+
+def canonical_final(spec: DecoderSpec, raw: Mapping[str, np.ndarray], embed: np.ndarray | None = None):
+    """``norm.{w,b}`` and ``lm_head.w`` (``embed`` itself when tied or absent), float32."""
+    t, out = _renamed(spec, raw), {}
+    take = _taker(spec, t, out)
+    if spec.family == "gpt2":
         take("norm.w", "ln_f.weight")
         take("norm.b", "ln_f.bias")
-    elif fam == "opt":
-        take("embed", "embed_tokens.weight")
-        take("pos_embed", "embed_positions.weight")
-        for i in range(spec.num_layers):
-            p, d = f"layers.{i}.", f"layers.{i}."
-            for a, b in (("norm1", "self_attn_layer_norm"), ("norm2", "final_layer_norm")):
-                take(d + a + ".w", p + b + ".weight")
-                take(d + a + ".b", p + b + ".bias")
-            for a, b in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                         ("o", "self_attn.out_proj"), ("fc1", "fc1"), ("fc2", "fc2")):  # fmt: skip
-                take(d + a + ".w", p + b + ".weight")
-                take(d + a + ".b", p + b + ".bias", optional=not spec.qkv_bias)
+    elif spec.family == "opt":
         take("norm.w", "final_layer_norm.weight")
         take("norm.b", "final_layer_norm.bias")
     else:
-        take("embed", "embed_tokens.weight")
-        for i in range(spec.num_layers):
-            p, d = f"layers.{i}.", f"layers.{i}."
-            take(d + "norm1.w", p + "input_layernorm.weight")
-            take(d + "norm2.w", p + "post_attention_layernorm.weight")
-            if fam == "phi3":
-                qkv = t[p + "self_attn.qkv_proj.weight"]
-                q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-                out[d + "q.w"], out[d + "k.w"], out[d + "v.w"] = np.split(qkv, [q_rows, q_rows + kv_rows])
-                out[d + "gate.w"], out[d + "up.w"] = np.split(t[p + "mlp.gate_up_proj.weight"], 2)
-            else:
-                for a in "qkv":
-                    take(d + a + ".w", p + f"self_attn.{a}_proj.weight")
-                    take(d + a + ".b", p + f"self_attn.{a}_proj.bias", optional=not spec.qkv_bias)
-                for a in ("gate", "up"):
-                    take(d + a + ".w", p + f"mlp.{a}_proj.weight")
-                    take(d + a + ".b", p + f"mlp.{a}_proj.bias", optional=True)
-            take(d + "o.w", p + "self_attn.o_proj.weight")
-            take(d + "o.b", p + "self_attn.o_proj.bias", optional=True)
-            take(d + "down.w", p + "mlp.down_proj.weight")
-            take(d + "down.b", p + "mlp.down_proj.bias", optional=True)
         take("norm.w", "norm.weight")
-        if fam == "gemma":
-            for name in [n for n in out if n.endswith((".norm1.w", ".norm2.w"))] + ["norm.w"]:
-                out[name] = (out[name] + np.float32(1.0)).astype(np.float32)
+        if spec.family == "gemma":
+            out["norm.w"] = (out["norm.w"] + np.float32(1.0)).astype(np.float32)
     if spec.tied_embeddings or "lm_head.weight" not in raw:
-        out["lm_head.w"] = out["embed"]
+        out["lm_head.w"] = embed if embed is not None else canonical_embeddings(spec, raw)["embed"]
     else:
         out["lm_head.w"] = raw["lm_head.weight"]
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+    return _finish(out)
+
+
+def canonical_weights(spec: DecoderSpec, raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The whole checkpoint ``raw`` renamed to reshift's layout (every tensor float32 in memory;
+    ``reshift.llm.stream`` reads one block at a time instead); raises naming the first missing tensor."""
+    out = canonical_embeddings(spec, raw)
+    t = _renamed(spec, raw)
+    for i in range(spec.num_layers):
+        out.update(canonical_layer(spec, raw, i, t))
+    out.update(canonical_final(spec, raw, out["embed"]))
+    return out
