@@ -1,6 +1,6 @@
 """CLI commands for LLM artifacts: ``reshift llm compile``, ``reshift generate``, ``reshift bench`` on one.
 
-    reshift llm compile MODEL_DIR -o OUT [--pipeline bcq --bits 3 --calib-text FILE] [--max-seq-len N]
+    reshift llm compile MODEL_DIR -o OUT [--pipeline bcq --bits 3 --calib-text FILE] [--max-seq-len N] [-q]
     reshift generate OUT --prompt-ids 1,2,3 -n 64 [--sample --temperature T --top-k K --top-p P --seed S]
     reshift generate OUT --prompt "text" --tokenizer MODEL_DIR     # needs the `tokenizers` package
     reshift bench OUT                                              # prefill and decode tokens/s
@@ -38,6 +38,10 @@ def add_parsers(sub) -> None:
     c.add_argument("--calib-tokens", type=int, default=256, help="calibration tokens to use (default: 256)")
     c.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length (default: 2048)")
     c.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar (none when stderr is not a terminal)")
+    c.add_argument(
+        "--calib-ids", help="calibration token ids: a .npy file of [sequences, tokens] (instead of --calib-text)"
+    )
 
     g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
     g.add_argument("model", help="LLM artifact directory")
@@ -79,12 +83,57 @@ def parse_ids(text: str) -> np.ndarray:
     return np.array(ids, np.int64)
 
 
-def _progress(name: str, done: int, total: int) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    print(
-        f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name:<24}", end="", file=sys.stderr, flush=True
-    )
+class FitProgress:
+    """``reshift llm compile``'s progress (rich, on stderr): a bar over the fused linears and, as each
+    is done, a line with its members' bits, relative weight / output error and fit seconds. Draws
+    nothing when ``enabled`` is false (``--quiet``, or stderr not a terminal) or rich is missing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar = self._task = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return
+        self._bar = Progress(
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+
+    def __enter__(self) -> FitProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if self._bar is None:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task(name, total=total)
+        self._bar.update(self._task, completed=done, description=name)
+
+    def linear_done(self, name: str, rows: list[dict], seconds: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.advance(self._task)
+        for r in rows:
+            out_err = f" out_err {r['output_error']:.4f}" if "output_error" in r else ""
+            self._bar.console.print(
+                f"  {r['name']:<22} {r['bits']!s:>7} bits  w_err {r['weight_error']:.4f}{out_err}"
+                f"  {r.get('seconds', 0.0):6.2f} s",
+                highlight=False,
+            )
+        if len(rows) > 1:
+            self._bar.console.print(f"  {name:<22} {seconds:.2f} s", style="dim", highlight=False)
 
 
 def llm_compile(args: argparse.Namespace) -> int:
@@ -100,21 +149,26 @@ def llm_compile(args: argparse.Namespace) -> int:
         if not ids:
             raise InputError(f"--calib-text {text_path} tokenizes to no tokens")
         calibration = np.array(ids, np.int64)
+    elif args.calib_ids:
+        try:
+            calibration = np.load(args.calib_ids)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--calib-ids {args.calib_ids}: not a readable .npy file ({exc})") from None
     print(
         f"compiling {args.model} ({args.pipeline}{f', {args.bits} bits' if args.pipeline == 'bcq' else ''}) ...",
         file=sys.stderr,
     )
-    llm = reshift.llm.compile(
-        args.model,
-        pipeline=args.pipeline,
-        bits=int(args.bits) if float(args.bits).is_integer() else args.bits,
-        calibration=calibration,
-        max_seq_len=args.max_seq_len,
-        quantize_lm_head=args.lm_head,
-        out_dir=args.output,
-        progress=_progress,
-    )
-    print(file=sys.stderr)
+    with FitProgress(not args.quiet and sys.stderr.isatty()) as progress:
+        llm = reshift.llm.compile(
+            args.model,
+            pipeline=args.pipeline,
+            bits=int(args.bits) if float(args.bits).is_integer() else args.bits,
+            calibration=calibration,
+            max_seq_len=args.max_seq_len,
+            quantize_lm_head=args.lm_head,
+            out_dir=args.output,
+            progress=progress,
+        )
     tok = Path(args.model) / "tokenizer.json"
     if tok.is_file():
         (Path(args.output) / "tokenizer.json").write_bytes(tok.read_bytes())
