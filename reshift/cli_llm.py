@@ -88,7 +88,7 @@ class FitProgress:
     is done, a line with its members' bits, relative weight / output error and fit seconds. Draws
     nothing when ``enabled`` is false (``--quiet``, or stderr not a terminal) or rich is missing."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, console=None) -> None:
         self._bar = self._task = None
         if not enabled:
             return
@@ -102,7 +102,7 @@ class FitProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=console or Console(stderr=True),
         )
 
     def __enter__(self) -> FitProgress:
