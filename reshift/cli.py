@@ -400,15 +400,16 @@ def _time_ort(model_path: str, inputs: list[Any], threads: int | None, repeat: i
 @command("bench")
 def bench_model(args: argparse.Namespace) -> int:
     """Latency (median, p90) and throughput of an artifact, or of an ONNX model against onnxruntime."""
+    if (Path(args.model) / "llm.json").is_file():  # an LLM artifact: prefill/decode tokens/s (here or --rpc)
+        from reshift.cli_llm import bench_llm
+
+        _set_threads(args.threads)
+        return bench_llm(args)
     if args.rpc or args.tracker:
         from reshift import cli_remote
 
         return cli_remote.bench_remote(args)
     _set_threads(args.threads)
-    if (Path(args.model) / "llm.json").is_file():  # an LLM artifact: prefill/decode tokens/s
-        from reshift.cli_llm import bench_llm
-
-        return bench_llm(args)
     from reshift.codegen.tvm import describe_host_cpu
 
     console = _console()

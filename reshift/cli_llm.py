@@ -4,6 +4,8 @@
     reshift generate OUT --prompt-ids 1,2,3 -n 64 [--sample --temperature T --top-k K --top-p P --seed S]
     reshift generate OUT --prompt "text" --tokenizer MODEL_DIR     # needs the `tokenizers` package
     reshift bench OUT                                              # prefill and decode tokens/s
+    reshift llm compile MODEL_DIR -o OUT_ARM64 --target arm64      # cross-linked for aarch64
+    reshift generate OUT_ARM64 --remote 127.0.0.1:9090 --prompt-ids 1,2,3   # on the device, over TVM RPC
 
 Bad input raises a :class:`~reshift.errors.ReshiftError`, which ``reshift.cli.main`` turns into exit 2.
 """
@@ -11,6 +13,7 @@ Bad input raises a :class:`~reshift.errors.ReshiftError`, which ``reshift.cli.ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,6 +45,7 @@ def add_parsers(sub) -> None:
     c.add_argument(
         "--calib-ids", help="calibration token ids: a .npy file of [sequences, tokens] (instead of --calib-text)"
     )
+    c.add_argument("--target", default="cpu", help="cpu (this machine) or arm64 (cross-linked; default: cpu)")
 
     g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
     g.add_argument("model", help="LLM artifact directory")
@@ -56,6 +60,37 @@ def add_parsers(sub) -> None:
     g.add_argument("--seed", type=int, help="random seed for sampling")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the model's end-of-sequence id")
     g.add_argument("--json", action="store_true", help="print the ids as JSON")
+    add_device_options(g)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """``--remote``/``--rpc HOST:PORT``, ``--tracker``, ``--key``, ``--timeout``: run on a device over TVM RPC."""
+    from reshift.cli_remote import add_remote_options, add_timeout_option
+
+    add_remote_options(p)
+    p.add_argument("--remote", dest="rpc", metavar="HOST:PORT", help="same as --rpc: run on this device over TVM RPC")
+    add_timeout_option(p)
+
+
+@contextlib.contextmanager
+def _closing(llm):
+    """Yield ``llm``; a remote one's session is ended afterwards (an RPC server serves one at a time)."""
+    try:
+        yield llm
+    finally:
+        if hasattr(llm, "close"):
+            llm.close()
+
+
+def open_llm(args: argparse.Namespace):
+    """The artifact loaded here, or on the device given by --remote/--rpc or --tracker/--key."""
+    import reshift.llm
+
+    if getattr(args, "rpc", None) or getattr(args, "tracker", None):
+        from reshift.runtime.llm_remote import connect_llm
+
+        return connect_llm(args.model, rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
+    return reshift.llm.load(args.model)
 
 
 def _tokenizer(path: str | Path):
@@ -166,6 +201,7 @@ def llm_compile(args: argparse.Namespace) -> int:
             calibration=calibration,
             max_seq_len=args.max_seq_len,
             quantize_lm_head=args.lm_head,
+            target=args.target,
             out_dir=args.output,
             progress=progress,
         )
@@ -178,11 +214,13 @@ def llm_compile(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import reshift.llm
-
     if (args.prompt_ids is None) == (args.prompt is None):
         raise InputError("give exactly one of --prompt-ids 1,2,3 or --prompt TEXT")
-    llm = reshift.llm.load(args.model)
+    with _closing(open_llm(args)) as llm:
+        return _generate(args, llm)
+
+
+def _generate(args: argparse.Namespace, llm) -> int:
     tokenizer = None
     if args.prompt is not None:
         tokenizer = _tokenizer(args.tokenizer or args.model)
@@ -210,14 +248,14 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def bench_llm(args: argparse.Namespace) -> int:
-    """``reshift bench OUT`` for an LLM artifact: prefill and decode tokens/s."""
-    import reshift.llm
-
-    llm = reshift.llm.load(args.model)
-    prompt = min(128, llm.max_seq_len // 2)
-    stats = llm.benchmark(prompt_len=prompt, new_tokens=min(32, llm.max_seq_len - prompt))
+    """``reshift bench OUT`` for an LLM artifact: prefill and decode tokens/s (on the device with --rpc,
+    where the host's round trips per step are included)."""
+    with _closing(open_llm(args)) as llm:
+        prompt = min(128, llm.max_seq_len // 2)
+        stats = llm.benchmark(prompt_len=prompt, new_tokens=min(32, llm.max_seq_len - prompt))
+    where = f" on {llm.where}" if hasattr(llm, "where") else ""
     print(
-        f"{llm.spec['family']} ({llm.meta['pipeline']}): prefill {stats['prefill_tokens_per_s']:.1f} tokens/s "
+        f"{llm.spec['family']} ({llm.meta['pipeline']}){where}: prefill {stats['prefill_tokens_per_s']:.1f} tokens/s "
         f"({stats['prompt_tokens']}-token prompt), decode {stats['decode_tokens_per_s']:.1f} tokens/s "
         f"({stats['decode_ms_per_token']:.2f} ms/token)"
     )
@@ -228,7 +266,7 @@ def inspect_llm(args: argparse.Namespace) -> int:
     """``reshift inspect OUT`` for an LLM artifact: the decoder description and the per-layer report
     (read from llm.json; nothing is loaded)."""
     from reshift.llm.compiler import format_report
-    from reshift.runtime.llm import LLM_META
+    from reshift.runtime.llm import LLM_META, built_target
 
     meta = json.loads((Path(args.model) / LLM_META).read_text())
     spec = meta["spec"]
@@ -236,7 +274,7 @@ def inspect_llm(args: argparse.Namespace) -> int:
         f"{spec['family']}: {spec['num_layers']} layers, hidden {spec['hidden_size']}, heads "
         f"{spec['num_heads']}/{spec['num_kv_heads']} (head_dim {spec['head_dim']}), ffn {spec['ffn_size']}, "
         f"vocab {spec['vocab_size']}; pipeline {meta['pipeline']}, max_seq_len {meta['max_seq_len']}, "
-        f"KV cache {meta['cache_shape']} x2 float32"
+        f"KV cache {meta['cache_shape']} x2 float32; target {built_target(meta)['name']}"
     )
     print(format_report(meta.get("report", {})))
     return 0

@@ -10,6 +10,7 @@ TVM runtime only: no torch, no transformers, no tokenizer (token ids in, token i
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from reshift.errors import ArtifactError, InputError
-from reshift.runtime.artifact import check_meta_checksum, sha256_file
+from reshift.runtime.artifact import check_meta_checksum, normalize_arch, sha256_file, target_arch
 
 LLM_META = "llm.json"
 LLM_FORMAT = "reshift-llm-1"
@@ -71,6 +72,30 @@ class LLM:
     """
 
     def __init__(self, directory: str | Path, device: str = "cpu"):
+        self._read_artifact(directory)
+        if device.split(":")[0] != "cpu":
+            raise ArtifactError(f"LLM artifacts run on the CPU in this version (asked for {device!r})")
+        if not runs_here(self.meta):
+            raise ArtifactError(foreign_target_message(self.path, self.meta))
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.device = device
+        self._dev = tvm.cpu()
+        self._tvm = tvm
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / SO_FILE)), self._dev)
+        self._prefill, self._decode = self._vm["prefill"], self._vm["decode"]
+        with np.load(self.path / WEIGHTS_FILE) as weights:
+            self._params = [
+                tvm.runtime.tensor(np.ascontiguousarray(weights[n]), self._dev) for n in self.meta["params"]
+            ]
+        shape = self.meta["cache_shape"]
+        self.cache_k = tvm.runtime.tensor(np.zeros(shape, np.float32), self._dev)
+        self.cache_v = tvm.runtime.tensor(np.zeros(shape, np.float32), self._dev)
+
+    def _read_artifact(self, directory: str | Path) -> None:
+        """Read and check ``llm.json`` and the checksums of ``model.so`` and ``weights.npz`` (the remote
+        runner shares this and everything below but ``_run``: the generation loop is one code path)."""
         self.path = Path(directory)
         meta_path = self.path / LLM_META
         if not meta_path.is_file():
@@ -90,26 +115,9 @@ class LLM:
                 raise ArtifactError(f"{self.path} has no {name}; the artifact is incomplete (recompile it)")
             if sha256_file(f) != self.meta.get(key):
                 raise ArtifactError(f"{f} does not match its checksum in {LLM_META}: corrupted or replaced; recompile")
-        if device.split(":")[0] != "cpu":
-            raise ArtifactError(f"LLM artifacts run on the CPU in this version (asked for {device!r})")
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
-
-        self.device = device
-        self._dev = tvm.cpu()
-        self._tvm = tvm
-        self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / SO_FILE)), self._dev)
-        self._prefill, self._decode = self._vm["prefill"], self._vm["decode"]
-        with np.load(self.path / WEIGHTS_FILE) as weights:
-            self._params = [
-                tvm.runtime.tensor(np.ascontiguousarray(weights[n]), self._dev) for n in self.meta["params"]
-            ]
         self.spec = self.meta["spec"]
         self.max_seq_len = int(self.meta["max_seq_len"])
         self.vocab_size = int(self.spec["vocab_size"])
-        shape = self.meta["cache_shape"]
-        self.cache_k = tvm.runtime.tensor(np.zeros(shape, np.float32), self._dev)
-        self.cache_v = tvm.runtime.tensor(np.zeros(shape, np.float32), self._dev)
         self.pos = 0
         self._lock = threading.Lock()
 
@@ -154,12 +162,16 @@ class LLM:
             )
         return arr.astype(np.int32)
 
-    def _run(self, fn, ids: np.ndarray, pos: int) -> np.ndarray:
+    def _check_fits(self, ids: np.ndarray, pos: int) -> None:
         if pos + len(ids) > self.max_seq_len:
             raise InputError(
                 f"{pos + len(ids)} tokens do not fit the KV cache of max_seq_len={self.max_seq_len}; "
                 "shorten the prompt or recompile with a larger max_seq_len"
             )
+
+    def _run(self, fn: str, ids: np.ndarray, pos: int) -> np.ndarray:
+        """Logits ``[vocab]`` of ``fn`` (``"prefill"`` or ``"decode"``) on ``ids`` at ``pos``; advances ``self.pos``."""
+        self._check_fits(ids, pos)
         tvm = self._tvm
         args = [tvm.runtime.tensor(ids, self._dev), tvm.runtime.tensor(np.array([pos], np.int32), self._dev)]
         entry = self._prefill if fn == "prefill" else self._decode
@@ -248,6 +260,30 @@ class LLM:
             "prefill_ms": best_prefill * 1e3,
             "decode_ms_per_token": best_decode * 1e3 / new_tokens,
         }
+
+
+def built_target(meta: dict[str, Any]) -> dict[str, Any]:
+    """``{"name", "tvm_target", "device_type"}`` of an artifact (early ones stored the bare TVM dict)."""
+    target = meta.get("target") or {}
+    if "tvm_target" in target:
+        return target
+    return {"name": "cpu", "tvm_target": target, "device_type": "cpu"}
+
+
+def runs_here(meta: dict[str, Any]) -> bool:
+    """Whether the artifact's code is for this machine's CPU architecture (an arm64 build is not, on x86)."""
+    arch = target_arch(built_target(meta))
+    return arch is None or arch == normalize_arch(platform.machine())
+
+
+def foreign_target_message(path: str | Path, meta: dict[str, Any]) -> str:
+    target = built_target(meta)
+    arch, host = target_arch(target), normalize_arch(platform.machine())
+    return (
+        f"{path} was built for target {target.get('name')!r} ({arch}) but this machine is {host}; run it on an "
+        f"{arch} device over TVM RPC (`reshift generate {path} --remote HOST:PORT`, or "
+        "reshift.runtime.llm_remote.connect_llm), or recompile it with target='cpu'"
+    )
 
 
 def load(directory: str | Path, device: str = "cpu") -> LLM:

@@ -276,7 +276,15 @@ def deploy(directory: str | Path, remote, where: str | None = None) -> RemoteMod
     where = where or session.where
     meta = read_meta(directory)
     so = verify_so(directory, meta)
-    target = meta["target"]
+    rexec = load_library(session, directory, so, meta["target"], _upload_name(meta), where)
+    return RemoteModel(session, rexec, meta, where)
+
+
+def load_library(
+    session: BoundedSession, directory: str | Path, so: Path, target: dict[str, Any], upload_name: str, where: str
+):
+    """Check ``so`` (built for ``target``, a meta ``target`` entry) against the device, upload it as
+    ``upload_name`` and load it there; the remote module. Shared by graph and LLM artifacts."""
     name = target.get("name", "?")
     if target.get("device_type", "cpu") != "cpu":
         raise ArtifactError(
@@ -295,8 +303,8 @@ def deploy(directory: str | Path, remote, where: str | None = None) -> RemoteMod
         raise DeviceError(_mismatch(directory, name, arch, f"{where} is {device_arch}"))
     bound = session.timeout + SECONDS_PER_MB * so.stat().st_size / 1e6
     try:
-        session.call(f"uploading {so}", session.session.upload, str(so), _upload_name(meta), bound=bound)
-        rexec = session.call(f"loading {so}", session.session.load_module, _upload_name(meta), bound=bound)
+        session.call(f"uploading {so}", session.session.upload, str(so), upload_name, bound=bound)
+        return session.call(f"loading {so}", session.session.load_module, upload_name, bound=bound)
     except (DeviceLost, DeviceTimeout):
         raise
     except DeviceError as exc:
@@ -304,7 +312,6 @@ def deploy(directory: str | Path, remote, where: str | None = None) -> RemoteMod
         if any(word in reason for word in ("ELF", "wrong", "cannot open shared object", "invalid")):
             raise DeviceError(_mismatch(directory, name, arch or "?", f"{where} cannot load it ({reason})")) from None
         raise DeviceError(f"{where} failed to load {so}: {reason}") from None
-    return RemoteModel(session, rexec, meta, where)
 
 
 def _mismatch(directory: str | Path, name: str, arch: str, device: str) -> str:

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from reshift.errors import InputError, ModelLoadError, PassError
+from reshift.errors import ArtifactError, InputError, ModelLoadError, PassError
 from reshift.llm.config import DecoderSpec, spec_from_config
 from reshift.llm.stream import BlockWeights, CalibrationStream, ModuleTensors, SafetensorsCheckpoint
 from reshift.llm.weights import canonical_weights, read_config
-from reshift.runtime.artifact import sha256_file, write_meta
-from reshift.runtime.llm import LLM, LLM_FORMAT, LLM_META, SO_FILE, WEIGHTS_FILE
+from reshift.runtime.artifact import sha256_file, target_dict, write_meta
+from reshift.runtime.llm import LLM, LLM_FORMAT, LLM_META, SO_FILE, WEIGHTS_FILE, foreign_target_message, runs_here
 
 PIPELINES = ("exact", "bcq", "ternary")
 GROUP_SIZE = 128
@@ -329,8 +329,9 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     quantize_lm_head: bool = False,
     out_dir: str | Path | None = None,
     progress: Callable[[str, int, int], Any] | None = None,
-) -> LLM:
-    """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`.
+) -> LLM | CrossBuild:
+    """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`
+    (a :class:`CrossBuild` to save and deploy when ``target`` is another machine's CPU).
 
     ``pipeline``: ``"exact"`` (float32 weights, same tokens as transformers), ``"bcq"`` (every
     block linear as ``bits``-bit binary codes with group-wise scales, lookup-table GEMV) or
@@ -338,6 +339,9 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     ``bits``: 2, 3 or 4 planes everywhere, or a fractional average budget (e.g. 2.5) for per-layer
     allocation (:func:`_allocate`);
     ``calibration``: token ids ``[sequences, tokens]`` for ShiftAddLLM's output-aware fit;
+    ``target``: ``"cpu"`` (this machine), ``"arm64"`` (aarch64 Linux with NEON, cross-linked with
+    ``aarch64-linux-gnu-gcc``; run it with ``reshift generate OUT --remote HOST:PORT``) or an LLVM
+    target dict; the kernels are chosen for the target, not the host;
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it); ``progress(name, i, n)``
     is called per linear as it is fitted (the CLI prints it).
@@ -349,8 +353,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
             f"reshift.llm.compile: bits={bits}; BCQ takes 2, 3 or 4 bit planes, or an average budget "
             "between 2 and 4.5 bits per weight (scales included) for per-layer allocation"
         )
-    if target != "cpu":
-        raise PassError(f"reshift.llm.compile: target {target!r}; LLM artifacts build for 'cpu' in this version")
+    spec_t = llm_target(target)
     if not 1 <= int(max_seq_len) <= 1 << 20:
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
     t0 = time.perf_counter()
@@ -363,16 +366,15 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
 
     from reshift.codegen.tvm.build import cpu_pipeline
     from reshift.codegen.tvm.llm import build_module
-    from reshift.codegen.tvm.targets import resolve_target
 
-    spec_t = resolve_target(target)
     tvm_target = spec_t.target()
-    with tvm_target:
+    with tvm_target:  # kernel_flavor() and the schedules read the target being built for, not the host
         mod = build_module(spec, params, forms, int(max_seq_len))
     executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reshift_llm_"))
     out.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(out / SO_FILE))
+    link = {"cc": spec_t.cross_compiler} if spec_t.cross_compiler else {}  # aarch64-linux-gnu-gcc for arm64
+    executable.export_library(str(out / SO_FILE), **link)
     np.savez(out / WEIGHTS_FILE, **params)
     weight_bytes = int(sum(a.nbytes for k, a in params.items() if not k.startswith("rope.")))
     meta = {
@@ -383,7 +385,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         "max_seq_len": int(max_seq_len),
         "cache_shape": [spec.num_layers, spec.num_kv_heads, int(max_seq_len), spec.head_dim],
         "params": list(params),
-        "target": spec_t.tvm_target,
+        "target": target_dict(spec_t),  # name, tvm_target, device_type: what load() and remote runs check
         "so_sha256": sha256_file(out / SO_FILE),
         "weights_sha256": sha256_file(out / WEIGHTS_FILE),
         "report": {
@@ -399,10 +401,60 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     }
     write_meta(out, meta, name=LLM_META)
     del weights, params, mod, executable  # the runtime reloads them from the files: keep one copy alive
-    llm = LLM(out)
+    # a cross build (arm64 on x86) runs on the device, over RPC (runtime/llm_remote.py)
+    llm = LLM(out) if runs_here(meta) else CrossBuild(out, meta)
     if out_dir is None:  # a temporary artifact lives as long as the object (save() copies it first)
         weakref.finalize(llm, shutil.rmtree, out, ignore_errors=True)
     return llm
+
+
+def llm_target(target: Any):
+    """The :class:`~reshift.codegen.tvm.targets.TargetSpec` an LLM builds for: a CPU preset (``cpu``,
+    ``arm64``) or a raw LLVM target dict; refused before any fitting when it cannot be built here."""
+    from reshift.codegen.tvm.targets import have_cross_compiler, resolve_target
+    from reshift.errors import CodegenError
+
+    try:
+        spec_t = resolve_target(target)
+    except CodegenError as exc:
+        raise PassError(f"reshift.llm.compile: {exc}") from None
+    if spec_t.device_type != "cpu":
+        raise PassError(
+            f"reshift.llm.compile: target {spec_t.name!r} ({spec_t.device_type}); LLM artifacts build for CPU "
+            "targets (cpu, arm64, an LLVM target dict) in this version"
+        )
+    if not have_cross_compiler(spec_t):
+        raise PassError(
+            f"reshift.llm.compile: target {spec_t.name!r} links with the cross compiler {spec_t.cross_compiler!r}, "
+            "which is not on PATH; install it (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)"
+        )
+    return spec_t
+
+
+class CrossBuild:
+    """An LLM artifact built for another machine (``target="arm64"`` on x86): it can be saved and
+    deployed (``reshift.runtime.llm_remote.connect_llm``), not run here."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path, self.meta = path, meta
+        self.spec, self.report = meta["spec"], meta["report"]
+        self.max_seq_len = int(meta["max_seq_len"])
+
+    def __repr__(self) -> str:
+        return f"<reshift LLM cross build for {self.meta['target']['name']!r}, {self.path}>"
+
+    def save(self, directory: str | Path) -> Path:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if out.resolve() != self.path.resolve():
+            for name in (SO_FILE, WEIGHTS_FILE, LLM_META):
+                shutil.copyfile(self.path / name, out / name)
+        return out
+
+    def generate(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise ArtifactError(foreign_target_message(self.path, self.meta))
+
+    prefill = decode = benchmark = generate
 
 
 def format_report(report: dict[str, Any]) -> str:
