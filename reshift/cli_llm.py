@@ -1,6 +1,7 @@
 """CLI commands for LLM artifacts: ``reshift llm compile``, ``reshift generate``, ``reshift bench`` on one.
 
     reshift llm compile MODEL_DIR -o OUT [--pipeline bcq --bits 3 --calib-text FILE] [--max-seq-len N] [-q]
+    reshift llm compile MODEL_DIR -o OUT --max-batch 8   # also batched generation, up to 8 prompts at once
     reshift generate OUT --prompt-ids 1,2,3 -n 64 [--sample --temperature T --top-k K --top-p P --seed S]
     reshift generate OUT --prompt "text" --tokenizer MODEL_DIR     # needs the `tokenizers` package
     reshift bench OUT                                              # prefill and decode tokens/s
@@ -46,6 +47,7 @@ def add_parsers(sub) -> None:
         "--calib-ids", help="calibration token ids: a .npy file of [sequences, tokens] (instead of --calib-text)"
     )
     c.add_argument("--target", default="cpu", help="cpu (this machine) or arm64 (cross-linked; default: cpu)")
+    c.add_argument("--max-batch", type=int, default=1, help="sequences per batched generate call (default: 1)")
 
     g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
     g.add_argument("model", help="LLM artifact directory")
@@ -203,6 +205,7 @@ def llm_compile(args: argparse.Namespace) -> int:
             quantize_lm_head=args.lm_head,
             target=args.target,
             out_dir=args.output,
+            max_batch=args.max_batch,
             progress=progress,
         )
     tok = Path(args.model) / "tokenizer.json"

@@ -22,6 +22,7 @@ import numpy as np
 
 from reshift.errors import ArtifactError, InputError
 from reshift.runtime.artifact import check_meta_checksum, normalize_arch, sha256_file, target_arch
+from reshift.runtime.llm_batch import BatchGeneration, split_batch
 
 LLM_META = "llm.json"
 LLM_FORMAT = "reshift-llm-1"
@@ -63,12 +64,14 @@ def sample_token(
     return int(rng.choice(len(p), p=p))
 
 
-class LLM:
+class LLM(BatchGeneration):
     """A loaded LLM artifact: ``generate`` token ids, or call ``prefill`` / ``decode`` for logits.
 
     The KV caches (``float32 [layers, kv_heads, max_seq_len, head_dim]`` each) are allocated once
     here and updated in place by every call; ``generate`` starts a new sequence at position 0.
-    Batch 1. Calls are serialized by a lock (the VM and the cache are one sequence's state).
+    An artifact compiled with ``max_batch > 1`` also generates several sequences at once
+    (``runtime/llm_batch.py``: ``generate`` on a list of prompts, ``prefill_batch`` / ``decode_batch``).
+    Calls are serialized by a lock (the VM and the caches are the sequences' state).
     """
 
     def __init__(self, directory: str | Path, device: str = "cpu"):
@@ -117,6 +120,7 @@ class LLM:
                 raise ArtifactError(f"{f} does not match its checksum in {LLM_META}: corrupted or replaced; recompile")
         self.spec = self.meta["spec"]
         self.max_seq_len = int(self.meta["max_seq_len"])
+        self.max_batch = int(self.meta.get("max_batch", 1))
         self.vocab_size = int(self.spec["vocab_size"])
         self.pos = 0
         self._lock = threading.Lock()
@@ -201,15 +205,22 @@ class LLM:
         top_k: int = 0,
         top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None,
-        stream: Callable[[int], Any] | None = None,
+        stream: Callable[..., Any] | None = None,
         seed: int | None = None,
-    ) -> np.ndarray:
+    ) -> np.ndarray | list[np.ndarray]:
         """The prompt followed by up to ``max_new_tokens`` generated ids (same rank as ``input_ids``).
 
         ``eos_token_id`` (an id or a list) stops generation after it is produced (``None``: never
         stop early; pass ``llm.eos_token_id`` for the model's own). ``stream`` is called with every
         new id as it is produced. ``seed`` makes sampling reproducible.
+        A batch (a list of 1-D prompts, ragged lengths allowed, or a 2-D array of several rows) returns
+        a list of 1-D arrays, one per sequence (:meth:`generate_batch`: ``stream(j, id)``, per-sequence end).
         """
+        prompts = split_batch(input_ids)
+        if prompts is not None:
+            return self.generate_batch(
+                prompts, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, stream, seed
+            )
         prompt = self._check_ids(input_ids)
         if len(prompt) > self.max_seq_len:
             raise InputError(

@@ -11,6 +11,15 @@ VM updates the preallocated cache without copying it; attention reads it in plac
 (``kernels/dense_cpu.py``) or BCQ lookup-table GEMVs (``kernels/lut_gemv.py``) on packed
 ``words``/``alpha``; q/k/v and gate/up are fused into one linear each (same input).
 
+With ``max_batch = B > 1`` the module also has ``batch(ids int32[n], where int32[2, n], last int32[b],
+cache_k, cache_v, *weights) -> (logits f32[b, vocab], cache_k, cache_v)`` on caches
+``[layers, B, kv_heads, max_seq_len, head_dim]`` (one slot per sequence): the ``n`` rows are the
+tokens of ``b`` sequences packed back to back, row ``i`` at position ``where[0, i]`` of slot
+``where[1, i]``, and ``last`` names each sequence's last row, whose logits are returned. One function
+serves the ragged prefill of ``b`` prompts (``n`` = their summed lengths) and the decode step of ``b``
+sequences each at its own position (``n = b``): the linears see all ``n`` rows at once, one weight
+read for ``b`` tokens, and attention masks each row to its own slot and length.
+
 The graph is built here straight from a :class:`~reshift.llm.config.DecoderSpec` rather than
 through ``ir.Graph``: the IR has one symbolic dimension and no state, and torch.export of HF's
 cache code is fragile; ``reshift/llm/reference.py`` is the numpy ground truth it is tested against.
@@ -26,7 +35,7 @@ from tvm import relax, tirx
 
 from reshift.codegen.tvm.kernels.decode_attention import attention_func
 from reshift.codegen.tvm.kernels.dense_cpu import dense_func
-from reshift.codegen.tvm.kernels.kv_cache import embed_func, kv_append_func, rope_q_func
+from reshift.codegen.tvm.kernels.kv_cache import cache_shape, embed_func, kv_append_func, rope_q_func, where_shape
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor
 from reshift.codegen.tvm.kernels.lut_gemv import gemv_func, table_compute
 from reshift.codegen.tvm.kernels.packing import ROWS
@@ -96,15 +105,18 @@ class _Function:
 _ACT = {"silu": op.nn.silu, "gelu_tanh": op.nn.gelu_tanh, "gelu": op.nn.gelu, "relu": op.nn.relu}
 
 
-def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Function):
-    """Emit the decoder body for ``n`` tokens; returns ``(logits, cache_k, cache_v)``."""
+def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Function, slots: int = 0, last=None):
+    """Emit the decoder body for ``n`` tokens; returns ``(logits, cache_k, cache_v)``. Batch 1 (``slots = 0``):
+    ``pos int32[1]``, logits of the last row; batch (``slots``): ``pos`` is ``where int32[2, n]`` and the
+    logits are those of the rows ``last``."""
     h, kv, d, hidden = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     width = (h + 2 * kv) * d
-    cache_ty = relax.TensorType((spec.num_layers, kv, max_seq, d), "float32")
+    cache_ty = relax.TensorType(cache_shape(spec.num_layers, kv, max_seq, d, slots), "float32")
     if spec.learned_positions:
-        gv = bb.add_func(
-            embed_func(spec.vocab_size, hidden, spec.embed_scale, spec.learned_positions, spec.position_offset), "embed"
+        embed = embed_func(
+            spec.vocab_size, hidden, spec.embed_scale, spec.learned_positions, spec.position_offset, slots
         )
+        gv = bb.add_func(embed, "embed")
         args = [ids, fn.w("embed"), fn.w("pos_embed"), pos]
     else:
         gv = bb.add_func(embed_func(spec.vocab_size, hidden, spec.embed_scale), "embed")
@@ -114,10 +126,10 @@ def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Functio
         p = f"layers.{i}."
         hn = fn.norm(spec, x, p + "norm1")
         qkv = fn.linear(hn, n, p + "qkv")
-        append = kv_append_func(i, spec.num_layers, h, kv, d, spec.rotary_dim, width, max_seq)
+        append = kv_append_func(i, spec.num_layers, h, kv, d, spec.rotary_dim, width, max_seq, slots)
         gv_append = bb.add_func(append, f"kv_append_l{i}")
         if spec.rotary_dim:
-            gv_rope = bb.add_func(rope_q_func(h, d, spec.rotary_dim, width, max_seq), "rope_q")
+            gv_rope = bb.add_func(rope_q_func(h, d, spec.rotary_dim, width, max_seq, slots), "rope_q")
             rope_args = [fn.w("rope.cos"), fn.w("rope.sin")]
             q = fn.emit(
                 relax.op.call_tir(gv_rope, [qkv, *rope_args, pos], out_ty=relax.TensorType((n, h, d), "float32"))
@@ -129,7 +141,7 @@ def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Functio
             relax.op.call_tir_inplace(gv_append, [ck, cv, qkv, *rope_args, pos], [0, 1], [cache_ty, cache_ty])
         )
         ck, cv = fn.emit(relax.TupleGetItem(caches, 0)), fn.emit(relax.TupleGetItem(caches, 1))
-        attn = attention_func(i, spec.num_layers, h, kv, d, max_seq, spec.windows[i], spec.attn_scale)
+        attn = attention_func(i, spec.num_layers, h, kv, d, max_seq, spec.windows[i], spec.attn_scale, slots)
         gv_attn = bb.add_func(attn, f"attention_l{i}")
         a = fn.emit(relax.op.call_tir(gv_attn, [q, ck, cv, pos], out_ty=relax.TensorType((n, h * d), "float32")))
         x = fn.emit(op.add(x, fn.linear(a, n, p + "o")))
@@ -144,13 +156,19 @@ def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Functio
         else:
             m = fn.emit(_ACT[spec.act](fn.linear(hn, n, p + "fc1")))
             x = fn.emit(op.add(x, fn.linear(m, n, p + "fc2")))
+    if last is not None:  # batch: each sequence's last row
+        rows = fn.emit(op.take(x, last, axis=0, mode="clip"))
+        return fn.linear(fn.norm(spec, rows, "norm"), last.ty.shape[0], "lm_head"), ck, cv
     last = fn.emit(op.strided_slice(x, axes=[0], begin=[n - 1], end=[n])) if not isinstance(n, int) else x
     logits = fn.linear(fn.norm(spec, last, "norm"), 1, "lm_head")
     return logits, ck, cv
 
 
-def build_module(spec: Any, params: dict[str, np.ndarray], forms: dict[str, dict], max_seq: int) -> tvm.IRModule:
-    """The IRModule with ``prefill`` and ``decode``; ``params`` fixes the weight parameter order."""
+def build_module(
+    spec: Any, params: dict[str, np.ndarray], forms: dict[str, dict], max_seq: int, max_batch: int = 1
+) -> tvm.IRModule:
+    """The IRModule with ``prefill`` and ``decode`` (and ``batch`` when ``max_batch > 1``); ``params``
+    fixes the weight parameter order."""
     bb = relax.BlockBuilder()
     cache_ty = relax.TensorType((spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim), "float32")
     for name, n in (("prefill", tirx.Var("n", "int64")), ("decode", 1)):
@@ -164,4 +182,24 @@ def build_module(spec: Any, params: dict[str, np.ndarray], forms: dict[str, dict
                 logits, ck2, cv2 = _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn)
                 out = bb.emit_output(relax.Tuple([logits, ck2, cv2]))
             bb.emit_func_output(out)
+    if max_batch > 1:
+        _batch_function(bb, spec, params, forms, max_seq, max_batch)
     return bb.get()
+
+
+def _batch_function(bb, spec: Any, params, forms, max_seq: int, slots: int) -> None:
+    """``batch(ids [n], where [2, n], last [b], cache_k, cache_v, *weights)`` on the slotted caches."""
+    n, b = tirx.Var("n", "int64"), tirx.Var("b", "int64")
+    cache_ty = relax.TensorType(
+        cache_shape(spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim, slots), "float32"
+    )
+    fn = _Function(bb, params, forms)
+    ids = relax.Var("ids", relax.TensorType((n,), "int32"))
+    where = relax.Var("where", relax.TensorType(where_shape(slots, n), "int32"))
+    last = relax.Var("last", relax.TensorType((b,), "int32"))
+    ck, cv = relax.Var("cache_k", cache_ty), relax.Var("cache_v", cache_ty)
+    with bb.function("batch", [ids, where, last, ck, cv, *fn.vars.values()]):
+        with bb.dataflow():
+            logits, ck2, cv2 = _decoder(bb, spec, params, forms, max_seq, n, ids, where, ck, cv, fn, slots, last)
+            out = bb.emit_output(relax.Tuple([logits, ck2, cv2]))
+        bb.emit_func_output(out)

@@ -329,6 +329,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     quantize_lm_head: bool = False,
     out_dir: str | Path | None = None,
     progress: Callable[[str, int, int], Any] | None = None,
+    max_batch: int = 1,
 ) -> LLM | CrossBuild:
     """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`
     (a :class:`CrossBuild` to save and deploy when ``target`` is another machine's CPU).
@@ -344,7 +345,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     target dict; the kernels are chosen for the target, not the host;
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it); ``progress(name, i, n)``
-    is called per linear as it is fitted (the CLI prints it).
+    is called per linear as it is fitted (the CLI prints it); ``max_batch``: with ``B > 1`` the artifact
+    also has the batched entry point (``codegen/tvm/llm.py``), so ``generate`` takes up to ``B`` prompts.
     """
     if pipeline not in PIPELINES:
         raise PassError(f"reshift.llm.compile: unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
@@ -356,6 +358,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     spec_t = llm_target(target)
     if not 1 <= int(max_seq_len) <= 1 << 20:
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
+    if not 1 <= int(max_batch) <= 1024:
+        raise InputError(f"max_batch must be a sequence count between 1 and 1024, got {max_batch}")
     t0 = time.perf_counter()
     spec, weights, _ = open_model(model_or_dir)  # streamed: one block's float weights at a time
     params, forms, report = prepare(
@@ -369,7 +373,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
 
     tvm_target = spec_t.target()
     with tvm_target:  # kernel_flavor() and the schedules read the target being built for, not the host
-        mod = build_module(spec, params, forms, int(max_seq_len))
+        mod = build_module(spec, params, forms, int(max_seq_len), int(max_batch))
     executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reshift_llm_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -384,6 +388,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         "bits": {"bcq": bits, "ternary": 1.58}.get(pipeline, 32),
         "max_seq_len": int(max_seq_len),
         "cache_shape": [spec.num_layers, spec.num_kv_heads, int(max_seq_len), spec.head_dim],
+        "max_batch": int(max_batch),
+        "batch_cache_shape": [spec.num_layers, int(max_batch), spec.num_kv_heads, int(max_seq_len), spec.head_dim],
         "params": list(params),
         "target": target_dict(spec_t),  # name, tvm_target, device_type: what load() and remote runs check
         "so_sha256": sha256_file(out / SO_FILE),

@@ -13,18 +13,28 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.kernels.kv_cache import _ATTRS
+from reshift.codegen.tvm.kernels.kv_cache import _ATTRS, cache_base, cache_shape, row_position, where_shape
 
 LANES = 16
 
 
 def attention_func(
-    layer: int, layers: int, heads: int, kv_heads: int, head_dim: int, max_seq: int, window: int, scale: float
+    layer: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    max_seq: int,
+    window: int,
+    scale: float,
+    slots: int = 0,
 ) -> tirx.PrimFunc:
-    """``(q [n, heads, D], cache_k, cache_v, pos int32[1]) -> out [n, heads * D]`` for one layer."""
+    """``(q [n, heads, D], cache_k, cache_v, pos) -> out [n, heads * D]`` for one layer; ``pos`` is
+    ``int32 [1]`` (batch 1) or, with ``slots``, ``where int32 [2, n]`` (per row: position, cache slot)."""
     group = heads // kv_heads
     win = window if window > 0 else max_seq + 1
-    shape = (layers, kv_heads, max_seq, head_dim)
+    shape = cache_shape(layers, kv_heads, max_seq, head_dim, slots)
+    flat = layers * max(slots, 1) * kv_heads * max_seq * head_dim
     s = T.float32(scale)
     vec = head_dim % LANES == 0
     chunks = head_dim // LANES
@@ -38,11 +48,11 @@ def attention_func(
         q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
         ck = T.match_buffer(ck_h, shape, "float32")
         cv = T.match_buffer(cv_h, shape, "float32")
-        pos = T.match_buffer(p_h, (1,), "int32")
+        pos = T.match_buffer(p_h, where_shape(slots, n), "int32")
         out = T.match_buffer(o_h, (n, heads * head_dim), "float32")
         qf = T.decl_buffer((n * heads * head_dim,), "float32", data=q.data)
-        kf = T.decl_buffer((layers * kv_heads * max_seq * head_dim,), "float32", data=ck.data)
-        vf = T.decl_buffer((layers * kv_heads * max_seq * head_dim,), "float32", data=cv.data)
+        kf = T.decl_buffer((flat,), "float32", data=ck.data)
+        vf = T.decl_buffer((flat,), "float32", data=cv.data)
         of = T.decl_buffer((n * heads * head_dim,), "float32", data=out.data)
         for ih in T.parallel(n * heads):
             score = T.alloc_buffer((max_seq,), "float32", scope="global")
@@ -51,10 +61,10 @@ def attention_func(
             i = ih // heads
             h = ih % heads
             g = h // group
-            end = T.Cast("int64", pos[0]) + i + 1
+            end = row_position(pos, i, slots) + 1
             start = T.max(end - win, T.int64(0))
             qb = ih * head_dim
-            cb = (layer * kv_heads + g) * max_seq * head_dim
+            cb = cache_base(pos, i, slots, layer, kv_heads, g, max_seq, head_dim)
             red[0] = T.min_value("float32")
             for t in range(start, end):
                 if vec:
