@@ -16,7 +16,12 @@ model (the tiny default) lets decode beat it.
 ``--llamacpp [Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0]`` adds llama.cpp rows (``benchmarks/llamacpp.py``: built from
 the sources vendored in the llama-cpp-python sdist, the same weights as GGUF, ``llama-quantize``-d, one
 ``llama-bench`` process per type with the same threads, prompt and decoded tokens) and the ratio
-tables reshift / llama.cpp. ``--json`` also writes a bar chart beside it (matplotlib, the bench extra).
+tables reshift / llama.cpp. ``--ortgenai [32,128]`` adds onnxruntime-genai int4 rows (its model builder, those
+block sizes, ``accuracy_level=4``) and ``--transformers [fp32,bf16,fp32-compile,bf16-compile]`` transformers rows
+(static cache; ``-compile``: the decode step under ``torch.compile``), both from ``benchmarks/llm_baselines.py``;
+``--all-baselines`` is all three. ``--json`` also writes a bar chart beside it (matplotlib, the bench extra).
+Building the 1.1B int4 model and loading it in fp32 take several GB: run the whole benchmark under
+``flock /tmp/reshift_big.lock`` on a shared host.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_baselines import ORT_BLOCKS, TORCH_VARIANTS, ortgenai_rows, transformers_rows  # noqa: E402
+
+LLAMACPP_ALL = "Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0"
+ORT_ALL = ",".join(map(str, ORT_BLOCKS))
+TORCH_ALL = ",".join(TORCH_VARIANTS)
 TINY = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=4096)  # fmt: skip
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -150,17 +161,25 @@ def parse_pipeline(spec: str, bits: float) -> tuple[str, float, str]:
     return spec, bits, spec
 
 
+def short_name(row: dict) -> str:
+    """A ratio-table column header: the llama.cpp type, ``ort b32``, ``hf bf16-compile``."""
+    if "quant" in row:
+        return row["quant"]
+    return row["pipeline"].replace("ort-genai int4 ", "ort ").replace("transformers ", "hf ")
+
+
 def print_ratios(rows: list[dict], base: list[dict]) -> None:
-    """reshift / llama.cpp tokens/s, one table per phase; SLOWER marks where reshift is slower."""
+    """reshift / baseline tokens/s, one table per phase; SLOWER marks where reshift is slower."""
+    base = [b for b in base if "skipped" not in b]
     for key, label in (("decode_tokens_per_s", "decode"), ("prefill_tokens_per_s", "prefill")):
-        print(f"{label} tokens/s, reshift / llama.cpp:")
-        print(f"{'':<8} " + " ".join(f"{b['quant']:>14}" for b in base))
+        print(f"{label} tokens/s, reshift / baseline:")
+        print(f"{'':<8} " + " ".join(f"{short_name(b):>16}" for b in base))
         for r in rows:
             cells = []
             for b in base:
                 x = r[key] / b[key]
                 cells.append(f"{x:.2f}x" + (" SLOWER" if x < 1 else ""))
-            print(f"{r['pipeline']:<8} " + " ".join(f"{c:>14}" for c in cells))
+            print(f"{r['pipeline']:<8} " + " ".join(f"{c:>16}" for c in cells))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -172,16 +191,21 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib missing (the bench extra): no chart")
         return
+    rows = [r for r in rows if "skipped" not in r]
     names = [r["pipeline"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    family = {"llama.cpp": "tab:gray", "ort-genai": "tab:orange", "transformers": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.9 * len(rows) + 3), 4.5))
     for ax, key in zip(axes, ("decode_tokens_per_s", "prefill_tokens_per_s"), strict=True):
-        colors = ["tab:gray" if n.startswith("llama.cpp") else "tab:blue" for n in names]
+        colors = [family.get(n.split()[0], "tab:blue") for n in names]
         ax.bar(names, [r[key] for r in rows], color=colors)
         if key.startswith("decode"):
-            ax.plot(names, [r["roofline_tokens_per_s"] for r in rows], "k_", markersize=20, label="DRAM roofline")
+            roof = [r.get("roofline_tokens_per_s") or float("nan") for r in rows]
+            ax.plot(names, roof, "k_", markersize=20, label="DRAM roofline")
             ax.legend()
         ax.set_title(f"{key.split('_')[0]} tokens/s (higher is better)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", rotation=40)
+        for t in ax.get_xticklabels():
+            t.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"chart: {path}")
@@ -200,12 +224,19 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lm-head", action="store_true", help="bcq: quantize lm_head too (default: fp32)")
-    ap.add_argument("--llamacpp", nargs="?", const="Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0", help="llama.cpp rows of these types")
+    ap.add_argument("--llamacpp", nargs="?", const=LLAMACPP_ALL, help="llama.cpp rows of these types")
+    ap.add_argument("--ortgenai", nargs="?", const=ORT_ALL, help="onnxruntime-genai int4 rows of these block sizes")
+    ap.add_argument("--transformers", nargs="?", const=TORCH_ALL, help="transformers rows (static cache) of these")
+    ap.add_argument("--all-baselines", action="store_true", help="--llamacpp --ortgenai --transformers")
+    ap.add_argument("--compile-timeout", type=float, default=1200, help="s for a transformers -compile row in all")
     ap.add_argument("--json", help="write the results here (and a chart beside it)")
     ap.add_argument("--keep", action="store_true", help="keep the generated model and artifacts (temp dir)")
     ap.add_argument("--work", help="a kept folder for model, artifacts and GGUF files; a rerun reuses what it holds")
     ap.add_argument("--compile-only", action="store_true", help="compile the pipelines into --work, time nothing")
     args = ap.parse_args()
+    if args.all_baselines:
+        args.llamacpp, args.ortgenai = args.llamacpp or LLAMACPP_ALL, args.ortgenai or ORT_ALL
+        args.transformers = args.transformers or TORCH_ALL
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="reshift_llm_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     if args.model:
@@ -244,14 +275,21 @@ def main() -> None:
         return
     base = []
     if args.llamacpp:
-        sys.path.insert(0, str(Path(__file__).parent))
         from llamacpp import llamacpp_rows
 
         base = llamacpp_rows(
             Path(model), work / "gguf", args.llamacpp.split(","), args.threads, args.prompt, args.new, args.repeat
         )
-        for b in base:
-            b["roofline_tokens_per_s"] = bandwidth * 1e9 / b["linear_bytes"]
+    others = []
+    if args.ortgenai:
+        blocks, ort_work = args.ortgenai.split(","), work / "ortgenai"
+        others += ortgenai_rows(Path(model), ort_work, blocks, args.threads, args.prompt, args.new, args.repeat)
+    if args.transformers:
+        variants = args.transformers.split(",")
+        others += transformers_rows(Path(model), variants, args.threads, args.prompt, args.new, args.repeat,
+                                    compile_timeout=args.compile_timeout)  # fmt: skip
+    for b in base + others:
+        b["roofline_tokens_per_s"] = bandwidth * 1e9 / b["linear_bytes"] if b.get("linear_bytes") else None
     load_end = os.getloadavg()
     config = json.loads((Path(model) / "config.json").read_text())
     shapes = {k: config[k] for k in TINY}
@@ -267,25 +305,37 @@ def main() -> None:
             f"{r['roofline_tokens_per_s']:>9.1f} {r['c_linear_bytes'] / 1e6:>10.1f} {r['c_weight_bytes'] / 1e6:>9.1f} "
             f"{r['rss_mb']:>11.0f} {r['c_compile_s']:>9.1f}"
         )
-    for b in base:
+    for b in base + others:
+        if "skipped" in b:
+            print(f"{b['pipeline']:<17} skipped: {b['skipped']}")
+            continue
+        roof = f"{b['roofline_tokens_per_s']:>9.1f}" if b.get("roofline_tokens_per_s") else f"{'-':>9}"
+        lin = f"{b['linear_bytes'] / 1e6:>10.1f}" if b.get("linear_bytes") else f"{'-':>10}"
+        build = b.get("build_s") or b.get("warmup_s")
         print(
             f"{b['pipeline']:<17} {b['prefill_tokens_per_s']:>13.1f} {b['decode_tokens_per_s']:>12.1f} "
-            f"{b['roofline_tokens_per_s']:>9.1f} {b['linear_bytes'] / 1e6:>10.1f} {b['model_bytes'] / 1e6:>9.1f} "
-            f"{b['rss_mb']:>11.0f} {'-':>9}"
+            f"{roof} {lin} {b['model_bytes'] / 1e6:>9.1f} {b['rss_mb']:>11.0f} "
+            + (f"{build:>9.1f}" if build else f"{'-':>9}")
         )
     if base:
         print(f"llama.cpp build {base[0]['build_commit']} (CPU {base[0]['cpu_info']!r}), OMP_WAIT_POLICY=passive")
         for b in base:
             how = "" if b["prefill_repack"] else "; prefill with --repack 0 (the AMX kernel segfaults)"
             print(f"  {b['quant']}: decode tg{args.new} at depth {b['decode_depth']}{how}; tensors {b['tensor_types']}")
-        print_ratios(rows, base)
+    for b in others:
+        if "skipped" not in b:
+            print(f"  {b['pipeline']}: {b['settings']}" + (f"; torch {b['torch']}" if "torch" in b else ""))
+    if others:
+        print("  compile s column for baselines: ORT-genai model builder time; transformers warm-up (torch.compile)")
+    if base or others:
+        print_ratios(rows, base + others)
     summary = {"model": model, "shapes": shapes, "cpu": cpu_name(), "threads": args.threads,
                "bandwidth_gbs": bandwidth, "load_average": [load_start, load_end], "prompt_tokens": args.prompt,
-               "new_tokens": args.new, "results": rows, "llamacpp": base}  # fmt: skip
+               "new_tokens": args.new, "results": rows, "llamacpp": base, "baselines": others}  # fmt: skip
     print(json.dumps(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps(summary if base else rows, indent=1))
-        plot(rows + base, Path(args.json).with_suffix(".png"))
+        Path(args.json).write_text(json.dumps(summary if base or others else rows, indent=1))
+        plot(rows + base + others, Path(args.json).with_suffix(".png"))
     if args.keep or args.work:
         print(f"kept {work}")
     else:
