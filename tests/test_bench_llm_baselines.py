@@ -25,9 +25,16 @@ from benchmarks.llm_baselines import (
 
 def test_patch_genai_config_sets_decoder_threads_and_keeps_the_rest(tmp_path):
     path = tmp_path / "genai_config.json"
-    cfg = {"model": {"decoder": {"session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                                 "filename": "model.onnx"}, "vocab_size": 32000}, "search": {"max_length": 2048}}
-    # fmt: skip
+    cfg = {
+        "model": {
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+            },
+            "vocab_size": 32000,
+        },
+        "search": {"max_length": 2048},
+    }
     path.write_text(json.dumps(cfg))
     patch_genai_config(path, 2)
     out = json.loads(path.read_text())
@@ -126,9 +133,12 @@ def _row(name: str, decode: float, prefill: float, **extra) -> dict:
 
 def test_ratio_table_has_a_column_per_baseline_and_leaves_skipped_rows_out(capsys):
     rows = [_row("bcq3", 30.0, 80.0)]
-    base = [_row("llama.cpp Q4_0", 20.0, 160.0, quant="Q4_0"), _row("ort-genai int4 b32", 15.0, 40.0),
-            _row("transformers bf16", 3.0, 20.0), {"pipeline": "transformers bf16-compile", "skipped": "too slow"}]
-    # fmt: skip
+    base = [
+        _row("llama.cpp Q4_0", 20.0, 160.0, quant="Q4_0"),
+        _row("ort-genai int4 b32", 15.0, 40.0),
+        _row("transformers bf16", 3.0, 20.0),
+        {"pipeline": "transformers bf16-compile", "skipped": "too slow"},
+    ]
     print_ratios(rows, base)
     out = capsys.readouterr().out
     assert [short_name(b) for b in base[:3]] == ["Q4_0", "ort b32", "hf bf16"]
