@@ -15,8 +15,9 @@ decode steps after it.
 - **transformers** (``--transformers [fp32,bf16,bf16-compile]``): ``LlamaForCausalLM.from_pretrained`` in
   that dtype, SDPA attention, a ``StaticCache`` of prompt + new + 1 positions, ``torch.set_num_threads``,
   ``logits_to_keep=1`` (what ``generate`` asks for), greedy. ``-compile`` runs the decode step under
-  ``torch.compile`` (inductor, ``fullgraph``, static shapes); its warm-up (the compilation) is printed and a
-  child that fails or runs past ``compile_timeout`` seconds in all is a row marked skipped, with the reason.
+  ``torch.compile`` (inductor, ``fullgraph``, static shapes, ``freezing``); its warm-up (the compilation) is
+  printed and a child that fails or runs past ``compile_timeout`` seconds in all is a row marked skipped, with
+  the reason.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def step(ids, pos, cache):
 decode_step = step
 compile_s = 0.0
 if {compile!r}:
+    import torch._inductor.config
+    torch._inductor.config.freezing = True  # weights as constants: inductor's packed CPU linears (its CPU advice)
     decode_step = torch.compile(step, fullgraph=True, dynamic=False)
 
 def once():
@@ -295,7 +298,7 @@ def transformers_rows(hf_dir: Path, variants, threads: int, prompt: int, new: in
         code = TORCH_BENCH.format(model=str(hf_dir), dtype=dtype, compile=compiled, threads=threads, prompt=prompt,
                                   new=new, repeat=repeat)  # fmt: skip
         _log(f"{name}: timing")
-        settings = f"static cache, sdpa, {dtype}" + (", torch.compile(fullgraph) decode" if compiled else "")
+        settings = f"static cache, sdpa, {dtype}" + (", torch.compile(fullgraph, freezing) decode" if compiled else "")
         row = {"pipeline": name, "model_bytes": n_params * (4 if dtype == "fp32" else 2),
                "linear_bytes": torch_linear_bytes(config, dtype), "settings": settings}  # fmt: skip
         try:
