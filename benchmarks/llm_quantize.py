@@ -19,6 +19,7 @@ Every child runs with 2 BLAS / TVM threads. A timing job: run it under the share
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from llm import TINYLLAMA, cpu_name, write_random_llama  # noqa: E402
 
+print = functools.partial(print, flush=True)  # noqa: A001 -- progress shows in a log while the job runs
 THREADS = "2"
 CHILD = """
 import sys
@@ -94,6 +96,8 @@ def main() -> None:
     results = {"cpu": cpu_name(), "machine": platform.machine(), "threads": int(THREADS), "load_start": load,
                "layers": args.layers, "checkpoint_bytes": ckpt, "bits": args.bits, "calib": args.calib,
                "runs": {}}  # fmt: skip
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(args.json or Path(__file__).parent / "results" / f"llm_quantize-{stamp}-{args.layers}layers.json")
     for setting in args.settings.split(","):
         extra = ["--pipeline", "bcq", "--bits", args.bits]
         if setting == "calibrated":
@@ -123,6 +127,7 @@ def main() -> None:
             "weight_bytes": rep["weight_bytes"],
             "load_end": os.getloadavg(),
         }
+        path.write_text(json.dumps(results, indent=1))  # after each run: a long job stopped early keeps its rows
 
     if not args.no_single_layer:
         single = work / "single.json"
@@ -136,8 +141,6 @@ def main() -> None:
             results["single_layer_4096"] = json.loads(single.read_text())
 
     results["load_end"] = os.getloadavg()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(args.json or Path(__file__).parent / "results" / f"llm_quantize-{stamp}-{args.layers}layers.json")
     path.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {path}")
     if not args.workdir:

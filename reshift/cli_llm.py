@@ -162,6 +162,9 @@ class FitProgress:
         if self._bar is None:
             return
         self._bar.advance(self._task)
+        task = self._bar.tasks[-1]
+        if task.total is not None and task.completed >= task.total:
+            self._bar.update(self._task, description="TVM build")
         for r in rows:
             out_err = f" out_err {r['output_error']:.4f}" if "output_error" in r else ""
             self._bar.console.print(
