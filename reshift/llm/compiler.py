@@ -1,8 +1,9 @@
 """``reshift.llm.compile``: a Hugging Face causal LM to a runnable LLM artifact (prefill + decode).
 
 Steps: config -> :class:`~reshift.llm.config.DecoderSpec`; checkpoint -> canonical float32
-weights, streamed one decoder block at a time (``reshift.llm.stream``: block ``i`` is read, calibrated,
-fitted and packed, then its float copy is dropped); with ``pipeline="bcq"`` (or ``"ternary"``, ``fit_ternary``) every linear of every block (and ``lm_head`` with
+weights, streamed one decoder block at a time (``reshift.llm.stream``: block ``i`` is read,
+calibrated, fitted and packed, then its float copy is dropped); with ``pipeline="bcq"`` (or
+``"ternary"``, ``fit_ternary``) every linear of every block (and ``lm_head`` with
 ``quantize_lm_head=True``) is fitted by ``reshift.passes.bcq.fit_bcq`` (ShiftAddLLM: weight error,
 or output error on captured calibration activations) and packed for the lookup-table GEMV; the
 weights become the parameters of one Relax module with ``prefill`` and ``decode``
