@@ -3,7 +3,8 @@
 An LLM artifact directory holds ``model.so`` (the Relax VM executable with the ``prefill`` and
 ``decode`` functions, see ``codegen/tvm/llm.py``), ``weights.npz`` (the weights, packed BCQ codes
 included, uploaded once and passed to both functions) and ``llm.json`` (the decoder description,
-parameter order, cache shape, checksums and the compile report). This module needs numpy and the
+parameter order, cache shape, checksums and the compile report); a CUDA build adds
+``kernels.fatbin``, its kernels compiled ahead of time (``runtime/cuda_kernels.py``). This module needs numpy and the
 TVM runtime only: no torch, no transformers, no tokenizer (token ids in, token ids out).
 """
 
@@ -74,17 +75,48 @@ class LLM(BatchGeneration):
     Calls are serialized by a lock (the VM and the caches are the sequences' state).
     """
 
-    def __init__(self, directory: str | Path, device: str = "cpu"):
+    def __init__(self, directory: str | Path, device: str = "cpu", lazy: bool = False):
         self._read_artifact(directory)
-        if device.split(":")[0] != "cpu":
-            raise ArtifactError(f"LLM artifacts run on the CPU in this version (asked for {device!r})")
+        kind, _, index = device.partition(":")
+        built_for = built_target(self.meta).get("device_type", "cpu")
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise ArtifactError(f"unknown device {device!r}; LLM artifacts run on 'cpu' or 'cuda[:index]'")
+        if kind != built_for:
+            raise ArtifactError(
+                f"{self.path} was built for {built_for} (target {built_target(self.meta).get('name')!r}), not "
+                f"{kind}; load it with device={built_for!r} or recompile with reshift.llm.compile(..., target={kind!r})"
+            )
         if not runs_here(self.meta):
             raise ArtifactError(foreign_target_message(self.path, self.meta))
+        self.device = device
+        self._vm = None
+        if not lazy:  # lazy: a CUDA build on a machine without a GPU opens the device on first use
+            self._open()
+
+    def _open(self) -> None:
+        """Open the device, load the executable and upload the weights and the zeroed caches."""
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
-        self.device = device
-        self._dev = tvm.cpu()
+        kind, _, index = self.device.partition(":")
+        if kind == "cuda":
+            from reshift.runtime.cuda_kernels import register_prebuilt
+            from reshift.runtime.module import load_device_runtime
+
+            try:
+                load_device_runtime("cuda")
+            except ArtifactError as exc:
+                raise ArtifactError(f"no CUDA device usable for {self.path}: {exc}") from None
+            dev = tvm.cuda(int(index or 0))
+            if not dev.exist:
+                raise ArtifactError(
+                    f"no CUDA device {self.device!r} on this machine: {self.path} is a CUDA artifact "
+                    "(it saves and loads anywhere, it runs where an NVIDIA GPU and its driver are)"
+                )
+            register_prebuilt(self.path, self.meta)  # the kernels nvcc compiled at build time (no compiler here)
+        else:
+            dev = tvm.cpu()
+        self._dev = dev
         self._tvm = tvm
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / SO_FILE)), self._dev)
         self._prefill, self._decode = self._vm["prefill"], self._vm["decode"]
@@ -145,7 +177,8 @@ class LLM(BatchGeneration):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if out.resolve() != self.path.resolve():
-            for name in (SO_FILE, WEIGHTS_FILE, LLM_META):
+            extra = [self.meta["cuda_kernels"]["file"]] if self.meta.get("cuda_kernels") else []
+            for name in (SO_FILE, WEIGHTS_FILE, LLM_META, *extra):
                 shutil.copyfile(self.path / name, out / name)
         return out
 
@@ -176,6 +209,8 @@ class LLM(BatchGeneration):
     def _run(self, fn: str, ids: np.ndarray, pos: int) -> np.ndarray:
         """Logits ``[vocab]`` of ``fn`` (``"prefill"`` or ``"decode"``) on ``ids`` at ``pos``; advances ``self.pos``."""
         self._check_fits(ids, pos)
+        if self._vm is None:
+            self._open()
         tvm = self._tvm
         args = [tvm.runtime.tensor(ids, self._dev), tvm.runtime.tensor(np.array([pos], np.int32), self._dev)]
         entry = self._prefill if fn == "prefill" else self._decode

@@ -20,6 +20,11 @@ serves the ragged prefill of ``b`` prompts (``n`` = their summed lengths) and th
 sequences each at its own position (``n = b``): the linears see all ``n`` rows at once, one weight
 read for ``b`` tokens, and attention masks each row to its own slot and length.
 
+Under a CUDA target (``with target:``) the same graph takes the GPU kernels of
+``kernels/llm_cuda.py`` (same signatures, batch 1 only), dense linears become a TE matmul that
+dlight schedules on ``.weight [N, K]`` (``llm_cuda.gpu_params`` re-lays the panels) and BCQ linears
+the split-K ``kernels/lut_gemv_cuda.py`` GEMV plus a sum of its partials; the CPU path is unchanged.
+
 The graph is built here straight from a :class:`~reshift.llm.config.DecoderSpec` rather than
 through ``ir.Graph``: the IR has one symbolic dimension and no state, and torch.export of HF's
 cache code is fragile; ``reshift/llm/reference.py`` is the numpy ground truth it is tested against.
@@ -39,6 +44,7 @@ from reshift.codegen.tvm.kernels.kv_cache import cache_shape, embed_func, kv_app
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor
 from reshift.codegen.tvm.kernels.lut_gemv import gemv_func, table_compute
 from reshift.codegen.tvm.kernels.packing import ROWS
+from reshift.codegen.tvm.targets import current_target_is_gpu
 
 op = relax.op
 
@@ -61,8 +67,13 @@ def fused_linears(spec: Any) -> list[tuple[str, list[str]]]:
 class _Function:
     """One Relax function under construction: its weight parameters, created on first use."""
 
-    def __init__(self, bb: relax.BlockBuilder, params: dict[str, np.ndarray], forms: dict[str, dict]):
+    def __init__(
+        self, bb: relax.BlockBuilder, params: dict[str, np.ndarray], forms: dict[str, dict], kernels: str | None = None
+    ):
         self.bb, self.arrays, self.forms = bb, params, forms
+        self.kernels = kernels or ("cuda" if current_target_is_gpu() else "cpu")
+        self.gpu = self.kernels != "cpu"
+        self.serial = self.kernels == "cuda-serial"  # the GPU graph with unbound loops, to check it on a CPU
         self.vars: dict[str, relax.Var] = {
             name: relax.Var(name.replace(".", "_"), relax.TensorType(a.shape, a.dtype.name))
             for name, a in params.items()
@@ -78,7 +89,9 @@ class _Function:
         form = self.forms[name]
         out = form["out_features"]
         k = form["in_features"]
-        if form["kind"] == "dense":
+        if self.gpu:
+            y = self._linear_gpu(x, rows, name, form)
+        elif form["kind"] == "dense":
             blocks = self.arrays[name + ".panels"].shape[0]
             gv = self.bb.add_func(dense_func(k, blocks), "dense_packed_f32")
             args = [x, self.w(name + ".panels"), self.w(name + ".bias")]
@@ -89,10 +102,29 @@ class _Function:
             lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
             gv = self.bb.add_func(gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512"), "bcq_lut_gemv")
             args = [lut, self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
-        y = self.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "float32")))
+        if not self.gpu:
+            y = self.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "float32")))
         if out % ROWS:
             y = self.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
         return y
+
+    def _linear_gpu(self, x: relax.Expr, rows, name: str, form: dict) -> relax.Expr:
+        """The CUDA forms: dlight's GEMV/Matmul on ``.weight``, or the LUT GEMV's split-K partials summed."""
+        from reshift.codegen.tvm.kernels.llm_cuda import dense_gpu
+        from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
+
+        if form["kind"] == "dense":
+            weight, bias = self.w(name + ".weight"), self.w(name + ".bias")
+            return self.emit(self.bb.call_te(dense_gpu, x, weight, bias, primfunc_name_hint="dense"))
+        k, g = form["in_features"], form["group_size"]
+        words, alpha = self.arrays[name + ".words"], self.arrays[name + ".alpha"]
+        blocks, n_groups, planes = words.shape[:3]
+        lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
+        func = gemv_cuda_func(blocks, n_groups, planes, g, serial=self.serial, alpha_dtype=alpha.dtype.name)
+        gv = self.bb.add_func(func, "bcq_lut_gemv_cuda")
+        part_ty = relax.TensorType((split_for(n_groups), rows, blocks * ROWS), "float32")
+        part = self.emit(relax.op.call_tir(gv, [lut, self.w(name + ".words"), self.w(name + ".alpha")], out_ty=part_ty))
+        return self.emit(op.add(op.sum(part, axis=[0]), self.w(name + ".bias")))
 
     def norm(self, spec: Any, x: relax.Expr, prefix: str) -> relax.Expr:
         if spec.norm == "rms":
@@ -105,10 +137,23 @@ class _Function:
 _ACT = {"silu": op.nn.silu, "gelu_tanh": op.nn.gelu_tanh, "gelu": op.nn.gelu, "relu": op.nn.relu}
 
 
+def _kernels(fn: _Function):
+    """``(embed_func, kv_append_func, rope_q_func, attention_func)`` of the CPU or the CUDA kernel set."""
+    if not fn.gpu:
+        return embed_func, kv_append_func, rope_q_func, attention_func
+    from functools import partial
+
+    from reshift.codegen.tvm.kernels import llm_cuda as k
+
+    funcs = (k.embed_cuda_func, k.kv_append_cuda_func, k.rope_q_cuda_func, k.attention_cuda_func)
+    return tuple(partial(f, serial=fn.serial) for f in funcs)
+
+
 def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Function, slots: int = 0, last=None):
     """Emit the decoder body for ``n`` tokens; returns ``(logits, cache_k, cache_v)``. Batch 1 (``slots = 0``):
     ``pos int32[1]``, logits of the last row; batch (``slots``): ``pos`` is ``where int32[2, n]`` and the
     logits are those of the rows ``last``."""
+    embed_func, kv_append_func, rope_q_func, attention_func = _kernels(fn)
     h, kv, d, hidden = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     width = (h + 2 * kv) * d
     cache_ty = relax.TensorType(cache_shape(spec.num_layers, kv, max_seq, d, slots), "float32")
@@ -165,14 +210,23 @@ def _decoder(bb, spec, params, forms, max_seq, n, ids, pos, ck, cv, fn: _Functio
 
 
 def build_module(
-    spec: Any, params: dict[str, np.ndarray], forms: dict[str, dict], max_seq: int, max_batch: int = 1
+    spec: Any,
+    params: dict[str, np.ndarray],
+    forms: dict[str, dict],
+    max_seq: int,
+    max_batch: int = 1,
+    kernels: str | None = None,
 ) -> tvm.IRModule:
     """The IRModule with ``prefill`` and ``decode`` (and ``batch`` when ``max_batch > 1``); ``params``
-    fixes the weight parameter order."""
+    fixes the weight parameter order.
+
+    ``kernels``: ``"cpu"``, ``"cuda"`` (default: by the current target) or ``"cuda-serial"``, the CUDA
+    graph and layouts with every GPU kernel's loops unbound, which builds for a CPU target to check
+    the GPU path against the reference without a GPU."""
     bb = relax.BlockBuilder()
     cache_ty = relax.TensorType((spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim), "float32")
     for name, n in (("prefill", tirx.Var("n", "int64")), ("decode", 1)):
-        fn = _Function(bb, params, forms)
+        fn = _Function(bb, params, forms, kernels)
         ids = relax.Var("ids", relax.TensorType((n,), "int32"))
         pos = relax.Var("pos", relax.TensorType((1,), "int32"))
         ck = relax.Var("cache_k", cache_ty)
@@ -203,3 +257,37 @@ def _batch_function(bb, spec: Any, params, forms, max_seq: int, slots: int) -> N
             logits, ck2, cv2 = _decoder(bb, spec, params, forms, max_seq, n, ids, where, ck, cv, fn, slots, last)
             out = bb.emit_output(relax.Tuple([logits, ck2, cv2]))
         bb.emit_func_output(out)
+
+
+def build_cuda(mod: tvm.IRModule, target: Any) -> tuple[Any, tuple[bytes, str] | None]:
+    """``(executable, (fatbin, CUDA source))`` of a module built under a CUDA ``TargetSpec``.
+
+    TVM's CUDA pipeline in two halves as ``codegen/tvm/build.py`` runs it (dlight schedules every
+    TE kernel; the hand-written ones arrive bound), with its check that no kernel is left as host
+    loops over device memory, and the kernels compiled here with nvcc so that the artifact carries
+    them (``runtime/cuda_kernels.py``; a missing nvcc raises).
+    """
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    from reshift.codegen.tvm.build import (
+        BuildResult,
+        _check_no_host_kernels,
+        _cuda_toolchain,
+        _tvm_errors,
+        _walk,
+        compile_cuda_kernels,
+    )
+    from reshift.errors import CodegenError
+
+    tvm_target = target.target()
+    with _tvm_errors(f"building the LLM module for {target.name}"), _cuda_toolchain(target):
+        with tvm_target:
+            mod = tvm.transform.Sequential(
+                [*cuda.library_dispatch_passes(tvm_target), *cuda.legalize_passes(tvm_target)]
+            )(mod)
+        _check_no_host_kernels(mod, target)
+        rest = tvm.transform.Sequential([*cuda.dataflow_lower_passes(tvm_target), *cuda.finalize_passes(tvm_target)])
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=rest)
+    if not any(m.kind == "cuda" for m in _walk(executable.mod)):
+        raise CodegenError(f"the LLM build for {target.name} produced no CUDA kernels (only host code)")
+    return executable, compile_cuda_kernels(BuildResult(executable, target, mod, 0.0))

@@ -344,7 +344,10 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     ``calibration``: token ids ``[sequences, tokens]`` for ShiftAddLLM's output-aware fit;
     ``target``: ``"cpu"`` (this machine), ``"arm64"`` (aarch64 Linux with NEON, cross-linked with
     ``aarch64-linux-gnu-gcc``; run it with ``reshift generate OUT --remote HOST:PORT``) or an LLVM
-    target dict; the kernels are chosen for the target, not the host;
+    target dict; the kernels are chosen for the target, not the host; ``"cuda"`` / ``"cuda-sm80"`` /
+    ``"cuda-sm90"`` / a TVM ``{"kind": "cuda", ...}`` dict: the GPU kernels of
+    ``codegen/tvm/kernels/llm_cuda.py`` (batch 1), compiled with nvcc into the artifact's
+    ``kernels.fatbin`` (no GPU needed to build; running it needs one: ``load(dir, device="cuda")``);
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it); ``progress(name, i, n)``
     is called per linear as it is fitted (the CLI prints it); ``max_batch``: with ``B > 1`` the artifact
@@ -358,6 +361,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
             "between 2 and 4.5 bits per weight (scales included) for per-layer allocation"
         )
     spec_t = llm_target(target)
+    if spec_t.is_gpu and int(max_batch) > 1:
+        raise PassError(f"reshift.llm.compile: max_batch={max_batch}; CUDA LLM artifacts serve batch 1 in this version")
     if not 1 <= int(max_seq_len) <= 1 << 20:
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
     if not 1 <= int(max_batch) <= 1024:
@@ -374,13 +379,31 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     from reshift.codegen.tvm.llm import build_module
 
     tvm_target = spec_t.target()
-    with tvm_target:  # kernel_flavor() and the schedules read the target being built for, not the host
-        mod = build_module(spec, params, forms, int(max_seq_len), int(max_batch))
-    executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    kernels = None
+    if spec_t.is_gpu:  # GPU kernels and layouts (kernels/llm_cuda.py); the kernels compiled with nvcc here
+        from reshift.codegen.tvm.build import _cuda_toolchain
+        from reshift.codegen.tvm.kernels.llm_cuda import gpu_params
+        from reshift.codegen.tvm.llm import build_cuda
+
+        params = gpu_params(params, forms)
+        with tvm_target:
+            mod = build_module(spec, params, forms, int(max_seq_len))
+        executable, kernels = build_cuda(mod, spec_t)
+    else:
+        with tvm_target:  # kernel_flavor() and the schedules read the target being built for, not the host
+            mod = build_module(spec, params, forms, int(max_seq_len), int(max_batch))
+        executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reshift_llm_"))
     out.mkdir(parents=True, exist_ok=True)
-    link = {"cc": spec_t.cross_compiler} if spec_t.cross_compiler else {}  # aarch64-linux-gnu-gcc for arm64
-    executable.export_library(str(out / SO_FILE), **link)
+    if kernels is not None:
+        from reshift.runtime.cuda_kernels import KERNELS_NAME, kernels_meta
+
+        (out / KERNELS_NAME).write_bytes(kernels[0])
+        with _cuda_toolchain(spec_t):  # the host part links with g++; the kernels stay inside as source
+            executable.export_library(str(out / SO_FILE))
+    else:
+        link = {"cc": spec_t.cross_compiler} if spec_t.cross_compiler else {}  # aarch64-linux-gnu-gcc for arm64
+        executable.export_library(str(out / SO_FILE), **link)
     np.savez(out / WEIGHTS_FILE, **params)
     weight_bytes = int(sum(a.nbytes for k, a in params.items() if not k.startswith("rope.")))
     meta = {
@@ -407,10 +430,16 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         },
         "forms_sha": hashlib.sha256(json.dumps(forms, sort_keys=True).encode()).hexdigest()[:16],
     }
+    if kernels is not None:
+        meta["cuda_kernels"] = kernels_meta(*kernels)
     write_meta(out, meta, name=LLM_META)
     del weights, params, mod, executable  # the runtime reloads them from the files: keep one copy alive
     # a cross build (arm64 on x86) runs on the device, over RPC (runtime/llm_remote.py)
-    llm = LLM(out) if runs_here(meta) else CrossBuild(out, meta)
+    if spec_t.is_gpu:  # a CUDA build made without a GPU still saves and reports; running it says "no CUDA device"
+        llm = LLM(out, device="cuda", lazy=True)
+        llm.kernel_source = kernels[1]  # the CUDA C++ nvcc compiled (for inspection; the artifact has the binary)
+    else:
+        llm = LLM(out) if runs_here(meta) else CrossBuild(out, meta)
     if out_dir is None:  # a temporary artifact lives as long as the object (save() copies it first)
         weakref.finalize(llm, shutil.rmtree, out, ignore_errors=True)
     return llm
@@ -418,7 +447,8 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
 
 def llm_target(target: Any):
     """The :class:`~reshift.codegen.tvm.targets.TargetSpec` an LLM builds for: a CPU preset (``cpu``,
-    ``arm64``) or a raw LLVM target dict; refused before any fitting when it cannot be built here."""
+    ``arm64``), a CUDA preset, or a raw LLVM / CUDA target dict; refused before any fitting when it
+    cannot be built here."""
     from reshift.codegen.tvm.targets import have_cross_compiler, resolve_target
     from reshift.errors import CodegenError
 
@@ -426,10 +456,10 @@ def llm_target(target: Any):
         spec_t = resolve_target(target)
     except CodegenError as exc:
         raise PassError(f"reshift.llm.compile: {exc}") from None
-    if spec_t.device_type != "cpu":
+    if spec_t.device_type not in ("cpu", "cuda"):
         raise PassError(
             f"reshift.llm.compile: target {spec_t.name!r} ({spec_t.device_type}); LLM artifacts build for CPU "
-            "targets (cpu, arm64, an LLVM target dict) in this version"
+            "targets (cpu, arm64, an LLVM target dict) and CUDA (cuda, cuda-sm80, cuda-sm90) in this version"
         )
     if not have_cross_compiler(spec_t):
         raise PassError(

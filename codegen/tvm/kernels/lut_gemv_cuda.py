@@ -41,11 +41,14 @@ def thread_loops(serial: bool):
     return bind
 
 
-def gemv_cuda_func(blocks: int, n_groups: int, planes: int, group_size: int, serial: bool = False) -> tirx.PrimFunc:
+def gemv_cuda_func(
+    blocks: int, n_groups: int, planes: int, group_size: int, serial: bool = False, alpha_dtype: str = "float32"
+) -> tirx.PrimFunc:
     """``part[t, m, 16*ob + l] = sum_{g = t mod split} sum_i alpha[ob,g,i,l] * sum_s lut[m,g,s,nibble]``.
 
     ``serial=True`` gives the same loops unbound (plain serial loops) so that the indexing and the
     arithmetic can be checked on a CPU; the GPU build binds them to blocks and threads.
+    ``alpha_dtype``: the scales' storage type (``float16`` scales are widened to float32 as read).
     """
     slots, words = slot_layout(group_size)
     width = blocks * ROWS
@@ -55,11 +58,14 @@ def gemv_cuda_func(blocks: int, n_groups: int, planes: int, group_size: int, ser
     steps = -(-n_groups // split)
     bind = thread_loops(serial)
 
+    def widen(value):
+        return value if alpha_dtype == "float32" else T.Cast("float32", value)
+
     @T.prim_func(private=True)
     def gemv(
         lut_h: T.handle,
         w: T.Buffer((blocks, n_groups, planes, words, ROWS), "uint32"),
-        alpha: T.Buffer((blocks, n_groups, planes, ROWS), "float32"),
+        alpha: T.Buffer((blocks, n_groups, planes, ROWS), alpha_dtype),
         part_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
@@ -104,10 +110,8 @@ def gemv_cuda_func(blocks: int, n_groups: int, planes: int, group_size: int, ser
                                                         ),
                                                     ]
                                                 )
-                                        acc[0] = (
-                                            acc[0]
-                                            + plane[0]
-                                            * alpha[
+                                        acc[0] = acc[0] + plane[0] * widen(
+                                            alpha[
                                                 (cta * rows_per_cta + lane) // ROWS,
                                                 step * split + t,
                                                 i,
