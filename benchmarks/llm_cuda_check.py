@@ -144,8 +144,8 @@ def _compile_random(config: dict, out: Path, target: str, quantize_lm_head: bool
     from reshift.llm.config import spec_from_config
 
     spec = spec_from_config(config)
-    saved = compiler.read_model, compiler.prepare
-    compiler.read_model = lambda _model: (spec, {}, config)
+    saved = compiler.open_model, compiler.prepare
+    compiler.open_model = lambda _model: (spec, {}, config)
     compiler.prepare = lambda spec_, _w, _p, bits, _c, max_seq, lm_head, **_kw: random_bcq_params(
         spec_, int(bits), max_seq, lm_head
     )
@@ -154,7 +154,7 @@ def _compile_random(config: dict, out: Path, target: str, quantize_lm_head: bool
             "random", "bcq", BITS, target=target, max_seq_len=MAX_SEQ, quantize_lm_head=quantize_lm_head, out_dir=out
         )
     finally:
-        compiler.read_model, compiler.prepare = saved
+        compiler.open_model, compiler.prepare = saved
 
 
 # -- prepare (here; no GPU) -----------------------------------------------------------------------------
