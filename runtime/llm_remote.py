@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from reshift.errors import InputError
 from reshift.runtime.llm import LLM, SO_FILE, WEIGHTS_FILE, built_target
 from reshift.runtime.remote import SECONDS_PER_MB, bounded, connect, load_library
 from reshift.runtime.rpc_session import DEFAULT_TIMEOUT, BoundedSession
@@ -76,6 +77,14 @@ class RemoteLLM(LLM):
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    def check_batch(self, prompts: Any, max_new_tokens: int = 0) -> list[np.ndarray]:
+        """Several sequences at once run only locally in this version (``llm_batch.py`` calls the local VM)."""
+        rows = super().check_batch(prompts, max_new_tokens)  # the artifact's own refusals (max_batch) first
+        raise InputError(
+            f"{len(rows)} sequences given: batch generation over RPC is not supported in this version; "
+            f"generate one prompt at a time on {self.where}"
+        )
 
     def _functions(self) -> tuple[dict[str, Any], Any]:
         entry = {fn: self._vm.module[fn] for fn in ("prefill", "decode")}

@@ -16,7 +16,7 @@ import pytest
 
 import reshift.llm
 from reshift import cli
-from reshift.errors import ArtifactError, PassError
+from reshift.errors import ArtifactError, InputError, PassError
 from reshift.runtime import remote
 from reshift.runtime.llm_remote import RemoteLLM, connect_llm
 from reshift.runtime.rpc_session import DeviceLost
@@ -42,7 +42,7 @@ def servers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def x86(servers, tmp_path_factory):
     """A tiny Llama compiled for this host: (artifact dir, the local LLM)."""
-    llm = reshift.llm.compile(tiny_model("llama"), pipeline="exact", max_seq_len=64)
+    llm = reshift.llm.compile(tiny_model("llama"), pipeline="exact", max_seq_len=64, max_batch=2)
     out = llm.save(tmp_path_factory.mktemp("llm-remote") / "llama_x86")
     for server in servers:
         server.wait_ready()
@@ -70,7 +70,9 @@ def test_remote_generation_matches_local(x86, servers):
         pos = len(PROMPT) + 23
         np.testing.assert_allclose(llm.cache_k.numpy()[:, :, :pos], local.cache_k.numpy()[:, :, :pos], atol=1e-6)
         kw = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=20, seed=7)
-        assert llm.generate([PROMPT], **kw).tolist() == local.generate([PROMPT], **kw).tolist()
+        assert llm.generate(np.array([PROMPT]), **kw).tolist() == local.generate(np.array([PROMPT]), **kw).tolist()
+        with pytest.raises(InputError, match="2 sequences given: batch generation over RPC is not supported"):
+            llm.generate([PROMPT, PROMPT[:3]], max_new_tokens=4)
 
 
 def test_cli_generate_and_bench_remote(x86, servers, capsys):
