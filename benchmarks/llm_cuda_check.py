@@ -19,6 +19,12 @@
   4.5 min and 2.2 GB peak RSS for both TinyLlama-shape builds, 6.4 MB prepared; ``--only speed``
   / ``--only tiny`` builds one half.
 
+On the GPU machine (python3.12 with torch and transformers, no TVM, no network), ``run`` needs
+reshift importable (``python3 -m pip install --no-deps --no-build-isolation -e .``: its package-dir
+layout) and a TVM *runtime* for that Python, carried in: the ``apache-tvm-ffi`` cp312 wheel and the
+``tvm`` package without ``libtvm_compiler.so`` (260 MB; ``TVM_USE_RUNTIME_LIB=1``), as
+``benchmarks/cuda_check.py`` ran. Not tried yet: no GPU was lent to the session that wrote this.
+
 ``run`` needs numpy and the TVM runtime (plus torch and transformers for the baselines): it loads
 each artifact with ``reshift.runtime.llm.load(dir, device)``, checks the greedy tokens, then times
 decode after a 128-token prompt (``LLM.benchmark``: best of 3, 64 new tokens) against transformers
@@ -331,12 +337,24 @@ def run(directory: Path, device: str, json_out: Path | None, skip_torch: bool) -
         import torch
 
         result["torch"] = torch.__version__
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and torch.cuda.is_available():
             result["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         torch = None
     import tvm
 
+    if device.startswith("cuda"):  # before drawing a GB of weights
+        from reshift.errors import ArtifactError
+        from reshift.runtime.module import load_device_runtime
+
+        try:
+            load_device_runtime("cuda")
+            why = "" if tvm.cuda(0).exist else "the TVM CUDA runtime loads but sees no GPU"
+        except ArtifactError as exc:
+            why = str(exc)
+        if why:
+            print(f"no CUDA device visible to TVM: {why}")
+            return 1
     result["tvm"] = tvm.__version__
     print(f"device {device} ({result.get('gpu', 'host CPU')}), TVM {tvm.__version__}, torch {result.get('torch')}")
     failures = 0
