@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TVM_NUM_THREADS", "2")
         prepare(args.dir, args.target, args.shapes, args.only)
         return 0
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # the runtime alone, as on the GPU machine
     return run(args.dir, args.device, args.json, args.skip_torch)
 
 
