@@ -165,8 +165,8 @@ def _run_gpu_graph_on_cpu(family: str, pipeline: str) -> None:
                                       *args)  # fmt: skip
         ref = forward(spec, ref_w, np.array([token]), int(pos[0]), ref_k, ref_v)
         np.testing.assert_allclose(logits.numpy()[0], ref, atol=5e-5, rtol=1e-4)
-    np.testing.assert_allclose(ck.numpy(), ref_k, atol=1e-5)
-    np.testing.assert_allclose(cv.numpy(), ref_v, atol=1e-5)
+    np.testing.assert_allclose(ck.numpy(), ref_k, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(cv.numpy(), ref_v, atol=1e-5, rtol=1e-5)
 
 
 def test_gpu_graph_on_cpu_matches_reference_bcq():
