@@ -90,6 +90,28 @@ def test_weights_stay_packed():
     assert "R.matmul" not in script
 
 
+def test_float16_scales_are_stored_in_half_the_bytes_with_the_same_result():
+    """Scales that are float16 values (as reshift.llm stores them) reach the kernel as float16, and the
+    result still matches the float32 reference; a scale float16 cannot hold keeps float32."""
+    from reshift.codegen.tvm.kernels.packing import alpha_dtype_for
+
+    graph = _graph("bcq", 37, 300, 128, 3)
+    alpha = graph.nodes[-1].inputs[2]
+    alpha.data = alpha.data.astype(np.float16).astype(np.float32)  # exactly representable
+    assert alpha_dtype_for(alpha.data) == "float16"
+    from reshift.codegen.tvm import lower
+
+    gemv = next(f for gv, f in lower(graph).functions.items() if gv.name_hint == "bcq_linear_lut_gemv")
+    assert "float16" in gemv.script()  # the alpha buffer
+    executable = build(graph, "cpu").executable
+    x = RNG.standard_normal((9, 300)).astype(np.float32)
+    expected = interpret(graph, {"x": x})[graph.outputs[0].name]
+    error = np.abs(_run(executable, x).astype(np.float64) - expected).max() / np.abs(expected).max()
+    assert error <= 1e-5
+    assert alpha_dtype_for(np.array([1.0, 1.0 + 2.0**-20], np.float32)) == "float32"
+    assert alpha_dtype_for(np.array([7e4], np.float32)) == "float32"  # past float16's range
+
+
 def test_packing_layouts():
     planes = np.zeros((1, 17, 40), np.uint8)
     planes[0, 16, 33] = 1  # row 16 -> block 1 lane 0; column 33 -> group 1 (G=32), word 0, bit 1
@@ -115,19 +137,20 @@ ROW_COUNTS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 15, 16, 17, 23)
 
 
 @needs_avx512
+@pytest.mark.parametrize("alpha_dtype", ["float32", "float16"])
 @pytest.mark.parametrize(
     "blocks, n_groups, planes, group", [(1, 2, 3, 32), (3, 3, 2, 128), (6, 2, 4, 64), (8, 1, 1, 8)]
 )
-def test_lut_avx512_kernel_matches_portable_kernel(blocks, n_groups, planes, group):
+def test_lut_avx512_kernel_matches_portable_kernel(blocks, n_groups, planes, group, alpha_dtype):
     from reshift.codegen.tvm.kernels.lut_gemv import gemv_func
     from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
 
     slots, words = slot_layout(group)
     w = RNG.integers(0, 2**32, (blocks, n_groups, planes, words, ROWS), dtype=np.uint64).astype(np.uint32)
-    alpha = RNG.standard_normal((blocks, n_groups, planes, ROWS)).astype(np.float32)
+    alpha = RNG.standard_normal((blocks, n_groups, planes, ROWS)).astype(alpha_dtype)
     bias = RNG.standard_normal(blocks * ROWS).astype(np.float32)
-    fast = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=True), avx512=True)
-    portable = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=False))
+    fast = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=True, alpha_dtype=alpha_dtype), avx512=True)
+    portable = _cpu_build(gemv_func(blocks, n_groups, planes, group, avx512=False, alpha_dtype=alpha_dtype))
     for rows in ROW_COUNTS:
         lut = RNG.standard_normal((rows, n_groups, slots, ROWS)).astype(np.float32)
         args = [tvm.runtime.tensor(a) for a in (lut, w, alpha, bias)]
@@ -219,4 +242,4 @@ def test_non_finite_rows_give_nan_like_the_reference(kind):
     actual = _run(build(graph, "cpu").executable, x)
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
     assert np.isnan(actual[1]).all() and np.isnan(actual[2]).all()
-    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5, atol=1e-5 * np.abs(expected[0]).max())

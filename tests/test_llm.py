@@ -85,7 +85,8 @@ def test_lowbit_every_linear_matches_reference(compiled, pipeline, bits):
     assert {r["bits"] for r in report if r["name"] != "lm_head"} == {bits}
     assert len(report) == 2 * 7 + 1 and all(0 < r["weight_error"] < 1 for r in report[:-1])
     assert report[-1]["name"] == "lm_head" and report[-1]["bits"] == 32
-    assert llm.report["linear_bytes"] < 0.3 * llm.report["linear_bytes_fp32"]
+    lowbit = report[:-1]  # as stored: K = 64 fills half of a 128-column group, so 7.25 (ternary 5) bits/weight
+    assert sum(r["bytes"] for r in lowbit) < 0.25 * sum(r["bytes_fp32"] for r in lowbit)
     spec, weights, _ = read_model(model)
     dequant: dict[str, np.ndarray] = {}
     prepare(spec, weights, pipeline, 3, None, 128, False, dequant)
@@ -95,6 +96,24 @@ def test_lowbit_every_linear_matches_reference(compiled, pipeline, bits):
     np.testing.assert_allclose(llm.prefill(np.array(PROMPT)), ref, atol=2e-4, rtol=1e-4)
     ref_step = forward(spec, {**weights, **dequant}, np.array([5]), len(PROMPT), ck, cv)
     np.testing.assert_allclose(llm.decode(5), ref_step, atol=2e-4, rtol=1e-4)
+
+
+def test_report_bytes_are_the_stored_parameter_bytes(compiled):
+    """Every linear's report ``bytes`` sum to its packed arrays (float16 scales, padding and bias included),
+    and ``weight_bytes`` to every stored parameter but the RoPE tables."""
+    model, llm = compiled("llama", "bcq")
+    spec, weights, _ = read_model(model)
+    params, forms, report = prepare(spec, weights, "bcq", 3, None, 128, False)
+    stored = {k: a for k, a in params.items() if k.rsplit(".", 1)[-1] in ("words", "alpha", "bias", "panels")}
+    assert {a.dtype.name for k, a in stored.items() if k.endswith(".alpha")} == {"float16"}
+    assert sum(r["bytes"] for r in report) == sum(a.nbytes for a in stored.values())
+    assert llm.report["linear_bytes"] == sum(a.nbytes for a in stored.values())
+    assert llm.report["weight_bytes"] == sum(a.nbytes for k, a in params.items() if not k.startswith("rope."))
+    q = next(r for r in report if r["name"] == "layers.0.q")
+    o, k = q["shape"]
+    groups = -(-k // 128)  # K = 64 < G: one group, its 128 bit columns stored whole
+    assert q["bytes"] == o * (3 * groups * (128 // 8 + 2) + 4)  # per row: 3 planes x (bits + a float16 alpha) + bias
+    assert q["bits_per_weight"] == round(8 * q["bytes"] / (o * k), 3)
 
 
 def test_bcq_lm_head_and_calibration(compiled):

@@ -100,7 +100,9 @@ class _Function:
             words = self.arrays[name + ".words"]
             blocks, n_groups, planes = words.shape[:3]
             lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
-            gv = self.bb.add_func(gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512"), "bcq_lut_gemv")
+            alpha_dtype = self.arrays[name + ".alpha"].dtype.name
+            func = gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512", alpha_dtype=alpha_dtype)
+            gv = self.bb.add_func(func, "bcq_lut_gemv")
             args = [lut, self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
         if not self.gpu:
             y = self.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "float32")))

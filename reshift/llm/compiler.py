@@ -77,6 +77,27 @@ def calibration_rows(spec: DecoderSpec, weights: dict[str, np.ndarray], calibrat
     return rows
 
 
+def _alpha_storage(alpha: np.ndarray) -> np.ndarray:
+    """Group scales as stored: float16 (the kernels convert) where every scale keeps float16's relative
+    precision (finite, normal range), else float32, so a layer with extreme scales stays accurate."""
+    a16 = np.asarray(alpha).astype(np.float16)
+    tiny = np.finfo(np.float16).tiny
+    small = (np.abs(a16) < 2 * tiny) & (np.asarray(alpha) != 0)  # 2x: ternary's halved scales stay normal too
+    ok = np.isfinite(a16.astype(np.float32)).all() and not small.any()
+    return a16 if ok else np.asarray(alpha, np.float32)
+
+
+def _stored_bytes(params: dict[str, np.ndarray], fused: str, members: list[int]) -> list[int]:
+    """Per member (by its output rows) the bytes its fused linear's parameters hold, padding rows and
+    the bias included (the last member takes the padding), so the report sums to the stored arrays."""
+    total = sum(params[fused + s].nbytes for s in (".panels", ".words", ".alpha", ".bias") if fused + s in params)
+    padded_rows = params[fused + ".bias"].shape[0]
+    per_row = total // padded_rows
+    shares = [rows * per_row for rows in members]
+    shares[-1] += total - sum(shares)
+    return shares
+
+
 def _linear_form(
     spec: DecoderSpec,
     weights: dict[str, np.ndarray],
@@ -91,7 +112,10 @@ def _linear_form(
     fitter: Any = None,
 ) -> dict[str, Any]:
     """Prepare one fused linear's parameters (dense ``[in, out]`` or packed BCQ) and its report rows;
-    ``fitter(member, q)`` (memoized by bit allocation) returns the member's ``BCQFit``."""
+    ``fitter(member, q)`` (memoized by bit allocation) returns the member's ``BCQFit``.
+
+    BCQ/ternary scales are stored as float16 (:func:`_alpha_storage`); the dequantized weights, the
+    errors and the bytes in the report are those of the stored (rounded) scales."""
     w = np.concatenate([weights[m + ".w"] for m in members])
     has_bias = any(m + ".b" in weights for m in members)
     bias = (
@@ -100,6 +124,7 @@ def _linear_form(
         else None
     )
     out_features, in_features = w.shape
+    member_rows = [weights[m + ".w"].shape[0] for m in members]
     if not quantize:  # packed 16-column panels for the register-tiled GEMM of kernels/dense_cpu.py
         from reshift.codegen.tvm.kernels.dense_cpu import pack_panels
 
@@ -108,41 +133,41 @@ def _linear_form(
         if bias is not None:
             padded[:out_features] = bias
         params[fused + ".bias"] = padded
-        for m in members:
+        for m, stored in zip(members, _stored_bytes(params, fused, member_rows), strict=True):
             o, k = weights[m + ".w"].shape
             report.append(
                 {
                     "name": m,
                     "shape": [o, k],
                     "bits": 32,
+                    "bits_per_weight": round(8 * stored / (o * k), 3),
                     "weight_error": 0.0,
                     "bytes_fp32": 4 * o * k,
-                    "bytes": 4 * o * k,
+                    "bytes": stored,
                 }
             )
         return {"kind": "dense", "out_features": out_features, "in_features": in_features}
     from reshift.codegen.tvm.kernels.lut_gemv import bias_row
     from reshift.codegen.tvm.kernels.packing import pack_bcq, pack_ternary
     from reshift.ir.ops_lowbit import pack_signs, pack_trits
-    from reshift.passes.bcq import bits_per_weight, fit_bcq, fit_ternary, ternary_dequant
+    from reshift.passes.bcq import BCQFit, fit_bcq, fit_ternary, ternary_dequant
 
     ternary = bits == 0  # BitNet b1.58 codes {-1, 0, +1}: two sign planes through the same LUT GEMV
-    codes, alphas = [], []
+    codes, alphas, rows_out = [], [], []
     for m in members:
         wm = weights[m + ".w"]
         x = rows.get(m) if rows else None
         if ternary:
             t, scale = fitter(m, 0) if fitter else fit_ternary(wm, group_size=GROUP_SIZE, x=x)
-            w_hat = ternary_dequant(t, scale, GROUP_SIZE)
+            scale = _alpha_storage(scale)
+            w_hat = ternary_dequant(t, scale.astype(np.float32), GROUP_SIZE)
             codes.append(t)
-            alphas.append(scale)
-            stored_bits = 2 + 16.0 / GROUP_SIZE  # 2-bit trit codes + one fp16 scale per group
         else:
             fit = fitter(m, bits) if fitter else fit_bcq(wm, q=bits, group_size=GROUP_SIZE, x=x)
-            w_hat = fit.weight(GROUP_SIZE)
+            scale = _alpha_storage(fit.alpha)
+            w_hat = BCQFit(fit.codes, scale.astype(np.float64), fit.history).weight(GROUP_SIZE)
             codes.append(fit.codes)
-            alphas.append(fit.alpha)
-            stored_bits = bits_per_weight(bits, GROUP_SIZE)
+        alphas.append(scale)
         if dequantized is not None:
             dequantized[m + ".w"] = w_hat.astype(np.float32)
         row = {
@@ -151,21 +176,26 @@ def _linear_form(
             "bits": "ternary" if ternary else bits,
             "weight_error": float(np.linalg.norm(wm - w_hat) / max(np.linalg.norm(wm), 1e-30)),
             "bytes_fp32": 4 * wm.size,
-            "bytes": int(np.ceil(wm.size * stored_bits / 8)),
         }
         if x is not None:
             ref = x @ wm.T
             row["output_error"] = float(np.linalg.norm(ref - x @ w_hat.T) / max(np.linalg.norm(ref), 1e-30))
-        report.append(row)
+        rows_out.append(row)
+    # one dtype per fused linear: float16 unless some member's scales needed float32
+    alpha_dtype = np.result_type(*[a.dtype for a in alphas]).name
     if ternary:
         trits = pack_trits(np.concatenate(codes))
-        words, alpha = pack_ternary(trits, np.concatenate(alphas).astype(np.float32), GROUP_SIZE, in_features)
+        words, alpha = pack_ternary(trits, np.concatenate(alphas), GROUP_SIZE, in_features, alpha_dtype)
     else:
         bits_packed = pack_signs(np.concatenate(codes, axis=1))
-        words, alpha = pack_bcq(bits_packed, np.concatenate(alphas).astype(np.float32), GROUP_SIZE, in_features)
+        words, alpha = pack_bcq(bits_packed, np.concatenate(alphas), GROUP_SIZE, in_features, alpha_dtype)
     params[fused + ".words"] = words
     params[fused + ".alpha"] = alpha
     params[fused + ".bias"] = bias_row(bias, out_features)
+    for row, stored in zip(rows_out, _stored_bytes(params, fused, member_rows), strict=True):
+        row["bytes"] = stored
+        row["bits_per_weight"] = round(8 * stored / (row["shape"][0] * row["shape"][1]), 3)
+        report.append(row)
     return {
         "kind": "bcq",
         "out_features": out_features,
@@ -497,12 +527,15 @@ class CrossBuild:
 
 def format_report(report: dict[str, Any]) -> str:
     """The per-layer table: bits, relative weight (and output) error, bytes."""
-    lines = [f"{'layer':<24} {'shape':>12} {'bits':>4} {'w_err':>8} {'out_err':>8} {'bytes':>10} {'fp32':>10}"]
+    lines = [
+        f"{'layer':<24} {'shape':>12} {'bits':>4} {'bits/w':>7} {'w_err':>8} {'out_err':>8} {'bytes':>10} {'fp32':>10}"
+    ]
     for r in report.get("layers", []):
         out_err = f"{r['output_error']:.4f}" if "output_error" in r else "-"
         shape = "x".join(map(str, r["shape"]))
         lines.append(
-            f"{r['name']:<24} {shape:>12} {r['bits']:>4} {r['weight_error']:>8.4f} {out_err:>8} "
+            f"{r['name']:<24} {shape:>12} {r['bits']:>4} {r.get('bits_per_weight', 0):>7.3f} "
+            f"{r['weight_error']:>8.4f} {out_err:>8} "
             f"{r['bytes']:>10} {r['bytes_fp32']:>10}"
         )
     lines.append(

@@ -20,7 +20,7 @@ from tvm import relax
 from reshift.codegen.tvm import lower_lowbit
 from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
 from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
-from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq, pack_shift, pack_ternary
+from reshift.codegen.tvm.kernels.packing import ROWS, alpha_dtype_for, pack_bcq, pack_shift, pack_ternary
 from reshift.codegen.tvm.kernels.reduce_cuda import row_absmax_cuda_func
 from reshift.codegen.tvm.kernels.shift_gemv import shift_gemv_func
 from reshift.codegen.tvm.kernels.shift_gemv_cuda import shift_gemv_cuda_func, shift_split_for
@@ -92,7 +92,12 @@ def _lut_linear(
         part = ctx.emit(relax.op.call_tir(gv, [lut, relax.const(words), relax.const(alpha)], out_ty=part_ty))
         y = ctx.emit(op.add(op.sum(part, axis=[0]), relax.const(bias_np)))
     else:
-        func = gemv_func(blocks, n_groups, planes, group_size, kernel_flavor() == "avx512")
+        # The registry's alpha is float32; where every scale is a float16 value (reshift.llm's fits round
+        # them so) the kernel reads half the scale bytes and computes the same result.
+        alpha = alpha.astype(alpha_dtype_for(alpha))
+        func = gemv_func(
+            blocks, n_groups, planes, group_size, kernel_flavor() == "avx512", alpha_dtype=alpha.dtype.name
+        )
         gv = ctx.bb.add_func(func, f"{node.op}_lut_gemv")
         y = ctx.emit(
             relax.op.call_tir(

@@ -80,23 +80,37 @@ def _tree_sum(terms: list) -> tirx.PrimExpr:
     return terms[0]
 
 
+def _alpha16(alpha, ob, g, i) -> tirx.PrimExpr:
+    """The 16 rows' ``alpha[ob, g, i]`` as float32 (``vcvtph2ps`` from float16 storage)."""
+    value = alpha[ob, g, i, tirx.Ramp(0, 1, ROWS)]
+    return value if alpha.dtype == "float32" else tirx.Cast("float32x16", value)
+
+
 def gemv_func(
-    blocks: int, n_groups: int, planes: int, group_size: int, avx512: bool, row_block: int = ROW_BLOCK
+    blocks: int,
+    n_groups: int,
+    planes: int,
+    group_size: int,
+    avx512: bool,
+    row_block: int = ROW_BLOCK,
+    alpha_dtype: str = "float32",
 ) -> tirx.PrimFunc:
-    """``y[m, 16*ob + l] = bias + sum_{g,i} alpha[ob,g,i,l] * sum_s lut[m,g,s, nibble(ob,g,i,s,l)]``."""
+    """``y[m, 16*ob + l] = bias + sum_{g,i} alpha[ob,g,i,l] * sum_s lut[m,g,s, nibble(ob,g,i,s,l)]``;
+    ``alpha`` float32 or float16 (half the scale bytes; converted to float32 in the kernel)."""
+    assert alpha_dtype in ("float32", "float16"), alpha_dtype
     slots, words = slot_layout(group_size)
     width = blocks * ROWS
     # Row blocks per thread-iteration: their lookups share each table load (one load, several vpermps).
     tile_blocks = next(t for t in (4, 2, 1) if blocks % t == 0)
 
     if avx512:
-        return _gemv_avx512(blocks, n_groups, planes, slots, words, tile_blocks, row_block)
+        return _gemv_avx512(blocks, n_groups, planes, slots, words, tile_blocks, row_block, alpha_dtype)
 
     @T.prim_func(private=True)
     def gemv_generic(
         lut_h: T.handle,
         w: T.Buffer((blocks, n_groups, planes, words, ROWS), "uint32"),
-        alpha: T.Buffer((blocks, n_groups, planes, ROWS), "float32"),
+        alpha: T.Buffer((blocks, n_groups, planes, ROWS), alpha_dtype),
         bias: T.Buffer((width,), "float32"),
         y_h: T.handle,
     ):
@@ -122,7 +136,7 @@ def gemv_func(
                                     )
                                     acc[l] = acc[l] + lut[m, g, wi * SLOTS_PER_WORD + j, T.Cast("int32", nibble)]
                         for l in range(ROWS):
-                            out[l] = out[l] + acc[l] * alpha[ob, g, i, l]
+                            out[l] = out[l] + acc[l] * T.Cast("float32", alpha[ob, g, i, l])
                 for l in range(ROWS):
                     y[m, ob * ROWS + l] = out[l]
 
@@ -138,7 +152,7 @@ def bias_row(bias: np.ndarray | None, out_features: int) -> np.ndarray:
 
 
 def _gemv_avx512(
-    blocks: int, n_groups: int, planes: int, slots: int, words: int, tile: int, row_block: int
+    blocks: int, n_groups: int, planes: int, slots: int, words: int, tile: int, row_block: int, alpha_dtype: str
 ) -> tirx.PrimFunc:
     """Register-blocked rows: each nibble word is loaded and shifted once for ``n_rows`` rows' tables."""
     width = blocks * ROWS
@@ -157,11 +171,9 @@ def _gemv_avx512(
                 for g in range(n_groups):
                     for i in range(planes):
                         for b in T.unroll(sub):
-                            out[b, lanes] = (
-                                out[b, lanes]
-                                + _tree_sum(_lookups(lut, w, m0, t * tile + st * sub + b, g, i, words))
-                                * alpha[t * tile + st * sub + b, g, i, lanes]
-                            )
+                            out[b, lanes] = out[b, lanes] + _tree_sum(
+                                _lookups(lut, w, m0, t * tile + st * sub + b, g, i, words)
+                            ) * _alpha16(alpha, t * tile + st * sub + b, g, i)
                 for b in T.unroll(sub):
                     y[m0, T.Ramp((t * tile + st * sub + b) * ROWS, 1, ROWS)] = out[b, lanes]
 
@@ -197,10 +209,9 @@ def _gemv_avx512(
                                         )
                         for b in T.unroll(sub):
                             for r in T.unroll(n_rows):
-                                out[r * tile + st * sub + b, lanes] = (
-                                    out[r * tile + st * sub + b, lanes]
-                                    + part[r * sub + b, lanes] * alpha[t * tile + st * sub + b, g, i, lanes]
-                                )
+                                out[r * tile + st * sub + b, lanes] = out[r * tile + st * sub + b, lanes] + part[
+                                    r * sub + b, lanes
+                                ] * _alpha16(alpha, t * tile + st * sub + b, g, i)
             for b in T.unroll(tile):
                 for r in T.unroll(n_rows):
                     y[m0 + r, T.Ramp((t * tile + b) * ROWS, 1, ROWS)] = out[r * tile + b, lanes]
@@ -214,7 +225,7 @@ def _gemv_avx512(
     def gemv(
         lut_h: T.handle,
         w: T.Buffer((blocks, n_groups, planes, words, ROWS), "uint32"),
-        alpha: T.Buffer((blocks, n_groups, planes, ROWS), "float32"),
+        alpha: T.Buffer((blocks, n_groups, planes, ROWS), alpha_dtype),
         bias: T.Buffer((width,), "float32"),
         y_h: T.handle,
     ):

@@ -60,23 +60,34 @@ def row_blocked(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(full, 1, -1))
 
 
-def pack_bcq(bits: np.ndarray, alpha: np.ndarray, group_size: int, in_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(words [OB, groups, q, words, 16] uint32, alpha [OB, groups, q, 16] float32)``."""
+def alpha_dtype_for(alpha: np.ndarray) -> str:
+    """``"float16"`` when every scale survives a round trip through float16 exactly (then storing it in
+    half the bytes changes no result), else ``"float32"``."""
+    a32 = np.asarray(alpha, np.float32)
+    with np.errstate(over="ignore"):
+        return "float16" if np.array_equal(a32.astype(np.float16).astype(np.float32), a32) else "float32"
+
+
+def pack_bcq(
+    bits: np.ndarray, alpha: np.ndarray, group_size: int, in_features: int, alpha_dtype: str = "float32"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(words [OB, groups, q, words, 16] uint32, alpha [OB, groups, q, 16] alpha_dtype)``."""
     words = nibble_words(_plane_bits(bits, in_features), group_size)
-    return words, row_blocked(alpha.astype(np.float32))
+    return words, row_blocked(alpha.astype(alpha_dtype))
 
 
 def pack_ternary(
-    trits: np.ndarray, scale: np.ndarray, group_size: int, in_features: int
+    trits: np.ndarray, scale: np.ndarray, group_size: int, in_features: int, alpha_dtype: str = "float32"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ternary as two sign planes: ``T = (P - N) / 2`` with ``P = 2[T=+1] - 1``, ``N = 2[T=-1] - 1``.
 
-    So ``W = scale/2 * P - scale/2 * N`` runs through the BCQ kernel with q = 2 (the halving is exact).
+    So ``W = scale/2 * P - scale/2 * N`` runs through the BCQ kernel with q = 2 (the halving is exact,
+    in float16 too unless ``scale/2`` falls below float16's normal range).
     """
     t = unpack_trits(trits, in_features)
     planes = np.stack([(t > 0), (t < 0)]).astype(np.uint8)
     half = scale.astype(np.float32) * np.float32(0.5)
-    return nibble_words(planes, group_size), row_blocked(np.stack([half, -half], axis=-1))
+    return nibble_words(planes, group_size), row_blocked(np.stack([half, -half], axis=-1).astype(alpha_dtype))
 
 
 SHIFT_ZERO = 32  # vpsllvd by >= 32 gives 0
