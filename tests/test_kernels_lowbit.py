@@ -80,6 +80,37 @@ def test_kernel_matches_reference(kind, shape):
             assert error <= 1e-5, f"{kind} {shape} batch {batch}: relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("kind", ["bcq", "ternary"])
+def test_static_many_rows_run_the_gemm(kind):
+    """A linear with a static row count of GEMM_MIN_ROWS or more lowers to the tile-decoding GEMM (no table)."""
+    from reshift.codegen.tvm import lower
+    from reshift.codegen.tvm.kernels.bcq_gemm import GEMM_MIN_ROWS
+
+    b = GraphBuilder(kind)
+    x = b.input("x", f"f32[{GEMM_MIN_ROWS + 3},70]")
+    if kind == "bcq":
+        bits = b.constant(pack_signs(np.where(RNG.random((2, 20, 70)) < 0.5, -1, 1)))
+        y = b.bcq_linear(
+            x, bits, b.constant(RNG.random((20, 5, 2)).astype(np.float32)), None, group_size=16, in_features=70
+        )
+    else:
+        trits = b.constant(pack_trits(RNG.integers(-1, 2, (20, 70))))
+        y = b.ternary_linear(
+            x, trits, b.constant(RNG.random((20, 5)).astype(np.float32)), None, group_size=16, in_features=70
+        )
+    graph = b.build(y)
+    names = [gv.name_hint for gv in lower(graph).functions]
+    assert f"{kind}_linear_gemm" in names and not any("lut" in n for n in names)
+    xv = RNG.standard_normal((GEMM_MIN_ROWS + 3, 70)).astype(np.float32)
+    xv[4, 7] = np.inf
+    expected = interpret(graph, {"x": xv})[graph.outputs[0].name]
+    actual = _run(build(graph, "cpu").executable, xv)
+    assert np.isnan(actual[4]).all()
+    finite = np.delete(np.arange(len(xv)), 4)
+    error = np.abs(actual[finite] - expected[finite]).max() / np.abs(expected[finite]).max()
+    assert error <= 1e-5
+
+
 def test_weights_stay_packed():
     """The module holds the nibble words as uint32 constants, never a float32 copy of W."""
     from reshift.codegen.tvm import lower
@@ -158,6 +189,35 @@ def test_lut_avx512_kernel_matches_portable_kernel(blocks, n_groups, planes, gro
         fast(*args, actual)
         portable(*args, expected)
         np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-4, err_msg=f"rows {rows}")
+
+
+@pytest.mark.parametrize("alpha_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("out, k, group, q", [(64, 256, 128, 3), (48, 300, 128, 2), (37, 70, 6, 4), (16, 33, 32, 1)])
+def test_bcq_gemm_matches_reference(out, k, group, q, alpha_dtype):
+    """The tile-decoding GEMM (prefill) on the GEMV's packed operands: 4, 3, 2 and 1 output blocks per tile,
+    K past the last full group, groups not a multiple of 32 columns, rows in full register tiles, short
+    tails and across the 192-row block."""
+    from reshift.codegen.tvm.kernels.bcq_gemm import ROW_BLOCK, gemm_func, tile_shape
+    from reshift.codegen.tvm.kernels.packing import ROWS, pack_bcq
+    from reshift.ir.ops_lowbit import bcq_weight
+
+    bits = pack_signs(np.where(RNG.random((q, out, k)) < 0.5, -1, 1))
+    alpha = RNG.standard_normal((out, -(-k // group), q)).astype(alpha_dtype).astype(np.float32)
+    words, alpha_packed = pack_bcq(bits, alpha, group, k, alpha_dtype)
+    blocks, n_groups = words.shape[:2]
+    bias = np.zeros(blocks * ROWS, np.float32)
+    bias[:out] = RNG.standard_normal(out)
+    weight = bcq_weight(bits, alpha, group, k).astype(np.float64)
+    gemm = _cpu_build(gemm_func(blocks, n_groups, q, group, k, alpha_dtype), avx512=lowbit.kernel_flavor() == "avx512")
+    rows_tile = tile_shape(blocks)[0]
+    for rows in (1, rows_tile - 1, rows_tile, 2 * rows_tile + 1, ROW_BLOCK + rows_tile + 3):
+        x = RNG.standard_normal((rows, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((rows, blocks * ROWS), np.float32))
+        gemm(*[tvm.runtime.tensor(a) for a in (x, words, alpha_packed, bias)], y)
+        expected = x.astype(np.float64) @ weight.T + bias[:out]
+        error = np.abs(y.numpy()[:, :out] - expected).max() / np.abs(expected).max()
+        assert error <= 1e-5, f"rows {rows}: relative error {error:.3g}"
+        np.testing.assert_array_equal(y.numpy()[:, out:], 0)  # padding rows: zero bits' +-alpha are 0
 
 
 @needs_avx512

@@ -8,8 +8,9 @@ both). The caches ``f32 [layers, kv_heads, max_seq_len, head_dim]`` are threaded
 layer by ``R.call_tir_inplace`` (``kernels/kv_cache.py``), so their outputs alias their inputs and the
 VM updates the preallocated cache without copying it; attention reads it in place
 (``kernels/decode_attention.py``). Linears are fp32 GEMMs on weights packed in 16-column panels
-(``kernels/dense_cpu.py``) or BCQ lookup-table GEMVs (``kernels/lut_gemv.py``) on packed
-``words``/``alpha``; q/k/v and gate/up are fused into one linear each (same input).
+(``kernels/dense_cpu.py``) or, on packed ``words``/``alpha``, BCQ lookup-table GEMVs
+(``kernels/lut_gemv.py``) for decode and a tile-decoding GEMM (``kernels/bcq_gemm.py``) for prefill;
+q/k/v and gate/up are fused into one linear each (same input).
 
 With ``max_batch = B > 1`` the module also has ``batch(ids int32[n], where int32[2, n], last int32[b],
 cache_k, cache_v, *weights) -> (logits f32[b, vocab], cache_k, cache_v)`` on caches
@@ -38,6 +39,7 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
+from reshift.codegen.tvm.kernels.bcq_gemm import GEMM_MIN_ROWS, gemm_func
 from reshift.codegen.tvm.kernels.decode_attention import attention_func
 from reshift.codegen.tvm.kernels.dense_cpu import dense_func
 from reshift.codegen.tvm.kernels.kv_cache import cache_shape, embed_func, kv_append_func, rope_q_func, where_shape
@@ -99,11 +101,16 @@ class _Function:
             g = form["group_size"]
             words = self.arrays[name + ".words"]
             blocks, n_groups, planes = words.shape[:3]
-            lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
             alpha_dtype = self.arrays[name + ".alpha"].dtype.name
-            func = gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512", alpha_dtype=alpha_dtype)
-            gv = self.bb.add_func(func, "bcq_lut_gemv")
-            args = [lut, self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
+            packed = [self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
+            if isinstance(rows, int) and rows < GEMM_MIN_ROWS:  # decode (and small batches): LUT GEMV
+                lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
+                func = gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512", alpha_dtype=alpha_dtype)
+                gv = self.bb.add_func(func, "bcq_lut_gemv")
+                args = [lut, *packed]
+            else:  # prefill (symbolic prompt length) and large batches: decode weight tiles, then GEMM
+                gv = self.bb.add_func(gemm_func(blocks, n_groups, planes, g, k, alpha_dtype), "bcq_gemm")
+                args = [x, *packed]
         if not self.gpu:
             y = self.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "float32")))
         if out % ROWS:

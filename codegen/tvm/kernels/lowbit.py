@@ -2,7 +2,8 @@
 
 They replace the reference entries of ``lower_lowbit.py`` (which decode weights to float32 at
 build time): the packed weights stay packed, re-laid out for the kernel (``packing.py``), and run
-through the lookup-table GEMV (``lut_gemv.py``) or the shift-add GEMV (``shift_gemv.py``).
+through the lookup-table GEMV (``lut_gemv.py``; a static row count of ``GEMM_MIN_ROWS`` or more runs the
+tile-decoding GEMM of ``bcq_gemm.py``) or the shift-add GEMV (``shift_gemv.py``).
 
 The kernel variant follows ``tvm.target.Target.current()`` at lowering time (host CPU if none):
 AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops, CUDA the split-K kernels of
@@ -18,6 +19,7 @@ import tvm
 from tvm import relax
 
 from reshift.codegen.tvm import lower_lowbit
+from reshift.codegen.tvm.kernels.bcq_gemm import GEMM_MIN_ROWS, gemm_func
 from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
 from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
 from reshift.codegen.tvm.kernels.packing import ROWS, alpha_dtype_for, pack_bcq, pack_shift, pack_ternary
@@ -84,13 +86,25 @@ def _lut_linear(
     out_features = node.outputs[0].shape[-1]
     x2, lead, m = _rows_2d(ctx, node, x)
     bias_const = node.inputs[-1] is not None and node.inputs[-1].is_constant
-    lut = ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
     bias_np = bias_row(node.inputs[-1].data if bias_const else None, out_features)
+    gemm = isinstance(m, int) and m >= GEMM_MIN_ROWS and kernel_flavor() != "gpu"
+    lut = None if gemm else ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
     if kernel_flavor() == "gpu":  # split-K partial sums, then their sum and the bias (dlight)
         gv = ctx.bb.add_func(gemv_cuda_func(blocks, n_groups, planes, group_size), f"{node.op}_lut_gemv_cuda")
         part_ty = relax.TensorType((split_for(n_groups), m, blocks * ROWS), "float32")
         part = ctx.emit(relax.op.call_tir(gv, [lut, relax.const(words), relax.const(alpha)], out_ty=part_ty))
         y = ctx.emit(op.add(op.sum(part, axis=[0]), relax.const(bias_np)))
+    elif gemm:  # many static rows: decode weight tiles, then GEMM
+        alpha = alpha.astype(alpha_dtype_for(alpha))
+        func = gemm_func(blocks, n_groups, planes, group_size, in_features, alpha.dtype.name)
+        gv = ctx.bb.add_func(func, f"{node.op}_gemm")
+        y = ctx.emit(
+            relax.op.call_tir(
+                gv,
+                [x2, relax.const(words), relax.const(alpha), relax.const(bias_np)],
+                out_ty=relax.TensorType((m, blocks * ROWS), "float32"),
+            )
+        )
     else:
         # The registry's alpha is float32; where every scale is a float16 value (reshift.llm's fits round
         # them so) the kernel reads half the scale bytes and computes the same result.
