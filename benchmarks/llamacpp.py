@@ -121,8 +121,63 @@ HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "post_attention_layernorm": "ffn_norm"}  # fmt: skip
 
 
-def write_gguf(hf_dir: Path, path: Path) -> Path:
-    """The HF Llama directory as an F16 GGUF (norms F32) with a placeholder vocabulary of the config's size."""
+def add_placeholder_vocab(w, gguf, vocab: int) -> None:
+    """A SentencePiece-layout vocabulary of ``vocab`` pieces that tokenizes no text meaningfully (llama-bench only)."""
+    # SentencePiece layout: unk, bos, eos, the 256 byte tokens llama.cpp looks up, then filler pieces
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
+    types += [gguf.TokenType.NORMAL] * (vocab - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+def add_bpe_vocab(w, gguf, tokenizer_json: Path, vocab: int) -> None:
+    """The byte-level BPE of a ``tokenizers`` ``tokenizer.json`` (GPT-2 pre-tokenizer, no normalizer) as
+    llama.cpp's ``gpt2`` tokenizer: the tokens by id, the merges in rank order, the special tokens as
+    CONTROL, the first special token as BOS/EOS, no BOS or EOS added (``train_tiny_llama.py``'s tokenizer).
+    Other tokenizers are refused, since llama.cpp would silently split their text differently."""
+    tj = json.loads(tokenizer_json.read_text())
+    model, pre = tj["model"], tj.get("pre_tokenizer") or {}
+    if (
+        model.get("type") != "BPE"
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or tj.get("normalizer")
+    ):
+        raise ValueError(
+            f"{tokenizer_json}: only a byte-level BPE with GPT-2's regex and no normalizer maps to llama.cpp's gpt2"
+        )
+    if pre.get("add_prefix_space"):
+        raise ValueError(f"{tokenizer_json}: add_prefix_space has no llama.cpp gpt2 equivalent")
+    ids = {**model["vocab"], **{t["content"]: t["id"] for t in tj.get("added_tokens", [])}}
+    if sorted(ids.values()) != list(range(vocab)):
+        raise ValueError(f"{tokenizer_json}: token ids are not 0..{vocab - 1} (the model's vocabulary)")
+    tokens = sorted(ids, key=ids.get)
+    special = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if special:
+        w.add_bos_token_id(min(special))
+        w.add_eos_token_id(min(special))
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+
+
+def write_gguf(hf_dir: Path, path: Path, tokenizer: bool = False) -> Path:
+    """The HF Llama directory as an F16 GGUF (norms F32): with ``tokenizer``, the directory's byte-level BPE
+    ``tokenizer.json`` (:func:`add_bpe_vocab`, for llama-perplexity on text), else a placeholder vocabulary
+    of the config's size (llama-bench feeds random ids)."""
     gguf = _gguf()
     cfg = json.loads((hf_dir / "config.json").read_text())
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -143,18 +198,10 @@ def write_gguf(hf_dir: Path, path: Path) -> Path:
     w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     w.add_vocab_size(vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    # SentencePiece layout: unk, bos, eos, the 256 byte tokens llama.cpp looks up, then filler pieces
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    tokens += [f"\u2581t{i}" for i in range(vocab - len(tokens))]
-    types += [gguf.TokenType.NORMAL] * (vocab - len(types))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * vocab)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if tokenizer:
+        add_bpe_vocab(w, gguf, hf_dir / "tokenizer.json", vocab)
+    else:
+        add_placeholder_vocab(w, gguf, vocab)
     for name, t in tensors.items():
         if name == "model.embed_tokens.weight":
             gname = "token_embd.weight"
@@ -202,6 +249,66 @@ def tensor_bytes(path: Path) -> dict:
         if t.name != "token_embd.weight":
             linear += int(t.n_bytes)
     return {"linear_bytes": linear, "tensor_types": types}
+
+
+def tensor_table(path: Path) -> list[dict]:
+    """Every tensor of a GGUF: name, type, element count, bytes and dimension count (for bits per weight)."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    return [
+        {
+            "name": t.name,
+            "type": t.tensor_type.name,
+            "n_elements": int(t.n_elements),
+            "n_bytes": int(t.n_bytes),
+            "n_dims": len(t.shape),
+        }  # fmt: skip
+        for t in reader.tensors
+    ]
+
+
+def parse_perplexity(text: str) -> dict:
+    """``Final estimate: PPL = X +/- Y`` and the chunk count from llama-perplexity's log."""
+    import re
+
+    final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", text)
+    if final is None or chunks is None:
+        raise ValueError(f"llama-perplexity printed no final estimate:\n{text[-2000:]}")
+    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)), "chunks": int(chunks.group(1)),
+            "n_ctx": int(chunks.group(2))}  # fmt: skip
+
+
+def read_logits_tokens(path: Path) -> tuple[int, np.ndarray]:
+    """``(n_ctx, token ids [n_chunk * n_ctx])`` from the header of a ``--kl-divergence-base`` file: the ids
+    llama.cpp's tokenizer gave the text (perplexity.cpp writes ``_logits_``, n_ctx, n_vocab, n_chunk, ids)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ValueError(f"{path}: not a llama-perplexity logits file")
+        n_ctx, _, n_chunk = np.frombuffer(f.read(12), np.int32)
+        return int(n_ctx), np.frombuffer(f.read(4 * int(n_chunk) * int(n_ctx)), np.int32).copy()
+
+
+def run_perplexity(
+    bins: Path, model: Path, text_file: Path, n_ctx: int, chunks: int, threads: int = 2, tokens_out: Path | None = None
+) -> dict:
+    """llama-perplexity on ``text_file``: ``chunks`` windows of ``n_ctx`` tokens, the second half of each scored
+    (perplexity.cpp's protocol), one sequence per batch; ``tokens_out`` keeps the logits file whose header holds
+    the token ids (:func:`read_logits_tokens`) for checking the tokenizer."""
+    cmd = [str(bins / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
+           "--chunks", str(chunks), "-t", str(threads)]  # fmt: skip
+    if tokens_out is not None:
+        cmd += ["--kl-divergence-base", str(tokens_out)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {
+        **parse_perplexity(done.stdout + done.stderr),
+        "seconds": time.perf_counter() - t0,
+        "command": " ".join(cmd),
+    }
 
 
 def parse_bench_json(text: str, prompt: int, new: int) -> dict:
