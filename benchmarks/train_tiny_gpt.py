@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -36,23 +35,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lowbit_accuracy import CORPUS_MODULES, apply_rtn, public_docstrings  # noqa: E402
+from lowbit_accuracy import apply_rtn  # noqa: E402
+from text_corpus import docstring_documents  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONFIG = {"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
 SEQ = 128
 STEPS = 1200
 QUICK_STEPS = 200
-
-
-def docstring_documents() -> list[str]:
-    """Whole docstrings (module, public members and methods) of the corpus modules, ASCII, deduplicated."""
-    seen: dict[str, None] = {}
-    for module_name in CORPUS_MODULES:
-        for doc in public_docstrings(module_name, methods=True):
-            if doc and len(doc) >= 40:
-                seen.setdefault(inspect.cleandoc(doc).encode("ascii", "ignore").decode(), None)
-    return list(seen)
 
 
 def corpus_bytes() -> tuple[np.ndarray, np.ndarray]:
