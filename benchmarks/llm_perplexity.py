@@ -171,6 +171,20 @@ def reshift_scheme(spec, weights, pipeline: str, bits: float, calibration, n_ctx
     return {**weights, **deq}, report
 
 
+def with_quantized_head(weights, report, bits: int, rows: dict[str, np.ndarray] | None):
+    """A scheme's weights and report with ``lm_head`` fitted as ``compiler._linear_form`` fits it (``fit_bcq`` on
+    the head's calibration rows, 128-column groups): the block fits are reused, not redone."""
+    from reshift.passes.bcq import bits_per_weight, fit_bcq
+
+    w = weights["lm_head.w"]
+    x = rows.get("lm_head") if rows else None
+    w_hat = fit_bcq(w, q=bits, group_size=GROUP, x=x).weight(GROUP).astype(np.float32)
+    stored = int(np.ceil(w.size * bits_per_weight(bits, GROUP) / 8))
+    row = {"name": "lm_head", "shape": list(w.shape), "bits": bits, "bytes": stored,
+           "weight_error": float(np.linalg.norm(w - w_hat) / np.linalg.norm(w))}  # fmt: skip
+    return {**weights, "lm_head.w": w_hat}, [r for r in report if r["name"] != "lm_head"] + [row]
+
+
 def bits_of(report: list[dict], which: Callable[[str], bool]) -> float | None:
     """Stored bits per weight (scales included) over the report rows ``which`` selects."""
     rows = [r for r in report if which(r["name"])]
@@ -219,7 +233,9 @@ RESHIFT_SCHEMES = {
     "bcq2c+head": ("bcq", 2, True, True),
 }
 RTN_SCHEMES = {"rtn4": (4, False), "rtn3": (3, False), "rtn2": (2, False), "rtn4s": (4, True), "rtn3s": (3, True)}
-DEFAULT_SCHEMES = ",".join([*RESHIFT_SCHEMES, *RTN_SCHEMES])
+# the default set leaves out ternary weight-only, symmetric 4-bit RTN and the 2.5-bit allocation (which fits every
+# layer at q = 2, 3 and 4): on a loaded 2-core host each calibrated fit takes minutes
+DEFAULT_SCHEMES = "exact,bcq4,bcq3,bcq2,bcq4c,bcq3c,bcq2c,ternaryc,bcq3c+head,bcq2c+head,rtn4,rtn3,rtn2,rtn3s"
 
 
 def cpu_name() -> str:
@@ -268,10 +284,14 @@ def llamacpp_rows(model_dir: Path, work: Path, text_file: Path, tokens: np.ndarr
 
 
 def reshift_rows(spec, weights, model_dir: Path, tokens, calibration, args) -> list[dict]:
+    """One row per reshift / RTN scheme, scored by the numpy forward (and the artifact for ``--artifact``)."""
+    from reshift.llm.compiler import calibration_rows
     from reshift.llm.reference import linear_names
 
     block = [n for n in linear_names(spec) if n != "lm_head"]
     artifact = set(args.artifact.split(",")) if args.artifact else set()
+    fitted: dict[tuple, tuple] = {}  # (pipeline, bits, calibrated) -> (weights, report), for the +head schemes
+    head_rows = None
     rows = []
     for name in args.schemes.split(","):
         t0 = time.perf_counter()
@@ -280,18 +300,28 @@ def reshift_rows(spec, weights, model_dir: Path, tokens, calibration, args) -> l
             w, bpw = rtn_scheme(weights, block, bits, symmetric)
             row = {"scheme": f"RTN {'sym' if symmetric else 'asym'} {bits}-bit g{GROUP}", "bits_block": bpw,
                    "bits_lm_head": 32.0, "calibrated": False}  # fmt: skip
+        elif name == "exact":
+            w = weights
+            row = {"scheme": "reshift exact fp32", "bits_block": 32.0, "bits_lm_head": 32.0, "calibrated": False}
         else:
             pipeline, bits, calibrated, head = RESHIFT_SCHEMES[name]
             calib = calibration if calibrated else None
-            w, report = reshift_scheme(spec, weights, pipeline, bits, calib, args.ctx, head)
-            label = {"exact": "reshift exact fp32", "ternary": "reshift ternary"}.get(pipeline, f"reshift BCQ {bits}")
+            base = (pipeline, bits, calibrated)
+            if base not in fitted:
+                fitted[base] = reshift_scheme(spec, weights, pipeline, bits, calib, args.ctx, False)
+            w, report = fitted[base]
+            if head:
+                if calibrated and head_rows is None:
+                    head_rows = calibration_rows(spec, weights, calibration)
+                w, report = with_quantized_head(w, report, bits, head_rows if calibrated else None)
+            label = "reshift ternary" if pipeline == "ternary" else f"reshift BCQ {bits}"
             row = {"scheme": label + (" calib" if calibrated else "") + (" +head" if head else ""),
                    "bits_block": bits_of(report, lambda n: n != "lm_head"), "calibrated": calibrated,
-                   "bits_lm_head": bits_of(report, lambda n: n == "lm_head"),
+                   "bits_lm_head": bits_of(report, lambda n: n == "lm_head") or 32.0,
                    "layers": [{k: r[k] for k in ("name", "bits", "weight_error", "output_error") if k in r}
                               for r in report]}  # fmt: skip
         t_fit = time.perf_counter() - t0
-        row.update(key=name, bits_embed=32.0, lm_head_type="fp32" if row["bits_lm_head"] == 32 else "same as blocks",
+        row.update(key=name, bits_embed=32.0, lm_head_type="fp32" if row["bits_lm_head"] == 32 else "BCQ",
                    embed_type="fp32", evaluator="numpy (dequantized weights)", fit_s=t_fit)  # fmt: skip
         row.update(score_chunks(numpy_logits_fn(spec, w), tokens, args.ctx, args.chunks))
         row["eval_s"] = time.perf_counter() - t0 - t_fit
@@ -324,8 +354,6 @@ def format_table(rows: list[dict], fp32: float) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lm = f"{r['lm_head_type']} {r['bits_lm_head']:.2f}" if r["bits_lm_head"] != 32 else "fp32"
-        if r["lm_head_type"] == "same as blocks":
-            lm = f"BCQ {r['bits_lm_head']:.2f}"
         ppl = f"{r['perplexity']:.3f} +/- {r['stderr']:.3f}"
         lines.append(f"{r['scheme']:<34} {r['bits_block']:>13.3f} {lm:>16} {r['embed_type']:>10} {ppl:>18} "
                      f"{r['perplexity'] / fp32:>7.3f}")  # fmt: skip
@@ -339,14 +367,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="local HF Llama directory with tokenizer.json (default: train_tiny_llama's)")
     p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--chunks", type=int, default=32)
+    p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--calib", default="4x128", help="calibration: SEQSxTOKENS training-split windows (default 4x128)")
     p.add_argument("--schemes", default=DEFAULT_SCHEMES)
     p.add_argument("--llamacpp", default=",".join(LLAMACPP_QUANTS), help="llama.cpp types ('' for none)")
-    p.add_argument("--artifact", default="exact,bcq3c,bcq2c", help="schemes also run as compiled artifacts")
+    p.add_argument("--artifact", default="bcq3c", help="schemes also run as compiled artifacts")
     p.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
+    unknown = [n for n in args.schemes.split(",") + (args.artifact.split(",") if args.artifact else [])
+               if n not in RESHIFT_SCHEMES and n not in RTN_SCHEMES]  # fmt: skip
+    if unknown or any(n in RTN_SCHEMES for n in (args.artifact.split(",") if args.artifact else [])):
+        p.error(f"unknown or non-compilable scheme(s) {unknown or args.artifact}; choose from "
+                f"{', '.join([*RESHIFT_SCHEMES, *RTN_SCHEMES])} (artifacts: reshift schemes only)")  # fmt: skip
 
     from reshift.llm.compiler import read_model
 
