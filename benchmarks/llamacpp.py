@@ -272,11 +272,22 @@ def parse_perplexity(text: str) -> dict:
     import re
 
     final = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
-    chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", text)
+    chunks = re.search(r"(?:calculating perplexity|computing) over (\d+) chunks, n_ctx=(\d+)", text)
+    kl = {key: re.search(rf"{pattern}\s*:\s*([-0-9.]+) ± +([-0-9.]+)", text) for key, pattern in KL_LINES.items()}
+    if final is None and kl["perplexity"] is not None:  # --kl-divergence prints PPL(Q) in its own summary
+        final = kl["perplexity"]
     if final is None or chunks is None:
         raise ValueError(f"llama-perplexity printed no final estimate:\n{text[-2000:]}")
-    return {"perplexity": float(final.group(1)), "stderr": float(final.group(2)), "chunks": int(chunks.group(1)),
-            "n_ctx": int(chunks.group(2))}  # fmt: skip
+    out = {"perplexity": float(final.group(1)), "stderr": float(final.group(2)), "chunks": int(chunks.group(1)),
+           "n_ctx": int(chunks.group(2))}  # fmt: skip
+    for key, m in kl.items():
+        if key != "perplexity" and m is not None:
+            out[key], out[key + "_stderr"] = float(m.group(1)), float(m.group(2))
+    return out
+
+
+# --kl-divergence summary lines (perplexity.cpp's kl_divergence()): statistics paired with the base logits
+KL_LINES = {"perplexity": r"Mean PPL\(Q\)", "ppl_ratio": r"Mean PPL\(Q\)/PPL\(base\)", "kld": r"Mean +KLD"}
 
 
 def read_logits_tokens(path: Path) -> tuple[int, np.ndarray]:
@@ -290,15 +301,25 @@ def read_logits_tokens(path: Path) -> tuple[int, np.ndarray]:
 
 
 def run_perplexity(
-    bins: Path, model: Path, text_file: Path, n_ctx: int, chunks: int, threads: int = 2, tokens_out: Path | None = None
+    bins: Path,
+    model: Path,
+    text_file: Path,
+    n_ctx: int,
+    chunks: int,
+    threads: int = 2,
+    tokens_out: Path | None = None,
+    kl_base: Path | None = None,
 ) -> dict:
     """llama-perplexity on ``text_file``: ``chunks`` windows of ``n_ctx`` tokens, the second half of each scored
     (perplexity.cpp's protocol), one sequence per batch; ``tokens_out`` keeps the logits file whose header holds
-    the token ids (:func:`read_logits_tokens`) for checking the tokenizer."""
+    the token ids (:func:`read_logits_tokens`) for checking the tokenizer; ``kl_base`` (such a file from another
+    model) runs ``--kl-divergence`` against it, adding the paired PPL ratio and the mean KL divergence."""
     cmd = [str(bins / "llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
            "--chunks", str(chunks), "-t", str(threads)]  # fmt: skip
     if tokens_out is not None:
         cmd += ["--kl-divergence-base", str(tokens_out)]
+    elif kl_base is not None:
+        cmd += ["--kl-divergence-base", str(kl_base), "--kl-divergence"]
     env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -63,28 +63,54 @@ def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(-1))
 
 
-def score_chunks(logits_fn: Callable[[np.ndarray, int], np.ndarray], tokens: np.ndarray, n_ctx: int, n_chunks: int):
+def score_chunks(
+    logits_fn: Callable[[np.ndarray, int], np.ndarray],
+    tokens: np.ndarray,
+    n_ctx: int,
+    n_chunks: int,
+    keep: bool = False,
+):
     """llama-perplexity's estimate over ``n_chunks`` windows of ``n_ctx`` tokens of ``tokens``.
 
     ``logits_fn(window, first)`` returns the logits ``[n_ctx - 1 - first, vocab]`` of positions
-    ``first .. n_ctx - 2`` of the window (causal, fresh cache); ``first = n_ctx // 2``."""
+    ``first .. n_ctx - 2`` of the window (causal, fresh cache); ``first = n_ctx // 2``. ``keep`` adds the
+    scored positions' log-probabilities (``"logp"``, for :func:`paired`) and per-token NLLs."""
     if len(tokens) < 2 * n_ctx:
         raise ValueError(f"need at least {2 * n_ctx} tokens for n_ctx={n_ctx}, got {len(tokens)}")
     n_chunks = min(n_chunks, len(tokens) // n_ctx)
     first = n_ctx // 2
-    nll = []
+    nll, logps = [], []
     for i in range(n_chunks):
         window = np.asarray(tokens[i * n_ctx : (i + 1) * n_ctx])
         logits = logits_fn(window, first)
         if logits.shape[0] != n_ctx - 1 - first:
             raise ValueError(f"logits_fn gave {logits.shape[0]} rows, the protocol scores {n_ctx - 1 - first}")
         nll.append(-log_softmax_at(logits, window[first + 1 :]))
+        if keep:
+            z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+            logps.append((z - np.log(np.exp(z).sum(-1, keepdims=True))).astype(np.float32))
     v = np.concatenate(nll)
     mean = float(v.mean())
     var = float((v * v).mean() - mean * mean)
     ppl = float(np.exp(mean))
-    return {"perplexity": ppl, "stderr": ppl * float(np.sqrt(var / (len(v) - 1))), "nll": mean,
-            "scored_tokens": len(v), "chunks": n_chunks, "n_ctx": n_ctx}  # fmt: skip
+    out = {"perplexity": ppl, "stderr": ppl * float(np.sqrt(var / (len(v) - 1))), "nll": mean,
+           "scored_tokens": len(v), "chunks": n_chunks, "n_ctx": n_ctx}  # fmt: skip
+    if keep:
+        out.update(logp=np.concatenate(logps), token_nll=v)
+    return out
+
+
+def paired(base: dict, other: dict) -> dict:
+    """Paired statistics of two :func:`score_chunks` runs (``keep=True``) on the same tokens, as llama-perplexity's
+    ``--kl-divergence`` prints them: PPL ratio ``exp(mean(nll_q - nll_base))`` with its standard error, and the
+    mean KL divergence ``KL(base || q)`` per token with its standard error."""
+    d = other["token_nll"] - base["token_nll"]
+    ratio = float(np.exp(d.mean()))
+    p = np.exp(base["logp"].astype(np.float64))
+    kld = (p * (base["logp"] - other["logp"])).sum(-1)
+    n = len(d)
+    return {"ppl_ratio": ratio, "ppl_ratio_stderr": ratio * float(d.std(ddof=1) / np.sqrt(n)),
+            "kld": float(kld.mean()), "kld_stderr": float(kld.std(ddof=1) / np.sqrt(n))}  # fmt: skip
 
 
 def all_logits(spec, w: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
@@ -264,14 +290,15 @@ def llamacpp_rows(model_dir: Path, work: Path, text_file: Path, tokens: np.ndarr
     if not f16.exists() or f16.stat().st_mtime < (model_dir / "model.safetensors").stat().st_mtime:
         llamacpp.write_gguf(model_dir, f16, tokenizer=True)
     rows = []
-    for q in args.llamacpp.split(",") if args.llamacpp else []:
+    quants = args.llamacpp.split(",") if args.llamacpp else []
+    base = work / "f16.logits"  # F16's logits: the other types are paired with them (--kl-divergence)
+    for q in ["F16"] + [t for t in quants if t != "F16"] if quants else []:
         path = f16 if q == "F16" else llamacpp.quantize(bins, f16, q)
-        ids_file = work / "tokens.logits" if q == "F16" else None
-        r = llamacpp.run_perplexity(bins, path, text_file, args.ctx, args.chunks, args.threads, tokens_out=ids_file)
-        row = {"scheme": f"llama.cpp {q}", "evaluator": "llama-perplexity", **r, **llamacpp_bits(path)}
-        if ids_file is not None:
-            n_ctx, ids = llamacpp.read_logits_tokens(ids_file)
-            ids_file.unlink()
+        ends = {"tokens_out": base} if q == "F16" else {"kl_base": base}
+        r = llamacpp.run_perplexity(bins, path, text_file, args.ctx, args.chunks, args.threads, **ends)
+        row = {"scheme": f"llama.cpp {q}", "evaluator": "llama-perplexity", "key": q, **r, **llamacpp_bits(path)}
+        if q == "F16":
+            n_ctx, ids = llamacpp.read_logits_tokens(base)
             same = n_ctx == args.ctx and np.array_equal(ids, tokens[: len(ids)])
             row["tokens_match"] = bool(same)
             print(f"llama.cpp tokenization of the held-out text: {len(ids)} ids, identical to ours: {same}")
@@ -280,6 +307,7 @@ def llamacpp_rows(model_dir: Path, work: Path, text_file: Path, tokens: np.ndarr
                 print(f"  first difference at id {diff}: llama.cpp {ids[diff : diff + 5]} vs {tokens[diff : diff + 5]}")
         print(f"  {row['scheme']:<24} ppl {r['perplexity']:.4f}  ({r['seconds']:.0f} s)", flush=True)
         rows.append(row)
+    base.unlink(missing_ok=True)
     return rows
 
 
@@ -293,7 +321,9 @@ def reshift_rows(spec, weights, model_dir: Path, tokens, calibration, args) -> l
     fitted: dict[tuple, tuple] = {}  # (pipeline, bits, calibrated) -> (weights, report), for the +head schemes
     head_rows = None
     rows = []
-    for name in args.schemes.split(","):
+    base = None  # the exact scheme's scores: every other row is paired with it
+    names = args.schemes.split(",")
+    for name in ["exact"] + [n for n in names if n != "exact"]:
         t0 = time.perf_counter()
         if name in RTN_SCHEMES:
             bits, symmetric = RTN_SCHEMES[name]
@@ -306,10 +336,10 @@ def reshift_rows(spec, weights, model_dir: Path, tokens, calibration, args) -> l
         else:
             pipeline, bits, calibrated, head = RESHIFT_SCHEMES[name]
             calib = calibration if calibrated else None
-            base = (pipeline, bits, calibrated)
-            if base not in fitted:
-                fitted[base] = reshift_scheme(spec, weights, pipeline, bits, calib, args.ctx, False)
-            w, report = fitted[base]
+            fit_key = (pipeline, bits, calibrated)
+            if fit_key not in fitted:
+                fitted[fit_key] = reshift_scheme(spec, weights, pipeline, bits, calib, args.ctx, False)
+            w, report = fitted[fit_key]
             if head:
                 if calibrated and head_rows is None:
                     head_rows = calibration_rows(spec, weights, calibration)
@@ -323,7 +353,10 @@ def reshift_rows(spec, weights, model_dir: Path, tokens, calibration, args) -> l
         t_fit = time.perf_counter() - t0
         row.update(key=name, bits_embed=32.0, lm_head_type="fp32" if row["bits_lm_head"] == 32 else "BCQ",
                    embed_type="fp32", evaluator="numpy (dequantized weights)", fit_s=t_fit)  # fmt: skip
-        row.update(score_chunks(numpy_logits_fn(spec, w), tokens, args.ctx, args.chunks))
+        scores = score_chunks(numpy_logits_fn(spec, w), tokens, args.ctx, args.chunks, keep=True)
+        if base is None:
+            base = scores
+        row.update({k: v for k, v in scores.items() if k not in ("logp", "token_nll")}, **paired(base, scores))
         row["eval_s"] = time.perf_counter() - t0 - t_fit
         print(f"  {row['scheme']:<32} ppl {row['perplexity']:.4f}  (fit {t_fit:.0f} s, eval {row['eval_s']:.0f} s)",
               flush=True)  # fmt: skip
@@ -350,16 +383,21 @@ def artifact_row(model_dir: Path, name: str, tokens, calibration, args) -> dict:
 
 
 def format_table(rows: list[dict], fp32: float) -> str:
-    head = f"{'scheme':<34} {'bits/w blocks':>13} {'lm_head':>16} {'embedding':>10} {'perplexity':>18} {'x fp32':>7}"
+    """One line per scheme; ``paired ratio`` and ``KLD`` are per-token statistics against the scheme's own float
+    model (reshift rows: reshift fp32; llama.cpp rows: its F16, through ``--kl-divergence``)."""
+    head = (f"{'scheme':<30} {'bits/w blocks':>13} {'lm_head':>12} {'embed':>5} {'perplexity':>17} {'x fp32':>6} "
+            f"{'paired ratio':>16} {'KLD x1e3':>13}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         lm = f"{r['lm_head_type']} {r['bits_lm_head']:.2f}" if r["bits_lm_head"] != 32 else "fp32"
-        ppl = f"{r['perplexity']:.3f} +/- {r['stderr']:.3f}"
-        lines.append(f"{r['scheme']:<34} {r['bits_block']:>13.3f} {lm:>16} {r['embed_type']:>10} {ppl:>18} "
-                     f"{r['perplexity'] / fp32:>7.3f}")  # fmt: skip
+        ppl = f"{r['perplexity']:.2f} +/- {r['stderr']:.2f}"
+        ratio = f"{r['ppl_ratio']:.4f} +/- {r['ppl_ratio_stderr']:.4f}" if r.get("ppl_ratio") is not None else "-"
+        kld = f"{1e3 * r['kld']:.2f} +/- {1e3 * r['kld_stderr']:.2f}" if r.get("kld") is not None else "-"
+        lines.append(f"{r['scheme']:<30} {r['bits_block']:>13.3f} {lm:>12} {r['embed_type']:>5} {ppl:>17} "
+                     f"{r['perplexity'] / fp32:>6.3f} {ratio:>16} {kld:>13}")  # fmt: skip
         if "artifact_perplexity" in r:
-            lines.append(f"{'  (compiled artifact, decode)':<34} {'':>13} {'':>16} {'':>10} "
-                         f"{r['artifact_perplexity']:>18.3f} {r['artifact_perplexity'] / fp32:>7.3f}")  # fmt: skip
+            lines.append(f"{'  (compiled artifact, decode)':<30} {'':>13} {'':>12} {'':>5} "
+                         f"{r['artifact_perplexity']:>17.2f} {r['artifact_perplexity'] / fp32:>6.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
