@@ -321,15 +321,20 @@ def run_perplexity(
     elif kl_base is not None:
         cmd += ["--kl-divergence-base", str(kl_base), "--kl-divergence"]
     env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"llama-perplexity failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return {
-        **parse_perplexity(done.stdout + done.stderr),
-        "seconds": time.perf_counter() - t0,
-        "command": " ".join(cmd),
-    }
+    for attempt in range(3):  # its log is written by a thread: now and then the summary lines are lost at exit
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama-perplexity failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        try:
+            parsed = parse_perplexity(done.stdout + done.stderr)
+        except ValueError:
+            if attempt == 2:
+                raise
+            _log("llama-perplexity's log lost its summary; running it again")
+            continue
+        return {**parsed, "seconds": time.perf_counter() - t0, "command": " ".join(cmd)}
+    raise AssertionError("unreachable")
 
 
 def parse_bench_json(text: str, prompt: int, new: int) -> dict:

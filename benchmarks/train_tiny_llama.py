@@ -20,7 +20,8 @@ hyper-parameters and the corpus, so ``reshift.llm.compile(dir)`` and ``reshift l
 
     nice -n -5 .venv/bin/python benchmarks/train_tiny_llama.py [--steps N]
 
-2 torch threads. 180 steps took ... on this shared 2-core host (see ``train_log.json``).
+2 torch threads. 180 steps (368k tokens, about 0.9 epoch) took 1581 s on this shared 2-core host (load 6-12, own
+autogroup at nice -5), 23.08 M parameters, held-out loss 7.17 -> 5.56 nats/token (``train_log.json`` has the curve).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from benchmarks.llm_perplexity import (
     artifact_logits_fn,
     check_against_reference,
     numpy_logits_fn,
+    paired,
     score_chunks,
 )
 
@@ -26,8 +27,8 @@ def tiny():
     from reshift.llm.compiler import read_model
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = transformers.LlamaConfig(vocab_size=320, intermediate_size=128, max_position_embeddings=64, **shape)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -44,8 +45,10 @@ def _direct_ppl(model, tokens: np.ndarray, n_ctx: int, n_chunks: int) -> tuple[f
         window = tokens[i * n_ctx : (i + 1) * n_ctx]
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(window)[None]).logits[0].double().numpy()
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-            -1, keepdims=True
+        logp = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
         )
         for pos in range(n_ctx // 2, n_ctx - 1):  # logits at pos predict token pos + 1
             nll.append(-logp[pos, window[pos + 1]])
@@ -85,6 +88,33 @@ def test_artifact_protocol_prefills_then_decodes_each_scored_position(tiny):
     a = score_chunks(artifact_logits_fn(StepModel()), tokens, N_CTX, 2)
     b = score_chunks(numpy_logits_fn(spec, weights), tokens, N_CTX, 2)
     assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+
+
+def test_paired_statistics_are_zero_against_itself_and_positive_for_a_perturbed_model(tiny):
+    _, spec, weights = tiny
+    tokens = np.random.default_rng(4).integers(0, 320, 2 * N_CTX)
+    a = score_chunks(numpy_logits_fn(spec, weights), tokens, N_CTX, 2, keep=True)
+    noisy = {**weights, "layers.0.q.w": weights["layers.0.q.w"] * 1.5}
+    b = score_chunks(numpy_logits_fn(spec, noisy), tokens, N_CTX, 2, keep=True)
+    same = paired(a, a)
+    assert same["ppl_ratio"] == 1.0 and same["kld"] == 0.0
+    other = paired(a, b)
+    assert other["kld"] > 0 and other["ppl_ratio"] == pytest.approx(b["perplexity"] / a["perplexity"], rel=1e-9)
+
+
+def test_parse_perplexity_reads_the_kl_divergence_summary():
+    text = """perplexity: computing over 16 chunks, n_ctx=256, batch_size=256, n_seq=1
+====== Perplexity statistics ======
+Mean PPL(Q)                   : 252.913120 ±   8.270061
+Mean PPL(base)                : 250.501817 ±   8.181513
+Mean PPL(Q)/PPL(base)         :   1.009626 ±   0.002100
+====== KL divergence statistics ======
+Mean    KLD:   0.012345 ±   0.000456
+"""
+    r = llamacpp.parse_perplexity(text)
+    assert r["chunks"] == 16 and r["n_ctx"] == 256
+    assert r["perplexity"] == 252.91312 and r["stderr"] == 8.270061
+    assert r["ppl_ratio"] == 1.009626 and r["kld"] == 0.012345 and r["kld_stderr"] == 0.000456
 
 
 def test_score_chunks_refuses_text_shorter_than_two_windows(tiny):
