@@ -6,6 +6,8 @@ per-(row, head) buffer, then ``softmax`` (max-subtracted, as transformers' eager
 weighted sum of the value rows. Rows and heads run in parallel; the loops over the cache stop at
 the current length, so a decode step costs what the filled part of the cache costs, not
 ``max_seq_len``. The head-dim loops are 16-lane vectors when ``head_dim % 16 == 0``.
+With ``slots`` (batch N) each row reads its own sequence's slot up to its own position
+(``where[:, i]``, see ``kv_cache.py``), so rows of different lengths never see each other's keys.
 """
 
 from __future__ import annotations
