@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="a kept folder for the model and artifacts (default: a temp dir, removed)")
+    ap.add_argument("--compile-only", action="store_true", help="compile the pipelines into --work, time nothing")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="reshift_llm_batch_"))
@@ -96,11 +97,16 @@ def main() -> None:
         else:
             c = _child(code, args.threads)
             stats.write_text(json.dumps({"code": code, "stats": c}))
+        if args.compile_only:
+            continue
         b = _child(
             BENCH.format(out=out, prompt=args.prompt, new=args.new, repeat=args.repeat, batches=batches), args.threads
         )
         for row in b["rows"]:
             results.append({"pipeline": name, **row, "rss_mb": b["rss_mb"], "linear_bytes": c["linear_bytes"]})
+    if args.compile_only:
+        print(f"compiled into {work}")
+        return
     load_end = os.getloadavg()
     config = json.loads((Path(model) / "config.json").read_text())
     shapes = {k: config[k] for k in TINY}
