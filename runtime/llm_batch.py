@@ -1,4 +1,4 @@
-"""Batch N generation on an LLM artifact compiled with ``max_batch = B > 1`` (its ``batch`` function).
+"""Batch N generation on an LLM artifact compiled with ``max_batch = B > 1`` (``batch_prefill`` / ``batch_decode``).
 
 The slotted caches ``float32 [layers, B, kv_heads, max_seq_len, head_dim]`` are allocated on first
 use (``B`` times one sequence's cache, beside the batch-1 caches). Sequence ``j`` of a call lives in
@@ -113,7 +113,8 @@ class BatchGeneration:
         last = (np.cumsum(lengths) - 1).astype(np.int32)
         tensor = self._tvm.runtime.tensor
         args = [tensor(ids, self._dev), tensor(np.ascontiguousarray(where), self._dev), tensor(last, self._dev)]
-        logits, ck, cv = self._vm["batch"](*args, ck, cv, *self._params)
+        entry = "batch_decode" if lengths.max() == 1 else "batch_prefill"  # GEMV / GEMM for BCQ linears
+        logits, ck, cv = self._vm[entry](*args, ck, cv, *self._params)
         self._batch_caches = (ck, cv)
         self.batch_pos[slots] = starts + lengths
         return logits.numpy()

@@ -12,14 +12,16 @@ VM updates the preallocated cache without copying it; attention reads it in plac
 (``kernels/lut_gemv.py``) for decode and a tile-decoding GEMM (``kernels/bcq_gemm.py``) for prefill;
 q/k/v and gate/up are fused into one linear each (same input).
 
-With ``max_batch = B > 1`` the module also has ``batch(ids int32[n], where int32[2, n], last int32[b],
-cache_k, cache_v, *weights) -> (logits f32[b, vocab], cache_k, cache_v)`` on caches
+With ``max_batch = B > 1`` the module also has ``batch_prefill`` and ``batch_decode``, both
+``(ids int32[n], where int32[2, n], last int32[b], cache_k, cache_v, *weights) -> (logits f32[b, vocab],
+cache_k, cache_v)`` on caches
 ``[layers, B, kv_heads, max_seq_len, head_dim]`` (one slot per sequence): the ``n`` rows are the
 tokens of ``b`` sequences packed back to back, row ``i`` at position ``where[0, i]`` of slot
-``where[1, i]``, and ``last`` names each sequence's last row, whose logits are returned. One function
-serves the ragged prefill of ``b`` prompts (``n`` = their summed lengths) and the decode step of ``b``
-sequences each at its own position (``n = b``): the linears see all ``n`` rows at once, one weight
-read for ``b`` tokens, and attention masks each row to its own slot and length.
+``where[1, i]``, and ``last`` names each sequence's last row, whose logits are returned. The same graph
+serves the ragged prefill of ``b`` prompts (``n`` = their summed lengths; BCQ linears as the GEMM) and
+the decode step of ``b <= B`` sequences each at its own position (``n = b``; the LUT GEMV, which
+register-blocks up to 8 rows): the linears see all ``n`` rows at once, one weight read for ``b``
+tokens, and attention masks each row to its own slot and length. CPU targets only.
 
 Under a CUDA target (``with target:``) the same graph takes the GPU kernels of
 ``kernels/llm_cuda.py`` (same signatures, batch 1 only), dense linears become a TE matmul that
@@ -74,6 +76,7 @@ class _Function:
     ):
         self.bb, self.arrays, self.forms = bb, params, forms
         self.kernels = kernels or ("cuda" if current_target_is_gpu() else "cpu")
+        self.max_rows: int | None = None  # a bound on symbolic rows (batched decode): picks the LUT GEMV
         self.gpu = self.kernels != "cpu"
         self.serial = self.kernels == "cuda-serial"  # the GPU graph with unbound loops, to check it on a CPU
         self.vars: dict[str, relax.Var] = {
@@ -103,7 +106,7 @@ class _Function:
             blocks, n_groups, planes = words.shape[:3]
             alpha_dtype = self.arrays[name + ".alpha"].dtype.name
             packed = [self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
-            if isinstance(rows, int) and rows < GEMM_MIN_ROWS:  # decode (and small batches): LUT GEMV
+            if (rows if isinstance(rows, int) else self.max_rows or GEMM_MIN_ROWS) < GEMM_MIN_ROWS:  # decode: GEMV
                 lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
                 func = gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512", alpha_dtype=alpha_dtype)
                 gv = self.bb.add_func(func, "bcq_lut_gemv")
@@ -246,22 +249,28 @@ def build_module(
                 out = bb.emit_output(relax.Tuple([logits, ck2, cv2]))
             bb.emit_func_output(out)
     if max_batch > 1:
-        _batch_function(bb, spec, params, forms, max_seq, max_batch)
+        for name in ("batch_prefill", "batch_decode"):
+            _batch_function(bb, name, spec, params, forms, max_seq, max_batch)
     return bb.get()
 
 
-def _batch_function(bb, spec: Any, params, forms, max_seq: int, slots: int) -> None:
-    """``batch(ids [n], where [2, n], last [b], cache_k, cache_v, *weights)`` on the slotted caches."""
+def _batch_function(bb, name: str, spec: Any, params, forms, max_seq: int, slots: int) -> None:
+    """``name(ids [n], where [2, n], last [b], cache_k, cache_v, *weights)`` on the slotted caches;
+    ``batch_decode`` (one row per sequence, at most ``slots`` rows) takes the LUT GEMV for BCQ linears,
+    ``batch_prefill`` the GEMM."""
     n, b = tirx.Var("n", "int64"), tirx.Var("b", "int64")
     cache_ty = relax.TensorType(
         cache_shape(spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim, slots), "float32"
     )
     fn = _Function(bb, params, forms)
+    if fn.gpu:
+        raise NotImplementedError("batched generation (max_batch > 1) builds for CPU targets only")
+    fn.max_rows = slots if name == "batch_decode" else None
     ids = relax.Var("ids", relax.TensorType((n,), "int32"))
     where = relax.Var("where", relax.TensorType(where_shape(slots, n), "int32"))
     last = relax.Var("last", relax.TensorType((b,), "int32"))
     ck, cv = relax.Var("cache_k", cache_ty), relax.Var("cache_v", cache_ty)
-    with bb.function("batch", [ids, where, last, ck, cv, *fn.vars.values()]):
+    with bb.function(name, [ids, where, last, ck, cv, *fn.vars.values()]):
         with bb.dataflow():
             logits, ck2, cv2 = _decoder(bb, spec, params, forms, max_seq, n, ids, where, ck, cv, fn, slots, last)
             out = bb.emit_output(relax.Tuple([logits, ck2, cv2]))
