@@ -36,8 +36,11 @@ system-tools:
 demo: install
 	$(BIN)/python examples/quickstart.py
 
+# Two pytest workers, one per core: most test time is single-threaded TVM/LLVM compilation. Files
+# stay whole on one worker (--dist loadfile), so module-scoped compiled models are built once.
+TEST_WORKERS ?= 2
 test: install system-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not edge"

@@ -15,6 +15,12 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# Under pytest-xdist (`make test` runs two workers on two cores) each worker keeps to one thread:
+# TVM's pool spin-waits, and two 2-thread pools on two cores wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for var in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
