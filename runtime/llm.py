@@ -252,6 +252,15 @@ class LLM(BatchGeneration):
         a list of 1-D arrays, one per sequence (:meth:`generate_batch`: ``stream(j, id)``, per-sequence end).
         """
         prompts = split_batch(input_ids)
+        if prompts is not None and len(prompts) == 1 and self.max_batch < 2:
+            # a batch of one needs no batch functions: the batch-1 path, the batch's return type
+            stream1 = None if stream is None else (lambda token: stream(0, token))
+            one = np.asarray(prompts[0])
+            if one.dtype == object or one.ndim != 1:
+                raise InputError(f"sequence 0: a prompt must be 1-D token ids, got shape {one.shape}")
+            return [
+                self.generate(one, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, stream1, seed)
+            ]
         if prompts is not None:
             return self.generate_batch(
                 prompts, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, stream, seed

@@ -323,3 +323,16 @@ def test_bcq_bit_allocation_under_a_budget(compiled):
     assert llm.generate(np.array(PROMPT), max_new_tokens=4).shape == (len(PROMPT) + 4,)
     with pytest.raises(PassError, match="bits=1.5"):
         reshift.llm.compile(model, bits=1.5)
+
+
+def test_a_batch_of_one_runs_on_a_batch_1_artifact(compiled):
+    """``generate([ids])`` on a ``max_batch=1`` artifact: the batch-1 path, returned as a one-element list."""
+    model, llm = compiled("llama")
+    seen: list[tuple[int, int]] = []
+    out = llm.generate([list(PROMPT)], max_new_tokens=6, stream=lambda j, t: seen.append((j, t)))
+    single = llm.generate(np.array(PROMPT), max_new_tokens=6)
+    assert isinstance(out, list) and len(out) == 1
+    np.testing.assert_array_equal(out[0], single)
+    assert seen == [(0, int(t)) for t in single[len(PROMPT) :]]
+    with pytest.raises(InputError, match="sequence 0"):
+        llm.generate([[list(PROMPT)]], max_new_tokens=2)
