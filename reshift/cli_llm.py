@@ -46,7 +46,11 @@ def add_parsers(sub) -> None:
     c.add_argument(
         "--calib-ids", help="calibration token ids: a .npy file of [sequences, tokens] (instead of --calib-text)"
     )
-    c.add_argument("--target", default="cpu", help="cpu (this machine) or arm64 (cross-linked; default: cpu)")
+    c.add_argument(
+        "--target",
+        default="cpu",
+        help="cpu (this machine), arm64 (cross-linked) or cuda (sm_90 kernels; runs where a GPU is; default: cpu)",
+    )
     c.add_argument("--max-batch", type=int, default=1, help="sequences per batched generate call (default: 1)")
 
     g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
@@ -92,7 +96,18 @@ def open_llm(args: argparse.Namespace):
         from reshift.runtime.llm_remote import connect_llm
 
         return connect_llm(args.model, rpc=args.rpc, tracker=args.tracker, key=args.key, timeout=args.timeout)
-    return reshift.llm.load(args.model)
+    return reshift.llm.load(args.model, device=_built_device(args.model))
+
+
+def _built_device(directory: str) -> str:
+    """``cuda`` for an artifact built for CUDA, else ``cpu`` (a broken llm.json is load()'s to report)."""
+    from reshift.runtime.llm import LLM_META, built_target
+
+    try:
+        meta = json.loads((Path(directory) / LLM_META).read_text())
+        return str(built_target(meta).get("device_type", "cpu"))
+    except (OSError, ValueError, AttributeError):
+        return "cpu"
 
 
 def _tokenizer(path: str | Path):
