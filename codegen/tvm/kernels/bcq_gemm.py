@@ -24,6 +24,7 @@ from tvm.script import tirx as T
 from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
 
 ROW_BLOCK = 192  # rows per weight-tile decode; their partial sums (192 x V x 16 floats) stay in L2
+KB_WORDS = 2  # 64 decoded columns per K block: a 16 KiB tile at V = 4 leaves L1 room for the rows of x
 HALF_ACCUMULATORS = 12  # vectors per accumulator buffer (< 1 KiB stays on the stack, i.e. in registers)
 GEMM_MIN_ROWS = 16  # below this the LUT GEMV is faster (measured by benchmarks/bcq_kernels.py)
 
@@ -56,7 +57,9 @@ def gemm_func(
     """``y[m, 16*ob + l] = bias + sum_k x[m, k] * W[16*ob + l, k]`` with ``W`` decoded from ``words``/``alpha``
     (``x [rows, K]``, rows symbolic)."""
     _, words_per_group = slot_layout(group_size)
-    cols = words_per_group * 32  # decoded columns per group (the padding ones are never read)
+    kw = min(KB_WORDS, words_per_group)  # words (32 columns each) per decoded K block
+    k_blocks = -(-words_per_group // kw)
+    cols = kw * 32
     width = blocks * ROWS
     rows_tile, panels = tile_shape(blocks)
     half = rows_tile // 2
@@ -64,11 +67,11 @@ def gemm_func(
     lanes = T.Ramp(0, 1, ROWS)
 
     @T.macro
-    def decode(tile, words, alpha, t, g):
+    def decode(tile, words, alpha, t, g, kb):
         for v in range(panels):
-            for wi in range(words_per_group):
+            for wi in range(T.min(kw, words_per_group - kb * kw)):
                 for c in T.unroll(32):
-                    tile[v, wi * 32 + c, lanes] = _weight(words, alpha, t * panels + v, g, wi, c, planes)
+                    tile[v, wi * 32 + c, lanes] = _weight(words, alpha, t * panels + v, g, kb * kw + wi, c, planes)
 
     @T.prim_func(private=True)
     def bcq_gemm(
@@ -88,9 +91,11 @@ def gemm_func(
             for mb in range(-(-rows // ROW_BLOCK)):
                 m_end = T.min(rows, mb * ROW_BLOCK + ROW_BLOCK)
                 n_tiles = (m_end - mb * ROW_BLOCK) // rows_tile
-                for g in range(n_groups):
-                    decode(tile, words, alpha, t, g)
-                    kn = T.min(gs, k - g * gs)
+                for gk in range(n_groups * k_blocks):
+                    g = gk // k_blocks
+                    k0 = g * gs + gk % k_blocks * cols  # first input column of this K block
+                    decode(tile, words, alpha, t, g, gk % k_blocks)
+                    kn = T.max(T.min(T.min(cols, (g + 1) * gs - k0), k - k0), 0)
                     for mo in range(n_tiles):
                         m0 = mb * ROW_BLOCK + mo * rows_tile
                         acc_a = T.alloc_buffer((half, panels, ROWS), "float32", scope="global")
@@ -99,12 +104,12 @@ def gemm_func(
                         for r in T.unroll(half):
                             for v in T.unroll(panels):
                                 acc_a[r, v, lanes] = T.if_then_else(
-                                    g == 0,
+                                    gk == 0,
                                     bias[T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                                     y[m0 + r, T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                                 )
                                 acc_b[r, v, lanes] = T.if_then_else(
-                                    g == 0,
+                                    gk == 0,
                                     bias[T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                                     y[m0 + half + r, T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                                 )
@@ -115,13 +120,13 @@ def gemm_func(
                                 for v in T.unroll(panels):
                                     acc_a[r, v, lanes] = (
                                         acc_a[r, v, lanes]
-                                        + T.Broadcast(xf[(m0 + r) * k + g * gs + kk], ROWS) * wv[v, lanes]
+                                        + T.Broadcast(xf[(m0 + r) * k + k0 + kk], ROWS) * wv[v, lanes]
                                     )
                             for r in T.unroll(half):
                                 for v in T.unroll(panels):
                                     acc_b[r, v, lanes] = (
                                         acc_b[r, v, lanes]
-                                        + T.Broadcast(xf[(m0 + half + r) * k + g * gs + kk], ROWS) * wv[v, lanes]
+                                        + T.Broadcast(xf[(m0 + half + r) * k + k0 + kk], ROWS) * wv[v, lanes]
                                     )
                         for r in T.unroll(half):
                             for v in T.unroll(panels):
@@ -131,14 +136,14 @@ def gemm_func(
                         acc1 = T.alloc_buffer((panels, ROWS), "float32", scope="global")
                         for v in T.unroll(panels):
                             acc1[v, lanes] = T.if_then_else(
-                                g == 0,
+                                gk == 0,
                                 bias[T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                                 y[m, T.Ramp((t * panels + v) * ROWS, 1, ROWS)],
                             )
                         for kk in range(kn):
                             for v in T.unroll(panels):
                                 acc1[v, lanes] = (
-                                    acc1[v, lanes] + T.Broadcast(xf[m * k + g * gs + kk], ROWS) * tile[v, kk, lanes]
+                                    acc1[v, lanes] + T.Broadcast(xf[m * k + k0 + kk], ROWS) * tile[v, kk, lanes]
                                 )
                         for v in T.unroll(panels):
                             y[m, T.Ramp((t * panels + v) * ROWS, 1, ROWS)] = acc1[v, lanes]
