@@ -26,7 +26,7 @@ from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
 ROW_BLOCK = 192  # rows per weight-tile decode; their partial sums (192 x V x 16 floats) stay in L2
 KB_WORDS = 2  # 64 decoded columns per K block: a 16 KiB tile at V = 4 leaves L1 room for the rows of x
 HALF_ACCUMULATORS = 12  # vectors per accumulator buffer (< 1 KiB stays on the stack, i.e. in registers)
-GEMM_MIN_ROWS = 16  # below this the LUT GEMV is faster (measured by benchmarks/bcq_kernels.py)
+GEMM_MIN_ROWS = 64  # below this the LUT GEMV is faster (benchmarks/bcq_kernels.py: between 32 and 128 rows)
 
 
 def tile_shape(blocks: int) -> tuple[int, int]:
