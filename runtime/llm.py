@@ -14,7 +14,6 @@ import json
 import platform
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 
 from reshift.errors import ArtifactError, InputError
 from reshift.runtime.artifact import check_meta_checksum, normalize_arch, sha256_file, target_arch
-from reshift.runtime.llm_batch import BatchGeneration, split_batch
+from reshift.runtime.llm_batch import BatchGeneration, best_of, split_batch
 
 LLM_META = "llm.json"
 LLM_FORMAT = "reshift-llm-1"
@@ -297,16 +296,9 @@ class LLM(BatchGeneration):
         prompt = rng.integers(0, self.vocab_size, prompt_len).astype(np.int32)
         prompt_len = min(prompt_len, self.max_seq_len - new_tokens)
         prompt = prompt[:prompt_len]
-        self.prefill(prompt)  # warm-up
-        best_prefill = best_decode = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            logits = self.prefill(prompt)
-            best_prefill = min(best_prefill, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                logits = self.decode(int(np.argmax(logits)))
-            best_decode = min(best_decode, time.perf_counter() - t0)
+        best_prefill, best_decode = best_of(
+            lambda: self.prefill(prompt), lambda logits: self.decode(int(np.argmax(logits))), new_tokens, repeat
+        )
         return {
             "prompt_tokens": prompt_len,
             "new_tokens": new_tokens,

@@ -34,6 +34,22 @@ def split_batch(input_ids: Any) -> list[Any] | None:
     return None
 
 
+def best_of(prefill: Callable[[], Any], step: Callable[[Any], Any], new_tokens: int, repeat: int) -> tuple[float, ...]:
+    """Best-of-``repeat`` seconds of ``prefill()`` and of ``new_tokens`` greedy ``step(logits)`` calls after it
+    (one untimed prefill first); the timing loop of both ``benchmark`` methods."""
+    prefill()
+    best_prefill = best_decode = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        logits = prefill()
+        best_prefill = min(best_prefill, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = step(logits)
+        best_decode = min(best_decode, time.perf_counter() - t0)
+    return best_prefill, best_decode
+
+
 class BatchGeneration:
     """``prefill_batch`` / ``decode_batch`` / ``generate_batch`` of :class:`~reshift.runtime.llm.LLM`.
 
@@ -185,16 +201,12 @@ class BatchGeneration:
         rng = np.random.default_rng(0)
         prompt_len = min(prompt_len, self.max_seq_len - new_tokens)
         prompts = [rng.integers(0, self.vocab_size, prompt_len).astype(np.int32) for _ in range(batch)]
-        self.prefill_batch(prompts)  # warm-up
-        best_prefill = best_decode = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            logits = self.prefill_batch(prompts)
-            best_prefill = min(best_prefill, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                logits = self.decode_batch([int(t) for t in np.argmax(logits, axis=1)])
-            best_decode = min(best_decode, time.perf_counter() - t0)
+        best_prefill, best_decode = best_of(
+            lambda: self.prefill_batch(prompts),
+            lambda logits: self.decode_batch([int(t) for t in np.argmax(logits, axis=1)]),
+            new_tokens,
+            repeat,
+        )
         return {
             "batch": batch,
             "prompt_tokens": prompt_len,
