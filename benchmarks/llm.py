@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_baselines import ORT_BLOCKS, TORCH_VARIANTS, ortgenai_rows, transformers_rows  # noqa: E402
+from llm_baselines import ORT_BLOCKS, PEAK, TORCH_VARIANTS, ortgenai_rows, run_child, transformers_rows  # noqa: E402
 
 LLAMACPP_ALL = "Q4_0,Q3_K_S,Q2_K,TQ2_0,TQ1_0"
 ORT_ALL = ",".join(map(str, ORT_BLOCKS))
@@ -115,19 +114,13 @@ def read_bandwidth_gbs(threads: int = 2) -> float:
 
 
 def _child(code: str, threads: int) -> dict:
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark child failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """:func:`llm_baselines.run_child` for reshift's own children: a failure ends the benchmark."""
+    try:
+        return run_child(code, threads)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
-PEAK = """
-def peak_rss_mb():  # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-"""
 COMPILE = (
     PEAK
     + """

@@ -140,7 +140,7 @@ def run_child(code: str, threads: int, timeout: float | None = None) -> dict:
            "TVM_NUM_THREADS": str(threads)}  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode != 0:
-        raise RuntimeError(f"baseline child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"benchmark child failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
