@@ -335,3 +335,4 @@ __all__ = [
     "register_decomposition",
     "to_onnx",
 ]
+from reshift.codegen import onnx_moe as _onnx_moe  # noqa: E402,F401  (moe_linear decomposition)

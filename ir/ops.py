@@ -532,6 +532,7 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
 from reshift.ir import ops_index as _ops_index  # noqa: E402,F401
 from reshift.ir import ops_layout as _ops_layout  # noqa: E402,F401
 from reshift.ir import ops_lowbit as _ops_lowbit  # noqa: E402,F401
+from reshift.ir import ops_moe as _ops_moe  # noqa: E402,F401
 from reshift.ir import ops_nn as _ops_nn  # noqa: E402,F401
 from reshift.ir import ops_quant as _ops_quant  # noqa: E402,F401
 from reshift.ir import ops_select as _ops_select  # noqa: E402,F401

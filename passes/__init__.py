@@ -17,6 +17,7 @@ from reshift.passes.branches_linear import LINEAR_BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
 from reshift.passes.log2 import LOG2_PASSES
 from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
+from reshift.passes.moe import MOE_PASSES
 from reshift.passes.pattern import Any, Const, Match, Op, Opt
 from reshift.passes.quantize import QUANTIZE_PASSES
 from reshift.passes.rules import Rule, apply_rules
@@ -34,6 +35,7 @@ PASSES: dict[str, Pass] = {
     + LOG2_PASSES
     + SCALE_REPARAM_PASSES
     + ATTENTION_REPARAM_PASSES
+    + MOE_PASSES
 }
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
@@ -58,6 +60,10 @@ PIPELINES: dict[str, list[str]] = {
     "adalog": ["adalog_a4"],
     "scale_reparam": ["scale_reparam_a8"],
     "attention_reparam": ["attention_reparam"],  # options: qk_alpha, v_alpha; calibration
+    # ShiftAddViT: MLP linears as multiplication/shift expert mixtures (router fitted on calibration;
+    # options moe_shift_share or expert_latency, shift_bits), the other linears as shift linears
+    "moe": ["moe_mlp"],
+    "shiftadd_vit": ["moe_mlp", "shift_weights"],
 }
 # post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,
 # weight_rounding, skip, reparam_stat, base_kind, qk_alpha, v_alpha; calibration required): uniform

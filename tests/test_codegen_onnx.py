@@ -411,7 +411,9 @@ QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear", "log2_matmul")  #
 
 def test_every_custom_op_has_an_export_test():
     custom = {n for n, o in OPS.items() if "custom" in o.tags and not n.startswith("test_")}
-    assert custom <= {"shift_linear", "shift_conv2d", "bcq_linear", "ternary_linear", *QDQ_TESTED}, custom
+    assert custom <= {"shift_linear", "shift_conv2d", "bcq_linear", "ternary_linear", "moe_linear", *QDQ_TESTED}, (
+        custom
+    )  # moe_linear: test_moe.py
 
 
 @pytest.mark.parametrize("bias", [True, False])

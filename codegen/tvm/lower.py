@@ -229,4 +229,5 @@ from reshift.codegen.tvm import lower_lowbit, lower_nn, lower_ops, lower_shape  
 from reshift.codegen.tvm import lower_select as _lower_select  # noqa: E402,F401 -- topk, isnan, isinf
 from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels
+from reshift.codegen.tvm.kernels import moe_dispatch as _kernels_moe_dispatch  # noqa: E402,F401 -- moe_linear token dispatch
 from reshift.codegen.tvm.kernels import shift_conv as _kernels_shift_conv  # noqa: E402,F401 -- shift_conv2d (im2col + shift GEMV)
