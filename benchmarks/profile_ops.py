@@ -30,6 +30,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--pipeline", default="exact", help="e.g. shift: the lossy kernels' share of the time")
+    parser.add_argument(
+        "--calib",
+        type=int,
+        default=None,
+        help="calibration batches from the example inputs (default 2 for w*a* pipelines)",
+    )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when tvm starts its thread pool
 
@@ -41,7 +47,13 @@ def main() -> None:
     spec = MODELS[args.model]
     inputs = spec.example_inputs(args.batch)
     with tempfile.TemporaryDirectory() as tmp:
-        reshift.compile(spec.build(), inputs, target="cpu", pipeline=args.pipeline).save(tmp)
+        n_calib = args.calib if args.calib is not None else (2 if "a" in args.pipeline.split("_")[0][1:] else 0)
+        graph = reshift.frontend.from_torch(spec.build(), inputs)
+        names = [v.name for v in graph.inputs]
+        calib = [
+            dict(zip(names, (t.numpy() for t in spec.example_inputs(args.batch)), strict=True)) for _ in range(n_calib)
+        ]
+        reshift.compile(graph, target="cpu", pipeline=args.pipeline, calibration=calib or None).save(tmp)
         model = reshift.load(tmp)
         tensors = [model._to_tvm(t.numpy()) for t in inputs]
         for _ in range(5):

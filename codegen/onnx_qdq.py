@@ -7,6 +7,9 @@
   per-row ``s, z`` with ``ReduceMin``/``ReduceMax`` exactly as the reference), the weight as an
   ``int8`` initializer ``[K, O]`` behind ``DequantizeLinear`` (per output channel, ``axis=1``),
   then ``MatMul`` + ``Add``: the pattern onnxruntime fuses into its integer kernels.
+* ``int8_conv2d`` -> activation QDQ per tensor, the ``int8`` OIHW filter behind
+  ``DequantizeLinear`` (per output channel, ``axis=0``), then ``Conv`` with the bias: onnxruntime's
+  QDQ conv pattern (an image holding NaN is left to the runtime, as above).
 * ``log2_quant``: a float64 decomposition (``Log``, ``Round``, ``Pow``, ``Where``) of the reference;
   with ``custom_ops="domain"`` it stays one ``ai.reshift`` node instead.
 * ``log2_matmul``: the float graph it replaces, ``MatMul(log2_quant(p), QDQ(v))`` (equal to the
@@ -26,7 +29,7 @@ from reshift.codegen.onnx import OnnxEmitter, register_decomposition
 from reshift.ir import Node
 from reshift.ir.ops_quant import log_step, uniform_range
 
-STANDARD_QDQ_OPS = ("quantize_uniform", "int8_linear")  # exported as standard ONNX in every mode
+STANDARD_QDQ_OPS = ("quantize_uniform", "int8_linear", "int8_conv2d")  # exported as standard ONNX in every mode
 
 
 def _qdq(em: OnnxEmitter, x: str, scale, zero_point, bits: int, signed: bool, axis: int | None) -> str:
@@ -98,6 +101,31 @@ def _int8_linear(em, node: Node, ins):
     y = em.one("MatMul", [x, w])
     bias = ins[3] if len(ins) > 3 else ""
     return em.final(node, "Add", [y, bias]) if bias else em.final(node, "Identity", [y])
+
+
+@register_decomposition("int8_conv2d")
+def _int8_conv2d(em, node: Node, ins):
+    from reshift.errors import CodegenError
+
+    if not (node.inputs[1].is_constant and node.inputs[2].is_constant):
+        raise CodegenError(f"int8_conv2d node {node.name}: QDQ export needs constant wq and w_scale")
+    a = node.attrs
+    x = _qdq(em, ins[0], a["x_scale"], a["x_zero_point"], a["x_bits"], False, None)
+    wq, ws = node.inputs[1].data, node.inputs[2].data.astype(np.float32)
+    zero = em.const(np.zeros(len(ws), np.int8), f"{node.name}_wzero")
+    w = em.const(np.ascontiguousarray(wq).astype(np.int8), f"{node.name}_wq")
+    w = em.one("DequantizeLinear", [w, em.const(ws, f"{node.name}_wscale"), zero], axis=0)
+    bias = ins[3] if len(ins) > 3 else ""
+    return em.final(
+        node,
+        "Conv",
+        [x, w] + ([bias] if bias else []),
+        kernel_shape=list(wq.shape[2:]),
+        strides=list(a["stride"]),
+        pads=list(a["padding"]),
+        dilations=list(a["dilation"]),
+        group=a["groups"],
+    )
 
 
 @register_decomposition("log2_quant")

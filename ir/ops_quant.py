@@ -20,6 +20,11 @@ Each numpy reference is the exact specification passes and kernels are checked a
   row at run time, in float32: ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)``,
   ``s = (hi - lo) / (2^bits - 1)`` (``1`` where that is 0), ``z = clip(rint(-lo / s), 0, 2^bits - 1)``;
   then ``y = float32(acc) * (s * w_scale[o]) + bias[o]``.
+* ``int8_conv2d``: ``int8_linear``'s per-tensor scheme on an NCHW convolution with an int8 OIHW
+  filter: ``acc[n,o,h,w] = sum (q - z) * wq`` over the window (zero padding is the code ``z`` of
+  ``0.0``, so it adds nothing), exactly in int32, ``y = float32(acc) * (float32(x_scale) * w_scale[o])
+  + bias[o]``. An image (batch element) holding a NaN gives NaN outputs (a float conv would spread
+  it over the NaN's receptive field only; the kernel flags whole images).
 * ``log2_matmul`` (RepQ-ViT / AdaLog attention times V as shifts and adds): ``p @ v`` with ``p`` coded
   as ``log2_quant`` does (code ``q``, the zero code skipped) and ``v`` as a per-tensor
   ``quantize_uniform`` (``v_int = clip(rint(v / v_scale) + z, lo, hi) - z``, float32 arithmetic,
@@ -43,7 +48,8 @@ from __future__ import annotations
 import numpy as np
 
 from reshift.errors import IRTypeError
-from reshift.ir.ops import Attr, _matmul_infer, register
+from reshift.ir.numpy_kernels import conv2d
+from reshift.ir.ops import Attr, _matmul_infer, conv2d_output_type, register
 from reshift.ir.shapes import normalize_axis, require_float
 
 SQRT2 = np.float32(np.sqrt(2.0))
@@ -446,6 +452,64 @@ register(
     tags={"custom", "contraction"},
 )
 
+
+# -- int8_conv2d ------------------------------------------------------------------------------
+def int8_conv2d_ref(
+    x, wq, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits
+) -> np.ndarray:
+    """The integer convolution, stated exactly (see module docstring)."""
+    x = np.asarray(x, np.float32)
+    z = int(x_zero_point)
+    q = quantize_activations(x, x_scale, z, x_bits).astype(np.float64) - z  # zero padding is code z: 0 here
+    # float64 is exact: every partial sum is an integer below 2^53 (|acc| <= 255 * 127 * K)
+    acc = conv2d(q, wq.astype(np.float64), None, stride, padding, dilation, groups).astype(np.int64).astype(np.int32)
+    rescale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
+    y = acc.astype(np.float32) * rescale[None, :, None, None]
+    y[np.isnan(x).reshape(len(x), -1).any(axis=1)] = np.nan
+    if bias is not None:
+        y = y + bias.astype(np.float32)[None, :, None, None]
+    return y.astype(np.float32)
+
+
+def _int8_conv2d_infer(x, wq, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits):
+    require_float(x, "int8_conv2d")
+    if wq.dtype != "int8":
+        raise IRTypeError(f"int8_conv2d: wq must be an int8 OIHW filter, got {wq}")
+    y = conv2d_output_type(x, wq, bias, stride, padding, dilation, groups, op="int8_conv2d", weight="wq")
+    out = wq.shape[0]
+    if w_scale.dtype != "float32" or tuple(w_scale.shape) != (out,):
+        raise IRTypeError(f"int8_conv2d: w_scale must be float32[{out}], got {w_scale}")
+    if bias is not None and bias.dtype != "float32":
+        raise IRTypeError(f"int8_conv2d: bias {bias} must be float32[{out}]")
+    if not 2 <= x_bits <= 8:
+        raise IRTypeError(f"int8_conv2d: x_bits {x_bits} must be in 2..8 (unsigned bytes)")
+    if not (x_scale > 0 and np.isfinite(x_scale)):
+        raise IRTypeError(f"int8_conv2d: x_scale {x_scale} must be positive and finite")
+    if not 0 <= x_zero_point <= 2**x_bits - 1:
+        raise IRTypeError(f"int8_conv2d: x_zero_point {x_zero_point} must be in [0, {2**x_bits - 1}]")
+    return [y]
+
+
+register(
+    "int8_conv2d",
+    ["x", "wq", "w_scale", "bias?"],
+    {
+        "stride": Attr("ints", (1, 1)),
+        "padding": Attr("ints", (0, 0, 0, 0)),
+        "dilation": Attr("ints", (1, 1)),
+        "groups": Attr("int", 1),
+        "x_scale": Attr("float", 1.0),
+        "x_zero_point": Attr("int", 0),
+        "x_bits": Attr("int", 8),
+    },
+    _int8_conv2d_infer,
+    int8_conv2d_ref,
+    "NCHW conv of q(x) - z (unsigned x_bits per tensor, zero padding = code z) with int8 OIHW wq, int32 "
+    "accumulation, y = float32(acc) * (x_scale * w_scale[o]) + bias[o]; an image holding NaN gives NaN",
+    macs=lambda out, x, w, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])) * int(np.prod(w[1:])),
+    tags={"custom", "contraction"},
+)
+
 __all__ = [
     "LOG2_KINDS",
     "LOG2_MATMUL_KINDS",
@@ -453,6 +517,7 @@ __all__ = [
     "SQRT2",
     "adaptive_exponent",
     "fraction_table",
+    "int8_conv2d_ref",
     "int8_linear_ref",
     "log2_codes",
     "log2_levels",

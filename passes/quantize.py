@@ -15,6 +15,10 @@
   differences at W4A4 stayed within the calibration-set noise.
 * A ``linear`` whose input another quantizer already produced (``log2_quant`` after softmax or
   GELU) keeps its activation as is and gets fake-quantized (dequantized) weight constants.
+* Every dense ``conv2d`` (``groups=1``, same candidate rules; option ``quantize_convs``, default
+  True) becomes ``int8_conv2d``: per-output-channel symmetric weights (nearest rounding), activations
+  per tensor from calibration (static, as onnxruntime's QDQ convs); grouped and depthwise convs stay
+  float, with the reason in the report.
 * Each activation input of a ``matmul`` (q @ k^T, attention @ v) gets a per-tensor
   ``quantize_uniform`` unless a quantizer already produced it.
 
@@ -54,7 +58,7 @@ from reshift.passes.calibrate import (
 from reshift.passes.gptq import gptq_codes, input_hessian
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import match
-from reshift.passes.quant_common import LINEAR, candidate_reason
+from reshift.passes.quant_common import CONV, LINEAR, candidate_reason
 from reshift.passes.rules import Refusal, RuleStats
 
 QUANTIZER_OPS = ("quantize_uniform", "log2_quant")
@@ -149,6 +153,7 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
             stats.refusals.append(Refusal("linear_to_int8", node.name, reason))
         else:
             linears.append((m, produced_by_quantizer(m["x"], producers)))
+    convs = conv_candidates(graph, producers, users, opts, w_bits, stats) if opts.get("quantize_convs", True) else []
     matmul_inputs: dict[Value, list[Node]] = {}
     if opts.get("quantize_matmuls", True):
         for node in graph.nodes:
@@ -157,7 +162,7 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
             for v in node.input_values():
                 if not v.is_constant and v.dtype == "float32" and not produced_by_quantizer(v, producers):
                     matmul_inputs.setdefault(v, []).append(node)
-    if not linears and not matmul_inputs:
+    if not linears and not matmul_inputs and not convs:
         return stats
     granularity = opts.get("act_granularity") or default_act_granularity(a_bits)
     if granularity not in GRANULARITIES:
@@ -170,7 +175,7 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
         raise PassError(f"quantize: weight_rounding {rounding!r} must be 'nearest' or 'gptq'")
     static = [m.root.inputs[0] for m, weight_only in linears if not weight_only and granularity == "tensor"]
     hessian_inputs = [m.root.inputs[0] for m, _ in linears] if rounding == "gptq" else []
-    watched = list(dict.fromkeys(static + list(matmul_inputs) + hessian_inputs))
+    watched = list(dict.fromkeys(static + list(matmul_inputs) + hessian_inputs + [m["x"] for m in convs]))
     observers = observe(
         graph, calibration, watched, keep_tensors={v.name for v in hessian_inputs}, max_batches_kept=len(calibration)
     )
@@ -220,6 +225,26 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
                 details.update(x_scale=x_scale, x_zero_point=x_zp)
             stats.matches["linear_to_int8"] = stats.matches.get("linear_to_int8", 0) + 1
         stats.details[name] = details
+    for m in convs:
+        w = m.array("weight")
+        codes, scales = quantize_weight(w.reshape(len(w), -1), w_bits, weight_method)
+        codes = codes.reshape(w.shape)
+        w_hat = codes.astype(np.float32) * scales[:, None, None, None]
+        x_scale, x_zp = act_params(m["x"])
+        name, a = m.root.name, m.root.attrs
+        inputs = [m["x"], graph.add_constant(codes, f"{name}_wq"), graph.add_constant(scales, f"{name}_wscale")]
+        attrs = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+        attrs.update(x_scale=x_scale, x_zero_point=x_zp, x_bits=a_bits)
+        replace_node(graph, m.root, "int8_conv2d", inputs + [m.get("bias")], attrs)
+        stats.matches["conv_to_int8"] = stats.matches.get("conv_to_int8", 0) + 1
+        stats.details[name] = {
+            "w_bits": w_bits,
+            "weight_rounding": "nearest",
+            "weight_error": relative_error(w_hat, w),
+            "a_bits": a_bits,
+            "x_scale": x_scale,
+            "x_zero_point": x_zp,
+        }
     for v, readers in matmul_inputs.items():
         scale, zp = act_params(v)
         attrs = {"scale": (scale,), "zero_point": (float(zp),), "bits": a_bits}
@@ -228,6 +253,32 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
         stats.details[f"{v.name}_q"] = {"a_bits": a_bits, "scale": scale, "zero_point": zp}
     graph.remove_unused()
     return stats
+
+
+def conv_candidates(graph: Graph, producers, users, opts: dict, w_bits: int, stats: RuleStats) -> list:
+    """The ``conv2d`` nodes ``int8_conv2d`` takes (dense: ``groups=1``, constant float weight and bias);
+    a refusal with its reason for every other one."""
+    found = []
+    for node in graph.nodes:
+        if node.op != "conv2d":
+            continue
+        m = match(CONV, node, producers)
+        reason = candidate_reason(m, graph, users, opts) if m is not None else "not conv2d(x, W, b)"
+        if reason is None and node.attrs["groups"] != 1:
+            reason = (
+                f"groups={node.attrs['groups']}: the int8 conv kernel is dense (groups=1); grouped convs stay float"
+            )
+        if reason is None and m.get("bias") is not None and not m["bias"].is_constant:
+            reason = f"bias %{m['bias'].name} is computed at run time"
+        if reason is None and produced_by_quantizer(m["x"], producers):
+            reason = f"input %{m['x'].name} is already quantized by {producers[m['x']].op}"
+        if reason is None and on_weight_grid(m.array("weight").reshape(len(m.array("weight")), -1), w_bits):
+            reason = f"weight %{m['weight'].name} already lies on a {w_bits}-bit per-channel grid"
+        if reason:
+            stats.refusals.append(Refusal("conv_to_int8", node.name, reason))
+        else:
+            found.append(m)
+    return found
 
 
 def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:
@@ -276,7 +327,7 @@ def quantize_pass(w_bits: int, a_bits: int) -> Pass:
         name,
         lambda graph, ctx: quantize_transformer(graph, ctx, w_bits, a_bits),
         exact=False,
-        doc=f"linear -> int8_linear (W{w_bits} per channel, A{a_bits} per "
+        doc=f"linear -> int8_linear, conv2d -> int8_conv2d (W{w_bits} per channel, A{a_bits} per "
         f"{'row, dynamic' if default_act_granularity(a_bits) == 'row' else 'tensor'}), matmul inputs fake-quantized",
     )
 

@@ -405,8 +405,9 @@ def _lowbit_graph(op: str, out: int = 6, k: int = 20, bias: bool = True):
 
 
 # the quantizer ops (quantize_uniform, log2_quant, int8_linear, log2_matmul) export as QDQ / their own
-# decompositions, tested with calibrated graphs in tests/test_passes_quantize.py
-QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear", "log2_matmul")  # log2_matmul: test_passes_log2.py
+# decompositions, tested with calibrated graphs in tests/test_passes_quantize.py (int8_conv2d:
+# tests/test_kernels_int8.py, log2_matmul: test_passes_log2.py)
+QDQ_TESTED = ("quantize_uniform", "log2_quant", "int8_linear", "int8_conv2d", "log2_matmul")
 
 
 def test_every_custom_op_has_an_export_test():

@@ -227,6 +227,7 @@ def _input_symbols(graph: Graph) -> tuple[dict[str, tirx.PrimExpr], dict[str, tu
 # importing them fills LOWERINGS.
 from reshift.codegen.tvm import lower_lowbit, lower_nn, lower_ops, lower_shape  # noqa: E402,F401
 from reshift.codegen.tvm import lower_select as _lower_select  # noqa: E402,F401 -- topk, isnan, isinf
+from reshift.codegen.tvm.kernels import int8_conv as _kernels_int8_conv  # noqa: E402,F401 -- int8_conv2d (VNNI)
 from reshift.codegen.tvm.kernels import int8_gemm as _kernels_int8_gemm  # noqa: E402,F401 -- int8_linear (VNNI) and quantizers
 from reshift.codegen.tvm.kernels import lowbit as _kernels_lowbit  # noqa: E402,F401 -- multiplication-free low-bit kernels
 from reshift.codegen.tvm.kernels import moe_dispatch as _kernels_moe_dispatch  # noqa: E402,F401 -- moe_linear token dispatch

@@ -23,6 +23,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
+from reshift.codegen.tvm.kernels import int8_fused
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
@@ -185,6 +186,46 @@ def _nan_term(x: te.Tensor) -> te.Tensor:
     return te.compute((x.shape[0], 1), lambda m, _: te.sum(tirx.Select(tirx.isnan(x[m, k]), nan, zero), axis=k))
 
 
+def fused_int8_linear(ctx: LowerContext, x2, rows, codes: np.ndarray, scales: np.ndarray, bias, attrs) -> relax.Expr:
+    """``int8_linear`` on ``x2 [rows, K]`` as the two VNNI kernels of ``int8_fused`` (quantize, GEMM + rescale)."""
+    out, k = codes.shape
+    packed = pack_weights(codes)
+    blocks, k4 = packed.shape[:2]
+    width = blocks * ROWS
+    per_row = attrs.get("x_granularity", "tensor") == "row"
+    quantize = int8_fused.quantize_rows_func(k, k4 * 4, attrs["x_bits"], per_row)
+    top = 2 ** attrs["x_bits"] - 1
+    params = (top, 0) if per_row else (np.float32(attrs["x_scale"]), attrs["x_zero_point"])
+    params = relax.const(np.array(params, np.float32))
+    gv_q = ctx.bb.add_func(quantize, "int8_quantize_rows")
+    qr = ctx.emit(
+        relax.op.call_tir(
+            gv_q,
+            [x2, params],
+            out_ty=[relax.TensorType((rows, k4 * 4), "uint8"), relax.TensorType((rows, 2), "float32")],
+        )
+    )
+    q, info = ctx.emit(relax.TupleGetItem(qr, 0)), ctx.emit(relax.TupleGetItem(qr, 1))
+
+    def padded(values: np.ndarray, dtype: str) -> relax.Constant:
+        full = np.zeros(width, dtype)
+        full[:out] = values
+        return relax.const(full)
+
+    wsum = padded(codes.astype(np.int64).sum(axis=1).astype(np.int32), "int32")
+    gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4), "int8_gemm_rescale_vnni")
+    args = [q, info, relax.const(packed), wsum, padded(scales, "float32")]
+    if bias is None:
+        bias = padded(np.zeros(out, np.float32), "float32")
+    elif width != out:
+        bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
+    args.append(bias)
+    y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, width), "float32")))
+    if width != out:
+        y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
+    return y
+
+
 @lowering("int8_linear")
 def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> relax.Expr:
     for i in (1, 2):
@@ -199,6 +240,9 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     rows = product(lead)
     x2 = ctx.emit(op.reshape(x, (rows, k)))
     per_row = attrs.get("x_granularity", "tensor") == "row"
+    if not current_target_is_gpu() and has_vnni():
+        y = fused_int8_linear(ctx, x2, rows, codes, scales, bias, attrs)
+        return ctx.emit(op.reshape(y, [*lead, out]))
     if per_row:
         params = ctx.te(_row_params, x2, attrs["x_bits"], name="int8_row_params")
         s_row, z_row = ctx.emit(relax.TupleGetItem(params, 0)), ctx.emit(relax.TupleGetItem(params, 1))

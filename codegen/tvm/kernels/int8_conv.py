@@ -1,0 +1,342 @@
+"""``int8_conv2d`` (``ir/ops_quant.py``) on the CPU: an implicit-GEMM VNNI kernel, and a portable fallback.
+
+VNNI (x86 with AVX-512 VNNI), two hand-written TIR functions:
+
+* ``quantize_pad_func``: ``x`` NCHW float32 -> ``q [N, Hp, Wp, Cp]`` uint8, channel-last and zero
+  padded: the border holds the code ``z`` of ``0.0`` (so it adds nothing once the zero point is
+  corrected), channels past ``C`` up to ``Cp = 4 * ceil(C/4)`` hold 0 (their weights are 0). One
+  output row per job, 16 pixels of a channel quantized at once and scattered ``Cp`` bytes apart.
+  It also writes ``bad [N, Hp]`` (1 where an input row holds a NaN) for the NaN-image rule.
+* ``conv_gemm_func``: the GEMM of ``int8_fused.gemm_rescale_func`` with the activation rows taken
+  in place from ``q`` (implicit GEMM: the K axis is ``(kh, kw, c)``, so each tap reads ``Cp``
+  contiguous bytes of one input pixel; stride and dilation are index arithmetic). A register tile is
+  ``R`` output pixels of one output row x ``V`` 16-channel panels; the epilogue
+  ``float32(acc - z * sum wq) * (s_n * w_scale) + bias`` (``vmulps {rn-sae}``, never an FMA) is
+  stored straight into the NCHW output, 16 channels ``OH*OW`` apart.
+
+Weights are packed ``[O/16, KH*KW*Cp/4, 16, 4]`` int8 (``int8_gemm.pack_weights`` of the
+``[O, KH, KW, Cp]`` filter). Other targets run the portable form: the quantized codes minus ``z``
+as int32, Relax's int32 ``conv2d``, then the same float32 rescale (bit-exact, not fast).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.script import tirx as T
+
+from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
+from reshift.codegen.tvm.kernels.int8_gemm import has_vnni, pack_weights
+from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.targets import current_target_is_gpu
+from reshift.errors import CodegenError
+from reshift.ir.graph import Node
+
+LANES = 16
+ACCUMULATORS = 14  # R*V int32x16 accumulators (see int8_fused.ACCUMULATORS)
+
+
+def conv_tile(blocks: int) -> tuple[int, int]:
+    """``(R, V)``: output pixels and 16-channel panels per register tile (``V`` divides ``blocks``)."""
+    panels = next(v for v in (2, 1) if blocks % v == 0)
+    return ACCUMULATORS // panels, panels
+
+
+def pack_conv_weights(codes: np.ndarray) -> tuple[np.ndarray, int]:
+    """``int8 [O, C, KH, KW]`` -> (packed ``[O/16, KH*KW*Cp/4, 16, 4]``, ``Cp``)."""
+    out, c, kh, kw = codes.shape
+    cp = -(-c // 4) * 4
+    full = np.zeros((out, kh, kw, cp), np.int8)
+    full[:, :, :, :c] = codes.transpose(0, 2, 3, 1)
+    return pack_weights(full.reshape(out, kh * kw * cp)), cp
+
+
+def quantize_pad_func(c: int, h: int, w: int, cp: int, pads: tuple[int, int, int, int], bits: int) -> tirx.PrimFunc:
+    """``x [N, c, h, w]`` -> ``q [N, Hp, Wp, cp]`` uint8 and ``bad [N, Hp]`` float32 (see module docstring);
+    ``params [2]`` holds ``(float32(x_scale), z)``."""
+    top, left, bottom, right = pads
+    hp, wp = h + top + bottom, w + left + right
+    qmax = float(2**bits - 1)
+    w_vec = w - w % LANES
+
+    @T.prim_func(private=True)
+    def quantize_pad(x_h: T.handle, params: T.Buffer((2,), "float32"), q_h: T.handle, bad_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, c, h, w), "float32")
+        q = T.match_buffer(q_h, (n, hp, wp, cp), "uint8")
+        bad = T.match_buffer(bad_h, (n, hp), "float32")
+        xf = T.decl_buffer((n * c * h * w,), "float32", data=x.data)
+        qf = T.decl_buffer((n * hp * wp * cp,), "uint8", data=q.data)
+        for job in T.parallel(n * hp):
+            img = job // hp
+            row = job % hp
+            flag = T.alloc_buffer((LANES,), "int32", scope="global")
+            flag[T.Ramp(0, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
+            zq = T.Cast("uint8", params[1])
+            base = job * (wp * cp)
+            if row < top or row >= top + h:
+                for i in range(wp * cp):
+                    qf[base + i] = T.Select(i % cp < c, zq, T.uint8(0))
+            else:
+                for px in range(left):
+                    for ch in range(cp):
+                        qf[base + px * cp + ch] = T.Select(ch < c, zq, T.uint8(0))
+                for px in range(left + w, wp):
+                    for ch in range(cp):
+                        qf[base + px * cp + ch] = T.Select(ch < c, zq, T.uint8(0))
+                for px in range(left, left + w):
+                    for ch in range(c, cp):
+                        qf[base + px * cp + ch] = T.uint8(0)
+                for ch in range(c):
+                    src = ((img * c + ch) * h + row - top) * w
+                    for wv in range(w_vec // LANES):
+                        v = xf[T.Ramp(src + wv * LANES, 1, LANES)]
+                        nanv = T.isnan(v)
+                        flag[T.Ramp(0, 1, LANES)] = T.max(flag[T.Ramp(0, 1, LANES)], T.Cast("int32x16", nanv))
+                        clean = T.Select(nanv, T.Broadcast(T.float32(0), LANES), v)
+                        t = T.nearbyint(clean / T.Broadcast(params[0], LANES)) + T.Broadcast(params[1], LANES)
+                        t = T.max(T.min(t, T.Broadcast(T.float32(qmax), LANES)), T.Broadcast(T.float32(0), LANES))
+                        qf[T.Ramp(base + (left + wv * LANES) * cp + ch, cp, LANES)] = T.Cast("uint8x16", t)
+                    for px1 in range(w_vec, w):
+                        v1 = xf[src + px1]
+                        if T.isnan(v1):
+                            flag[0] = 1
+                        clean1 = T.Select(T.isnan(v1), T.float32(0), v1)
+                        t1 = T.nearbyint(clean1 / params[0]) + params[1]
+                        t1 = T.max(T.min(t1, T.float32(qmax)), T.float32(0))
+                        qf[base + (left + px1) * cp + ch] = T.Cast("uint8", t1)
+            bad[img, row] = T.float32(0)
+            for l in range(LANES):
+                bad[img, row] = T.max(bad[img, row], T.Cast("float32", flag[l]))
+
+    return quantize_pad
+
+
+def conv_gemm_func(
+    geometry: tuple[int, int, int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    blocks: int,
+    out: int,
+) -> tirx.PrimFunc:
+    """``y [N, out, OH, OW]`` float32 from ``q [N, Hp, Wp, Cp]`` and packed weights (see module docstring).
+    ``geometry`` is ``(Hp, Wp, Cp, OH, OW, z)``; ``info [N, 1]`` holds ``s_n`` (NaN for an image with a NaN)."""
+    hp, wp, cp, oh, ow, zero_point = geometry
+    kh, kw = kernel
+    s0, s1 = stride
+    d0, d1 = dilation
+    c4 = cp // 4
+    k4 = kh * kw * c4
+    width = blocks * LANES
+    rows_tile, panels = conv_tile(blocks)
+    lanes = T.Ramp(0, 1, LANES)
+    dpbusd = "llvm.x86.avx512.vpdpbusd.512"
+    mul_rn = "llvm.x86.avx512.mul.ps.512"
+    plane = oh * ow
+    full_tiles = ow // rows_tile
+    jobs_per_image = oh * (blocks // panels)
+
+    @T.prim_func(private=True)
+    def conv_gemm(
+        q_h: T.handle,
+        info_h: T.handle,
+        w: T.Buffer((blocks, k4, LANES, 4), "int8"),
+        wsum: T.Buffer((width,), "int32"),
+        w_scale: T.Buffer((width,), "float32"),
+        bias: T.Buffer((width,), "float32"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        q8 = T.match_buffer(q_h, (n, hp, wp, cp), "uint8")
+        info = T.match_buffer(info_h, (n, 1), "float32")
+        y = T.match_buffer(y_h, (n, out, oh, ow), "float32")
+        a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)  # 4 channel bytes per int32
+        w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
+        yf = T.decl_buffer((n * out * plane,), "float32", data=y.data)
+        for job in T.parallel(n * jobs_per_image):
+            img = job // jobs_per_image
+            t = job % jobs_per_image // oh
+            r_out = job % oh
+            corr = T.alloc_buffer((panels, LANES), "int32", scope="global")
+            mult = T.alloc_buffer((panels, LANES), "float32", scope="global")
+            for v in T.unroll(panels):
+                corr[v, lanes] = (
+                    T.Broadcast(T.int32(zero_point), LANES) * wsum[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+                )
+                mult[v, lanes] = T.Broadcast(info[img, 0], LANES) * w_scale[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+            for mo in range(full_tiles):
+                acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
+                for r in T.unroll(rows_tile):
+                    for v in T.unroll(panels):
+                        acc[r, v, lanes] = T.Broadcast(T.int32(0), LANES)
+                for i in range(kh):
+                    for j in range(kw):
+                        for cc in range(c4):
+                            for r in T.unroll(rows_tile):
+                                for v in T.unroll(panels):
+                                    acc[r, v, lanes] = T.call_llvm_pure_intrin(
+                                        "int32x16",
+                                        dpbusd,
+                                        acc[r, v, lanes],
+                                        T.reinterpret(
+                                            "int8x64",
+                                            T.Broadcast(
+                                                a[
+                                                    (
+                                                        (img * hp + r_out * s0 + i * d0) * wp
+                                                        + (mo * rows_tile + r) * s1
+                                                        + j * d1
+                                                    )
+                                                    * c4
+                                                    + cc
+                                                ],
+                                                LANES,
+                                            ),
+                                        ),
+                                        w64[
+                                            T.Ramp(
+                                                ((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4),
+                                                1,
+                                                LANES * 4,
+                                            )
+                                        ],
+                                    )
+                for r in T.unroll(rows_tile):
+                    for v in T.unroll(panels):
+                        o = (t * panels + v) * LANES
+                        f = T.Cast("float32x16", acc[r, v, lanes] - corr[v, lanes])
+                        f = T.call_llvm_pure_intrin("float32x16", mul_rn, f, mult[v, lanes], T.int32(ROUND_NEAREST))
+                        f = f + bias[T.Ramp(o, 1, LANES)]
+                        dst = (img * out + o) * plane + r_out * ow + mo * rows_tile + r
+                        yf[T.Ramp(dst, plane, LANES)] = f
+            for p1 in range(full_tiles * rows_tile, ow):  # tail pixels of the output row
+                acc1 = T.alloc_buffer((panels, LANES), "int32", scope="global")
+                for v in T.unroll(panels):
+                    acc1[v, lanes] = T.Broadcast(T.int32(0), LANES)
+                for i in range(kh):
+                    for j in range(kw):
+                        for cc in range(c4):
+                            for v in T.unroll(panels):
+                                acc1[v, lanes] = T.call_llvm_pure_intrin(
+                                    "int32x16",
+                                    dpbusd,
+                                    acc1[v, lanes],
+                                    T.reinterpret(
+                                        "int8x64",
+                                        T.Broadcast(
+                                            a[((img * hp + r_out * s0 + i * d0) * wp + p1 * s1 + j * d1) * c4 + cc],
+                                            LANES,
+                                        ),
+                                    ),
+                                    w64[
+                                        T.Ramp(
+                                            ((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4), 1, LANES * 4
+                                        )
+                                    ],
+                                )
+                for v in T.unroll(panels):
+                    o1 = (t * panels + v) * LANES
+                    f1 = T.Cast("float32x16", acc1[v, lanes] - corr[v, lanes])
+                    f1 = T.call_llvm_pure_intrin("float32x16", mul_rn, f1, mult[v, lanes], T.int32(ROUND_NEAREST))
+                    f1 = f1 + bias[T.Ramp(o1, 1, LANES)]
+                    dst1 = (img * out + o1) * plane + r_out * ow + p1
+                    yf[T.Ramp(dst1, plane, LANES)] = f1
+
+    return conv_gemm
+
+
+def _quantize_codes(x: te.Tensor, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
+    """``clip(rint(x / s) + z, 0, 2^bits - 1) - z`` as int32 (NaN -> code of 0), the portable path's operand."""
+    qmax = tirx.const(2**bits - 1, "float32")
+    zero = tirx.const(0, "float32")
+
+    def compute(*idx):
+        v = tirx.Select(tirx.isnan(x[idx]), zero, x[idx])
+        q = tirx.nearbyint(v / tirx.const(np.float32(x_scale), "float32")) + tirx.const(zero_point, "float32")
+        return tirx.max(tirx.min(q, qmax), zero).astype("int32") - tirx.const(zero_point, "int32")
+
+    return te.compute(x.shape, compute, name="int8_conv_codes")
+
+
+def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
+    a = node.attrs
+    out, c, kh, kw = codes.shape
+    n, _, h, w = ctx.shape(node.inputs[0])
+    oh, ow = node.outputs[0].shape[2:]
+    packed, cp = pack_conv_weights(codes)
+    blocks = packed.shape[0]
+    width = blocks * LANES
+    top, left, bottom, right = a["padding"]
+    # rows the last window reaches past the padded input (stride leftovers) are never read
+    hp, wp = h + top + bottom, w + left + right
+    params = relax.const(np.array([np.float32(a["x_scale"]), a["x_zero_point"]], np.float32))
+    gv_q = ctx.bb.add_func(quantize_pad_func(c, h, w, cp, tuple(a["padding"]), a["x_bits"]), "int8_conv_quantize")
+    qb = ctx.emit(
+        relax.op.call_tir(
+            gv_q,
+            [x, params],
+            out_ty=[relax.TensorType((n, hp, wp, cp), "uint8"), relax.TensorType((n, hp), "float32")],
+        )
+    )
+    q, bad = ctx.emit(relax.TupleGetItem(qb, 0)), ctx.emit(relax.TupleGetItem(qb, 1))
+    any_bad = ctx.emit(op.max(bad, axis=[1], keepdims=True))
+    s = scalar(np.float32(a["x_scale"]), "float32")
+    info = ctx.emit(op.where(op.greater(any_bad, scalar(0, "float32")), scalar(np.nan, "float32"), s))
+
+    def padded(values: np.ndarray, dtype: str) -> relax.Constant:
+        full = np.zeros(width, dtype)
+        full[:out] = values
+        return relax.const(full)
+
+    wsum = padded(codes.astype(np.int64).reshape(out, -1).sum(axis=1).astype(np.int32), "int32")
+    if bias is None:
+        bias = padded(np.zeros(out, np.float32), "float32")
+    elif width != out:
+        bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
+    geometry = (hp, wp, cp, oh, ow, int(a["x_zero_point"]))
+    func = conv_gemm_func(geometry, (kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
+    gv = ctx.bb.add_func(func, "int8_conv_vnni")
+    args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias]
+    return ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n, out, oh, ow), "float32")))
+
+
+def _portable_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
+    a = node.attrs
+    q = ctx.te(_quantize_codes, x, a["x_scale"], int(a["x_zero_point"]), a["x_bits"], name="int8_conv_codes")
+    acc = ctx.emit(
+        op.nn.conv2d(
+            q,
+            relax.const(codes.astype(np.int32)),
+            strides=a["stride"],
+            padding=a["padding"],
+            dilation=a["dilation"],
+            groups=a["groups"],
+            out_dtype="int32",
+        )
+    )
+    rescale = (np.float32(a["x_scale"]) * scales).astype(np.float32).reshape(1, -1, 1, 1)
+    y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
+    has_nan = ctx.emit(op.max(op.astype(op.isnan(x), "int32"), axis=[1, 2, 3], keepdims=True))
+    y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
+    if bias is not None:
+        y = ctx.emit(op.add(y, op.reshape(bias, (1, -1, 1, 1))))
+    return y
+
+
+@lowering("int8_conv2d")
+def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> relax.Expr:
+    for i in (1, 2):
+        if not node.inputs[i].is_constant:
+            raise CodegenError(f"int8_conv2d (node {node.name}): {node.inputs[i].name} must be a constant")
+    codes, scales = node.inputs[1].data, node.inputs[2].data.astype(np.float32)
+    static = all(isinstance(d, int) for d in node.inputs[0].shape[1:])
+    dense = node.attrs["groups"] == 1 and codes.shape[0] % LANES == 0  # whole 16-channel panels
+    if not current_target_is_gpu() and has_vnni() and dense and static:
+        return _vnni_conv(ctx, node, x, codes, scales, bias)
+    return _portable_conv(ctx, node, x, codes, scales, bias)
+
+
+__all__ = ["conv_gemm_func", "conv_tile", "lower_int8_conv2d", "pack_conv_weights", "quantize_pad_func"]

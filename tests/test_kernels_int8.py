@@ -1,0 +1,178 @@
+"""int8 kernels: the fused VNNI int8_linear (quantize prologue + register-blocked GEMM + rescale), the
+int8_conv2d op (reference, type checks, VNNI implicit GEMM and portable lowering, ONNX QDQ export)
+and the w8a8 rule that turns dense convs into it."""
+
+import numpy as np
+import pytest
+
+import reshift
+from reshift import ir, passes
+from reshift.ir.builder import GraphBuilder
+from reshift.ir.ops_quant import int8_conv2d_ref
+
+from .conftest import max_relative_error
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def _int8_linear_graph(rng, k, out, granularity, bias=True):
+    b = GraphBuilder("int8")
+    x = b.input("x", f"f32[N,3,{k}]")
+    codes = rng.integers(-127, 128, (out, k)).astype(np.int8)
+    scales = (rng.random(out) * 0.01 + 1e-3).astype(np.float32)
+    bias_v = b.constant(rng.standard_normal(out).astype(np.float32)) if bias else None
+    y = b.int8_linear(
+        x, b.constant(codes), b.constant(scales), bias_v, x_scale=0.02, x_zero_point=100, x_granularity=granularity
+    )
+    return b.build(y)
+
+
+@pytest.mark.parametrize(
+    "k,out,granularity,bias",
+    [(40, 20, "tensor", True), (33, 48, "row", True), (384, 64, "row", False), (64, 37, "tensor", False)],
+)
+def test_fused_int8_linear_is_bit_exact(rng, k, out, granularity, bias):
+    """Rows that fill no whole register tile, K not a multiple of 16 or 4, O not of 16; NaN, inf,
+    all-zero and all-positive rows."""
+    g = _int8_linear_graph(rng, k, out, granularity, bias)
+    x = (rng.standard_normal((7, 3, k)) * 2).astype(np.float32)
+    x[0, 1, 2] = np.nan
+    x[1, 0, 0] = np.inf
+    x[2, 2] = 0.0
+    x[3, 1] = np.abs(x[3, 1]) + 1.0
+    cm = reshift.compile(g, pipeline="none")
+    ref = ir.interpret(g, {"x": x})[g.outputs[0].name]
+    np.testing.assert_array_equal(cm(x), ref)
+    assert np.isnan(ref[0, 1]).all() and not np.isnan(ref[0, 0]).any()
+
+
+def test_int8_conv2d_reference_matches_float_conv_of_codes(rng):
+    """acc is the float conv of (q - z) with the codes; zero padding adds nothing; NaN images are NaN."""
+    x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
+    wq = rng.integers(-127, 128, (8, 5, 3, 3)).astype(np.int8)
+    ws = (rng.random(8) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    args = dict(stride=(2, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, x_bits=8)
+    y = int8_conv2d_ref(x, wq, ws, bias, x_scale=0.05, x_zero_point=128, **args)
+    q = np.clip(np.rint(x / np.float32(0.05)) + 128, 0, 255) - 128
+    from reshift.ir.numpy_kernels import conv2d
+
+    expected = conv2d(q.astype(np.float64), wq.astype(np.float64), None, (2, 1), (1, 1, 1, 1), (1, 1), 1)
+    expected = expected * (np.float32(0.05) * ws)[None, :, None, None] + bias[None, :, None, None]
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    x[1, 2, 3, 4] = np.nan
+    y = int8_conv2d_ref(x, wq, ws, bias, x_scale=0.05, x_zero_point=128, **args)
+    assert np.isnan(y[1]).all() and not np.isnan(y[0]).any()
+
+
+@pytest.mark.parametrize(
+    "attrs,message",
+    [
+        ({"x_bits": 9}, "x_bits"),
+        ({"x_zero_point": 300}, "x_zero_point"),
+        ({"x_scale": 0.0}, "x_scale"),
+        ({"groups": 3}, "groups"),
+    ],
+)
+def test_int8_conv2d_type_check_refuses(rng, attrs, message):
+    b = GraphBuilder("bad")
+    x = b.input("x", "f32[1,4,8,8]")
+    wq = b.constant(rng.integers(-127, 128, (16, 4, 3, 3)).astype(np.int8))
+    with pytest.raises(Exception, match=message):
+        b.build(b.int8_conv2d(x, wq, b.constant(np.ones(16, np.float32)), **attrs))
+    with pytest.raises(Exception, match="int8"):
+        b2 = GraphBuilder("bad_w")
+        x2 = b2.input("x", "f32[1,4,8,8]")
+        b2.build(
+            b2.int8_conv2d(x2, b2.constant(np.ones((16, 4, 3, 3), np.float32)), b2.constant(np.ones(16, np.float32)))
+        )
+
+
+def test_compiled_int8_conv2d_is_bit_exact(rng):
+    """VNNI implicit GEMM (16-channel panels: stride 2, dilation 2, 1x1, uneven padding, tail pixels)
+    and the portable path (20 output channels), in one build; NaN and inf inputs."""
+    b = GraphBuilder("convs")
+    x = b.input("x", "f32[N,6,11,13]")
+    outs = []
+    for out, k, stride, pad, dil in [
+        (32, 3, 2, (1, 1, 1, 1), 1),
+        (16, 3, 1, (2, 1, 0, 2), 2),
+        (48, 1, 1, (0,) * 4, 1),
+        (20, 3, 1, (1,) * 4, 1),
+    ]:
+        codes = rng.integers(-127, 128, (out, 6, k, k)).astype(np.int8)
+        outs.append(
+            b.int8_conv2d(
+                x,
+                b.constant(codes),
+                b.constant((rng.random(out) * 0.01).astype(np.float32)),
+                b.constant(rng.standard_normal(out).astype(np.float32)),
+                stride=(stride, stride),
+                padding=pad,
+                dilation=(dil, dil),
+                x_scale=0.03,
+                x_zero_point=90,
+            )
+        )
+    g = b.build(*outs)
+    xin = (rng.standard_normal((3, 6, 11, 13)) * 2).astype(np.float32)
+    xin[1, 0, 2, 3] = np.nan
+    xin[2, 5, 10, 12] = np.inf
+    cm = reshift.compile(g, pipeline="none")
+    for ref, out in zip(ir.interpret(g, {"x": xin}).values(), cm(xin), strict=True):
+        np.testing.assert_array_equal(out, ref)
+
+
+def _small_cnn(rng):
+    b = GraphBuilder("cnn")
+    x = b.input("x", "f32[N,3,16,16]")
+
+    def conv(h, cin, cout, stride=1, groups=1):
+        w = b.constant((rng.standard_normal((cout, cin // groups, 3, 3)) * 0.3).astype(np.float32))
+        bias = b.constant((rng.standard_normal(cout) * 0.1).astype(np.float32))
+        return b.conv2d(h, w, bias, stride=(stride, stride), padding=(1, 1, 1, 1), groups=groups)
+
+    h = b.relu(conv(x, 3, 16))
+    h = b.relu(conv(h, 16, 32, 2))
+    h = b.add(b.relu(conv(h, 32, 32)), h)
+    h = b.relu(conv(h, 32, 32, groups=32))
+    return b.build(conv(h, 32, 16))
+
+
+def test_w8a8_quantizes_dense_convs_within_bound(rng):
+    g = _small_cnn(rng)
+    calib = [{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    g2, report = passes.run(g, "w8a8", calibration=calib)
+    hist = g2.op_histogram()
+    assert hist["int8_conv2d"] == 2 and hist["conv2d"] == 3
+    reasons = {r.node: r.reason for r in report.refusals}
+    assert "first weight layer" in reasons["conv2d_0"] and "last weight layer" in reasons["conv2d_4"]
+    assert "groups=32" in reasons["conv2d_3"]
+    q = next(n for n in g2.nodes if n.op == "int8_conv2d")
+    assert q.inputs[1].dtype == "int8" and q.attrs["x_bits"] == 8
+    test = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    ref = ir.interpret(g, test)[g.outputs[0].name]
+    assert max_relative_error(ir.interpret(g2, test)[g2.outputs[0].name], ref) < 0.05
+    g3, _ = passes.run(g, "w8a8", calibration=calib, quantize_convs=False)
+    assert "int8_conv2d" not in g3.op_histogram()
+    cm = reshift.compile(g2, pipeline="none")  # the float convs around the int8 ones round differently
+    np.testing.assert_allclose(cm(test["x"]), ir.interpret(g2, test)[g2.outputs[0].name], rtol=1e-4, atol=1e-4)
+
+
+def test_int8_conv2d_onnx_qdq_export_runs_in_onnxruntime(rng, tmp_path):
+    import onnxruntime as ort
+
+    from reshift.codegen.onnx import to_onnx
+
+    g = _small_cnn(rng)
+    calib = [{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}]
+    g2, _ = passes.run(g, "w8a8", calibration=calib)
+    to_onnx(g2, tmp_path / "q.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    # QDQ is the same arithmetic up to float32 rounding of the dequantized operands and the sums
+    assert max_relative_error(out, ir.interpret(g2, {"x": x})[g2.outputs[0].name]) < 1e-3
