@@ -454,3 +454,27 @@ def _shift_conv2d(em, node, ins):
     if len(ins) > 4 and ins[4]:
         return em.final(node, "Add", [em.one("Mul", y_scaled), em.one("Reshape", [ins[4], channel])])
     return em.final(node, "Mul", y_scaled)
+
+
+@register_decomposition("binary_attention")
+def _binary_attention(em, node, ins):
+    """The reference's quadratic form: codes ``Where(h >= 0, 1, -1)``, ``w = 1 + (b + C_q C_k^T) / 2``
+    (small integers, exact in float32), the causal triangle as a constant factor, then
+    ``MatMul(w, v) / ReduceSum(w)``."""
+    qh, kh, v = node.inputs
+    bits, rank = qh.shape[-1], qh.type.rank
+    codes = [
+        em.one("Where", [em.one("GreaterOrEqual", [h, em.scalar(0.0, qh)]), em.scalar(1.0, qh), em.scalar(-1.0, qh)])
+        for h in ins[:2]
+    ]
+    kt = em.one("Transpose", [codes[1]], perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+    dots = em.one("MatMul", [codes[0], kt])
+    w = em.one(
+        "Add",
+        [em.one("Mul", [em.one("Add", [dots, em.scalar(float(bits), qh)]), em.scalar(0.5, qh)]), em.scalar(1.0, qh)],
+    )
+    if node.attrs["causal"]:
+        tokens = qh.shape[-2]
+        w = em.one("Mul", [w, em.const(np.tril(np.ones((tokens, tokens), np.float32)), f"{node.name}_causal")])
+    den = em.reduce("ReduceSum", w, [-1], True)
+    return em.final(node, "Div", [em.one("MatMul", [w, ins[2]]), den])

@@ -529,6 +529,7 @@ def infer_types(opdef: OpDef, input_types: list[TensorType | None], attrs: dict[
         raise IRTypeError(f"{opdef.name}: {message}") from None
 
 
+from reshift.ir import ops_attention as _ops_attention  # noqa: E402,F401
 from reshift.ir import ops_index as _ops_index  # noqa: E402,F401
 from reshift.ir import ops_layout as _ops_layout  # noqa: E402,F401
 from reshift.ir import ops_lowbit as _ops_lowbit  # noqa: E402,F401

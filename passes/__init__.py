@@ -12,6 +12,7 @@ from reshift.errors import PassError
 from reshift.ir.graph import Graph
 from reshift.passes.attention_reparam import ATTENTION_REPARAM_PASSES
 from reshift.passes.bcq import BCQ_PASSES
+from reshift.passes.binary_attention import BINARY_ATTENTION_PASSES
 from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.branches_linear import LINEAR_BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
@@ -36,6 +37,7 @@ PASSES: dict[str, Pass] = {
     + SCALE_REPARAM_PASSES
     + ATTENTION_REPARAM_PASSES
     + MOE_PASSES
+    + BINARY_ATTENTION_PASSES
 }
 
 # pipeline name -> pass names, run in order to a fixed point; later work extends these
@@ -64,6 +66,7 @@ PIPELINES: dict[str, list[str]] = {
     # options moe_shift_share or expert_latency, shift_bits), the other linears as shift linears
     "moe": ["moe_mlp"],
     "shiftadd_vit": ["moe_mlp", "shift_weights"],
+    "binary_attention": ["binary_attention"],  # ShiftAddViT; options: hash_bits, binary_init, seed; calibration
 }
 # post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,
 # weight_rounding, skip, reparam_stat, base_kind, qk_alpha, v_alpha; calibration required): uniform

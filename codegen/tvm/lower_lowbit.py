@@ -93,4 +93,7 @@ def _quantize_rows(x: te.Tensor, s: te.Tensor) -> te.Tensor:
 
 # log2_matmul (RepQ-ViT shift-add attention) has no float reference lowering: its one lowering, CPU
 # kernel and portable TE reduction, lives in kernels/log2_matmul.py; importing it registers it.
+# binary_attention (ShiftAddViT binary-code attention): its CPU kernel and portable TE form live in
+# kernels/binary_attention.py; importing it registers the lowering.
+from reshift.codegen.tvm.kernels import binary_attention as _kernels_binary_attention  # noqa: E402,F401
 from reshift.codegen.tvm.kernels import log2_matmul as _kernels_log2_matmul  # noqa: E402,F401
