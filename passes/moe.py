@@ -37,8 +37,8 @@ import numpy as np
 
 from reshift.errors import PassError
 from reshift.ir.graph import Graph, Node, Value
-from reshift.ir.ops_lowbit import quantize_rows_int8, shift_rows
-from reshift.ir.ops_moe import multiplications_removed, route_rows
+from reshift.ir.ops_lowbit import quantize_rows_int8
+from reshift.ir.ops_moe import multiplications_removed, route_rows, shift_rows_blas
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
 from reshift.passes.quant_common import LINEAR, LayerPlan, apply_plans, plan_layers
@@ -88,7 +88,7 @@ def token_errors(x: np.ndarray, w: np.ndarray, sign, exponent, scale, bits: int)
     """Per row of ``x`` the shift expert's relative output error ``||y_shift - y|| / ||y||`` (no bias)."""
     x32 = x.astype(np.float32)
     y = x32.astype(np.float64) @ w.astype(np.float64).T
-    y_shift = shift_rows(x32, sign, exponent, scale, bits).astype(np.float64)
+    y_shift = shift_rows_blas(x32, sign, exponent, scale, bits).astype(np.float64)
     return np.linalg.norm(y_shift - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-30)
 
 
@@ -108,7 +108,7 @@ def fit_router(x: np.ndarray, errors: np.ndarray, share: float) -> tuple[np.ndar
     router = np.clip(np.rint(w / router_scale), -127, 127).astype(np.int8)
     q, s, _ = quantize_rows_int8(x.astype(np.float32))
     with np.errstate(invalid="ignore"):
-        score = (q.astype(np.int64) @ router.astype(np.int64)).astype(np.float32) * s * router_scale
+        score = (q.astype(np.float64) @ router.astype(np.float64)).astype(np.float32) * s * router_scale
     order = np.sort(score.astype(np.float32))
     if n_shift == 0:
         bias = -np.float32(abs(order[-1]) * 2 + 1)  # below every score: no row is routed to shift
@@ -164,7 +164,7 @@ def _plan(roles: dict[str, str], candidates: list[Match], xs: dict[str, np.ndarr
         measured = float(np.mean(to_shift))
         y = x @ w.astype(np.float64).T
         y_moe = y.copy()
-        y_moe[to_shift] = shift_rows(x[to_shift].astype(np.float32), sign, exponent, scale, bits)
+        y_moe[to_shift] = shift_rows_blas(x[to_shift].astype(np.float32), sign, exponent, scale, bits)
         details = {
             "role": roles[name],
             "shift_share": measured,

@@ -11,7 +11,7 @@ import reshift
 from reshift.errors import NodeTypeError, PassError
 from reshift.ir import GraphBuilder, interpret
 from reshift.ir.ops_lowbit import shift_rows
-from reshift.ir.ops_moe import multiplications_removed, routes
+from reshift.ir.ops_moe import multiplications_removed, routes, shift_rows_blas
 from reshift.passes.moe import fit_router, mlp_roles
 from reshift.passes.shift import quantize_shift
 
@@ -109,6 +109,20 @@ def test_type_errors_name_the_operand(change, message):
     x = b.input("x", "f32[N,8]")
     with pytest.raises(NodeTypeError, match=message):
         b.moe_linear(x, *[b.constant(c) for c in consts])
+
+
+def test_blas_shift_rows_are_the_reference_bit_for_bit():
+    """The float64-BLAS integer matmul equals shift_rows' int64 one, near the int32 bound too."""
+    k = 516  # 127 * 2^15 * 516 < 2^31: the largest always-safe K at exponent_bits 4
+    sign = np.ones((3, k), np.int8)
+    sign[1, ::2] = -1
+    exponent = np.zeros((3, k), np.uint8)
+    exponent[2] = RNG.integers(0, 16, k)
+    x = RNG.standard_normal((7, k)).astype(np.float32)
+    x[0] = 1.0  # every code 127: |acc| = 127 * 2^15 * 516
+    x[3, 5] = np.nan
+    scale = RNG.random(3).astype(np.float32)
+    np.testing.assert_array_equal(shift_rows_blas(x, sign, exponent, scale, 4), shift_rows(x, sign, exponent, scale, 4))
 
 
 def test_multiplications_removed():

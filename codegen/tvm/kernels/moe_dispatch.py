@@ -6,10 +6,12 @@ codes), the int8 router scores it (an exact int32 dot product, then the registry
 puts the multiplication rows first (``perm``), its inverse and their count ``n``. The count becomes
 a shape (``tensor_to_shape`` + ``match_cast``: a data-dependent symbolic row count), so each expert
 runs its existing kernel on exactly its rows: the packed fp32 GEMM (``dense_cpu.py``) on the gathered
-float rows ``x[perm[:n]]``, the shift-add GEMV (``shift_gemv.py``) on the gathered int8 codes
-``q[perm[n:]]``. Their outputs are stacked and scattered back by the inverse permutation, then the
-bias is added. Shift rows and routing are bit-exact to the reference, multiplication rows within
-the dense kernel's float32 rounding (as ``linear``).
+float rows ``x[perm[:n]]``, and ``shift_linear``'s CPU kernel on the shift rows ``perm[n:]`` (the
+exact int16 dot products of ``shift_int.py`` on the gathered float rows where the tree has them,
+else the shift-add GEMV of ``shift_gemv.py`` on the gathered int8 codes). Their outputs are stacked
+and scattered back by the inverse permutation, then the bias is added. Shift rows and routing are
+bit-exact to the reference, multiplication rows within the dense kernel's float32 rounding (as
+``linear``).
 
 Other targets run both experts on every row and select per row (the same function, no dispatch).
 
@@ -31,12 +33,19 @@ from reshift.codegen.tvm.kernels import cpu_lowering, dense_cpu, lowbit
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.ir.graph import Node
 
+try:  # the exact int16 dot-product shift kernel (VNNI) of shift_linear, where this tree has it
+    from reshift.codegen.tvm.kernels.shift_int import shift_matmul_int
+except ImportError:  # the shift-add GEMV serves the shift rows
+    shift_matmul_int = None
+
 
 def _route(q: te.Tensor, s: te.Tensor, router: te.Tensor, router_scale: te.Tensor, router_bias: te.Tensor):
     """``1`` where a row goes to the shift expert (the registry's :func:`route_rows`), else ``0``."""
-    rows, k = q.shape
+    rows, k = q.shape[0], router.shape[0]  # q may be zero padded past K
     i = te.reduce_axis((0, k), name="k")
-    acc = te.compute((rows,), lambda r: te.sum(q[r, i] * router[i].astype("int32"), axis=i), name="router_acc")
+    acc = te.compute(
+        (rows,), lambda r: te.sum(q[r, i].astype("int32") * router[i].astype("int32"), axis=i), name="router_acc"
+    )
     return te.compute(
         (rows,),
         lambda r: tirx.Select(
@@ -116,9 +125,13 @@ def _dispatch(ctx, x2, q, s, mask, rows, weight, sign, exponent, scale, bits) ->
     mult_rows = ctx.emit(op.strided_slice(perm, axes=[0], begin=[0], end=[n_mult], assume_inbound=True))
     shift_rows = ctx.emit(op.strided_slice(perm, axes=[0], begin=[n_mult], end=[rows], assume_inbound=True))
     y_mult = dense_rows(ctx, ctx.emit(op.take(x2, mult_rows, axis=0)), n_mult, weight)
-    q_shift = ctx.emit(op.take(q, shift_rows, axis=0))
-    s_shift = ctx.emit(op.take(s, shift_rows, axis=0))
-    y_shift = lowbit.shift_matmul_int8(ctx, q_shift, s_shift, rows - n_mult, sign, exponent, scale, bits)
+    if shift_matmul_int is not None:  # the int16 dot-product kernel quantizes its (gathered float) rows itself
+        x_shift = ctx.emit(op.take(x2, shift_rows, axis=0))
+        y_shift = shift_matmul_int(ctx, x_shift, rows - n_mult, sign, exponent, scale, bits)
+    else:
+        q_shift = ctx.emit(op.take(q, shift_rows, axis=0))
+        s_shift = ctx.emit(op.take(s, shift_rows, axis=0))
+        y_shift = lowbit.shift_matmul_int8(ctx, q_shift, s_shift, rows - n_mult, sign, exponent, scale, bits)
     stacked = ctx.emit(op.concat([y_mult, y_shift], axis=0))
     return ctx.emit(op.take(stacked, inverse, axis=0))
 
