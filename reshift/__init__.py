@@ -17,7 +17,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("ir", "frontend", "passes", "codegen", "runtime", "errors")
-_API = {"compile": "reshift.api", "load": "reshift.runtime", "CompiledModel": "reshift.api"}
+_API = {
+    "compile": "reshift.api",
+    "load": "reshift.runtime",
+    "CompiledModel": "reshift.api",
+    "recover": "reshift.recovery",  # the module is not named recover: it would shadow the function
+    "RecoveryReport": "reshift.recovery",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +34,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'reshift' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "compile", "load", "CompiledModel", *_SUBMODULES]
+__all__ = ["__version__", "compile", "load", "recover", "CompiledModel", "RecoveryReport", *_SUBMODULES]

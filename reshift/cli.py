@@ -208,7 +208,15 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
         calibration = _calibration(getattr(args, "calib", None))
         bits = getattr(args, "bits", None)  # `compile --bits`: average code bits -> the bcq budget with scales
         options = {} if bits is None else {"bits": passes.bcq.bits_per_weight(bits, passes.bcq.DEFAULT_GROUP_SIZE)}
-        optimized, report = passes.run(graph, args.pipeline, calibration=calibration, **options)
+        steps = getattr(args, "recover_steps", None)
+        if steps is None and getattr(args, "train_data", None):
+            from reshift.errors import InputError
+
+            raise InputError("--train-data is read by recovery only: add --recover-steps N")
+        if steps is None:
+            optimized, report = passes.run(graph, args.pipeline, calibration=calibration, **options)
+    if steps is not None:
+        optimized, report = recover_graph(args, graph, calibration, options, console)
     if tune:
         with tune_progress(console, args.trials) as progress:
             optimized, built = tune_and_build(
@@ -218,6 +226,31 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
         with stage(console, f"build for {spec.name}"):
             built = tvm_codegen.build(optimized, spec)
     return CompiledModel(optimized, graph, report, built, args.pipeline)
+
+
+def recover_graph(args: argparse.Namespace, graph, calibration, options: dict, console):
+    """``--recover-steps N --train-data FILE``: the pipeline, then recovery fine-tuning (``reshift.recover``);
+    returns the recovered graph and the pipeline's pass report, and prints the recovery summary."""
+    from reshift.errors import InputError
+    from reshift.recovery import recover
+
+    if not args.train_data:
+        raise InputError("--recover-steps needs --train-data FILE.npz (one array per model input, batch first)")
+    if args.recover_steps < 0:
+        raise InputError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    recovered, report = recover(
+        graph,
+        args.pipeline,
+        data=args.train_data,
+        steps=args.recover_steps,
+        lr=args.recover_lr,
+        calibration=calibration,
+        batch_size=args.recover_batch,
+        progress=console.is_terminal,
+        **options,
+    )
+    print(report)
+    return recovered, report.pass_report
 
 
 @contextlib.contextmanager
@@ -492,6 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
     p.add_argument("--db", help="tuning database directory (default: ~/.cache/reshift/tune_db)")
     p.add_argument("--batch", type=int, default=1, help="batch size a tuned build is fixed to (default: 1)")
+    p.add_argument(
+        "--recover-steps", type=int, help="fine-tune the lossy rewrite for N steps against the fp32 model (torch)"
+    )
+    p.add_argument("--train-data", help="recovery inputs (.npz, one array per model input, batch first)")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="recovery learning rate (default: 1e-4)")
+    p.add_argument("--recover-batch", type=int, default=16, help="recovery batch size (default: 16)")
 
     p = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
     p.add_argument("model", help="artifact directory")
