@@ -176,3 +176,42 @@ def test_int8_conv2d_onnx_qdq_export_runs_in_onnxruntime(rng, tmp_path):
     out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     # QDQ is the same arithmetic up to float32 rounding of the dequantized operands and the sums
     assert max_relative_error(out, ir.interpret(g2, {"x": x})[g2.outputs[0].name]) < 1e-3
+
+
+def test_int8_conv_chain_requantizes_in_the_epilogue(rng):
+    """conv -> relu -> conv, conv -> conv (stride 2) and conv -> relu -> add: the first two kernels write
+    the next conv's quantized padded input (no float tensor between them), the last fuses only the
+    ReLU; outputs bit-exact, and an image with a NaN is NaN through the chain."""
+    from reshift.codegen.tvm import resolve_target
+    from reshift.codegen.tvm.lower import lower
+
+    b = GraphBuilder("chain")
+    x = b.input("x", "f32[N,8,12,11]")
+
+    def conv(h, cin, cout, k=3, s=1, p=1, zp=90, scale=0.03):
+        codes = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+        return b.int8_conv2d(
+            h,
+            b.constant(codes),
+            b.constant((rng.random(cout) * 0.001).astype(np.float32)),
+            b.constant(rng.standard_normal(cout).astype(np.float32)),
+            stride=(s, s),
+            padding=(p, p, p, p),
+            x_scale=scale,
+            x_zero_point=zp,
+        )
+
+    h = b.relu(conv(x, 8, 16))
+    h = conv(h, 16, 32, s=2, zp=3, scale=0.05)
+    h = b.relu(conv(h, 32, 16, k=1, p=0, zp=120, scale=0.04))
+    g = b.build(b.add(h, h))
+    with resolve_target("cpu").target():
+        names = sorted(gv.name_hint for gv in lower(g).functions)
+    if "int8_conv_quantize" in names:  # VNNI host: one input quantization, two requantizing convs
+        assert names.count("int8_conv_quantize") == 1 and sum("int8_conv_requant" in n for n in names) == 2
+    xin = (rng.standard_normal((3, 8, 12, 11)) * 2).astype(np.float32)
+    xin[1, 0, 2, 3] = np.nan
+    ref = ir.interpret(g, {"x": xin})[g.outputs[0].name]
+    out = reshift.compile(g, pipeline="none")(xin)
+    np.testing.assert_array_equal(out, ref)
+    assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()

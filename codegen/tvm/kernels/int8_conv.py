@@ -14,6 +14,12 @@ VNNI (x86 with AVX-512 VNNI), two hand-written TIR functions:
   ``float32(acc - z * sum wq) * (s_n * w_scale) + bias`` (``vmulps {rn-sae}``, never an FMA) is
   stored straight into the NCHW output, 16 channels ``OH*OW`` apart.
 
+Epilogue fusion (``_epilogue_chain``): a ReLU reading only the conv's output is applied in registers
+(``y < 0 ? 0 : y``, NaN kept as numpy's maximum keeps it); when the next reader is another VNNI
+``int8_conv2d``, the kernel quantizes for it and writes its channel-last padded input directly
+(16 contiguous bytes per pixel and panel, border included), with its NaN rows: no float tensor
+exists between the two convs, and the values are those of the unfused ops, bit for bit.
+
 Weights are packed ``[O/16, KH*KW*Cp/4, 16, 4]`` int8 (``int8_gemm.pack_weights`` of the
 ``[O, KH, KW, Cp]`` filter). Other targets run the portable form: the quantized codes minus ``z``
 as int32, Relax's int32 ``conv2d``, then the same float32 rescale (bit-exact, not fast).
@@ -21,13 +27,15 @@ as int32, Relax's int32 ``conv2d``, then the same float32 rescale (bit-exact, no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
 from reshift.codegen.tvm.kernels.int8_gemm import has_vnni, pack_weights
-from reshift.codegen.tvm.lower import LowerContext, lowering, op, scalar
+from reshift.codegen.tvm.lower import ABSORBED, LowerContext, lowering, op, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
 from reshift.ir.graph import Node
@@ -113,6 +121,29 @@ def quantize_pad_func(c: int, h: int, w: int, cp: int, pads: tuple[int, int, int
     return quantize_pad
 
 
+@dataclass(frozen=True)
+class Requantize:
+    """The next ``int8_conv2d``'s input layout, which a conv kernel writes instead of its float output:
+    ``q [N, Hp, Wp, C]`` with the border ``(top, left)`` and ``(Hp, Wp)``, ``bits``, and ``params``
+    ``(float32(x_scale), z)`` of that conv."""
+
+    top: int
+    left: int
+    hp: int
+    wp: int
+    bits: int
+
+
+@dataclass(frozen=True)
+class QuantizedInput:
+    """The layout of a ``ctx.padded`` value held only as the quantized padded input of the conv reading
+    it (written by its producer's ``conv_gemm_func(requant=...)``): ``bad [N, OH, tiles]`` > 0 where a
+    row of the image holds a NaN."""
+
+    bad: relax.Expr
+    bad_shape: tuple
+
+
 def conv_gemm_func(
     geometry: tuple[int, int, int, int, int, int],
     kernel: tuple[int, int],
@@ -120,9 +151,13 @@ def conv_gemm_func(
     dilation: tuple[int, int],
     blocks: int,
     out: int,
+    relu: bool = False,
+    requant: Requantize | None = None,
 ) -> tirx.PrimFunc:
     """``y [N, out, OH, OW]`` float32 from ``q [N, Hp, Wp, Cp]`` and packed weights (see module docstring).
-    ``geometry`` is ``(Hp, Wp, Cp, OH, OW, z)``; ``info [N, 1]`` holds ``s_n`` (NaN for an image with a NaN)."""
+    ``geometry`` is ``(Hp, Wp, Cp, OH, OW, z)``; ``info [N, 1]`` holds ``s_n`` (NaN for an image with a NaN).
+    ``relu`` applies ``y < 0 ? 0 : y`` (NaN stays NaN, as numpy's maximum); with ``requant`` the kernel
+    writes the next conv's quantized padded input and its NaN rows ``bad [N, OH, tiles]`` instead of ``y``."""
     hp, wp, cp, oh, ow, zero_point = geometry
     kh, kw = kernel
     s0, s1 = stride
@@ -131,121 +166,189 @@ def conv_gemm_func(
     k4 = kh * kw * c4
     width = blocks * LANES
     rows_tile, panels = conv_tile(blocks)
+    tiles = blocks // panels
     lanes = T.Ramp(0, 1, LANES)
     dpbusd = "llvm.x86.avx512.vpdpbusd.512"
     mul_rn = "llvm.x86.avx512.mul.ps.512"
     plane = oh * ow
     full_tiles = ow // rows_tile
-    jobs_per_image = oh * (blocks // panels)
+    jobs_per_image = oh * tiles
+
+    @T.macro
+    def accumulate(acc, nrows, a, w64, img, r_out, p0, t):
+        for r in T.unroll(nrows):
+            for v in T.unroll(panels):
+                acc[r, v, lanes] = T.Broadcast(T.int32(0), LANES)
+        for i in range(kh):
+            for j in range(kw):
+                for cc in range(c4):
+                    for r in T.unroll(nrows):
+                        for v in T.unroll(panels):
+                            acc[r, v, lanes] = T.call_llvm_pure_intrin(
+                                "int32x16",
+                                dpbusd,
+                                acc[r, v, lanes],
+                                T.reinterpret(
+                                    "int8x64",
+                                    T.Broadcast(
+                                        a[((img * hp + r_out * s0 + i * d0) * wp + (p0 + r) * s1 + j * d1) * c4 + cc],
+                                        LANES,
+                                    ),
+                                ),
+                                w64[
+                                    T.Ramp(((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4), 1, LANES * 4)
+                                ],
+                            )
+
+    @T.macro
+    def rescale(fv, acc, r, v, corr, mult, bias, t):
+        fv[lanes] = (
+            T.call_llvm_pure_intrin(
+                "float32x16",
+                mul_rn,
+                T.Cast("float32x16", acc[r, v, lanes] - corr[v, lanes]),
+                mult[v, lanes],
+                T.int32(ROUND_NEAREST),
+            )
+            + bias[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+        )
+        if relu:
+            fv[lanes] = T.Select(
+                fv[lanes] < T.Broadcast(T.float32(0), LANES), T.Broadcast(T.float32(0), LANES), fv[lanes]
+            )
+
+    @T.macro
+    def constants(corr, mult, info, wsum, w_scale, img, t):
+        for v in T.unroll(panels):
+            corr[v, lanes] = T.Broadcast(T.int32(zero_point), LANES) * wsum[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+            mult[v, lanes] = T.Broadcast(info[img, 0], LANES) * w_scale[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+
+    if requant is None:
+
+        @T.prim_func(private=True)
+        def conv_gemm(
+            q_h: T.handle,
+            info_h: T.handle,
+            w: T.Buffer((blocks, k4, LANES, 4), "int8"),
+            wsum: T.Buffer((width,), "int32"),
+            w_scale: T.Buffer((width,), "float32"),
+            bias: T.Buffer((width,), "float32"),
+            y_h: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            n = T.int64()
+            q8 = T.match_buffer(q_h, (n, hp, wp, cp), "uint8")
+            info = T.match_buffer(info_h, (n, 1), "float32")
+            y = T.match_buffer(y_h, (n, out, oh, ow), "float32")
+            a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)  # 4 channel bytes per int32
+            w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
+            yf = T.decl_buffer((n * out * plane,), "float32", data=y.data)
+            for job in T.parallel(n * jobs_per_image):
+                img = job // jobs_per_image
+                t = job % jobs_per_image // oh
+                r_out = job % oh
+                corr = T.alloc_buffer((panels, LANES), "int32", scope="global")
+                mult = T.alloc_buffer((panels, LANES), "float32", scope="global")
+                fv = T.alloc_buffer((LANES,), "float32", scope="global")
+                constants(corr, mult, info, wsum, w_scale, img, t)
+                for mo in range(full_tiles):
+                    acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
+                    accumulate(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
+                    for r in T.unroll(rows_tile):
+                        for v in T.unroll(panels):
+                            rescale(fv, acc, r, v, corr, mult, bias, t)
+                            dst = (img * out + (t * panels + v) * LANES) * plane + r_out * ow + mo * rows_tile + r
+                            yf[T.Ramp(dst, plane, LANES)] = fv[lanes]
+                for p1 in range(full_tiles * rows_tile, ow):  # tail pixels of the output row
+                    acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
+                    accumulate(acc1, 1, a, w64, img, r_out, p1, t)
+                    for v in T.unroll(panels):
+                        rescale(fv, acc1, 0, v, corr, mult, bias, t)
+                        dst1 = (img * out + (t * panels + v) * LANES) * plane + r_out * ow + p1
+                        yf[T.Ramp(dst1, plane, LANES)] = fv[lanes]
+
+        return conv_gemm
+
+    qmax = float(2**requant.bits - 1)
+    hp2, wp2, top2, left2 = requant.hp, requant.wp, requant.top, requant.left
+
+    @T.macro
+    def requantize(fv, flag, params, q2f, pixel):
+        flag[lanes] = T.max(flag[lanes], T.Cast("int32x16", T.isnan(fv[lanes])))
+        clean = T.Select(T.isnan(fv[lanes]), T.Broadcast(T.float32(0), LANES), fv[lanes])
+        tq = T.nearbyint(clean / T.Broadcast(params[0], LANES)) + T.Broadcast(params[1], LANES)
+        tq = T.max(T.min(tq, T.Broadcast(T.float32(qmax), LANES)), T.Broadcast(T.float32(0), LANES))
+        q2f[T.Ramp(pixel, 1, LANES)] = T.Cast("uint8x16", tq)
 
     @T.prim_func(private=True)
-    def conv_gemm(
+    def conv_gemm_requant(
         q_h: T.handle,
         info_h: T.handle,
         w: T.Buffer((blocks, k4, LANES, 4), "int8"),
         wsum: T.Buffer((width,), "int32"),
         w_scale: T.Buffer((width,), "float32"),
         bias: T.Buffer((width,), "float32"),
-        y_h: T.handle,
+        params: T.Buffer((2,), "float32"),
+        q2_h: T.handle,
+        bad_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         q8 = T.match_buffer(q_h, (n, hp, wp, cp), "uint8")
         info = T.match_buffer(info_h, (n, 1), "float32")
-        y = T.match_buffer(y_h, (n, out, oh, ow), "float32")
-        a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)  # 4 channel bytes per int32
+        q2 = T.match_buffer(q2_h, (n, hp2, wp2, out), "uint8")
+        bad = T.match_buffer(bad_h, (n, oh, tiles), "float32")
+        a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)
         w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
-        yf = T.decl_buffer((n * out * plane,), "float32", data=y.data)
+        q2f = T.decl_buffer((n * hp2 * wp2 * out,), "uint8", data=q2.data)
         for job in T.parallel(n * jobs_per_image):
             img = job // jobs_per_image
             t = job % jobs_per_image // oh
             r_out = job % oh
             corr = T.alloc_buffer((panels, LANES), "int32", scope="global")
             mult = T.alloc_buffer((panels, LANES), "float32", scope="global")
+            fv = T.alloc_buffer((LANES,), "float32", scope="global")
+            flag = T.alloc_buffer((LANES,), "int32", scope="global")
+            flag[lanes] = T.Broadcast(T.int32(0), LANES)
+            zq = T.Cast("uint8", params[1])
+            constants(corr, mult, info, wsum, w_scale, img, t)
+            # this job's channels of the border: its row's left/right pixels, and the rows above/below
             for v in T.unroll(panels):
-                corr[v, lanes] = (
-                    T.Broadcast(T.int32(zero_point), LANES) * wsum[T.Ramp((t * panels + v) * LANES, 1, LANES)]
-                )
-                mult[v, lanes] = T.Broadcast(info[img, 0], LANES) * w_scale[T.Ramp((t * panels + v) * LANES, 1, LANES)]
+                c0 = (t * panels + v) * LANES
+                for px in range(wp2):
+                    if px < left2 or px >= left2 + ow:
+                        q2f[T.Ramp(((img * hp2 + top2 + r_out) * wp2 + px) * out + c0, 1, LANES)] = T.Broadcast(
+                            zq, LANES
+                        )
+                if r_out == 0:
+                    for rr in range(top2):
+                        for px in range(wp2):
+                            q2f[T.Ramp(((img * hp2 + rr) * wp2 + px) * out + c0, 1, LANES)] = T.Broadcast(zq, LANES)
+                if r_out == oh - 1:
+                    for rr in range(top2 + oh, hp2):
+                        for px in range(wp2):
+                            q2f[T.Ramp(((img * hp2 + rr) * wp2 + px) * out + c0, 1, LANES)] = T.Broadcast(zq, LANES)
+            row_base = (img * hp2 + top2 + r_out) * wp2 + left2
             for mo in range(full_tiles):
                 acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
+                accumulate(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
                 for r in T.unroll(rows_tile):
                     for v in T.unroll(panels):
-                        acc[r, v, lanes] = T.Broadcast(T.int32(0), LANES)
-                for i in range(kh):
-                    for j in range(kw):
-                        for cc in range(c4):
-                            for r in T.unroll(rows_tile):
-                                for v in T.unroll(panels):
-                                    acc[r, v, lanes] = T.call_llvm_pure_intrin(
-                                        "int32x16",
-                                        dpbusd,
-                                        acc[r, v, lanes],
-                                        T.reinterpret(
-                                            "int8x64",
-                                            T.Broadcast(
-                                                a[
-                                                    (
-                                                        (img * hp + r_out * s0 + i * d0) * wp
-                                                        + (mo * rows_tile + r) * s1
-                                                        + j * d1
-                                                    )
-                                                    * c4
-                                                    + cc
-                                                ],
-                                                LANES,
-                                            ),
-                                        ),
-                                        w64[
-                                            T.Ramp(
-                                                ((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4),
-                                                1,
-                                                LANES * 4,
-                                            )
-                                        ],
-                                    )
-                for r in T.unroll(rows_tile):
-                    for v in T.unroll(panels):
-                        o = (t * panels + v) * LANES
-                        f = T.Cast("float32x16", acc[r, v, lanes] - corr[v, lanes])
-                        f = T.call_llvm_pure_intrin("float32x16", mul_rn, f, mult[v, lanes], T.int32(ROUND_NEAREST))
-                        f = f + bias[T.Ramp(o, 1, LANES)]
-                        dst = (img * out + o) * plane + r_out * ow + mo * rows_tile + r
-                        yf[T.Ramp(dst, plane, LANES)] = f
-            for p1 in range(full_tiles * rows_tile, ow):  # tail pixels of the output row
-                acc1 = T.alloc_buffer((panels, LANES), "int32", scope="global")
+                        rescale(fv, acc, r, v, corr, mult, bias, t)
+                        requantize(
+                            fv, flag, params, q2f, (row_base + mo * rows_tile + r) * out + (t * panels + v) * LANES
+                        )
+            for p1 in range(full_tiles * rows_tile, ow):
+                acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
+                accumulate(acc1, 1, a, w64, img, r_out, p1, t)
                 for v in T.unroll(panels):
-                    acc1[v, lanes] = T.Broadcast(T.int32(0), LANES)
-                for i in range(kh):
-                    for j in range(kw):
-                        for cc in range(c4):
-                            for v in T.unroll(panels):
-                                acc1[v, lanes] = T.call_llvm_pure_intrin(
-                                    "int32x16",
-                                    dpbusd,
-                                    acc1[v, lanes],
-                                    T.reinterpret(
-                                        "int8x64",
-                                        T.Broadcast(
-                                            a[((img * hp + r_out * s0 + i * d0) * wp + p1 * s1 + j * d1) * c4 + cc],
-                                            LANES,
-                                        ),
-                                    ),
-                                    w64[
-                                        T.Ramp(
-                                            ((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4), 1, LANES * 4
-                                        )
-                                    ],
-                                )
-                for v in T.unroll(panels):
-                    o1 = (t * panels + v) * LANES
-                    f1 = T.Cast("float32x16", acc1[v, lanes] - corr[v, lanes])
-                    f1 = T.call_llvm_pure_intrin("float32x16", mul_rn, f1, mult[v, lanes], T.int32(ROUND_NEAREST))
-                    f1 = f1 + bias[T.Ramp(o1, 1, LANES)]
-                    dst1 = (img * out + o1) * plane + r_out * ow + p1
-                    yf[T.Ramp(dst1, plane, LANES)] = f1
+                    rescale(fv, acc1, 0, v, corr, mult, bias, t)
+                    requantize(fv, flag, params, q2f, (row_base + p1) * out + (t * panels + v) * LANES)
+            bad[img, r_out, t] = T.float32(0)
+            for l in range(LANES):
+                bad[img, r_out, t] = T.max(bad[img, r_out, t], T.Cast("float32", flag[l]))
 
-    return conv_gemm
+    return conv_gemm_requant
 
 
 def _quantize_codes(x: te.Tensor, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
@@ -261,6 +364,28 @@ def _quantize_codes(x: te.Tensor, x_scale: float, zero_point: int, bits: int) ->
     return te.compute(x.shape, compute, name="int8_conv_codes")
 
 
+def vnni_conv_ok(node: Node) -> bool:
+    """Whether ``int8_conv2d`` ``node`` runs the VNNI kernel (else the portable path)."""
+    codes = node.inputs[1].data
+    dense = node.attrs["groups"] == 1 and codes.shape[0] % LANES == 0  # whole 16-channel panels
+    static = all(isinstance(d, int) for d in node.inputs[0].shape[1:])
+    return not current_target_is_gpu() and has_vnni() and dense and static and node.inputs[1].is_constant
+
+
+def _epilogue_chain(ctx: LowerContext, node: Node) -> tuple[Node | None, Node | None]:
+    """``(relu, next_conv)``: a ReLU reading only this conv's output, and a VNNI ``int8_conv2d`` reading
+    only that (or this conv's output directly), which this conv's kernel can compute for them."""
+    value = node.outputs[0]
+    reader = ctx.only_reader(value)
+    relu = None
+    if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
+        relu, value = reader, reader.outputs[0]
+        reader = ctx.only_reader(value)
+    if reader is not None and reader.op == "int8_conv2d" and reader.inputs[0] is value and vnni_conv_ok(reader):
+        return relu, reader
+    return relu, None
+
+
 def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
     a = node.attrs
     out, c, kh, kw = codes.shape
@@ -272,19 +397,25 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     top, left, bottom, right = a["padding"]
     # rows the last window reaches past the padded input (stride leftovers) are never read
     hp, wp = h + top + bottom, w + left + right
-    params = relax.const(np.array([np.float32(a["x_scale"]), a["x_zero_point"]], np.float32))
-    gv_q = ctx.bb.add_func(quantize_pad_func(c, h, w, cp, tuple(a["padding"]), a["x_bits"]), "int8_conv_quantize")
-    qb = ctx.emit(
-        relax.op.call_tir(
-            gv_q,
-            [x, params],
-            out_ty=[relax.TensorType((n, hp, wp, cp), "uint8"), relax.TensorType((n, hp), "float32")],
+    held = ctx.padded.get(node.inputs[0])
+    if held is not None and isinstance(held[1], QuantizedInput):  # the producing conv quantized it
+        q, bad = held[0], held[1].bad
+        any_bad = ctx.emit(op.max(bad, axis=list(range(1, len(held[1].bad_shape))), keepdims=False))
+    else:
+        params = relax.const(np.array([np.float32(a["x_scale"]), a["x_zero_point"]], np.float32))
+        gv_q = ctx.bb.add_func(quantize_pad_func(c, h, w, cp, tuple(a["padding"]), a["x_bits"]), "int8_conv_quantize")
+        qb = ctx.emit(
+            relax.op.call_tir(
+                gv_q,
+                [x, params],
+                out_ty=[relax.TensorType((n, hp, wp, cp), "uint8"), relax.TensorType((n, hp), "float32")],
+            )
         )
-    )
-    q, bad = ctx.emit(relax.TupleGetItem(qb, 0)), ctx.emit(relax.TupleGetItem(qb, 1))
-    any_bad = ctx.emit(op.max(bad, axis=[1], keepdims=True))
+        q, bad = ctx.emit(relax.TupleGetItem(qb, 0)), ctx.emit(relax.TupleGetItem(qb, 1))
+        any_bad = ctx.emit(op.max(bad, axis=[1], keepdims=False))
     s = scalar(np.float32(a["x_scale"]), "float32")
-    info = ctx.emit(op.where(op.greater(any_bad, scalar(0, "float32")), scalar(np.nan, "float32"), s))
+    nan_image = op.greater(op.reshape(any_bad, (n, 1)), scalar(0, "float32"))
+    info = ctx.emit(op.where(nan_image, scalar(np.nan, "float32"), s))
 
     def padded(values: np.ndarray, dtype: str) -> relax.Constant:
         full = np.zeros(width, dtype)
@@ -297,10 +428,37 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     elif width != out:
         bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
     geometry = (hp, wp, cp, oh, ow, int(a["x_zero_point"]))
-    func = conv_gemm_func(geometry, (kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
-    gv = ctx.bb.add_func(func, "int8_conv_vnni")
+    window = ((kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
     args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias]
-    return ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n, out, oh, ow), "float32")))
+    relu, nxt = _epilogue_chain(ctx, node)
+    if nxt is None:
+        gv = ctx.bb.add_func(conv_gemm_func(geometry, *window, relu=relu is not None), "int8_conv_vnni")
+        y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n, out, oh, ow), "float32")))
+        if relu is not None:
+            ctx.fused[relu] = [y]
+        return y
+    b = nxt.attrs
+    t2, l2, b2, r2 = b["padding"]
+    requant = Requantize(t2, l2, oh + t2 + b2, ow + l2 + r2, b["x_bits"])
+    args.append(relax.const(np.array([np.float32(b["x_scale"]), b["x_zero_point"]], np.float32)))
+    gv = ctx.bb.add_func(conv_gemm_func(geometry, *window, relu=relu is not None, requant=requant), "int8_conv_requant")
+    tiles = blocks // conv_tile(blocks)[1]
+    bad_shape = (n, oh, tiles)
+    qb = ctx.emit(
+        relax.op.call_tir(
+            gv,
+            args,
+            out_ty=[
+                relax.TensorType((n, requant.hp, requant.wp, out), "uint8"),
+                relax.TensorType(bad_shape, "float32"),
+            ],
+        )
+    )
+    q2, bad2 = ctx.emit(relax.TupleGetItem(qb, 0)), ctx.emit(relax.TupleGetItem(qb, 1))
+    ctx.padded[nxt.inputs[0]] = (q2, QuantizedInput(bad2, bad_shape))
+    if relu is not None:
+        ctx.fused[relu] = [ABSORBED]
+    return ABSORBED
 
 
 def _portable_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
@@ -332,9 +490,7 @@ def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
         if not node.inputs[i].is_constant:
             raise CodegenError(f"int8_conv2d (node {node.name}): {node.inputs[i].name} must be a constant")
     codes, scales = node.inputs[1].data, node.inputs[2].data.astype(np.float32)
-    static = all(isinstance(d, int) for d in node.inputs[0].shape[1:])
-    dense = node.attrs["groups"] == 1 and codes.shape[0] % LANES == 0  # whole 16-channel panels
-    if not current_target_is_gpu() and has_vnni() and dense and static:
+    if vnni_conv_ok(node):
         return _vnni_conv(ctx, node, x, codes, scales, bias)
     return _portable_conv(ctx, node, x, codes, scales, bias)
 
