@@ -3,9 +3,10 @@
 The op (``ir/ops_attention.py``) is ``out_i = sum_j w_ij v_j / sum_j w_ij`` with ``w_ij = 1 + m_ij``,
 ``m_ij`` the matching bits of the query and key codes. The CPU kernel never forms ``w``:
 
-* keys, one pass: for each key ``j`` and bit ``l``, the row ``2 l + bit_jl`` of a ``[2 b, Dv]``
-  table gets ``v_j`` added and its count one (rows ``2l+1`` are ``A_l``, rows ``2l`` ``S_v - A_l``
-  of the op's docstring; the bit picks a row index, no branch), and ``S_v += v_j``;
+* keys, one pass: each key ``j`` adds ``v_j`` (and one to a count) to one row per 4-bit group of
+  its code, the row its 4 bits index (``b / 4`` vector adds per key; the bits pick the row, no
+  branch); from those ``16 b / 4`` rows, per bit ``l`` the sums over keys whose bit is 1
+  (``A_l``) and 0 (``S_v - A_l``, summed, not subtracted), and ``S_v``;
 * nibble tables (T-MAC's trick, Wei et al., EuroSys 2025): per group of 4 bits, the 16 sums of one
   table row per bit, for every 4-bit query pattern (and their counts);
 * queries: the 4-bit groups of the code index those tables: ``num_i = S_v + sum_g LUT_g[n_gi]``,
@@ -56,24 +57,45 @@ def binary_attention_func(bits: int, v_dim: int) -> tirx.PrimFunc:
             cnt = T.alloc_buffer((2 * bits,), "int32", scope="local")
             lut = T.alloc_buffer((entries, v_dim), "float64", scope="local")
             lcnt = T.alloc_buffer((entries,), "int32", scope="local")
+            kn = T.alloc_buffer((entries, v_dim), "float64", scope="local")
+            kc = T.alloc_buffer((entries,), "int32", scope="local")
             tot = T.alloc_buffer((v_dim,), "float64", scope="local")
             acc = T.alloc_buffer((v_dim,), "float64", scope="local")
             code = T.alloc_buffer((groups,), "int32", scope="local")
             den = T.alloc_buffer((1,), "int32", scope="local")
-            for r in range(2 * bits):
-                cnt[r] = 0
+            for r in range(entries):
+                kc[r] = 0
                 for d in T.vectorized(v_dim):
-                    tab[r, d] = T.float64(0)
+                    kn[r, d] = T.float64(0)
+            for j in range(ts):  # each key adds its value to one row per 4-bit group of its code
+                for g in T.unroll(groups):
+                    code[g] = 0
+                    for t in T.unroll(NIBBLE):
+                        if g * NIBBLE + t < bits:
+                            code[g] = code[g] + T.shift_left(_bit(kh[bi, j, g * NIBBLE + t]), t)
+                for g in T.unroll(groups):
+                    kc[g * 16 + code[g]] = kc[g * 16 + code[g]] + 1
+                    for d in T.vectorized(v_dim):
+                        kn[g * 16 + code[g], d] = kn[g * 16 + code[g], d] + T.Cast("float64", v[bi, j, d])
             for d in T.vectorized(v_dim):
                 tot[d] = T.float64(0)
-            for j in range(ts):
+            for n in range(16):
                 for d in T.vectorized(v_dim):
-                    tot[d] = tot[d] + T.Cast("float64", v[bi, j, d])
-                for lb in range(bits):
-                    cnt[2 * lb + _bit(kh[bi, j, lb])] = cnt[2 * lb + _bit(kh[bi, j, lb])] + 1
+                    tot[d] = tot[d] + kn[n, d]
+            for lb in range(bits):  # per bit: the keys whose bit is 0 (row 2l) and 1 (row 2l+1)
+                cnt[2 * lb] = 0
+                cnt[2 * lb + 1] = 0
+                for d in T.vectorized(v_dim):
+                    tab[2 * lb, d] = T.float64(0)
+                    tab[2 * lb + 1, d] = T.float64(0)
+                for n in range(16):
+                    cnt[2 * lb + T.bitwise_and(T.shift_right(n, lb % NIBBLE), 1)] = (
+                        cnt[2 * lb + T.bitwise_and(T.shift_right(n, lb % NIBBLE), 1)] + kc[lb // NIBBLE * 16 + n]
+                    )
                     for d in T.vectorized(v_dim):
-                        tab[2 * lb + _bit(kh[bi, j, lb]), d] = tab[2 * lb + _bit(kh[bi, j, lb]), d] + T.Cast(
-                            "float64", v[bi, j, d]
+                        tab[2 * lb + T.bitwise_and(T.shift_right(n, lb % NIBBLE), 1), d] = (
+                            tab[2 * lb + T.bitwise_and(T.shift_right(n, lb % NIBBLE), 1), d]
+                            + kn[lb // NIBBLE * 16 + n, d]
                         )
             for g in T.unroll(groups):
                 for n in range(16):
