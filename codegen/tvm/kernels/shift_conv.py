@@ -22,6 +22,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
+from reshift.codegen.tvm.kernels import shift_int
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor, shift_matmul, shift_matmul_int8
 from reshift.codegen.tvm.lower import LowerContext, lowering, op
 from reshift.ir.graph import Node
@@ -118,6 +119,8 @@ def lower_shift_conv2d(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     a = node.attrs
     sign_np, exponent_np = lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2)
     groups, out_channels = a["groups"], sign_np.shape[0]
+    if groups == 1 and kernel_flavor() != "gpu":  # per-window int16 codes + the integer dot-product GEMM
+        return shift_int.shift_conv_int(ctx, node, x, sign_np, exponent_np, scale, bias)
     per_group, channels = out_channels // groups, sign_np.shape[1]
     batch = ctx.shape(node.inputs[0])[0]
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
