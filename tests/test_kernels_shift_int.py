@@ -29,14 +29,15 @@ def _weights(sign, exponent, bits):
     return np.where(sign != 0, w, 0)
 
 
-def _decoded(code, mult):
-    return np.einsum("pok,po->ok", code.astype(np.int64), mult.astype(np.int64))
+def _encode(sign, exponent, bits):
+    weights = shift_int.encode_int16(sign, exponent, bits)
+    return weights.code, weights.mult, weights
 
 
 def test_narrow_channel_is_one_plane_with_a_power_of_two_multiplier():
     sign = np.array([[1, -1, 0, 1]], np.int8)
     exponent = np.array([[3, 5, 0, 9]], np.uint8)  # spread 6
-    code, mult = shift_int.encode_int16(sign, exponent, 4)
+    code, mult, _ = _encode(sign, exponent, 4)
     assert code.shape == (1, 1, 4) and mult.tolist() == [[2 ** (15 - 9)]]
     assert code[0, 0].tolist() == [64, -16, 0, 1]
 
@@ -46,18 +47,28 @@ def test_spread_15_with_one_top_sign_fits_one_plane(top_sign):
     """+2^15 is no int16: a channel whose exponent-0 weights are all positive is negated."""
     sign = np.array([[top_sign, -1, 1, top_sign]], np.int8)
     exponent = np.array([[0, 15, 7, 0]], np.uint8)
-    code, mult = shift_int.encode_int16(sign, exponent, 4)
-    assert code.shape[0] == 1 and mult[0, 0] == -top_sign
-    assert np.array_equal(_decoded(code, mult), _weights(sign, exponent, 4))
+    code, mult, weights = _encode(sign, exponent, 4)
+    assert code.shape[0] == 1 and mult[0, 0] == -top_sign and not weights.wrapped[0].size
+    assert np.array_equal(weights.decoded(), _weights(sign, exponent, 4))
 
 
-def test_spread_15_with_both_top_signs_splits_into_planes():
+def test_spread_15_with_both_top_signs_wraps_the_minority():
+    """Top weights of both signs: the minority's +2^15 is stored as -2^15 and corrected by 65536 * q."""
+    sign = np.array([[1, -1, 1, 1, 0], [1, 1, 1, 1, 1]], np.int8)
+    exponent = np.array([[0, 0, 0, 15, 4], [2, 2, 2, 2, 2]], np.uint8)
+    code, mult, weights = _encode(sign, exponent, 4)
+    assert code.shape == (1, 2, 5) and mult[0, 0] == -1  # negated: the two positive tops become -2^15
+    assert weights.wrapped[0].tolist() == [1] and code[0, 0, 1] == -(2**15)
+    assert np.array_equal(weights.decoded(), _weights(sign, exponent, 4))
+
+
+def test_spread_beyond_15_splits_into_planes():
     sign = np.array([[1, -1, 1, 0], [1, 1, 1, 1]], np.int8)
-    exponent = np.array([[0, 0, 15, 4], [2, 2, 2, 2]], np.uint8)
-    code, mult = shift_int.encode_int16(sign, exponent, 4)
-    assert code.shape == (2, 2, 4)
-    assert np.array_equal(_decoded(code, mult), _weights(sign, exponent, 4))
-    assert mult[1, 1] == 0 and not code[1, 1].any()  # the narrow channel has no second plane
+    exponent = np.array([[0, 20, 31, 4], [9, 9, 9, 9]], np.uint8)
+    code, mult, weights = _encode(sign, exponent, 5)
+    assert code.shape == (3, 2, 4)
+    assert np.array_equal(weights.decoded(), _weights(sign, exponent, 5))
+    assert not mult[1:, 1].any() and not code[1:, 1].any()  # the narrow channel has one plane
 
 
 def test_random_codes_encode_exactly_at_4_and_5_bits():
@@ -66,14 +77,14 @@ def test_random_codes_encode_exactly_at_4_and_5_bits():
         exponent = RNG.integers(0, 2**bits, (40, 57)).astype(np.uint8)
         if bits == 5:  # keep 127 * |w| in int32, as the reference requires
             exponent = np.maximum(exponent, 8).astype(np.uint8)
-        code, mult = shift_int.encode_int16(sign, exponent, bits)
+        code, mult, weights = _encode(sign, exponent, bits)
         assert code.dtype == np.int16 and mult.dtype == np.int32
-        assert code.shape[0] == (2 if bits == 4 else 2)
-        assert np.array_equal(_decoded(code, mult), _weights(sign, exponent, bits))
+        assert code.shape[0] == (1 if bits == 4 else 2)  # spread <= 15 at 4 bits: one plane (+ wraps)
+        assert np.array_equal(weights.decoded(), _weights(sign, exponent, bits))
 
 
 def test_all_zero_channel():
-    code, mult = shift_int.encode_int16(np.zeros((2, 3), np.int8), np.zeros((2, 3), np.uint8), 4)
+    code, mult, _ = _encode(np.zeros((2, 3), np.int8), np.zeros((2, 3), np.uint8), 4)
     assert not code.any() and not mult.any()
 
 
@@ -110,15 +121,22 @@ def _assert_same(actual, expected):
     np.testing.assert_array_equal(actual, expected)
 
 
-@pytest.mark.parametrize("out, k", [(1, 1), (17, 33), (64, 96), (130, 64)])
-def test_shift_linear_is_bit_exact(out, k):
+@pytest.mark.parametrize(
+    "out, k, bits, low", [(1, 1, 4, 0), (17, 33, 4, 0), (64, 96, 4, 0), (130, 64, 4, 0), (20, 24, 5, 12)]
+)
+def test_shift_linear_is_bit_exact(out, k, bits, low):
+    """Random codes: spread-15 channels with both top signs (wrapped columns); 5 bits: two planes."""
     b = ir.GraphBuilder("shift_linear")
     x = b.input("x", f"f32[N,{k}]")
     sign = RNG.integers(-1, 2, (out, k)).astype(np.int8)
-    exponent = RNG.integers(0, 16, (out, k)).astype(np.uint8)
+    exponent = RNG.integers(low, 2**bits, (out, k)).astype(np.uint8)
+    assert bits == 4 or shift_int.encode_int16(sign, exponent, bits).code.shape[0] == 2
     scale = (RNG.random(out) + 0.1).astype(np.float32)
     bias = RNG.standard_normal(out).astype(np.float32)
-    graph = b.build(b.shift_linear(x, b.constant(sign), b.constant(exponent), b.constant(scale), b.constant(bias)))
+    y = b.shift_linear(
+        x, b.constant(sign), b.constant(exponent), b.constant(scale), b.constant(bias), exponent_bits=bits
+    )
+    graph = b.build(y)
     executable = build(graph, "cpu").executable
     for rows in (1, 4, 50):
         xs = (RNG.standard_normal((rows, k)) * 3).astype(np.float32)

@@ -31,13 +31,15 @@ Without VNNI (other x86 CPUs, arm64) the same layout runs through a portable int
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
-from reshift.codegen.tvm.lower import LowerContext, op, scalar
+from reshift.codegen.tvm.lower import LowerContext, constant, op, scalar
 from reshift.ir.ops_lowbit import INT8_QMAX
 
 ROWS = 16  # output channels per vector (16 int32 lanes)
@@ -64,48 +66,69 @@ def has_vnni() -> bool:
 
 
 # -- weight encoding ------------------------------------------------------------------------------
-def _encode_channel(sign: np.ndarray, exponent: np.ndarray, e_max: int) -> list[tuple[np.ndarray, int]]:
-    """One channel's ``[(int16 code [K], multiplier)]`` with ``sum code * mult = sign * 2^(E - exponent)``."""
+@dataclass
+class Int16Weights:
+    """Exact int16 form of shift weights ``w = sign * 2^(E - exponent)`` (``[O, K]``):
+    ``w[o, k] = sum_p mult[p, o] * (code[p, o, k] + 65536 * [k in wrapped[o]])``.
+
+    ``wrapped[o]`` lists the columns whose value ``+2^15`` is stored as ``-2^15`` (plane 0 only):
+    a channel with spread 15 whose top weights have both signs (a few per layer in practice).
+    """
+
+    code: np.ndarray  # int16 [P, O, K]
+    mult: np.ndarray  # int32 [P, O]
+    wrapped: list[np.ndarray]  # per output channel, int32 column indices
+
+    def decoded(self) -> np.ndarray:
+        """The int64 ``w`` this encoding stands for."""
+        w = self.code.astype(np.int64)
+        for o, cols in enumerate(self.wrapped):
+            w[0, o, cols] += 65536
+        return np.einsum("pok,po->ok", w, self.mult.astype(np.int64))
+
+
+def _encode_channel(sign: np.ndarray, exponent: np.ndarray, e_max: int):
+    """One channel: ``([(int16 code [K], multiplier)], wrapped columns)`` (see :class:`Int16Weights`)."""
+    none = np.zeros(0, np.int32)
     live = sign != 0
     if not live.any():
-        return [(np.zeros(sign.shape, np.int16), 0)]
+        return [(np.zeros(sign.shape, np.int16), 0)], none
     e = exponent.astype(np.int64)
     lo, hi = int(e[live].min()), int(e[live].max())
+    v = np.where(live, sign.astype(np.int64) << np.clip(hi - e, 0, None), 0)
     if hi - lo <= PLANE_SPAN - 1:
-        v = np.where(live, sign.astype(np.int64) << (hi - e), 0)
-        return [(v.astype(np.int16), 1 << (e_max - hi))]
-    if hi - lo == PLANE_SPAN:
-        top = sign[live & (e == lo)]
-        if np.all(top == top[0]):  # the one value beyond int16 is -2^15: negate a channel whose top is +
-            flip = int(top[0])  # +1 or -1
-            v = np.where(live, -flip * (sign.astype(np.int64) << (hi - e)), 0)
-            assert v.min() >= INT16_MIN and v.max() < 2**15
-            return [(v.astype(np.int16), -flip * (1 << (e_max - hi)))]
+        return [(v.astype(np.int16), 1 << (e_max - hi))], none
+    if hi - lo == PLANE_SPAN:  # +2^15 is no int16: negate the channel so most top weights are -2^15
+        top = live & (e == lo)
+        flip = 1 if int(sign[top].astype(np.int64).sum()) >= 0 else -1
+        v = -flip * v
+        wrapped = np.flatnonzero(v == 2**15).astype(np.int32)
+        v[wrapped] -= 65536
+        return [(v.astype(np.int16), -flip * (1 << (e_max - hi)))], wrapped
     planes = []
     for start in range(lo, hi + 1, PLANE_SPAN):
         top = min(start + PLANE_SPAN - 1, hi)
         inside = live & (e >= start) & (e <= top)
         v = np.where(inside, sign.astype(np.int64) << np.clip(top - e, 0, None), 0)
         planes.append((v.astype(np.int16), 1 << (e_max - top)))
-    return planes
+    return planes, none
 
 
-def encode_int16(sign: np.ndarray, exponent: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``sign``/``exponent [O, K]`` -> ``(code int16 [P, O, K], mult int32 [P, O])``, exact:
-    ``sum_p code[p] * mult[p][:, None] == sign * 2^(E - exponent)`` (see the module docstring)."""
+def encode_int16(sign: np.ndarray, exponent: np.ndarray, bits: int) -> Int16Weights:
+    """``sign``/``exponent [O, K]`` -> :class:`Int16Weights`, checked exact against ``sign * 2^(E - exponent)``."""
     e_max = 2**bits - 1
     per = [_encode_channel(sign[o], exponent[o], e_max) for o in range(sign.shape[0])]
-    planes = max((len(p) for p in per), default=1)
+    planes = max((len(p) for p, _ in per), default=1)
     code = np.zeros((planes, sign.shape[0], sign.shape[1]), np.int16)
     mult = np.zeros((planes, sign.shape[0]), np.int64)
-    for o, channel in enumerate(per):
+    for o, (channel, _) in enumerate(per):
         for p, (v, m) in enumerate(channel):
             code[p, o], mult[p, o] = v, m
     assert np.all(np.abs(mult) < 2**31), "multiplier beyond int32"
-    w = sign.astype(np.int64) << (e_max - exponent.astype(np.int64))
-    w = np.where(sign != 0, w, 0)
-    assert np.array_equal(np.einsum("pok,po->ok", code.astype(np.int64), mult), w), "int16 encoding not exact"
-    return code, mult.astype(np.int32)
+    weights = Int16Weights(code, mult.astype(np.int32), [w for _, w in per])
+    w = np.where(sign != 0, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
+    assert np.array_equal(weights.decoded(), w), "int16 encoding not exact"
+    return weights
 
 
 def pack_int16(code: np.ndarray) -> np.ndarray:
@@ -203,32 +226,70 @@ def _gemm_generic(blocks: int, k2: int) -> tirx.PrimFunc:
     return gemm_generic
 
 
-def _combine(ctx: LowerContext, acc: relax.Expr, rows, mult: np.ndarray) -> relax.Expr:
-    """``[rows, P * Opad]`` plane sums -> ``sum_p acc_p * mult[p]`` as int32 ``[rows, O]`` (mod 2^32, exact)."""
+def wrap_sum_func(k_pad: int, out: int, width: int) -> tirx.PrimFunc:
+    """``(q16, idx, count) -> corr``: ``corr[m, o] = sum_{j < count[o]} q16[m, idx[o, j]]`` (the wrapped columns)."""
+
+    @T.prim_func(private=True)
+    def wrap_sum(q_h: T.handle, idx: T.Buffer((out, width), "int32"), count: T.Buffer((out,), "int32"), c_h: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        q = T.match_buffer(q_h, (rows, k_pad), "int16")
+        corr = T.match_buffer(c_h, (rows, out), "int32")
+        for m in T.parallel(rows):
+            for o in range(out):
+                total = T.alloc_buffer((1,), "int32", scope="global")
+                total[0] = T.int32(0)
+                for j in range(count[o]):
+                    total[0] = total[0] + T.Cast("int32", q[m, idx[o, j]])
+                corr[m, o] = total[0]
+
+    return wrap_sum
+
+
+def _combine(ctx: LowerContext, acc: relax.Expr, q16: relax.Expr, rows, weights: Int16Weights) -> relax.Expr:
+    """``[rows, P * Opad]`` plane sums -> the reference's ``acc [rows, O]``: int32 when no plane needs a
+    multiplier, else int64 ``sum_p mult[p] * (acc_p + 65536 * corr)`` (exact; the value fits int32)."""
+    mult = weights.mult
     planes, out = mult.shape
     padded = -(-out // ROWS) * ROWS
-    if planes == 1:
+    wrapped = any(len(w) for w in weights.wrapped)
+    if planes > 1:
+        acc = ctx.emit(op.reshape(acc, (rows, planes, padded)))
         if padded != out:
-            acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
-        if np.all(mult == 1):
-            return acc
-        return ctx.emit(op.multiply(acc, relax.const(mult[0])))
-    acc = ctx.emit(op.reshape(acc, (rows, planes, padded)))
-    if padded != out:
-        acc = ctx.emit(op.strided_slice(acc, axes=[2], begin=[0], end=[out]))
-    return ctx.emit(op.sum(op.multiply(acc, relax.const(mult)), axis=[1]))
+            acc = ctx.emit(op.strided_slice(acc, axes=[2], begin=[0], end=[out]))
+    elif padded != out:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
+    if planes == 1 and not wrapped and np.all(mult == 1):
+        return acc
+    total = ctx.emit(op.astype(acc, "int64"))
+    if wrapped:
+        width = max(len(w) for w in weights.wrapped)
+        idx = np.zeros((out, width), np.int32)
+        for o, cols in enumerate(weights.wrapped):
+            idx[o, : len(cols)] = cols
+        count = np.array([len(w) for w in weights.wrapped], np.int32)
+        gv = ctx.bb.add_func(wrap_sum_func(-(-weights.code.shape[2] // 2) * 2, out, width), "shift_int16_wrap_sum")
+        corr = ctx.emit(
+            relax.op.call_tir(gv, [q16, constant(idx), constant(count)], out_ty=relax.TensorType((rows, out), "int32"))
+        )
+        corr = ctx.emit(op.multiply(op.astype(corr, "int64"), constant(np.array(65536, np.int64))))
+        if planes > 1:
+            corr = ctx.emit(op.concat([op.expand_dims(corr, [1]), op.zeros((rows, planes - 1, out), "int64")], 1))
+        total = ctx.emit(op.add(total, corr))
+    total = ctx.emit(op.multiply(total, constant(mult.astype(np.int64) if planes > 1 else mult[0].astype(np.int64))))
+    return ctx.emit(op.sum(total, axis=[1])) if planes > 1 else total
 
 
-def int_matmul(ctx: LowerContext, q16: relax.Expr, rows, code: np.ndarray, mult: np.ndarray) -> relax.Expr:
-    """Exact ``acc [rows, O]`` int32 of the int16 codes ``q16 [rows, 2*ceil(K/2)]`` against :func:`encode_int16`."""
-    packed = pack_int16(code)
+def int_matmul(ctx: LowerContext, q16: relax.Expr, rows, weights: Int16Weights) -> relax.Expr:
+    """Exact ``acc [rows, O]`` of the int16 codes ``q16 [rows, 2*ceil(K/2)]`` against :func:`encode_int16`'s weights."""
+    packed = pack_int16(weights.code)
     blocks, k2 = packed.shape[:2]
     vnni = has_vnni()
     gv = ctx.bb.add_func(gemm_func(blocks, k2, vnni), "shift_int16_gemm_vnni" if vnni else "shift_int16_gemm")
     acc = ctx.emit(
-        relax.op.call_tir(gv, [q16, relax.const(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
+        relax.op.call_tir(gv, [q16, constant(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
     )
-    return _combine(ctx, acc, rows, mult)
+    return _combine(ctx, acc, q16, rows, weights)
 
 
 def rescale(ctx: LowerContext, acc: relax.Expr, s: relax.Expr, scale: relax.Expr, bits: int) -> relax.Expr:
@@ -238,6 +299,18 @@ def rescale(ctx: LowerContext, acc: relax.Expr, s: relax.Expr, scale: relax.Expr
     y = ctx.emit(op.multiply(y, scale))
     finite = ctx.emit(op.less(op.abs(s), scalar(np.inf, "float32")))
     return ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+
+
+def int8_code_vectorizable(x: tirx.PrimExpr, scale: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``lower_lowbit.int8_code`` with the rounding as LLVM's ``nearbyint`` intrinsic: TVM's vectorizer
+    scalarizes ``tirx.nearbyint`` (16 ``vdivss``/``vroundss`` per vector), the intrinsic becomes
+    ``vdivps`` + ``vrndscaleps``. The same round-half-to-even of the same quotient."""
+    ok = tirx.all(scale > tirx.const(0, "float32"), scale < tirx.const(np.inf, "float32"))
+    safe = tirx.Select(ok, scale, tirx.const(1, "float32"))
+    value = tirx.Select(scale < tirx.const(np.inf, "float32"), x, tirx.const(0, "float32"))
+    rounded = tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint.f32", value / safe)
+    clipped = tirx.max(tirx.min(rounded, tirx.const(INT8_QMAX, "float32")), tirx.const(-INT8_QMAX, "float32"))
+    return clipped.astype("int32")
 
 
 # -- shift_linear: per-row codes ------------------------------------------------------------------
@@ -251,7 +324,7 @@ def quantize_rows_int16(ctx: LowerContext, x2: relax.Expr, rows, k: int) -> tupl
 
     def codes(x, s):
         def value(m, c):
-            q = lower_lowbit.int8_code(x[m, tirx.min(c, k - 1)], s[m, 0])
+            q = int8_code_vectorizable(x[m, tirx.min(c, k - 1)], s[m, 0])
             return tirx.Select(c < k, q, tirx.const(0, "int32")).astype("int16")
 
         return te.compute((x.shape[0], k_pad), value, name="q16")
@@ -264,8 +337,7 @@ def shift_matmul_int(
 ) -> relax.Expr:
     """``shift_linear`` on ``x2 [rows, K]`` as ``[rows, O]`` float32 (no bias) through the int16 GEMM."""
     q16, s = quantize_rows_int16(ctx, x2, rows, sign.shape[1])
-    code, mult = encode_int16(sign, exponent, bits)
-    return rescale(ctx, int_matmul(ctx, q16, rows, code, mult), s, scale, bits)
+    return rescale(ctx, int_matmul(ctx, q16, rows, encode_int16(sign, exponent, bits)), s, scale, bits)
 
 
 # -- shift_conv2d: per-window codes ---------------------------------------------------------------
@@ -302,7 +374,9 @@ def conv_codes_func(
 ) -> tirx.PrimFunc:
     """``(xt, cm) -> (s, q)``: per output pixel ``r`` its window's scale ``s[r] = max cm / 127`` and the
     int16 codes ``q[r, (i*kw + j)*C + c] = int8_code(xt[n, y, x, c], s[r])`` (0 in the padding and
-    past ``K``), ``K = kh*kw*C`` padded to even."""
+    past ``K``), ``K = kh*kw*C`` padded to even. A row whose scale is not finite (NaN or inf in the
+    window) gets zero codes, as ``int8_code``; its outputs become NaN in the epilogue. The scale
+    test is made once per row, so the inner loop is load, divide, round, clip, narrow, store."""
     h, w = hw
     kh, kw = kernel
     oh, ow = out_hw
@@ -311,18 +385,22 @@ def conv_codes_func(
     k_pad = -(-k // 2) * 2
     vec = 16
     body, tail = channels // vec, channels % vec
+    lo, hi = T.float32(-INT8_QMAX), T.float32(INT8_QMAX)
 
-    def code(v, s):
-        return lower_lowbit.int8_code(v, s).astype("int16")
+    def code(v, safe):
+        rounded = T.call_llvm_pure_intrin("float32", "llvm.nearbyint.f32", v / safe)
+        return T.Cast("int16", T.Cast("int32", T.max(T.min(rounded, hi), lo)))
 
     @T.prim_func(private=True)
     def conv_codes(xt_h: T.handle, cm_h: T.handle, s_h: T.handle, q_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
-        xt = T.match_buffer(xt_h, (n, h, w, channels), "float32")
+        xt4 = T.match_buffer(xt_h, (n, h, w, channels), "float32")
         cm = T.match_buffer(cm_h, (n, h, w), "float32")
         s = T.match_buffer(s_h, (n * oh * ow, 1), "float32")
-        q = T.match_buffer(q_h, (n * oh * ow, k_pad), "int16")
+        q2 = T.match_buffer(q_h, (n * oh * ow, k_pad), "int16")
+        xt = T.decl_buffer((n * h * w * channels,), "float32", data=xt4.data)
+        q = T.decl_buffer((n * oh * ow * k_pad,), "int16", data=q2.data)
         for r in T.parallel(n * oh * ow):
             img = r // (oh * ow)
             oy = r % (oh * ow) // ow
@@ -334,22 +412,30 @@ def conv_codes_func(
                 xx = ox * stride[1] + j * dilation[1] - left
                 if yy >= 0 and yy < h and xx >= 0 and xx < w:
                     red[0] = T.max(red[0], cm[img, yy, xx])
-            s[r, 0] = red[0] / T.float32(INT8_QMAX)
-            for i, j in T.grid(kh, kw):
-                yy = oy * stride[0] + i * dilation[0] - top
-                xx = ox * stride[1] + j * dilation[1] - left
-                col = (i * kw + j) * channels
-                if yy >= 0 and yy < h and xx >= 0 and xx < w:
-                    for cb in range(body):
-                        for cv in T.vectorized(vec):
-                            q[r, col + cb * vec + cv] = code(xt[img, yy, xx, cb * vec + cv], s[r, 0])
-                    for ct in range(tail):
-                        q[r, col + body * vec + ct] = code(xt[img, yy, xx, body * vec + ct], s[r, 0])
-                else:
-                    for c in range(channels):
-                        q[r, col + c] = T.int16(0)
+            scale = red[0] / T.float32(INT8_QMAX)
+            s[r, 0] = scale
+            row = r * k_pad
+            if scale < T.float32(np.inf):
+                safe = T.Select(scale > T.float32(0), scale, T.float32(1))
+                for i, j in T.grid(kh, kw):
+                    yy = oy * stride[0] + i * dilation[0] - top
+                    xx = ox * stride[1] + j * dilation[1] - left
+                    col = row + (i * kw + j) * channels
+                    if yy >= 0 and yy < h and xx >= 0 and xx < w:
+                        src = ((img * h + yy) * w + xx) * channels
+                        for cb in range(body):
+                            for cv in T.vectorized(vec):
+                                q[col + cb * vec + cv] = code(xt[src + cb * vec + cv], safe)
+                        for ct in range(tail):
+                            q[col + body * vec + ct] = code(xt[src + body * vec + ct], safe)
+                    else:
+                        for c in range(channels):
+                            q[col + c] = T.int16(0)
+            else:
+                for c in range(k):
+                    q[row + c] = T.int16(0)
             for c in range(k_pad - k):
-                q[r, k + c] = T.int16(0)
+                q[row + k + c] = T.int16(0)
 
     return conv_codes
 
@@ -389,8 +475,8 @@ def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.nd
     ohwi = (0, 2, 3, 1)  # columns in (i, j, c) order, as the codes
     sign2 = np.ascontiguousarray(sign.transpose(ohwi)).reshape(out_channels, -1)
     exponent2 = np.ascontiguousarray(exponent.transpose(ohwi)).reshape(out_channels, -1)
-    code, mult = encode_int16(sign2, exponent2, a["exponent_bits"])
-    y = rescale(ctx, int_matmul(ctx, q16, rows, code, mult), s, scale, a["exponent_bits"])
+    weights = encode_int16(sign2, exponent2, a["exponent_bits"])
+    y = rescale(ctx, int_matmul(ctx, q16, rows, weights), s, scale, a["exponent_bits"])
     if bias is not None:
         y = ctx.emit(op.add(y, bias))
     y = ctx.emit(op.reshape(y, [batch, oh, ow, out_channels]))
