@@ -154,10 +154,10 @@ CONVS = {
 }
 
 
-def _conv_graph(c, o, k, stride, padding, dilation, hw=(13, 11), spread=16):
+def _conv_graph(c, o, k, stride, padding, dilation, hw=(13, 11), spread=16, groups=1):
     b = ir.GraphBuilder("shift_conv")
     x = b.input("x", f"f32[N,{c},{hw[0]},{hw[1]}]")
-    shape = (o, c, k, k)
+    shape = (o, c // groups, k, k)
     y = b.shift_conv2d(
         x,
         b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
@@ -167,7 +167,7 @@ def _conv_graph(c, o, k, stride, padding, dilation, hw=(13, 11), spread=16):
         stride=stride,
         padding=padding,
         dilation=dilation,
-        groups=1,
+        groups=groups,
         exponent_bits=4,
     )
     return b.build(y)
@@ -182,6 +182,32 @@ def test_shift_conv2d_is_bit_exact(case):
         if batch == 2:
             x[1, 0, 5, 4] = np.nan
             x[1, -1, 0, 10] = np.inf
+        expected = ir.interpret(graph, {"x": x})[graph.outputs[0].name]
+        actual = _run(executable, x)
+        _assert_same(actual, expected)
+        if batch == 2:
+            assert np.isnan(actual[1]).any() and np.isfinite(actual[0]).all()
+
+
+# depthwise: (C, O, kernel, stride, padding, dilation); O = 2C is a channel multiplier of 2
+DEPTHWISE = {
+    "c16_3x3": (16, 16, 3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "c5_o10_3x3_s2_asym": (5, 10, 3, (2, 2), (0, 1, 2, 1), (1, 1)),
+    "c3_5x5_d2": (3, 3, 5, (1, 2), (4, 4, 4, 4), (2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEPTHWISE))
+def test_depthwise_shift_conv2d_is_bit_exact(case):
+    c, o, k, stride, padding, dilation = DEPTHWISE[case]
+    graph = _conv_graph(c, o, k, stride, padding, dilation, groups=c)
+    assert "shift_conv2d_depthwise" in lower(graph).script(show_meta=False)
+    executable = build(graph, "cpu").executable
+    for batch in (1, 2):
+        x = (RNG.standard_normal((batch, *graph.inputs[0].shape[1:])) * 2).astype(np.float32)
+        if batch == 2:
+            x[1, 0, 5, 4] = np.nan
+            x[1, -1, 0, 10] = -np.inf
         expected = ir.interpret(graph, {"x": x})[graph.outputs[0].name]
         actual = _run(executable, x)
         _assert_same(actual, expected)

@@ -119,8 +119,10 @@ def lower_shift_conv2d(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     a = node.attrs
     sign_np, exponent_np = lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2)
     groups, out_channels = a["groups"], sign_np.shape[0]
-    if groups == 1 and kernel_flavor() != "gpu":  # per-window int16 codes + the integer dot-product GEMM
+    if kernel_flavor() != "gpu" and groups == 1:  # per-window int16 codes + the integer dot-product GEMM
         return shift_int.shift_conv_int(ctx, node, x, sign_np, exponent_np, scale, bias)
+    if kernel_flavor() != "gpu" and sign_np.shape[1] == 1 and groups == int(node.inputs[0].shape[1]):  # depthwise
+        return shift_int.shift_depthwise_int(ctx, node, x, sign_np, exponent_np, scale, bias)
     per_group, channels = out_channels // groups, sign_np.shape[1]
     batch = ctx.shape(node.inputs[0])[0]
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])

@@ -481,3 +481,118 @@ def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.nd
         y = ctx.emit(op.add(y, bias))
     y = ctx.emit(op.reshape(y, [batch, oh, ow, out_channels]))
     return ctx.emit(op.permute_dims(y, [0, 3, 1, 2]))
+
+
+# -- depthwise shift_conv2d: one channel per group ----------------------------------------------------
+def depthwise_func(
+    channels: int,
+    per_group: int,
+    hw: tuple[int, int],
+    kernel,
+    stride,
+    padding,
+    dilation,
+    out_hw: tuple[int, int],
+    bits: int,
+    has_bias: bool,
+) -> tirx.PrimFunc:
+    """``(x, w, scale, bias) -> y`` NCHW for ``groups == C`` (``per_group`` outputs per input channel):
+    per output pixel and channel the window's scale ``s = max |x| / 127`` (+inf for NaN), its int8
+    codes, the exact int32 ``acc = sum_taps q * w`` (``w = sign * 2^(E - exponent)``, ``kh*kw`` terms),
+    then the reference's float steps. Vectorized over the output columns."""
+    h, w = hw
+    kh, kw = kernel
+    oh, ow = out_hw
+    top, left = padding[0], padding[1]
+    taps = kh * kw
+    out_channels = channels * per_group
+    inf = T.float32(np.inf)
+    unit = T.float32(2.0 ** -(2**bits - 1))
+
+    def tap(x, img, g, oy, ox, i, j):
+        yy = oy * stride[0] + i * dilation[0] - top
+        xx = ox * stride[1] + j * dilation[1] - left
+        inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+        value = x[img, g, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        return tirx.Select(inside, value, tirx.const(0, "float32"))
+
+    def magnitude(v):
+        return tirx.Select(tirx.isnan(v), inf, T.fabs(v))
+
+    def finish(acc, s, scale, bias):
+        value = ((acc.astype("float32") * unit) * s) * scale
+        value = tirx.Select(s < inf, value, tirx.const(np.nan, "float32"))
+        return value + bias if has_bias else value
+
+    @T.prim_func(private=True)
+    def shift_depthwise(
+        x_h: T.handle,
+        wq: T.Buffer((out_channels, taps), "int32"),
+        scale: T.Buffer((out_channels,), "float32"),
+        bias: T.Buffer((out_channels,), "float32"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, channels, h, w), "float32")
+        y = T.match_buffer(y_h, (n, out_channels, oh, ow), "float32")
+        for p in T.parallel(n * channels * oh):
+            img = p // (channels * oh)
+            g = p % (channels * oh) // oh
+            oy = p % oh
+            s = T.alloc_buffer((ow,), "float32", scope="global")
+            for ox in T.vectorized(ow):
+                s[ox] = T.float32(0)
+            for i, j in T.grid(kh, kw):
+                for ox in T.vectorized(ow):  # no let inside a vectorized loop: TVM broadcasts lane 0
+                    s[ox] = T.max(s[ox], magnitude(tap(x, img, g, oy, ox, i, j)))
+            for ox in T.vectorized(ow):
+                s[ox] = s[ox] / T.float32(INT8_QMAX)
+            for t in range(per_group):
+                o = g * per_group + t
+                acc = T.alloc_buffer((ow,), "int32", scope="global")
+                for ox in T.vectorized(ow):
+                    acc[ox] = T.int32(0)
+                for i, j in T.grid(kh, kw):
+                    for ox in T.vectorized(ow):
+                        acc[ox] = (
+                            acc[ox] + int8_code_vectorizable(tap(x, img, g, oy, ox, i, j), s[ox]) * wq[o, i * kw + j]
+                        )
+                for ox in T.vectorized(ow):
+                    y[img, o, oy, ox] = finish(acc[ox], s[ox], scale[o], bias[o])
+
+    return shift_depthwise
+
+
+def shift_depthwise_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias):
+    """``shift_conv2d`` with one input channel per group (depthwise) as :func:`depthwise_func`."""
+    a = node.attrs
+    out_channels, _, kh, kw = sign.shape
+    in_shape = node.inputs[0].shape
+    channels = int(in_shape[1])
+    hw = (int(in_shape[2]), int(in_shape[3]))
+    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
+    e_max = 2 ** a["exponent_bits"] - 1
+    w = np.where(sign != 0, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
+    func = depthwise_func(
+        channels,
+        out_channels // channels,
+        hw,
+        (kh, kw),
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+        (oh, ow),
+        a["exponent_bits"],
+        bias is not None,
+    )
+    gv = ctx.bb.add_func(func, "shift_conv2d_depthwise")
+    bias_arg = bias if bias is not None else constant(np.zeros(out_channels, np.float32))
+    batch = ctx.shape(node.inputs[0])[0]
+    return ctx.emit(
+        relax.op.call_tir(
+            gv,
+            [x, constant(w.reshape(out_channels, -1).astype(np.int32)), scale, bias_arg],
+            out_ty=relax.TensorType((batch, out_channels, oh, ow), "float32"),
+        )
+    )
