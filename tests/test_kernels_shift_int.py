@@ -226,3 +226,15 @@ def test_vnni_instruction_in_the_machine_code():
     graph = _conv_graph(*CONVS["c35_o33_1x1_s2"])
     assembly = build(graph, "cpu").executable.mod.imports[0].inspect_source("asm")
     assert "vpdpwssd" in assembly
+
+
+def test_arm64_build_compiles_the_portable_kernels():
+    """No VNNI on arm64: the same lowering with the portable int16 loop (cross-compiled, not run)."""
+    from reshift.codegen.tvm.targets import resolve_target
+
+    pytest.importorskip("tvm")
+    target = resolve_target("arm64")
+    with target.target():
+        script = lower(_conv_graph(*CONVS["c35_o33_1x1_s2"])).script(show_meta=False)
+    assert "shift_int16_gemm" in script and "shift_int16_gemm_vnni" not in script
+    build(_conv_graph(*CONVS["c35_o33_1x1_s2"]), "arm64")
