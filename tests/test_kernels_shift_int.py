@@ -238,3 +238,20 @@ def test_arm64_build_compiles_the_portable_kernels():
         script = lower(_conv_graph(*CONVS["c35_o33_1x1_s2"])).script(show_meta=False)
     assert "shift_int16_gemm" in script and "shift_int16_gemm_vnni" not in script
     build(_conv_graph(*CONVS["c35_o33_1x1_s2"]), "arm64")
+
+
+def test_float64_reciprocal_quotient_is_the_float32_division():
+    """The conv codes' ``float32(float64(x) * (1 / float64(s)))`` equals ``float32(x / s)`` (module docstring):
+    random pairs, and x placed at the float32 neighbours of half-integer multiples of s."""
+    s = (RNG.random(20000) * 10 + 1e-3).astype(np.float32)
+    half = (RNG.integers(-127, 127, s.size) + 0.5).astype(np.float32)
+    near = (half.astype(np.float64) * s).astype(np.float32)
+    for x in (
+        (RNG.standard_normal(s.size) * 50).astype(np.float32),
+        near,
+        np.nextafter(near, np.float32(np.inf)),
+        np.nextafter(near, np.float32(-np.inf)),
+    ):
+        expected = x / s
+        actual = (x.astype(np.float64) * (1.0 / s.astype(np.float64))).astype(np.float32)
+        np.testing.assert_array_equal(actual, expected)

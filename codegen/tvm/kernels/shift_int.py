@@ -191,9 +191,9 @@ def gemm_func(blocks: int, k2: int, vnni: bool) -> tirx.PrimFunc:
         a = T.decl_buffer((rows, k2), "int32", data=a16.data)  # one int16 pair per int32
         wf = T.decl_buffer((blocks * k2 * ROWS * 2,), "int16", data=w.data)
         for task in T.parallel((rows + (CHUNK - 1)) // CHUNK * tiles):
-            t = task % tiles
-            base = task // tiles * CHUNK
-            here = T.min(T.int64(CHUNK), rows - base)
+            t = T.meta_var(task % tiles)
+            base = T.meta_var(task // tiles * CHUNK)
+            here = T.meta_var(T.min(T.int64(CHUNK), rows - base))
             for mb in range(here // ROW_BLOCK):
                 main(a, wf, acc, t, base + mb * ROW_BLOCK)
             for m in range(here % ROW_BLOCK):
@@ -313,6 +313,21 @@ def int8_code_vectorizable(x: tirx.PrimExpr, scale: tirx.PrimExpr) -> tirx.PrimE
     return clipped.astype("int32")
 
 
+def quotient(x: tirx.PrimExpr, inverse: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``float32(x / s)``, correctly rounded, from ``inverse = float64(1) / float64(s)``: ``float32(float64(x)
+    * inverse)``. Exact because ``x / s`` (two float32s) is never a float32 rounding midpoint (its odd
+    significand part divides ``x``'s, so it has at most 24 bits) and is at least ``2^-50`` (relative)
+    away from any, while the float64 product is within ``2^-52``. Quotients below float32's normal
+    range round to 0 either way. Two multiplies in 8 float64 lanes instead of a ``vdivps``, which is
+    the conv codes' bottleneck (9 divisions per input element for a 3x3 window)."""
+    return (x.astype("float64") * inverse).astype("float32")
+
+
+def rint(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Round half to even as LLVM's ``nearbyint`` intrinsic (vectorizes; ``tirx.nearbyint`` does not)."""
+    return tirx.call_llvm_pure_intrin("float32", "llvm.nearbyint.f32", x)
+
+
 # -- shift_linear: per-row codes ------------------------------------------------------------------
 def quantize_rows_int16(ctx: LowerContext, x2: relax.Expr, rows, k: int) -> tuple[relax.Expr, relax.Expr]:
     """``(q int16 [rows, 2*ceil(K/2)], s float32 [rows, 1])``: the registry's per-row int8 codes (zero padded)."""
@@ -361,9 +376,9 @@ def conv_prep_func(channels: int, hw: tuple[int, int]) -> tirx.PrimFunc:
                 cm[p // h, p % h, xx] = T.float32(0)
             for c in range(channels):
                 for xx in range(w):
-                    v = x[p // h, c, p % h, xx]
+                    v = T.meta_var(x[p // h, c, p % h, xx])
                     xt[p // h, p % h, xx, c] = v
-                    again = x_again[p // h, c, p % h, xx]  # the same value
+                    again = T.meta_var(x_again[p // h, c, p % h, xx])  # the same value
                     cm[p // h, p % h, xx] = T.max(cm[p // h, p % h, xx], T.if_then_else(T.isnan(again), inf, T.fabs(v)))
 
     return conv_prep
@@ -387,9 +402,21 @@ def conv_codes_func(
     body, tail = channels // vec, channels % vec
     lo, hi = T.float32(-INT8_QMAX), T.float32(INT8_QMAX)
 
-    def code(v, safe):
-        rounded = T.call_llvm_pure_intrin("float32", "llvm.nearbyint.f32", v / safe)
-        return T.Cast("int16", T.Cast("int32", T.max(T.min(rounded, hi), lo)))
+    def window_max(cm, img, oy, ox):
+        """``max`` of ``cm`` over the window (0 in the padding) as one expression: a TVMScript variable
+        updated in a loop becomes a workspace allocation, and the loop around it spills to the stack."""
+        best = tirx.const(0, "float32")
+        for i in range(kh):
+            for j in range(kw):
+                yy = oy * stride[0] + i * dilation[0] - top
+                xx = ox * stride[1] + j * dilation[1] - left
+                inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+                value = cm[img, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+                best = tirx.max(best, tirx.Select(inside, value, tirx.const(0, "float32")))
+        return best
+
+    def code(v, inverse):
+        return T.Cast("int16", T.Cast("int32", T.max(T.min(rint(quotient(v, inverse)), hi), lo)))
 
     @T.prim_func(private=True)
     def conv_codes(xt_h: T.handle, cm_h: T.handle, s_h: T.handle, q_h: T.handle):
@@ -402,32 +429,27 @@ def conv_codes_func(
         xt = T.decl_buffer((n * h * w * channels,), "float32", data=xt4.data)
         q = T.decl_buffer((n * oh * ow * k_pad,), "int16", data=q2.data)
         for r in T.parallel(n * oh * ow):
-            img = r // (oh * ow)
-            oy = r % (oh * ow) // ow
-            ox = r % ow
-            red = T.alloc_buffer((1,), "float32", scope="global")
-            red[0] = T.float32(0)
-            for i, j in T.grid(kh, kw):
-                yy = oy * stride[0] + i * dilation[0] - top
-                xx = ox * stride[1] + j * dilation[1] - left
-                if yy >= 0 and yy < h and xx >= 0 and xx < w:
-                    red[0] = T.max(red[0], cm[img, yy, xx])
-            scale = red[0] / T.float32(INT8_QMAX)
-            s[r, 0] = scale
-            row = r * k_pad
+            img = T.meta_var(r // (oh * ow))
+            oy = T.meta_var(r % (oh * ow) // ow)
+            ox = T.meta_var(r % ow)
+            s[r, 0] = window_max(cm, img, oy, ox) / T.float32(INT8_QMAX)
+            scale = T.meta_var(s[r, 0])  # meta_var substitutes; a named scalar is a workspace per row
+            row = T.meta_var(r * k_pad)
             if scale < T.float32(np.inf):
-                safe = T.Select(scale > T.float32(0), scale, T.float32(1))
-                for i, j in T.grid(kh, kw):
-                    yy = oy * stride[0] + i * dilation[0] - top
-                    xx = ox * stride[1] + j * dilation[1] - left
-                    col = row + (i * kw + j) * channels
-                    if yy >= 0 and yy < h and xx >= 0 and xx < w:
-                        src = ((img * h + yy) * w + xx) * channels
+                inverse = T.meta_var(
+                    T.float64(1) / T.Cast("float64", T.Select(scale > T.float32(0), scale, T.float32(1)))
+                )
+                for i2, j2 in T.grid(kh, kw):  # fresh names: a reassigned TVMScript variable becomes a heap buffer
+                    y2 = T.meta_var(oy * stride[0] + i2 * dilation[0] - top)
+                    x2 = T.meta_var(ox * stride[1] + j2 * dilation[1] - left)
+                    col = T.meta_var(row + (i2 * kw + j2) * channels)
+                    if y2 >= 0 and y2 < h and x2 >= 0 and x2 < w:
+                        src = T.meta_var(((img * h + y2) * w + x2) * channels)
                         for cb in range(body):
                             for cv in T.vectorized(vec):
-                                q[col + cb * vec + cv] = code(xt[src + cb * vec + cv], safe)
+                                q[col + cb * vec + cv] = code(xt[src + cb * vec + cv], inverse)
                         for ct in range(tail):
-                            q[col + body * vec + ct] = code(xt[src + body * vec + ct], safe)
+                            q[col + body * vec + ct] = code(xt[src + body * vec + ct], inverse)
                     else:
                         for c in range(channels):
                             q[col + c] = T.int16(0)
@@ -537,9 +559,9 @@ def depthwise_func(
         x = T.match_buffer(x_h, (n, channels, h, w), "float32")
         y = T.match_buffer(y_h, (n, out_channels, oh, ow), "float32")
         for p in T.parallel(n * channels * oh):
-            img = p // (channels * oh)
-            g = p % (channels * oh) // oh
-            oy = p % oh
+            img = T.meta_var(p // (channels * oh))
+            g = T.meta_var(p % (channels * oh) // oh)
+            oy = T.meta_var(p % oh)
             s = T.alloc_buffer((ow,), "float32", scope="global")
             for ox in T.vectorized(ow):
                 s[ox] = T.float32(0)
@@ -549,7 +571,7 @@ def depthwise_func(
             for ox in T.vectorized(ow):
                 s[ox] = s[ox] / T.float32(INT8_QMAX)
             for t in range(per_group):
-                o = g * per_group + t
+                o = T.meta_var(g * per_group + t)
                 acc = T.alloc_buffer((ow,), "int32", scope="global")
                 for ox in T.vectorized(ow):
                     acc[ox] = T.int32(0)
