@@ -143,16 +143,18 @@ def log2_matmul_func(m: int, k: int, d: int, residues: int, rescale: float) -> t
         numer = T.match_buffer(numer_h, (residues,), "int64")
         y = T.match_buffer(y_h, (batch, m, d), "float32")
         for bi in T.parallel(batch * m):
-            acc = T.alloc_buffer((residues, d), "int32", scope="local")
-            total = T.alloc_buffer((d,), "int64", scope="local")
+            acc = T.alloc_buffer(
+                (residues, d), "int32", scope="global"
+            )  # on the stack below 1 KiB (one or two classes); "local" is a heap workspace
+            total = T.alloc_buffer((d,), "int64", scope="global")
             for r in T.unroll(residues):
                 for j in T.vectorized(d):
                     acc[r, j] = T.int32(0)
             for kk in range(k):
-                c = code[bi // m, bi % m, kk]
+                c = T.meta_var(code[bi // m, bi % m, kk])  # substituted: a named scalar is a workspace
                 if c >= 0:
-                    cls = T.shift_right(c, RESIDUE_BITS)
-                    shift = T.bitwise_and(c, RESIDUE - 1)
+                    cls = T.meta_var(T.shift_right(c, RESIDUE_BITS))
+                    shift = T.meta_var(T.bitwise_and(c, RESIDUE - 1))
                     if few:  # unrolled: each accumulator stays in registers
                         for r in T.unroll(residues):
                             if cls == r:
