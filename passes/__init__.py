@@ -62,10 +62,11 @@ PIPELINES: dict[str, list[str]] = {
     "adalog": ["adalog_a4"],
     "scale_reparam": ["scale_reparam_a8"],
     "attention_reparam": ["attention_reparam"],  # options: qk_alpha, v_alpha; calibration
-    # ShiftAddViT: MLP linears as multiplication/shift expert mixtures (router fitted on calibration;
-    # options moe_shift_share or expert_latency, shift_bits), the other linears as shift linears
+    # ShiftAddViT: binary-code attention, MLP linears as multiplication/shift expert mixtures (router
+    # fitted on calibration; options moe_shift_share or expert_latency, shift_bits), the other linears
+    # as shift linears
     "moe": ["moe_mlp"],
-    "shiftadd_vit": ["moe_mlp", "shift_weights"],
+    "shiftadd_vit": ["binary_attention", "moe_mlp", "shift_weights"],
     "binary_attention": ["binary_attention"],  # ShiftAddViT; options: hash_bits, binary_init, seed; calibration
 }
 # post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,

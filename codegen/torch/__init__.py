@@ -34,6 +34,7 @@ state to its range). An op with no entry is refused by :func:`to_torch` with a
 
 from reshift.codegen.torch import ops_attention as _ops_attention  # noqa: F401  (binary_attention)
 from reshift.codegen.torch import ops_lowbit as _ops_lowbit  # noqa: F401  (registers the quantizer ops)
+from reshift.codegen.torch import ops_moe as _ops_moe  # noqa: F401  (moe_linear, ShiftAddViT's MoE)
 from reshift.codegen.torch import ops_quant as _ops_quant  # noqa: F401
 from reshift.codegen.torch import ops_std as _ops_std  # noqa: F401
 from reshift.codegen.torch.module import GraphModule, to_torch
