@@ -114,7 +114,14 @@ def recovery(model, calib, train_batch, steps: int, options: dict):
     start = time.time()
     try:
         graph, _ = recover(
-            model, pipeline="shiftadd_vit", data=data, steps=steps, calibration=calib, teacher="fp32", **options
+            model,
+            pipeline="shiftadd_vit",
+            data=data,
+            steps=steps,
+            calibration=calib,
+            teacher="fp32",
+            progress=False,
+            **options,
         )
     except Exception as exc:  # noqa: BLE001 -- a failed recovery is a row saying why
         return None, time.time() - start, f"recover failed: {type(exc).__name__}: {exc}"[:300]
@@ -143,7 +150,7 @@ def accuracy_study(name: str, config: dict, steps: int, recover_steps: int, cach
     rows.append({"row": "shift (every linear)", "top1": ptq_vit.top1(g_shift, x_test, y_test)})
     g_sav, report = reshift.passes.run(graph, "shiftadd_vit", calibration=calib, expert_latency=latency)
     rows.append({"row": "shiftadd_vit post-training", "top1": ptq_vit.top1(g_sav, x_test, y_test)})
-    g_rec, rec_s, note = recovery(model, calib, train_batch, recover_steps, {"expert_latency": latency})
+    g_rec, rec_s, note = recovery(graph, calib, train_batch, recover_steps, {"expert_latency": latency})
     if g_rec is not None:
         rows.append(
             {
