@@ -142,11 +142,13 @@ def recover(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool | None = None,
+    rewritten: Graph | None = None,
     **options: Any,
 ) -> tuple[Graph, RecoveryReport]:
     """Rewrite ``model`` with ``pipeline``, then fine-tune the rewrite for ``steps`` on ``data`` (see module
     docstring). ``calibration`` (default: the first 4 batches of ``data``) goes to the pipeline's passes with
-    ``options``; ``teacher``: ``"fp32"``, a Graph or anything ``reshift.compile`` reads."""
+    ``options``; ``teacher``: ``"fp32"``, a Graph or anything ``reshift.compile`` reads. ``rewritten``: the
+    pipeline's output when the caller has it already (the pipeline is then not run again)."""
     import torch
 
     from reshift import passes
@@ -160,7 +162,10 @@ def recover(
     source, _ = to_graph(model, example_inputs, frontend)
     batches = read_batches(data, source, batch_size)
     calib = read_batches(calibration, source, None, "calibration") if calibration is not None else batches[:4]
-    student_graph, pass_report = passes.run(source, pipeline, calibration=calib, **options)
+    if rewritten is None:
+        student_graph, pass_report = passes.run(source, pipeline, calibration=calib, **options)
+    else:
+        student_graph, pass_report = rewritten, None
     teacher_graph = source if isinstance(teacher, str) and teacher == "fp32" else to_graph(teacher, example_inputs)[0]
 
     torch.manual_seed(seed)
