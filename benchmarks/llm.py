@@ -128,10 +128,10 @@ import json, sys, time
 import reshift.llm
 t0 = time.perf_counter()
 llm = reshift.llm.compile({model!r}, pipeline={pipeline!r}, bits={bits}, max_seq_len={max_seq}, out_dir={out!r},
-                          quantize_lm_head={lm_head})
+                          quantize_lm_head={lm_head}, decode_lut={decode_lut!r})
 r = llm.report
 print(json.dumps({{"compile_s": time.perf_counter() - t0, "fit_s": r["fit_seconds"], "weight_bytes": r["weight_bytes"],
-                  "linear_bytes": r["linear_bytes"], "rss_mb": peak_rss_mb()}}))
+                  "linear_bytes": r["linear_bytes"], "rss_mb": peak_rss_mb(), "decode_lut": llm.meta["decode_lut"]}}))
 """
 )
 BENCH = (
@@ -155,13 +155,18 @@ def cpu_name() -> str:
     return "unknown CPU"
 
 
-def parse_pipeline(spec: str, bits: float) -> tuple[str, float, str]:
-    """``exact``, ``ternary``, ``bcq`` (``--bits``) or ``bcqN`` -> (pipeline, bits, row name)."""
+def parse_pipeline(spec: str, bits: float) -> tuple[str, float, str, str | None]:
+    """``exact``, ``ternary``, ``bcq`` (``--bits``) or ``bcqN``, optionally ``:float32`` / ``:int8`` (the
+    decode GEMV's tables; default: the compiler's) -> (pipeline, bits, row name, decode_lut)."""
+    spec, _, lut = spec.partition(":")
+    suffix = f":{lut}" if lut else ""
+    if lut and lut not in ("float32", "int8"):
+        raise SystemExit(f"pipeline {spec}:{lut}: the decode tables are float32 or int8")
     if spec.startswith("bcq"):
         bits = float(spec[3:]) if spec != "bcq" else bits
         bits = int(bits) if bits == int(bits) else bits  # 2, 3, 4 planes everywhere; a fraction is a budget
-        return "bcq", bits, f"bcq{bits:g}"
-    return spec, bits, spec
+        return "bcq", bits, f"bcq{bits:g}{suffix}", lut or None
+    return spec, bits, spec + suffix, lut or None
 
 
 def short_name(row: dict) -> str:
@@ -255,10 +260,16 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs(args.threads)
     rows = []
     for spec in args.pipelines.split(","):
-        pipeline, bits, name = parse_pipeline(spec, args.bits)
-        out = str(work / f"art_{name}")
+        pipeline, bits, name, decode_lut = parse_pipeline(spec, args.bits)
+        out = str(work / f"art_{name.replace(':', '_')}")
         code = COMPILE.format(
-            model=model, pipeline=pipeline, bits=bits, max_seq=args.max_seq_len, out=out, lm_head=args.lm_head
+            model=model,
+            pipeline=pipeline,
+            bits=bits,
+            max_seq=args.max_seq_len,
+            out=out,
+            lm_head=args.lm_head,
+            decode_lut=decode_lut,
         )
         stats = Path(out + ".compile.json")  # what compiled it, beside it: reused while the settings match
         cached = json.loads(stats.read_text()) if args.work and stats.exists() else {}
@@ -301,13 +312,14 @@ def main() -> None:
           f"load average: {load_start[0]:.1f} at start, {load_end[0]:.1f} at end   prompt {args.prompt}, "
           f"decode {args.new} tokens")  # fmt: skip
     print(f"{'pipeline':<17} {'prefill tok/s':>13} {'decode tok/s':>12} {'roofline':>9} {'linears MB':>10} "
-          f"{'model MB':>9} {'peak RSS MB':>11} {'compile s':>9}")  # fmt: skip
+          f"{'model MB':>9} {'peak RSS MB':>11} {'compile s':>9} {'decode LUT':>10}")  # fmt: skip
     for r in rows:
         print(
             f"{r['pipeline']:<17} {r['prefill_tokens_per_s']:>13.1f} {r['decode_tokens_per_s']:>12.1f} "
             f"{r['roofline_tokens_per_s']:>9.1f} {r['c_linear_bytes'] / 1e6:>10.1f} {r['c_weight_bytes'] / 1e6:>9.1f} "
-            f"{r['rss_mb']:>11.0f} {r['c_compile_s']:>9.1f}"
+            f"{r['rss_mb']:>11.0f} {r['c_compile_s']:>9.1f} {r.get('c_decode_lut', '-'):>10}"
         )
+    print("decode LUT: the decode GEMV's tables (int8: T-MAC's quantized tables, kernels/lut_gemv_int8.py)")
     for b in base + others:
         if "skipped" in b:
             print(f"{b['pipeline']:<17} skipped: {b['skipped']}")

@@ -85,7 +85,7 @@ def main() -> None:
     load_start = os.getloadavg()
     results = []
     for spec in args.pipelines.split(","):
-        pipeline, bits, name = parse_pipeline(spec, 3)
+        pipeline, bits, name, _ = parse_pipeline(spec, 3)
         out = str(work / f"art_{name}_b{max(batches)}")
         code = COMPILE.format(
             model=model, pipeline=pipeline, bits=bits, max_seq=args.max_seq_len, out=out, max_batch=max(batches)

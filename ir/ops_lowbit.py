@@ -283,6 +283,99 @@ def bcq_weight(bits: np.ndarray, alpha: np.ndarray, group_size: int, in_features
     return w
 
 
+# -- int8 lookup tables (T-MAC) ---------------------------------------------------------------
+LUT_DTYPES = ("float32", "int8")
+TABLE_QMAX = 127
+
+
+def int8_tables(x2: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """T-MAC's quantized tables (Wei et al. 2024, Sec. 3.2 "table quantization"): ``(Q int8 [M, groups,
+    slots, 16], s float32 [M, groups])`` of rows ``x2 [M, K]``.
+
+    Slot ``t`` of group ``g`` covers columns ``c = g G + 4t + j``, ``j = 0..3`` (``v_j = x[c]``, 0 past the
+    group or ``K``). Its table entry ``n`` is ``T[n] = sum_j (bit j of n ? v_j : -v_j)``, summed in float32
+    in order ``j = 0, 1, 2, 3``. Per (row, group) ``s = amax / 127`` with ``amax = max_t (((|v_0| + |v_1|) +
+    |v_2|) + |v_3|)`` (the largest ``|T|`` of the group: the same float operations as the all-matching-
+    signs entry), and ``Q = clip(rint(T / s), -127, 127)`` (``rint``: half to even; ``s = 0``: ``Q = 0``).
+    """
+    x2 = np.asarray(x2, np.float32)
+    m, k = x2.shape
+    n_groups = groups(k, group_size)
+    slots = -(-group_size // 4)
+    v = np.zeros((m, n_groups, slots * 4), np.float32)
+    padded = np.zeros((m, n_groups * group_size), np.float32)
+    padded[:, :k] = x2
+    v[:, :, :group_size] = padded.reshape(m, n_groups, group_size)
+    v = v.reshape(m, n_groups, slots, 4)
+    signs = np.where((np.arange(16)[:, None] >> np.arange(4)) & 1, np.float32(1), np.float32(-1))  # [16, 4]
+    table = v[..., None, 0] * signs[:, 0]
+    absum = np.abs(v[..., 0])
+    for j in range(1, 4):
+        table = table + v[..., None, j] * signs[:, j]  # +-v exactly: the product by +-1 does not round
+        absum = absum + np.abs(v[..., j])
+    amax = absum.max(axis=2) if slots else np.zeros((m, n_groups), np.float32)
+    s = (amax / np.float32(TABLE_QMAX)).astype(np.float32)
+    safe = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(table / safe[:, :, None, None]), -TABLE_QMAX, TABLE_QMAX).astype(np.int8)
+    return q, s
+
+
+def plane_nibbles(planes: np.ndarray, group_size: int) -> np.ndarray:
+    """Sign planes uint8 {0,1} ``[q, O, K]`` (1 = +1) to table indices ``[q, O, groups, slots]``:
+    ``sum_j B[o, g G + 4t + j] << j`` (0 past the group or ``K``)."""
+    q, out, k = planes.shape
+    n_groups, slots = groups(k, group_size), -(-group_size // 4)
+    padded = np.zeros((q, out, n_groups * group_size), np.uint8)
+    padded[..., :k] = planes
+    cols = np.zeros((q, out, n_groups, slots * 4), np.uint8)
+    cols[..., :group_size] = padded.reshape(q, out, n_groups, group_size)
+    cols = cols.reshape(q, out, n_groups, slots, 4)
+    return (cols << np.arange(4, dtype=np.uint8)).sum(axis=-1).astype(np.uint8)
+
+
+def lut_int8_rows(
+    x2: np.ndarray, planes: np.ndarray, alpha: np.ndarray, group_size: int, bias: np.ndarray | None = None
+) -> np.ndarray:
+    """The int8-table BCQ product, exactly as the kernel computes it: ``x2 [M, K]``, sign planes
+    ``[q, O, K]`` (1 = +1), ``alpha [O, groups, q]`` -> float32 ``[M, O]``.
+
+    With :func:`int8_tables` ``(Q, s)``: ``acc[m, o, g, i] = sum_t Q[m, g, t, nibble_i(o, g, t)]`` in
+    integers (exact), then in float32, starting from ``bias`` (0 if none), for ``g = 0, 1, ...`` and
+    within it ``i = 0, 1, ...``: ``y = y + float32(acc) * (alpha[o, g, i] * s[m, g])`` (a multiply, a
+    multiply, an add: no fused multiply-add). A row holding NaN or +-inf gives NaN outputs.
+    """
+    x2 = np.asarray(x2, np.float32)
+    m = x2.shape[0]
+    q_planes, out, _ = planes.shape
+    finite = np.isfinite(x2).all(axis=1)
+    table, s = int8_tables(np.where(finite[:, None], x2, np.float32(0)), group_size)
+    nib = plane_nibbles(planes, group_size)  # [q, O, G, S]
+    n_groups, slots = nib.shape[2], nib.shape[3]
+    y = np.zeros((m, out), np.float32) if bias is None else np.broadcast_to(bias.astype(np.float32), (m, out)).copy()
+    a32 = np.asarray(alpha, np.float32)
+    t_idx = np.arange(slots)
+    for g in range(n_groups):
+        for i in range(q_planes):
+            looked = table[:, g][:, t_idx[None, :], nib[i, :, g, :]]  # [M, O, S]
+            acc = looked.astype(np.int32).sum(axis=-1)
+            y = y + acc.astype(np.float32) * (a32[None, :, g, i] * s[:, g, None])
+    y[~finite] = np.nan
+    return y
+
+
+def ternary_planes(trits: np.ndarray, scale: np.ndarray, in_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary as two sign planes ``(P = [T = +1], N = [T = -1])`` with ``alpha = (scale/2, -scale/2)``:
+    ``T = (P' - N') / 2`` for the {-1,+1} planes ``P' = 2P - 1``, ``N' = 2N - 1`` (how the LUT kernels run it)."""
+    t = unpack_trits(trits, in_features)
+    half = np.asarray(scale, np.float32) * np.float32(0.5)
+    return np.stack([t > 0, t < 0]).astype(np.uint8), np.stack([half, -half], axis=-1)
+
+
+def _check_lut_dtype(op: str, lut_dtype: str) -> None:
+    if lut_dtype not in LUT_DTYPES:
+        raise IRTypeError(f"{op}: lut_dtype {lut_dtype!r} must be one of {', '.join(LUT_DTYPES)}")
+
+
 def _nan_rows_where_not_finite(x2: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Outputs of a row holding NaN or +-inf are NaN: a table of +-sums turns inf into inf - inf.
 
@@ -293,15 +386,22 @@ def _nan_rows_where_not_finite(x2: np.ndarray, y: np.ndarray) -> np.ndarray:
     return y
 
 
-def _bcq_reference(x, bits, alpha, bias, group_size, in_features):
-    """Float32 ``x @ W^T + bias`` with ``W`` from :func:`bcq_weight`: what the LUT kernel must match."""
+def _bcq_reference(x, bits, alpha, bias, group_size, in_features, lut_dtype="float32"):
+    """``lut_dtype="float32"``: float32 ``x @ W^T + bias`` with ``W`` from :func:`bcq_weight` (the float
+    LUT kernel matches it within 1e-5 relative); ``"int8"``: :func:`lut_int8_rows` (T-MAC int8 tables),
+    which the int8 kernel matches exactly."""
     lead = x.shape[:-1]
-    w = bcq_weight(bits, alpha, group_size, in_features)
     x2 = x.reshape(-1, in_features).astype(np.float32)
+    if lut_dtype == "int8":
+        planes = np.unpackbits(bits, axis=-1, count=in_features, bitorder="little")
+        y = lut_int8_rows(x2, planes, alpha, group_size, None if bias is None else np.asarray(bias))
+        return y.reshape(lead + (y.shape[-1],))
+    w = bcq_weight(bits, alpha, group_size, in_features)
     return _finish(_nan_rows_where_not_finite(x2, x2 @ w.T), bias, lead)
 
 
-def _bcq_infer(x, bits, alpha, bias, group_size, in_features):
+def _bcq_infer(x, bits, alpha, bias, group_size, in_features, lut_dtype="float32"):
+    _check_lut_dtype("bcq_linear", lut_dtype)
     require_rank(bits, 3, "bcq_linear", "bits")
     q, out, _ = bits.shape
     if group_size < 1 or in_features < 1:
@@ -318,11 +418,12 @@ def _bcq_macs(out_shape, x, bits, alpha, *_):
 register(
     "bcq_linear",
     ["x", "bits", "alpha", "bias?"],
-    {"group_size": Attr("int", 128), "in_features": Attr("int")},
+    {"group_size": Attr("int", 128), "in_features": Attr("int"), "lut_dtype": Attr("str", "float32")},
     _bcq_infer,
     _bcq_reference,
     "ShiftAddLLM BCQ y = x @ W^T + bias, W[o,k] = sum_i alpha[o,k//group_size,i] * B_i[o,k]; "
-    "bits uint8[q, out, ceil(in/8)] (bit 1 = +1, LSB first), alpha f32[out, ceil(in/group_size), q]",
+    "bits uint8[q, out, ceil(in/8)] (bit 1 = +1, LSB first), alpha f32[out, ceil(in/group_size), q]; "
+    "lut_dtype int8: T-MAC int8 tables per (row, group), integer lookups, one rescale per (group, plane)",
     macs=_bcq_macs,
     tags={"custom", "contraction"},
 )
@@ -334,15 +435,21 @@ def ternary_weight(trits: np.ndarray, scale: np.ndarray, group_size: int, in_fea
     return np.repeat(scale.astype(np.float32), group_size, axis=1)[:, :in_features] * t
 
 
-def _ternary_reference(x, trits, scale, bias, group_size, in_features):
-    """Float32 ``x @ W^T + bias``, ``W[o,k] = scale[o, k // G] * T[o,k]``."""
+def _ternary_reference(x, trits, scale, bias, group_size, in_features, lut_dtype="float32"):
+    """Float32 ``x @ W^T + bias``, ``W[o,k] = scale[o, k // G] * T[o,k]``; ``lut_dtype="int8"``:
+    :func:`lut_int8_rows` on the two sign planes of :func:`ternary_planes`."""
     lead = x.shape[:-1]
-    w = ternary_weight(trits, scale, group_size, in_features)
     x2 = x.reshape(-1, in_features).astype(np.float32)
+    if lut_dtype == "int8":
+        planes, alpha = ternary_planes(trits, scale, in_features)
+        y = lut_int8_rows(x2, planes, alpha, group_size, None if bias is None else np.asarray(bias))
+        return y.reshape(lead + (y.shape[-1],))
+    w = ternary_weight(trits, scale, group_size, in_features)
     return _finish(_nan_rows_where_not_finite(x2, x2 @ w.T), bias, lead)
 
 
-def _ternary_infer(x, trits, scale, bias, group_size, in_features):
+def _ternary_infer(x, trits, scale, bias, group_size, in_features, lut_dtype="float32"):
+    _check_lut_dtype("ternary_linear", lut_dtype)
     require_rank(trits, 2, "ternary_linear", "trits")
     out = trits.shape[0]
     if group_size < 1 or in_features < 1:
@@ -355,11 +462,12 @@ def _ternary_infer(x, trits, scale, bias, group_size, in_features):
 register(
     "ternary_linear",
     ["x", "trits", "scale", "bias?"],
-    {"group_size": Attr("int", 128), "in_features": Attr("int")},
+    {"group_size": Attr("int", 128), "in_features": Attr("int"), "lut_dtype": Attr("str", "float32")},
     _ternary_infer,
     _ternary_reference,
     "BitNet b1.58 y = x @ W^T + bias, W[o,k] = scale[o,k//group_size] * T[o,k], T in {-1,0,1} packed "
-    "2 bits each as code T+1 (LSB first) in uint8[out, ceil(in/4)]",
+    "2 bits each as code T+1 (LSB first) in uint8[out, ceil(in/4)]; lut_dtype int8: bcq_linear's int8 tables "
+    "on the planes [T=+1], [T=-1] with alpha +-scale/2",
     macs=lambda out, x, trits, scale, *_: _rows(out) * int(np.prod(scale)),
     tags={"custom", "contraction"},
 )
@@ -373,7 +481,11 @@ def inner_adds(op: str, out_shape, x_shape, weight_shape) -> int:
 
 __all__ = [
     "INT32_MAX",
+    "LUT_DTYPES",
     "bcq_weight",
+    "int8_tables",
+    "lut_int8_rows",
+    "plane_nibbles",
     "conv_patches",
     "groups",
     "inner_adds",
@@ -382,6 +494,7 @@ __all__ = [
     "quantize_rows_int8",
     "shift_accumulator_bound",
     "shift_rows",
+    "ternary_planes",
     "ternary_weight",
     "unpack_signs",
     "unpack_trits",

@@ -94,8 +94,14 @@ def test_lowbit_every_linear_matches_reference(compiled, pipeline, bits):
     ck, cv = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     ref = forward(spec, {**weights, **dequant}, np.array(PROMPT), 0, ck, cv)
     np.testing.assert_allclose(llm.prefill(np.array(PROMPT)), ref, atol=2e-4, rtol=1e-4)
-    ref_step = forward(spec, {**weights, **dequant}, np.array([5]), len(PROMPT), ck, cv)
-    np.testing.assert_allclose(llm.decode(5), ref_step, atol=2e-4, rtol=1e-4)
+    int8 = llm.meta["decode_lut"] == "int8"  # the default where the CPU has AVX-512 VBMI + VNNI
+    float_step = forward(spec, {**weights, **dequant}, np.array([5]), len(PROMPT), ck.copy(), cv.copy())
+    ref_step = forward(spec, {**weights, **dequant}, np.array([5]), len(PROMPT), ck, cv, int8_tables=int8)
+    step = llm.decode(5)
+    np.testing.assert_allclose(step, ref_step, atol=2e-4, rtol=1e-4)
+    if int8:  # the int8 tables are a different computation: the float reference is far off at this tolerance
+        assert not np.allclose(step, float_step, atol=2e-4, rtol=1e-4)
+        assert np.abs(step - float_step).max() < 0.05 * np.abs(float_step).max()
 
 
 def test_report_bytes_are_the_stored_parameter_bytes(compiled):

@@ -9,7 +9,8 @@ layer by ``R.call_tir_inplace`` (``kernels/kv_cache.py``), so their outputs alia
 VM updates the preallocated cache without copying it; attention reads it in place
 (``kernels/decode_attention.py``). Linears are fp32 GEMMs on weights packed in 16-column panels
 (``kernels/dense_cpu.py``) or, on packed ``words``/``alpha``, BCQ lookup-table GEMVs
-(``kernels/lut_gemv.py``) for decode and a tile-decoding GEMM (``kernels/bcq_gemm.py``) for prefill;
+(``kernels/lut_gemv.py``, or with ``decode_lut="int8"`` the int8-table ``kernels/lut_gemv_int8.py``) for
+decode and a tile-decoding GEMM (``kernels/bcq_gemm.py``) for prefill;
 q/k/v and gate/up are fused into one linear each (same input).
 
 With ``max_batch = B > 1`` the module also has ``batch_prefill`` and ``batch_decode``, both
@@ -47,6 +48,7 @@ from reshift.codegen.tvm.kernels.dense_cpu import dense_func
 from reshift.codegen.tvm.kernels.kv_cache import cache_shape, embed_func, kv_append_func, rope_q_func, where_shape
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor
 from reshift.codegen.tvm.kernels.lut_gemv import gemv_func, table_compute
+from reshift.codegen.tvm.kernels.lut_gemv_int8 import TABLE_BYTES, gemv_int8_func, int8_tables_func, table_shape
 from reshift.codegen.tvm.kernels.packing import ROWS
 from reshift.codegen.tvm.targets import current_target_is_gpu
 
@@ -72,9 +74,15 @@ class _Function:
     """One Relax function under construction: its weight parameters, created on first use."""
 
     def __init__(
-        self, bb: relax.BlockBuilder, params: dict[str, np.ndarray], forms: dict[str, dict], kernels: str | None = None
+        self,
+        bb: relax.BlockBuilder,
+        params: dict[str, np.ndarray],
+        forms: dict[str, dict],
+        kernels: str | None = None,
+        lut: str = "float32",
     ):
         self.bb, self.arrays, self.forms = bb, params, forms
+        self.lut = lut  # the LUT GEMV's tables: "float32" or "int8" (kernels/lut_gemv_int8.py)
         self.kernels = kernels or ("cuda" if current_target_is_gpu() else "cpu")
         self.max_rows: int | None = None  # a bound on symbolic rows (batched decode): picks the LUT GEMV
         self.gpu = self.kernels != "cpu"
@@ -106,7 +114,19 @@ class _Function:
             blocks, n_groups, planes = words.shape[:3]
             alpha_dtype = self.arrays[name + ".alpha"].dtype.name
             packed = [self.w(name + ".words"), self.w(name + ".alpha"), self.w(name + ".bias")]
-            if (rows if isinstance(rows, int) else self.max_rows or GEMM_MIN_ROWS) < GEMM_MIN_ROWS:  # decode: GEMV
+            gemv = (rows if isinstance(rows, int) else self.max_rows or GEMM_MIN_ROWS) < GEMM_MIN_ROWS
+            if gemv and self.lut == "int8":  # decode: int8 tables (T-MAC), vpermb lookups, integer sums
+                n_tables = table_shape(g)[1]
+                tables_ty = [
+                    relax.TensorType((rows, n_groups, n_tables, TABLE_BYTES), "int8"),
+                    relax.TensorType((rows, n_groups), "float32"),
+                ]
+                gv_tables = self.bb.add_func(int8_tables_func(k, g), "bcq_int8_tables")
+                tables = self.emit(relax.op.call_tir(gv_tables, [x], out_ty=tables_ty))
+                lut8, scale = self.emit(relax.TupleGetItem(tables, 0)), self.emit(relax.TupleGetItem(tables, 1))
+                gv = self.bb.add_func(gemv_int8_func(blocks, n_groups, planes, g, alpha_dtype), "bcq_lut8_gemv")
+                args = [lut8, scale, *packed]
+            elif gemv:  # decode: float32 tables
                 lut = self.emit(self.bb.call_te(table_compute, x, k, g, primfunc_name_hint="bcq_lut"))
                 func = gemv_func(blocks, n_groups, planes, g, kernel_flavor() == "avx512", alpha_dtype=alpha_dtype)
                 gv = self.bb.add_func(func, "bcq_lut_gemv")
@@ -228,9 +248,12 @@ def build_module(
     max_seq: int,
     max_batch: int = 1,
     kernels: str | None = None,
+    decode_lut: str = "float32",
 ) -> tvm.IRModule:
     """The IRModule with ``prefill`` and ``decode`` (and ``batch`` when ``max_batch > 1``); ``params``
-    fixes the weight parameter order.
+    fixes the weight parameter order. ``decode_lut="int8"``: the BCQ linears of ``decode`` and
+    ``batch_decode`` run the int8-table GEMV (``ir.ops_lowbit.lut_int8_rows`` semantics); the
+    prefill functions stay float32 (``lm_head`` included) either way.
 
     ``kernels``: ``"cpu"``, ``"cuda"`` (default: by the current target) or ``"cuda-serial"``, the CUDA
     graph and layouts with every GPU kernel's loops unbound, which builds for a CPU target to check
@@ -238,7 +261,7 @@ def build_module(
     bb = relax.BlockBuilder()
     cache_ty = relax.TensorType((spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim), "float32")
     for name, n in (("prefill", tirx.Var("n", "int64")), ("decode", 1)):
-        fn = _Function(bb, params, forms, kernels)
+        fn = _Function(bb, params, forms, kernels, decode_lut if name == "decode" else "float32")
         ids = relax.Var("ids", relax.TensorType((n,), "int32"))
         pos = relax.Var("pos", relax.TensorType((1,), "int32"))
         ck = relax.Var("cache_k", cache_ty)
@@ -250,11 +273,11 @@ def build_module(
             bb.emit_func_output(out)
     if max_batch > 1:
         for name in ("batch_prefill", "batch_decode"):
-            _batch_function(bb, name, spec, params, forms, max_seq, max_batch)
+            _batch_function(bb, name, spec, params, forms, max_seq, max_batch, decode_lut)
     return bb.get()
 
 
-def _batch_function(bb, name: str, spec: Any, params, forms, max_seq: int, slots: int) -> None:
+def _batch_function(bb, name: str, spec: Any, params, forms, max_seq: int, slots: int, decode_lut: str) -> None:
     """``name(ids [n], where [2, n], last [b], cache_k, cache_v, *weights)`` on the slotted caches;
     ``batch_decode`` (one row per sequence, at most ``slots`` rows) takes the LUT GEMV for BCQ linears,
     ``batch_prefill`` the GEMM."""
@@ -262,7 +285,7 @@ def _batch_function(bb, name: str, spec: Any, params, forms, max_seq: int, slots
     cache_ty = relax.TensorType(
         cache_shape(spec.num_layers, spec.num_kv_heads, max_seq, spec.head_dim, slots), "float32"
     )
-    fn = _Function(bb, params, forms)
+    fn = _Function(bb, params, forms, lut=decode_lut if name == "batch_decode" else "float32")
     if fn.gpu:
         raise NotImplementedError("batched generation (max_batch > 1) builds for CPU targets only")
     fn.max_rows = slots if name == "batch_decode" else None

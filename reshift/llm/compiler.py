@@ -149,7 +149,7 @@ def _linear_form(
         return {"kind": "dense", "out_features": out_features, "in_features": in_features}
     from reshift.codegen.tvm.kernels.lut_gemv import bias_row
     from reshift.codegen.tvm.kernels.packing import pack_bcq, pack_ternary
-    from reshift.ir.ops_lowbit import pack_signs, pack_trits
+    from reshift.ir.ops_lowbit import pack_signs, pack_trits, ternary_planes
     from reshift.passes.bcq import BCQFit, fit_bcq, fit_ternary, ternary_dequant
 
     ternary = bits == 0  # BitNet b1.58 codes {-1, 0, +1}: two sign planes through the same LUT GEMV
@@ -168,8 +168,14 @@ def _linear_form(
             w_hat = BCQFit(fit.codes, scale.astype(np.float64), fit.history).weight(GROUP_SIZE)
             codes.append(fit.codes)
         alphas.append(scale)
-        if dequantized is not None:
+        if dequantized is not None:  # the float weights, and the codes for the int8-table decode semantics
             dequantized[m + ".w"] = w_hat.astype(np.float32)
+            if ternary:
+                planes, alpha_planes = ternary_planes(pack_trits(t), scale.astype(np.float32), wm.shape[1])
+            else:
+                planes, alpha_planes = (np.asarray(fit.codes) > 0).astype(np.uint8), scale.astype(np.float32)
+            dequantized[m + ".planes"], dequantized[m + ".alpha"] = planes, alpha_planes
+            dequantized[m + ".group_size"] = np.array(GROUP_SIZE)
         row = {
             "name": m,
             "shape": list(wm.shape),
@@ -217,7 +223,9 @@ def prepare(
     progress: Callable[[str, int, int], Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict], list[dict[str, Any]]]:
     """``(parameters in call order, per fused linear its form, per linear its report row)``;
-    ``dequantized`` (if given) receives the BCQ weights as float32 (for checks against the reference);
+    ``dequantized`` (if given) receives the BCQ weights as float32 (for checks against the reference) and
+    per linear its sign planes ``.planes`` uint8 [q, O, K], scales ``.alpha`` float32 [O, groups, q] and
+    ``.group_size`` (the int8-table decode semantics, ``reference.forward(int8_tables=True)``);
     ``progress(name, done, total)`` is called before each fused linear is prepared, and
     ``progress.linear_done(name, report rows, seconds)`` (if it has one) after.
 
@@ -362,6 +370,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     out_dir: str | Path | None = None,
     progress: Callable[[str, int, int], Any] | None = None,
     max_batch: int = 1,
+    decode_lut: str | None = None,
 ) -> LLM | CrossBuild:
     """Compile a causal LM for generation; returns the loaded :class:`~reshift.runtime.llm.LLM`
     (a :class:`CrossBuild` to save and deploy when ``target`` is another machine's CPU).
@@ -381,7 +390,11 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     ``quantize_lm_head``: the output projection in BCQ too; ``out_dir``: where the artifact is
     written (a temporary directory by default; ``.save(dir)`` copies it); ``progress(name, i, n)``
     is called per linear as it is fitted (the CLI prints it); ``max_batch``: with ``B > 1`` the artifact
-    also has the batched entry point (``codegen/tvm/llm.py``), so ``generate`` takes up to ``B`` prompts.
+    also has the batched entry point (``codegen/tvm/llm.py``), so ``generate`` takes up to ``B`` prompts;
+    ``decode_lut``: the tables of the BCQ / ternary decode GEMV, ``"int8"`` (T-MAC's quantized tables,
+    ``kernels/lut_gemv_int8.py``: about 2x faster here, relative output error of a linear about 0.7% on
+    Gaussian activations; needs AVX-512 BW + VBMI + VNNI) or ``"float32"``; by default ``"int8"`` where
+    the target has those, else ``"float32"``. Prefill stays float32 either way.
     """
     if pipeline not in PIPELINES:
         raise PassError(f"reshift.llm.compile: unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
@@ -397,6 +410,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         raise InputError(f"max_seq_len must be a positive token count, got {max_seq_len}")
     if not 1 <= int(max_batch) <= 1024:
         raise InputError(f"max_batch must be a sequence count between 1 and 1024, got {max_batch}")
+    decode_lut = _decode_lut(decode_lut, pipeline, spec_t)
     t0 = time.perf_counter()
     spec, weights, _ = open_model(model_or_dir)  # streamed: one block's float weights at a time
     params, forms, report = prepare(
@@ -421,7 +435,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         executable, kernels = build_cuda(mod, spec_t)
     else:
         with tvm_target:  # kernel_flavor() and the schedules read the target being built for, not the host
-            mod = build_module(spec, params, forms, int(max_seq_len), int(max_batch))
+            mod = build_module(spec, params, forms, int(max_seq_len), int(max_batch), decode_lut=decode_lut)
         executable = tvm.compile(mod, tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="reshift_llm_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -444,6 +458,7 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
         "max_seq_len": int(max_seq_len),
         "cache_shape": [spec.num_layers, spec.num_kv_heads, int(max_seq_len), spec.head_dim],
         "max_batch": int(max_batch),
+        "decode_lut": decode_lut,
         "batch_cache_shape": [spec.num_layers, int(max_batch), spec.num_kv_heads, int(max_seq_len), spec.head_dim],
         "params": list(params),
         "target": target_dict(spec_t),  # name, tvm_target, device_type: what load() and remote runs check
@@ -473,6 +488,27 @@ def compile(  # noqa: A001 -- the public name the API contract fixes
     if out_dir is None:  # a temporary artifact lives as long as the object (save() copies it first)
         weakref.finalize(llm, shutil.rmtree, out, ignore_errors=True)
     return llm
+
+
+def _decode_lut(decode_lut: str | None, pipeline: str, spec_t: Any) -> str:
+    """The decode GEMV's table type: ``"int8"`` by default for BCQ / ternary on a CPU target with the
+    int8 kernel's instructions, else ``"float32"``; an explicit ``"int8"`` the target cannot run is refused."""
+    from reshift.codegen.tvm.kernels.lut_gemv_int8 import has_int8_lut
+
+    if decode_lut not in (None, "int8", "float32"):
+        raise PassError(f"reshift.llm.compile: decode_lut={decode_lut!r}; choose 'int8' or 'float32'")
+    if pipeline == "exact" or spec_t.is_gpu:
+        if decode_lut == "int8" and spec_t.is_gpu:
+            raise PassError("reshift.llm.compile: decode_lut='int8' builds for CPU targets only in this version")
+        return "float32"
+    with spec_t.target():
+        capable = has_int8_lut()
+    if decode_lut == "int8" and not capable:
+        raise PassError(
+            f"reshift.llm.compile: decode_lut='int8' needs AVX-512 BW, VBMI and VNNI, which target "
+            f"{spec_t.name!r} lacks; use decode_lut='float32'"
+        )
+    return decode_lut or ("int8" if capable else "float32")
 
 
 def llm_target(target: Any):

@@ -6,6 +6,11 @@
 an in/out argument exactly as the compiled ``prefill`` / ``decode`` functions do) and returns the
 logits of the last position. ``capture`` collects the input rows of every linear (BCQ calibration);
 ``embed``, ``block`` and ``head`` are its pieces, for running it one block at a time.
+
+``int8_tables=True`` states what a ``decode_lut="int8"`` artifact's decode step computes: every linear
+whose codes are in ``w`` (``name.planes``, ``name.alpha``, ``name.group_size``, as
+``compiler.prepare(dequantized=...)`` gives them) is ``ir.ops_lowbit.lut_int8_rows`` (T-MAC int8
+tables), the others ``x @ W^T``; prefill is always the float form.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import math
 
 import numpy as np
 
+from reshift.ir.ops_lowbit import lut_int8_rows
 from reshift.llm.config import DecoderSpec
 
 LINEARS_GATED = ("q", "k", "v", "o", "gate", "up", "down")
@@ -64,12 +70,22 @@ def forward(
     cache_k: np.ndarray,
     cache_v: np.ndarray,
     capture: dict[str, list[np.ndarray]] | None = None,
+    int8_tables: bool = False,
 ) -> np.ndarray:
     """Logits ``[vocab]`` of the last of ``ids`` (1-D), the caches updated in place."""
     x, cos, sin = embed(spec, w, ids, pos)
     for i in range(spec.num_layers):
-        x = block(spec, w, i, x, pos, cache_k[i], cache_v[i], cos, sin, capture)
-    return head(spec, w, x, capture)
+        x = block(spec, w, i, x, pos, cache_k[i], cache_v[i], cos, sin, capture, int8_tables)
+    return head(spec, w, x, capture, int8_tables)
+
+
+def linear(w: dict[str, np.ndarray], name: str, x: np.ndarray, int8_tables: bool = False) -> np.ndarray:
+    """``x @ W^T + b`` of linear ``name``; with ``int8_tables`` and its codes in ``w``, the int8-table form."""
+    if int8_tables and name + ".planes" in w:
+        g = int(w[name + ".group_size"])
+        return lut_int8_rows(x, w[name + ".planes"], w[name + ".alpha"], g, w.get(name + ".b"))
+    y = x @ w[name + ".w"].T
+    return y + w[name + ".b"] if name + ".b" in w else y
 
 
 def embed(spec: DecoderSpec, w: dict[str, np.ndarray], ids: np.ndarray, pos: int):
@@ -97,6 +113,7 @@ def block(
     cos: np.ndarray | None,
     sin: np.ndarray | None,
     capture: dict[str, list[np.ndarray]] | None = None,
+    int8_tables: bool = False,
 ) -> np.ndarray:
     """Decoder block ``i`` on hidden states ``x [n, hidden]`` at positions ``pos ..``: writes this
     block's keys and values into ``cache_k`` / ``cache_v`` ``[kv_heads, max_seq_len, head_dim]``
@@ -109,8 +126,7 @@ def block(
     def lin(name: str, x: np.ndarray) -> np.ndarray:
         if capture is not None:
             capture.setdefault(name, []).append(x)  # never written to afterwards: no copy
-        y = x @ w[name + ".w"].T
-        return y + w[name + ".b"] if name + ".b" in w else y
+        return linear(w, name, x, int8_tables)
 
     p = f"layers.{i}."
     hn = norm(spec, w, p + "norm1", x)
@@ -138,10 +154,9 @@ def block(
     return x + lin(p + "fc2", activation(spec.act, lin(p + "fc1", hn)))
 
 
-def head(spec: DecoderSpec, w: dict[str, np.ndarray], x: np.ndarray, capture=None) -> np.ndarray:
+def head(spec: DecoderSpec, w: dict[str, np.ndarray], x: np.ndarray, capture=None, int8_tables=False) -> np.ndarray:
     """Logits ``[vocab]`` of the last row of ``x`` (final norm, ``lm_head``)."""
     last = norm(spec, w, "norm", x[-1:])
     if capture is not None:
         capture.setdefault("lm_head", []).append(last)
-    y = last @ w["lm_head.w"].T
-    return (y + w["lm_head.b"] if "lm_head.b" in w else y)[0]
+    return linear(w, "lm_head", last, int8_tables)[0]

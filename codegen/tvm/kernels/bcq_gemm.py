@@ -3,8 +3,8 @@
 The lookup-table GEMV (``lut_gemv.py``) spends ``q`` table permutes and adds per 64 weights *per
 row*; at prefill (hundreds of rows) that is more work than a dense fp32 GEMM. Here the packed
 weights are decoded once per tile and reused by every row: for a thread's ``V`` output blocks
-(16 rows each) and one group of ``G`` input columns, ``W[16 ob + l, g G + c] = sum_i (bit c of
-words[ob, g, i, c // 32, l] ? +alpha : -alpha)[ob, g, i, l]`` (ShiftAddLLM Eq. 2, summed in plane
+(16 rows each) and one group of ``G`` input columns, ``W[16 ob + l, g G + c] = sum_i (bit
+``column_bit(c)`` of words[ob, g, i, c // 32, l] ? +alpha : -alpha)[ob, g, i, l]`` (ShiftAddLLM Eq. 2, summed in plane
 order as ``ops_lowbit.bcq_weight``: the same float32 weights as the reference) is written into a
 ``[V, G, 16]`` float32 tile (32 KiB at V = 4, G = 128, in L1); one vector test and one blend per
 16 weights and plane. The tile then feeds the register-blocked micro-kernel of ``dense_cpu.py``
@@ -21,7 +21,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.kernels.packing import ROWS, slot_layout
+from reshift.codegen.tvm.kernels.packing import ROWS, column_bit, slot_layout
 
 ROW_BLOCK = 192  # rows per weight-tile decode; their partial sums (192 x V x 16 floats) stay in L2
 KB_WORDS = 2  # 64 decoded columns per K block: a 16 KiB tile at V = 4 leaves L1 room for the rows of x
@@ -38,7 +38,7 @@ def tile_shape(blocks: int) -> tuple[int, int]:
 def _weight(words, alpha, ob, g, wi, c, planes: int) -> tirx.PrimExpr:
     """16 rows of ``W[:, g G + 32 wi + c]`` from the bit planes: ``sum_i (bit ? alpha_i : -alpha_i)``."""
     lanes = tirx.Ramp(0, 1, ROWS)
-    mask = tirx.Broadcast(tirx.shift_left(tirx.const(1, "uint32"), tirx.Cast("uint32", c)), ROWS)
+    mask = tirx.Broadcast(tirx.shift_left(tirx.const(1, "uint32"), tirx.Cast("uint32", column_bit(c))), ROWS)
     zero = tirx.Broadcast(tirx.const(0, "uint32"), ROWS)
     total = None
     for i in range(planes):

@@ -3,7 +3,8 @@
 They replace the reference entries of ``lower_lowbit.py`` (which decode weights to float32 at
 build time): the packed weights stay packed, re-laid out for the kernel (``packing.py``), and run
 through the lookup-table GEMV (``lut_gemv.py``; a static row count of ``GEMM_MIN_ROWS`` or more runs the
-tile-decoding GEMM of ``bcq_gemm.py``) or the shift-add GEMV (``shift_gemv.py``).
+tile-decoding GEMM of ``bcq_gemm.py``; ``lut_dtype="int8"`` always the int8-table GEMV of
+``lut_gemv_int8.py``) or the shift-add GEMV (``shift_gemv.py``).
 
 The kernel variant follows ``tvm.target.Target.current()`` at lowering time (host CPU if none):
 AVX-512 x86 gets the intrinsic kernels, other CPUs the portable loops, CUDA the split-K kernels of
@@ -80,6 +81,37 @@ def _finish(
     return ctx.emit(op.reshape(y, [*lead, out_features]))
 
 
+def _int8_lut_linear(ctx, x2, m, words, alpha, bias_np, group_size: int, in_features: int, op_name: str):
+    """``lut_dtype="int8"`` (``ops_lowbit.lut_int8_rows``) at any row count: int8 tables, then the
+    ``vpermb`` GEMV of ``lut_gemv_int8.py``; a target without AVX-512 BW + VBMI + VNNI is refused."""
+    from reshift.codegen.tvm.kernels.lut_gemv_int8 import (
+        TABLE_BYTES,
+        gemv_int8_func,
+        has_int8_lut,
+        int8_tables_func,
+        table_shape,
+    )
+    from reshift.errors import CodegenError
+
+    if kernel_flavor() == "gpu" or not has_int8_lut():
+        raise CodegenError(
+            f"{op_name} with lut_dtype='int8' runs on x86 CPUs with AVX-512 BW, VBMI and VNNI only; "
+            "this target has no int8-table kernel (use lut_dtype='float32')"
+        )
+    blocks, n_groups, planes = words.shape[:3]
+    tables_ty = [
+        relax.TensorType((m, n_groups, table_shape(group_size)[1], TABLE_BYTES), "int8"),
+        relax.TensorType((m, n_groups), "float32"),
+    ]
+    gv_tables = ctx.bb.add_func(int8_tables_func(in_features, group_size), f"{op_name}_int8_tables")
+    tables = ctx.emit(relax.op.call_tir(gv_tables, [x2], out_ty=tables_ty))
+    alpha = alpha.astype(alpha_dtype_for(alpha))
+    gv = ctx.bb.add_func(gemv_int8_func(blocks, n_groups, planes, group_size, alpha.dtype.name), f"{op_name}_lut8_gemv")
+    args = [relax.TupleGetItem(tables, 0), relax.TupleGetItem(tables, 1), relax.const(words), relax.const(alpha)]
+    out_ty = relax.TensorType((m, blocks * ROWS), "float32")
+    return ctx.emit(relax.op.call_tir(gv, [*args, relax.const(bias_np)], out_ty=out_ty))
+
+
 def _lut_linear(
     ctx, node, x, bias, words: np.ndarray, alpha: np.ndarray, group_size: int, in_features: int
 ) -> relax.Expr:
@@ -88,6 +120,11 @@ def _lut_linear(
     x2, lead, m = _rows_2d(ctx, node, x)
     bias_const = node.inputs[-1] is not None and node.inputs[-1].is_constant
     bias_np = bias_row(node.inputs[-1].data if bias_const else None, out_features)
+    if node.attrs.get("lut_dtype", "float32") == "int8":
+        y = _int8_lut_linear(ctx, x2, m, words, alpha, bias_np, group_size, in_features, node.op)
+        finite = ctx.emit(op.less(_row_absmax(ctx, x2, m, in_features), scalar(np.inf, "float32")))
+        y = ctx.emit(op.where(finite, y, scalar(np.nan, "float32")))
+        return _finish(ctx, y, lead, out_features, bias, bias_const)
     gemm = isinstance(m, int) and m >= GEMM_MIN_ROWS and kernel_flavor() != "gpu"
     lut = None if gemm else ctx.te(table_compute, x2, in_features, group_size, name=f"{node.op}_lut")
     if kernel_flavor() == "gpu":  # split-K partial sums, then their sum and the bias (dlight)

@@ -24,7 +24,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.kernels.packing import ROWS, SLOTS_PER_WORD, slot_layout
+from reshift.codegen.tvm.kernels.packing import ROWS, SLOTS_PER_WORD, nibble_position, slot_layout
 
 
 def table_compute(x: te.Tensor, in_features: int, group_size: int) -> te.Tensor:
@@ -58,11 +58,11 @@ def _sub_tile(n_rows: int, tile: int) -> int:
 
 
 def _lookup(lut, w, m, ob, g, i, wi, j) -> tirx.PrimExpr:
-    """``lut[m, g, 8 wi + j, nibble j of w[ob, g, i, wi]]`` for 16 rows: a shift and a ``vpermps``."""
+    """``lut[m, g, 8 wi + j, slot j's nibble of w[ob, g, i, wi]]`` for 16 rows: a shift and a ``vpermps``."""
     lanes = tirx.Ramp(0, 1, ROWS)
     word = w[ob, g, i, wi, lanes]
     if not (isinstance(j, int) and j == 0):
-        word = tirx.shift_right(word, tirx.Broadcast(tirx.Cast("uint32", 4 * j), ROWS))
+        word = tirx.shift_right(word, tirx.Broadcast(tirx.Cast("uint32", 4 * nibble_position(j)), ROWS))
     index = tirx.reinterpret("int32x16", word)
     table = lut[m, g, wi * SLOTS_PER_WORD + j, lanes]
     return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.permvar.sf.512", table, index)
@@ -132,7 +132,8 @@ def gemv_func(
                             for j in range(SLOTS_PER_WORD):
                                 for l in range(ROWS):
                                     nibble = T.bitwise_and(
-                                        T.shift_right(w[ob, g, i, wi, l], T.uint32(4 * j)), T.uint32(15)
+                                        T.shift_right(w[ob, g, i, wi, l], T.uint32(4 * nibble_position(j))),
+                                        T.uint32(15),
                                     )
                                     acc[l] = acc[l] + lut[m, g, wi * SLOTS_PER_WORD + j, T.Cast("int32", nibble)]
                         for l in range(ROWS):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from reshift.codegen.tvm.kernels.packing import ROWS, SLOTS_PER_WORD, slot_layout
+from reshift.codegen.tvm.kernels.packing import ROWS, SLOTS_PER_WORD, nibble_position, slot_layout
 
 ROWS_PER_CTA = 64  # output rows per thread block (threadIdx.x)
 MAX_SPLIT = 64  # most ways K is split (blockIdx.y)
@@ -103,7 +103,7 @@ def gemv_cuda_func(
                                                                         wi,
                                                                         (cta * rows_per_cta + lane) % ROWS,
                                                                     ],
-                                                                    T.uint32(4 * j),
+                                                                    T.uint32(4 * nibble_position(j)),
                                                                 ),
                                                                 T.uint32(15),
                                                             ),

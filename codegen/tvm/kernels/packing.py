@@ -2,8 +2,11 @@
 
 BCQ and ternary weights become *nibble words*: for a block of 16 output rows, one uint32 lane per
 row holds 8 nibbles, each nibble the 4 sign bits of 4 consecutive input columns of one bit plane
-(T-MAC layout, Wei et al. 2024). A vector load of 16 lanes serves 16 rows; ``(word >> 4j) & 15``
-indexes the 16-entry table of +-sums of the j-th 4 activations (``vpermps`` on AVX-512).
+(T-MAC layout, Wei et al. 2024). A vector load of 16 lanes serves 16 rows; slot ``j`` (the j-th 4
+activations of the word) sits at nibble ``nibble_position(j) = 2 (j % 4) + j // 4``, so byte ``b`` of a
+word holds slots ``b`` (low nibble) and ``b + 4`` (high nibble): ``(word >> 4 nibble_position(j)) & 15``
+indexes the float kernel's 16-entry table (``vpermps``), and for the int8 kernel one and-mask gives 4
+slots' nibbles of 16 rows as 64 ``vpermb`` indices, a shift by 4 the other 4 (``lut_gemv_int8.py``).
 Group ``g`` spans slots ``0 .. ceil(G/4)`` (padded to a multiple of 8 slots); a slot column past
 the group or past K reads a zero activation, so its table is all zero and its bits do not matter.
 
@@ -19,6 +22,16 @@ from reshift.ir.ops_lowbit import groups, unpack_trits
 
 ROWS = 16  # output rows per vector (one AVX-512 register of uint32 / float32 lanes)
 SLOTS_PER_WORD = 8  # 4-column nibbles per uint32
+
+
+def nibble_position(slot):
+    """The nibble of a word holding its slot ``slot`` (0..7): ``2 (slot % 4) + slot // 4`` (int or TIR expr)."""
+    return 2 * (slot % 4) + slot // 4
+
+
+def column_bit(column):
+    """The bit of a word holding its column ``column`` (0..31): bit ``column % 4`` of slot ``column // 4``'s nibble."""
+    return 4 * nibble_position(column // 4) + column % 4
 
 
 def slot_layout(group_size: int) -> tuple[int, int]:
@@ -42,7 +55,7 @@ def nibble_words(planes: np.ndarray, group_size: int) -> np.ndarray:
     grouped = np.zeros((q, out, n_groups, slots * 4), np.uint32)
     grouped[..., :group_size] = padded.reshape(q, out, n_groups, group_size)
     cols = grouped.reshape(q, out, n_groups, words, SLOTS_PER_WORD * 4)
-    shifts = np.arange(SLOTS_PER_WORD * 4, dtype=np.uint32)  # column c of the word -> bit c (nibble c//4, bit c%4)
+    shifts = np.array([column_bit(c) for c in range(SLOTS_PER_WORD * 4)], np.uint32)
     packed = np.bitwise_or.reduce(cols << shifts, axis=-1).astype(np.uint32)  # [q, O, groups, words]
     blocks = -(-out // ROWS)
     full = np.zeros((q, blocks * ROWS, n_groups, words), np.uint32)
