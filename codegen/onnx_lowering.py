@@ -375,10 +375,22 @@ def _constant_weights(node: Node, count: int) -> list[np.ndarray]:
     return [v.data for v in values]
 
 
+def _float_lut_only(node: Node) -> None:
+    """The dense decomposition is the float semantics; ``lut_dtype="int8"`` (T-MAC tables) has none."""
+    from reshift.errors import CodegenError
+
+    if node.attrs.get("lut_dtype", "float32") != "float32":
+        raise CodegenError(
+            f"{node.op} node {node.name}: lut_dtype={node.attrs['lut_dtype']!r} has no standard-ONNX "
+            "decomposition (its int8 tables are not a dense MatMul); export with custom_ops='domain'"
+        )
+
+
 @register_decomposition("bcq_linear")
 def _bcq_linear(em, node, ins):
     from reshift.ir.ops_lowbit import bcq_weight
 
+    _float_lut_only(node)
     bits, alpha = _constant_weights(node, 2)
     a = node.attrs
     return _dequantized_linear(em, node, ins, bcq_weight(bits, alpha, a["group_size"], a["in_features"]))
@@ -388,6 +400,7 @@ def _bcq_linear(em, node, ins):
 def _ternary_linear(em, node, ins):
     from reshift.ir.ops_lowbit import ternary_weight
 
+    _float_lut_only(node)
     trits, scale = _constant_weights(node, 2)
     a = node.attrs
     return _dequantized_linear(em, node, ins, ternary_weight(trits, scale, a["group_size"], a["in_features"]))

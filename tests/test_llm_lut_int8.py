@@ -165,3 +165,18 @@ def test_decode_lut_option_is_checked():
     if not has_int8_lut():
         with pytest.raises(PassError, match="VBMI"):
             reshift.llm.compile("/nonexistent", pipeline="bcq", decode_lut="int8")
+
+
+def test_int8_variant_has_no_dense_onnx_decomposition():
+    from reshift.codegen.onnx import to_onnx
+    from reshift.errors import CodegenError
+
+    b = GraphBuilder("int8_onnx")
+    x = b.input("x", "f32[2,16]")
+    bits, alpha = _bcq(4, 16, 8, 2)
+    graph = b.build(
+        b.bcq_linear(x, b.constant(bits), b.constant(alpha), None, group_size=8, in_features=16, lut_dtype="int8")
+    )
+    with pytest.raises(CodegenError, match="no standard-ONNX"):
+        to_onnx(graph)
+    assert [n.op_type for n in to_onnx(graph, custom_ops="domain").graph.node] == ["bcq_linear"]
