@@ -217,13 +217,15 @@ def test_lut_gemv_cuda_float16_alpha():
     import tvm
 
     from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
+    from reshift.codegen.tvm.kernels.packing import nibble_position
 
     blocks, n_groups, planes, group = 2, 3, 3, 128
     rng = np.random.default_rng(1)
     lut = rng.standard_normal((2, n_groups, 32, 16)).astype(np.float32)
     words = rng.integers(0, 2**32, (blocks, n_groups, planes, 4, 16), dtype=np.uint64).astype(np.uint32)
     alpha = rng.random((blocks, n_groups, planes, 16)).astype(np.float16)
-    nib = (words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15  # [ob, g, i, wi, l, j]
+    positions = np.array([nibble_position(j) for j in range(8)], np.uint32)
+    nib = (words[..., None] >> (4 * positions)) & 15  # [ob, g, i, wi, l, j]: slot j's nibble
     index = np.moveaxis(nib, -1, -2).reshape(blocks, n_groups, planes, 32, 16).astype(np.int64)  # slot 8 wi + j
     m_, g_, s_ = np.arange(2)[:, None, None, None, None, None], np.arange(n_groups)[:, None, None, None], np.arange(32)
     looked = lut[m_, g_, s_[:, None], index[None]]  # [m, ob, g, i, slot, l]

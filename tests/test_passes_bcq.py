@@ -225,7 +225,7 @@ def test_bcq_pass_on_mlp_with_calibration(rng):
         assert layer["bits"] == 3 and layer["error_kind"] == "output" and layer["error"] < 0.15
     assert report.max_error < 0.2
     node = next(n for n in g2.nodes if n.op == "bcq_linear")
-    assert node.attrs == {"group_size": 16, "in_features": 32}
+    assert node.attrs == {"group_size": 16, "in_features": 32, "lut_dtype": "float32"}
     assert node.inputs[1].data.shape == (3, 32, 4)
 
 
