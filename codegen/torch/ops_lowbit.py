@@ -199,7 +199,7 @@ class BCQLinear(NodeModule):
         w = self._sum_planes(self.codes()).reshape(self.alpha.shape[0], -1)[:, : self.k]
         return pass_through(w, self.W)
 
-    def forward(self, x, bits, alpha, bias, group_size, in_features):
+    def forward(self, x, bits, alpha, bias, group_size, in_features, lut_dtype="float32"):
         return F.linear(x, self.weight(), bias)
 
     def write_back(self, node: Node, graph: Graph) -> None:
@@ -237,7 +237,7 @@ class TernaryLinear(NodeModule):
         safe = torch.where(s != 0, s, torch.ones_like(s))
         return torch.clamp(torch.round(self.W.detach() / safe), -1, 1).numpy().astype(np.int8)
 
-    def forward(self, x, trits, scale, bias, group_size, in_features):
+    def forward(self, x, trits, scale, bias, group_size, in_features, lut_dtype="float32"):
         return F.linear(x, self.weight(), bias)
 
     def write_back(self, node: Node, graph: Graph) -> None:
