@@ -15,10 +15,10 @@
   differences at W4A4 stayed within the calibration-set noise.
 * A ``linear`` whose input another quantizer already produced (``log2_quant`` after softmax or
   GELU) keeps its activation as is and gets fake-quantized (dequantized) weight constants.
-* Every dense ``conv2d`` (``groups=1``, same candidate rules; option ``quantize_convs``, default
-  True) becomes ``int8_conv2d``: per-output-channel symmetric weights (nearest rounding), activations
-  per tensor from calibration (static, as onnxruntime's QDQ convs); grouped and depthwise convs stay
-  float, with the reason in the report.
+* Every dense (``groups=1``) or depthwise (``groups`` = in = out channels) ``conv2d`` (same candidate
+  rules; option ``quantize_convs``, default True) becomes ``int8_conv2d``: per-output-channel symmetric
+  weights (nearest rounding), activations per tensor from calibration (static, as onnxruntime's QDQ
+  convs); other grouped convs stay float, with the reason in the report.
 * Each activation input of a ``matmul`` (q @ k^T, attention @ v) gets a per-tensor
   ``quantize_uniform`` unless a quantizer already produced it.
 
@@ -256,7 +256,7 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
 
 
 def conv_candidates(graph: Graph, producers, users, opts: dict, w_bits: int, stats: RuleStats) -> list:
-    """The ``conv2d`` nodes ``int8_conv2d`` takes (dense: ``groups=1``, constant float weight and bias);
+    """The ``conv2d`` nodes ``int8_conv2d`` takes (dense or depthwise, constant float weight and bias);
     a refusal with its reason for every other one."""
     found = []
     for node in graph.nodes:
@@ -264,9 +264,11 @@ def conv_candidates(graph: Graph, producers, users, opts: dict, w_bits: int, sta
             continue
         m = match(CONV, node, producers)
         reason = candidate_reason(m, graph, users, opts) if m is not None else "not conv2d(x, W, b)"
-        if reason is None and node.attrs["groups"] != 1:
+        groups = node.attrs["groups"]
+        if reason is None and groups != 1 and not _depthwise(m.array("weight"), groups):
             reason = (
-                f"groups={node.attrs['groups']}: the int8 conv kernel is dense (groups=1); grouped convs stay float"
+                f"groups={groups}: the int8 conv kernels are dense (groups=1) or depthwise (groups = in = out "
+                "channels); other grouped convs stay float"
             )
         if reason is None and m.get("bias") is not None and not m["bias"].is_constant:
             reason = f"bias %{m['bias'].name} is computed at run time"
@@ -279,6 +281,10 @@ def conv_candidates(graph: Graph, producers, users, opts: dict, w_bits: int, sta
         else:
             found.append(m)
     return found
+
+
+def _depthwise(weight: np.ndarray, groups: int) -> bool:
+    return weight.shape[1] == 1 and weight.shape[0] == groups
 
 
 def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:

@@ -139,18 +139,20 @@ def _small_cnn(rng):
     h = b.relu(conv(h, 16, 32, 2))
     h = b.add(b.relu(conv(h, 32, 32)), h)
     h = b.relu(conv(h, 32, 32, groups=32))
+    h = b.relu(conv(h, 32, 32, groups=4))
     return b.build(conv(h, 32, 16))
 
 
-def test_w8a8_quantizes_dense_convs_within_bound(rng):
+def test_w8a8_quantizes_dense_and_depthwise_convs_within_bound(rng):
     g = _small_cnn(rng)
     calib = [{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
     g2, report = passes.run(g, "w8a8", calibration=calib)
     hist = g2.op_histogram()
-    assert hist["int8_conv2d"] == 2 and hist["conv2d"] == 3
+    assert hist["int8_conv2d"] == 3 and hist["conv2d"] == 3  # two dense, one depthwise
     reasons = {r.node: r.reason for r in report.refusals}
-    assert "first weight layer" in reasons["conv2d_0"] and "last weight layer" in reasons["conv2d_4"]
-    assert "groups=32" in reasons["conv2d_3"]
+    assert "first weight layer" in reasons["conv2d_0"] and "last weight layer" in reasons["conv2d_5"]
+    assert "groups=4" in reasons["conv2d_4"] and "conv2d_3" not in reasons
+    assert next(n for n in g2.nodes if n.name == "conv2d_3").attrs["groups"] == 32
     q = next(n for n in g2.nodes if n.op == "int8_conv2d")
     assert q.inputs[1].dtype == "int8" and q.attrs["x_bits"] == 8
     test = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
@@ -215,3 +217,66 @@ def test_int8_conv_chain_requantizes_in_the_epilogue(rng):
     out = reshift.compile(g, pipeline="none")(xin)
     np.testing.assert_array_equal(out, ref)
     assert np.isnan(out[1]).all() and not np.isnan(out[0]).any()
+
+
+def _int8_conv(b, rng, h, cin, cout, k=3, s=1, p=1, groups=1, zp=90, scale=0.03, dil=1):
+    codes = rng.integers(-127, 128, (cout, cin // groups, k, k)).astype(np.int8)
+    return b.int8_conv2d(
+        h,
+        b.constant(codes),
+        b.constant((rng.random(cout) * 0.001).astype(np.float32)),
+        b.constant(rng.standard_normal(cout).astype(np.float32)),
+        stride=(s, s),
+        padding=(p, p, p, p),
+        dilation=(dil, dil),
+        groups=groups,
+        x_scale=scale,
+        x_zero_point=zp,
+    )
+
+
+def test_int8_depthwise_conv_is_bit_exact_alone_and_in_a_chain(rng):
+    """Depthwise int8_conv2d (groups == C == O): stride 1 and 2, dilation 2, uneven padding, rows that
+    fill no whole 14-pixel tile; alone (float in, float out) and between pointwise convs (quantized
+    input written by the producer, the next conv's input written by it); NaN images stay NaN."""
+    from reshift.codegen.tvm import resolve_target
+    from reshift.codegen.tvm.lower import lower
+
+    b = GraphBuilder("dw")
+    x = b.input("x", "f32[N,32,17,19]")
+    alone = [
+        _int8_conv(b, rng, x, 32, 32, groups=32),
+        _int8_conv(b, rng, x, 32, 32, s=2, groups=32, zp=3),
+        _int8_conv(b, rng, x, 32, 32, k=3, p=2, dil=2, groups=32, zp=200, scale=0.05),
+        _int8_conv(b, rng, x, 32, 32, k=5, p=0, groups=32),
+    ]
+    h = b.relu(_int8_conv(b, rng, x, 32, 48, k=1, p=0))
+    h = b.relu(_int8_conv(b, rng, h, 48, 48, groups=48, zp=0, scale=0.05))
+    h = _int8_conv(b, rng, h, 48, 48, s=2, groups=48, zp=0, scale=0.3)
+    h = b.relu(_int8_conv(b, rng, h, 48, 16, k=1, p=0, zp=120, scale=0.5))
+    g = b.build(*alone, h)
+    with resolve_target("cpu").target():
+        names = [gv.name_hint for gv in lower(g).functions]
+    if "int8_conv_quantize" in names:  # VNNI host: the chain's depthwise convs read and write int8
+        assert sum("int8_dwconv_vnni" in n for n in names) == 4
+        assert sum("int8_dwconv_requant" in n for n in names) == 2
+    xin = (rng.standard_normal((3, 32, 17, 19)) * 2).astype(np.float32)
+    xin[1, 0, 2, 3] = np.nan
+    xin[2, 5, 10, 12] = np.inf
+    cm = reshift.compile(g, pipeline="none")
+    refs = list(ir.interpret(g, {"x": xin}).values())
+    outs = cm(xin)
+    for ref, out in zip(refs, outs, strict=True):
+        np.testing.assert_array_equal(out, ref)
+    assert np.isnan(outs[-1][1]).all() and not np.isnan(outs[-1][0]).any()
+    assert len(np.unique(outs[-1][0])) > 30 and (outs[-1][0] > 0).mean() > 0.2  # not saturated or all zero
+
+
+def test_portable_int8_depthwise_conv_is_bit_exact(rng):
+    """24 channels (no whole 16-channel panels): Relax's grouped int32 conv, same bits as the reference."""
+    b = GraphBuilder("dw24")
+    x = b.input("x", "f32[N,24,9,9]")
+    g = b.build(_int8_conv(b, rng, x, 24, 24, s=2, groups=24))
+    xin = (rng.standard_normal((2, 24, 9, 9)) * 2).astype(np.float32)
+    ref = ir.interpret(g, {"x": xin})[g.outputs[0].name]
+    np.testing.assert_array_equal(reshift.compile(g, pipeline="none")(xin), ref)

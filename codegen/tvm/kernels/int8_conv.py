@@ -42,12 +42,29 @@ from reshift.ir.graph import Node
 
 LANES = 16
 ACCUMULATORS = 14  # R*V int32x16 accumulators (see int8_fused.ACCUMULATORS)
+DW_PIXELS = 14  # output pixels per depthwise register tile (one int32x16 accumulator each)
 
 
 def conv_tile(blocks: int) -> tuple[int, int]:
     """``(R, V)``: output pixels and 16-channel panels per register tile (``V`` divides ``blocks``)."""
     panels = next(v for v in (2, 1) if blocks % v == 0)
     return ACCUMULATORS // panels, panels
+
+
+def is_depthwise(codes: np.ndarray, groups: int) -> bool:
+    """One input channel per group and one filter per channel (``groups == C == O``)."""
+    return groups > 1 and codes.shape[1] == 1 and codes.shape[0] == groups
+
+
+def job_tile(blocks: int, depthwise: bool) -> tuple[int, int]:
+    """``(R, V)`` of :func:`conv_tile`; a depthwise tile is one 16-channel panel of ``DW_PIXELS`` pixels."""
+    return (DW_PIXELS, 1) if depthwise else conv_tile(blocks)
+
+
+def pack_depthwise_weights(codes: np.ndarray) -> np.ndarray:
+    """``int8 [C, 1, KH, KW]`` -> ``int32 [KH*KW, C]``: per tap, the channels contiguous (one vector per panel)."""
+    c, _, kh, kw = codes.shape
+    return np.ascontiguousarray(codes.reshape(c, kh * kw).T.astype(np.int32))
 
 
 def pack_conv_weights(codes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -153,11 +170,15 @@ def conv_gemm_func(
     out: int,
     relu: bool = False,
     requant: Requantize | None = None,
+    depthwise: bool = False,
 ) -> tirx.PrimFunc:
     """``y [N, out, OH, OW]`` float32 from ``q [N, Hp, Wp, Cp]`` and packed weights (see module docstring).
     ``geometry`` is ``(Hp, Wp, Cp, OH, OW, z)``; ``info [N, 1]`` holds ``s_n`` (NaN for an image with a NaN).
     ``relu`` applies ``y < 0 ? 0 : y`` (NaN stays NaN, as numpy's maximum); with ``requant`` the kernel
-    writes the next conv's quantized padded input and its NaN rows ``bad [N, OH, tiles]`` instead of ``y``."""
+    writes the next conv's quantized padded input and its NaN rows ``bad [N, OH, tiles]`` instead of ``y``.
+    ``depthwise`` (``cp == out``, weights ``int32 [KH*KW, out]`` of :func:`pack_depthwise_weights`): each
+    channel's taps summed in int32 lanes (``zext(q) * w``), one 16-channel panel and ``DW_PIXELS`` pixels
+    per register tile, the same epilogues."""
     hp, wp, cp, oh, ow, zero_point = geometry
     kh, kw = kernel
     s0, s1 = stride
@@ -165,8 +186,14 @@ def conv_gemm_func(
     c4 = cp // 4
     k4 = kh * kw * c4
     width = blocks * LANES
-    rows_tile, panels = conv_tile(blocks)
+    rows_tile, panels = job_tile(blocks, depthwise)
     tiles = blocks // panels
+    if depthwise and cp != width:
+        raise CodegenError(f"int8 depthwise conv: {cp} input channels for {width} outputs")
+    # the activation view the accumulate macro reads and the weight buffer (dense: 4 channel bytes per int32)
+    a_dtype, a_div = ("uint8", 1) if depthwise else ("int32", 4)
+    w_shape, w_dtype = ((kh * kw, width), "int32") if depthwise else ((blocks, k4, LANES, 4), "int8")
+    w_size = int(np.prod(w_shape))
     lanes = T.Ramp(0, 1, LANES)
     dpbusd = "llvm.x86.avx512.vpdpbusd.512"
     mul_rn = "llvm.x86.avx512.mul.ps.512"
@@ -201,6 +228,22 @@ def conv_gemm_func(
                             )
 
     @T.macro
+    def accumulate_depthwise(acc, nrows, a, w64, img, r_out, p0, t):
+        for r in T.unroll(nrows):
+            acc[r, 0, lanes] = T.Broadcast(T.int32(0), LANES)
+        for i in range(kh):
+            for j in range(kw):
+                for r in T.unroll(nrows):
+                    pixel = ((img * hp + r_out * s0 + i * d0) * wp + (p0 + r) * s1 + j * d1) * cp + t * LANES
+                    acc[r, 0, lanes] = (
+                        acc[r, 0, lanes]
+                        + T.Cast("int32x16", a[T.Ramp(pixel, 1, LANES)])
+                        * w64[T.Ramp((i * kw + j) * width + t * LANES, 1, LANES)]
+                    )
+
+    accumulate_tile = accumulate_depthwise if depthwise else accumulate
+
+    @T.macro
     def rescale(fv, acc, r, v, corr, mult, bias, t):
         fv[lanes] = (
             T.call_llvm_pure_intrin(
@@ -229,7 +272,7 @@ def conv_gemm_func(
         def conv_gemm(
             q_h: T.handle,
             info_h: T.handle,
-            w: T.Buffer((blocks, k4, LANES, 4), "int8"),
+            w: T.Buffer(w_shape, w_dtype),
             wsum: T.Buffer((width,), "int32"),
             w_scale: T.Buffer((width,), "float32"),
             bias: T.Buffer((width,), "float32"),
@@ -240,8 +283,8 @@ def conv_gemm_func(
             q8 = T.match_buffer(q_h, (n, hp, wp, cp), "uint8")
             info = T.match_buffer(info_h, (n, 1), "float32")
             y = T.match_buffer(y_h, (n, out, oh, ow), "float32")
-            a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)  # 4 channel bytes per int32
-            w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
+            a = T.decl_buffer((n * hp * wp * cp // a_div,), a_dtype, data=q8.data)
+            w64 = T.decl_buffer((w_size,), w_dtype, data=w.data)
             yf = T.decl_buffer((n * out * plane,), "float32", data=y.data)
             for job in T.parallel(n * jobs_per_image):
                 img = job // jobs_per_image
@@ -253,7 +296,7 @@ def conv_gemm_func(
                 constants(corr, mult, info, wsum, w_scale, img, t)
                 for mo in range(full_tiles):
                     acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
-                    accumulate(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
+                    accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
                     for r in T.unroll(rows_tile):
                         for v in T.unroll(panels):
                             rescale(fv, acc, r, v, corr, mult, bias, t)
@@ -261,7 +304,7 @@ def conv_gemm_func(
                             yf[T.Ramp(dst, plane, LANES)] = fv[lanes]
                 for p1 in range(full_tiles * rows_tile, ow):  # tail pixels of the output row
                     acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
-                    accumulate(acc1, 1, a, w64, img, r_out, p1, t)
+                    accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t)
                     for v in T.unroll(panels):
                         rescale(fv, acc1, 0, v, corr, mult, bias, t)
                         dst1 = (img * out + (t * panels + v) * LANES) * plane + r_out * ow + p1
@@ -284,7 +327,7 @@ def conv_gemm_func(
     def conv_gemm_requant(
         q_h: T.handle,
         info_h: T.handle,
-        w: T.Buffer((blocks, k4, LANES, 4), "int8"),
+        w: T.Buffer(w_shape, w_dtype),
         wsum: T.Buffer((width,), "int32"),
         w_scale: T.Buffer((width,), "float32"),
         bias: T.Buffer((width,), "float32"),
@@ -298,8 +341,8 @@ def conv_gemm_func(
         info = T.match_buffer(info_h, (n, 1), "float32")
         q2 = T.match_buffer(q2_h, (n, hp2, wp2, out), "uint8")
         bad = T.match_buffer(bad_h, (n, oh, tiles), "float32")
-        a = T.decl_buffer((n * hp * wp * c4,), "int32", data=q8.data)
-        w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
+        a = T.decl_buffer((n * hp * wp * cp // a_div,), a_dtype, data=q8.data)
+        w64 = T.decl_buffer((w_size,), w_dtype, data=w.data)
         q2f = T.decl_buffer((n * hp2 * wp2 * out,), "uint8", data=q2.data)
         for job in T.parallel(n * jobs_per_image):
             img = job // jobs_per_image
@@ -331,7 +374,7 @@ def conv_gemm_func(
             row_base = (img * hp2 + top2 + r_out) * wp2 + left2
             for mo in range(full_tiles):
                 acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
-                accumulate(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
+                accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
                 for r in T.unroll(rows_tile):
                     for v in T.unroll(panels):
                         rescale(fv, acc, r, v, corr, mult, bias, t)
@@ -340,7 +383,7 @@ def conv_gemm_func(
                         )
             for p1 in range(full_tiles * rows_tile, ow):
                 acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
-                accumulate(acc1, 1, a, w64, img, r_out, p1, t)
+                accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t)
                 for v in T.unroll(panels):
                     rescale(fv, acc1, 0, v, corr, mult, bias, t)
                     requantize(fv, flag, params, q2f, (row_base + p1) * out + (t * panels + v) * LANES)
@@ -367,9 +410,11 @@ def _quantize_codes(x: te.Tensor, x_scale: float, zero_point: int, bits: int) ->
 def vnni_conv_ok(node: Node) -> bool:
     """Whether ``int8_conv2d`` ``node`` runs the VNNI kernel (else the portable path)."""
     codes = node.inputs[1].data
-    dense = node.attrs["groups"] == 1 and codes.shape[0] % LANES == 0  # whole 16-channel panels
+    groups = node.attrs["groups"]
+    # whole 16-channel panels, dense or depthwise
+    panels = codes.shape[0] % LANES == 0 and (groups == 1 or is_depthwise(codes, groups))
     static = all(isinstance(d, int) for d in node.inputs[0].shape[1:])
-    return not current_target_is_gpu() and has_vnni() and dense and static and node.inputs[1].is_constant
+    return not current_target_is_gpu() and has_vnni() and panels and static and node.inputs[1].is_constant
 
 
 def _epilogue_chain(ctx: LowerContext, node: Node) -> tuple[Node | None, Node | None]:
@@ -388,11 +433,15 @@ def _epilogue_chain(ctx: LowerContext, node: Node) -> tuple[Node | None, Node | 
 
 def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
     a = node.attrs
-    out, c, kh, kw = codes.shape
-    n, _, h, w = ctx.shape(node.inputs[0])
+    out, _, kh, kw = codes.shape
+    n, c, h, w = ctx.shape(node.inputs[0])
     oh, ow = node.outputs[0].shape[2:]
-    packed, cp = pack_conv_weights(codes)
-    blocks = packed.shape[0]
+    depthwise = is_depthwise(codes, a["groups"])
+    if depthwise:
+        packed, cp, blocks = pack_depthwise_weights(codes), c, out // LANES
+    else:
+        packed, cp = pack_conv_weights(codes)
+        blocks = packed.shape[0]
     width = blocks * LANES
     top, left, bottom, right = a["padding"]
     # rows the last window reaches past the padded input (stride leftovers) are never read
@@ -431,8 +480,10 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     window = ((kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
     args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias]
     relu, nxt = _epilogue_chain(ctx, node)
+    kind = "int8_dwconv" if depthwise else "int8_conv"
     if nxt is None:
-        gv = ctx.bb.add_func(conv_gemm_func(geometry, *window, relu=relu is not None), "int8_conv_vnni")
+        func = conv_gemm_func(geometry, *window, relu=relu is not None, depthwise=depthwise)
+        gv = ctx.bb.add_func(func, f"{kind}_vnni")
         y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n, out, oh, ow), "float32")))
         if relu is not None:
             ctx.fused[relu] = [y]
@@ -441,8 +492,9 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     t2, l2, b2, r2 = b["padding"]
     requant = Requantize(t2, l2, oh + t2 + b2, ow + l2 + r2, b["x_bits"])
     args.append(relax.const(np.array([np.float32(b["x_scale"]), b["x_zero_point"]], np.float32)))
-    gv = ctx.bb.add_func(conv_gemm_func(geometry, *window, relu=relu is not None, requant=requant), "int8_conv_requant")
-    tiles = blocks // conv_tile(blocks)[1]
+    func = conv_gemm_func(geometry, *window, relu=relu is not None, requant=requant, depthwise=depthwise)
+    gv = ctx.bb.add_func(func, f"{kind}_requant")
+    tiles = blocks // job_tile(blocks, depthwise)[1]
     bad_shape = (n, oh, tiles)
     qb = ctx.emit(
         relax.op.call_tir(
@@ -495,4 +547,13 @@ def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     return _portable_conv(ctx, node, x, codes, scales, bias)
 
 
-__all__ = ["conv_gemm_func", "conv_tile", "lower_int8_conv2d", "pack_conv_weights", "quantize_pad_func"]
+__all__ = [
+    "conv_gemm_func",
+    "conv_tile",
+    "is_depthwise",
+    "job_tile",
+    "lower_int8_conv2d",
+    "pack_conv_weights",
+    "pack_depthwise_weights",
+    "quantize_pad_func",
+]
