@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--feature-weight", type=float, default=0.0, help="weight of the layer-norm feature loss")
+    parser.add_argument("--cosine-weight", type=float, default=0.0, help="weight of the embedding cosine loss")
+    parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps before the cosine decay")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--scale-lr", type=float, default=1.0, help="quantizer-scale lr multiplier")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -97,6 +102,11 @@ def main() -> None:
             seed=args.seed,
             features="auto" if args.feature_weight else None,
             feature_weight=args.feature_weight,
+            cosine_weight=args.cosine_weight,
+            warmup=args.warmup,
+            optimizer=args.optimizer,
+            weight_decay=args.weight_decay,
+            lr_scales={"scale": args.scale_lr},
             progress=sys.stderr.isatty(),
             rewritten=ptq,
         )
@@ -133,8 +143,10 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recover.py", *sys.argv[1:]])
     lines = [
-        f"# recovery fine-tuning, all-MiniLM-L6-v2, {args.steps} steps, lr {args.lr}, batch {args.batch}, "
-        f"{args.threads} torch threads, load {load()}",
+        f"# recovery fine-tuning, all-MiniLM-L6-v2, {args.steps} steps, lr {args.lr} ({args.optimizer}, warm-up "
+        f"{args.warmup}, scale lr x{args.scale_lr}), batch {args.batch}, {len(train)} training / {len(evaluation)} "
+        f"held-out sentences, loss: relative MSE + {args.feature_weight} x layer-norm features + "
+        f"{args.cosine_weight} x cosine; {args.threads} torch threads, load {load()}",
         "| pipeline | post-training cosine (min) | recovered cosine (min) | target >= 0.95 | wall s |",
         "|---|---|---|---|---|",
         *(

@@ -4,8 +4,12 @@ The rewritten graph becomes a torch module generated from the IR (:mod:`reshift.
 through estimators for every quantizer), distilled against the float model (``teacher="fp32"``: the
 frontend's graph before the pipeline) on ``data``: loss = relative MSE of each output,
 ``mean((y - t)^2) / mean(t^2)``, plus ``feature_weight`` times the same on ``features`` (intermediate
-values present in both graphs by name; ``"auto"``: every ``layer_norm`` output the teacher also has).
-Adam with a cosine learning-rate decay; the DeepShift-PS latent exponents and signs move in level units
+values present in both graphs by name; ``"auto"``: every ``layer_norm`` output the teacher also has),
+plus ``cosine_weight`` times ``mean(1 - cos(y, t))`` along each output's last axis (for embedding
+models the metric itself: the pooled sentence vector's direction). ``optimizer``: ``"adam"`` or
+``"adamw"``, ``weight_decay`` on the float weights only (decoupled for ``"adamw"``, Loshchilov & Hutter
+2019; L2 for ``"adam"``). Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 0
+(SGDR, Loshchilov & Hutter 2017, Eq. 5, one cycle). The DeepShift-PS latent exponents and signs move in level units
 and get ``lr * lr_scales["shift"]``, quantizer scales ``lr * lr_scales["scale"]``. The learned state is
 written back re-coded (``GraphModule.to_graph``), so the result is a graph of the same op kinds,
 verified, that compiles as before. Deterministic for a seed (the batch order of epoch ``e`` is a permutation drawn from
@@ -29,6 +33,7 @@ from reshift.ir.graph import Graph
 from reshift.ir.interpret import bind_inputs
 
 DEFAULT_LR_SCALES = {"weight": 1.0, "shift": 10.0, "scale": 1.0}
+OPTIMIZERS = ("adam", "adamw")
 SHIFT_LATENTS = ("P", "S")
 
 
@@ -98,7 +103,15 @@ def _default_features(student: Graph, teacher: Graph) -> list[str]:
     return [n.output.name for n in student.nodes if n.op == "layer_norm" and n.output.name in names]
 
 
-def _param_groups(module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
+def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier at ``step``: ``(step + 1) / warmup`` during the warm-up, then
+    ``0.5 (1 + cos(pi t))`` with ``t`` the fraction of the remaining steps done (SGDR Eq. 5, one cycle)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+def _param_groups(module, lr: float, lr_scales: dict[str, float], weight_decay: float = 0.0) -> list[dict]:
     groups: dict[str, list] = {"weight": [], "shift": [], "scale": []}
     for name, p in module.named_parameters():
         if not p.requires_grad:
@@ -106,7 +119,16 @@ def _param_groups(module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
         leaf = name.rsplit(".", 1)[-1]
         kind = "shift" if leaf in SHIFT_LATENTS else "scale" if "scale" in leaf or leaf == "alpha" else "weight"
         groups[kind].append(p)
-    return [{"params": ps, "lr": lr * lr_scales[k], "base_lr": lr * lr_scales[k]} for k, ps in groups.items() if ps]
+    return [
+        {
+            "params": ps,
+            "lr": lr * lr_scales[k],
+            "base_lr": lr * lr_scales[k],
+            "weight_decay": weight_decay if k == "weight" else 0.0,
+        }
+        for k, ps in groups.items()
+        if ps
+    ]
 
 
 def _progress(enabled: bool | None, steps: int):
@@ -137,6 +159,10 @@ def recover(
     seed: int = 0,
     features: list[str] | str | None = None,
     feature_weight: float = 0.0,
+    cosine_weight: float = 0.0,
+    warmup: int = 0,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
     train: str = "all",
     lr_scales: dict[str, float] | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -157,6 +183,15 @@ def recover(
 
     if steps < 0:
         raise InputError(f"recover: steps must be >= 0, got {steps}")
+    if not 0 <= warmup <= steps:
+        raise InputError(f"recover: warmup must be in [0, steps={steps}], got {warmup}")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"recover: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if min(feature_weight, cosine_weight, weight_decay) < 0:
+        raise InputError(
+            f"recover: feature_weight, cosine_weight and weight_decay must be >= 0, got "
+            f"{feature_weight}, {cosine_weight}, {weight_decay}"
+        )
     frontend_keys = ("dynamic_batch", "input_names", "dynamic_dims", "input_shapes", "input_values")
     frontend = {k: options.pop(k) for k in frontend_keys if k in options}
     source, _ = to_graph(model, example_inputs, frontend)
@@ -175,8 +210,9 @@ def recover(
         features = _default_features(student_graph, teacher_graph)
     features = list(features or []) if feature_weight else []
     scales = {**DEFAULT_LR_SCALES, **(lr_scales or {})}
-    groups = _param_groups(student, lr, scales)
-    optimizer = torch.optim.Adam(groups) if groups else None
+    groups = _param_groups(student, lr, scales, weight_decay)
+    make = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt = make(groups) if groups else None
 
     targets: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -191,6 +227,8 @@ def recover(
         got = student(_tensors(batches[index]), values=features)
         outputs = [k for k in want if k not in features]
         loss = sum(_relative_mse(got[k], want[k]) for k in outputs) / len(outputs)
+        if cosine_weight:
+            loss = loss + cosine_weight * sum(_cosine_distance(got[k], want[k]) for k in outputs) / len(outputs)
         if features:
             loss = loss + feature_weight * sum(_relative_mse(got[k], want[k]) for k in features) / len(features)
         extra = student.extra_loss()
@@ -205,6 +243,8 @@ def recover(
     losses: list[float] = []
     start_step = 0
     signature = {"pipeline": pipeline, "steps": steps, "lr": lr, "seed": seed, "batches": len(batches)}
+    if warmup or optimizer != "adam" or weight_decay:
+        signature.update(warmup=warmup, optimizer=optimizer, weight_decay=weight_decay)
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(checkpoint, weights_only=False)
         if state.get("signature") != signature:
@@ -213,13 +253,13 @@ def recover(
                 f"this run is {signature}: remove it or pass another path"
             )
         student.load_state_dict(state["model"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
+        if opt is not None:
+            opt.load_state_dict(state["optimizer"])
         start_step, losses = int(state["step"]), list(state["losses"])
 
     def save(step: int) -> None:
         state = {"signature": signature, "step": step, "losses": losses, "model": student.state_dict()}
-        state["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+        state["optimizer"] = opt.state_dict() if opt is not None else None
         tmp = Path(f"{checkpoint}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, checkpoint)
@@ -231,16 +271,17 @@ def recover(
         if bar is not None:
             bar.start()
         for step in range(start_step, steps):
-            if optimizer is None:
+            if opt is None:
                 break
             epoch, position = divmod(step, len(batches))
             order = list(np.random.default_rng([seed, epoch]).permutation(len(batches)))
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
-            optimizer.zero_grad(set_to_none=True)
+            factor = lr_factor(step, steps, warmup)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            opt.zero_grad(set_to_none=True)
             loss = loss_of(int(order[position]))
             loss.backward()
-            optimizer.step()
+            opt.step()
             student.project()
             losses.append(float(loss.detach()))
             if bar is not None:
@@ -281,4 +322,11 @@ def _relative_mse(y, t):
     return ((y - t) ** 2).mean() / (t**2).mean().clamp_min(1e-12)
 
 
-__all__ = ["DEFAULT_LR_SCALES", "RecoveryReport", "read_batches", "recover"]
+def _cosine_distance(y, t):
+    """``mean(1 - cos(y, t))`` over the last axis (a sentence embedding's direction)."""
+    import torch
+
+    return (1 - torch.nn.functional.cosine_similarity(y, t, dim=-1, eps=1e-12)).mean()
+
+
+__all__ = ["DEFAULT_LR_SCALES", "OPTIMIZERS", "RecoveryReport", "lr_factor", "read_batches", "recover"]

@@ -225,6 +225,46 @@ def test_intermediate_features_join_the_loss():
     assert with_features.loss_before > plain.loss_before
 
 
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    from reshift.recovery import lr_factor
+
+    assert [lr_factor(s, 10, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 10, 4) == 1.0 and lr_factor(7, 10, 4) == pytest.approx(0.5)
+    assert lr_factor(0, 10) == 1.0 and lr_factor(5, 10) == pytest.approx(0.5)
+
+
+def test_cosine_loss_is_zero_for_an_exact_student_and_positive_for_a_lossy_one():
+    g = tiny_graph()
+    _, exact = reshift.recover(g, "none", batches(2), steps=0, cosine_weight=1.0, **OPTIONS)
+    _, plain = reshift.recover(g, "ternary", batches(2), steps=0, **OPTIONS)
+    _, with_cosine = reshift.recover(g, "ternary", batches(2), steps=0, cosine_weight=1.0, **OPTIONS)
+    assert exact.loss_before < 1e-6
+    assert with_cosine.loss_before > plain.loss_before
+
+
+def test_adamw_warmup_and_cosine_loss_train_and_write_back_exactly():
+    g = tiny_graph()
+    kwargs = dict(steps=30, lr=1e-3, batch_size=16, warmup=5, optimizer="adamw", weight_decay=0.01)
+    recovered, report = reshift.recover(g, "w4a4", batches(4), cosine_weight=0.5, **kwargs, **OPTIONS)
+    assert report.loss_after < 0.95 * report.loss_before, report
+    x = batches(1, seed=7)["x"][:3]
+    assert rel(module_output(to_torch(recovered), x), ir.interpret(recovered, {"x": x})["y"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"warmup": 5, "steps": 4}, "warmup"),
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"cosine_weight": -1.0}, "cosine_weight"),
+    ],
+)
+def test_bad_schedule_and_loss_options_are_input_errors(bad, message):
+    kwargs = {"steps": 2, **bad}
+    with pytest.raises(InputError, match=message):
+        reshift.recover(tiny_graph(), "ternary", batches(1), **kwargs, **OPTIONS)
+
+
 # -- CLI ----------------------------------------------------------------------------------------
 def _mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
