@@ -91,6 +91,7 @@ class CompiledModel:
             "pipeline": pipeline,
             **symbol_bounds(graph),
         }
+        self.meta.update(tuned_meta(build))
 
     @property
     def target(self) -> str:
@@ -131,6 +132,7 @@ class CompiledModel:
         export_library(self.build, str(so))
         source_text = print_graph(self.source_graph, weights="full")  # hashed into meta.json
         self.meta = make_meta(self.graph, self.build.target, self.pipeline, so, source_text)
+        self.meta.update(tuned_meta(self.build))
         kernels = compile_cuda_kernels(self.build)  # CUDA: ship the kernels compiled, not as source
         if kernels is not None:
             fatbin, cuda_source = kernels
@@ -172,6 +174,7 @@ def compile(
     trials = int(options.pop("trials", 64))
     tune_db = options.pop("tune_db", None)
     progress = options.pop("progress", None)
+    knob_progress = options.pop("knob_progress", None)
     tune_batch = options.pop("tune_batch", None)
     try:
         source, examples = to_graph(model_or_path, example_inputs, options)
@@ -190,10 +193,21 @@ def compile(
     spec = tvm_codegen.resolve_target(target)
     if tune:
         batch = tune_batch or (len(next(iter(examples.values()))) if examples else None)
-        graph, build = tune_and_build(graph, spec, trials, tune_db, progress, batch)
+        graph, build = tune_and_build(graph, spec, trials, tune_db, progress, batch, knob_progress)
     else:
         build = tvm_codegen.build(graph, spec)
     return CompiledModel(graph, source, report, build, pipeline)
+
+
+def tuned_meta(build: Any) -> dict[str, Any]:
+    """``{"tuned_kernels": [...]}`` for a build whose kernel knobs came from a tuning database, else ``{}``."""
+    tuned = getattr(build, "tuned", None) or []
+    return {"tuned_kernels": [vars(choice) for choice in tuned]} if tuned else {}
+
+
+def tuned_lines(build: Any) -> list[str]:
+    """One line per hand-written kernel instance a tuned build took from the database."""
+    return [choice.line() for choice in getattr(build, "tuned", None) or []]
 
 
 def default_tune_db() -> str:
@@ -202,11 +216,18 @@ def default_tune_db() -> str:
 
 
 def tune_and_build(
-    graph: Graph, spec: Any, trials: int, db_dir: str | None, progress: Any = None, batch: int | None = None
+    graph: Graph,
+    spec: Any,
+    trials: int,
+    db_dir: str | None,
+    progress: Any = None,
+    batch: int | None = None,
+    knob_progress: Any = None,
 ) -> tuple[Graph, Any]:
-    """Tune with MetaSchedule (``codegen.tvm.tune``), then build with the tuned kernels.
+    """Tune (``codegen.tvm.tune``: knobs of reshift's kernels, then MetaSchedule with ``trials``
+    trials), then build with the tuned kernels; ``build.tuned`` lists the kernels whose knobs changed.
 
-    MetaSchedule needs static extents, so a symbolic batch is fixed to ``batch`` (default 1):
+    Tuning needs static extents, so a symbolic batch is fixed to ``batch`` (default 1):
     a tuned artifact serves that one batch size. Returns the (specialized) graph and the build.
     """
     if any(not v.type.is_static for v in graph.inputs):
@@ -224,7 +245,7 @@ def tune_and_build(
     tune = getattr(tvm_codegen, "tune", None)
     if tune is None:
         raise CodegenError("tuning is not available in this reshift build (codegen.tvm.tune is missing)")
-    db = tune(graph, spec, trials=trials, db_dir=db_dir, progress=progress)
+    db = tune(graph, spec, trials=trials, db_dir=db_dir, progress=progress, knob_progress=knob_progress)
     return graph, tvm_codegen.build(graph, spec, tuning_db=db)
 
 

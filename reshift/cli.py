@@ -218,10 +218,11 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
     if steps is not None:
         optimized, report = recover_graph(args, graph, calibration, options, console)
     if tune:
-        with tune_progress(console, args.trials) as progress:
+        with tune_progress(console, args.trials) as (progress, knob_progress):
             optimized, built = tune_and_build(
-                optimized, spec, args.trials, args.db, progress, getattr(args, "batch", None)
+                optimized, spec, args.trials, args.db, progress, getattr(args, "batch", None), knob_progress
             )
+        print_tuned(built)
     else:
         with stage(console, f"build for {spec.name}"):
             built = tvm_codegen.build(optimized, spec)
@@ -253,21 +254,38 @@ def recover_graph(args: argparse.Namespace, graph, calibration, options: dict, c
     return recovered, report.pass_report
 
 
+def print_tuned(built) -> None:
+    """What a tuned build took from the database: one line per hand-written kernel instance."""
+    from reshift.api import tuned_lines
+
+    lines = tuned_lines(built)
+    changed = sum(1 for choice in built.tuned if choice.knobs != choice.default)
+    print(f"kernel knobs: {len(lines)} instances from the tuning database, {changed} changed from the default")
+    for line in lines:
+        print(f"  {line}")
+
+
 @contextlib.contextmanager
-def tune_progress(console, trials: int) -> Iterator[Callable[..., None]]:
-    """A progress bar over tuning trials; yields the callback handed to ``codegen.tvm.tune``."""
+def tune_progress(console, trials: int) -> Iterator[tuple[Callable[..., None], Callable[..., None]]]:
+    """Progress bars over MetaSchedule trials and over kernel knob candidates; yields their two
+    callbacks (``progress``, ``knob_progress`` of ``codegen.tvm.tune``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        SpinnerColumn(), TextColumn("tune"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as bar:
-        task = bar.add_task("tune", total=trials)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+        knob_task = bar.add_task("kernel knobs", total=None)
+        task = bar.add_task("tune", total=trials) if trials > 0 else None
+
+        def knob_progress(done: int, total: int) -> None:
+            bar.update(knob_task, completed=done, total=total)
 
         def progress(*args: Any, **kwargs: Any) -> None:
             """Accepts ``(done, total)`` positionally or by name; anything else just advances."""
             numbers = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
             done = kwargs.get("done", numbers[0] if numbers else None)
             total = kwargs.get("total", numbers[1] if len(numbers) > 1 else None)
+            if task is None:
+                return
             if total:
                 bar.update(task, total=total)
             if done is None:
@@ -275,7 +293,7 @@ def tune_progress(console, trials: int) -> Iterator[Callable[..., None]]:
             else:
                 bar.update(task, completed=done)
 
-        yield progress
+        yield progress, knob_progress
 
 
 @command("compile")
@@ -522,7 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bcq: average code bits per weight (fp16 scales on top); q in {2,3,4} chosen per layer by sensitivity",
     )
     p.add_argument("--tune", action="store_true", help="tune kernels with MetaSchedule first")
-    p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=64,
+        help="MetaSchedule trials (default: 64; 0: only the knob search over reshift's own kernels)",
+    )
     p.add_argument("--db", help="tuning database directory (default: ~/.cache/reshift/tune_db)")
     p.add_argument("--batch", type=int, default=1, help="batch size a tuned build is fixed to (default: 1)")
     p.add_argument(
@@ -549,10 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     cli_remote.add_remote_options(p)
     cli_remote.add_timeout_option(p)
 
-    p = sub.add_parser("tune", help="tune an ONNX model's kernels with MetaSchedule")
+    p = sub.add_parser(
+        "tune", help="tune an ONNX model's kernels (knob search over reshift's own, MetaSchedule for the rest)"
+    )
     _add_input_shape(p)
     p.add_argument("model", help="MODEL.onnx")
-    p.add_argument("--trials", type=int, default=64, help="tuning trials (default: 64)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=64,
+        help="MetaSchedule trials (default: 64; 0: only the knob search over reshift's own kernels)",
+    )
     p.add_argument("--db", help="tuning database directory, reused by later builds (default: ~/.cache/reshift/tune_db)")
     p.add_argument("--batch", type=int, default=1, help="batch size the tuned kernels are for (default: 1)")
     p.add_argument("--target", default="cpu", help="target preset (default: cpu)")

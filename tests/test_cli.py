@@ -115,6 +115,14 @@ def test_tune_exits_0_or_2_cleanly(files, tmp_path):
         assert "reshift tune: error:" in out.stderr
 
 
+def test_tune_knobs_only_reports_what_it_tuned(files, tmp_path, capsys):
+    """``--trials 0``: only the knob search over reshift's own kernels; it lists every instance."""
+    assert main(["tune", str(files / "model.onnx"), "--trials", "0", "--db", str(tmp_path / "db")]) == 0
+    out = capsys.readouterr().out
+    assert "kernel knobs:" in out and "dense_f32 [" in out and " ms (" in out
+    assert list((tmp_path / "db").glob("*/reshift_knobs.json"))
+
+
 def test_console_script_compile_and_run(files, tmp_path):
     out_dir = tmp_path / "art"
     done = subprocess.run(

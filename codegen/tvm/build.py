@@ -12,12 +12,13 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
 from tvm import relax
 
+from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.lower import lower
 from reshift.codegen.tvm.schedule_cpu import schedule_passes
 from reshift.codegen.tvm.serial_small import serial_small_parallel
@@ -28,12 +29,14 @@ from reshift.ir.graph import Graph
 
 @dataclass
 class BuildResult:
-    """A built model: the Relax VM executable, its target, the lowered module and the build time."""
+    """A built model: the Relax VM executable, its target, the lowered module and the build time;
+    ``tuned``: the hand-written kernel instances whose knobs came from the tuning database."""
 
     executable: relax.VMExecutable
     target: TargetSpec
     module: tvm.IRModule
     seconds: float
+    tuned: list[knob_db.Choice] = field(default_factory=list)
 
 
 def build(
@@ -52,9 +55,13 @@ def build(
     spec = resolve_target(target)
     start = time.perf_counter()
     tvm_target = spec.target()
+    entries = knob_db.load(knob_db.db_file(tuning_db, tvm_target)) if tuning_db is not None else {}
+    tuned: list[knob_db.Choice] = []
     if module is None:
-        with tvm_target:  # kernel choices (AVX-512, VNNI, generic) follow the target, not the host
+        # kernel choices (AVX-512, VNNI, generic) follow the target, not the host; knobs the database's
+        with tvm_target, knob_db.using(entries) as session:
             module = lower(graph)
+        tuned = list(session.used.values())
     mod = module
     with _tvm_errors(f"building graph {graph.name!r} for target {spec.name}"), _cuda_toolchain(spec):
         if spec.is_gpu:  # TVM's default CUDA pipeline (dlight schedules), checked between its halves
@@ -79,7 +86,7 @@ def build(
                 f"the build of {graph.name!r} for {spec.name} produced no CUDA kernels (only host code): "
                 "the dlight schedules did not apply; report this with the graph"
             )
-    return BuildResult(executable, spec, mod, time.perf_counter() - start)
+    return BuildResult(executable, spec, mod, time.perf_counter() - start, tuned)
 
 
 def _check_no_host_kernels(mod: tvm.IRModule, spec: TargetSpec) -> None:
@@ -143,7 +150,8 @@ def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=Non
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     passes = [*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target)]
-    if tuning_db is not None:
+    knob_only = tuning_db is not None and knob_db.db_file(tuning_db, target).exists()
+    if tuning_db is not None and (_has_schedules(tuning_db, target) or not knob_only):  # neither: a clear error
         from reshift.codegen.tvm.tune import apply_database_pass
 
         with target:  # the pass reads Target.current() when it is created
@@ -159,6 +167,14 @@ def cpu_pipeline(target: tvm.target.Target, schedule: bool = True, tuning_db=Non
             return sequence(mod)
 
     return _pipeline
+
+
+def _has_schedules(tuning_db, target: tvm.target.Target) -> bool:
+    """Whether ``tuning_db`` holds MetaSchedule records for ``target`` (a knob-only database does not)."""
+    from reshift.codegen.tvm.tune import target_db_dir
+
+    name = "database_workload.json"
+    return (Path(tuning_db) / name).exists() or (target_db_dir(tuning_db, target) / name).exists()
 
 
 def export_library(result: BuildResult, path: str | os.PathLike) -> Path:

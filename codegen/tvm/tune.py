@@ -1,5 +1,8 @@
 """MetaSchedule tuning of a graph's fused kernels into a persistent database directory.
 
+reshift's own kernels (``codegen/tvm/kernels``), which MetaSchedule skips, get a knob search per
+shape into the same directory first (``tune_knobs.py``, ``knobs.py``).
+
 ``tune(graph, "cpu", trials, db_dir)`` tunes once; ``build(graph, "cpu", tuning_db=db_dir)`` then
 applies the best schedules found (``relax.transform.MetaScheduleApplyDatabase``), and every
 kernel without a record keeps the generic schedule. Only graphs with static shapes are tunable
@@ -93,8 +96,15 @@ def tune(
     trials: int = 64,
     db_dir: str | os.PathLike = "reshift_tuning",
     progress: Progress | None = None,
+    knobs: bool = True,
+    knob_progress: Progress | None = None,
 ) -> Path:
-    """Tune the fused kernels of ``graph`` with MetaSchedule; records accumulate in ``db_dir``."""
+    """Tune ``graph``'s kernels; records accumulate in ``db_dir``.
+
+    ``knobs``: first search the knobs of reshift's own kernels (``tune_knobs.py``, host targets;
+    ``knob_progress`` gets (candidates measured, total)); then MetaSchedule tunes the generic fused
+    kernels with ``trials`` trials (``trials=0``: knobs only).
+    """
     spec = resolve_target(target)
     if spec.is_gpu:
         raise CodegenError(f"tuning for {spec.name} is not supported; only CPU targets (cpu, arm64 over RPC) are")
@@ -107,6 +117,12 @@ def tune(
             "it fails with 'parallel_for_dynamic error ... old_rv != nullptr'; "
             "export the model with a fixed batch to tune it"
         )
+    if knobs and not spec.cross_compiler:
+        from reshift.codegen.tvm.tune_knobs import tune_knobs
+
+        tune_knobs(graph, spec, db_dir, knob_progress)
+    if trials <= 0:
+        return target_db_dir(db_dir, spec.target())
     reason = tuning_available()
     if reason:
         raise CodegenError(reason)

@@ -20,6 +20,10 @@ one's output (through a ReLU), straight into that conv's zero padded input layou
 While a job computes row ``r`` of channel block ``ob``, it prefetches ``1/oh`` of block ``ob + 1``'s
 filter into L2, so the first row of the next block does not wait on memory (the filter stream,
 not the FMAs, bounds that row when weights are cold, as in a real layer sequence).
+
+Knobs (``KNOBS``, searched per shape by ``codegen/tvm/tune_knobs.py``): the register tile, ``pt``
+pixels (a divisor of ``ow``) x ``vo`` channel vectors; ``vo = 2`` only where it keeps the output
+width (``oc`` a multiple of 32). Every tile sums each output in the same order, bit-identically.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.kernels import conv2d_cpu
 
 LANES = 16
@@ -65,6 +70,81 @@ def choose_tile(out_channels: int, ow: int) -> tuple[int, int] | None:
         if ow % pt == 0:
             return pt, vo
     return None
+
+
+def shape_key(
+    n: int,
+    channels: int,
+    kernel,
+    stride,
+    dilation,
+    row: int,
+    plane: int,
+    out_hw,
+    oc: int,
+    out: OutputLayout,
+    relu: bool,
+) -> knob_db.Shape:
+    """Everything one ocvec kernel instance is specialized to, as the knob database's shape."""
+    names = ("n", "c", "kh", "kw", "sh", "sw", "dh", "dw", "row", "plane", "oh", "ow", "oc")
+    values = (n, channels, *kernel, *stride, *dilation, row, plane, *out_hw, oc)
+    layout = {"out_top": out.top, "out_left": out.left, "out_row": out.row, "out_rows": out.grid_rows}
+    return {**dict(zip(names, (int(v) for v in values), strict=True)), **layout, "relu": int(relu)}
+
+
+def default_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
+    tile = choose_tile(shape["oc"], shape["ow"])
+    pt, vo = tile if tile is not None else (1, 1)
+    return {"pt": pt, "vo": vo}
+
+
+def check_knobs(shape: knob_db.Shape, knobs: knob_db.Knobs) -> str | None:
+    pt, vo = knobs["pt"], knobs["vo"]
+    if vo not in (1, 2) or (vo == 2 and shape["oc"] % (2 * LANES)):
+        return f"vo={vo} must be 1, or 2 when the {shape['oc']} output channels are a multiple of 32"
+    if not 1 <= pt <= shape["ow"] or shape["ow"] % pt:
+        return f"pt={pt} must divide the output width {shape['ow']}"
+    if pt * vo > MAX_ACCUMULATORS:
+        return f"a {pt}x{vo} tile needs more than {MAX_ACCUMULATORS} accumulator registers"
+    return None
+
+
+def candidate_knobs(shape: knob_db.Shape) -> list[knob_db.Knobs]:
+    """The default, then for each ``vo`` the three widest pixel tiles dividing ``ow``."""
+    found = [default_knobs(shape)]
+    for vo in (2, 1):
+        tiles = [pt for pt in range(MAX_ACCUMULATORS // vo, 1, -1) if shape["ow"] % pt == 0][:3]
+        found += [{"pt": pt, "vo": vo} for pt in tiles]
+    unique = {tuple(sorted(c.items())): c for c in found if check_knobs(shape, c) is None}
+    return list(unique.values())
+
+
+def instance(shape: knob_db.Shape, knobs: knob_db.Knobs, rng: np.random.Generator) -> knob_db.Instance:
+    kernel, oc = (shape["kh"], shape["kw"]), shape["oc"]
+    out = OutputLayout(shape["out_top"], shape["out_left"], shape["out_row"], shape["out_rows"])
+    x = rng.standard_normal((shape["n"], shape["c"], shape["plane"])).astype(np.float32)
+    w = rng.standard_normal((oc, shape["c"], *kernel)).astype(np.float32)
+    packed = pack_filters(w, knobs["vo"])
+    width = packed.shape[0] * packed.shape[2]
+    b = rng.standard_normal(width).astype(np.float32)
+    func = conv_ocvec_func(
+        shape["c"],
+        kernel,
+        (shape["sh"], shape["sw"]),
+        (shape["dh"], shape["dw"]),
+        shape["row"],
+        shape["plane"],
+        (shape["oh"], shape["ow"]),
+        packed.shape[0],
+        knobs["pt"],
+        knobs["vo"],
+        out,
+        bool(shape["relu"]),
+    )
+    return knob_db.Instance(func, [x, packed, b], [((shape["n"], width, out.plane), "float32")])
+
+
+KNOBS = knob_db.register(knob_db.KnobSpace("conv2d_ocvec_f32", default_knobs, candidate_knobs, check_knobs, instance))
 
 
 def pack_filters(w: np.ndarray, vo: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
+from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.kernels import (
     batch_matmul_cpu,
     conv2d_cpu,
@@ -72,7 +73,7 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
     shape, rows, _ = _rows(ctx, node.inputs[0])
     lead = shape[:-1]
     x2 = ctx.emit(op.reshape(x, (rows, k)))
-    gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks), "dense_packed_f32")
+    gv = ctx.bb.add_func(dense_cpu.dense_func(k, blocks, 1, dense_knobs(rows, k, blocks, 1)), "dense_packed_f32")
     y = ctx.emit(
         relax.op.call_tir(
             gv, [x2, relax.const(packed), relax.const(b)], out_ty=relax.TensorType((rows, blocks * 16), "float32")
@@ -81,6 +82,13 @@ def _dense(ctx: LowerContext, node: Node, x: relax.Expr, w: np.ndarray, bias: np
     if blocks * dense_cpu.LANES != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
     return ctx.emit(op.reshape(y, [*lead, out]))
+
+
+def dense_knobs(rows, k: int, blocks: int, batches: int) -> dict | None:
+    """The GEMM's knobs from the tuning database (``codegen/tvm/knobs.py``); None (the default) for symbolic rows."""
+    if not isinstance(rows, int):
+        return None
+    return knob_db.choose("dense_f32", {"rows": rows, "k": k, "blocks": blocks, "batches": batches})
 
 
 def dense_linear(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:
@@ -369,7 +377,9 @@ def _winograd(ctx: LowerContext, conv: _Conv, src: relax.Expr, b: np.ndarray, ou
     rows = n * tiles[0] * tiles[1]
     gv_in = ctx.bb.add_func(winograd.input_transform_func(channels, layout.row, layout.plane, tiles), "winograd_input")
     v = ctx.emit(relax.op.call_tir(gv_in, [src, src], out_ty=relax.TensorType((16, rows, channels), "float32")))
-    gv_gemm = ctx.bb.add_func(dense_cpu.dense_func(channels, width // dense_cpu.LANES, 16), "winograd_gemm")
+    blocks = width // dense_cpu.LANES
+    gemm = dense_cpu.dense_func(channels, blocks, 16, dense_knobs(rows, channels, blocks, 16))
+    gv_gemm = ctx.bb.add_func(gemm, "winograd_gemm")
     u, zero = relax.const(winograd.transformed_filters(conv.w)), relax.const(np.zeros((16, width), np.float32))
     m = ctx.emit(relax.op.call_tir(gv_gemm, [v, u, zero], out_ty=relax.TensorType((16, rows, width), "float32")))
     out = out or conv2d_ocvec_cpu.OutputLayout.plain(oh, ow)
@@ -385,11 +395,7 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
     channels, h, wd = conv.shape[1:]
     oc, _, kh, kw = conv.w.shape
     pt, vo = conv2d_ocvec_cpu.choose_tile(oc, conv.out_hw[1])
-    oc_blocks = -(-oc // (conv2d_ocvec_cpu.LANES * vo))
-    width = oc_blocks * conv2d_ocvec_cpu.LANES * vo
-    b = np.zeros(width, np.float32)
-    if conv.bias is not None:
-        b[:oc] = conv.bias
+    width = -(-oc // (conv2d_ocvec_cpu.LANES * vo)) * conv2d_ocvec_cpu.LANES * vo
     layout = conv.input_layout
     if conv.node.inputs[0] in ctx.padded:
         src, written = ctx.padded[conv.node.inputs[0]]
@@ -399,6 +405,16 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
     fusion = _padded_consumers(ctx, conv) if width == oc else None
     relu, out = fusion if fusion is not None else (None, None)
     plane = out.plane if out is not None else conv.out_hw[0] * conv.out_hw[1]
+    if not conv.winograd and isinstance(conv.shape[0], int):  # the tuned tile keeps ``width`` (check_knobs)
+        key = conv2d_ocvec_cpu.shape_key(
+            conv.shape[0], channels, (kh, kw), conv.stride, conv.dilation, layout.row, layout.plane, conv.out_hw, oc,
+            out or conv2d_ocvec_cpu.OutputLayout.plain(*conv.out_hw), relu is not None,
+        )  # fmt: skip
+        pt, vo = (knob_db.choose("conv2d_ocvec_f32", key)[name] for name in ("pt", "vo"))
+    oc_blocks = -(-oc // (conv2d_ocvec_cpu.LANES * vo))
+    b = np.zeros(width, np.float32)
+    if conv.bias is not None:
+        b[:oc] = conv.bias
     if conv.winograd:
         y = _winograd(ctx, conv, src, b, out, relu is not None)
     else:

@@ -10,6 +10,11 @@ panels; rows go in blocks of ``ROW_BLOCK``, K in blocks of ``kc`` whose weight p
 so one block of weights is reused from L1 by every row tile, and the row block's partial sums in
 ``y`` (re-read per K block) stay in L2. Rows that do not fill a tile run as a one-row tail (which is
 also the batch-1 GEMV).
+
+Knobs (``KNOBS``, searched per shape by ``codegen/tvm/tune_knobs.py``): ``rows_tile`` x ``panels``
+(the register tile), ``kc`` (K block depth) and ``row_block`` (rows per L2 block). Every choice
+adds the products of one output in the same order (bias, then ``k = 0 .. K-1``), so all of them
+give bit-identical results; only the speed differs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
+
+from reshift.codegen.tvm import knobs as knob_db
 
 LANES = 16
 ACCUMULATORS = 15  # R*V*64 B must stay under 1 KiB: larger local buffers go to the heap, not registers
@@ -46,16 +53,66 @@ def k_block(k: int, panels: int) -> int:
     return -(-k // blocks)  # equal blocks
 
 
-def dense_func(k: int, blocks: int, batches: int = 1) -> tirx.PrimFunc:
+def default_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
+    """The hand-picked choice: the widest tile whose panels divide ``blocks``, K blocks filling half of L1."""
+    rows_tile, panels = tile_shape(shape["blocks"])
+    return {"rows_tile": rows_tile, "panels": panels, "kc": k_block(shape["k"], panels), "row_block": ROW_BLOCK}
+
+
+def check_knobs(shape: knob_db.Shape, knobs: knob_db.Knobs) -> str | None:
+    rows_tile, panels, kc, row_block = (knobs[n] for n in ("rows_tile", "panels", "kc", "row_block"))
+    if not 1 <= panels <= 4 or shape["blocks"] % panels:
+        return f"panels={panels} must be 1..4 and divide the {shape['blocks']} column panels"
+    if not 1 <= rows_tile or rows_tile * panels > ACCUMULATORS:
+        return f"a {rows_tile}x{panels} tile needs more than {ACCUMULATORS} accumulator registers"
+    if not 1 <= kc <= shape["k"]:
+        return f"kc={kc} must be in 1..K={shape['k']}"
+    if row_block < rows_tile:
+        return f"row_block={row_block} is smaller than the {rows_tile}-row tile"
+    return None
+
+
+def candidate_knobs(shape: knob_db.Shape) -> list[knob_db.Knobs]:
+    """Register tiles for each panel count dividing ``blocks`` (full and 2/3 height), K unblocked or
+    in L1-sized blocks, and the row block halved or doubled around the default tile."""
+    default = default_knobs(shape)
+    found = [default]
+    for panels in (4, 3, 2, 1):
+        if shape["blocks"] % panels:
+            continue
+        full = ACCUMULATORS // panels
+        for rows_tile in dict.fromkeys((full, max(1, (2 * full) // 3))):
+            for kc in dict.fromkeys((k_block(shape["k"], panels), shape["k"])):
+                found.append({"rows_tile": rows_tile, "panels": panels, "kc": kc, "row_block": ROW_BLOCK})
+    for row_block in (ROW_BLOCK // 2, ROW_BLOCK * 2):
+        found.append({**default, "row_block": row_block})
+    unique = {tuple(sorted(c.items())): c for c in found if check_knobs(shape, c) is None}
+    return list(unique.values())
+
+
+def instance(shape: knob_db.Shape, knobs: knob_db.Knobs, rng: np.random.Generator) -> knob_db.Instance:
+    lead = (shape["batches"],) if shape["batches"] > 1 else ()
+    blocks, k, rows = shape["blocks"], shape["k"], shape["rows"]
+    x = rng.standard_normal((*lead, rows, k)).astype(np.float32)
+    w = rng.standard_normal((*lead, blocks, k, LANES)).astype(np.float32)
+    b = rng.standard_normal((*lead, blocks * LANES)).astype(np.float32)
+    func = dense_func(k, blocks, shape["batches"], knobs)
+    return knob_db.Instance(func, [x, w, b], [((*lead, rows, blocks * LANES), "float32")])
+
+
+KNOBS = knob_db.register(knob_db.KnobSpace("dense_f32", default_knobs, candidate_knobs, check_knobs, instance))
+
+
+def dense_func(k: int, blocks: int, batches: int = 1, knobs: knob_db.Knobs | None = None) -> tirx.PrimFunc:
     """``y[e, m, 16*j + l] = b[e, 16*j + l] + sum_k x[e, m, k] * w[e, j, k, l]`` for ``x [batches, rows, k]``
     (rows symbolic): ``batches`` independent GEMMs with their own packed weights (16 for a Winograd
     conv's transformed tiles), run in parallel with the column panels. One GEMM (a linear) drops
-    the ``e`` axis from every buffer."""
+    the ``e`` axis from every buffer. ``knobs``: see :data:`KNOBS` (default: :func:`default_knobs`)."""
     width = blocks * LANES
-    rows_tile, panels = tile_shape(blocks)
-    kc = k_block(k, panels)
+    knobs = knobs or default_knobs({"k": k, "blocks": blocks})
+    rows_tile, panels, kc = knobs["rows_tile"], knobs["panels"], knobs["kc"]
     k_blocks = -(-k // kc)
-    tiles_per_mb = max(1, ROW_BLOCK // rows_tile)
+    tiles_per_mb = max(1, knobs["row_block"] // rows_tile)
     lanes = T.Ramp(0, 1, LANES)
 
     lead = (batches,) if batches > 1 else ()  # one GEMM keeps the plain 2-D interface (no reshapes around it)
