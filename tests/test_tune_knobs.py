@@ -94,7 +94,7 @@ def test_search_keeps_the_default_unless_clearly_faster():
     assert entry["knobs"] in dense_cpu.candidate_knobs(DENSE) and not entry["rejected"]
     assert entry["tuned_ms"] <= entry["default_ms"]
     if entry["knobs"] != entry["default"]:
-        assert entry["tuned_ms"] < entry["default_ms"] * 0.97
+        assert entry["tuned_ms"] <= entry["default_ms"] * 0.9701  # 5 significant digits stored
 
 
 def test_lowering_records_each_instance():

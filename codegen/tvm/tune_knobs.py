@@ -107,9 +107,9 @@ def search(
         "shape": dict(shape),
         "knobs": best,
         "default": default,
-        "default_ms": round(default_ms, 4),
-        "tuned_ms": round(best_ms, 4),
-        "candidates": {_text(k): round(ms, 4) for ms, k in timed},
+        "default_ms": _ms(default_ms),
+        "tuned_ms": _ms(best_ms),
+        "candidates": {_text(k): _ms(ms) for ms, k in timed},
         "rejected": rejected,
     }
 
@@ -124,6 +124,10 @@ def measure(instance: knob_db.Instance, tvm_target: tvm.target.Target, repeat: i
     results = [o.numpy() for o in outs]
     timer = lib.mod.time_evaluator("main", device, number=1, repeat=repeat, min_repeat_ms=20)
     return results, float(np.median(timer(*args, *outs).results)) * 1e3
+
+
+def _ms(ms: float) -> float:
+    return float(f"{ms:.5g}")
 
 
 def _text(knobs: dict) -> str:
