@@ -115,7 +115,14 @@ def _int8_conv2d(em, node: Node, ins):
     zero = em.const(np.zeros(len(ws), np.int8), f"{node.name}_wzero")
     w = em.const(np.ascontiguousarray(wq).astype(np.int8), f"{node.name}_wq")
     w = em.one("DequantizeLinear", [w, em.const(ws, f"{node.name}_wscale"), zero], axis=0)
-    bias = ins[3] if len(ins) > 3 else ""
+    if len(node.inputs) > 4 and node.inputs[4] is not None:  # the wide centre-tap codes, dequantized
+        if not node.inputs[4].is_constant:
+            raise CodegenError(f"int8_conv2d node {node.name}: QDQ export needs a constant w_diag")
+        out, _, kh, kw = wq.shape
+        extra = np.zeros(wq.shape, np.float32)
+        extra[np.arange(out), np.arange(out), kh // 2, kw // 2] = node.inputs[4].data.astype(np.float32) * ws
+        w = em.one("Add", [w, em.const(extra, f"{node.name}_wdiag")])
+    bias = ins[3] if len(ins) > 3 and ins[3] else ""
     return em.final(
         node,
         "Conv",

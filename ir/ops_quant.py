@@ -24,7 +24,11 @@ Each numpy reference is the exact specification passes and kernels are checked a
   filter: ``acc[n,o,h,w] = sum (q - z) * wq`` over the window (zero padding is the code ``z`` of
   ``0.0``, so it adds nothing), exactly in int32, ``y = float32(acc) * (float32(x_scale) * w_scale[o])
   + bias[o]``. An image (batch element) holding a NaN gives NaN outputs (a float conv would spread
-  it over the NaN's receptive field only; the kernel flags whole images).
+  it over the NaN's receptive field only; the kernel flags whole images). Optional ``w_diag`` (int32
+  ``[O]``, ``groups = 1``, ``C = O``, odd kernel, ``|w_diag| <= 2^15``) is added to the centre tap of
+  ``wq[o, o]``: a re-parameterized block's identity branch (RepVGG, MobileOne) lands there and is
+  often far larger than the other taps, so an int8 per-channel grid over the fused filter would be
+  set by it; held apart, the filter's int8 grid fits the rest and the identity keeps a wide code.
 * ``log2_matmul`` (RepQ-ViT / AdaLog attention times V as shifts and adds): ``p @ v`` with ``p`` coded
   as ``log2_quant`` does (code ``q``, the zero code skipped) and ``v`` as a per-tensor
   ``quantize_uniform`` (``v_int = clip(rint(v / v_scale) + z, lo, hi) - z``, float32 arithmetic,
@@ -454,15 +458,22 @@ register(
 
 
 # -- int8_conv2d ------------------------------------------------------------------------------
+DIAG_LIMIT = 2**15  # |w_diag| bound: the int32 accumulator holds 255 * (127 * K + 2^15) for K < 60000
+
+
 def int8_conv2d_ref(
-    x, wq, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits
+    x, wq, w_scale, bias=None, w_diag=None, *, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits
 ) -> np.ndarray:
     """The integer convolution, stated exactly (see module docstring)."""
     x = np.asarray(x, np.float32)
     z = int(x_zero_point)
     q = quantize_activations(x, x_scale, z, x_bits).astype(np.float64) - z  # zero padding is code z: 0 here
-    # float64 is exact: every partial sum is an integer below 2^53 (|acc| <= 255 * 127 * K)
-    acc = conv2d(q, wq.astype(np.float64), None, stride, padding, dilation, groups).astype(np.int64).astype(np.int32)
+    codes = wq.astype(np.float64)
+    if w_diag is not None:
+        out, _, kh, kw = wq.shape
+        codes[np.arange(out), np.arange(out), kh // 2, kw // 2] += np.asarray(w_diag, np.float64)
+    # float64 is exact: every partial sum is an integer below 2^53 (|acc| <= 255 * (127 * K + 2^15))
+    acc = conv2d(q, codes, None, stride, padding, dilation, groups).astype(np.int64).astype(np.int32)
     rescale = (np.float32(x_scale) * w_scale.astype(np.float32)).astype(np.float32)
     y = acc.astype(np.float32) * rescale[None, :, None, None]
     y[np.isnan(x).reshape(len(x), -1).any(axis=1)] = np.nan
@@ -471,7 +482,9 @@ def int8_conv2d_ref(
     return y.astype(np.float32)
 
 
-def _int8_conv2d_infer(x, wq, w_scale, bias, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits):
+def _int8_conv2d_infer(
+    x, wq, w_scale, bias=None, w_diag=None, *, stride, padding, dilation, groups, x_scale, x_zero_point, x_bits
+):
     require_float(x, "int8_conv2d")
     if wq.dtype != "int8":
         raise IRTypeError(f"int8_conv2d: wq must be an int8 OIHW filter, got {wq}")
@@ -481,6 +494,15 @@ def _int8_conv2d_infer(x, wq, w_scale, bias, stride, padding, dilation, groups, 
         raise IRTypeError(f"int8_conv2d: w_scale must be float32[{out}], got {w_scale}")
     if bias is not None and bias.dtype != "float32":
         raise IRTypeError(f"int8_conv2d: bias {bias} must be float32[{out}]")
+    if w_diag is not None:
+        o, c, kh, kw = wq.shape
+        if w_diag.dtype != "int32" or tuple(w_diag.shape) != (out,):
+            raise IRTypeError(f"int8_conv2d: w_diag must be int32[{out}], got {w_diag}")
+        if groups != 1 or o != c or kh % 2 == 0 or kw % 2 == 0:
+            raise IRTypeError(
+                f"int8_conv2d: w_diag needs groups=1, as many input as output channels and an odd kernel; "
+                f"got groups={groups}, wq {list(wq.shape)}"
+            )
     if not 2 <= x_bits <= 8:
         raise IRTypeError(f"int8_conv2d: x_bits {x_bits} must be in 2..8 (unsigned bytes)")
     if not (x_scale > 0 and np.isfinite(x_scale)):
@@ -492,7 +514,7 @@ def _int8_conv2d_infer(x, wq, w_scale, bias, stride, padding, dilation, groups, 
 
 register(
     "int8_conv2d",
-    ["x", "wq", "w_scale", "bias?"],
+    ["x", "wq", "w_scale", "bias?", "w_diag?"],
     {
         "stride": Attr("ints", (1, 1)),
         "padding": Attr("ints", (0, 0, 0, 0)),
@@ -505,7 +527,8 @@ register(
     _int8_conv2d_infer,
     int8_conv2d_ref,
     "NCHW conv of q(x) - z (unsigned x_bits per tensor, zero padding = code z) with int8 OIHW wq, int32 "
-    "accumulation, y = float32(acc) * (x_scale * w_scale[o]) + bias[o]; an image holding NaN gives NaN",
+    "accumulation, y = float32(acc) * (x_scale * w_scale[o]) + bias[o]; an image holding NaN gives NaN; "
+    "w_diag int32[O] adds to the centre tap of wq[o, o] (a fused identity branch kept off the int8 grid)",
     macs=lambda out, x, w, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])) * int(np.prod(w[1:])),
     tags={"custom", "contraction"},
 )
@@ -522,6 +545,7 @@ __all__ = [
     "log2_codes",
     "log2_levels",
     "log2_matmul_bound",
+    "DIAG_LIMIT",
     "adaptive_period",
     "residue_numerators",
     "log2_matmul_ref",

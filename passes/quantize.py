@@ -18,7 +18,9 @@
 * Every dense (``groups=1``) or depthwise (``groups`` = in = out channels) ``conv2d`` (same candidate
   rules; option ``quantize_convs``, default True) becomes ``int8_conv2d``: per-output-channel symmetric
   weights (nearest rounding), activations per tensor from calibration (static, as onnxruntime's QDQ
-  convs); other grouped convs stay float, with the reason in the report.
+  convs); other grouped convs stay float, with the reason in the report. A filter whose centre taps
+  ``W[o, o]`` (a fused identity branch) would set its int8 grid keeps them as wide int32 codes
+  (``w_diag``, :func:`conv_weight_codes`).
 * Each activation input of a ``matmul`` (q @ k^T, attention @ v) gets a per-tensor
   ``quantize_uniform`` unless a quantizer already produced it.
 
@@ -45,6 +47,7 @@ from reshift.errors import PassError
 from reshift.ir.builder import create_node
 from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.ops import get_op
+from reshift.ir.ops_quant import DIAG_LIMIT
 from reshift.passes.calibrate import (
     activation_range,
     fake_quant,
@@ -227,20 +230,21 @@ def quantize_transformer(graph: Graph, ctx: PassContext, w_bits: int = 8, a_bits
         stats.details[name] = details
     for m in convs:
         w = m.array("weight")
-        codes, scales = quantize_weight(w.reshape(len(w), -1), w_bits, weight_method)
-        codes = codes.reshape(w.shape)
-        w_hat = codes.astype(np.float32) * scales[:, None, None, None]
-        x_scale, x_zp = act_params(m["x"])
         name, a = m.root.name, m.root.attrs
+        codes, scales, diag, w_err = conv_weight_codes(w, a["groups"], w_bits, weight_method)
+        x_scale, x_zp = act_params(m["x"])
         inputs = [m["x"], graph.add_constant(codes, f"{name}_wq"), graph.add_constant(scales, f"{name}_wscale")]
+        inputs.append(m.get("bias"))
+        inputs.append(None if diag is None else graph.add_constant(diag, f"{name}_wdiag"))
         attrs = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
         attrs.update(x_scale=x_scale, x_zero_point=x_zp, x_bits=a_bits)
-        replace_node(graph, m.root, "int8_conv2d", inputs + [m.get("bias")], attrs)
+        replace_node(graph, m.root, "int8_conv2d", inputs, attrs)
         stats.matches["conv_to_int8"] = stats.matches.get("conv_to_int8", 0) + 1
         stats.details[name] = {
             "w_bits": w_bits,
             "weight_rounding": "nearest",
-            "weight_error": relative_error(w_hat, w),
+            "weight_error": w_err,
+            "identity_codes": diag is not None,
             "a_bits": a_bits,
             "x_scale": x_scale,
             "x_zero_point": x_zp,
@@ -281,6 +285,39 @@ def conv_candidates(graph: Graph, producers, users, opts: dict, w_bits: int, sta
         else:
             found.append(m)
     return found
+
+
+def conv_weight_codes(
+    w: np.ndarray, groups: int, w_bits: int, method: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+    """``(codes, scales, diag, weight error)`` of a conv filter, per output channel.
+
+    A re-parameterized block (RepVGG, Ding et al. 2021, Eq. 3-4; MobileOne) adds its identity branch
+    to the centre tap of ``W[o, o]``; that tap is then often many times the others, and a per-channel
+    grid set by it rounds the rest coarsely (the known PTQ collapse of fused RepVGG: Chu et al., "Make
+    RepVGG Greater Again", 2022). When ``C = O`` (``groups = 1``, odd kernel), the grid is also fitted
+    to the filter without those taps, the taps going to ``int8_conv2d``'s int32 ``w_diag`` codes on the
+    same grid; that form is kept when it at least halves the relative weight error."""
+    out, c, kh, kw = w.shape
+    codes, scales = quantize_weight(w.reshape(out, -1), w_bits, method)
+    codes = codes.reshape(w.shape)
+    err = relative_error(codes.astype(np.float32) * scales[:, None, None, None], w)
+    if groups != 1 or out != c or kh % 2 == 0 or kw % 2 == 0:
+        return codes, scales, None, err
+    idx, ci, cj = np.arange(out), kh // 2, kw // 2
+    rest = w.copy()
+    rest[idx, idx, ci, cj] = 0
+    rest_codes, rest_scales = quantize_weight(rest.reshape(out, -1), w_bits, method)
+    rest_codes = rest_codes.reshape(w.shape)
+    diag = np.rint(w[idx, idx, ci, cj] / rest_scales)
+    if np.abs(diag).max() > DIAG_LIMIT:
+        return codes, scales, None, err
+    w_hat = rest_codes.astype(np.float32) * rest_scales[:, None, None, None]
+    w_hat[idx, idx, ci, cj] += (diag * rest_scales).astype(np.float32)
+    diag_err = relative_error(w_hat, w)
+    if diag_err > err / 2:
+        return codes, scales, None, err
+    return rest_codes, rest_scales, diag.astype(np.int32), diag_err
 
 
 def _depthwise(weight: np.ndarray, groups: int) -> bool:

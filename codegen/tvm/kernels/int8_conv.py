@@ -39,6 +39,7 @@ from reshift.codegen.tvm.lower import ABSORBED, LowerContext, lowering, op, scal
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
 from reshift.ir.graph import Node
+from reshift.ir.ops_quant import DIAG_LIMIT
 
 LANES = 16
 ACCUMULATORS = 14  # R*V int32x16 accumulators (see int8_fused.ACCUMULATORS)
@@ -171,6 +172,7 @@ def conv_gemm_func(
     relu: bool = False,
     requant: Requantize | None = None,
     depthwise: bool = False,
+    diagonal: bool = False,
 ) -> tirx.PrimFunc:
     """``y [N, out, OH, OW]`` float32 from ``q [N, Hp, Wp, Cp]`` and packed weights (see module docstring).
     ``geometry`` is ``(Hp, Wp, Cp, OH, OW, z)``; ``info [N, 1]`` holds ``s_n`` (NaN for an image with a NaN).
@@ -178,7 +180,9 @@ def conv_gemm_func(
     writes the next conv's quantized padded input and its NaN rows ``bad [N, OH, tiles]`` instead of ``y``.
     ``depthwise`` (``cp == out``, weights ``int32 [KH*KW, out]`` of :func:`pack_depthwise_weights`): each
     channel's taps summed in int32 lanes (``zext(q) * w``), one 16-channel panel and ``DW_PIXELS`` pixels
-    per register tile, the same epilogues."""
+    per register tile, the same epilogues. ``diagonal`` (dense, ``cp == out``): ``diag [width]`` int32
+    codes times each output pixel's centre-tap input byte of the same channel, added to the accumulators
+    (``wsum`` holds them too); without it ``diag`` is not read."""
     hp, wp, cp, oh, ow, zero_point = geometry
     kh, kw = kernel
     s0, s1 = stride
@@ -188,8 +192,8 @@ def conv_gemm_func(
     width = blocks * LANES
     rows_tile, panels = job_tile(blocks, depthwise)
     tiles = blocks // panels
-    if depthwise and cp != width:
-        raise CodegenError(f"int8 depthwise conv: {cp} input channels for {width} outputs")
+    if (depthwise or diagonal) and cp != width:
+        raise CodegenError(f"int8 depthwise / diagonal conv: {cp} input channels for {width} outputs")
     # the activation view the accumulate macro reads and the weight buffer (dense: 4 channel bytes per int32)
     a_dtype, a_div = ("uint8", 1) if depthwise else ("int32", 4)
     w_shape, w_dtype = ((kh * kw, width), "int32") if depthwise else ((blocks, k4, LANES, 4), "int8")
@@ -202,7 +206,7 @@ def conv_gemm_func(
     jobs_per_image = oh * tiles
 
     @T.macro
-    def accumulate(acc, nrows, a, w64, img, r_out, p0, t):
+    def accumulate(acc, nrows, a, w64, img, r_out, p0, t, a8, diag):
         for r in T.unroll(nrows):
             for v in T.unroll(panels):
                 acc[r, v, lanes] = T.Broadcast(T.int32(0), LANES)
@@ -226,9 +230,17 @@ def conv_gemm_func(
                                     T.Ramp(((t * panels + v) * k4 + (i * kw + j) * c4 + cc) * (LANES * 4), 1, LANES * 4)
                                 ],
                             )
+        if diagonal:
+            for r in T.unroll(nrows):
+                for v in T.unroll(panels):
+                    ch0 = (t * panels + v) * LANES
+                    ctr = ((img * hp + r_out * s0 + kh // 2 * d0) * wp + (p0 + r) * s1 + kw // 2 * d1) * cp + ch0
+                    acc[r, v, lanes] = (
+                        acc[r, v, lanes] + T.Cast("int32x16", a8[T.Ramp(ctr, 1, LANES)]) * diag[T.Ramp(ch0, 1, LANES)]
+                    )
 
     @T.macro
-    def accumulate_depthwise(acc, nrows, a, w64, img, r_out, p0, t):
+    def accumulate_depthwise(acc, nrows, a, w64, img, r_out, p0, t, a8, diag):
         for r in T.unroll(nrows):
             acc[r, 0, lanes] = T.Broadcast(T.int32(0), LANES)
         for i in range(kh):
@@ -276,6 +288,7 @@ def conv_gemm_func(
             wsum: T.Buffer((width,), "int32"),
             w_scale: T.Buffer((width,), "float32"),
             bias: T.Buffer((width,), "float32"),
+            diag: T.Buffer((width,), "int32"),
             y_h: T.handle,
         ):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
@@ -284,6 +297,7 @@ def conv_gemm_func(
             info = T.match_buffer(info_h, (n, 1), "float32")
             y = T.match_buffer(y_h, (n, out, oh, ow), "float32")
             a = T.decl_buffer((n * hp * wp * cp // a_div,), a_dtype, data=q8.data)
+            a8 = T.decl_buffer((n * hp * wp * cp,), "uint8", data=q8.data)
             w64 = T.decl_buffer((w_size,), w_dtype, data=w.data)
             yf = T.decl_buffer((n * out * plane,), "float32", data=y.data)
             for job in T.parallel(n * jobs_per_image):
@@ -296,7 +310,7 @@ def conv_gemm_func(
                 constants(corr, mult, info, wsum, w_scale, img, t)
                 for mo in range(full_tiles):
                     acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
-                    accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
+                    accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t, a8, diag)
                     for r in T.unroll(rows_tile):
                         for v in T.unroll(panels):
                             rescale(fv, acc, r, v, corr, mult, bias, t)
@@ -304,7 +318,7 @@ def conv_gemm_func(
                             yf[T.Ramp(dst, plane, LANES)] = fv[lanes]
                 for p1 in range(full_tiles * rows_tile, ow):  # tail pixels of the output row
                     acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
-                    accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t)
+                    accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t, a8, diag)
                     for v in T.unroll(panels):
                         rescale(fv, acc1, 0, v, corr, mult, bias, t)
                         dst1 = (img * out + (t * panels + v) * LANES) * plane + r_out * ow + p1
@@ -331,6 +345,7 @@ def conv_gemm_func(
         wsum: T.Buffer((width,), "int32"),
         w_scale: T.Buffer((width,), "float32"),
         bias: T.Buffer((width,), "float32"),
+        diag: T.Buffer((width,), "int32"),
         params: T.Buffer((2,), "float32"),
         q2_h: T.handle,
         bad_h: T.handle,
@@ -342,6 +357,7 @@ def conv_gemm_func(
         q2 = T.match_buffer(q2_h, (n, hp2, wp2, out), "uint8")
         bad = T.match_buffer(bad_h, (n, oh, tiles), "float32")
         a = T.decl_buffer((n * hp * wp * cp // a_div,), a_dtype, data=q8.data)
+        a8 = T.decl_buffer((n * hp * wp * cp,), "uint8", data=q8.data)
         w64 = T.decl_buffer((w_size,), w_dtype, data=w.data)
         q2f = T.decl_buffer((n * hp2 * wp2 * out,), "uint8", data=q2.data)
         for job in T.parallel(n * jobs_per_image):
@@ -374,7 +390,7 @@ def conv_gemm_func(
             row_base = (img * hp2 + top2 + r_out) * wp2 + left2
             for mo in range(full_tiles):
                 acc = T.alloc_buffer((rows_tile, panels, LANES), "int32", scope="global")
-                accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t)
+                accumulate_tile(acc, rows_tile, a, w64, img, r_out, mo * rows_tile, t, a8, diag)
                 for r in T.unroll(rows_tile):
                     for v in T.unroll(panels):
                         rescale(fv, acc, r, v, corr, mult, bias, t)
@@ -383,7 +399,7 @@ def conv_gemm_func(
                         )
             for p1 in range(full_tiles * rows_tile, ow):
                 acc1 = T.alloc_buffer((1, panels, LANES), "int32", scope="global")
-                accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t)
+                accumulate_tile(acc1, 1, a, w64, img, r_out, p1, t, a8, diag)
                 for v in T.unroll(panels):
                     rescale(fv, acc1, 0, v, corr, mult, bias, t)
                     requantize(fv, flag, params, q2f, (row_base + p1) * out + (t * panels + v) * LANES)
@@ -431,7 +447,9 @@ def _epilogue_chain(ctx: LowerContext, node: Node) -> tuple[Node | None, Node | 
     return relu, None
 
 
-def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
+def _vnni_conv(
+    ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias, diag: np.ndarray | None
+) -> relax.Expr:
     a = node.attrs
     out, _, kh, kw = codes.shape
     n, c, h, w = ctx.shape(node.inputs[0])
@@ -471,18 +489,20 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
         full[:out] = values
         return relax.const(full)
 
-    wsum = padded(codes.astype(np.int64).reshape(out, -1).sum(axis=1).astype(np.int32), "int32")
+    diag_codes = np.zeros(out, np.int64) if diag is None else diag.astype(np.int64)
+    wsum = padded((codes.astype(np.int64).reshape(out, -1).sum(axis=1) + diag_codes).astype(np.int32), "int32")
     if bias is None:
         bias = padded(np.zeros(out, np.float32), "float32")
     elif width != out:
         bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
     geometry = (hp, wp, cp, oh, ow, int(a["x_zero_point"]))
     window = ((kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
-    args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias]
+    args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias, padded(diag_codes, "int32")]
     relu, nxt = _epilogue_chain(ctx, node)
     kind = "int8_dwconv" if depthwise else "int8_conv"
+    shape = {"depthwise": depthwise, "diagonal": diag is not None}
     if nxt is None:
-        func = conv_gemm_func(geometry, *window, relu=relu is not None, depthwise=depthwise)
+        func = conv_gemm_func(geometry, *window, relu=relu is not None, **shape)
         gv = ctx.bb.add_func(func, f"{kind}_vnni")
         y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n, out, oh, ow), "float32")))
         if relu is not None:
@@ -492,7 +512,7 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     t2, l2, b2, r2 = b["padding"]
     requant = Requantize(t2, l2, oh + t2 + b2, ow + l2 + r2, b["x_bits"])
     args.append(relax.const(np.array([np.float32(b["x_scale"]), b["x_zero_point"]], np.float32)))
-    func = conv_gemm_func(geometry, *window, relu=relu is not None, requant=requant, depthwise=depthwise)
+    func = conv_gemm_func(geometry, *window, relu=relu is not None, requant=requant, **shape)
     gv = ctx.bb.add_func(func, f"{kind}_requant")
     tiles = blocks // job_tile(blocks, depthwise)[1]
     bad_shape = (n, oh, tiles)
@@ -513,13 +533,19 @@ def _vnni_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     return ABSORBED
 
 
-def _portable_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
+def _portable_conv(
+    ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias, diag: np.ndarray | None
+) -> relax.Expr:
     a = node.attrs
+    codes = codes.astype(np.int32)
+    if diag is not None:
+        out, _, kh, kw = codes.shape
+        codes[np.arange(out), np.arange(out), kh // 2, kw // 2] += diag
     q = ctx.te(_quantize_codes, x, a["x_scale"], int(a["x_zero_point"]), a["x_bits"], name="int8_conv_codes")
     acc = ctx.emit(
         op.nn.conv2d(
             q,
-            relax.const(codes.astype(np.int32)),
+            relax.const(codes),
             strides=a["stride"],
             padding=a["padding"],
             dilation=a["dilation"],
@@ -537,14 +563,18 @@ def _portable_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: 
 
 
 @lowering("int8_conv2d")
-def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> relax.Expr:
-    for i in (1, 2):
+def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias=None, w_diag=None) -> relax.Expr:
+    constant = (1, 2, 4) if w_diag is not None else (1, 2)
+    for i in constant:
         if not node.inputs[i].is_constant:
             raise CodegenError(f"int8_conv2d (node {node.name}): {node.inputs[i].name} must be a constant")
     codes, scales = node.inputs[1].data, node.inputs[2].data.astype(np.float32)
+    diag = node.inputs[4].data.astype(np.int32) if w_diag is not None else None
+    if diag is not None and np.abs(diag.astype(np.int64)).max(initial=0) > DIAG_LIMIT:
+        raise CodegenError(f"int8_conv2d (node {node.name}): |w_diag| must be <= {DIAG_LIMIT} (int32 accumulation)")
     if vnni_conv_ok(node):
-        return _vnni_conv(ctx, node, x, codes, scales, bias)
-    return _portable_conv(ctx, node, x, codes, scales, bias)
+        return _vnni_conv(ctx, node, x, codes, scales, bias, diag)
+    return _portable_conv(ctx, node, x, codes, scales, bias, diag)
 
 
 __all__ = [
