@@ -52,6 +52,12 @@ def add_parsers(sub) -> None:
         help="cpu (this machine), arm64 (cross-linked) or cuda (sm_90 kernels; runs where a GPU is; default: cpu)",
     )
     c.add_argument("--max-batch", type=int, default=1, help="sequences per batched generate call (default: 1)")
+    c.add_argument(
+        "--decode-lut",
+        choices=["int8", "float32"],
+        help="tables of the BCQ/ternary decode GEMV: int8 (T-MAC) or float32 (default: int8 where the CPU has "
+        "AVX-512 BW+VBMI+VNNI)",
+    )
 
     g = sub.add_parser("generate", help="generate tokens with an LLM artifact")
     g.add_argument("model", help="LLM artifact directory")
@@ -224,6 +230,7 @@ def llm_compile(args: argparse.Namespace) -> int:
             target=args.target,
             out_dir=args.output,
             max_batch=args.max_batch,
+            decode_lut=args.decode_lut,
             progress=progress,
         )
     tok = Path(args.model) / "tokenizer.json"

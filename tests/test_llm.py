@@ -248,6 +248,9 @@ def test_cli_compile_generate_bench(tmp_path, capsys):
     (tmp_path / "empty" / "config.json").write_text(json.dumps(cfg))
     assert main(["llm", "compile", str(tmp_path / "empty"), "-o", str(tmp_path / "x")]) == 2
     assert "unsupported architecture feature rope scaling type 'yarn'" in capsys.readouterr().err
+    args = ["llm", "compile", str(tmp_path / "hf"), "-o", str(tmp_path / "y"), "--target", "cuda"]
+    assert main([*args, "--decode-lut", "int8"]) == 2
+    assert "decode_lut='int8' builds for CPU targets only" in capsys.readouterr().err
 
 
 def test_safetensors_reader_bf16_f16(tmp_path):
