@@ -43,11 +43,33 @@ def load() -> str:
     return os.getloadavg()[0].__format__(".1f")
 
 
+def post_training(graph, pipeline: str, calib: list, options: dict, args):
+    """The pipeline's post-training graph, from ``--cache`` when an identical run (pipeline, options, corpus
+    split, calibration batches) stored it; the calibration PTQ of w4a4_adalog takes minutes here."""
+    import hashlib
+    import pickle
+
+    from reshift import passes
+
+    split = f"{args.train_sentences}-{args.batch}-{args.calib_batches}-{args.seq_len}"
+    key = f"{pipeline}-{sorted(options.items())}-{split}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = Path(args.cache) / f"ptq-{digest}.pkl" if args.cache else None
+    if path is not None and path.is_file():
+        cached = pickle.loads(path.read_bytes())
+        if cached["key"] == key:
+            return cached["graph"]
+    ptq, _ = passes.run(graph, pipeline, calibration=calib, verify_each=False, **options)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps({"key": key, "graph": ptq}))
+    return ptq
+
+
 def main() -> None:
     import torch
 
     import reshift
-    from reshift import passes
     from reshift.codegen.torch import to_torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +87,7 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--scale-lr", type=float, default=1.0, help="quantizer-scale lr multiplier")
+    parser.add_argument("--cache", default=None, help="directory to keep post-training graphs in (pickled)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -83,11 +106,40 @@ def main() -> None:
         fp32_module = to_torch(graph, "none")
         got = np.concatenate([next(iter(fp32_module(b).values())).numpy() for b in eval_batches])
     print(f"  generated fp32 torch module vs interpreter: mean cosine {mean_cosine(got, reference)[0]:.7f}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def write(rows: list[dict], done: bool) -> None:
+        elapsed = time.perf_counter() - started
+        command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recover.py", *sys.argv[1:]])
+        lines = [
+            f"# recovery fine-tuning, all-MiniLM-L6-v2, {args.steps} steps, lr {args.lr} ({args.optimizer}, warm-up "
+            f"{args.warmup}, scale lr x{args.scale_lr}), batch {args.batch}, {len(train)} training / {len(evaluation)} "
+            f"held-out sentences, loss: relative MSE + {args.feature_weight} x layer-norm features + "
+            f"{args.cosine_weight} x cosine; {args.threads} torch threads, load {load()}",
+            "| pipeline | post-training cosine (min) | recovered cosine (min) | target >= 0.95 | wall s |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {r['pipeline']} | {r['post_training_cosine'][0]:.4f} ({r['post_training_cosine'][1]:.3f}) | "
+                f"{r['recovered_cosine'][0]:.4f} ({r['recovered_cosine'][1]:.3f}) | "
+                f"{'MET' if r['target_met'] else 'MISSED'} | {r['recover_seconds']:.0f} |"
+                for r in rows
+            ),
+            f"runtime {elapsed:.0f} s{'' if done else ' (so far)'}; reproduce: {command}",
+        ]
+        if done:
+            print("\n" + "\n".join(lines))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"model": "all-MiniLM-L6-v2", "argv": sys.argv[1:], "config": vars(args), "runtime_s": elapsed}
+        (out / f"recover-{stamp}.json").write_text(json.dumps({**record, "results": rows}, indent=1))
+        (out / f"recover-{stamp}.txt").write_text("\n".join(lines) + "\n")
+        print(f"wrote {out / f'recover-{stamp}.json'} and .txt")
+
     rows = []
     for pipeline in args.pipelines.split(","):
         options = PIPELINE_OPTIONS.get(pipeline, {})
         t0 = time.perf_counter()
-        ptq, _ = passes.run(graph, pipeline, calibration=calib, verify_each=False, **options)
+        ptq = post_training(graph, pipeline, calib, options, args)
         ptq_cos = mean_cosine(embed(ptq, eval_batches), reference)
         ptq_s = time.perf_counter() - t0
         print(f"\n{pipeline} {options}: post-training cosine {ptq_cos[0]:.4f} (min {ptq_cos[1]:.3f}), {ptq_s:.0f} s")
@@ -140,31 +192,8 @@ def main() -> None:
                 "same_op_kinds": same_ops,
             }
         )
-    elapsed = time.perf_counter() - started
-    command = " ".join(["HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/recover.py", *sys.argv[1:]])
-    lines = [
-        f"# recovery fine-tuning, all-MiniLM-L6-v2, {args.steps} steps, lr {args.lr} ({args.optimizer}, warm-up "
-        f"{args.warmup}, scale lr x{args.scale_lr}), batch {args.batch}, {len(train)} training / {len(evaluation)} "
-        f"held-out sentences, loss: relative MSE + {args.feature_weight} x layer-norm features + "
-        f"{args.cosine_weight} x cosine; {args.threads} torch threads, load {load()}",
-        "| pipeline | post-training cosine (min) | recovered cosine (min) | target >= 0.95 | wall s |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['pipeline']} | {r['post_training_cosine'][0]:.4f} ({r['post_training_cosine'][1]:.3f}) | "
-            f"{r['recovered_cosine'][0]:.4f} ({r['recovered_cosine'][1]:.3f}) | "
-            f"{'MET' if r['target_met'] else 'MISSED'} | {r['recover_seconds']:.0f} |"
-            for r in rows
-        ),
-        f"runtime {elapsed:.0f} s; reproduce: {command}",
-    ]
-    print("\n" + "\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    record = {"model": "all-MiniLM-L6-v2", "argv": sys.argv[1:], "config": vars(args), "runtime_s": elapsed}
-    (out / f"recover-{stamp}.json").write_text(json.dumps({**record, "results": rows}, indent=1))
-    (out / f"recover-{stamp}.txt").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / f'recover-{stamp}.json'} and .txt")
+        write(rows, done=False)
+    write(rows, done=True)
 
 
 if __name__ == "__main__":
