@@ -4,9 +4,12 @@ The rewritten graph becomes a torch module generated from the IR (:mod:`reshift.
 through estimators for every quantizer), distilled against the float model (``teacher="fp32"``: the
 frontend's graph before the pipeline) on ``data``: loss = relative MSE of each output,
 ``mean((y - t)^2) / mean(t^2)``, plus ``feature_weight`` times the same on ``features`` (intermediate
-values present in both graphs by name; ``"auto"``: every ``layer_norm`` output the teacher also has),
-plus ``cosine_weight`` times ``mean(1 - cos(y, t))`` along each output's last axis (for embedding
-models the metric itself: the pooled sentence vector's direction). ``optimizer``: ``"adam"`` or
+values present in both graphs by name; ``"auto"``: every ``layer_norm`` output the teacher also has;
+``"attention"``: the values computed right after each ``binary_attention`` (its readers' outputs, which
+keep their names through the rewrite), i.e. each block's attention result, as ShiftAddViT distils the
+attention it replaces; ``"auto+attention"``: both), plus ``cosine_weight`` times ``mean(1 - cos(y, t))``
+along each output's last axis (for embedding models the metric itself: the pooled sentence vector's
+direction). ``optimizer``: ``"adam"`` or
 ``"adamw"``, ``weight_decay`` on the float weights only (decoupled for ``"adamw"``, Loshchilov & Hutter
 2019; L2 for ``"adam"``). Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 0
 (SGDR, Loshchilov & Hutter 2017, Eq. 5, one cycle). The DeepShift-PS latent exponents and signs move in level units
@@ -111,6 +114,25 @@ def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
+def _attention_features(student: Graph, teacher: Graph) -> list[str]:
+    names = {v.name for n in teacher.nodes for v in n.outputs}
+    users = student.users()
+    found: list[str] = []
+    for node in student.nodes:
+        if node.op != "binary_attention":
+            continue
+        for reader in users.get(node.outputs[0], []):
+            found += [v.name for v in reader.outputs if v.name in names and v.name not in found]
+    return found
+
+
+FEATURE_MODES = {
+    "auto": (_default_features,),
+    "attention": (_attention_features,),
+    "auto+attention": (_default_features, _attention_features),
+}
+
+
 def _param_groups(module, lr: float, lr_scales: dict[str, float], weight_decay: float = 0.0) -> list[dict]:
     groups: dict[str, list] = {"weight": [], "shift": [], "scale": []}
     for name, p in module.named_parameters():
@@ -206,8 +228,10 @@ def recover(
     torch.manual_seed(seed)
     student = to_torch(student_graph, train)
     teacher_module = to_torch(teacher_graph, "none").eval()
-    if features == "auto":
-        features = _default_features(student_graph, teacher_graph)
+    if isinstance(features, str):
+        if features not in FEATURE_MODES:
+            raise InputError(f"recover: features={features!r}: choose {sorted(FEATURE_MODES)} or a list of value names")
+        features = [name for find in FEATURE_MODES[features] for name in find(student_graph, teacher_graph)]
     features = list(features or []) if feature_weight else []
     scales = {**DEFAULT_LR_SCALES, **(lr_scales or {})}
     groups = _param_groups(student, lr, scales, weight_decay)

@@ -51,3 +51,20 @@ def test_recovery_trains_the_code_form_and_writes_back_a_graph_equal_to_its_modu
     assert recovered.op_histogram() == rewritten.op_histogram()
     x = batches(1, seed=7)["x"][:3]
     assert rel(module_output(to_torch(recovered), x), ir.interpret(recovered, {"x": x})["y"]) < 1e-5
+
+
+def test_attention_features_are_the_values_right_after_each_binary_attention():
+    from reshift.recovery import FEATURE_MODES
+
+    g = tiny_graph()
+    data = batches(2)
+    rewritten, _ = passes.run(g, "binary_attention", calibration=[{"x": data["x"][:16]}], hash_bits=8)
+    (find,) = FEATURE_MODES["attention"]
+    assert find(rewritten, g) == ["o"]  # linear @o reads the attention result; its name survives the rewrite
+    assert find(g, g) == []  # no binary_attention: nothing to distil
+    common = dict(steps=0, batch_size=16, hash_bits=8, rewritten=rewritten)
+    _, plain = reshift.recover(g, "binary_attention", data, **common)
+    _, distilled = reshift.recover(g, "binary_attention", data, features="attention", feature_weight=1.0, **common)
+    assert distilled.loss_before > plain.loss_before
+    with pytest.raises(reshift.errors.InputError, match="features='attn'"):
+        reshift.recover(g, "binary_attention", data, features="attn", feature_weight=1.0, **common)
