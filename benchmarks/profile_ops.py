@@ -1,19 +1,21 @@
 """Per-kernel time of one reference model compiled for the CPU (reshift's default schedules).
 
-    .venv/bin/python benchmarks/profile_ops.py resnet18 [--threads 1] [--batch 1] [--top 25] [--pipeline exact]
+    .venv/bin/python benchmarks/profile_ops.py resnet18 [--threads 1] [--batch 1] [--pipeline shift] [--group]
 
 Prints the median-free mean latency of the whole call and, from the VM's instrument hook
 (``cuda_check.kernel_profile``), each kernel's and VM builtin's mean time per run, slowest first.
 The hook costs a Python call per VM instruction, so small entries are inflated (VM builtins most:
 their arguments are converted between the timestamps); one thread gives the steadiest figures on a
 shared host. ``call_overhead.py --kernels`` times each kernel alone on the VM's arguments instead.
-``RESHIFT_CONV=pixel|ocvec`` forces a conv kernel.
+``RESHIFT_CONV=pixel|ocvec`` forces a conv kernel. ``--group`` adds the kernels up by family (the
+name without TVM's numeric suffix, ``shift_conv2d_codes3`` -> ``shift_conv2d_codes``) with call counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ def main() -> None:
         default=None,
         help="calibration batches from the example inputs (default 2 for w*a* pipelines)",
     )
+    parser.add_argument("--group", action="store_true", help="also sum the kernels by family, with call counts")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when tvm starts its thread pool
 
@@ -69,6 +72,13 @@ def main() -> None:
     )
     for symbol, ms in profile[: args.top]:
         print(f"  {symbol:50s} {ms:8.3f} ms")
+    if args.group:
+        families: dict[str, list[float]] = {}
+        for symbol, ms in profile:
+            families.setdefault(re.sub(r"_?\d+$", "", symbol), []).append(ms)
+        print("by family (ms per run, kernels):")
+        for family, times in sorted(families.items(), key=lambda kv: -sum(kv[1])):
+            print(f"  {family:50s} {sum(times):8.3f} ms  x{len(times)}")
 
 
 if __name__ == "__main__":

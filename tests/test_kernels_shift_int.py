@@ -217,7 +217,7 @@ def test_depthwise_shift_conv2d_is_bit_exact(case):
 
 def test_conv_lowers_to_the_integer_gemm_not_the_shift_gemv():
     script = lower(_conv_graph(*CONVS["c16_o64_3x3"])).script(show_meta=False)
-    assert "shift_conv2d_codes" in script and "shift_int16_gemm" in script
+    assert "shift_conv2d_codes" in script and ("shift_int16_gemm" in script or "shift_int16_conv_fused" in script)
     assert "shift_linear_gemv" not in script and "R.nn.conv2d" not in script
 
 
@@ -255,3 +255,75 @@ def test_float64_reciprocal_quotient_is_the_float32_division():
         expected = x / s
         actual = (x.astype(np.float64) * (1.0 / s.astype(np.float64))).astype(np.float32)
         np.testing.assert_array_equal(actual, expected)
+
+
+def _shift_conv(b, x, c, o, k, padding, groups=1, spread=16):
+    shape = (o, c // groups, k, k)
+    return b.shift_conv2d(
+        x,
+        b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
+        b.constant(RNG.integers(0, spread, shape).astype(np.uint8)),
+        b.constant((RNG.random(o) + 0.1).astype(np.float32)),
+        b.constant(RNG.standard_normal(o).astype(np.float32)),
+        stride=(1, 1),
+        padding=padding,
+        dilation=(1, 1),
+        groups=groups,
+        exponent_bits=4,
+    )
+
+
+def _relax_part(script: str) -> str:
+    return script[script.index("@R.function") :]
+
+
+def _block_graph():
+    """A ResNet basic block of shift convs: conv-relu-conv (a channel-last hand-off), + the input, relu;
+    then a 1x1 conv read by two convs (both channel-last) and a depthwise conv + relu."""
+    b = ir.GraphBuilder("shift_block")
+    x = b.input("x", "f32[N,32,9,10]")
+    h = b.relu(_shift_conv(b, x, 32, 32, 3, (1, 1, 1, 1)))
+    h = b.relu(b.add(_shift_conv(b, h, 32, 32, 3, (1, 1, 1, 1)), x))
+    p = _shift_conv(b, h, 32, 48, 1, (0, 0, 0, 0))
+    left = _shift_conv(b, p, 48, 16, 3, (1, 1, 1, 1))
+    right = b.relu(_shift_conv(b, p, 48, 16, 1, (0, 0, 0, 0)))
+    d = b.relu(_shift_conv(b, b.add(left, right), 16, 16, 3, (1, 1, 1, 1), groups=16))
+    return b.build(d)
+
+
+@needs_vnni
+def test_fused_epilogues_and_channel_last_hand_off_are_bit_exact():
+    """The GEMM's epilogue computes ReLU, the residual add and the next ReLU, and hands channel-last
+    values with their channel maxima to the shift convs reading them: one NHWC copy (the first conv's),
+    no transpose, bit for bit the reference (NaN and inf rows included)."""
+    graph = _block_graph()
+    script = _relax_part(lower(graph).script(show_meta=False))
+    assert script.count("R.call_tir(cls.shift_int16_conv_fused") == 5 and "R.permute_dims" not in script
+    # NCHW -> NHWC copies: the graph input, and the residual block's output (also read by the add)
+    assert script.count("R.call_tir(cls.shift_conv2d_prep") == 2
+    assert "R.nn.relu" not in script and "R.add" not in script  # left + right: in right's epilogue
+    executable = build(graph, "cpu").executable
+    for batch in (1, 2):
+        x = (RNG.standard_normal((batch, 32, 9, 10)) * 2).astype(np.float32)
+        if batch == 2:
+            x[1, 3, 4, 4] = np.nan
+            x[1, 7, 0, 9] = np.inf
+        expected = ir.interpret(graph, {"x": x})[graph.outputs[0].name]
+        actual = _run(executable, x)
+        _assert_same(actual, expected)
+        if batch == 2:
+            assert np.isnan(actual[1]).any() and np.isfinite(actual[0]).all()
+
+
+@needs_vnni
+def test_residual_add_fuses_into_the_conv_lowered_second():
+    """``add(y, z)`` of two convs: ``y``'s conv cannot read ``z`` (not lowered yet), ``z``'s adds ``y``."""
+    b = ir.GraphBuilder("late_residual")
+    x = b.input("x", "f32[N,16,6,7]")
+    y = _shift_conv(b, x, 16, 16, 3, (1, 1, 1, 1))
+    z = _shift_conv(b, x, 16, 16, 1, (0, 0, 0, 0))
+    graph = b.build(b.add(y, z))
+    script = _relax_part(lower(graph).script(show_meta=False))
+    assert "R.add" not in script and script.count("R.call_tir(cls.shift_int16_conv_fused") == 2
+    x = RNG.standard_normal((2, 16, 6, 7)).astype(np.float32)
+    _assert_same(_run(build(graph, "cpu").executable, x), ir.interpret(graph, {"x": x})[graph.outputs[0].name])

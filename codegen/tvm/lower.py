@@ -77,6 +77,7 @@ class LowerContext:
         self.graph_outputs: set[Value] = set(graph.outputs) if graph is not None else set()
         self.fused: dict[Node, list[Any]] = {}
         self.padded: dict[Value, tuple[relax.Expr, Any]] = {}
+        self.env: dict[Value, Any] = {}  # the values lowered so far (a fused epilogue reads an operand)
 
     def only_reader(self, value: Value) -> Node | None:
         """The one node reading ``value`` once, if ``value`` has exactly that use and is not a graph output."""
@@ -141,6 +142,7 @@ def lower(graph: Graph, func_name: str = "main") -> tvm.IRModule:
     params = [relax.Var(v.name, relax.TensorType(ctx.shape(v), v.dtype)) for v in graph.inputs]
     env: dict[Value, relax.Expr] = dict(zip(graph.inputs, params, strict=True))
     env.update({c: constant(c.data) for c in graph.constants.values()})
+    ctx.env = env
     with bb.function(func_name, params):
         with bb.dataflow():
             for node in graph.nodes:

@@ -39,7 +39,8 @@ from tvm import relax, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
-from reshift.codegen.tvm.lower import LowerContext, constant, op, scalar
+from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
+from reshift.codegen.tvm.lower import ABSORBED, LowerContext, constant, op, scalar
 from reshift.ir.ops_lowbit import INT8_QMAX
 
 ROWS = 16  # output channels per vector (16 int32 lanes)
@@ -357,7 +358,7 @@ def shift_matmul_int(
 
 # -- shift_conv2d: per-window codes ---------------------------------------------------------------
 def conv_prep_func(channels: int, hw: tuple[int, int]) -> tirx.PrimFunc:
-    """``(x, x) -> (xt, cm)``: the NHWC copy of ``x [n, C, h, w]`` and ``cm[n, y, x] = max_c |x|``
+    """``(x, x) -> (xt, cm)``: the NHWC copy of ``x [n, C, h, w]`` and ``cm[n, y, x, 0] = max_c |x|``
     (+inf where a channel is NaN: LLVM's ``maxnum`` drops NaN). ``x`` is passed twice: Relax's
     RewriteDataflowReshape takes a block-free PrimFunc with one input for a reshape."""
     h, w = hw
@@ -370,28 +371,32 @@ def conv_prep_func(channels: int, hw: tuple[int, int]) -> tirx.PrimFunc:
         x = T.match_buffer(x_h, (n, channels, h, w), "float32")
         x_again = T.match_buffer(x2_h, (n, channels, h, w), "float32")
         xt = T.match_buffer(xt_h, (n, h, w, channels), "float32")
-        cm = T.match_buffer(cm_h, (n, h, w), "float32")
+        cm = T.match_buffer(cm_h, (n, h, w, 1), "float32")
         for p in T.parallel(n * h):
             for xx in range(w):
-                cm[p // h, p % h, xx] = T.float32(0)
+                cm[p // h, p % h, xx, 0] = T.float32(0)
             for c in range(channels):
                 for xx in range(w):
                     v = T.meta_var(x[p // h, c, p % h, xx])
                     xt[p // h, p % h, xx, c] = v
                     again = T.meta_var(x_again[p // h, c, p % h, xx])  # the same value
-                    cm[p // h, p % h, xx] = T.max(cm[p // h, p % h, xx], T.if_then_else(T.isnan(again), inf, T.fabs(v)))
+                    cm[p // h, p % h, xx, 0] = T.max(
+                        cm[p // h, p % h, xx, 0], T.if_then_else(T.isnan(again), inf, T.fabs(v))
+                    )
 
     return conv_prep
 
 
 def conv_codes_func(
-    channels: int, hw: tuple[int, int], kernel, stride, padding, dilation, out_hw: tuple[int, int]
+    channels: int, hw: tuple[int, int], kernel, stride, padding, dilation, out_hw: tuple[int, int], parts: int = 1
 ) -> tirx.PrimFunc:
     """``(xt, cm) -> (s, q)``: per output pixel ``r`` its window's scale ``s[r] = max cm / 127`` and the
     int16 codes ``q[r, (i*kw + j)*C + c] = int8_code(xt[n, y, x, c], s[r])`` (0 in the padding and
     past ``K``), ``K = kh*kw*C`` padded to even. A row whose scale is not finite (NaN or inf in the
     window) gets zero codes, as ``int8_code``; its outputs become NaN in the epilogue. The scale
-    test is made once per row, so the inner loop is load, divide, round, clip, narrow, store."""
+    test is made once per row, so the inner loop is load, divide, round, clip, narrow, store. ``cm``
+    is ``[n, h, w, parts]``: each pixel's channel max in ``parts`` pieces (one from the prep kernel, one
+    per output tile from a producing :func:`gemm_fused_func`)."""
     h, w = hw
     kh, kw = kernel
     oh, ow = out_hw
@@ -411,8 +416,9 @@ def conv_codes_func(
                 yy = oy * stride[0] + i * dilation[0] - top
                 xx = ox * stride[1] + j * dilation[1] - left
                 inside = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
-                value = cm[img, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
-                best = tirx.max(best, tirx.Select(inside, value, tirx.const(0, "float32")))
+                for part in range(parts):
+                    value = cm[img, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0), part]
+                    best = tirx.max(best, tirx.Select(inside, value, tirx.const(0, "float32")))
         return best
 
     def code(v, inverse):
@@ -423,7 +429,7 @@ def conv_codes_func(
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         xt4 = T.match_buffer(xt_h, (n, h, w, channels), "float32")
-        cm = T.match_buffer(cm_h, (n, h, w), "float32")
+        cm = T.match_buffer(cm_h, (n, h, w, parts), "float32")
         s = T.match_buffer(s_h, (n * oh * ow, 1), "float32")
         q2 = T.match_buffer(q_h, (n * oh * ow, k_pad), "int16")
         xt = T.decl_buffer((n * h * w * channels,), "float32", data=xt4.data)
@@ -462,29 +468,105 @@ def conv_codes_func(
     return conv_codes
 
 
-def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias) -> relax.Expr:
-    """``shift_conv2d`` with ``groups == 1`` as per-window int16 codes + the int16 GEMM, NCHW out."""
-    a = node.attrs
-    out_channels, channels, kh, kw = sign.shape
-    in_shape = node.inputs[0].shape
-    hw = (int(in_shape[2]), int(in_shape[3]))
-    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
-    batch = ctx.shape(node.inputs[0])[0]
-    rows = batch * oh * ow
-    k_pad = -(-(kh * kw * channels) // 2) * 2
-    prep = ctx.bb.add_func(conv_prep_func(channels, hw), "shift_conv2d_prep")
-    prepped = ctx.emit(
-        relax.op.call_tir(
-            prep,
-            [x, x],
-            out_ty=[
-                relax.TensorType((batch, hw[0], hw[1], channels), "float32"),
-                relax.TensorType((batch, hw[0], hw[1]), "float32"),
-            ],
-        )
+@dataclass(frozen=True)
+class ChannelLast:
+    """A ``shift_conv2d`` input held as ``[N*H*W, C]`` float32 (as a :func:`gemm_fused_func` wrote it)
+    with ``cm [N*H*W, parts]``, each pixel's channel max in ``parts`` pieces (see :func:`conv_codes_func`)."""
+
+    cm: relax.Expr
+    parts: int
+
+
+def takes_channel_last(ctx: LowerContext, node) -> bool:
+    """Whether ``node`` is a ``shift_conv2d`` lowered by :func:`shift_conv_int` (groups 1, a CPU) that
+    can read its input as :class:`ChannelLast` instead of NCHW."""
+    from reshift.codegen.tvm.kernels.lowbit import kernel_flavor
+
+    return (
+        node.op == "shift_conv2d"
+        and node.attrs["groups"] == 1
+        and kernel_flavor() != "gpu"
+        and node.inputs[0] not in node.inputs[1:]
+        and all(isinstance(d, int) for d in node.inputs[0].shape[1:])
     )
-    xt, cm = ctx.emit(relax.TupleGetItem(prepped, 0)), ctx.emit(relax.TupleGetItem(prepped, 1))
-    codes_fn = conv_codes_func(channels, hw, (kh, kw), a["stride"], a["padding"], a["dilation"], (oh, ow))
+
+
+@dataclass
+class _Chain:
+    """The nodes after a shift conv that its fused GEMM computes (see :class:`Epilogue`)."""
+
+    relu: object = None
+    add: object = None
+    residual: object = None  # the add's other IR value
+    relu_after: object = None
+    channel_last: bool = False  # every reader of the result is a :func:`takes_channel_last` conv
+
+    def last(self, node):
+        return self.relu_after or self.add or self.relu or node
+
+
+def _epilogue_chain(ctx: LowerContext, node) -> _Chain:
+    """``relu``, ``add`` of a tensor already lowered (same shape), ``relu``, each the only reader of the
+    previous value, as far as they go; then whether the result can stay channel-last."""
+    chain = _Chain()
+    value = node.outputs[0]
+    reader = ctx.only_reader(value)
+    if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
+        chain.relu, value = reader, reader.outputs[0]
+        reader = ctx.only_reader(value)
+    if reader is not None and reader.op == "add" and len(reader.inputs) == 2:
+        other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
+        ready = ctx.env.get(other)
+        if (
+            other is not value
+            and other.type == value.type
+            and reader.outputs[0].type == value.type
+            and ready is not None
+            and ready is not ABSORBED
+        ):
+            chain.add, chain.residual, value = reader, other, reader.outputs[0]
+            reader = ctx.only_reader(value)
+            if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
+                chain.relu_after, value = reader, reader.outputs[0]
+    readers = ctx.users.get(value, [])
+    chain.channel_last = (
+        chain.add is None
+        and bool(readers)
+        and value not in ctx.graph_outputs
+        and all(r.inputs[0] is value and takes_channel_last(ctx, r) for r in readers)
+    )
+    return chain
+
+
+def _conv_codes(ctx: LowerContext, node, x, out_hw, rows) -> tuple[relax.Expr, relax.Expr]:
+    """``(s [rows, 1], q16 [rows, K_pad])``: the per-window codes, from a :class:`ChannelLast` input
+    when the producer left one, else from an NHWC copy (:func:`conv_prep_func`)."""
+    a = node.attrs
+    channels = int(node.inputs[0].shape[1])
+    hw = (int(node.inputs[0].shape[2]), int(node.inputs[0].shape[3]))
+    kh, kw = node.inputs[1].shape[2:]
+    batch = ctx.shape(node.inputs[0])[0]
+    k_pad = -(-(kh * kw * channels) // 2) * 2
+    held = ctx.padded.get(node.inputs[0])
+    if held is not None and isinstance(held[1], ChannelLast):
+        xt = ctx.emit(op.reshape(held[0], (batch, hw[0], hw[1], channels)))
+        cm = ctx.emit(op.reshape(held[1].cm, (batch, hw[0], hw[1], held[1].parts)))
+        parts = held[1].parts
+    else:
+        prep = ctx.bb.add_func(conv_prep_func(channels, hw), "shift_conv2d_prep")
+        prepped = ctx.emit(
+            relax.op.call_tir(
+                prep,
+                [x, x],
+                out_ty=[
+                    relax.TensorType((batch, hw[0], hw[1], channels), "float32"),
+                    relax.TensorType((batch, hw[0], hw[1], 1), "float32"),
+                ],
+            )
+        )
+        xt, cm = ctx.emit(relax.TupleGetItem(prepped, 0)), ctx.emit(relax.TupleGetItem(prepped, 1))
+        parts = 1
+    codes_fn = conv_codes_func(channels, hw, (kh, kw), a["stride"], a["padding"], a["dilation"], out_hw, parts)
     gv = ctx.bb.add_func(codes_fn, "shift_conv2d_codes")
     coded = ctx.emit(
         relax.op.call_tir(
@@ -493,16 +575,99 @@ def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.nd
             out_ty=[relax.TensorType((rows, 1), "float32"), relax.TensorType((rows, k_pad), "int16")],
         )
     )
-    s, q16 = ctx.emit(relax.TupleGetItem(coded, 0)), ctx.emit(relax.TupleGetItem(coded, 1))
+    return ctx.emit(relax.TupleGetItem(coded, 0)), ctx.emit(relax.TupleGetItem(coded, 1))
+
+
+def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias) -> relax.Expr:
+    """``shift_conv2d`` with ``groups == 1`` as per-window int16 codes + the int16 GEMM. With VNNI, one plane
+    and whole 16-channel blocks the GEMM applies the epilogue (rescale, bias, and the ReLU / residual
+    add / ReLU after it, :func:`_epilogue_chain`) in registers and stores NCHW, or channel-last for
+    shift convs reading only its result; else the int32 sums go through Relax's elementwise ops."""
+    a = node.attrs
+    out_channels = sign.shape[0]
+    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
+    batch = ctx.shape(node.inputs[0])[0]
+    rows = batch * oh * ow
+    s, q16 = _conv_codes(ctx, node, x, (oh, ow), rows)
     ohwi = (0, 2, 3, 1)  # columns in (i, j, c) order, as the codes
     sign2 = np.ascontiguousarray(sign.transpose(ohwi)).reshape(out_channels, -1)
     exponent2 = np.ascontiguousarray(exponent.transpose(ohwi)).reshape(out_channels, -1)
     weights = encode_int16(sign2, exponent2, a["exponent_bits"])
+    if has_vnni() and weights.mult.shape[0] == 1 and out_channels % ROWS == 0:
+        return _fused_conv(ctx, node, q16, s, weights, scale, bias, (batch, oh, ow))
     y = rescale(ctx, int_matmul(ctx, q16, rows, weights), s, scale, a["exponent_bits"])
     if bias is not None:
         y = ctx.emit(op.add(y, bias))
     y = ctx.emit(op.reshape(y, [batch, oh, ow, out_channels]))
     return ctx.emit(op.permute_dims(y, [0, 3, 1, 2]))
+
+
+def _wrap_corrections(ctx: LowerContext, q16, rows, weights: Int16Weights) -> relax.Expr | None:
+    """``corr [rows, O]`` int32 of :func:`wrap_sum_func`, or None when no column wraps."""
+    if not any(len(w) for w in weights.wrapped):
+        return None
+    out = weights.mult.shape[1]
+    width = max(len(w) for w in weights.wrapped)
+    idx = np.zeros((out, width), np.int32)
+    for o, cols in enumerate(weights.wrapped):
+        idx[o, : len(cols)] = cols
+    count = np.array([len(w) for w in weights.wrapped], np.int32)
+    gv = ctx.bb.add_func(wrap_sum_func(-(-weights.code.shape[2] // 2) * 2, out, width), "shift_int16_wrap_sum")
+    return ctx.emit(
+        relax.op.call_tir(gv, [q16, constant(idx), constant(count)], out_ty=relax.TensorType((rows, out), "int32"))
+    )
+
+
+def _fused_conv(ctx: LowerContext, node, q16, s, weights: Int16Weights, scale, bias, nhw) -> relax.Expr:
+    """The GEMM of :func:`gemm_fused_func` for ``node`` and the nodes of its :func:`_epilogue_chain`."""
+    batch, oh, ow = nhw
+    rows = batch * oh * ow
+    out = weights.mult.shape[1]
+    packed = pack_int16(weights.code)
+    blocks, k2 = packed.shape[:2]
+    chain = _epilogue_chain(ctx, node)
+    corr = _wrap_corrections(ctx, q16, rows, weights)
+    epi = Epilogue(
+        bits=node.attrs["exponent_bits"],
+        out_hw=(oh, ow),
+        has_bias=bias is not None,
+        wrapped=corr is not None,
+        relu=chain.relu is not None,
+        residual=chain.add is not None,
+        relu_after=chain.relu_after is not None,
+        nhwc=chain.channel_last,
+    )
+    tiles = gemm_tiles(blocks)[1]
+    unused = s  # any tensor: the kernel does not read an operand its epilogue lacks
+    args = [
+        q16,
+        constant(packed),
+        constant(weights.mult[0]),
+        s,
+        scale,
+        bias if bias is not None else constant(np.zeros(out, np.float32)),
+        corr if corr is not None else unused,
+        ctx.env[chain.residual] if chain.add is not None else unused,
+    ]
+    if epi.nhwc:
+        out_ty = [relax.TensorType((rows, out), "float32"), relax.TensorType((rows, tiles), "float32")]
+    else:
+        out_ty = [relax.TensorType((batch, out, oh, ow), "float32"), relax.TensorType((1, tiles), "float32")]
+    gv = ctx.bb.add_func(gemm_fused_func(blocks, k2, epi), "shift_int16_conv_fused")
+    both = ctx.emit(relax.op.call_tir(gv, args, out_ty=out_ty))
+    y = ctx.emit(relax.TupleGetItem(both, 0))
+    last = chain.last(node)
+    for fused in (chain.relu, chain.add, chain.relu_after):
+        if fused is not None:
+            ctx.fused[fused] = [ABSORBED]
+    if epi.nhwc:
+        cm = ctx.emit(relax.TupleGetItem(both, 1))
+        ctx.padded[last.outputs[0]] = (y, ChannelLast(cm, tiles))
+        return ABSORBED
+    if last is node:
+        return y
+    ctx.fused[last] = [y]
+    return ABSORBED
 
 
 # -- depthwise shift_conv2d: one channel per group ----------------------------------------------------
@@ -517,11 +682,13 @@ def depthwise_func(
     out_hw: tuple[int, int],
     bits: int,
     has_bias: bool,
+    relu: bool = False,
 ) -> tirx.PrimFunc:
     """``(x, w, scale, bias) -> y`` NCHW for ``groups == C`` (``per_group`` outputs per input channel):
     per output pixel and channel the window's scale ``s = max |x| / 127`` (+inf for NaN), its int8
-    codes, the exact int32 ``acc = sum_taps q * w`` (``w = sign * 2^(E - exponent)``, ``kh*kw`` terms),
-    then the reference's float steps. Vectorized over the output columns."""
+    codes (the quotients through :func:`quotient`'s float64 reciprocal, one per pixel), the exact int32
+    ``acc = sum_taps q * w`` (``w = sign * 2^(E - exponent)``, ``kh*kw`` terms), then the reference's
+    float steps, and ``relu`` (a ReLU reading only this conv, fused). Vectorized over the output columns."""
     h, w = hw
     kh, kw = kernel
     oh, ow = out_hw
@@ -544,7 +711,16 @@ def depthwise_func(
     def finish(acc, s, scale, bias):
         value = ((acc.astype("float32") * unit) * s) * scale
         value = tirx.Select(s < inf, value, tirx.const(np.nan, "float32"))
-        return value + bias if has_bias else value
+        value = value + bias if has_bias else value
+        zero = tirx.const(0, "float32")
+        return tirx.Select(value <= zero, zero, value) if relu else value  # numpy.maximum(value, 0)
+
+    def code(v, s, inverse):
+        """``lower_lowbit.int8_code(v, s)`` with ``v / s`` as :func:`quotient` (``inverse = 1 / safe s``)."""
+        value = tirx.Select(s < inf, v, tirx.const(0, "float32"))
+        rounded = rint(quotient(value, inverse))
+        lo, hi = tirx.const(-INT8_QMAX, "float32"), tirx.const(INT8_QMAX, "float32")
+        return tirx.max(tirx.min(rounded, hi), lo).astype("int32")
 
     @T.prim_func(private=True)
     def shift_depthwise(
@@ -568,8 +744,13 @@ def depthwise_func(
             for i, j in T.grid(kh, kw):
                 for ox in T.vectorized(ow):  # no let inside a vectorized loop: TVM broadcasts lane 0
                     s[ox] = T.max(s[ox], magnitude(tap(x, img, g, oy, ox, i, j)))
+            inv = T.alloc_buffer((ow,), "float64", scope="global")
             for ox in T.vectorized(ow):
                 s[ox] = s[ox] / T.float32(INT8_QMAX)
+            for ox in T.vectorized(ow):
+                inv[ox] = T.float64(1) / T.Cast(
+                    "float64", T.Select(s[ox] > T.float32(0) and s[ox] < inf, s[ox], T.float32(1))
+                )
             for t in range(per_group):
                 o = T.meta_var(g * per_group + t)
                 acc = T.alloc_buffer((ow,), "int32", scope="global")
@@ -577,9 +758,7 @@ def depthwise_func(
                     acc[ox] = T.int32(0)
                 for i, j in T.grid(kh, kw):
                     for ox in T.vectorized(ow):
-                        acc[ox] = (
-                            acc[ox] + int8_code_vectorizable(tap(x, img, g, oy, ox, i, j), s[ox]) * wq[o, i * kw + j]
-                        )
+                        acc[ox] = acc[ox] + code(tap(x, img, g, oy, ox, i, j), s[ox], inv[ox]) * wq[o, i * kw + j]
                 for ox in T.vectorized(ow):
                     y[img, o, oy, ox] = finish(acc[ox], s[ox], scale[o], bias[o])
 
@@ -587,7 +766,8 @@ def depthwise_func(
 
 
 def shift_depthwise_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias):
-    """``shift_conv2d`` with one input channel per group (depthwise) as :func:`depthwise_func`."""
+    """``shift_conv2d`` with one input channel per group (depthwise) as :func:`depthwise_func`, with a
+    ReLU that only reads it."""
     a = node.attrs
     out_channels, _, kh, kw = sign.shape
     in_shape = node.inputs[0].shape
@@ -596,6 +776,9 @@ def shift_depthwise_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: 
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
     e_max = 2 ** a["exponent_bits"] - 1
     w = np.where(sign != 0, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
+    relu = ctx.only_reader(node.outputs[0])
+    if relu is not None and (relu.op != "relu" or relu.inputs[0] is not node.outputs[0]):
+        relu = None
     func = depthwise_func(
         channels,
         out_channels // channels,
@@ -607,14 +790,192 @@ def shift_depthwise_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: 
         (oh, ow),
         a["exponent_bits"],
         bias is not None,
+        relu is not None,
     )
     gv = ctx.bb.add_func(func, "shift_conv2d_depthwise")
     bias_arg = bias if bias is not None else constant(np.zeros(out_channels, np.float32))
     batch = ctx.shape(node.inputs[0])[0]
-    return ctx.emit(
+    y = ctx.emit(
         relax.op.call_tir(
             gv,
             [x, constant(w.reshape(out_channels, -1).astype(np.int32)), scale, bias_arg],
             out_ty=relax.TensorType((batch, out_channels, oh, ow), "float32"),
         )
     )
+    if relu is not None:
+        ctx.fused[relu] = [y]
+    return y
+
+
+# -- the GEMM with the whole epilogue in registers -----------------------------------------------
+@dataclass(frozen=True)
+class Epilogue:
+    """What :func:`gemm_fused_func` computes after the integer sum, in the unfused ops' order:
+    ``acc = (sum + 65536 * corr) * mult`` (int32: the value is the reference's ``acc``, which fits),
+    ``y = float32(acc) * 2^-E * s[r] * scale[o]`` (NaN where ``s`` is not finite) ``+ bias``, then
+    ``relu``, ``+ residual`` (an NCHW tensor of the output's shape), ``relu_after``. ``nhwc``: ``y``
+    is stored ``[rows, O]`` (channel-last, what a following shift conv's codes read) with
+    ``cm[r, t] = max |y|`` over the row's channels of output tile ``t`` (+inf for NaN); else NCHW
+    (``out_hw = (OH, OW)``)."""
+
+    bits: int
+    out_hw: tuple[int, int]
+    has_bias: bool = False
+    wrapped: bool = False
+    relu: bool = False
+    residual: bool = False
+    relu_after: bool = False
+    nhwc: bool = False
+
+
+def gemm_tiles(blocks: int) -> tuple[int, int]:
+    """``(tile, tiles)``: output blocks per parallel task and tasks across the output channels."""
+    tile = next(t for t in (4, 2, 1) if blocks % t == 0)
+    return tile, blocks // tile
+
+
+def _relu(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``numpy.maximum(v, 0)`` (NaN kept, ``-0.0`` -> ``0.0``) as a select."""
+    zero = tirx.Broadcast(tirx.const(0, "float32"), ROWS)
+    return tirx.Select(v <= zero, zero, v)
+
+
+def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
+    """:func:`gemm_func`'s VNNI GEMM (``O = 16 * blocks`` output channels, no padding) with :class:`Epilogue`
+    applied to the accumulators in registers: ``(a, w, mult, s, scale, bias, corr, residual) -> (y, cm)``.
+    ``corr`` (``[rows, O]`` int32) and ``residual`` are read only when ``epi`` says so (else any tensor);
+    ``cm`` (``[rows, tiles]``) is written only for ``nhwc``. The scale multiply is ``vmulps {rn-sae}``
+    (LLVM contracts a plain multiply and a following add into one FMA, which rounds once)."""
+    width = blocks * ROWS
+    lanes = T.Ramp(0, 1, ROWS)
+    tile, tiles = gemm_tiles(blocks)
+    ohw = epi.out_hw[0] * epi.out_hw[1]
+    inf = tirx.Broadcast(tirx.const(np.inf, "float32"), ROWS)
+    nan = tirx.Broadcast(tirx.const(np.nan, "float32"), ROWS)
+    unit = tirx.Broadcast(tirx.const(2.0 ** -(2**epi.bits - 1), "float32"), ROWS)
+
+    def nchw(m, o):
+        """The NCHW places of row ``m``'s channels ``o..o+15`` (``OH*OW`` apart)."""
+        return tirx.Ramp((m // ohw * width + o) * ohw + m % ohw, ohw, ROWS)
+
+    def value(acc_vec, m, o, mult, s, scale, bias, corr, res):
+        """The epilogue of one 16-channel vector of row ``m``, channels ``o..o+15``."""
+        vec = tirx.Ramp(o, 1, ROWS)
+        if epi.wrapped:
+            acc_vec = acc_vec + corr[m, vec] * tirx.Broadcast(tirx.const(65536, "int32"), ROWS)
+        acc_vec = acc_vec * mult[vec]
+        s_m = tirx.Broadcast(s[m, 0], ROWS)
+        f = (acc_vec.astype(f"float32x{ROWS}") * unit) * s_m
+        f = tirx.call_llvm_pure_intrin(
+            f"float32x{ROWS}", "llvm.x86.avx512.mul.ps.512", f, scale[vec], tirx.const(ROUND_NEAREST, "int32")
+        )
+        f = tirx.Select(s_m < inf, f, nan)
+        if epi.has_bias:
+            f = f + bias[vec]
+        if epi.relu:
+            f = _relu(f)
+        if epi.residual:
+            f = f + res[nchw(m, o)]
+        if epi.relu_after:
+            f = _relu(f)
+        return f
+
+    def magnitude(f):
+        return tirx.Select(tirx.isnan(f), inf, tirx.abs(f))
+
+    def lane_max(buf):
+        best = buf[0]
+        for lane in range(1, ROWS):
+            best = tirx.max(best, buf[lane])
+        return best
+
+    def rows_block(n_rows: int):
+        @T.macro
+        def block(a, wf, yf, cm, mult, s, scale, bias, corr, res, t, m0):
+            total = T.alloc_buffer((n_rows * tile, ROWS), "int32", scope="global")  # < 1 KiB: registers
+            for i in T.unroll(n_rows * tile):
+                total[i, lanes] = T.Broadcast(T.int32(0), ROWS)
+            for kk in range(k2):
+                for r in T.unroll(n_rows):
+                    for b in T.unroll(tile):
+                        total[r * tile + b, lanes] = T.call_llvm_pure_intrin(
+                            "int32x16",
+                            _dot_intrinsic(),
+                            total[r * tile + b, lanes],
+                            T.reinterpret("int16x32", T.Broadcast(a[m0 + r, kk], ROWS)),
+                            wf[T.Ramp(((t * tile + b) * k2 + kk) * (ROWS * 2), 1, ROWS * 2)],
+                        )
+            for r in T.unroll(n_rows):
+                if epi.nhwc:
+                    big = T.alloc_buffer((ROWS,), "float32", scope="global")
+                    big[lanes] = T.Broadcast(T.float32(0), ROWS)
+                    for b in T.unroll(tile):
+                        yf[T.Ramp((m0 + r) * width + (t * tile + b) * ROWS, 1, ROWS)] = value(
+                            total[r * tile + b, lanes], m0 + r, (t * tile + b) * ROWS, mult, s, scale, bias, corr, res
+                        )
+                        big[lanes] = T.max(
+                            big[lanes], magnitude(yf[T.Ramp((m0 + r) * width + (t * tile + b) * ROWS, 1, ROWS)])
+                        )
+                    cm[m0 + r, t] = lane_max(big)
+                else:
+                    for b in T.unroll(tile):
+                        yf[nchw(m0 + r, (t * tile + b) * ROWS)] = value(
+                            total[r * tile + b, lanes], m0 + r, (t * tile + b) * ROWS, mult, s, scale, bias, corr, res
+                        )
+
+        return block
+
+    main, one = rows_block(ROW_BLOCK), rows_block(1)
+
+    oh, ow = epi.out_hw
+
+    @T.prim_func(private=True)
+    def gemm_fused(
+        a_h: T.handle,
+        w: T.Buffer((blocks, k2, ROWS, 2), "int16"),
+        mult: T.Buffer((width,), "int32"),
+        s_h: T.handle,
+        scale: T.Buffer((width,), "float32"),
+        bias: T.Buffer((width,), "float32"),
+        corr_h: T.handle,
+        res_h: T.handle,
+        y_h: T.handle,
+        cm_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        a16 = T.match_buffer(a_h, (rows, k2 * 2), "int16")
+        s = T.match_buffer(s_h, (rows, 1), "float32")
+        # every match_buffer before the first decl_buffer (each decl_buffer opens a frame)
+        if epi.wrapped:
+            corr = T.match_buffer(corr_h, (rows, width), "int32")
+        if epi.residual:
+            n_res = T.int64()
+            res4 = T.match_buffer(res_h, (n_res, width, oh, ow), "float32")
+        if epi.nhwc:
+            y2 = T.match_buffer(y_h, (rows, width), "float32")
+            cm = T.match_buffer(cm_h, (rows, tiles), "float32")
+        else:
+            n_out = T.int64()
+            y2 = T.match_buffer(y_h, (n_out, width, oh, ow), "float32")
+        if not epi.wrapped:
+            corr = T.decl_buffer((rows, width), "int32", data=a16.data)  # never read
+        if epi.residual:
+            res = T.decl_buffer((rows * width,), "float32", data=res4.data)
+        else:
+            res = T.decl_buffer((rows * width,), "float32", data=s.data)  # never read
+        if not epi.nhwc:
+            cm = T.decl_buffer((rows, tiles), "float32", data=s.data)  # never written
+        y = T.decl_buffer((rows * width,), "float32", data=y2.data)
+        a = T.decl_buffer((rows, k2), "int32", data=a16.data)  # one int16 pair per int32
+        wf = T.decl_buffer((blocks * k2 * ROWS * 2,), "int16", data=w.data)
+        for task in T.parallel((rows + (CHUNK - 1)) // CHUNK * tiles):
+            t = T.meta_var(task % tiles)
+            base = T.meta_var(task // tiles * CHUNK)
+            here = T.meta_var(T.min(T.int64(CHUNK), rows - base))
+            for mb in range(here // ROW_BLOCK):
+                main(a, wf, y, cm, mult, s, scale, bias, corr, res, t, base + mb * ROW_BLOCK)
+            for m in range(here % ROW_BLOCK):
+                one(a, wf, y, cm, mult, s, scale, bias, corr, res, t, base + here // ROW_BLOCK * ROW_BLOCK + m)
+
+    return gemm_fused
