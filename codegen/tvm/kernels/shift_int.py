@@ -227,24 +227,33 @@ def _gemm_generic(blocks: int, k2: int) -> tirx.PrimFunc:
     return gemm_generic
 
 
-def wrap_sum_func(k_pad: int, out: int, width: int) -> tirx.PrimFunc:
-    """``(q16, idx, count) -> corr``: ``corr[m, o] = sum_{j < count[o]} q16[m, idx[o, j]]`` (the wrapped columns)."""
+def wrap_sum_func(k_pad: int, out: int, pairs: int) -> tirx.PrimFunc:
+    """``(q16, col, chan) -> corr``: ``corr[m, o] = sum_{j: chan[j] = o} q16[m, col[j]]`` over the ``pairs``
+    wrapped ``(column, channel)`` entries. Per row the zeros are vector stores and each pair one scalar
+    add into ``corr`` itself (a scratch scalar per ``(m, o)`` would be a workspace allocation each)."""
 
     @T.prim_func(private=True)
-    def wrap_sum(q_h: T.handle, idx: T.Buffer((out, width), "int32"), count: T.Buffer((out,), "int32"), c_h: T.handle):
+    def wrap_sum(q_h: T.handle, col: T.Buffer((pairs,), "int32"), chan: T.Buffer((pairs,), "int32"), c_h: T.handle):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
         q = T.match_buffer(q_h, (rows, k_pad), "int16")
         corr = T.match_buffer(c_h, (rows, out), "int32")
         for m in T.parallel(rows):
-            for o in range(out):
-                total = T.alloc_buffer((1,), "int32", scope="global")
-                total[0] = T.int32(0)
-                for j in range(count[o]):
-                    total[0] = total[0] + T.Cast("int32", q[m, idx[o, j]])
-                corr[m, o] = total[0]
+            for o in T.vectorized(out):
+                corr[m, o] = T.int32(0)
+            for j in range(pairs):
+                corr[m, chan[j]] = corr[m, chan[j]] + T.Cast("int32", q[m, col[j]])
 
     return wrap_sum
+
+
+def _wrap_pairs(weights: Int16Weights) -> tuple[np.ndarray, np.ndarray]:
+    """``(column, channel)`` int32 arrays of every wrapped entry, channel-major."""
+    chan = np.concatenate(
+        [np.full(len(w), o, np.int32) for o, w in enumerate(weights.wrapped)] or [np.zeros(0, np.int32)]
+    )
+    col = np.concatenate([w.astype(np.int32) for w in weights.wrapped] or [np.zeros(0, np.int32)])
+    return col, chan
 
 
 def _combine(ctx: LowerContext, acc: relax.Expr, q16: relax.Expr, rows, weights: Int16Weights) -> relax.Expr:
@@ -264,15 +273,7 @@ def _combine(ctx: LowerContext, acc: relax.Expr, q16: relax.Expr, rows, weights:
         return acc
     total = ctx.emit(op.astype(acc, "int64"))
     if wrapped:
-        width = max(len(w) for w in weights.wrapped)
-        idx = np.zeros((out, width), np.int32)
-        for o, cols in enumerate(weights.wrapped):
-            idx[o, : len(cols)] = cols
-        count = np.array([len(w) for w in weights.wrapped], np.int32)
-        gv = ctx.bb.add_func(wrap_sum_func(-(-weights.code.shape[2] // 2) * 2, out, width), "shift_int16_wrap_sum")
-        corr = ctx.emit(
-            relax.op.call_tir(gv, [q16, constant(idx), constant(count)], out_ty=relax.TensorType((rows, out), "int32"))
-        )
+        corr = _wrap_corrections(ctx, q16, rows, weights)
         corr = ctx.emit(op.multiply(op.astype(corr, "int64"), constant(np.array(65536, np.int64))))
         if planes > 1:
             corr = ctx.emit(op.concat([op.expand_dims(corr, [1]), op.zeros((rows, planes - 1, out), "int64")], 1))
@@ -607,14 +608,10 @@ def _wrap_corrections(ctx: LowerContext, q16, rows, weights: Int16Weights) -> re
     if not any(len(w) for w in weights.wrapped):
         return None
     out = weights.mult.shape[1]
-    width = max(len(w) for w in weights.wrapped)
-    idx = np.zeros((out, width), np.int32)
-    for o, cols in enumerate(weights.wrapped):
-        idx[o, : len(cols)] = cols
-    count = np.array([len(w) for w in weights.wrapped], np.int32)
-    gv = ctx.bb.add_func(wrap_sum_func(-(-weights.code.shape[2] // 2) * 2, out, width), "shift_int16_wrap_sum")
+    col, chan = _wrap_pairs(weights)
+    gv = ctx.bb.add_func(wrap_sum_func(-(-weights.code.shape[2] // 2) * 2, out, len(col)), "shift_int16_wrap_sum")
     return ctx.emit(
-        relax.op.call_tir(gv, [q16, constant(idx), constant(count)], out_ty=relax.TensorType((rows, out), "int32"))
+        relax.op.call_tir(gv, [q16, constant(col), constant(chan)], out_ty=relax.TensorType((rows, out), "int32"))
     )
 
 
