@@ -20,7 +20,7 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from reshift.codegen.tvm import build, knobs, resolve_target, tune  # noqa: E402
-from reshift.codegen.tvm.kernels import conv2d_ocvec_cpu, dense_cpu  # noqa: E402
+from reshift.codegen.tvm.kernels import conv2d_ocvec_cpu, dense_cpu, int8_fused, int8_gemm  # noqa: E402
 from reshift.codegen.tvm.tune import target_db_dir  # noqa: E402
 from reshift.codegen.tvm.tune_knobs import measure, requests, search  # noqa: E402
 from reshift.ir import GraphBuilder, interpret  # noqa: E402
@@ -28,6 +28,7 @@ from reshift.ir import GraphBuilder, interpret  # noqa: E402
 RNG = np.random.default_rng(5)
 TARGET = resolve_target("cpu").target()
 DENSE = {"rows": 13, "k": 40, "blocks": 4, "batches": 1}  # 4 panels: tiles 3x4, 5x3 (no), 7x2, 15x1
+INT8 = {"rows": 11, "blocks": 6, "k4": 9}  # 6 panels: 3 and 2 and 1 divide
 OCVEC = conv2d_ocvec_cpu.shape_key(
     1, 3, (3, 3), (1, 1), (1, 1), 10, 100, (8, 8), 32, conv2d_ocvec_cpu.OutputLayout.plain(8, 8), True
 )
@@ -56,10 +57,19 @@ def few(monkeypatch):
         monkeypatch.setitem(knobs.SPACES, name, fewer)
 
 
-@pytest.mark.parametrize(
-    "space, shape", [(dense_cpu.KNOBS, DENSE), (conv2d_ocvec_cpu.KNOBS, OCVEC)], ids=["dense", "ocvec"]
-)
+SPACES = [(dense_cpu.KNOBS, DENSE), (conv2d_ocvec_cpu.KNOBS, OCVEC), (int8_fused.GEMM_KNOBS, INT8)]
+
+
+def _skip_without_vnni():
+    with TARGET:
+        if not int8_gemm.has_vnni():
+            pytest.skip("the fused int8 GEMM needs AVX-512 VNNI")
+
+
+@pytest.mark.parametrize("space, shape", SPACES, ids=["dense", "ocvec", "int8_gemm"])
 def test_candidates_are_bit_identical_to_the_default(space, shape):
+    if space is int8_fused.GEMM_KNOBS:
+        _skip_without_vnni()
     candidates = space.candidates(shape)
     default = space.default(shape)
     assert candidates[0] == default and len(candidates) >= 3
@@ -81,12 +91,24 @@ def test_dense_candidate_matches_numpy():
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_gemm_candidate_matches_numpy():
+    _skip_without_vnni()
+    instance = int8_fused.gemm_instance(INT8, {"rows_tile": 4, "panels": 3}, np.random.default_rng(0))
+    (y,), _ = measure(instance, TARGET, 1)
+    q, info, w, wsum, scale, bias = instance.inputs
+    acc = q.astype(np.int64) @ w.transpose(1, 3, 0, 2).reshape(4 * INT8["k4"], -1).astype(np.int64)
+    acc = (acc - info[:, 1:2].astype(np.int64) * wsum).astype(np.float32)
+    np.testing.assert_array_equal(y, acc * (info[:, 0:1] * scale) + bias)
+
+
 def test_check_refuses_knobs_that_do_not_fit():
     assert "divide" in dense_cpu.check_knobs(DENSE, {"rows_tile": 5, "panels": 3, "kc": 40, "row_block": 192})
     assert "accumulator" in dense_cpu.check_knobs(DENSE, {"rows_tile": 8, "panels": 2, "kc": 40, "row_block": 192})
     assert "kc" in dense_cpu.check_knobs(DENSE, {"rows_tile": 3, "panels": 4, "kc": 41, "row_block": 192})
     assert "divide" in conv2d_ocvec_cpu.check_knobs(OCVEC, {"pt": 3, "vo": 2})
     assert "vo" in conv2d_ocvec_cpu.check_knobs({**OCVEC, "oc": 48}, {"pt": 4, "vo": 2})
+    assert "divide" in int8_fused.check_gemm_knobs(INT8, {"rows_tile": 3, "panels": 4})
+    assert "accumulator" in int8_fused.check_gemm_knobs(INT8, {"rows_tile": 6, "panels": 3})
 
 
 def test_search_keeps_the_default_unless_clearly_faster():

@@ -410,7 +410,8 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
             conv.shape[0], channels, (kh, kw), conv.stride, conv.dilation, layout.row, layout.plane, conv.out_hw, oc,
             out or conv2d_ocvec_cpu.OutputLayout.plain(*conv.out_hw), relu is not None,
         )  # fmt: skip
-        pt, vo = (knob_db.choose("conv2d_ocvec_f32", key)[name] for name in ("pt", "vo"))
+        chosen = knob_db.choose("conv2d_ocvec_f32", key)
+        pt, vo = chosen["pt"], chosen["vo"]
     oc_blocks = -(-oc // (conv2d_ocvec_cpu.LANES * vo))
     b = np.zeros(width, np.float32)
     if conv.bias is not None:

@@ -18,12 +18,19 @@ rescale / NaN mask / bias kernels (each a pass over memory) that ``int8_gemm.py`
   multiply and the bias add into an FMA, which rounds once instead of twice.)
 
 Weights are packed ``[O/16, K/4, 16, 4]`` as in ``int8_gemm.pack_weights``.
+
+Knobs of the GEMM (``GEMM_KNOBS``, searched per shape by ``codegen/tvm/tune_knobs.py``): the
+register tile, ``rows_tile`` x ``panels``. Integer accumulation and the per-element rescale do not
+depend on the tile, so every choice is bit-identical.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
+
+from reshift.codegen.tvm import knobs as knob_db
 
 LANES = 16
 ROUND_NEAREST = 8  # _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC: the default rounding, as an operand
@@ -107,10 +114,53 @@ def quantize_rows_func(k: int, k_pad: int, bits: int, per_row: bool) -> tirx.Pri
     return quantize_rows
 
 
-def gemm_rescale_func(blocks: int, k4: int) -> tirx.PrimFunc:
-    """``y [M, 16*blocks] = float32(q w - z_m wsum) * (s_m w_scale) + bias`` (see module docstring)."""
+def default_gemm_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
+    rows_tile, panels = tile_shape(shape["blocks"])
+    return {"rows_tile": rows_tile, "panels": panels}
+
+
+def check_gemm_knobs(shape: knob_db.Shape, knobs: knob_db.Knobs) -> str | None:
+    rows_tile, panels = knobs["rows_tile"], knobs["panels"]
+    if not 1 <= panels <= 4 or shape["blocks"] % panels:
+        return f"panels={panels} must be 1..4 and divide the {shape['blocks']} output panels"
+    if rows_tile < 1 or rows_tile * panels > ACCUMULATORS:
+        return f"a {rows_tile}x{panels} tile needs more than {ACCUMULATORS} accumulator registers"
+    return None
+
+
+def gemm_candidates(shape: knob_db.Shape) -> list[knob_db.Knobs]:
+    """For each panel count dividing ``blocks``: the full-height tile and one of 2/3 the height."""
+    found = [default_gemm_knobs(shape)]
+    for panels in (4, 3, 2, 1):
+        full = ACCUMULATORS // panels
+        found += [{"rows_tile": r, "panels": panels} for r in dict.fromkeys((full, max(1, (2 * full) // 3)))]
+    unique = {tuple(sorted(c.items())): c for c in found if check_gemm_knobs(shape, c) is None}
+    return list(unique.values())
+
+
+def gemm_instance(shape: knob_db.Shape, knobs: knob_db.Knobs, rng: np.random.Generator) -> knob_db.Instance:
+    rows, blocks, k4 = shape["rows"], shape["blocks"], shape["k4"]
     width = blocks * LANES
-    rows_tile, panels = tile_shape(blocks)
+    q = rng.integers(0, 256, (rows, k4 * 4), dtype=np.uint8)
+    info = np.stack([rng.uniform(0.01, 0.1, rows), rng.integers(0, 256, rows)], axis=1).astype(np.float32)
+    w = rng.integers(-127, 128, (blocks, k4, LANES, 4), dtype=np.int8)
+    wsum = w.astype(np.int32).sum(axis=(1, 3)).reshape(width).astype(np.int32)
+    scale, bias = rng.uniform(0.001, 0.01, width).astype(np.float32), rng.standard_normal(width).astype(np.float32)
+    func = gemm_rescale_func(blocks, k4, knobs)
+    return knob_db.Instance(func, [q, info, w, wsum, scale, bias], [((rows, width), "float32")])
+
+
+GEMM_KNOBS = knob_db.register(
+    knob_db.KnobSpace("int8_gemm_rescale_vnni", default_gemm_knobs, gemm_candidates, check_gemm_knobs, gemm_instance)
+)
+
+
+def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None) -> tirx.PrimFunc:
+    """``y [M, 16*blocks] = float32(q w - z_m wsum) * (s_m w_scale) + bias`` (see module docstring);
+    ``knobs``: see :data:`GEMM_KNOBS` (default: :func:`default_gemm_knobs`)."""
+    width = blocks * LANES
+    knobs = knobs or default_gemm_knobs({"blocks": blocks})
+    rows_tile, panels = knobs["rows_tile"], knobs["panels"]
     lanes = T.Ramp(0, 1, LANES)
     dpbusd = "llvm.x86.avx512.vpdpbusd.512"
     mul_rn = "llvm.x86.avx512.mul.ps.512"  # with an explicit rounding mode: never contracted into an FMA
@@ -191,4 +241,4 @@ def gemm_rescale_func(blocks: int, k4: int) -> tirx.PrimFunc:
     return gemm_rescale
 
 
-__all__ = ["gemm_rescale_func", "quantize_rows_func", "tile_shape"]
+__all__ = ["GEMM_KNOBS", "gemm_rescale_func", "quantize_rows_func", "tile_shape"]

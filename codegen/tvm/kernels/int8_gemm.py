@@ -23,6 +23,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
+from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.kernels import int8_fused
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
@@ -213,7 +214,9 @@ def fused_int8_linear(ctx: LowerContext, x2, rows, codes: np.ndarray, scales: np
         return relax.const(full)
 
     wsum = padded(codes.astype(np.int64).sum(axis=1).astype(np.int32), "int32")
-    gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4), "int8_gemm_rescale_vnni")
+    shape = {"rows": rows, "blocks": blocks, "k4": k4}
+    knobs = knob_db.choose("int8_gemm_rescale_vnni", shape) if isinstance(rows, int) else None
+    gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4, knobs), "int8_gemm_rescale_vnni")
     args = [q, info, relax.const(packed), wsum, padded(scales, "float32")]
     if bias is None:
         bias = padded(np.zeros(out, np.float32), "float32")
