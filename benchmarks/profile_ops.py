@@ -31,7 +31,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--pipeline", default="exact", help="e.g. shift: the lossy kernels' share of the time")
+    parser.add_argument(
+        "--pipeline",
+        default="exact",
+        help="e.g. exact+w8a8 (as e2e.py compiles it): the lossy kernels' share of the time; w8a8 alone "
+        "skips the exact passes (no BN folding or branch fusion)",
+    )
     parser.add_argument(
         "--calib",
         type=int,
