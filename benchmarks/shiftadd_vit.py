@@ -21,7 +21,8 @@ fp32. Both are checked and printed as met or missed. On this CPU the shift GEMV 
 fp32 GEMM (a shift is no cheaper than a multiply-add here), so the latency-aware router gives the
 shift expert fewer than half the tokens and the mixture cannot beat fp32 on its own.
 
-    .venv/bin/python benchmarks/shiftadd_vit.py [--recover-steps 200] [--deit-steps 0] [--skip-latency]
+    .venv/bin/python benchmarks/shiftadd_vit.py [--recover-steps 200] [--recover-lr 1e-4] [--recover-warmup 0]
+        [--recover-features attention] [--feature-weight 1] [--deit-steps 0] [--skip-latency]
 
 Results: ``benchmarks/results/shiftadd_vit-<time>.json`` / ``.txt`` / ``.png``.
 """
@@ -104,8 +105,9 @@ def print_layers(rows: list[dict]) -> None:
 
 
 # -- accuracy -----------------------------------------------------------------------------------------
-def recovery(model, calib, train_batch, steps: int, options: dict):
-    """``(graph, seconds, note)`` after ``steps`` of ``reshift.recover``, or ``(None, 0, why not)``."""
+def recovery(model, calib, train_batch, steps: int, options: dict, recipe: dict):
+    """``(graph, seconds, note)`` after ``steps`` of ``reshift.recover`` with ``recipe`` (lr, warmup,
+    features, feature_weight), or ``(None, 0, why not)``."""
     recover = getattr(reshift, "recover", None)
     if recover is None:
         return None, 0.0, "reshift.recover is not on main: no recovery row"
@@ -121,6 +123,7 @@ def recovery(model, calib, train_batch, steps: int, options: dict):
             calibration=calib,
             teacher="fp32",
             progress=False,
+            **recipe,
             **options,
         )
     except Exception as exc:  # noqa: BLE001 -- a failed recovery is a row saying why
@@ -128,7 +131,7 @@ def recovery(model, calib, train_batch, steps: int, options: dict):
     return graph, time.time() - start, ""
 
 
-def accuracy_study(name: str, config: dict, steps: int, recover_steps: int, cache: dict) -> dict:
+def accuracy_study(name: str, config: dict, steps: int, recover_steps: int, cache: dict, recipe: dict) -> dict:
     train_batch, x_test, y_test = ptq_vit.cluttered_digits(config)
 
     def train_batches(gen):
@@ -150,11 +153,12 @@ def accuracy_study(name: str, config: dict, steps: int, recover_steps: int, cach
     rows.append({"row": "shift (every linear)", "top1": ptq_vit.top1(g_shift, x_test, y_test)})
     g_sav, report = reshift.passes.run(graph, "shiftadd_vit", calibration=calib, expert_latency=latency)
     rows.append({"row": "shiftadd_vit post-training", "top1": ptq_vit.top1(g_sav, x_test, y_test)})
-    g_rec, rec_s, note = recovery(graph, calib, train_batch, recover_steps, {"expert_latency": latency})
+    g_rec, rec_s, note = recovery(graph, calib, train_batch, recover_steps, {"expert_latency": latency}, recipe)
     if g_rec is not None:
         rows.append(
             {
                 "row": f"shiftadd_vit after {recover_steps} recovery steps",
+                "recipe": recipe,
                 "top1": ptq_vit.top1(g_rec, x_test, y_test),
                 "seconds": round(rec_s, 1),
             }
@@ -166,6 +170,8 @@ def accuracy_study(name: str, config: dict, steps: int, recover_steps: int, cach
         say(f"  {r['row']:<42} top-1 {r['top1']:6.2f}%  drop {r['drop']:+6.2f}{extra}")
     if note:
         say(f"  {note}")
+    if g_rec is not None:
+        say(f"  recovery recipe: {json.dumps(recipe)}")
     say(f"  expert latency (s/token, this host) by shape@tokens: {json.dumps(measured)}")
     layers = layer_rows(report)
     print_layers(layers)
@@ -298,6 +304,14 @@ def main() -> None:
     parser.add_argument(
         "--deit-steps", type=int, default=0, help="train the DeiT-S-shaped ViT this many steps (0: skip)"
     )
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument("--recover-warmup", type=int, default=0, help="linear warm-up steps before the cosine decay")
+    parser.add_argument(
+        "--recover-features",
+        default="",
+        help="distil these intermediate values too (a reshift.recover features mode: auto, attention, auto+attention)",
+    )
+    parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--rounds", type=int, default=5)
@@ -306,6 +320,9 @@ def main() -> None:
     say(f"shiftadd_vit benchmark on {describe_host_cpu()}, {THREADS} threads, {load()}")
     result: dict = {"cpu": describe_host_cpu(), "threads": THREADS, "args": vars(args)}
     cache: dict = {}
+    recipe = {"lr": args.recover_lr, "warmup": args.recover_warmup}
+    if args.recover_features:
+        recipe.update(features=args.recover_features, feature_weight=args.feature_weight)
     if not args.skip_accuracy:
         result["accuracy"] = [
             accuracy_study(
@@ -314,13 +331,14 @@ def main() -> None:
                 ptq_vit.CLUTTERED["steps"],
                 args.recover_steps,
                 cache,
+                recipe,
             )
         ]
         if args.deit_steps:
             config = {**DEIT_SHAPED, "steps": args.deit_steps}
             result["accuracy"].append(
                 accuracy_study(
-                    "DeiT-S-shaped ViT (cluttered digits)", config, args.deit_steps, args.recover_steps, cache
+                    "DeiT-S-shaped ViT (cluttered digits)", config, args.deit_steps, args.recover_steps, cache, recipe
                 )
             )
     if not args.skip_latency:
