@@ -161,8 +161,10 @@ def compile(
     :class:`reshift.specializing.SpecializingModel`: same call interface, one build per input
     shape, at most ``max_shapes`` (default 8) kept.
 
-    ``tune=True`` (or ``trials=N``, ``tune_db=DIR``) tunes kernels with MetaSchedule first; a
-    symbolic batch is then fixed to ``tune_batch`` (default: the example inputs' batch, else 1);
+    ``tune=True`` (or ``trials=N``, ``tune_db=DIR``) tunes first: a knob search over reshift's own
+    kernels (``knob_progress``), then MetaSchedule (``trials=0`` skips it; ``progress``); what the
+    build took from the database is ``compiled.build.tuned``. A symbolic batch is then fixed to
+    ``tune_batch`` (default: the example inputs' batch, else 1);
     other ``options`` go to the frontend (``dynamic_batch``, ``input_names``, ``input_shapes``)
     or to the pass pipeline.
     """
