@@ -287,22 +287,23 @@ def test_cli_prompt_text_with_tokenizer(compiled, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_decode_time_does_not_grow_with_cache_size():
-    """No per-token copy of the cache: a 64x larger preallocated cache leaves decode time alone."""
+    """No per-token copy of the cache: a 64x larger preallocated cache leaves decode time alone.
+
+    The two artifacts are timed in alternation (best of 7 rounds each), so a busy neighbour (the
+    other pytest worker compiling) slows both sides alike; a per-token copy of the 4096-slot cache
+    would cost several times the tiny model's step."""
     import time
 
     model = tiny_model("llama")
-    times = []
-    for max_seq in (64, 4096):
-        llm = reshift.llm.compile(model, pipeline="exact", max_seq_len=max_seq)
-        llm.prefill(np.array(PROMPT))
-        best = float("inf")
-        for _ in range(5):
+    llms = [reshift.llm.compile(model, pipeline="exact", max_seq_len=max_seq) for max_seq in (64, 4096)]
+    times = [float("inf")] * len(llms)
+    for _ in range(7):
+        for i, llm in enumerate(llms):
+            llm.prefill(np.array(PROMPT))
             t0 = time.perf_counter()
             for tok in range(20):
                 llm.decode(tok)
-            best = min(best, time.perf_counter() - t0)
-            llm.prefill(np.array(PROMPT))
-        times.append(best)
+            times[i] = min(times[i], time.perf_counter() - t0)
     assert times[1] < 2.0 * times[0], times
 
 
