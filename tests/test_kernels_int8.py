@@ -190,22 +190,9 @@ def test_int8_conv_chain_requantizes_in_the_epilogue(rng):
     b = GraphBuilder("chain")
     x = b.input("x", "f32[N,8,12,11]")
 
-    def conv(h, cin, cout, k=3, s=1, p=1, zp=90, scale=0.03):
-        codes = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
-        return b.int8_conv2d(
-            h,
-            b.constant(codes),
-            b.constant((rng.random(cout) * 0.001).astype(np.float32)),
-            b.constant(rng.standard_normal(cout).astype(np.float32)),
-            stride=(s, s),
-            padding=(p, p, p, p),
-            x_scale=scale,
-            x_zero_point=zp,
-        )
-
-    h = b.relu(conv(x, 8, 16))
-    h = conv(h, 16, 32, s=2, zp=3, scale=0.05)
-    h = b.relu(conv(h, 32, 16, k=1, p=0, zp=120, scale=0.04))
+    h = b.relu(_int8_conv(b, rng, x, 8, 16))
+    h = _int8_conv(b, rng, h, 16, 32, s=2, zp=3, scale=0.05)
+    h = b.relu(_int8_conv(b, rng, h, 32, 16, k=1, p=0, zp=120, scale=0.04))
     g = b.build(b.add(h, h))
     with resolve_target("cpu").target():
         names = sorted(gv.name_hint for gv in lower(g).functions)
