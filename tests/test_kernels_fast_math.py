@@ -12,7 +12,7 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import te  # noqa: E402
 
-from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32  # noqa: E402
+from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, silu_f32, tanh_f32  # noqa: E402
 
 EDGES = [0.0, -0.0, 1e-30, -1e-30, np.inf, -np.inf, np.nan, 4.0, -4.0, 88.3, -87.0, -100.0, 100.0]
 
@@ -76,3 +76,14 @@ def test_tanh_edges():
     y = _run(tanh_f32, x)
     assert y[0] == 0 and y[2] == np.float32(1e-30) and y[4] == 1 and y[5] == -1 and np.isnan(y[6])
     assert y[12] == 1 and y[11] == -1
+
+
+@pytest.mark.parametrize("lanes", [1, 16])
+def test_silu_matches_x_sigmoid_x(lanes):
+    x = np.linspace(-40.0, 40.0, 4096, dtype=np.float32)
+    y = _run(silu_f32, x, lanes)
+    expected = x.astype(np.float64) / (1 + np.exp(-x.astype(np.float64)))
+    assert np.max(np.abs(y - expected) / np.maximum(np.abs(expected), 1e-30)) < 1e-6
+    edges = _run(silu_f32, np.array([-np.inf, np.inf, np.nan, -100.0], np.float32))
+    assert np.isnan(edges[0]) or edges[0] == 0  # -inf * 0: numpy's x*sigmoid(x) is nan too
+    assert edges[1] == np.inf and np.isnan(edges[2]) and edges[3] == 0

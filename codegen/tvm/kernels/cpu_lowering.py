@@ -28,7 +28,7 @@ from reshift.codegen.tvm.kernels import (
     softmax_cpu,
 )
 from reshift.codegen.tvm.kernels import conv2d_winograd_cpu as winograd
-from reshift.codegen.tvm.kernels.fast_math import erf_f32, exp_f32, tanh_f32
+from reshift.codegen.tvm.kernels.fast_math import exp_f32, gelu_f32, gelu_tanh_f32, tanh_f32
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, op, product
 from reshift.ir.graph import Node, Value
 
@@ -233,20 +233,12 @@ def _padded_flat(ctx: LowerContext, x: relax.Expr, shape: list, pads, grid_rows:
 
 def _gelu_erf(x: te.Tensor) -> te.Tensor:
     """``0.5 x (1 + erf(x / sqrt2))`` with the vectorizable ``erf`` of ``fast_math``."""
-    half, inv_sqrt2 = tirx.const(0.5, "float32"), tirx.const(1 / np.sqrt(2.0), "float32")
-    return te.compute(x.shape, lambda *i: half * x[i] * (tirx.const(1, "float32") + erf_f32(x[i] * inv_sqrt2)), "gelu")
+    return te.compute(x.shape, lambda *i: gelu_f32(x[i]), "gelu")
 
 
 def _gelu_tanh(x: te.Tensor) -> te.Tensor:
-    """``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``, ``tanh(u) = 2 / (1 + e^(-2u)) - 1``."""
-    one, two = tirx.const(1, "float32"), tirx.const(2, "float32")
-    scale, cubic = tirx.const(np.sqrt(2 / np.pi), "float32"), tirx.const(0.044715, "float32")
-
-    def value(*i):
-        u = scale * (x[i] + cubic * x[i] * x[i] * x[i])
-        return tirx.const(0.5, "float32") * x[i] * (one + (two / (one + exp_f32(-two * u)) - one))
-
-    return te.compute(x.shape, value, "gelu_tanh")
+    """The tanh GELU with the polynomial ``exp`` of ``fast_math`` (``fast_math.gelu_tanh_f32``)."""
+    return te.compute(x.shape, lambda *i: gelu_tanh_f32(x[i]), "gelu_tanh")
 
 
 def tanh(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:

@@ -15,9 +15,27 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from reshift.codegen.tvm.kernels.fast_math import exp_f32
 from reshift.codegen.tvm.kernels.kv_cache import _ATTRS, cache_base, cache_shape, row_position, where_shape
 
 LANES = 16
+
+
+def _dot(qf, kf, q_base, k_base, chunks: int) -> tirx.PrimExpr:
+    """float32x16 lane partial sums of one query row against one cache row (``chunks`` x 16 lanes)."""
+    total = None
+    for c in range(chunks):
+        term = qf[tirx.Ramp(q_base + c * LANES, 1, LANES)] * kf[tirx.Ramp(k_base + c * LANES, 1, LANES)]
+        total = term if total is None else total + term
+    return total
+
+
+def _hsum(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The sum of 16 lanes as a tree of halves (4 dependent adds, not 16)."""
+    for width in (8, 4, 2, 1):
+        ty = f"float32x{width}" if width > 1 else "float32"
+        v = tirx.vectorlow(ty, v) + tirx.vectorhigh(ty, v)
+    return v
 
 
 def attention_func(
@@ -40,8 +58,6 @@ def attention_func(
     s = T.float32(scale)
     vec = head_dim % LANES == 0
     chunks = head_dim // LANES
-    lanes = T.Ramp(0, 1, LANES)
-    zero = T.Broadcast(T.float32(0), LANES)
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, ck_h: T.handle, cv_h: T.handle, p_h: T.handle, o_h: T.handle):
@@ -59,7 +75,7 @@ def attention_func(
         for ih in T.parallel(n * heads):
             score = T.alloc_buffer((max_seq,), "float32", scope="global")
             red = T.alloc_buffer((2,), "float32", scope="global")
-            acc = T.alloc_buffer((LANES,), "float32", scope="global")
+            acc = T.alloc_buffer((head_dim,), "float32", scope="global")
             i = ih // heads
             h = ih % heads
             g = h // group
@@ -70,38 +86,40 @@ def attention_func(
             red[0] = T.min_value("float32")
             for t in range(start, end):
                 if vec:
-                    acc[lanes] = zero
-                    for c in range(chunks):
-                        acc[lanes] = (
-                            acc[lanes]
-                            + qf[T.Ramp(qb + c * LANES, 1, LANES)] * kf[T.Ramp(cb + t * head_dim + c * LANES, 1, LANES)]
-                        )
-                    red[1] = T.float32(0)
-                    for l in range(LANES):
-                        red[1] = red[1] + acc[l]
+                    red[1] = _hsum(_dot(qf, kf, qb, cb + t * head_dim, chunks))
                 else:
                     red[1] = T.float32(0)
                     for d in range(head_dim):
                         red[1] = red[1] + qf[qb + d] * kf[cb + t * head_dim + d]
                 score[t] = red[1] * s
                 red[0] = T.max(red[0], score[t])
+            for tv in range((end - start) // LANES):
+                score[T.Ramp(start + tv * LANES, 1, LANES)] = exp_f32(
+                    score[T.Ramp(start + tv * LANES, 1, LANES)] - T.Broadcast(red[0], LANES)
+                )
+            for t in range(start + (end - start) // LANES * LANES, end):
+                score[t] = exp_f32(score[t] - red[0])
             red[1] = T.float32(0)
             for t in range(start, end):
-                score[t] = T.exp(score[t] - red[0])
                 red[1] = red[1] + score[t]
-            for d in range(head_dim):
-                of[qb + d] = T.float32(0)
-            for t in range(start, end):
-                if vec:
-                    for c in range(chunks):
-                        of[T.Ramp(qb + c * LANES, 1, LANES)] = (
-                            of[T.Ramp(qb + c * LANES, 1, LANES)]
+            if vec:  # the weighted sum in registers, one 16-lane accumulator per chunk of head_dim
+                for c in T.unroll(chunks):
+                    acc[T.Ramp(c * LANES, 1, LANES)] = T.Broadcast(T.float32(0), LANES)
+                for t in range(start, end):
+                    for c in T.unroll(chunks):
+                        acc[T.Ramp(c * LANES, 1, LANES)] = (
+                            acc[T.Ramp(c * LANES, 1, LANES)]
                             + T.Broadcast(score[t], LANES) * vf[T.Ramp(cb + t * head_dim + c * LANES, 1, LANES)]
                         )
-                else:
+                for c in T.unroll(chunks):
+                    of[T.Ramp(qb + c * LANES, 1, LANES)] = acc[T.Ramp(c * LANES, 1, LANES)] / T.Broadcast(red[1], LANES)
+            else:
+                for d in range(head_dim):
+                    of[qb + d] = T.float32(0)
+                for t in range(start, end):
                     for d in range(head_dim):
                         of[qb + d] = of[qb + d] + score[t] * vf[cb + t * head_dim + d]
-            for d in range(head_dim):
-                of[qb + d] = of[qb + d] / red[1]
+                for d in range(head_dim):
+                    of[qb + d] = of[qb + d] / red[1]
 
     return attention

@@ -101,3 +101,21 @@ def tanh_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
     large = _const(1.0, x) - _const(2.0, x) / (exp_f32(z + z) + _const(1.0, x))
     signed = tirx.Select(x < _const(0.0, x), -large, large)
     return _keep_nan(x, tirx.Select(z <= _const(0.625, x), small, signed))
+
+
+def silu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``x sigmoid(x) = x / (1 + e^-x)`` with :func:`exp_f32` (SwiGLU's gate)."""
+    one = _const(1.0, x)
+    return x * (one / (one + exp_f32(-x)))
+
+
+def gelu_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``0.5 x (1 + erf(x / sqrt2))`` with :func:`erf_f32`."""
+    return _const(0.5, x) * x * (_const(1.0, x) + erf_f32(x * _const(0.7071067811865476, x)))
+
+
+def gelu_tanh_f32(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``, ``tanh(u) = 2 / (1 + e^(-2u)) - 1``."""
+    one, two = _const(1.0, x), _const(2.0, x)
+    u = _const(0.7978845608028654, x) * (x + _const(0.044715, x) * x * x * x)
+    return _const(0.5, x) * x * (one + (two / (one + exp_f32(-two * u)) - one))
