@@ -156,6 +156,35 @@ def test_deploy_model_matches_host(name, edge_device, tmp_path, capsys):
     np.testing.assert_allclose(device_out, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64"])
+def test_int8_linear_is_bit_exact_on_the_device(target, edge_device, tmp_path, capsys):
+    """w8a8's int8 GEMM on the device: ``sdot`` (``arm64-dotprod``) and the portable loop (``arm64``)
+    give the reference interpreter's output bit for bit (issue #17: integer kernels on arm64)."""
+    import reshift
+    from reshift.ir.builder import GraphBuilder
+    from reshift.ir.interpret import interpret
+
+    rng = np.random.default_rng(5)
+    b = GraphBuilder("int8_edge")
+    y = b.input("x", "f32[4,72]")
+    for k, out, granularity in ((72, 40, "row"), (40, 24, "tensor")):  # per-row and per-tensor activations
+        codes = b.constant(rng.integers(-127, 128, (out, k)).astype(np.int8))
+        scales = b.constant((rng.random(out) * 0.01 + 1e-3).astype(np.float32))
+        y = b.int8_linear(y, codes, scales, None, x_scale=0.02, x_zero_point=100, x_granularity=granularity)
+    graph = b.build(y)
+    inputs = {"x": (rng.standard_normal((4, 72)) * 2).astype(np.float32)}
+    compiled = reshift.compile(graph, target=target, pipeline="none")
+    out_dir = compiled.save(tmp_path / target)
+    library = b"".join(p.read_bytes() for p in out_dir.glob("*.so"))
+    assert (b"int8_gemm_sdot" in library) == (target == "arm64-dotprod")  # the kernel under test is there
+    reference = interpret(graph, inputs)
+    remote_api.save_reference(out_dir, inputs, reference)
+    argv = ["deploy", str(out_dir), "--rpc", _rpc(edge_device), "--repeat", "1", "-o", str(tmp_path / "y.npz")]
+    assert cli.main(argv) == 0, capsys.readouterr()
+    with np.load(tmp_path / "y.npz") as data:
+        np.testing.assert_array_equal(data[data.files[0]], reference[graph.outputs[0].name])
+
+
 @pytest.fixture(scope="module")
 def tiny_artifacts(tmp_path_factory):
     """conv+relu for arm64 and for this x86 host, both written as reshift artifacts."""

@@ -383,3 +383,34 @@ def test_w8a8_keeps_a_fused_identity_branch_off_the_int8_grid(rng, tmp_path):
     plain, rep = passes.run(_fused_repvgg_like(rng, identity=0.0), "w8a8", calibration=calib)
     assert not any(rep.details[n.name]["identity_codes"] for n in plain.nodes if n.op == "int8_conv2d")
     assert all(n.inputs[4] is None for n in plain.nodes if n.op == "int8_conv2d")
+
+
+def test_arm64_dotprod_build_runs_the_gemm_on_sdot(rng):
+    """``arm64-dotprod``: the int8 GEMM is ``sdot`` (cross-built, not run: ``test_edge.py`` runs it on the
+    emulated device); plain ``arm64`` (no dot product, e.g. Cortex-A72) keeps the portable loop."""
+    pytest.importorskip("tvm")
+    from reshift.codegen.tvm.build import build
+
+    g = _int8_linear_graph(rng, 33, 48, "row")
+
+    def assembly(target: str) -> str:
+        return build(g, target).executable.mod.imports[0].inspect_source("asm")
+
+    dotprod = assembly("arm64-dotprod")
+    assert "int8_gemm_sdot:" in dotprod and "\tsdot\tv" in dotprod
+    plain = assembly("arm64")
+    assert "\tsdot\t" not in plain and "int8_gemm_sdot" not in plain
+
+
+def test_sdot_offsets_undo_the_signed_activation_bytes(rng):
+    """The identity ``gemm_sdot_func`` relies on: ``sum_k q w = 128 sum_k w + sum_k (q - 128) w``, with
+    ``q - 128`` the byte whose top bit is flipped (padded rows get offset 0)."""
+    from reshift.codegen.tvm.kernels.int8_gemm import sdot_offsets
+
+    q = rng.integers(0, 256, (5, 40)).astype(np.uint8)
+    w = rng.integers(-127, 128, (20, 40)).astype(np.int8)
+    signed = (q ^ 0x80).view(np.int8).astype(np.int64)
+    offsets = sdot_offsets(w, 32)
+    np.testing.assert_array_equal(offsets[20:], 0)
+    via_sdot = offsets[:20] + signed @ w.astype(np.int64).T
+    np.testing.assert_array_equal(via_sdot, q.astype(np.int64) @ w.astype(np.int64).T)

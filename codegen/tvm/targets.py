@@ -108,6 +108,12 @@ def _arm64() -> dict[str, Any]:
     return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
 
 
+def _arm64_dotprod() -> dict[str, Any]:
+    """Armv8.2-A with the dot-product extension (``sdot``/``udot``): Cortex-A55/A76/A78, Raspberry Pi 5,
+    Jetson Orin's CPU. The int8 GEMM runs on ``sdot`` there (``kernels/int8_gemm.py``)."""
+    return {**_arm64(), "mattr": ["+neon", "+v8.2a", "+dotprod"]}
+
+
 def _cuda(arch: str | None) -> Callable[[], dict[str, Any]]:
     def make() -> dict[str, Any]:
         return {"kind": "cuda", "arch": arch or local_cuda_arch() or "sm_90", "host": {"kind": "llvm"}}
@@ -140,6 +146,7 @@ def local_cuda_arch() -> str | None:
 TARGET_PRESETS: dict[str, tuple[Callable[[], dict[str, Any]], str | None, str, str]] = {
     "cpu": (_cpu, None, "cpu", "this machine's CPU (LLVM, mcpu detected)"),
     "arm64": (_arm64, ARM64_CROSS_COMPILER, "cpu", "64-bit ARM Linux with NEON, cross-linked"),
+    "arm64-dotprod": (_arm64_dotprod, ARM64_CROSS_COMPILER, "cpu", "arm64 with the v8.2 dot product (sdot)"),
     "cuda": (_cuda(None), None, "cuda", "NVIDIA GPU: the local GPU's arch, else sm_90"),
     "cuda-sm80": (_cuda("sm_80"), None, "cuda", "NVIDIA Ampere (A100)"),
     "cuda-sm87": (_cuda("sm_87"), None, "cuda", "NVIDIA Jetson Orin"),

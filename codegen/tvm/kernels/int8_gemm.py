@@ -8,7 +8,8 @@ Weights are packed at build time as ``[O/16, K/4, 16, 4]`` int8 (zero padded), s
 holds 4 consecutive weights of 16 output rows, and one ``vpdpbusd`` with the 4 activation bytes
 broadcast to all lanes does 64 multiply-adds. The float rescale
 ``float32(acc) * (float32(x_scale) * w_scale[o]) + bias`` follows the reference step by step, so the
-result is bit-exact. Without VNNI (or on non-x86 targets) a portable int32 loop runs instead.
+result is bit-exact. On aarch64 with the dot product (preset ``arm64-dotprod``) the same sum runs
+on ``sdot`` (``gemm_sdot_func``); elsewhere (other x86 CPUs, plain ``arm64``) a portable int32 loop.
 GPU targets get the same sum as a TE reduction scheduled by dlight (``_int8_gemm_portable``:
 correct, untuned; a hand-written CUDA int8 GEMM is not done).
 
@@ -47,6 +48,24 @@ def has_vnni() -> bool:
         return bool(tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], target))
     except Exception:  # noqa: BLE001 -- no mcpu or an LLVM without the query
         return False
+
+
+def has_sdot() -> bool:
+    """The Armv8.2 dot product (``sdot``) on the current aarch64 target (preset ``arm64-dotprod``)."""
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return False
+    try:
+        return bool(tvm.target.codegen.llvm_cpu_has_features(["dotprod"], target))
+    except Exception:  # noqa: BLE001 -- an LLVM without the query
+        return False
+
+
+def sdot_offsets(codes: np.ndarray, width: int) -> np.ndarray:
+    """int32 ``[width]``: ``128 * sum_k wq[o, k]`` (zero padded), what ``gemm_sdot_func`` adds back."""
+    full = np.zeros(width, np.int32)
+    full[: codes.shape[0]] = 128 * codes.astype(np.int64).sum(axis=1)
+    return full
 
 
 def pack_weights(wq: np.ndarray) -> np.ndarray:
@@ -112,6 +131,55 @@ def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
                     acc[m, ob * ROWS + l] = total[l]
 
     return gemm_generic
+
+
+_FLIP_SIGN_BITS = -0x7F7F7F80  # 0x80808080 as int32: the top bit of each of 4 bytes
+
+
+def gemm_sdot_func(blocks: int, k4: int) -> tirx.PrimFunc:
+    """``gemm_func``'s ``acc`` (u8 x s8 -> s32) on Arm's ``sdot`` (s8 x s8, 4 products per int32 lane).
+
+    ``sdot`` multiplies signed bytes, so each activation byte goes in as ``q - 128`` (its top bit
+    flipped: 4 bytes with one xor) and ``offset[o] = 128 * sum_k wq[o, k]`` (:func:`sdot_offsets`)
+    starts the sum: ``acc = offset + sum_k (q - 128) wq = sum_k q wq``, exact in int32 as the VNNI
+    kernel's. A 64-byte ``[16 rows, 4 k]`` weight tile is four 16-byte ``sdot`` operands of 4 rows
+    each; the 4 activation bytes are broadcast to every 32-bit lane."""
+    width = blocks * ROWS
+    lanes = T.Ramp(0, 1, ROWS)
+    tile = next(t for t in (4, 2, 1) if blocks % t == 0)
+    quads = ROWS // 4
+
+    @T.prim_func(private=True)
+    def gemm_sdot(
+        a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), offset: T.Buffer((width,), "int32"), acc_h: T.handle
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        a8 = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
+        acc = T.match_buffer(acc_h, (rows, width), "int32")
+        a = T.decl_buffer((rows, k4), "int32", data=a8.data)  # 4 activation bytes per int32
+        w64 = T.decl_buffer((blocks * k4 * ROWS * 4,), "int8", data=w.data)
+        for ot in T.parallel(blocks // tile):
+            for m in range(rows):
+                total = T.alloc_buffer((tile, ROWS), "int32", scope="local")
+                for r in T.unroll(tile):
+                    total[r, lanes] = offset[T.Ramp((ot * tile + r) * ROWS, 1, ROWS)]
+                for kk in range(k4):
+                    for r in T.unroll(tile):
+                        for v in T.unroll(quads):
+                            total[r, T.Ramp(v * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                                "int32x4",
+                                "llvm.aarch64.neon.sdot.v4i32.v16i8",
+                                total[r, T.Ramp(v * 4, 1, 4)],
+                                T.reinterpret(
+                                    "int8x16", T.Broadcast(T.bitwise_xor(a[m, kk], T.int32(_FLIP_SIGN_BITS)), 4)
+                                ),
+                                w64[T.Ramp(((ot * tile + r) * k4 + kk) * (ROWS * 4) + v * 16, 1, 16)],
+                            )
+                for r in T.unroll(tile):
+                    acc[m, T.Ramp((ot * tile + r) * ROWS, 1, ROWS)] = total[r, lanes]
+
+    return gemm_sdot
 
 
 def _row_params(x: te.Tensor, bits: int) -> tuple[te.Tensor, te.Tensor]:
@@ -255,6 +323,10 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
         q = ctx.te(_quantize_u8, x2, k4 * 4, scale, zero_point, bits, name="int8_linear_quantize")
     if current_target_is_gpu():  # the same u8 x s8 -> s32 sum as a TE reduction that dlight schedules
         acc = ctx.te(_int8_gemm_portable, q, relax.const(packed), name="int8_gemm_portable")
+    elif has_sdot():
+        gv = ctx.bb.add_func(gemm_sdot_func(blocks, k4), "int8_gemm_sdot")
+        args = [q, relax.const(packed), relax.const(sdot_offsets(codes, blocks * ROWS))]
+        acc = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "int32")))
     else:
         vnni = has_vnni()
         gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
