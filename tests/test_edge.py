@@ -156,23 +156,43 @@ def test_deploy_model_matches_host(name, edge_device, tmp_path, capsys):
     np.testing.assert_allclose(device_out, eager, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64"])
-def test_int8_linear_is_bit_exact_on_the_device(target, edge_device, tmp_path, capsys):
-    """w8a8's int8 GEMM on the device: ``sdot`` (``arm64-dotprod``) and the portable loop (``arm64``)
-    give the reference interpreter's output bit for bit (issue #17: integer kernels on arm64)."""
-    import reshift
+def _int8_graph(rng):
+    """int8_linear (per-row and per-tensor activations) and int8_conv2d (3x3 pad 1, 3x3 stride 2 dilation
+    2 uneven padding, depthwise): the integer kernels w8a8 lowers to."""
     from reshift.ir.builder import GraphBuilder
-    from reshift.ir.interpret import interpret
+    from tests.test_kernels_int8 import _int8_conv
 
-    rng = np.random.default_rng(5)
     b = GraphBuilder("int8_edge")
+    h = b.input("img", "f32[2,5,9,11]")
+    h = _int8_conv(b, rng, h, 5, 20)
+    h = b.int8_conv2d(
+        h,
+        b.constant(rng.integers(-127, 128, (17, 20, 3, 3)).astype(np.int8)),
+        b.constant((rng.random(17) * 0.001).astype(np.float32)),
+        stride=(2, 2), padding=(1, 0, 2, 1), dilation=(2, 2), groups=1, x_scale=0.05, x_zero_point=120,
+    )  # fmt: skip
+    h = _int8_conv(b, rng, h, 17, 17, groups=17)
     y = b.input("x", "f32[4,72]")
-    for k, out, granularity in ((72, 40, "row"), (40, 24, "tensor")):  # per-row and per-tensor activations
+    for k, out, granularity in ((72, 40, "row"), (40, 24, "tensor")):
         codes = b.constant(rng.integers(-127, 128, (out, k)).astype(np.int8))
         scales = b.constant((rng.random(out) * 0.01 + 1e-3).astype(np.float32))
         y = b.int8_linear(y, codes, scales, None, x_scale=0.02, x_zero_point=100, x_granularity=granularity)
-    graph = b.build(y)
-    inputs = {"x": (rng.standard_normal((4, 72)) * 2).astype(np.float32)}
+    return b.build(h, y)
+
+
+@pytest.mark.parametrize("target", ["arm64-dotprod", "arm64"])
+def test_int8_kernels_are_bit_exact_on_the_device(target, edge_device, tmp_path, capsys):
+    """w8a8's integer kernels on the device: ``sdot`` (``arm64-dotprod``: int8_linear and dense convs) and
+    the portable loops (``arm64``) give the reference interpreter's outputs bit for bit (issue #17)."""
+    import reshift
+    from reshift.ir.interpret import interpret
+
+    rng = np.random.default_rng(5)
+    graph = _int8_graph(rng)
+    inputs = {
+        "img": (rng.standard_normal((2, 5, 9, 11)) * 2).astype(np.float32),
+        "x": (rng.standard_normal((4, 72)) * 2).astype(np.float32),
+    }
     compiled = reshift.compile(graph, target=target, pipeline="none")
     out_dir = compiled.save(tmp_path / target)
     library = b"".join(p.read_bytes() for p in out_dir.glob("*.so"))
@@ -182,7 +202,9 @@ def test_int8_linear_is_bit_exact_on_the_device(target, edge_device, tmp_path, c
     argv = ["deploy", str(out_dir), "--rpc", _rpc(edge_device), "--repeat", "1", "-o", str(tmp_path / "y.npz")]
     assert cli.main(argv) == 0, capsys.readouterr()
     with np.load(tmp_path / "y.npz") as data:
-        np.testing.assert_array_equal(data[data.files[0]], reference[graph.outputs[0].name])
+        assert len(data.files) == 2
+        for name, value in zip(data.files, (reference[v.name] for v in graph.outputs), strict=True):
+            np.testing.assert_array_equal(data[name], value, err_msg=name)
 
 
 @pytest.fixture(scope="module")

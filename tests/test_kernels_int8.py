@@ -402,6 +402,21 @@ def test_arm64_dotprod_build_runs_the_gemm_on_sdot(rng):
     assert "\tsdot\t" not in plain and "int8_gemm_sdot" not in plain
 
 
+def test_arm64_dotprod_dense_convs_take_the_sdot_gemm(rng):
+    """Dense int8 convs on ``arm64-dotprod``: im2col + the sdot GEMM; a depthwise conv stays portable."""
+    from reshift.codegen.tvm.lower import lower
+    from reshift.codegen.tvm.targets import resolve_target
+    from reshift.ir.builder import GraphBuilder
+
+    b = GraphBuilder("convs")
+    h = _int8_conv(b, rng, b.input("x", "f32[1,8,6,6]"), 8, 16)
+    g = b.build(_int8_conv(b, rng, h, 16, 16, groups=16))
+    for target, expected in (("arm64-dotprod", 1), ("arm64", 0)):
+        with resolve_target(target).target():
+            script = lower(g).script(show_meta=False)
+        assert script.count("int8_conv_im2col(") == expected and script.count("int8_gemm_sdot(") == expected
+
+
 def test_sdot_offsets_undo_the_signed_activation_bytes(rng):
     """The identity ``gemm_sdot_func`` relies on: ``sum_k q w = 128 sum_k w + sum_k (q - 128) w``, with
     ``q - 128`` the byte whose top bit is flipped (padded rows get offset 0)."""

@@ -21,8 +21,10 @@ Epilogue fusion (``_epilogue_chain``): a ReLU reading only the conv's output is 
 exists between the two convs, and the values are those of the unfused ops, bit for bit.
 
 Weights are packed ``[O/16, KH*KW*Cp/4, 16, 4]`` int8 (``int8_gemm.pack_weights`` of the
-``[O, KH, KW, Cp]`` filter). Other targets run the portable form: the quantized codes minus ``z``
-as int32, Relax's int32 ``conv2d``, then the same float32 rescale (bit-exact, not fast).
+``[O, KH, KW, Cp]`` filter). On aarch64 with the dot product (``arm64-dotprod``) a dense conv is an
+im2col of uint8 codes into ``int8_gemm.gemm_sdot_func``. Other targets run the portable form: the
+quantized codes minus ``z`` as int32, Relax's int32 ``conv2d``, then the same float32 rescale
+(bit-exact, not fast).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
-from reshift.codegen.tvm.kernels.int8_gemm import has_vnni, pack_weights
+from reshift.codegen.tvm.kernels.int8_gemm import ROWS, gemm_sdot_func, has_sdot, has_vnni, pack_weights, sdot_offsets
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, lowering, op, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
@@ -562,6 +564,64 @@ def _portable_conv(
     return y
 
 
+def _im2col_u8(x: te.Tensor, attrs: dict, kh: int, kw: int, k_pad: int) -> te.Tensor:
+    """``q [N * OH * OW, k_pad]`` uint8: the quantized codes of each output pixel's window, columns in
+    the OIHW filter's ``(c, i, j)`` order; the border holds ``z`` (the code of 0.0), columns past
+    ``C * KH * KW`` hold 0 (their weights are 0)."""
+    n, c, h, w = x.shape
+    (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
+    pt, pl, pb, pr = attrs["padding"]
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    taps = c * kh * kw
+    qmax = tirx.const(2 ** attrs["x_bits"] - 1, "float32")
+    zero, z = tirx.const(0, "float32"), tirx.const(int(attrs["x_zero_point"]), "float32")
+
+    def compute(r, col):
+        b, pixel = r // (oh * ow), r % (oh * ow)
+        ci, tap = col // (kh * kw), col % (kh * kw)
+        y = pixel // ow * sh - pt + tap // kw * dh
+        xx = pixel % ow * sw - pl + tap % kw * dw
+        inside = tirx.all(col < taps, y >= 0, y < h, xx >= 0, xx < w)
+        v = x[b, tirx.min(ci, c - 1), tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
+        v = tirx.Select(tirx.isnan(v), zero, v)
+        q = tirx.max(tirx.min(tirx.nearbyint(v / tirx.const(np.float32(attrs["x_scale"]), "float32")) + z, qmax), zero)
+        return tirx.Select(inside, q, tirx.Select(col < taps, z, zero)).astype("uint8")
+
+    return te.compute((n * oh * ow, k_pad), compute, name="int8_conv_im2col")
+
+
+def sdot_conv_ok(node: Node, diag: np.ndarray | None) -> bool:
+    """A dense (``groups = 1``) conv without ``w_diag`` on an aarch64 target with ``sdot``."""
+    return not current_target_is_gpu() and has_sdot() and node.attrs["groups"] == 1 and diag is None
+
+
+def _sdot_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.ndarray, bias) -> relax.Expr:
+    """im2col (uint8 codes) -> ``int8_gemm.gemm_sdot_func`` -> ``acc - z * sum wq``, then the reference's
+    float32 rescale, NaN-image rule and bias (bit-exact: the integer sum is exact, the float ops the same)."""
+    a = node.attrs
+    out, _, kh, kw = codes.shape
+    packed = pack_weights(codes.reshape(out, -1))
+    blocks, k4 = packed.shape[:2]
+    n, _, oh, ow = ctx.shape(node.outputs[0])
+    rows = ctx.te(_im2col_u8, x, a, kh, kw, k4 * 4, name="int8_conv_im2col")
+    gv = ctx.bb.add_func(gemm_sdot_func(blocks, k4), "int8_gemm_sdot")
+    args = [rows, relax.const(packed), relax.const(sdot_offsets(codes.reshape(out, -1), blocks * ROWS))]
+    acc = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n * oh * ow, blocks * ROWS), "int32")))
+    if blocks * ROWS != out:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
+    correction = (int(a["x_zero_point"]) * codes.reshape(out, -1).astype(np.int64).sum(axis=1)).astype(np.int32)
+    acc = ctx.emit(op.subtract(acc, relax.const(correction)))
+    rescale = (np.float32(a["x_scale"]) * scales).astype(np.float32)
+    y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
+    y = ctx.emit(op.permute_dims(op.reshape(y, (n, oh, ow, out)), [0, 3, 1, 2]))
+    has_nan = ctx.emit(op.max(op.astype(op.isnan(x), "int32"), axis=[1, 2, 3], keepdims=True))
+    y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
+    if bias is not None:
+        y = ctx.emit(op.add(y, op.reshape(bias, (1, -1, 1, 1))))
+    return y
+
+
 @lowering("int8_conv2d")
 def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias=None, w_diag=None) -> relax.Expr:
     constant = (1, 2, 4) if w_diag is not None else (1, 2)
@@ -574,6 +634,8 @@ def lower_int8_conv2d(ctx: LowerContext, node: Node, x, wq, w_scale, bias=None, 
         raise CodegenError(f"int8_conv2d (node {node.name}): |w_diag| must be <= {DIAG_LIMIT} (int32 accumulation)")
     if vnni_conv_ok(node):
         return _vnni_conv(ctx, node, x, codes, scales, bias, diag)
+    if sdot_conv_ok(node, diag):
+        return _sdot_conv(ctx, node, x, codes, scales, bias)
     return _portable_conv(ctx, node, x, codes, scales, bias, diag)
 
 
