@@ -77,40 +77,11 @@ def pack_weights(wq: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, ROWS, k4, 4).transpose(0, 2, 1, 3))
 
 
-def gemm_func(blocks: int, k4: int, vnni: bool) -> tirx.PrimFunc:
-    """``acc[m, 16*ob + l] = sum_k a[m, k] * w[ob, k/4, l, k%4]`` (u8 x s8 -> s32), ``a`` is ``[M, 4*k4]``."""
+def gemm_func(blocks: int, k4: int) -> tirx.PrimFunc:
+    """``acc[m, 16*ob + l] = sum_k a[m, k] * w[ob, k/4, l, k%4]`` (u8 x s8 -> s32), ``a`` is ``[M, 4*k4]``:
+    the portable int32 loop (VNNI CPUs take ``int8_fused``'s kernels, aarch64 with the dot product
+    :func:`gemm_sdot_func`)."""
     width = blocks * ROWS
-    lanes = T.Ramp(0, 1, ROWS)
-    tile = next(t for t in (4, 2, 1) if blocks % t == 0)
-
-    if vnni:
-
-        @T.prim_func(private=True)
-        def gemm(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
-            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-            rows = T.int64()
-            a8 = T.match_buffer(a_h, (rows, k4 * 4), "uint8")
-            acc = T.match_buffer(acc_h, (rows, width), "int32")
-            a = T.decl_buffer((rows, k4), "int32", data=a8.data)  # 4 activation bytes per int32
-            w64 = T.decl_buffer((blocks * k4 * ROWS * 4,), "int8", data=w.data)
-            for ot in T.parallel(blocks // tile):
-                for m in range(rows):
-                    total = T.alloc_buffer((tile, ROWS), "int32", scope="local")
-                    for r in T.unroll(tile):
-                        total[r, lanes] = T.Broadcast(T.int32(0), ROWS)
-                    for kk in range(k4):
-                        for r in T.unroll(tile):
-                            total[r, lanes] = T.call_llvm_pure_intrin(
-                                "int32x16",
-                                "llvm.x86.avx512.vpdpbusd.512",
-                                total[r, lanes],
-                                T.reinterpret("int8x64", T.Broadcast(a[m, kk], ROWS)),
-                                w64[T.Ramp(((ot * tile + r) * k4 + kk) * (ROWS * 4), 1, ROWS * 4)],
-                            )
-                    for r in T.unroll(tile):
-                        acc[m, T.Ramp((ot * tile + r) * ROWS, 1, ROWS)] = total[r, lanes]
-
-        return gemm
 
     @T.prim_func(private=True)
     def gemm_generic(a_h: T.handle, w: T.Buffer((blocks, k4, ROWS, 4), "int8"), acc_h: T.handle):
@@ -328,8 +299,7 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
         args = [q, relax.const(packed), relax.const(sdot_offsets(codes, blocks * ROWS))]
         acc = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "int32")))
     else:
-        vnni = has_vnni()
-        gv = ctx.bb.add_func(gemm_func(blocks, k4, vnni), "int8_gemm_vnni" if vnni else "int8_gemm")
+        gv = ctx.bb.add_func(gemm_func(blocks, k4), "int8_gemm")
         acc = ctx.emit(
             relax.op.call_tir(gv, [q, relax.const(packed)], out_ty=relax.TensorType((rows, blocks * ROWS), "int32"))
         )
