@@ -1,6 +1,6 @@
 """Tiny random-init Hugging Face causal LMs, one per family reshift.llm supports (built offline).
 
-hidden 64, 2 layers, 4 heads / 2 KV heads (GPT-2 and OPT: 4 heads), vocab 256..320, float32.
+hidden 64, 2 layers, 4 heads / 2 KV heads (GPT-2 and OPT: 4 heads; Gemma head_dim 24), vocab 256..320, float32.
 Mistral gets a sliding window of 8 tokens so that a 64-token generation exercises it.
 """
 
@@ -37,7 +37,7 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     if family == "phi3":
         return transformers.Phi3Config(**{**common, "vocab_size": 320}, pad_token_id=0)
     if family == "gemma":
-        return transformers.GemmaConfig(**common, head_dim=16)
+        return transformers.GemmaConfig(**common, head_dim=24)  # not a multiple of 16: the scalar attention loops
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512)
     if family == "opt":

@@ -180,7 +180,7 @@ def test_gpu_graph_on_cpu_matches_reference_bcq():
 )
 def test_gpu_graph_on_cpu_matches_reference_families(family, pipeline):
     """Learned positions + layer norm (gpt2), a sliding window shorter than the prompt (mistral), GeGLU,
-    head_dim 16 and ternary codes (gemma), phi3's fused checkpoint projections."""
+    head_dim 24 and ternary codes (gemma), phi3's fused checkpoint projections."""
     _run_gpu_graph_on_cpu(family, pipeline)
 
 
