@@ -71,7 +71,7 @@ def test_spec_flags():
     llama3 = spec_from_config(tiny_config("llama3").to_dict())
     assert llama3.rope_scaling["rope_type"] == "llama3" and llama3.tied_embeddings
     gemma = spec_from_config(tiny_config("gemma").to_dict())
-    assert gemma.act == "gelu_tanh" and gemma.embed_scale == 8.0 and gemma.head_dim == 16
+    assert gemma.act == "gelu_tanh" and gemma.embed_scale == 8.0 and gemma.head_dim == 24  # the config's, not 64 / 4
     gpt2 = spec_from_config(tiny_config("gpt2").to_dict())
     assert gpt2.norm == "layer" and gpt2.learned_positions == 512 and not gpt2.gated
     assert spec_from_config(tiny_config("opt").to_dict()).position_offset == 2
