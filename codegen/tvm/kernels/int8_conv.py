@@ -36,7 +36,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
-from reshift.codegen.tvm.kernels.int8_gemm import ROWS, gemm_sdot_func, has_sdot, has_vnni, pack_weights, sdot_offsets
+from reshift.codegen.tvm.kernels.int8_gemm import ROWS, has_sdot, has_vnni, pack_weights, quantized_code, sdot_gemm
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, lowering, op, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
@@ -414,13 +414,10 @@ def conv_gemm_func(
 
 def _quantize_codes(x: te.Tensor, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
     """``clip(rint(x / s) + z, 0, 2^bits - 1) - z`` as int32 (NaN -> code of 0), the portable path's operand."""
-    qmax = tirx.const(2**bits - 1, "float32")
-    zero = tirx.const(0, "float32")
 
     def compute(*idx):
-        v = tirx.Select(tirx.isnan(x[idx]), zero, x[idx])
-        q = tirx.nearbyint(v / tirx.const(np.float32(x_scale), "float32")) + tirx.const(zero_point, "float32")
-        return tirx.max(tirx.min(q, qmax), zero).astype("int32") - tirx.const(zero_point, "int32")
+        q = quantized_code(x[idx], x_scale, zero_point, bits)
+        return q.astype("int32") - tirx.const(zero_point, "int32")
 
     return te.compute(x.shape, compute, name="int8_conv_codes")
 
@@ -555,7 +552,13 @@ def _portable_conv(
             out_dtype="int32",
         )
     )
-    rescale = (np.float32(a["x_scale"]) * scales).astype(np.float32).reshape(1, -1, 1, 1)
+    return _rescale_nchw(ctx, acc, x, a["x_scale"], scales, bias)
+
+
+def _rescale_nchw(ctx: LowerContext, acc: relax.Expr, x, x_scale: float, scales: np.ndarray, bias) -> relax.Expr:
+    """The reference's epilogue on ``acc int32 [N, O, OH, OW]``: ``float32(acc) * (s * w_scale[o])``, NaN
+    for every image whose input holds a NaN, then ``+ bias``."""
+    rescale = (np.float32(x_scale) * scales).astype(np.float32).reshape(1, -1, 1, 1)
     y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
     has_nan = ctx.emit(op.max(op.astype(op.isnan(x), "int32"), axis=[1, 2, 3], keepdims=True))
     y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
@@ -574,8 +577,8 @@ def _im2col_u8(x: te.Tensor, attrs: dict, kh: int, kw: int, k_pad: int) -> te.Te
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
     taps = c * kh * kw
-    qmax = tirx.const(2 ** attrs["x_bits"] - 1, "float32")
-    zero, z = tirx.const(0, "float32"), tirx.const(int(attrs["x_zero_point"]), "float32")
+    zero_point = int(attrs["x_zero_point"])
+    zero, z = tirx.const(0, "float32"), tirx.const(zero_point, "float32")
 
     def compute(r, col):
         b, pixel = r // (oh * ow), r % (oh * ow)
@@ -584,8 +587,7 @@ def _im2col_u8(x: te.Tensor, attrs: dict, kh: int, kw: int, k_pad: int) -> te.Te
         xx = pixel % ow * sw - pl + tap % kw * dw
         inside = tirx.all(col < taps, y >= 0, y < h, xx >= 0, xx < w)
         v = x[b, tirx.min(ci, c - 1), tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(xx, w - 1), 0)]
-        v = tirx.Select(tirx.isnan(v), zero, v)
-        q = tirx.max(tirx.min(tirx.nearbyint(v / tirx.const(np.float32(attrs["x_scale"]), "float32")) + z, qmax), zero)
+        q = quantized_code(v, attrs["x_scale"], zero_point, attrs["x_bits"])
         return tirx.Select(inside, q, tirx.Select(col < taps, z, zero)).astype("uint8")
 
     return te.compute((n * oh * ow, k_pad), compute, name="int8_conv_im2col")
@@ -601,25 +603,18 @@ def _sdot_conv(ctx: LowerContext, node: Node, x, codes: np.ndarray, scales: np.n
     float32 rescale, NaN-image rule and bias (bit-exact: the integer sum is exact, the float ops the same)."""
     a = node.attrs
     out, _, kh, kw = codes.shape
-    packed = pack_weights(codes.reshape(out, -1))
-    blocks, k4 = packed.shape[:2]
+    flat = codes.reshape(out, -1)
+    packed = pack_weights(flat)
+    k4 = packed.shape[1]
     n, _, oh, ow = ctx.shape(node.outputs[0])
     rows = ctx.te(_im2col_u8, x, a, kh, kw, k4 * 4, name="int8_conv_im2col")
-    gv = ctx.bb.add_func(gemm_sdot_func(blocks, k4), "int8_gemm_sdot")
-    args = [rows, relax.const(packed), relax.const(sdot_offsets(codes.reshape(out, -1), blocks * ROWS))]
-    acc = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((n * oh * ow, blocks * ROWS), "int32")))
-    if blocks * ROWS != out:
+    acc = sdot_gemm(ctx, rows, n * oh * ow, flat, packed)
+    if packed.shape[0] * ROWS != out:
         acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
-    correction = (int(a["x_zero_point"]) * codes.reshape(out, -1).astype(np.int64).sum(axis=1)).astype(np.int32)
+    correction = (int(a["x_zero_point"]) * flat.astype(np.int64).sum(axis=1)).astype(np.int32)
     acc = ctx.emit(op.subtract(acc, relax.const(correction)))
-    rescale = (np.float32(a["x_scale"]) * scales).astype(np.float32)
-    y = ctx.emit(op.multiply(op.astype(acc, "float32"), relax.const(rescale)))
-    y = ctx.emit(op.permute_dims(op.reshape(y, (n, oh, ow, out)), [0, 3, 1, 2]))
-    has_nan = ctx.emit(op.max(op.astype(op.isnan(x), "int32"), axis=[1, 2, 3], keepdims=True))
-    y = ctx.emit(op.where(op.greater(has_nan, relax.const(0, "int32")), scalar(np.nan, "float32"), y))
-    if bias is not None:
-        y = ctx.emit(op.add(y, op.reshape(bias, (1, -1, 1, 1))))
-    return y
+    acc = ctx.emit(op.permute_dims(op.reshape(acc, (n, oh, ow, out)), [0, 3, 1, 2]))
+    return _rescale_nchw(ctx, acc, x, a["x_scale"], scales, bias)
 
 
 @lowering("int8_conv2d")

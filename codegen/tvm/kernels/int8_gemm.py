@@ -153,6 +153,15 @@ def gemm_sdot_func(blocks: int, k4: int) -> tirx.PrimFunc:
     return gemm_sdot
 
 
+def sdot_gemm(ctx: LowerContext, q: relax.Expr, rows, codes: np.ndarray, packed: np.ndarray) -> relax.Expr:
+    """``acc int32 [rows, 16 * blocks]`` of the uint8 codes ``q`` against ``codes [O, K]`` (packed by
+    :func:`pack_weights`) on :func:`gemm_sdot_func`, its offsets included."""
+    blocks, k4 = packed.shape[:2]
+    gv = ctx.bb.add_func(gemm_sdot_func(blocks, k4), "int8_gemm_sdot")
+    args = [q, relax.const(packed), relax.const(sdot_offsets(codes, blocks * ROWS))]
+    return ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "int32")))
+
+
 def _row_params(x: te.Tensor, bits: int) -> tuple[te.Tensor, te.Tensor]:
     """Per-row ``(s, z)`` float32 ``[M, 1]`` of ``x_granularity="row"``, as ``ops_quant.row_params``."""
     rows, k = x.shape
@@ -192,16 +201,21 @@ def _quantize_u8_rows(x: te.Tensor, s: te.Tensor, z: te.Tensor, k_pad: int, bits
     return te.compute((x.shape[0], k_pad), compute, name="q_u8_rows")
 
 
+def quantized_code(v: tirx.PrimExpr, x_scale: float, zero_point: int, bits: int) -> tirx.PrimExpr:
+    """float32 ``clip(rint(v / s) + z, 0, 2^bits - 1)`` of one activation (NaN -> the code of 0), as
+    ``ops_quant.quantize_activations``: the per-tensor quantizer of every int8 kernel's operand."""
+    zero = tirx.const(0, "float32")
+    v = tirx.Select(tirx.isnan(v), zero, v)
+    q = tirx.nearbyint(v / tirx.const(np.float32(x_scale), "float32")) + tirx.const(zero_point, "float32")
+    return tirx.max(tirx.min(q, tirx.const(2**bits - 1, "float32")), zero)
+
+
 def _quantize_u8(x: te.Tensor, k_pad: int, x_scale: float, zero_point: int, bits: int) -> te.Tensor:
     """``clip(rint(x / s) + z, 0, 2^bits - 1)`` as uint8 ``[M, k_pad]`` (NaN -> 0, padding 0)."""
     k = x.shape[1]
-    qmax = 2**bits - 1
 
     def compute(m, c):
-        v = x[m, tirx.min(c, k - 1)]
-        v = tirx.Select(tirx.isnan(v), tirx.const(0, "float32"), v)
-        q = tirx.nearbyint(v / tirx.const(x_scale, "float32")) + tirx.const(zero_point, "float32")
-        q = tirx.max(tirx.min(q, tirx.const(qmax, "float32")), tirx.const(0, "float32"))
+        q = quantized_code(x[m, tirx.min(c, k - 1)], x_scale, zero_point, bits)
         return tirx.Select(c < k, q, tirx.const(0, "float32")).astype("uint8")
 
     return te.compute((x.shape[0], k_pad), compute, name="q_u8")
@@ -295,9 +309,7 @@ def lower_int8_linear(ctx: LowerContext, node: Node, x, wq, w_scale, bias) -> re
     if current_target_is_gpu():  # the same u8 x s8 -> s32 sum as a TE reduction that dlight schedules
         acc = ctx.te(_int8_gemm_portable, q, relax.const(packed), name="int8_gemm_portable")
     elif has_sdot():
-        gv = ctx.bb.add_func(gemm_sdot_func(blocks, k4), "int8_gemm_sdot")
-        args = [q, relax.const(packed), relax.const(sdot_offsets(codes, blocks * ROWS))]
-        acc = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, blocks * ROWS), "int32")))
+        acc = sdot_gemm(ctx, q, rows, codes, packed)
     else:
         gv = ctx.bb.add_func(gemm_func(blocks, k4), "int8_gemm")
         acc = ctx.emit(
