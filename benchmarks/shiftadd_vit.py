@@ -74,6 +74,7 @@ def expert_latency_option(graph, tokens: int, cache: dict) -> tuple[dict, dict]:
     the layer's shape and ``tokens`` rows, and the measurements by shape."""
     from reshift.codegen.tvm.kernels.moe_dispatch import expert_latencies
 
+    codes = reshift.passes.pipeline_options("shiftadd_vit", {})  # the shift expert's code range
     roles = mlp_roles(graph)
     option: dict = {"mult": {}, "shift": {}}
     for node in graph.nodes:
@@ -81,7 +82,9 @@ def expert_latency_option(graph, tokens: int, cache: dict) -> tuple[dict, dict]:
             continue
         shape = tuple(node.inputs[1].shape)
         if (shape, tokens) not in cache:
-            cache[(shape, tokens)] = expert_latencies(*shape, rows=tokens)
+            cache[(shape, tokens)] = expert_latencies(
+                *shape, rows=tokens, exponent_bits=codes["shift_bits"], levels=codes["shift_levels"]
+            )
         for expert in ("mult", "shift"):
             option[expert][node.name] = cache[(shape, tokens)][expert]
     return option, {f"{o}x{k}@{t}": v for ((o, k), t), v in cache.items()}

@@ -3,7 +3,8 @@
 
 Both linears of a transformer MLP, ``fc1 -> gelu|relu|silu -> fc2`` (each intermediate read once),
 become ``moe_linear``: the multiplication expert keeps the float32 weights, the shift expert holds
-their DeepShift-PS coding (:func:`reshift.passes.shift.quantize_shift`, option ``shift_bits``).
+their DeepShift-PS coding (:func:`reshift.passes.shift.quantize_shift`, options ``shift_bits``,
+``shift_levels``).
 ShiftAddViT's experts are whole MLPs; here each linear routes its own tokens, so each one's share of
 shift rows is measured and reported.
 
@@ -43,7 +44,7 @@ from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
 from reshift.passes.quant_common import LINEAR, LayerPlan, apply_plans, plan_layers
 from reshift.passes.rules import RewriteContext, RuleStats
-from reshift.passes.shift import DEFAULT_SHIFT_BITS, _overflow_reason, quantize_shift
+from reshift.passes.shift import _overflow_reason, quantize_shift, shift_options
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 DEFAULT_SHIFT_SHARE = 0.5
@@ -138,7 +139,7 @@ def _build(router, router_scale, router_bias, sign, exponent, scale, bits: int, 
 
 
 def _plan(roles: dict[str, str], candidates: list[Match], xs: dict[str, np.ndarray], options: dict):
-    bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
+    bits, levels = shift_options(options)
     plans: dict[str, LayerPlan] = {}
     for m in candidates:
         name = m.root.name
@@ -150,7 +151,7 @@ def _plan(roles: dict[str, str], candidates: list[Match], xs: dict[str, np.ndarr
             plans[name] = LayerPlan(reason="the router is fitted on calibration data: pass calibration=[...]")
             continue
         w = m.array("weight")
-        sign, exponent, scale = quantize_shift(w, bits)
+        sign, exponent, scale = quantize_shift(w, bits, levels)
         reason = _overflow_reason(sign, exponent, bits, f"K={w.shape[1]}")
         if reason:
             plans[name] = LayerPlan(reason=reason)

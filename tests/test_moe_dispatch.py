@@ -14,13 +14,15 @@ import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from reshift.codegen.tvm import build, lower  # noqa: E402
+from reshift.codegen.tvm.kernels import int8_gemm  # noqa: E402
 from reshift.ir import GraphBuilder, interpret  # noqa: E402
 from reshift.ir.ops_moe import routes  # noqa: E402
 
 RNG = np.random.default_rng(11)
 
 
-def _graph(out: int, k: int, router_bias: float, lead: str = "N"):
+def _graph(out: int, k: int, router_bias: float, lead: str = "N", bits: int = 4):
+    """Random shift codes: at 4 bits the int16 kernel's, at 3 bits exponents 0..6 (the int8 kernel's)."""
     b = GraphBuilder("moe")
     x = b.input("x", f"f32[{lead},{k}]")
     consts = [
@@ -29,11 +31,11 @@ def _graph(out: int, k: int, router_bias: float, lead: str = "N"):
         np.array([router_bias], np.float32),
         RNG.standard_normal((out, k)).astype(np.float32),
         RNG.integers(-1, 2, (out, k)).astype(np.int8),
-        RNG.integers(0, 16, (out, k)).astype(np.uint8),
+        RNG.integers(0, 16 if bits == 4 else 7, (out, k)).astype(np.uint8),
         RNG.random(out).astype(np.float32),
         RNG.standard_normal(out).astype(np.float32),
     ]
-    return b.build(b.moe_linear(x, *[b.constant(c) for c in consts])), consts
+    return b.build(b.moe_linear(x, *[b.constant(c) for c in consts], exponent_bits=bits)), consts
 
 
 def _check(graph, consts, vm, x):
@@ -53,10 +55,11 @@ def _check(graph, consts, vm, x):
     return to_shift
 
 
+@pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("shape", [(37, 70), (1, 5)], ids=lambda s: "x".join(map(str, s)))
-def test_dispatch_matches_reference(shape):
+def test_dispatch_matches_reference(shape, bits):
     out, k = shape
-    graph, consts = _graph(out, k, 0.0)
+    graph, consts = _graph(out, k, 0.0, bits=bits)
     vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
     shares = []
     for rows in (1, 3, 8, 17, 40):
@@ -83,14 +86,17 @@ def test_nan_zero_rows_and_leading_dims():
     assert not to_shift[0, 1] and not to_shift[1, 2] and to_shift[1, 4]
 
 
-def test_each_expert_runs_its_own_kernel_on_its_rows():
-    """The dispatch partitions the rows: one dense GEMM and one shift GEMV, no per-row select of both."""
-    graph, _ = _graph(20, 24, 0.0)
+@pytest.mark.parametrize("bits", [4, 3])
+def test_each_expert_runs_its_own_kernel_on_its_rows(bits):
+    """The dispatch partitions the rows: one dense GEMM and one shift kernel, no per-row select of both;
+    7-level codes (3 bits here) take the int8 kernel where the CPU has VNNI."""
+    graph, _ = _graph(20, 24, 0.0, bits=bits)
     names = {gv.name_hint for gv in lower(graph).functions}
     assert {"moe_partition", "dense_packed_f32", "moe_route"} <= names
-    shift_kernels = {n for n in names if n.startswith(("shift_int16_gemm", "shift_linear_gemv"))}
-    assert len(shift_kernels) == 1  # shift_linear's CPU kernel (int16 dot products, or the shift-add GEMV)
+    shift_kernels = {n for n in names if n.startswith(("shift_int16_gemm", "shift_int8_gemm"))}
+    assert len(shift_kernels) == 1  # shift_linear's CPU kernel (int8 or int16 dot products)
     shift_kernel = shift_kernels.pop()
+    assert shift_kernel.startswith("shift_int8" if bits == 3 and int8_gemm.has_vnni() else "shift_int16")
     lines = lower(graph)["main"].script(show_meta=False).splitlines()
     dense = next(line for line in lines if "call_tir(dense_packed_f32" in line)
     shift = next(line for line in lines if f"call_tir({shift_kernel}" in line)

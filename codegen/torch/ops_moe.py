@@ -36,16 +36,19 @@ from reshift.ir.graph import Graph, Node
 
 BALANCE_WEIGHT = 0.01  # Switch Transformer's and ShiftAddViT's auxiliary-loss coefficient
 SIGN, EXPONENT, SCALE = 5, 6, 7  # moe_linear's shift-expert input slots
-_LATENCY_CACHE: dict[tuple[int, int, int], dict[str, float]] = {}
+_LATENCY_CACHE: dict[tuple[int, ...], dict[str, float]] = {}
 
 
-def layer_latency(out_features: int, in_features: int, rows: int) -> dict[str, float]:
-    """Seconds per token of each expert's compiled kernel on this host (measured once per shape)."""
-    key = (out_features, in_features, rows)
+def layer_latency(out_features: int, in_features: int, rows: int, bits: int = 4, levels: int | None = None):
+    """Seconds per token of each expert's compiled kernel on this host (measured once per shape and code
+    range: ``bits`` / ``levels`` as :func:`expert_latencies`)."""
+    key = (out_features, in_features, rows, bits, levels)
     if key not in _LATENCY_CACHE:
         from reshift.codegen.tvm.kernels.moe_dispatch import expert_latencies
 
-        _LATENCY_CACHE[key] = expert_latencies(out_features, in_features, rows=rows, repeat=10)
+        _LATENCY_CACHE[key] = expert_latencies(
+            out_features, in_features, rows=rows, repeat=10, exponent_bits=bits, levels=levels
+        )
     return _LATENCY_CACHE[key]
 
 
@@ -72,7 +75,8 @@ class MoELinear(NodeModule):
         self.weight = _param(node.inputs[4].data)
         self.shift = ShiftWeights(_shift_view(node), graph)
         out_features, in_features = node.inputs[4].shape
-        self.latency = layer_latency(out_features, in_features, _tokens(node))
+        bits, top = int(node.attrs["exponent_bits"]), int(node.inputs[EXPONENT].data.max(initial=0)) + 1
+        self.latency = layer_latency(out_features, in_features, _tokens(node), bits, top)
         self._p: torch.Tensor | None = None
 
     def router_codes(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,15 +155,36 @@ GEMM_KNOBS = knob_db.register(
 )
 
 
-def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None) -> tirx.PrimFunc:
+def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None, shift: bool = False) -> tirx.PrimFunc:
     """``y [M, 16*blocks] = float32(q w - z_m wsum) * (s_m w_scale) + bias`` (see module docstring);
-    ``knobs``: see :data:`GEMM_KNOBS` (default: :func:`default_gemm_knobs`)."""
+    ``knobs``: see :data:`GEMM_KNOBS` (default: :func:`default_gemm_knobs`).
+
+    ``shift``: ``shift_int8.py``'s epilogue, the ``shift_linear`` reference's float steps instead:
+    ``rows [M, 1]`` holds ``s_m``, ``w_scale [2 * O]`` the channel factors ``p`` then ``scale``, and
+    ``y = ((float32(acc - wsum) * p[o]) * s_m) * scale[o] + bias`` (``z_m = 1``)."""
     width = blocks * LANES
     knobs = knobs or default_gemm_knobs({"blocks": blocks})
     rows_tile, panels = knobs["rows_tile"], knobs["panels"]
     lanes = T.Ramp(0, 1, LANES)
     dpbusd = "llvm.x86.avx512.vpdpbusd.512"
     mul_rn = "llvm.x86.avx512.mul.ps.512"  # with an explicit rounding mode: never contracted into an FMA
+    info_cols, scales = (1, 2 * width) if shift else (2, width)
+    rounding = tirx.const(ROUND_NEAREST, "int32")
+
+    def finish(acc_vec, m, o, info, wsum, w_scale, bias):
+        """One 16-channel vector of row ``m`` (channels ``o..o+15``) from its int32 sums."""
+        vec = T.Ramp(o, 1, LANES)
+        if shift:
+            f = T.Cast("float32x16", acc_vec - wsum[vec]) * w_scale[vec]  # exact: p is a power of two
+            f = f * T.Broadcast(info[m, 0], LANES)
+            f = T.call_llvm_pure_intrin("float32x16", mul_rn, f, w_scale[T.Ramp(width + o, 1, LANES)], rounding)
+        else:
+            z = T.Broadcast(T.Cast("int32", info[m, 1]), LANES)
+            f = T.Cast("float32x16", acc_vec - z * wsum[vec])
+            f = T.call_llvm_pure_intrin(
+                "float32x16", mul_rn, f, T.Broadcast(info[m, 0], LANES) * w_scale[vec], rounding
+            )
+        return f + bias[vec]
 
     @T.prim_func(private=True)
     def gemm_rescale(
@@ -171,14 +192,14 @@ def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None) 
         rows_h: T.handle,
         w: T.Buffer((blocks, k4, LANES, 4), "int8"),
         wsum: T.Buffer((width,), "int32"),
-        w_scale: T.Buffer((width,), "float32"),
+        w_scale: T.Buffer((scales,), "float32"),
         bias: T.Buffer((width,), "float32"),
         y_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         m_rows = T.int64()
         q8 = T.match_buffer(q_h, (m_rows, k4 * 4), "uint8")
-        info = T.match_buffer(rows_h, (m_rows, 2), "float32")
+        info = T.match_buffer(rows_h, (m_rows, info_cols), "float32")
         y = T.match_buffer(y_h, (m_rows, width), "float32")
         a = T.decl_buffer((m_rows * k4,), "int32", data=q8.data)  # 4 activation bytes per int32
         w64 = T.decl_buffer((blocks * k4 * LANES * 4,), "int8", data=w.data)
@@ -202,16 +223,7 @@ def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None) 
                     for v in T.unroll(panels):
                         o = (t * panels + v) * LANES
                         m = mo * rows_tile + r
-                        z = T.Broadcast(T.Cast("int32", info[m, 1]), LANES)
-                        f = T.Cast("float32x16", acc[r, v, lanes] - z * wsum[T.Ramp(o, 1, LANES)])
-                        f = T.call_llvm_pure_intrin(
-                            "float32x16",
-                            mul_rn,
-                            f,
-                            T.Broadcast(info[m, 0], LANES) * w_scale[T.Ramp(o, 1, LANES)],
-                            T.int32(ROUND_NEAREST),
-                        )
-                        y[m, T.Ramp(o, 1, LANES)] = f + bias[T.Ramp(o, 1, LANES)]
+                        y[m, T.Ramp(o, 1, LANES)] = finish(acc[r, v, lanes], m, o, info, wsum, w_scale, bias)
             for m1 in range(m_rows - m_rows % rows_tile, m_rows):  # tail rows (the GEMV at batch 1)
                 acc1 = T.alloc_buffer((panels, LANES), "int32", scope="global")
                 for v in T.unroll(panels):
@@ -227,16 +239,7 @@ def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None) 
                         )
                 for v in T.unroll(panels):
                     o1 = (t * panels + v) * LANES
-                    z1 = T.Broadcast(T.Cast("int32", info[m1, 1]), LANES)
-                    f1 = T.Cast("float32x16", acc1[v, lanes] - z1 * wsum[T.Ramp(o1, 1, LANES)])
-                    f1 = T.call_llvm_pure_intrin(
-                        "float32x16",
-                        mul_rn,
-                        f1,
-                        T.Broadcast(info[m1, 0], LANES) * w_scale[T.Ramp(o1, 1, LANES)],
-                        T.int32(ROUND_NEAREST),
-                    )
-                    y[m1, T.Ramp(o1, 1, LANES)] = f1 + bias[T.Ramp(o1, 1, LANES)]
+                    y[m1, T.Ramp(o1, 1, LANES)] = finish(acc1[v, lanes], m1, o1, info, wsum, w_scale, bias)
 
     return gemm_rescale
 

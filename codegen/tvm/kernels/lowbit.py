@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 
 from reshift.codegen.tvm import lower_lowbit
-from reshift.codegen.tvm.kernels import shift_int
+from reshift.codegen.tvm.kernels import shift_int8
 from reshift.codegen.tvm.kernels.bcq_gemm import GEMM_MIN_ROWS, gemm_func
 from reshift.codegen.tvm.kernels.lut_gemv import bias_row, gemv_func, table_compute
 from reshift.codegen.tvm.kernels.lut_gemv_cuda import gemv_cuda_func, split_for
@@ -238,8 +238,10 @@ def shift_matmul_int8(
 def lower_shift_linear(ctx: LowerContext, node: Node, x, sign, exponent, scale, bias) -> relax.Expr:
     sign_np, exponent_np = lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2)
     x2, lead, rows = _rows_2d(ctx, node, x)
-    matmul = shift_matmul if kernel_flavor() == "gpu" else shift_int.shift_matmul_int  # CPUs: int16 dot products
-    y = matmul(ctx, x2, rows, sign_np, exponent_np, scale, node.attrs["exponent_bits"])
-    if bias is not None:
-        y = ctx.emit(op.add(y, bias))
+    bits = node.attrs["exponent_bits"]
+    if kernel_flavor() == "gpu":
+        y = shift_matmul(ctx, x2, rows, sign_np, exponent_np, scale, bits)
+        y = y if bias is None else ctx.emit(op.add(y, bias))
+    else:  # CPUs: int8 or int16 dot products
+        y = shift_int8.shift_matmul_cpu(ctx, x2, rows, sign_np, exponent_np, scale, bias, bits)
     return ctx.emit(op.reshape(y, [*lead, node.outputs[0].shape[-1]]))

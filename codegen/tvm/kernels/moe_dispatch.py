@@ -6,9 +6,8 @@ codes), the int8 router scores it (an exact int32 dot product, then the registry
 puts the multiplication rows first (``perm``), its inverse and their count ``n``. The count becomes
 a shape (``tensor_to_shape`` + ``match_cast``: a data-dependent symbolic row count), so each expert
 runs its existing kernel on exactly its rows: the packed fp32 GEMM (``dense_cpu.py``) on the gathered
-float rows ``x[perm[:n]]``, and ``shift_linear``'s CPU kernel on the shift rows ``perm[n:]`` (the
-exact int16 dot products of ``shift_int.py`` on the gathered float rows where the tree has them,
-else the shift-add GEMV of ``shift_gemv.py`` on the gathered int8 codes). Their outputs are stacked
+float rows ``x[perm[:n]]``, and ``shift_linear``'s CPU kernel on the gathered float shift rows
+``perm[n:]`` (the exact int8 or int16 dot products of ``shift_int8.py`` / ``shift_int.py``). Their outputs are stacked
 and scattered back by the inverse permutation, then the bias is added. Shift rows and routing are
 bit-exact to the reference, multiplication rows within the dense kernel's float32 rounding (as
 ``linear``).
@@ -30,13 +29,9 @@ from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
 from reshift.codegen.tvm.kernels import cpu_lowering, dense_cpu, lowbit
+from reshift.codegen.tvm.kernels.shift_int8 import shift_matmul_cpu
 from reshift.codegen.tvm.lower import LowerContext, lowering, op, product, scalar
 from reshift.ir.graph import Node
-
-try:  # the exact int16 dot-product shift kernel (VNNI) of shift_linear, where this tree has it
-    from reshift.codegen.tvm.kernels.shift_int import shift_matmul_int
-except ImportError:  # the shift-add GEMV serves the shift rows
-    shift_matmul_int = None
 
 
 def _route(q: te.Tensor, s: te.Tensor, router: te.Tensor, router_scale: te.Tensor, router_bias: te.Tensor):
@@ -106,7 +101,7 @@ def dense_rows(ctx: LowerContext, x2: relax.Expr, rows, w: np.ndarray) -> relax.
     return y
 
 
-def _dispatch(ctx, x2, q, s, mask, rows, weight, sign, exponent, scale, bits) -> relax.Expr:
+def _dispatch(ctx, x2, mask, rows, weight, sign, exponent, scale, bits) -> relax.Expr:
     """Partition the rows, run each expert's kernel on its rows, scatter back (module docstring)."""
     parts = ctx.emit(
         relax.op.call_tir(
@@ -125,13 +120,8 @@ def _dispatch(ctx, x2, q, s, mask, rows, weight, sign, exponent, scale, bits) ->
     mult_rows = ctx.emit(op.strided_slice(perm, axes=[0], begin=[0], end=[n_mult], assume_inbound=True))
     shift_rows = ctx.emit(op.strided_slice(perm, axes=[0], begin=[n_mult], end=[rows], assume_inbound=True))
     y_mult = dense_rows(ctx, ctx.emit(op.take(x2, mult_rows, axis=0)), n_mult, weight)
-    if shift_matmul_int is not None:  # the int16 dot-product kernel quantizes its (gathered float) rows itself
-        x_shift = ctx.emit(op.take(x2, shift_rows, axis=0))
-        y_shift = shift_matmul_int(ctx, x_shift, rows - n_mult, sign, exponent, scale, bits)
-    else:
-        q_shift = ctx.emit(op.take(q, shift_rows, axis=0))
-        s_shift = ctx.emit(op.take(s, shift_rows, axis=0))
-        y_shift = lowbit.shift_matmul_int8(ctx, q_shift, s_shift, rows - n_mult, sign, exponent, scale, bits)
+    x_shift = ctx.emit(op.take(x2, shift_rows, axis=0))  # the shift kernels quantize their rows themselves
+    y_shift = shift_matmul_cpu(ctx, x_shift, rows - n_mult, sign, exponent, scale, None, bits)
     stacked = ctx.emit(op.concat([y_mult, y_shift], axis=0))
     return ctx.emit(op.take(stacked, inverse, axis=0))
 
@@ -150,7 +140,7 @@ def lower_moe_linear(
     q, s = lowbit.quantize_rows_int8(ctx, x2, rows, k)
     mask = ctx.te(_route, q, s, router, router_scale, router_bias, name="moe_route")
     if cpu_lowering.enabled():
-        y = _dispatch(ctx, x2, q, s, mask, rows, weight_np, sign_np, exponent_np, scale, bits)
+        y = _dispatch(ctx, x2, mask, rows, weight_np, sign_np, exponent_np, scale, bits)
     else:  # both experts on every row, then a per-row select
         y_mult = ctx.emit(op.matmul(x2, relax.const(np.ascontiguousarray(weight_np.T.astype(np.float32)))))
         y_shift = lowbit.shift_matmul_int8(ctx, q, s, rows, sign_np, exponent_np, scale, bits)
@@ -161,9 +151,18 @@ def lower_moe_linear(
     return ctx.emit(op.reshape(y, [*lead, out]))
 
 
-def expert_latencies(out_features: int, in_features: int, rows: int = 197, repeat: int = 20) -> dict[str, float]:
-    """Seconds per token of the multiplication expert (fp32 GEMM) and the shift expert (int8
-    quantization + shift-add GEMV) at ``[rows, in] -> [rows, out]`` on the host, median of ``repeat``."""
+def expert_latencies(
+    out_features: int,
+    in_features: int,
+    rows: int = 197,
+    repeat: int = 20,
+    exponent_bits: int = 4,
+    levels: int | None = None,
+) -> dict[str, float]:
+    """Seconds per token of the multiplication expert (fp32 GEMM) and the shift expert (its CPU kernel on
+    random codes of ``exponent_bits`` with exponents below ``levels``, default ``2^exponent_bits``: the
+    pass's ``shift_bits`` / ``shift_levels``, which decide int8 or int16) at ``[rows, in] -> [rows, out]``
+    on the host, median of ``repeat``."""
     from reshift.codegen.tvm import build
     from reshift.ir import GraphBuilder
 
@@ -176,8 +175,10 @@ def expert_latencies(out_features: int, in_features: int, rows: int = 197, repea
             y = b.linear(x, b.constant(rng.standard_normal((out_features, in_features)).astype(np.float32)), None)
         else:
             sign = b.constant(rng.integers(-1, 2, (out_features, in_features)).astype(np.int8))
-            exponent = b.constant(rng.integers(0, 16, (out_features, in_features)).astype(np.uint8))
-            y = b.shift_linear(x, sign, exponent, b.constant(rng.random(out_features).astype(np.float32)), None)
+            top = levels or 2**exponent_bits
+            exponent = b.constant(rng.integers(0, top, (out_features, in_features)).astype(np.uint8))
+            scale = b.constant(rng.random(out_features).astype(np.float32))
+            y = b.shift_linear(x, sign, exponent, scale, None, exponent_bits=exponent_bits)
         vm = relax.VirtualMachine(build(b.build(y), "cpu").executable, tvm.cpu())
         f, xv = vm["main"], tvm.runtime.tensor(rng.standard_normal((rows, in_features)).astype(np.float32))
         for _ in range(3):

@@ -331,29 +331,33 @@ def rint(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 # -- shift_linear: per-row codes ------------------------------------------------------------------
-def quantize_rows_int16(ctx: LowerContext, x2: relax.Expr, rows, k: int) -> tuple[relax.Expr, relax.Expr]:
-    """``(q int16 [rows, 2*ceil(K/2)], s float32 [rows, 1])``: the registry's per-row int8 codes (zero padded)."""
+def quantize_rows_codes(
+    ctx: LowerContext, x2: relax.Expr, k: int, multiple: int = 2, dtype: str = "int16", offset: int = 0
+) -> tuple[relax.Expr, relax.Expr]:
+    """``(codes [rows, K padded to multiple], s float32 [rows, 1])``: the registry's per-row int8 codes
+    ``q`` stored as ``dtype`` values ``q + offset`` (the padding: ``offset``)."""
     from tvm import te
 
     amax = ctx.emit(lower_lowbit.row_absmax(x2))
     s = ctx.emit(op.divide(amax, scalar(float(INT8_QMAX), "float32")))
-    k_pad = -(-k // 2) * 2
+    k_pad = -(-k // multiple) * multiple
+    shift = tirx.const(offset, "int32")
 
     def codes(x, s):
         def value(m, c):
             q = int8_code_vectorizable(x[m, tirx.min(c, k - 1)], s[m, 0])
-            return tirx.Select(c < k, q, tirx.const(0, "int32")).astype("int16")
+            return (tirx.Select(c < k, q, tirx.const(0, "int32")) + shift).astype(dtype)
 
-        return te.compute((x.shape[0], k_pad), value, name="q16")
+        return te.compute((x.shape[0], k_pad), value, name="q16" if dtype == "int16" else "q8")
 
-    return ctx.te(codes, x2, s, name="quantize_rows_int16"), s
+    return ctx.te(codes, x2, s, name=f"quantize_rows_{dtype}"), s
 
 
 def shift_matmul_int(
     ctx: LowerContext, x2: relax.Expr, rows, sign: np.ndarray, exponent: np.ndarray, scale: relax.Expr, bits: int
 ) -> relax.Expr:
     """``shift_linear`` on ``x2 [rows, K]`` as ``[rows, O]`` float32 (no bias) through the int16 GEMM."""
-    q16, s = quantize_rows_int16(ctx, x2, rows, sign.shape[1])
+    q16, s = quantize_rows_codes(ctx, x2, sign.shape[1])
     return rescale(ctx, int_matmul(ctx, q16, rows, encode_int16(sign, exponent, bits)), s, scale, bits)
 
 
