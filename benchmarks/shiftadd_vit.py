@@ -53,6 +53,7 @@ from timing import interleaved  # noqa: E402
 import reshift  # noqa: E402
 from reshift.codegen.tvm import describe_host_cpu  # noqa: E402
 from reshift.passes.moe import mlp_roles  # noqa: E402
+from reshift.passes.shift import shift_options  # noqa: E402
 
 THREADS = 2
 DEIT_SHAPED = {**ptq_vit.CLUTTERED, "dim": 384, "depth": 12, "heads": 6, "lr": 1e-3}
@@ -74,7 +75,7 @@ def expert_latency_option(graph, tokens: int, cache: dict) -> tuple[dict, dict]:
     the layer's shape and ``tokens`` rows, and the measurements by shape."""
     from reshift.codegen.tvm.kernels.moe_dispatch import expert_latencies
 
-    codes = reshift.passes.pipeline_options("shiftadd_vit", {})  # the shift expert's code range
+    bits, levels = shift_options({})  # the shift expert's codes at the pass defaults
     roles = mlp_roles(graph)
     option: dict = {"mult": {}, "shift": {}}
     for node in graph.nodes:
@@ -82,9 +83,7 @@ def expert_latency_option(graph, tokens: int, cache: dict) -> tuple[dict, dict]:
             continue
         shape = tuple(node.inputs[1].shape)
         if (shape, tokens) not in cache:
-            cache[(shape, tokens)] = expert_latencies(
-                *shape, rows=tokens, exponent_bits=codes["shift_bits"], levels=codes["shift_levels"]
-            )
+            cache[(shape, tokens)] = expert_latencies(*shape, rows=tokens, exponent_bits=bits, levels=levels)
         for expert in ("mult", "shift"):
             option[expert][node.name] = cache[(shape, tokens)][expert]
     return option, {f"{o}x{k}@{t}": v for ((o, k), t), v in cache.items()}

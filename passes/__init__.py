@@ -53,7 +53,7 @@ PIPELINES: dict[str, list[str]] = {
         "fuse_parallel_branches",
         "dead_code",
     ],
-    # lossy weight quantizers (options: skip, shift_bits / bits, bcq_q, group_size; calibration)
+    # lossy weight quantizers (options: skip, shift_bits / shift_levels / bits, bcq_q, group_size; calibration)
     "shift": ["shift_weights"],
     "bcq": ["bcq_weights"],
     "ternary": ["ternary_weights"],
@@ -69,9 +69,6 @@ PIPELINES: dict[str, list[str]] = {
     "shiftadd_vit": ["binary_attention", "moe_mlp", "shift_weights"],
     "binary_attention": ["binary_attention"],  # ShiftAddViT; options: hash_bits, binary_init, seed; calibration
 }
-# options a pipeline sets unless the caller does: shiftadd_vit's shift layers (the shift expert and the
-# other linears) use 7 levels at 3 exponent bits, the int8 dot-product kernels' form (passes/shift.py)
-PIPELINE_OPTIONS: dict[str, dict[str, object]] = {"shiftadd_vit": {"shift_bits": 3, "shift_levels": 7}}
 # post-training quantization of transformers (options: w_bits, a_bits, act_method, weight_method,
 # weight_rounding, skip, reparam_stat, base_kind, qk_alpha, v_alpha; calibration required): uniform
 # (RepQ-ViT's baseline), + log-sqrt2 softmax, + scale reparameterization (RepQ-ViT's post-LayerNorm
@@ -114,14 +111,6 @@ def pipeline_passes(pipeline: str) -> list[Pass]:
     return [PASSES[n] for n in names]
 
 
-def pipeline_options(pipeline: str, options: dict[str, object]) -> dict[str, object]:
-    """``options`` over the defaults of every pipeline in ``pipeline`` (:data:`PIPELINE_OPTIONS`)."""
-    merged: dict[str, object] = {}
-    for part in pipeline.split("+"):
-        merged.update(PIPELINE_OPTIONS.get(part, {}))
-    return {**merged, **options}
-
-
 def run(
     graph: Graph,
     pipeline: str = "exact",
@@ -136,13 +125,12 @@ def run(
     graph to every report row that changed something.
     """
     manager = PassManager(pipeline_passes(pipeline), name=pipeline, verify_each=verify_each)
-    return manager.run(graph, PassContext(calibration, pipeline_options(pipeline, options)), inputs)
+    return manager.run(graph, PassContext(calibration, options), inputs)
 
 
 __all__ = [
     "PASSES",
     "PIPELINES",
-    "PIPELINE_OPTIONS",
     "Any",
     "Const",
     "Match",
@@ -155,7 +143,6 @@ __all__ = [
     "PassReport",
     "Rule",
     "apply_rules",
-    "pipeline_options",
     "pipeline_passes",
     "register_pass",
     "rule_pass",

@@ -5,17 +5,18 @@ Elhoushi et al. 2021, Eq. 4; ShiftAddViT's shift layers).
 ``p = clamp(rint(-log2(|W| / scale)), 0, 2^b - 1)``: rounding in the log domain, so the level
 boundary between ``2^-p`` and ``2^-(p+1)`` is their geometric mean ``2^-(p+1/2)``; ties (exact
 half exponents) go to the even ``p``. A weight below half the smallest level,
-``|W| < scale * 2^-(2^b - 1) / 2``, becomes 0 (sign 0). ``b`` = option ``shift_bits`` (default
-4: 1 sign + 4 exponent bits = 5 bits per weight).
+``|W| < scale * 2^-(2^b - 1) / 2``, becomes 0 (sign 0). ``b`` = option ``shift_bits``.
 
-Option ``shift_levels`` = ``L`` (default ``2^b``) uses only the ``L`` largest levels
-``2^0 .. 2^-(L-1)``: ``p`` is clamped to ``L - 1`` and the zero threshold is half of ``2^-(L-1)``.
-With ``L <= 7`` every channel's weights are int8 multiples of its smallest level (at most ``2^6 = 64``
-of them), so the layer runs on the int8 dot-product kernel (``codegen/tvm/kernels/shift_int8.py``,
-4 multiply-adds per 32-bit lane on VNNI, twice the int16 kernel's); ``shift_bits=3,
-shift_levels=7`` (the ``shiftadd_vit`` pipeline's default) keeps the int32 accumulator bound of 3
-exponent bits. Dropping the levels below ``2^-6`` changes only weights under ``2^-6.5`` (1.1%) of
-their channel's maximum.
+Option ``shift_levels`` = ``L`` uses only the ``L`` largest levels ``2^0 .. 2^-(L-1)``: ``p`` is
+clamped to ``L - 1`` and the zero threshold is half of ``2^-(L-1)``. With ``L <= 7`` every
+channel's weights are int8 multiples of its smallest level (at most ``2^6 = 64`` of them), so the
+layer runs on the int8 dot-product kernel (``codegen/tvm/kernels/shift_int8.py``: 4 multiply-adds
+per 32-bit lane on VNNI, twice the int16 kernel's). The default, ``shift_bits=3, shift_levels=7``
+(1 sign + 3 exponent bits = 4 bits per weight, the exponent 7 unused), is that form, and 3 exponent
+bits keep the int32 accumulator bound far from any layer's (``K`` up to 132104). Other ``shift_bits``
+default to all ``2^b`` levels (4: the int16 kernel, 5 bits per weight). On MiniLM's real weights
+(``benchmarks/lowbit_accuracy.py``) the default and 4 exponent bits give the same embedding cosine to
+0.001: the levels below ``2^-6`` hold only weights under ``2^-6.5`` (1.1%) of their channel's maximum.
 
 A conv's OIHW filter is quantized as the matrix ``[O, C/groups * kh * kw]`` (one scale per output
 channel), the layout ``shift_conv2d`` contracts its im2col rows with; groups, stride, dilation and
@@ -54,26 +55,32 @@ from reshift.passes.quant_common import (
 )
 from reshift.passes.rules import RuleStats
 
-DEFAULT_SHIFT_BITS = 4
+DEFAULT_SHIFT_BITS = 3
+DEFAULT_SHIFT_LEVELS = 7  # at DEFAULT_SHIFT_BITS: the int8 kernels' codes (module docstring)
 
 
 def shift_options(options: dict) -> tuple[int, int | None]:
-    """``(shift_bits, shift_levels)`` from a pass's options, checked (``levels`` None: all ``2^bits``)."""
+    """``(shift_bits, shift_levels)`` from a pass's options, checked (see :func:`default_levels`)."""
     bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
-    levels = options.get("shift_levels")
     if not 1 <= bits <= 5:
         raise PassError(f"shift_bits={bits} must be in 1..5")
-    if levels is not None and not 1 <= int(levels) <= 2**bits:
+    levels = int(options.get("shift_levels") or default_levels(bits))
+    if not 1 <= levels <= 2**bits:
         raise PassError(f"shift_levels={levels} must be in 1..{2**bits} (2^shift_bits)")
-    return bits, None if levels is None else int(levels)
+    return bits, levels
+
+
+def default_levels(bits: int) -> int:
+    """``shift_levels`` unless given: 7 at the default 3 bits (the int8 kernels' codes), else all ``2^bits``."""
+    return DEFAULT_SHIFT_LEVELS if bits == DEFAULT_SHIFT_BITS else 2**bits
 
 
 def quantize_shift(
     w: np.ndarray, exponent_bits: int = DEFAULT_SHIFT_BITS, levels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sign int8 [O,K], exponent uint8 [O,K], scale float32 [O])`` per the module docstring; ``levels``:
-    option ``shift_levels`` (the exponents stay below it)."""
-    e_max = 2**exponent_bits - 1 if levels is None else levels - 1
+    option ``shift_levels`` (the exponents stay below it; None: :func:`default_levels`)."""
+    e_max = (levels or default_levels(exponent_bits)) - 1
     w = np.asarray(w, dtype=np.float64)
     scale = np.max(np.abs(w), axis=1) if w.shape[1] else np.zeros(w.shape[0])
     safe = np.where(scale > 0, scale, 1.0)
@@ -176,4 +183,13 @@ SHIFT_PASSES = [
     )
 ]
 
-__all__ = ["DEFAULT_SHIFT_BITS", "SHIFT_PASSES", "quantize_shift", "shift_options", "shift_weight", "shift_weights"]
+__all__ = [
+    "DEFAULT_SHIFT_BITS",
+    "DEFAULT_SHIFT_LEVELS",
+    "SHIFT_PASSES",
+    "default_levels",
+    "quantize_shift",
+    "shift_options",
+    "shift_weight",
+    "shift_weights",
+]

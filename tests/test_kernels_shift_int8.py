@@ -20,9 +20,9 @@ from tvm import relax  # noqa: E402
 from reshift import ir, passes  # noqa: E402
 from reshift.codegen.tvm import build, lower  # noqa: E402
 from reshift.codegen.tvm.kernels import int8_gemm  # noqa: E402
-from reshift.codegen.tvm.kernels.shift_int8 import encode_int8  # noqa: E402
+from reshift.codegen.tvm.kernels.shift_int import encode_int8  # noqa: E402
 from reshift.errors import PassError  # noqa: E402
-from reshift.passes.shift import quantize_shift  # noqa: E402
+from reshift.passes.shift import quantize_shift, shift_options  # noqa: E402
 
 RNG = np.random.default_rng(31)
 needs_vnni = pytest.mark.skipif(not int8_gemm.has_vnni(), reason="host CPU without AVX-512 VNNI")
@@ -128,7 +128,7 @@ def test_shift_levels_bound_the_exponents():
     assert exponent.max() <= 6 and encode_int8(sign, exponent, 3) is not None
     tiny = np.array([[1.0, 2.0**-6, 2.0**-7.2, 2.0**-7.9]])
     assert quantize_shift(tiny, 3, levels=7)[0].tolist() == [[1, 1, 0, 0]]  # below half of 2^-6: zero
-    assert quantize_shift(tiny, 3)[0].tolist() == [[1, 1, 1, 1]]  # all 8 levels: 2^-7 is one
+    assert quantize_shift(tiny, 3, levels=8)[0].tolist() == [[1, 1, 1, 1]]  # all 8 levels: 2^-7 is one
 
 
 def _mlp():
@@ -147,7 +147,80 @@ def test_shift_levels_option_is_checked():
     assert len(shifts) == 2 and all(int(n.inputs[2].data.max()) <= 6 for n in shifts)
 
 
-def test_shiftadd_vit_defaults_and_their_override():
-    assert passes.pipeline_options("exact+shiftadd_vit", {}) == {"shift_bits": 3, "shift_levels": 7}
-    assert passes.pipeline_options("shiftadd_vit", {"shift_bits": 4, "shift_levels": None})["shift_bits"] == 4
-    assert passes.pipeline_options("shift", {}) == {}
+def test_default_codes_fit_the_int8_kernel_and_other_bits_keep_every_level():
+    assert shift_options({}) == (3, 7)
+    assert shift_options({"shift_bits": 4}) == (4, 16) and shift_options({"shift_bits": 3, "shift_levels": 8}) == (
+        3,
+        8,
+    )
+    sign, exponent, _ = quantize_shift(RNG.standard_normal((8, 500)))
+    assert exponent.max() <= 6 and encode_int8(sign, exponent, 3) is not None
+
+
+# (C, O, kernel, stride, padding (top, left, bottom, right)) of dense shift convs
+CONVS = {
+    "c16_o64_3x3": (16, 64, 3, (1, 1), (1, 1, 1, 1)),
+    "c3_o32_7x7_s2": (3, 32, 7, (2, 2), (3, 3, 3, 3)),
+    "c35_o32_1x1_s2": (35, 32, 1, (2, 2), (0, 0, 0, 0)),
+}
+
+
+def _conv_graph(c, o, k, stride, padding, relu_residual=False, chained=False, levels=7, bits=3):
+    b = ir.GraphBuilder("shift_conv_int8")
+    x = b.input("x", f"f32[N,{c},13,11]")
+
+    def conv(v, cin, cout):
+        shape = (cout, cin, k, k)
+        return b.shift_conv2d(
+            v,
+            b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
+            b.constant(RNG.integers(0, levels, shape).astype(np.uint8)),
+            b.constant((RNG.random(cout) + 0.1).astype(np.float32)),
+            b.constant(RNG.standard_normal(cout).astype(np.float32)),
+            stride=stride,
+            padding=padding,
+            dilation=(1, 1),
+            groups=1,
+            exponent_bits=bits,
+        )
+
+    y = conv(x, c, o)
+    if chained:  # the second conv reads the first one's channel-last output
+        y = conv(b.relu(y), o, o)
+    if relu_residual:
+        y = b.relu(b.add(b.relu(y), x))
+    return b.build(y)
+
+
+def _check_conv(graph, c):
+    vm = relax.VirtualMachine(build(graph, "cpu").executable, tvm.cpu())
+    for n in (1, 2):
+        xs = (RNG.standard_normal((n, c, 13, 11)) * 2).astype(np.float32)
+        if n == 2:
+            xs[1, 0, 2, 3], xs[0, -1, 5, 5] = np.nan, np.inf
+        actual = vm["main"](tvm.runtime.tensor(xs)).numpy()
+        _assert_same(actual, ir.interpret(graph, {"x": xs})[graph.outputs[0].name])
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", sorted(CONVS))
+def test_shift_conv2d_is_bit_exact(case):
+    graph = _conv_graph(*CONVS[case])
+    assert "shift_int8_conv_fused" in lower(graph).script(show_meta=False)
+    _check_conv(graph, CONVS[case][0])
+
+
+@needs_vnni
+def test_fused_epilogue_and_channel_last_hand_off_are_bit_exact():
+    residual = _conv_graph(16, 16, 3, (1, 1), (1, 1, 1, 1), relu_residual=True)
+    chained = _conv_graph(16, 32, 3, (1, 1), (1, 1, 1, 1), chained=True)
+    calls = [line for line in lower(chained)["main"].script(show_meta=False).splitlines() if "call_tir(" in line]
+    assert sum("shift_conv2d_codes_u8" in line for line in calls) == 2
+    assert sum("shift_conv2d_prep" in line for line in calls) == 1  # the second reads channel-last codes
+    for graph in (residual, chained):
+        _check_conv(graph, 16)
+
+
+def test_conv_codes_that_do_not_fit_keep_the_int16_kernel():
+    script = lower(_conv_graph(*CONVS["c16_o64_3x3"], levels=16, bits=4)).script(show_meta=False)
+    assert "shift_int8_conv_fused" not in script and "shift_conv2d_codes_u8" not in script

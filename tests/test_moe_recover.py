@@ -18,7 +18,7 @@ from tests.test_moe import _calibration, _mlp_graph, _moe_graph  # noqa: E402
 @pytest.fixture(autouse=True)
 def _latencies(monkeypatch):
     """Known expert latencies instead of timing kernels (``layer_latency`` compiles and times them)."""
-    monkeypatch.setattr(ops_moe, "layer_latency", lambda o, k, rows: {"mult": 1.0, "shift": 3.0})
+    monkeypatch.setattr(ops_moe, "layer_latency", lambda o, k, rows, bits, levels: {"mult": 1.0, "shift": 3.0})
 
 
 def _run(module, graph, x):

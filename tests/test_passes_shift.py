@@ -268,7 +268,7 @@ def test_shift_pass_on_mlp_keeps_first_and_last_and_reports_errors(rng):
     details = report.details
     assert set(details) == {"fc1", "fc2"}
     for layer in details.values():
-        assert layer["bits"] == 5 and layer["error_kind"] == "output" and 0 < layer["error"] < 0.3
+        assert layer["bits"] == 4 and layer["error_kind"] == "output" and 0 < layer["error"] < 0.3
     assert report.max_error < 0.3
     assert report.records[0].macs[1] < report.records[0].macs[0]
     assert "shift_weights fc1" in str(report)
@@ -299,9 +299,9 @@ def test_shift_pass_refusals(rng):
     b = ir.GraphBuilder()
     x = b.input("x", f"f32[N,{k}]")
     g = b.build(b.linear(x, b.constant(np.ones((2, k), np.float32)), None, name="wide"))
-    g2, report = passes.run(g, "shift", skip=[])
+    g2, report = passes.run(g, "shift", skip=[], shift_bits=4)
     assert "int32" in report.refusals[0].reason and "linear" in g2.op_histogram()
-    g2, report = passes.run(g, "shift", skip=[], shift_bits=3)  # 127 * 600 * 2^7 fits
+    g2, report = passes.run(g, "shift", skip=[])  # the default 3 bits: 127 * 600 * 2^7 fits
     assert g2.op_histogram() == {"shift_linear": 1}
 
 
@@ -370,7 +370,7 @@ def test_shift_pass_rewrites_convs_keeping_window_attributes(rng):
     new = {n.inputs[1].name.removesuffix("_sign"): n for n in g2.nodes if n.op == "shift_conv2d"}
     for name in ("conv1", "conv2"):
         old, node = node_named(g, name), new[name]
-        assert {k: node.attrs[k] for k in old.attrs} == old.attrs and node.attrs["exponent_bits"] == 4
+        assert {k: node.attrs[k] for k in old.attrs} == old.attrs and node.attrs["exponent_bits"] == 3
         w = old.inputs[1].data
         sign, exponent, scale = quantize_shift(w.reshape(len(w), -1))
         np.testing.assert_array_equal(node.inputs[1].data, sign.reshape(w.shape))
@@ -423,10 +423,10 @@ def test_shift_pass_refuses_convs_that_overflow_int32():
     b = ir.GraphBuilder()
     x = b.input("x", "f32[N,24,6,6]")  # K = 24*5*5 = 600 > 516: all-ones filters overflow at shift_bits=4
     g = b.build(b.conv2d(x, b.constant(np.ones((2, 24, 5, 5), np.float32)), None, name="wide"))
-    g2, report = passes.run(g, "shift", skip=[])
+    g2, report = passes.run(g, "shift", skip=[], shift_bits=4)
     assert "K = C/groups*kh*kw = 24*5*5 = 600" in report.refusals[0].reason and "int32" in report.refusals[0].reason
     assert g2.op_histogram() == {"conv2d": 1}
-    g2, _ = passes.run(g, "shift", skip=[], shift_bits=3)  # 127 * 600 * 2^7 fits
+    g2, _ = passes.run(g, "shift", skip=[])  # the default 3 bits: 127 * 600 * 2^7 fits
     assert g2.op_histogram() == {"shift_conv2d": 1}
 
 

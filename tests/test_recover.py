@@ -153,6 +153,8 @@ def test_deepshift_ps_moves_exponents_and_signs():
     )
     assert np.mean(codes(before) != codes(after)) > 0.001
     assert {n.inputs[2].data.dtype for n in after.nodes if n.op == "shift_linear"} == {np.dtype(np.uint8)}
+    # the default 7-level codes (exponents 0..6) stay 7-level: the recovered layers keep the int8 kernel
+    assert max(int(n.inputs[2].data.max()) for n in after.nodes if n.op == "shift_linear") <= 6
 
 
 def test_recovery_is_deterministic_for_a_seed():

@@ -4,7 +4,9 @@
   exponent ``P`` and sign ``S``; forward ``W = scale * sign(round(S)) * 2^-clamp(round(P), 0, 2^b - 1)``
   with straight-through rounding; ``scale`` trainable. Activations are quantized per row to int8 as the
   kernel does (``quantize_rows_int8``), straight through. Zero weights start at the smallest level's
-  exponent, so one that comes back to life starts small.
+  exponent, so one that comes back to life starts small. Codes that use at most 7 levels (exponents
+  0..6, ``passes/shift.py``'s default ``shift_levels``) keep that range, so the recovered layer still
+  runs on the int8 kernel (``shift_int8.py``): the clamp is at ``max(6, largest exponent)``.
 * ``bcq_linear`` (ShiftAddLLM's W = sum_i alpha_i B_i): a latent weight; its codes are re-derived in
   every forward as the nearest of the group's ``2^q`` levels ``sum_i alpha_i b_i`` (so the post-training
   codes are reproduced exactly at step 0), gradients straight through to the latent weight and exactly
@@ -38,6 +40,7 @@ from reshift.ir.ops_lowbit import (
 )
 
 QUANTIZER_OPS = ("quantize_uniform", "log2_quant")
+INT8_LEVELS = 7  # shift exponents 0..6: int8 multiples of the smallest level (shift_int8.py)
 
 
 def _param(array: np.ndarray) -> torch.nn.Parameter:
@@ -68,7 +71,7 @@ class ShiftWeights(NodeModule):
         sign, exponent = node.inputs[1].data, node.inputs[2].data
         self.shape = sign.shape
         self.bits = int(node.attrs["exponent_bits"])
-        self.e_max = 2**self.bits - 1
+        self.e_max = min(2**self.bits - 1, max(INT8_LEVELS - 1, int(exponent.max(initial=0))))  # the codes' range
         sign2 = sign.reshape(sign.shape[0], -1)
         latent_p = np.where(sign2 == 0, self.e_max, exponent.reshape(sign2.shape)).astype(np.float32)
         self.P = _param(latent_p)

@@ -40,6 +40,7 @@ from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
 from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
+from reshift.codegen.tvm.kernels.int8_gemm import pack_weights
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, constant, op, scalar
 from reshift.ir.ops_lowbit import INT8_QMAX
 
@@ -130,6 +131,41 @@ def encode_int16(sign: np.ndarray, exponent: np.ndarray, bits: int) -> Int16Weig
     w = np.where(sign != 0, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
     assert np.array_equal(weights.decoded(), w), "int16 encoding not exact"
     return weights
+
+
+@dataclass
+class Int8Weights:
+    """Exact int8 form of shift weights: ``sign * 2^(E - exponent) = mult[o] * code[o, k]``."""
+
+    code: np.ndarray  # int8 [O, K]
+    mult: np.ndarray  # int64 [O]: +-2^(E - hi_o)
+
+
+def encode_int8(sign: np.ndarray, exponent: np.ndarray, bits: int) -> Int8Weights | None:
+    """``sign``/``exponent [O, K]`` -> :class:`Int8Weights`, or None when a channel does not fit: the
+    channel's nonzero weights span at most 7 exponents, or 8 with one sign at the smallest (see
+    ``shift_int8.py``); checked exact against ``sign * 2^(E - exponent)``."""
+    e_max = 2**bits - 1
+    live = sign != 0
+    e = np.where(live, exponent.astype(np.int64), 0)
+    hi = np.where(live, e, -1).max(axis=1, initial=-1)
+    lo = np.where(live, e, e_max + 1).min(axis=1, initial=e_max + 1)
+    spread = np.where(hi >= 0, hi - lo, 0)
+    if np.any(spread > 7):
+        return None
+    v = np.where(live, sign.astype(np.int64) << np.clip(hi[:, None] - e, 0, None), 0)
+    flip = np.ones(len(sign), np.int64)
+    for o in np.flatnonzero(spread == 7):  # +128 is no int8: negate so the top weights are -128
+        top = v[o][np.abs(v[o]) == 128]
+        if np.all(top > 0):
+            flip[o] = -1
+        elif not np.all(top < 0):
+            return None
+    code = (v * flip[:, None]).astype(np.int8)
+    mult = np.where(hi >= 0, flip * np.left_shift(np.int64(1), e_max - np.maximum(hi, 0)), 1)  # int32 range
+    w = np.where(live, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
+    assert np.array_equal(code.astype(np.int64) * mult[:, None], w), "int8 encoding not exact"
+    return Int8Weights(code, mult)
 
 
 def pack_int16(code: np.ndarray) -> np.ndarray:
@@ -362,6 +398,12 @@ def shift_matmul_int(
 
 
 # -- shift_conv2d: per-window codes ---------------------------------------------------------------
+def conv_k_pad(k: int, int8: bool) -> int:
+    """The codes' row length: ``K`` padded to whole int16 pairs, or int8 quads."""
+    multiple = 4 if int8 else 2
+    return -(-k // multiple) * multiple
+
+
 def conv_prep_func(channels: int, hw: tuple[int, int]) -> tirx.PrimFunc:
     """``(x, x) -> (xt, cm)``: the NHWC copy of ``x [n, C, h, w]`` and ``cm[n, y, x, 0] = max_c |x|``
     (+inf where a channel is NaN: LLVM's ``maxnum`` drops NaN). ``x`` is passed twice: Relax's
@@ -393,7 +435,15 @@ def conv_prep_func(channels: int, hw: tuple[int, int]) -> tirx.PrimFunc:
 
 
 def conv_codes_func(
-    channels: int, hw: tuple[int, int], kernel, stride, padding, dilation, out_hw: tuple[int, int], parts: int = 1
+    channels: int,
+    hw: tuple[int, int],
+    kernel,
+    stride,
+    padding,
+    dilation,
+    out_hw: tuple[int, int],
+    parts: int = 1,
+    int8: bool = False,
 ) -> tirx.PrimFunc:
     """``(xt, cm) -> (s, q)``: per output pixel ``r`` its window's scale ``s[r] = max cm / 127`` and the
     int16 codes ``q[r, (i*kw + j)*C + c] = int8_code(xt[n, y, x, c], s[r])`` (0 in the padding and
@@ -401,13 +451,17 @@ def conv_codes_func(
     window) gets zero codes, as ``int8_code``; its outputs become NaN in the epilogue. The scale
     test is made once per row, so the inner loop is load, divide, round, clip, narrow, store. ``cm``
     is ``[n, h, w, parts]``: each pixel's channel max in ``parts`` pieces (one from the prep kernel, one
-    per output tile from a producing :func:`gemm_fused_func`)."""
+    per output tile from a producing :func:`gemm_fused_func`). ``int8``: the codes as ``uint8`` ``q + 128``
+    (``shift_int8.py``; a zero code is 128) with ``K`` padded to a multiple of 4."""
     h, w = hw
     kh, kw = kernel
     oh, ow = out_hw
     top, left = padding[0], padding[1]
     k = kh * kw * channels
-    k_pad = -(-k // 2) * 2
+    k_pad = conv_k_pad(k, int8)
+    dtype = "uint8" if int8 else "int16"
+    offset = 128 if int8 else 0
+    zero = tirx.const(offset, dtype)
     vec = 16
     body, tail = channels // vec, channels % vec
     lo, hi = T.float32(-INT8_QMAX), T.float32(INT8_QMAX)
@@ -427,7 +481,7 @@ def conv_codes_func(
         return best
 
     def code(v, inverse):
-        return T.Cast("int16", T.Cast("int32", T.max(T.min(rint(quotient(v, inverse)), hi), lo)))
+        return T.Cast(dtype, T.Cast("int32", T.max(T.min(rint(quotient(v, inverse)), hi), lo)) + offset)
 
     @T.prim_func(private=True)
     def conv_codes(xt_h: T.handle, cm_h: T.handle, s_h: T.handle, q_h: T.handle):
@@ -436,9 +490,9 @@ def conv_codes_func(
         xt4 = T.match_buffer(xt_h, (n, h, w, channels), "float32")
         cm = T.match_buffer(cm_h, (n, h, w, parts), "float32")
         s = T.match_buffer(s_h, (n * oh * ow, 1), "float32")
-        q2 = T.match_buffer(q_h, (n * oh * ow, k_pad), "int16")
+        q2 = T.match_buffer(q_h, (n * oh * ow, k_pad), dtype)
         xt = T.decl_buffer((n * h * w * channels,), "float32", data=xt4.data)
-        q = T.decl_buffer((n * oh * ow * k_pad,), "int16", data=q2.data)
+        q = T.decl_buffer((n * oh * ow * k_pad,), dtype, data=q2.data)
         for r in T.parallel(n * oh * ow):
             img = T.meta_var(r // (oh * ow))
             oy = T.meta_var(r % (oh * ow) // ow)
@@ -463,12 +517,12 @@ def conv_codes_func(
                             q[col + body * vec + ct] = code(xt[src + body * vec + ct], inverse)
                     else:
                         for c in range(channels):
-                            q[col + c] = T.int16(0)
+                            q[col + c] = zero
             else:
                 for c in range(k):
-                    q[row + c] = T.int16(0)
+                    q[row + c] = zero
             for c in range(k_pad - k):
-                q[row + k + c] = T.int16(0)
+                q[row + k + c] = zero
 
     return conv_codes
 
@@ -543,15 +597,15 @@ def _epilogue_chain(ctx: LowerContext, node) -> _Chain:
     return chain
 
 
-def _conv_codes(ctx: LowerContext, node, x, out_hw, rows) -> tuple[relax.Expr, relax.Expr]:
-    """``(s [rows, 1], q16 [rows, K_pad])``: the per-window codes, from a :class:`ChannelLast` input
-    when the producer left one, else from an NHWC copy (:func:`conv_prep_func`)."""
+def _conv_codes(ctx: LowerContext, node, x, out_hw, rows, int8: bool = False) -> tuple[relax.Expr, relax.Expr]:
+    """``(s [rows, 1], q [rows, K_pad])``: the per-window codes (int16, or ``int8``'s uint8), from a
+    :class:`ChannelLast` input when the producer left one, else from an NHWC copy (:func:`conv_prep_func`)."""
     a = node.attrs
     channels = int(node.inputs[0].shape[1])
     hw = (int(node.inputs[0].shape[2]), int(node.inputs[0].shape[3]))
     kh, kw = node.inputs[1].shape[2:]
     batch = ctx.shape(node.inputs[0])[0]
-    k_pad = -(-(kh * kw * channels) // 2) * 2
+    k_pad = conv_k_pad(kh * kw * channels, int8)
     held = ctx.padded.get(node.inputs[0])
     if held is not None and isinstance(held[1], ChannelLast):
         xt = ctx.emit(op.reshape(held[0], (batch, hw[0], hw[1], channels)))
@@ -571,13 +625,15 @@ def _conv_codes(ctx: LowerContext, node, x, out_hw, rows) -> tuple[relax.Expr, r
         )
         xt, cm = ctx.emit(relax.TupleGetItem(prepped, 0)), ctx.emit(relax.TupleGetItem(prepped, 1))
         parts = 1
-    codes_fn = conv_codes_func(channels, hw, (kh, kw), a["stride"], a["padding"], a["dilation"], out_hw, parts)
-    gv = ctx.bb.add_func(codes_fn, "shift_conv2d_codes")
+    window = (a["stride"], a["padding"], a["dilation"])
+    codes_fn = conv_codes_func(channels, hw, (kh, kw), *window, out_hw, parts, int8)
+    gv = ctx.bb.add_func(codes_fn, "shift_conv2d_codes_u8" if int8 else "shift_conv2d_codes")
+    dtype = "uint8" if int8 else "int16"
     coded = ctx.emit(
         relax.op.call_tir(
             gv,
             [xt, cm],
-            out_ty=[relax.TensorType((rows, 1), "float32"), relax.TensorType((rows, k_pad), "int16")],
+            out_ty=[relax.TensorType((rows, 1), "float32"), relax.TensorType((rows, k_pad), dtype)],
         )
     )
     return ctx.emit(relax.TupleGetItem(coded, 0)), ctx.emit(relax.TupleGetItem(coded, 1))
@@ -593,12 +649,17 @@ def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.nd
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
     batch = ctx.shape(node.inputs[0])[0]
     rows = batch * oh * ow
-    s, q16 = _conv_codes(ctx, node, x, (oh, ow), rows)
     ohwi = (0, 2, 3, 1)  # columns in (i, j, c) order, as the codes
     sign2 = np.ascontiguousarray(sign.transpose(ohwi)).reshape(out_channels, -1)
     exponent2 = np.ascontiguousarray(exponent.transpose(ohwi)).reshape(out_channels, -1)
+    fused = has_vnni() and out_channels % ROWS == 0
+    weights8 = encode_int8(sign2, exponent2, a["exponent_bits"]) if fused else None
+    if weights8 is not None:  # uint8 codes on vpdpbusd (shift_int8.py)
+        s, q8 = _conv_codes(ctx, node, x, (oh, ow), rows, int8=True)
+        return _fused_conv(ctx, node, q8, s, weights8, scale, bias, (batch, oh, ow))
+    s, q16 = _conv_codes(ctx, node, x, (oh, ow), rows)
     weights = encode_int16(sign2, exponent2, a["exponent_bits"])
-    if has_vnni() and weights.mult.shape[0] == 1 and out_channels % ROWS == 0:
+    if fused and weights.mult.shape[0] == 1:
         return _fused_conv(ctx, node, q16, s, weights, scale, bias, (batch, oh, ow))
     y = rescale(ctx, int_matmul(ctx, q16, rows, weights), s, scale, a["exponent_bits"])
     if bias is not None:
@@ -619,16 +680,23 @@ def _wrap_corrections(ctx: LowerContext, q16, rows, weights: Int16Weights) -> re
     )
 
 
-def _fused_conv(ctx: LowerContext, node, q16, s, weights: Int16Weights, scale, bias, nhw) -> relax.Expr:
-    """The GEMM of :func:`gemm_fused_func` for ``node`` and the nodes of its :func:`_epilogue_chain`."""
+def _fused_conv(ctx: LowerContext, node, q, s, weights: Int16Weights | Int8Weights, scale, bias, nhw) -> relax.Expr:
+    """The GEMM of :func:`gemm_fused_func` for ``node`` and the nodes of its :func:`_epilogue_chain`, on
+    int16 codes ``q`` and :class:`Int16Weights`, or uint8 codes and :class:`Int8Weights`."""
     batch, oh, ow = nhw
     rows = batch * oh * ow
-    out = weights.mult.shape[1]
-    packed = pack_int16(weights.code)
-    blocks, k2 = packed.shape[:2]
+    int8 = isinstance(weights, Int8Weights)
+    out = weights.code.shape[-2]
+    if int8:
+        packed = pack_weights(weights.code)
+        mult, start, corr = weights.mult.astype(np.int32), -128 * weights.code.astype(np.int64).sum(axis=1), None
+    else:
+        packed = pack_int16(weights.code)
+        mult, start, corr = weights.mult[0], None, _wrap_corrections(ctx, q, rows, weights)
+    blocks, k_words = packed.shape[:2]
     chain = _epilogue_chain(ctx, node)
-    corr = _wrap_corrections(ctx, q16, rows, weights)
     epi = Epilogue(
+        int8=int8,
         bits=node.attrs["exponent_bits"],
         out_hw=(oh, ow),
         has_bias=bias is not None,
@@ -641,20 +709,22 @@ def _fused_conv(ctx: LowerContext, node, q16, s, weights: Int16Weights, scale, b
     tiles = gemm_tiles(blocks)[1]
     unused = s  # any tensor: the kernel does not read an operand its epilogue lacks
     args = [
-        q16,
+        q,
         constant(packed),
-        constant(weights.mult[0]),
+        constant(mult),
         s,
         scale,
         bias if bias is not None else constant(np.zeros(out, np.float32)),
         corr if corr is not None else unused,
         ctx.env[chain.residual] if chain.add is not None else unused,
+        constant(start.astype(np.int32)) if start is not None else unused,
     ]
     if epi.nhwc:
         out_ty = [relax.TensorType((rows, out), "float32"), relax.TensorType((rows, tiles), "float32")]
     else:
         out_ty = [relax.TensorType((batch, out, oh, ow), "float32"), relax.TensorType((1, tiles), "float32")]
-    gv = ctx.bb.add_func(gemm_fused_func(blocks, k2, epi), "shift_int16_conv_fused")
+    name = "shift_int8_conv_fused" if int8 else "shift_int16_conv_fused"
+    gv = ctx.bb.add_func(gemm_fused_func(blocks, k_words, epi), name)
     both = ctx.emit(relax.op.call_tir(gv, args, out_ty=out_ty))
     y = ctx.emit(relax.TupleGetItem(both, 0))
     last = chain.last(node)
@@ -817,7 +887,8 @@ class Epilogue:
     ``relu``, ``+ residual`` (an NCHW tensor of the output's shape), ``relu_after``. ``nhwc``: ``y``
     is stored ``[rows, O]`` (channel-last, what a following shift conv's codes read) with
     ``cm[r, t] = max |y|`` over the row's channels of output tile ``t`` (+inf for NaN); else NCHW
-    (``out_hw = (OH, OW)``)."""
+    (``out_hw = (OH, OW)``). ``int8``: the sum is ``vpdpbusd``'s over uint8 codes ``q + 128`` and int8
+    weights (``shift_int8.py``), started at ``-128 * sum_k w[o, k]``; never ``wrapped``."""
 
     bits: int
     out_hw: tuple[int, int]
@@ -827,6 +898,7 @@ class Epilogue:
     residual: bool = False
     relu_after: bool = False
     nhwc: bool = False
+    int8: bool = False
 
 
 def gemm_tiles(blocks: int) -> tuple[int, int]:
@@ -843,9 +915,11 @@ def _relu(v: tirx.PrimExpr) -> tirx.PrimExpr:
 
 def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
     """:func:`gemm_func`'s VNNI GEMM (``O = 16 * blocks`` output channels, no padding) with :class:`Epilogue`
-    applied to the accumulators in registers: ``(a, w, mult, s, scale, bias, corr, residual) -> (y, cm)``.
-    ``corr`` (``[rows, O]`` int32) and ``residual`` are read only when ``epi`` says so (else any tensor);
-    ``cm`` (``[rows, tiles]``) is written only for ``nhwc``. The scale multiply is ``vmulps {rn-sae}``
+    applied to the accumulators in registers: ``(a, w, mult, s, scale, bias, corr, residual, start) -> (y,
+    cm)``. ``k2`` counts 32-bit activation words (int16 pairs, or ``epi.int8``'s uint8 quads).
+    ``corr`` (``[rows, O]`` int32), ``residual`` and ``start`` (``[O]`` int32, the int8 sums' first
+    value) are read only when ``epi`` says so (else any tensor); ``cm`` (``[rows, tiles]``) is written
+    only for ``nhwc``. The scale multiply is ``vmulps {rn-sae}``
     (LLVM contracts a plain multiply and a following add into one FMA, which rounds once)."""
     width = blocks * ROWS
     lanes = T.Ramp(0, 1, ROWS)
@@ -854,6 +928,10 @@ def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
     inf = tirx.Broadcast(tirx.const(np.inf, "float32"), ROWS)
     nan = tirx.Broadcast(tirx.const(np.nan, "float32"), ROWS)
     unit = tirx.Broadcast(tirx.const(2.0 ** -(2**epi.bits - 1), "float32"), ROWS)
+    per_word, code_type = (4, "uint8") if epi.int8 else (2, "int16")
+    w_type = "int8" if epi.int8 else "int16"
+    dot = "llvm.x86.avx512.vpdpbusd.512" if epi.int8 else _dot_intrinsic()
+    operand = f"{w_type}x{ROWS * per_word}"
 
     def nchw(m, o):
         """The NCHW places of row ``m``'s channels ``o..o+15`` (``OH*OW`` apart)."""
@@ -892,19 +970,23 @@ def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
 
     def rows_block(n_rows: int):
         @T.macro
-        def block(a, wf, yf, cm, mult, s, scale, bias, corr, res, t, m0):
+        def block(a, wf, yf, cm, mult, s, scale, bias, corr, res, first, t, m0):
             total = T.alloc_buffer((n_rows * tile, ROWS), "int32", scope="global")  # < 1 KiB: registers
-            for i in T.unroll(n_rows * tile):
-                total[i, lanes] = T.Broadcast(T.int32(0), ROWS)
+            for r in T.unroll(n_rows):
+                for b in T.unroll(tile):
+                    if epi.int8:
+                        total[r * tile + b, lanes] = first[T.Ramp((t * tile + b) * ROWS, 1, ROWS)]
+                    else:
+                        total[r * tile + b, lanes] = T.Broadcast(T.int32(0), ROWS)
             for kk in range(k2):
                 for r in T.unroll(n_rows):
                     for b in T.unroll(tile):
                         total[r * tile + b, lanes] = T.call_llvm_pure_intrin(
                             "int32x16",
-                            _dot_intrinsic(),
+                            dot,
                             total[r * tile + b, lanes],
-                            T.reinterpret("int16x32", T.Broadcast(a[m0 + r, kk], ROWS)),
-                            wf[T.Ramp(((t * tile + b) * k2 + kk) * (ROWS * 2), 1, ROWS * 2)],
+                            T.reinterpret(operand, T.Broadcast(a[m0 + r, kk], ROWS)),
+                            wf[T.Ramp(((t * tile + b) * k2 + kk) * (ROWS * per_word), 1, ROWS * per_word)],
                         )
             for r in T.unroll(n_rows):
                 if epi.nhwc:
@@ -933,19 +1015,20 @@ def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def gemm_fused(
         a_h: T.handle,
-        w: T.Buffer((blocks, k2, ROWS, 2), "int16"),
+        w: T.Buffer((blocks, k2, ROWS, per_word), w_type),
         mult: T.Buffer((width,), "int32"),
         s_h: T.handle,
         scale: T.Buffer((width,), "float32"),
         bias: T.Buffer((width,), "float32"),
         corr_h: T.handle,
         res_h: T.handle,
+        start_h: T.handle,
         y_h: T.handle,
         cm_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        a16 = T.match_buffer(a_h, (rows, k2 * 2), "int16")
+        a16 = T.match_buffer(a_h, (rows, k2 * per_word), code_type)
         s = T.match_buffer(s_h, (rows, 1), "float32")
         # every match_buffer before the first decl_buffer (each decl_buffer opens a frame)
         if epi.wrapped:
@@ -953,6 +1036,8 @@ def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
         if epi.residual:
             n_res = T.int64()
             res4 = T.match_buffer(res_h, (n_res, width, oh, ow), "float32")
+        if epi.int8:
+            first = T.match_buffer(start_h, (width,), "int32")
         if epi.nhwc:
             y2 = T.match_buffer(y_h, (rows, width), "float32")
             cm = T.match_buffer(cm_h, (rows, tiles), "float32")
@@ -967,16 +1052,18 @@ def gemm_fused_func(blocks: int, k2: int, epi: Epilogue) -> tirx.PrimFunc:
             res = T.decl_buffer((rows * width,), "float32", data=s.data)  # never read
         if not epi.nhwc:
             cm = T.decl_buffer((rows, tiles), "float32", data=s.data)  # never written
+        if not epi.int8:
+            first = T.decl_buffer((width,), "int32", data=mult.data)  # never read
         y = T.decl_buffer((rows * width,), "float32", data=y2.data)
-        a = T.decl_buffer((rows, k2), "int32", data=a16.data)  # one int16 pair per int32
-        wf = T.decl_buffer((blocks * k2 * ROWS * 2,), "int16", data=w.data)
+        a = T.decl_buffer((rows, k2), "int32", data=a16.data)  # one int16 pair (or uint8 quad) per int32
+        wf = T.decl_buffer((blocks * k2 * ROWS * per_word,), w_type, data=w.data)
         for task in T.parallel((rows + (CHUNK - 1)) // CHUNK * tiles):
             t = T.meta_var(task % tiles)
             base = T.meta_var(task // tiles * CHUNK)
             here = T.meta_var(T.min(T.int64(CHUNK), rows - base))
             for mb in range(here // ROW_BLOCK):
-                main(a, wf, y, cm, mult, s, scale, bias, corr, res, t, base + mb * ROW_BLOCK)
+                main(a, wf, y, cm, mult, s, scale, bias, corr, res, first, t, base + mb * ROW_BLOCK)
             for m in range(here % ROW_BLOCK):
-                one(a, wf, y, cm, mult, s, scale, bias, corr, res, t, base + here // ROW_BLOCK * ROW_BLOCK + m)
+                one(a, wf, y, cm, mult, s, scale, bias, corr, res, first, t, base + here // ROW_BLOCK * ROW_BLOCK + m)
 
     return gemm_fused

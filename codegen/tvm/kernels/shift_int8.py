@@ -24,50 +24,13 @@ rescale pass. Other layers (a wider spread, or mixed signs at a spread of 7) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from tvm import relax
 
 from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.kernels import int8_fused, int8_gemm, shift_int
+from reshift.codegen.tvm.kernels.shift_int import Int8Weights, encode_int8
 from reshift.codegen.tvm.lower import LowerContext, op
-
-INT8_MIN = -128
-
-
-@dataclass
-class Int8Weights:
-    """Exact int8 form of shift weights: ``sign * 2^(E - exponent) = mult[o] * code[o, k]``."""
-
-    code: np.ndarray  # int8 [O, K]
-    mult: np.ndarray  # int64 [O]: +-2^(E - hi_o)
-
-
-def encode_int8(sign: np.ndarray, exponent: np.ndarray, bits: int) -> Int8Weights | None:
-    """``sign``/``exponent [O, K]`` -> :class:`Int8Weights`, or None when a channel does not fit (see module
-    docstring); checked exact against ``sign * 2^(E - exponent)``."""
-    e_max = 2**bits - 1
-    live = sign != 0
-    e = np.where(live, exponent.astype(np.int64), 0)
-    hi = np.where(live, e, -1).max(axis=1, initial=-1)
-    lo = np.where(live, e, e_max + 1).min(axis=1, initial=e_max + 1)
-    spread = np.where(hi >= 0, hi - lo, 0)
-    if np.any(spread > 7):
-        return None
-    v = np.where(live, sign.astype(np.int64) << np.clip(hi[:, None] - e, 0, None), 0)
-    flip = np.ones(len(sign), np.int64)
-    for o in np.flatnonzero(spread == 7):  # +128 is no int8: negate so the top weights are -128
-        top = v[o][np.abs(v[o]) == 128]
-        if np.all(top > 0):
-            flip[o] = -1
-        elif not np.all(top < 0):
-            return None
-    code = (v * flip[:, None]).astype(np.int8)
-    mult = flip * np.left_shift(np.int64(1), e_max - np.maximum(hi, 0))
-    w = np.where(live, sign.astype(np.int64) << (e_max - exponent.astype(np.int64)), 0)
-    assert np.array_equal(code.astype(np.int64) * mult[:, None], w), "int8 encoding not exact"
-    return Int8Weights(code, mult)
 
 
 def _channel_vector(ctx: LowerContext, value: relax.Expr | np.ndarray | None, out: int, width: int) -> relax.Expr:
@@ -125,4 +88,4 @@ def shift_matmul_cpu(
     return y if bias is None else ctx.emit(op.add(y, bias))
 
 
-__all__ = ["Int8Weights", "encode_int8", "shift_matmul_cpu", "shift_matmul_int8"]
+__all__ = ["shift_matmul_cpu", "shift_matmul_int8"]
