@@ -20,7 +20,11 @@ default to all ``2^b`` levels (4: the int16 kernel, 5 bits per weight). On MiniL
 
 A conv's OIHW filter is quantized as the matrix ``[O, C/groups * kh * kw]`` (one scale per output
 channel), the layout ``shift_conv2d`` contracts its im2col rows with; groups, stride, dilation and
-padding carry over unchanged.
+padding carry over unchanged. Depthwise convs (one input channel per group) stay float32 unless
+option ``shift_depthwise`` is true: their im2col rows have ``K = kh * kw`` (9) elements, each with
+its own int8 scale, so the activation coding costs more than the 9 multiply-adds per output it
+replaces (MobileOne-S0 on this repo's CPU kernels: 12.7 ms in 7 depthwise shift convs against
+1.1 ms in float32, ``benchmarks/profile_ops.py``), and their weights are a small part of a model's.
 
 Layers are chosen as for every weight quantizer (:func:`reshift.passes.quant_common.candidate_reason`:
 constant, untied float32 weights; first and last weight layer kept by default, ``skip`` patterns). A
@@ -57,6 +61,9 @@ from reshift.passes.rules import RuleStats
 
 DEFAULT_SHIFT_BITS = 3
 DEFAULT_SHIFT_LEVELS = 7  # at DEFAULT_SHIFT_BITS: the int8 kernels' codes (module docstring)
+DEPTHWISE_KEPT = (
+    "depthwise conv kept float32 (its per-window int8 codes cost more than its multiplies; shift_depthwise=True)"
+)
 
 
 def shift_options(options: dict) -> tuple[int, int | None]:
@@ -148,6 +155,9 @@ def _plan_conv(candidates: list[Match], xs: dict[str, np.ndarray], options: dict
     for m in candidates:
         w = m.array("weight")  # [O, C/groups, kh, kw]
         o, cg, kh, kw = w.shape
+        if cg == 1 and m.root.attrs["groups"] > 1 and not options.get("shift_depthwise", False):
+            plans[m.root.name] = LayerPlan(reason=DEPTHWISE_KEPT)
+            continue
         sign, exponent, scale = quantize_shift(w.reshape(o, -1), bits, levels)
         reason = _overflow_reason(sign, exponent, bits, f"K = C/groups*kh*kw = {cg}*{kh}*{kw} = {cg * kh * kw}")
         if reason:

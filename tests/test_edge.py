@@ -158,8 +158,10 @@ def test_deploy_model_matches_host(name, edge_device, tmp_path, capsys):
 
 def _int8_graph(rng):
     """int8_linear (per-row and per-tensor activations) and int8_conv2d (3x3 pad 1, 3x3 stride 2 dilation
-    2 uneven padding, depthwise): the integer kernels w8a8 lowers to."""
+    2 uneven padding, depthwise): the integer kernels w8a8 lowers to; a shift_linear with the default
+    7-level codes (``shift_int8.py``'s ``sdot`` path)."""
     from reshift.ir.builder import GraphBuilder
+    from reshift.passes.shift import quantize_shift
     from tests.test_kernels_int8 import _int8_conv
 
     b = GraphBuilder("int8_edge")
@@ -177,6 +179,8 @@ def _int8_graph(rng):
         codes = b.constant(rng.integers(-127, 128, (out, k)).astype(np.int8))
         scales = b.constant((rng.random(out) * 0.01 + 1e-3).astype(np.float32))
         y = b.int8_linear(y, codes, scales, None, x_scale=0.02, x_zero_point=100, x_granularity=granularity)
+    sign, exponent, scale = quantize_shift(rng.standard_normal((20, 24)))
+    y = b.shift_linear(y, b.constant(sign), b.constant(exponent), b.constant(scale), None, exponent_bits=3)
     return b.build(h, y)
 
 

@@ -224,3 +224,18 @@ def test_fused_epilogue_and_channel_last_hand_off_are_bit_exact():
 def test_conv_codes_that_do_not_fit_keep_the_int16_kernel():
     script = lower(_conv_graph(*CONVS["c16_o64_3x3"], levels=16, bits=4)).script(show_meta=False)
     assert "shift_int8_conv_fused" not in script and "shift_conv2d_codes_u8" not in script
+
+
+def test_arm64_dotprod_build_runs_shift_linear_on_sdot():
+    """``arm64-dotprod``: 7-level shift codes on the ``sdot`` GEMM (cross-built, not run here:
+    ``test_edge.py`` checks it bit-exact on the emulated device); plain ``arm64`` keeps the int16 loop."""
+    sign, exponent = _fitting_codes(40, 72, 3)
+    graph = _graph(40, 72, sign, exponent, 3)
+
+    def assembly(target: str) -> str:
+        return build(graph, target).executable.mod.imports[0].inspect_source("asm")
+
+    dotprod = assembly("arm64-dotprod")
+    assert "int8_gemm_sdot:" in dotprod and "\tsdot\tv" in dotprod
+    plain = assembly("arm64")
+    assert "\tsdot\t" not in plain and "shift_int16_gemm:" in plain

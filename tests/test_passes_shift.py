@@ -361,7 +361,7 @@ def test_shift_pass_rewrites_convs_keeping_window_attributes(rng):
     g = conv_net(rng)
     calib = [{"x": rng.standard_normal((3, 3, 10, 9)).astype(np.float32)} for _ in range(2)]
     inputs = {"x": rng.standard_normal((2, 3, 10, 9)).astype(np.float32)}
-    g2, report = passes.run(g, "shift", calibration=calib, inputs=inputs)
+    g2, report = passes.run(g, "shift", calibration=calib, inputs=inputs, shift_depthwise=True)
     ir.verify(g2)
     assert g2.op_histogram() == {"conv2d": 2, "shift_conv2d": 2, "relu": 2}
     assert report.matches == {"conv_to_shift": 2}
@@ -379,6 +379,14 @@ def test_shift_pass_rewrites_convs_keeping_window_attributes(rng):
         assert (node.inputs[4] is None) == (old.inputs[2] is None)
         assert report.details[name]["error_kind"] == "output" and 0 < report.details[name]["error"] < 0.3
     assert report.max_error < 0.3
+
+
+def test_depthwise_convs_stay_float_unless_asked(rng):
+    g2, report = passes.run(conv_net(rng), "shift", skip=[])
+    assert {n.name for n in g2.nodes if n.op == "conv2d"} == {"conv2"}  # the depthwise one
+    assert "depthwise conv kept float32" in {r.node: r.reason for r in report.refusals}["conv2"]
+    g2, _ = passes.run(conv_net(rng), "shift", skip=[], shift_depthwise=True)
+    assert g2.op_histogram()["shift_conv2d"] == 4
 
 
 def test_conv_output_error_is_the_error_on_im2col_rows(rng):

@@ -18,8 +18,10 @@ is ``acc[r,o] = 2^(E - hi_o) * D[r,o]`` with ``D = sum_i q[r,i] v[o,i]``, and
   (A zero of a negated channel is ``-0.0`` before the bias add: only a ``-0.0`` bias keeps it.)
 
 Four multiply-adds per 32-bit lane per instruction, twice the int16 kernel's, and no separate
-rescale pass. Other layers (a wider spread, or mixed signs at a spread of 7) and CPUs without VNNI keep
-``shift_int``'s int16 kernel; :func:`shift_matmul_cpu` chooses per layer.
+rescale pass. On aarch64 with the dot product (preset ``arm64-dotprod``) the same codes run on
+``int8_gemm``'s ``sdot`` GEMM and the float steps as elementwise ops (:func:`shift_matmul_sdot`).
+Other layers (a wider spread, or mixed signs at a spread of 7) and other CPUs keep ``shift_int``'s
+int16 kernel; :func:`shift_matmul_cpu` chooses per layer.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ def shift_matmul_int8(
     blocks, k4 = packed.shape[:2]
     width = blocks * int8_fused.LANES
     q8, s = shift_int.quantize_rows_codes(ctx, x2, k, multiple=4, dtype="uint8", offset=128)
+    offset, p_out = _channel_factors(weights, bits)
     wsum = np.zeros(width, np.int32)
-    wsum[:out] = 128 * weights.code.astype(np.int64).sum(axis=1)
+    wsum[:out] = offset
     p = np.ones(width, np.float32)
-    p[:out] = weights.mult.astype(np.float64) * 2.0 ** -(2**bits - 1)
+    p[:out] = p_out
     factors = ctx.emit(op.concat([relax.const(p), _channel_vector(ctx, scale, out, width)], axis=0))
     shape = {"rows": rows, "blocks": blocks, "k4": k4}
     knobs = knob_db.choose("int8_gemm_rescale_vnni", shape) if isinstance(rows, int) else None
@@ -67,6 +70,30 @@ def shift_matmul_int8(
     if width != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
     return y
+
+
+def _channel_factors(weights: Int8Weights, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(128 * sum_k v[o, k]`` int32, ``p[o] = mult[o] * 2^-E`` float32)`` per output channel."""
+    offset = (128 * weights.code.astype(np.int64).sum(axis=1)).astype(np.int32)
+    return offset, (weights.mult.astype(np.float64) * 2.0 ** -(2**bits - 1)).astype(np.float32)
+
+
+def shift_matmul_sdot(
+    ctx: LowerContext, x2: relax.Expr, rows, weights: Int8Weights, scale: relax.Expr, bias: relax.Expr | None, bits: int
+) -> relax.Expr:
+    """``shift_linear`` on ``x2 [rows, K]`` (bias included) on aarch64's ``sdot``: ``D = sum (q + 128) v -
+    128 sum v``, then ``((float32(D) * p) * s) * scale + bias`` (module docstring)."""
+    out, k = weights.code.shape
+    q8, s = shift_int.quantize_rows_codes(ctx, x2, k, multiple=4, dtype="uint8", offset=128)
+    packed = int8_gemm.pack_weights(weights.code)
+    acc = int8_gemm.sdot_gemm(ctx, q8, rows, weights.code, packed)
+    if packed.shape[0] * int8_fused.LANES != out:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
+    offset, p = _channel_factors(weights, bits)
+    y = ctx.emit(op.multiply(op.astype(op.subtract(acc, relax.const(offset)), "float32"), relax.const(p)))
+    y = ctx.emit(op.multiply(y, s))
+    y = ctx.emit(op.multiply(y, scale))
+    return y if bias is None else ctx.emit(op.add(y, bias))
 
 
 def shift_matmul_cpu(
@@ -80,12 +107,14 @@ def shift_matmul_cpu(
     bits: int,
 ) -> relax.Expr:
     """``shift_linear`` on ``x2 [rows, K]`` (bias included) on the CPU: the int8 kernel where the codes
-    fit it and the target has VNNI, else ``shift_int``'s int16 kernel."""
-    weights = encode_int8(sign, exponent, bits) if int8_gemm.has_vnni() else None
+    fit it and the target has VNNI (or ``sdot``), else ``shift_int``'s int16 kernel."""
+    vnni, sdot = int8_gemm.has_vnni(), int8_gemm.has_sdot()
+    weights = encode_int8(sign, exponent, bits) if vnni or sdot else None
     if weights is not None:
-        return shift_matmul_int8(ctx, x2, rows, weights, scale, bias, bits)
+        matmul = shift_matmul_int8 if vnni else shift_matmul_sdot
+        return matmul(ctx, x2, rows, weights, scale, bias, bits)
     y = shift_int.shift_matmul_int(ctx, x2, rows, sign, exponent, scale, bits)
     return y if bias is None else ctx.emit(op.add(y, bias))
 
 
-__all__ = ["shift_matmul_cpu", "shift_matmul_int8"]
+__all__ = ["shift_matmul_cpu", "shift_matmul_int8", "shift_matmul_sdot"]
