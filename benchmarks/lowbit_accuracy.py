@@ -15,7 +15,7 @@ the float model's outputs as target (``--calibration``: ``sequential-asymmetric`
 (GPTQ's procedure, target the layer's own float output) or ``independent`` (every layer on the
 float model's activations)).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lowbit_accuracy.py [--quick]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lowbit_accuracy.py [--quick] [--shift-only]
 """
 
 from __future__ import annotations
@@ -232,6 +232,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 eval / 256 calibration sentences, q=3 and 4 only")
+    parser.add_argument("--shift-only", action="store_true", help="only the shift rows (3 and 4 exponent bits)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--calib-sentences", type=int, default=None, help="default 512 (quick: 256)")
@@ -285,17 +286,20 @@ def main() -> None:
         return mean_cosine(embed(out, eval_batches), reference)
 
     n_linear = sum(n.op == "linear" for n in graph.nodes)
-    for q in bit_widths:
+    for q in () if args.shift_only else bit_widths:
         wo, count = run_pass("bcq", False, bcq_q=q)
         cal, _ = run_pass("bcq", True, bcq_q=q)
         rows.append((f"BCQ q={q}", q + 16 * q / g, "ShiftAddLLM", wo, cal))
         rows.append((f"RTN asym {q}-bit", q + 32 / g, "", rtn(q, False), None))
         rows.append((f"RTN sym {q}-bit", q + 16 / g, "", rtn(q, True), None))
-    tern_wo, _ = run_pass("ternary", False)
-    tern_cal, _ = run_pass("ternary", True)
-    rows.append(("ternary {-1,0,1}", 2 + 16 / g, "BitNet b1.58 absmean", tern_wo, tern_cal))
-    shift, _ = run_pass("shift", False)
-    rows.append(("shift sign*2^-p (4 exp bits)", 5.0, "DeepShift-PS, per-row scale", shift, None))
+    if not args.shift_only:
+        tern_wo, _ = run_pass("ternary", False)
+        tern_cal, _ = run_pass("ternary", True)
+        rows.append(("ternary {-1,0,1}", 2 + 16 / g, "BitNet b1.58 absmean", tern_wo, tern_cal))
+    shift, count = run_pass("shift", False)  # the default: 3 exponent bits, 7 levels (the int8 kernels)
+    rows.append(("shift sign*2^-p (3 exp bits, 7 levels)", 4.0, "DeepShift-PS, per-row scale", shift, None))
+    shift4, _ = run_pass("shift", False, shift_bits=4)
+    rows.append(("shift sign*2^-p (4 exp bits, 16 levels)", 5.0, "DeepShift-PS, per-row scale", shift4, None))
 
     print(f"\n## MiniLM-L6 (real weights), {count}/{n_linear} linears quantized, group {g}, seq {args.seq_len}")
     print("mean (min) cosine similarity of sentence embeddings to fp32 over the eval sentences")
@@ -308,10 +312,10 @@ def main() -> None:
     print("\n## targets")
     best = {name: max(wo[0], cal[0] if cal else -1) for name, _, _, wo, cal in rows}
     for q, target in ((4, 0.99), (3, 0.97)):
-        if q in bit_widths:
+        if q in bit_widths and not args.shift_only:
             calibrated = next(cal for name, _, _, _, cal in rows if name == f"BCQ q={q}")[0]
             print(f"BCQ q={q} calibrated {calibrated:.4f} >= {target}: {'MET' if calibrated >= target else 'NOT MET'}")
-    for q in bit_widths:
+    for q in () if args.shift_only else bit_widths:
         bcq_wo = next(wo for name, _, _, wo, _ in rows if name == f"BCQ q={q}")[0]
         rtn_best = max(best[f"RTN asym {q}-bit"], best[f"RTN sym {q}-bit"])
         print(

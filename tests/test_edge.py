@@ -158,8 +158,8 @@ def test_deploy_model_matches_host(name, edge_device, tmp_path, capsys):
 
 def _int8_graph(rng):
     """int8_linear (per-row and per-tensor activations) and int8_conv2d (3x3 pad 1, 3x3 stride 2 dilation
-    2 uneven padding, depthwise): the integer kernels w8a8 lowers to; a shift_linear with the default
-    7-level codes (``shift_int8.py``'s ``sdot`` path)."""
+    2 uneven padding, depthwise): the integer kernels w8a8 lowers to; a shift_conv2d and a shift_linear
+    with the default 7-level codes (``shift_int8.py``'s ``sdot`` path)."""
     from reshift.ir.builder import GraphBuilder
     from reshift.passes.shift import quantize_shift
     from tests.test_kernels_int8 import _int8_conv
@@ -174,6 +174,12 @@ def _int8_graph(rng):
         stride=(2, 2), padding=(1, 0, 2, 1), dilation=(2, 2), groups=1, x_scale=0.05, x_zero_point=120,
     )  # fmt: skip
     h = _int8_conv(b, rng, h, 17, 17, groups=17)
+    sign, exponent, scale = quantize_shift(rng.standard_normal((16, 17 * 9)))
+    shape = (16, 17, 3, 3)
+    h = b.shift_conv2d(
+        h, b.constant(sign.reshape(shape)), b.constant(exponent.reshape(shape)), b.constant(scale), None,
+        stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1, exponent_bits=3,
+    )  # fmt: skip
     y = b.input("x", "f32[4,72]")
     for k, out, granularity in ((72, 40, "row"), (40, 24, "tensor")):
         codes = b.constant(rng.integers(-127, 128, (out, k)).astype(np.int8))

@@ -239,3 +239,18 @@ def test_arm64_dotprod_build_runs_shift_linear_on_sdot():
     assert "int8_gemm_sdot:" in dotprod and "\tsdot\tv" in dotprod
     plain = assembly("arm64")
     assert "\tsdot\t" not in plain and "shift_int16_gemm:" in plain
+
+
+def test_arm64_dotprod_dense_shift_conv_takes_the_sdot_gemm():
+    """Dense shift convs on ``arm64-dotprod``: the uint8 window codes on the ``sdot`` GEMM; plain ``arm64``
+    keeps the int16 codes and loop."""
+    from reshift.codegen.tvm.targets import resolve_target
+
+    graph = _conv_graph(*CONVS["c16_o64_3x3"])
+    for target, int8 in (("arm64-dotprod", True), ("arm64", False)):
+        with resolve_target(target).target():
+            script = lower(graph).script(show_meta=False)
+        assert ("shift_conv2d_codes_u8" in script and "int8_gemm_sdot" in script) == int8
+        assert ("shift_int16_gemm" in script) == (not int8)
+    assembly = build(graph, "arm64-dotprod").executable.mod.imports[0].inspect_source("asm")
+    assert "\tsdot\tv" in assembly

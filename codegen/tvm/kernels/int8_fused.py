@@ -155,28 +155,33 @@ GEMM_KNOBS = knob_db.register(
 )
 
 
-def gemm_rescale_func(blocks: int, k4: int, knobs: knob_db.Knobs | None = None, shift: bool = False) -> tirx.PrimFunc:
+def gemm_rescale_func(
+    blocks: int, k4: int, knobs: knob_db.Knobs | None = None, shift_bits: int | None = None
+) -> tirx.PrimFunc:
     """``y [M, 16*blocks] = float32(q w - z_m wsum) * (s_m w_scale) + bias`` (see module docstring);
     ``knobs``: see :data:`GEMM_KNOBS` (default: :func:`default_gemm_knobs`).
 
-    ``shift``: ``shift_int8.py``'s epilogue, the ``shift_linear`` reference's float steps instead:
-    ``rows [M, 1]`` holds ``s_m``, ``w_scale [2 * O]`` the channel factors ``p`` then ``scale``, and
-    ``y = ((float32(acc - wsum) * p[o]) * s_m) * scale[o] + bias`` (``z_m = 1``)."""
+    ``shift_bits``: ``shift_int8.py``'s epilogue, the ``shift_linear`` reference's steps instead:
+    ``rows [M, 1]`` holds ``s_m``, ``w_scale [2 * O]`` the channel multipliers ``mult`` (powers of
+    two, exact in float32) then ``scale``, and ``acc = (q w - wsum) * mult`` (int32: the reference's
+    accumulator), ``y = ((float32(acc) * 2^-E) * s_m) * scale[o] + bias``, ``E = 2^shift_bits - 1``."""
     width = blocks * LANES
     knobs = knobs or default_gemm_knobs({"blocks": blocks})
     rows_tile, panels = knobs["rows_tile"], knobs["panels"]
     lanes = T.Ramp(0, 1, LANES)
     dpbusd = "llvm.x86.avx512.vpdpbusd.512"
     mul_rn = "llvm.x86.avx512.mul.ps.512"  # with an explicit rounding mode: never contracted into an FMA
+    shift = shift_bits is not None
     info_cols, scales = (1, 2 * width) if shift else (2, width)
+    unit = T.Broadcast(T.float32(2.0 ** -(2**shift_bits - 1)), LANES) if shift else None
     rounding = tirx.const(ROUND_NEAREST, "int32")
 
     def finish(acc_vec, m, o, info, wsum, w_scale, bias):
         """One 16-channel vector of row ``m`` (channels ``o..o+15``) from its int32 sums."""
         vec = T.Ramp(o, 1, LANES)
         if shift:
-            f = T.Cast("float32x16", acc_vec - wsum[vec]) * w_scale[vec]  # exact: p is a power of two
-            f = f * T.Broadcast(info[m, 0], LANES)
+            acc_ref = (acc_vec - wsum[vec]) * T.Cast("int32x16", w_scale[vec])
+            f = (T.Cast("float32x16", acc_ref) * unit) * T.Broadcast(info[m, 0], LANES)
             f = T.call_llvm_pure_intrin("float32x16", mul_rn, f, w_scale[T.Ramp(width + o, 1, LANES)], rounding)
         else:
             z = T.Broadcast(T.Cast("int32", info[m, 1]), LANES)

@@ -22,7 +22,7 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm import lower_lowbit
-from reshift.codegen.tvm.kernels import shift_int
+from reshift.codegen.tvm.kernels import shift_int, shift_int8
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor, shift_matmul, shift_matmul_int8
 from reshift.codegen.tvm.lower import LowerContext, lowering, op
 from reshift.ir.graph import Node
@@ -119,8 +119,8 @@ def lower_shift_conv2d(ctx: LowerContext, node: Node, x, sign, exponent, scale, 
     a = node.attrs
     sign_np, exponent_np = lower_lowbit._constant(node, 1), lower_lowbit._constant(node, 2)
     groups, out_channels = a["groups"], sign_np.shape[0]
-    if kernel_flavor() != "gpu" and groups == 1:  # per-window int16 codes + the integer dot-product GEMM
-        return shift_int.shift_conv_int(ctx, node, x, sign_np, exponent_np, scale, bias)
+    if kernel_flavor() != "gpu" and groups == 1:  # per-window int8 / int16 codes + an integer dot-product GEMM
+        return shift_int8.shift_conv_cpu(ctx, node, x, sign_np, exponent_np, scale, bias)
     if kernel_flavor() != "gpu" and sign_np.shape[1] == 1 and groups == int(node.inputs[0].shape[1]):  # depthwise
         return shift_int.shift_depthwise_int(ctx, node, x, sign_np, exponent_np, scale, bias)
     per_group, channels = out_channels // groups, sign_np.shape[1]

@@ -27,6 +27,10 @@ written 16 at a time. The row scale ``max |window| / 127`` is the max over the w
 per-pixel channel max (:func:`conv_prep_func`), the same value as the reference's row max.
 
 Without VNNI (other x86 CPUs, arm64) the same layout runs through a portable int32 loop.
+
+Codes of at most 7 levels per channel also have an exact int8 form (:func:`encode_int8`); the uint8
+window codes (``conv_codes_func(int8=True)``) and ``gemm_fused_func``'s int8 mode (``vpdpbusd``) serve
+them here, ``shift_int8.py`` explains the arithmetic and holds the linear (and ``sdot``) paths.
 """
 
 from __future__ import annotations
@@ -597,7 +601,7 @@ def _epilogue_chain(ctx: LowerContext, node) -> _Chain:
     return chain
 
 
-def _conv_codes(ctx: LowerContext, node, x, out_hw, rows, int8: bool = False) -> tuple[relax.Expr, relax.Expr]:
+def window_codes(ctx: LowerContext, node, x, out_hw, rows, int8: bool = False) -> tuple[relax.Expr, relax.Expr]:
     """``(s [rows, 1], q [rows, K_pad])``: the per-window codes (int16, or ``int8``'s uint8), from a
     :class:`ChannelLast` input when the producer left one, else from an NHWC copy (:func:`conv_prep_func`)."""
     a = node.attrs
@@ -639,9 +643,16 @@ def _conv_codes(ctx: LowerContext, node, x, out_hw, rows, int8: bool = False) ->
     return ctx.emit(relax.TupleGetItem(coded, 0)), ctx.emit(relax.TupleGetItem(coded, 1))
 
 
+def filter_rows(codes: np.ndarray) -> np.ndarray:
+    """An OIHW filter's codes as ``[O, kh*kw*C]`` in ``(i, j, c)`` column order, as :func:`window_codes` writes."""
+    return np.ascontiguousarray(codes.transpose(0, 2, 3, 1)).reshape(codes.shape[0], -1)
+
+
 def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias) -> relax.Expr:
-    """``shift_conv2d`` with ``groups == 1`` as per-window int16 codes + the int16 GEMM. With VNNI, one plane
-    and whole 16-channel blocks the GEMM applies the epilogue (rescale, bias, and the ReLU / residual
+    """``shift_conv2d`` with ``groups == 1`` as per-window codes + an integer GEMM: with VNNI, whole
+    16-channel blocks and codes that fit int8 (:func:`encode_int8`), uint8 codes on ``vpdpbusd``; else
+    int16 codes on the int16 GEMM. With VNNI, one plane and whole 16-channel blocks the GEMM applies the
+    epilogue (rescale, bias, and the ReLU / residual
     add / ReLU after it, :func:`_epilogue_chain`) in registers and stores NCHW, or channel-last for
     shift convs reading only its result; else the int32 sums go through Relax's elementwise ops."""
     a = node.attrs
@@ -649,15 +660,13 @@ def shift_conv_int(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.nd
     oh, ow = (int(d) for d in node.outputs[0].shape[2:])
     batch = ctx.shape(node.inputs[0])[0]
     rows = batch * oh * ow
-    ohwi = (0, 2, 3, 1)  # columns in (i, j, c) order, as the codes
-    sign2 = np.ascontiguousarray(sign.transpose(ohwi)).reshape(out_channels, -1)
-    exponent2 = np.ascontiguousarray(exponent.transpose(ohwi)).reshape(out_channels, -1)
+    sign2, exponent2 = filter_rows(sign), filter_rows(exponent)
     fused = has_vnni() and out_channels % ROWS == 0
     weights8 = encode_int8(sign2, exponent2, a["exponent_bits"]) if fused else None
     if weights8 is not None:  # uint8 codes on vpdpbusd (shift_int8.py)
-        s, q8 = _conv_codes(ctx, node, x, (oh, ow), rows, int8=True)
+        s, q8 = window_codes(ctx, node, x, (oh, ow), rows, int8=True)
         return _fused_conv(ctx, node, q8, s, weights8, scale, bias, (batch, oh, ow))
-    s, q16 = _conv_codes(ctx, node, x, (oh, ow), rows)
+    s, q16 = window_codes(ctx, node, x, (oh, ow), rows)
     weights = encode_int16(sign2, exponent2, a["exponent_bits"])
     if fused and weights.mult.shape[0] == 1:
         return _fused_conv(ctx, node, q16, s, weights, scale, bias, (batch, oh, ow))

@@ -1,4 +1,5 @@
-"""``shift_linear`` on int8 dot products (AVX-512 VNNI ``vpdpbusd``), bit-exact, for 7-level shift codes.
+"""``shift_linear`` / ``shift_conv2d`` on int8 dot products (VNNI ``vpdpbusd``, arm64 ``sdot``), bit-exact,
+for 7-level shift codes.
 
 Where the nonzero weights of every output channel use at most 7 exponents, ``hi_o - lo_o <= 6``
 (what option ``shift_levels <= 7`` of ``passes/shift.py`` produces), ``w[o,i] = sign * 2^(E - exponent)
@@ -11,17 +12,17 @@ is ``acc[r,o] = 2^(E - hi_o) * D[r,o]`` with ``D = sum_i q[r,i] v[o,i]``, and
 * ``vpdpbusd`` multiplies unsigned by signed bytes: the activation codes go in as ``q + 128``
   (``[1, 255]``) and ``128 * sum_i v[o,i]`` is taken off once per output, exact in int32
   (``|D| <= 127 * 128 * K``);
-* ``float32(acc) * 2^-E = float32(D) * p[o]`` with ``p = +-2^-hi_o`` exactly (scaling by a power of
-  two commutes with rounding to float32; ``|D| >= 1`` keeps both sides normal), so the reference's
-  float steps ``((float32(acc) * 2^-E) * s[r]) * scale[o] + bias`` run as written and the output is
-  bit-exact: ``int8_fused.gemm_rescale_func(shift=True)``, the GEMM, rescale and bias in one kernel.
-  (A zero of a negated channel is ``-0.0`` before the bias add: only a ``-0.0`` bias keeps it.)
+* ``acc = D * mult[o]`` (``mult = +-2^(E - hi_o)``) is the reference's int32 accumulator, then its
+  float steps ``((float32(acc) * 2^-E) * s[r]) * scale[o] + bias`` run as written, so the output is
+  bit-exact: ``int8_fused.gemm_rescale_func(shift_bits=...)``, the GEMM, the integer multiplier,
+  rescale and bias in one kernel.
 
 Four multiply-adds per 32-bit lane per instruction, twice the int16 kernel's, and no separate
 rescale pass. On aarch64 with the dot product (preset ``arm64-dotprod``) the same codes run on
-``int8_gemm``'s ``sdot`` GEMM and the float steps as elementwise ops (:func:`shift_matmul_sdot`).
-Other layers (a wider spread, or mixed signs at a spread of 7) and other CPUs keep ``shift_int``'s
-int16 kernel; :func:`shift_matmul_cpu` chooses per layer.
+``int8_gemm``'s ``sdot`` GEMM and the float steps as elementwise ops (:func:`sdot_rows`; linears and
+dense convs; the VNNI convs are ``shift_int.py``'s fused conv GEMM in its int8 mode). Other layers
+(a wider spread, or mixed signs at a spread of 7) and other CPUs keep ``shift_int``'s int16 kernel;
+:func:`shift_matmul_cpu` and :func:`shift_conv_cpu` choose per layer.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tvm import relax
 from reshift.codegen.tvm import knobs as knob_db
 from reshift.codegen.tvm.kernels import int8_fused, int8_gemm, shift_int
 from reshift.codegen.tvm.kernels.shift_int import Int8Weights, encode_int8
-from reshift.codegen.tvm.lower import LowerContext, op
+from reshift.codegen.tvm.lower import LowerContext, op, scalar
 
 
 def _channel_vector(ctx: LowerContext, value: relax.Expr | np.ndarray | None, out: int, width: int) -> relax.Expr:
@@ -56,15 +57,14 @@ def shift_matmul_int8(
     blocks, k4 = packed.shape[:2]
     width = blocks * int8_fused.LANES
     q8, s = shift_int.quantize_rows_codes(ctx, x2, k, multiple=4, dtype="uint8", offset=128)
-    offset, p_out = _channel_factors(weights, bits)
     wsum = np.zeros(width, np.int32)
-    wsum[:out] = offset
-    p = np.ones(width, np.float32)
-    p[:out] = p_out
-    factors = ctx.emit(op.concat([relax.const(p), _channel_vector(ctx, scale, out, width)], axis=0))
+    wsum[:out] = _offsets(weights)
+    mult = np.ones(width, np.float32)
+    mult[:out] = weights.mult  # powers of two below 2^31: exact in float32
+    factors = ctx.emit(op.concat([relax.const(mult), _channel_vector(ctx, scale, out, width)], axis=0))
     shape = {"rows": rows, "blocks": blocks, "k4": k4}
     knobs = knob_db.choose("int8_gemm_rescale_vnni", shape) if isinstance(rows, int) else None
-    gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4, knobs, shift=True), "shift_int8_gemm_vnni")
+    gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4, knobs, shift_bits=bits), "shift_int8_gemm_vnni")
     args = [q8, s, relax.const(packed), relax.const(wsum), factors, _channel_vector(ctx, bias, out, width)]
     y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, width), "float32")))
     if width != out:
@@ -72,28 +72,54 @@ def shift_matmul_int8(
     return y
 
 
-def _channel_factors(weights: Int8Weights, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(128 * sum_k v[o, k]`` int32, ``p[o] = mult[o] * 2^-E`` float32)`` per output channel."""
-    offset = (128 * weights.code.astype(np.int64).sum(axis=1)).astype(np.int32)
-    return offset, (weights.mult.astype(np.float64) * 2.0 ** -(2**bits - 1)).astype(np.float32)
+def _offsets(weights: Int8Weights) -> np.ndarray:
+    """int32 ``128 * sum_k v[o, k]`` per output channel: what the ``q + 128`` codes add to each sum."""
+    return (128 * weights.code.astype(np.int64).sum(axis=1)).astype(np.int32)
+
+
+def sdot_rows(
+    ctx: LowerContext, q8: relax.Expr, s: relax.Expr, rows, weights: Int8Weights, scale, bias, bits: int
+) -> relax.Expr:
+    """``[rows, O]`` float32 (bias included) from the uint8 codes ``q8`` and row scales ``s`` on aarch64's
+    ``sdot``: ``acc = (sum (q + 128) v - 128 sum v) * mult``, then ``((float32(acc) * 2^-E) * s) * scale + bias``."""
+    out = weights.code.shape[0]
+    packed = int8_gemm.pack_weights(weights.code)
+    acc = int8_gemm.sdot_gemm(ctx, q8, rows, weights.code, packed)
+    if packed.shape[0] * int8_fused.LANES != out:
+        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
+    acc = ctx.emit(
+        op.multiply(op.subtract(acc, relax.const(_offsets(weights))), relax.const(weights.mult.astype(np.int32)))
+    )
+    y = ctx.emit(op.multiply(op.astype(acc, "float32"), scalar(2.0 ** -(2**bits - 1), "float32")))
+    y = ctx.emit(op.multiply(y, s))
+    y = ctx.emit(op.multiply(y, scale))
+    return y if bias is None else ctx.emit(op.add(y, bias))
 
 
 def shift_matmul_sdot(
     ctx: LowerContext, x2: relax.Expr, rows, weights: Int8Weights, scale: relax.Expr, bias: relax.Expr | None, bits: int
 ) -> relax.Expr:
-    """``shift_linear`` on ``x2 [rows, K]`` (bias included) on aarch64's ``sdot``: ``D = sum (q + 128) v -
-    128 sum v``, then ``((float32(D) * p) * s) * scale + bias`` (module docstring)."""
-    out, k = weights.code.shape
-    q8, s = shift_int.quantize_rows_codes(ctx, x2, k, multiple=4, dtype="uint8", offset=128)
-    packed = int8_gemm.pack_weights(weights.code)
-    acc = int8_gemm.sdot_gemm(ctx, q8, rows, weights.code, packed)
-    if packed.shape[0] * int8_fused.LANES != out:
-        acc = ctx.emit(op.strided_slice(acc, axes=[1], begin=[0], end=[out]))
-    offset, p = _channel_factors(weights, bits)
-    y = ctx.emit(op.multiply(op.astype(op.subtract(acc, relax.const(offset)), "float32"), relax.const(p)))
-    y = ctx.emit(op.multiply(y, s))
-    y = ctx.emit(op.multiply(y, scale))
-    return y if bias is None else ctx.emit(op.add(y, bias))
+    """``shift_linear`` on ``x2 [rows, K]`` (bias included) on aarch64's ``sdot`` (:func:`sdot_rows`)."""
+    q8, s = shift_int.quantize_rows_codes(ctx, x2, weights.code.shape[1], multiple=4, dtype="uint8", offset=128)
+    return sdot_rows(ctx, q8, s, rows, weights, scale, bias, bits)
+
+
+def shift_conv_cpu(ctx: LowerContext, node, x, sign: np.ndarray, exponent: np.ndarray, scale, bias) -> relax.Expr:
+    """``shift_conv2d`` with ``groups == 1`` on the CPU: on aarch64 with ``sdot`` (and no VNNI) and codes that
+    fit, the uint8 window codes of ``shift_int.window_codes`` on :func:`sdot_rows`; else
+    ``shift_int.shift_conv_int`` (VNNI int8 or int16, fused epilogues)."""
+    bits = node.attrs["exponent_bits"]
+    sdot = int8_gemm.has_sdot() and not int8_gemm.has_vnni()
+    weights = encode_int8(shift_int.filter_rows(sign), shift_int.filter_rows(exponent), bits) if sdot else None
+    if weights is None:
+        return shift_int.shift_conv_int(ctx, node, x, sign, exponent, scale, bias)
+    oh, ow = (int(d) for d in node.outputs[0].shape[2:])
+    batch = ctx.shape(node.inputs[0])[0]
+    rows = batch * oh * ow
+    s, q8 = shift_int.window_codes(ctx, node, x, (oh, ow), rows, int8=True)
+    y = sdot_rows(ctx, q8, s, rows, weights, scale, bias, bits)
+    y = ctx.emit(op.reshape(y, [batch, oh, ow, sign.shape[0]]))
+    return ctx.emit(op.permute_dims(y, [0, 3, 1, 2]))
 
 
 def shift_matmul_cpu(
@@ -117,4 +143,4 @@ def shift_matmul_cpu(
     return y if bias is None else ctx.emit(op.add(y, bias))
 
 
-__all__ = ["shift_matmul_cpu", "shift_matmul_int8", "shift_matmul_sdot"]
+__all__ = ["sdot_rows", "shift_conv_cpu", "shift_matmul_cpu", "shift_matmul_int8", "shift_matmul_sdot"]
