@@ -52,3 +52,19 @@ def run_exact(graph, rng):
 
 def refused(report, rule: str) -> list[str]:
     return [r.reason for r in report.refusals if r.rule == rule]
+
+
+def random_shift_conv(b, rng, x, cin: int, cout: int, k: int, levels: int, bits: int, groups: int = 1, **window):
+    """A ``shift_conv2d`` of ``x`` with random codes (signs in {-1,0,1}, exponents below ``levels``), scales
+    and bias; ``window``: stride, padding, dilation."""
+    shape = (cout, cin // groups, k, k)
+    return b.shift_conv2d(
+        x,
+        b.constant(rng.integers(-1, 2, shape).astype(np.int8)),
+        b.constant(rng.integers(0, levels, shape).astype(np.uint8)),
+        b.constant((rng.random(cout) + 0.1).astype(np.float32)),
+        b.constant(rng.standard_normal(cout).astype(np.float32)),
+        groups=groups,
+        exponent_bits=bits,
+        **window,
+    )

@@ -20,6 +20,7 @@ from reshift import ir  # noqa: E402
 from reshift.codegen.tvm import build, lower  # noqa: E402
 from reshift.codegen.tvm.kernels import shift_int  # noqa: E402
 from reshift.codegen.tvm.kernels.lowbit import kernel_flavor  # noqa: E402
+from tests.helpers import random_shift_conv  # noqa: E402
 
 RNG = np.random.default_rng(23)
 
@@ -157,20 +158,8 @@ CONVS = {
 def _conv_graph(c, o, k, stride, padding, dilation, hw=(13, 11), spread=16, groups=1):
     b = ir.GraphBuilder("shift_conv")
     x = b.input("x", f"f32[N,{c},{hw[0]},{hw[1]}]")
-    shape = (o, c // groups, k, k)
-    y = b.shift_conv2d(
-        x,
-        b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
-        b.constant(RNG.integers(0, spread, shape).astype(np.uint8)),
-        b.constant((RNG.random(o) + 0.1).astype(np.float32)),
-        b.constant(RNG.standard_normal(o).astype(np.float32)),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        exponent_bits=4,
-    )
-    return b.build(y)
+    window = {"stride": stride, "padding": padding, "dilation": dilation}
+    return b.build(random_shift_conv(b, RNG, x, c, o, k, spread, 4, groups=groups, **window))
 
 
 @pytest.mark.parametrize("case", sorted(CONVS))
@@ -258,19 +247,8 @@ def test_float64_reciprocal_quotient_is_the_float32_division():
 
 
 def _shift_conv(b, x, c, o, k, padding, groups=1, spread=16):
-    shape = (o, c // groups, k, k)
-    return b.shift_conv2d(
-        x,
-        b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
-        b.constant(RNG.integers(0, spread, shape).astype(np.uint8)),
-        b.constant((RNG.random(o) + 0.1).astype(np.float32)),
-        b.constant(RNG.standard_normal(o).astype(np.float32)),
-        stride=(1, 1),
-        padding=padding,
-        dilation=(1, 1),
-        groups=groups,
-        exponent_bits=4,
-    )
+    window = {"stride": (1, 1), "padding": padding, "dilation": (1, 1)}
+    return random_shift_conv(b, RNG, x, c, o, k, spread, 4, groups=groups, **window)
 
 
 def _relax_part(script: str) -> str:

@@ -23,6 +23,7 @@ from reshift.codegen.tvm.kernels import int8_gemm  # noqa: E402
 from reshift.codegen.tvm.kernels.shift_int import encode_int8  # noqa: E402
 from reshift.errors import PassError  # noqa: E402
 from reshift.passes.shift import quantize_shift, shift_options  # noqa: E402
+from tests.helpers import random_shift_conv  # noqa: E402
 
 RNG = np.random.default_rng(31)
 needs_vnni = pytest.mark.skipif(not int8_gemm.has_vnni(), reason="host CPU without AVX-512 VNNI")
@@ -142,6 +143,8 @@ def _mlp():
 def test_shift_levels_option_is_checked():
     with pytest.raises(PassError, match="shift_levels=9 must be in 1..8"):
         passes.run(_mlp(), "shift", skip=[], shift_bits=3, shift_levels=9)
+    with pytest.raises(PassError, match="shift_bits=6 must be in 1..5"):
+        passes.run(_mlp(), "moe", skip=[], shift_bits=6, calibration=[{"x": np.ones((4, 32), np.float32)}])
     g2, _ = passes.run(_mlp(), "shift", skip=[], shift_bits=3, shift_levels=7)
     shifts = [n for n in g2.nodes if n.op == "shift_linear"]
     assert len(shifts) == 2 and all(int(n.inputs[2].data.max()) <= 6 for n in shifts)
@@ -170,19 +173,8 @@ def _conv_graph(c, o, k, stride, padding, relu_residual=False, chained=False, le
     x = b.input("x", f"f32[N,{c},13,11]")
 
     def conv(v, cin, cout):
-        shape = (cout, cin, k, k)
-        return b.shift_conv2d(
-            v,
-            b.constant(RNG.integers(-1, 2, shape).astype(np.int8)),
-            b.constant(RNG.integers(0, levels, shape).astype(np.uint8)),
-            b.constant((RNG.random(cout) + 0.1).astype(np.float32)),
-            b.constant(RNG.standard_normal(cout).astype(np.float32)),
-            stride=stride,
-            padding=padding,
-            dilation=(1, 1),
-            groups=1,
-            exponent_bits=bits,
-        )
+        window = {"stride": stride, "padding": padding, "dilation": (1, 1)}
+        return random_shift_conv(b, RNG, v, cin, cout, k, levels, bits, **window)
 
     y = conv(x, c, o)
     if chained:  # the second conv reads the first one's channel-last output
