@@ -84,7 +84,7 @@ def inspect_model(args: argparse.Namespace) -> int:
 
         with np.load(args.calib) as data:
             calibration = [{k: data[k] for k in data.files}]
-    optimized, report = passes.run(graph, args.pipeline, calibration=calibration)
+    optimized, report = passes.run(graph, args.pipeline, calibration=calibration, **pass_options(args))
     print()
     print(report)
     print()
@@ -130,7 +130,7 @@ def export_model(args: argparse.Namespace) -> int:
     from reshift.codegen.onnx import to_onnx
 
     graph = load_graph(args.model, getattr(args, "input_shape", None))
-    optimized, report = passes.run(graph, args.pipeline)
+    optimized, report = passes.run(graph, args.pipeline, **pass_options(args))
     to_onnx(optimized, args.output, opset=args.opset)
     print(report)
     contractions = ("conv2d", "linear", "matmul")
@@ -208,6 +208,7 @@ def compile_onnx(args: argparse.Namespace, console, target: str, tune: bool = Fa
         calibration = _calibration(getattr(args, "calib", None))
         bits = getattr(args, "bits", None)  # `compile --bits`: average code bits -> the bcq budget with scales
         options = {} if bits is None else {"bits": passes.bcq.bits_per_weight(bits, passes.bcq.DEFAULT_GROUP_SIZE)}
+        options.update(pass_options(args))
         steps = getattr(args, "recover_steps", None)
         if steps is None and getattr(args, "train_data", None):
             from reshift.errors import InputError
@@ -497,6 +498,31 @@ def bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pass_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a pass option, e.g. shift_bits=4, shift_depthwise=True, skip=['fc*']; repeat per option",
+    )
+
+
+def pass_options(args: argparse.Namespace) -> dict:
+    """``--option KEY=VALUE`` flags as a dict; a value is a Python literal where it parses as one, else text."""
+    import ast
+
+    options = {}
+    for item in getattr(args, "option", None) or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--option {item!r}: expected KEY=VALUE with KEY a pass option name, e.g. shift_bits=4")
+        try:
+            options[key.strip()] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = text
+    return options
+
+
 def _add_input_shape(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input-shape",
@@ -514,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report (or an artifact's meta)")
     _add_input_shape(p)
+    _add_pass_options(p)
     p.add_argument("model", help="MODEL.onnx or an artifact directory")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
@@ -522,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="run a pass pipeline on an ONNX model and write the result as standard ONNX")
     _add_input_shape(p)
+    _add_pass_options(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
@@ -529,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile an ONNX model to an artifact directory (model.so + meta.json)")
     _add_input_shape(p)
+    _add_pass_options(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="cpu", help="cpu, arm64, cuda, cuda-sm80, cuda-sm87, cuda-sm90 (default: cpu)")
@@ -563,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time an artifact, or an ONNX model against onnxruntime")
     _add_input_shape(p)
+    _add_pass_options(p)
     p.add_argument("model", help="artifact directory or MODEL.onnx")
     p.add_argument("--batch", type=int, default=1, help="batch size for a symbolic batch (default: 1)")
     p.add_argument("--repeat", type=int, default=50, help="timed runs (default: 50)")
@@ -576,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="tune an ONNX model's kernels (knob search over reshift's own, MetaSchedule for the rest)"
     )
     _add_input_shape(p)
+    _add_pass_options(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument(
         "--trials",

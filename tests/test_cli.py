@@ -103,6 +103,21 @@ def test_bad_input_exits_2_without_traceback(files, capsys, argv, message):
     assert f"reshift {argv[0]}: error:" in err
 
 
+def test_pass_options_reach_the_passes(files, tmp_path, capsys):
+    """``--option KEY=VALUE`` (Python literals, else text) go to the pipeline's passes."""
+    argv = ["inspect", str(files / "model.onnx"), "--pipeline", "shift", "--option", "skip=[]"]
+    assert main([*argv, "--option", "shift_bits=4"]) == 0
+    out = capsys.readouterr().out
+    assert "ops:     shift_linear x1" in out and "shift_weights fc: {'bits': 5" in out  # 1 sign + 4 exponent bits
+    art = tmp_path / "art"
+    assert main(["compile", str(files / "model.onnx"), "-o", str(art), "--pipeline", "shift", "--option", "skip=[]"]) == 0
+    assert (art / "model.so").is_file()
+    assert main([*argv, "--option", "shift_levels=9"]) == 2
+    assert "shift_levels=9 must be in 1..8" in capsys.readouterr().err
+    assert main([*argv, "--option", "shift_bits"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
 def test_tune_exits_0_or_2_cleanly(files, tmp_path):
     """MetaSchedule may be unusable in this TVM build: then tune must exit 2 with a message, not crash.
 
