@@ -110,7 +110,8 @@ def test_pass_options_reach_the_passes(files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ops:     shift_linear x1" in out and "shift_weights fc: {'bits': 5" in out  # 1 sign + 4 exponent bits
     art = tmp_path / "art"
-    assert main(["compile", str(files / "model.onnx"), "-o", str(art), "--pipeline", "shift", "--option", "skip=[]"]) == 0
+    compile_argv = ["compile", str(files / "model.onnx"), "-o", str(art), "--pipeline", "shift", "--option", "skip=[]"]
+    assert main(compile_argv) == 0
     assert (art / "model.so").is_file()
     assert main([*argv, "--option", "shift_levels=9"]) == 2
     assert "shift_levels=9 must be in 1..8" in capsys.readouterr().err
