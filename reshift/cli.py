@@ -498,15 +498,6 @@ def bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_pass_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="a pass option, e.g. shift_bits=4, shift_depthwise=True, skip=['fc*']; repeat per option",
-    )
-
-
 def pass_options(args: argparse.Namespace) -> dict:
     """``--option KEY=VALUE`` flags as a dict; a value is a Python literal where it parses as one, else text."""
     import ast
@@ -523,13 +514,13 @@ def pass_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _add_input_shape(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="NAME=D1,D2,...",
-        help="pin a model input's shape (its symbolic dims), e.g. x=1,3,48,320; repeat per input",
-    )
+def _add_model_flags(p: argparse.ArgumentParser, pass_options: bool = True) -> None:
+    """``--input-shape`` (repeatable) and, for commands that run passes, ``--option`` (repeatable)."""
+    flags = [("--input-shape", "NAME=D1,D2,...", "pin a model input's shape (its symbolic dims), e.g. x=1,3,48,320")]
+    if pass_options:
+        flags.append(("--option", "KEY=VALUE", "a pass option, e.g. shift_bits=4, shift_depthwise=True, skip=[]"))
+    for flag, metavar, text in flags:
+        p.add_argument(flag, action="append", metavar=metavar, help=f"{text}; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -539,8 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     from reshift import cli_remote  # registers `deploy`; its options are added below
 
     p = sub.add_parser("inspect", help="show a model's IR, op histogram, MACs and pass report (or an artifact's meta)")
-    _add_input_shape(p)
-    _add_pass_options(p)
+    _add_model_flags(p)
     p.add_argument("model", help="MODEL.onnx or an artifact directory")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--ir", action="store_true", help="also print the optimized IR (weights elided)")
@@ -548,16 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ops", help="list the supported ops (markdown table)")
 
     p = sub.add_parser("export", help="run a pass pipeline on an ONNX model and write the result as standard ONNX")
-    _add_input_shape(p)
-    _add_pass_options(p)
+    _add_model_flags(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument("--pipeline", default="exact", help="pass pipeline (default: exact)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
 
     p = sub.add_parser("compile", help="compile an ONNX model to an artifact directory (model.so + meta.json)")
-    _add_input_shape(p)
-    _add_pass_options(p)
+    _add_model_flags(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument("-o", "--output", required=True, help="artifact directory to write")
     p.add_argument("--target", default="cpu", help="cpu, arm64, cuda, cuda-sm80, cuda-sm87, cuda-sm90 (default: cpu)")
@@ -591,8 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
 
     p = sub.add_parser("bench", help="time an artifact, or an ONNX model against onnxruntime")
-    _add_input_shape(p)
-    _add_pass_options(p)
+    _add_model_flags(p)
     p.add_argument("model", help="artifact directory or MODEL.onnx")
     p.add_argument("--batch", type=int, default=1, help="batch size for a symbolic batch (default: 1)")
     p.add_argument("--repeat", type=int, default=50, help="timed runs (default: 50)")
@@ -605,8 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tune", help="tune an ONNX model's kernels (knob search over reshift's own, MetaSchedule for the rest)"
     )
-    _add_input_shape(p)
-    _add_pass_options(p)
+    _add_model_flags(p)
     p.add_argument("model", help="MODEL.onnx")
     p.add_argument(
         "--trials",
@@ -621,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_remote.add_remote_options(p)
 
     p = sub.add_parser("deploy", help="run an artifact on a device over TVM RPC: check it against the host, time it")
-    _add_input_shape(p)
+    _add_model_flags(p, pass_options=False)
     p.add_argument("model", help="artifact directory (compiled for the device, e.g. --target arm64)")
     cli_remote.add_remote_options(p)
     p.add_argument("--input", "-i", help="inputs (.npz); default: reference.npz's, else random (symbolic batch 1)")
