@@ -248,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     n_eval = 64 if args.quick else 128
     n_calib = args.calib_sentences or (256 if args.quick else 512)
-    bit_widths = (3, 4) if args.quick else (2, 3, 4)
+    bit_widths = () if args.shift_only else (3, 4) if args.quick else (2, 3, 4)
     evaluation, calib = split_corpus(n_eval, n_calib)
     n_corpus = len(docstring_sentences())
     graph, tok = minilm_graph(args.seq_len)
@@ -286,7 +286,7 @@ def main() -> None:
         return mean_cosine(embed(out, eval_batches), reference)
 
     n_linear = sum(n.op == "linear" for n in graph.nodes)
-    for q in () if args.shift_only else bit_widths:
+    for q in bit_widths:
         wo, count = run_pass("bcq", False, bcq_q=q)
         cal, _ = run_pass("bcq", True, bcq_q=q)
         rows.append((f"BCQ q={q}", q + 16 * q / g, "ShiftAddLLM", wo, cal))
@@ -312,10 +312,10 @@ def main() -> None:
     print("\n## targets")
     best = {name: max(wo[0], cal[0] if cal else -1) for name, _, _, wo, cal in rows}
     for q, target in ((4, 0.99), (3, 0.97)):
-        if q in bit_widths and not args.shift_only:
+        if q in bit_widths:
             calibrated = next(cal for name, _, _, _, cal in rows if name == f"BCQ q={q}")[0]
             print(f"BCQ q={q} calibrated {calibrated:.4f} >= {target}: {'MET' if calibrated >= target else 'NOT MET'}")
-    for q in () if args.shift_only else bit_widths:
+    for q in bit_widths:
         bcq_wo = next(wo for name, _, _, wo, _ in rows if name == f"BCQ q={q}")[0]
         rtn_best = max(best[f"RTN asym {q}-bit"], best[f"RTN sym {q}-bit"])
         print(

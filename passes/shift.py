@@ -66,7 +66,7 @@ DEPTHWISE_KEPT = (
 )
 
 
-def shift_options(options: dict) -> tuple[int, int | None]:
+def shift_options(options: dict) -> tuple[int, int]:
     """``(shift_bits, shift_levels)`` from a pass's options, checked (see :func:`default_levels`)."""
     bits = int(options.get("shift_bits", DEFAULT_SHIFT_BITS))
     if not 1 <= bits <= 5:

@@ -39,7 +39,7 @@ SIGN, EXPONENT, SCALE = 5, 6, 7  # moe_linear's shift-expert input slots
 _LATENCY_CACHE: dict[tuple[int, ...], dict[str, float]] = {}
 
 
-def layer_latency(out_features: int, in_features: int, rows: int, bits: int = 4, levels: int | None = None):
+def layer_latency(out_features: int, in_features: int, rows: int, bits: int, levels: int):
     """Seconds per token of each expert's compiled kernel on this host (measured once per shape and code
     range: ``bits`` / ``levels`` as :func:`expert_latencies`)."""
     key = (out_features, in_features, rows, bits, levels)

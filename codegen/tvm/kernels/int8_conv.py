@@ -36,7 +36,15 @@ from tvm import relax, te, tirx
 from tvm.script import tirx as T
 
 from reshift.codegen.tvm.kernels.int8_fused import ROUND_NEAREST
-from reshift.codegen.tvm.kernels.int8_gemm import ROWS, has_sdot, has_vnni, pack_weights, quantized_code, sdot_gemm
+from reshift.codegen.tvm.kernels.int8_gemm import (
+    ROWS,
+    channel_vector,
+    has_sdot,
+    has_vnni,
+    pack_weights,
+    quantized_code,
+    sdot_gemm,
+)
 from reshift.codegen.tvm.lower import ABSORBED, LowerContext, lowering, op, scalar
 from reshift.codegen.tvm.targets import current_target_is_gpu
 from reshift.errors import CodegenError
@@ -483,20 +491,15 @@ def _vnni_conv(
     nan_image = op.greater(op.reshape(any_bad, (n, 1)), scalar(0, "float32"))
     info = ctx.emit(op.where(nan_image, scalar(np.nan, "float32"), s))
 
-    def padded(values: np.ndarray, dtype: str) -> relax.Constant:
-        full = np.zeros(width, dtype)
-        full[:out] = values
-        return relax.const(full)
+    def padded(values, dtype: str = "float32") -> relax.Expr:
+        return channel_vector(ctx, values, out, width, dtype)
 
     diag_codes = np.zeros(out, np.int64) if diag is None else diag.astype(np.int64)
     wsum = padded((codes.astype(np.int64).reshape(out, -1).sum(axis=1) + diag_codes).astype(np.int32), "int32")
-    if bias is None:
-        bias = padded(np.zeros(out, np.float32), "float32")
-    elif width != out:
-        bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
+    bias = padded(bias)
     geometry = (hp, wp, cp, oh, ow, int(a["x_zero_point"]))
     window = ((kh, kw), tuple(a["stride"]), tuple(a["dilation"]), blocks, out)
-    args = [q, info, relax.const(packed), wsum, padded(scales, "float32"), bias, padded(diag_codes, "int32")]
+    args = [q, info, relax.const(packed), wsum, padded(scales), bias, padded(diag_codes, "int32")]
     relu, nxt = _epilogue_chain(ctx, node)
     kind = "int8_dwconv" if depthwise else "int8_conv"
     shape = {"depthwise": depthwise, "diagonal": diag is not None}

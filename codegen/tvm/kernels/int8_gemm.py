@@ -240,6 +240,20 @@ def _nan_term(x: te.Tensor) -> te.Tensor:
     return te.compute((x.shape[0], 1), lambda m, _: te.sum(tirx.Select(tirx.isnan(x[m, k]), nan, zero), axis=k))
 
 
+def channel_vector(
+    ctx: LowerContext, value: relax.Expr | np.ndarray | None, out: int, width: int, dtype: str = "float32"
+) -> relax.Expr:
+    """A per-output-channel vector (a constant, an expression or None = zeros) zero padded to ``width``."""
+    if value is None or isinstance(value, np.ndarray):
+        full = np.zeros(width, dtype)
+        if value is not None:
+            full[:out] = value
+        return relax.const(full)
+    if width == out:
+        return value
+    return ctx.emit(op.concat([value, relax.const(np.zeros(width - out, dtype))], axis=0))
+
+
 def fused_int8_linear(ctx: LowerContext, x2, rows, codes: np.ndarray, scales: np.ndarray, bias, attrs) -> relax.Expr:
     """``int8_linear`` on ``x2 [rows, K]`` as the two VNNI kernels of ``int8_fused`` (quantize, GEMM + rescale)."""
     out, k = codes.shape
@@ -260,22 +274,12 @@ def fused_int8_linear(ctx: LowerContext, x2, rows, codes: np.ndarray, scales: np
         )
     )
     q, info = ctx.emit(relax.TupleGetItem(qr, 0)), ctx.emit(relax.TupleGetItem(qr, 1))
-
-    def padded(values: np.ndarray, dtype: str) -> relax.Constant:
-        full = np.zeros(width, dtype)
-        full[:out] = values
-        return relax.const(full)
-
-    wsum = padded(codes.astype(np.int64).sum(axis=1).astype(np.int32), "int32")
+    wsum = channel_vector(ctx, codes.astype(np.int64).sum(axis=1).astype(np.int32), out, width, "int32")
     shape = {"rows": rows, "blocks": blocks, "k4": k4}
     knobs = knob_db.choose("int8_gemm_rescale_vnni", shape) if isinstance(rows, int) else None
     gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4, knobs), "int8_gemm_rescale_vnni")
-    args = [q, info, relax.const(packed), wsum, padded(scales, "float32")]
-    if bias is None:
-        bias = padded(np.zeros(out, np.float32), "float32")
-    elif width != out:
-        bias = ctx.emit(op.concat([bias, relax.const(np.zeros(width - out, np.float32))], axis=0))
-    args.append(bias)
+    args = [q, info, relax.const(packed), wsum, channel_vector(ctx, scales, out, width)]
+    args.append(channel_vector(ctx, bias, out, width))
     y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, width), "float32")))
     if width != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))

@@ -36,18 +36,6 @@ from reshift.codegen.tvm.kernels.shift_int import Int8Weights, encode_int8
 from reshift.codegen.tvm.lower import LowerContext, op, scalar
 
 
-def _channel_vector(ctx: LowerContext, value: relax.Expr | np.ndarray | None, out: int, width: int) -> relax.Expr:
-    """A per-channel float32 vector (a constant, an expression or None = zeros) padded with zeros to ``width``."""
-    if value is None or isinstance(value, np.ndarray):
-        full = np.zeros(width, np.float32)
-        if value is not None:
-            full[:out] = value
-        return relax.const(full)
-    if width == out:
-        return value
-    return ctx.emit(op.concat([value, relax.const(np.zeros(width - out, np.float32))], axis=0))
-
-
 def shift_matmul_int8(
     ctx: LowerContext, x2: relax.Expr, rows, weights: Int8Weights, scale: relax.Expr, bias: relax.Expr | None, bits: int
 ) -> relax.Expr:
@@ -57,15 +45,13 @@ def shift_matmul_int8(
     blocks, k4 = packed.shape[:2]
     width = blocks * int8_fused.LANES
     q8, s = shift_int.quantize_rows_codes(ctx, x2, k, multiple=4, dtype="uint8", offset=128)
-    wsum = np.zeros(width, np.int32)
-    wsum[:out] = _offsets(weights)
-    mult = np.ones(width, np.float32)
-    mult[:out] = weights.mult  # powers of two below 2^31: exact in float32
-    factors = ctx.emit(op.concat([relax.const(mult), _channel_vector(ctx, scale, out, width)], axis=0))
+    wsum = int8_gemm.channel_vector(ctx, _offsets(weights), out, width, "int32")
+    mult = int8_gemm.channel_vector(ctx, weights.mult.astype(np.float32), out, width)  # powers of two: exact
+    factors = ctx.emit(op.concat([mult, int8_gemm.channel_vector(ctx, scale, out, width)], axis=0))
     shape = {"rows": rows, "blocks": blocks, "k4": k4}
     knobs = knob_db.choose("int8_gemm_rescale_vnni", shape) if isinstance(rows, int) else None
     gv = ctx.bb.add_func(int8_fused.gemm_rescale_func(blocks, k4, knobs, shift_bits=bits), "shift_int8_gemm_vnni")
-    args = [q8, s, relax.const(packed), relax.const(wsum), factors, _channel_vector(ctx, bias, out, width)]
+    args = [q8, s, relax.const(packed), wsum, factors, int8_gemm.channel_vector(ctx, bias, out, width)]
     y = ctx.emit(relax.op.call_tir(gv, args, out_ty=relax.TensorType((rows, width), "float32")))
     if width != out:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[out]))
