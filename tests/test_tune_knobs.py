@@ -187,3 +187,20 @@ def test_unreadable_database_is_ignored_with_a_warning(tmp_path):
     path.write_text("{not json")
     with pytest.warns(UserWarning, match="unreadable"):
         assert build(_graph(), "cpu", tuning_db=tmp_path).tuned == []
+
+
+def test_cpu_tensor_intrinsics_load_without_the_cuda_module():
+    """MetaSchedule's CPU tuning gets x86/arm intrinsics without parsing CUDA's (45-90 s here): the
+    real CUDA module is never loaded, and the stand-in is gone so a later import loads the real one."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from reshift.codegen.tvm.tune import load_cpu_tensor_intrinsics as load; "
+        "load(); load(); from tvm.s_tir import TensorIntrin; "
+        "TensorIntrin.get('dot_16x4_vnni'); TensorIntrin.get('dot_4x4_i8i8s32_sdot'); "
+        "import tvm.s_tir.tensor_intrin as p; "
+        "assert 'tvm.s_tir.tensor_intrin.cuda' not in sys.modules and not hasattr(p, 'cuda')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

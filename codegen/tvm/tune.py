@@ -17,6 +17,11 @@ timed over TVM RPC by MetaSchedule's RPCRunner. CUDA is not tunable here.
 Known breakage (NOTES_tvm.md §7): with apache-tvm-ffi 0.1.15.x every ``save_json`` of a TIR node
 segfaults in ``tvm::ffi::ToJSONGraph``, and MetaSchedule serializes every workload; apache-tvm-ffi
 0.1.14.post1 works. :func:`tuning_available` checks before starting, so nothing crashes.
+
+Start-up: MetaSchedule's builder and schedule rules ``import tvm.s_tir.tensor_intrin``, whose CUDA
+module parses its tensor-core intrinsics for 45-90 s on these CPUs (ROCm and Hexagon 6 s more),
+once in this process and once per build batch in every fresh builder worker. CPU tuning never uses
+them: :func:`load_cpu_tensor_intrinsics` registers only x86, arm and riscv ones, in both places.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,7 @@ from reshift.ir.graph import Graph
 Progress = Callable[[int, int], None]  # (trials measured so far, trials requested)
 
 _PROBE = "import tvm; from tvm import tirx; tvm.ir.save_json(tirx.IntImm('int32', 1))"
+_NON_CPU_INTRINSICS = ("cuda", "rocm", "hexagon")  # tvm.s_tir.tensor_intrin modules CPU tuning never uses
 _REMOTE: dict[str, Any] = {}  # set by remote_runner(): where cross-target kernels are measured
 
 
@@ -90,6 +97,28 @@ def tuning_available() -> str | None:
     return None
 
 
+def load_cpu_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` without its GPU/DSP modules (see the module docstring).
+
+    Those modules are stood in for during the package import, then forgotten, so a later explicit
+    import of one (a CUDA build in the same process) loads the real module.
+    """
+    package_name = "tvm.s_tir.tensor_intrin"
+    if package_name in sys.modules:
+        return
+    skipped = [f"{package_name}.{name}" for name in _NON_CPU_INTRINSICS]
+    for name in skipped:
+        sys.modules[name] = types.ModuleType(name, "stand-in: not needed for CPU tuning")
+    try:
+        package = importlib.import_module(package_name)
+    finally:
+        for name in skipped:
+            del sys.modules[name]
+    for name in _NON_CPU_INTRINSICS:
+        with contextlib.suppress(AttributeError):
+            delattr(package, name)
+
+
 def tune(
     graph: Graph,
     target: str | dict | TargetSpec = "cpu",
@@ -129,6 +158,7 @@ def tune(
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import meta_schedule as ms
 
+    load_cpu_tensor_intrinsics()
     tvm_target = spec.target()
     db_dir = target_db_dir(db_dir, tvm_target)
     db_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +221,9 @@ def _builder(spec: TargetSpec):
     from tvm.s_tir import meta_schedule as ms
 
     f_export = functools.partial(_export_cross, spec.cross_compiler) if spec.cross_compiler else None
-    return ms.builder.LocalBuilder(timeout_sec=300, f_export=f_export)  # workers import tvm: slow to start
+    # A fresh worker per build batch; it imports tvm (slow to start) and, with the initializer, only
+    # the CPU tensor intrinsics before MetaSchedule's default_build imports them all.
+    return ms.builder.LocalBuilder(timeout_sec=300, f_export=f_export, initializer=load_cpu_tensor_intrinsics)
 
 
 def _export_cross(cross_compiler: str, mod: Any) -> str:
