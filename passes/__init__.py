@@ -17,7 +17,7 @@ from reshift.passes.branches import BRANCH_PASSES
 from reshift.passes.branches_linear import LINEAR_BRANCH_PASSES
 from reshift.passes.fold import FOLD_PASSES
 from reshift.passes.log2 import LOG2_PASSES
-from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, rule_pass
+from reshift.passes.manager import Pass, PassContext, PassManager, PassRecord, PassReport, check_options, rule_pass
 from reshift.passes.moe import MOE_PASSES
 from reshift.passes.pattern import Any, Const, Match, Op, Opt
 from reshift.passes.quantize import QUANTIZE_PASSES
@@ -124,7 +124,9 @@ def run(
     ``inputs`` (one batch of graph inputs) adds the max relative error against the original
     graph to every report row that changed something.
     """
-    manager = PassManager(pipeline_passes(pipeline), name=pipeline, verify_each=verify_each)
+    chosen = pipeline_passes(pipeline)
+    check_options(pipeline, chosen, options, list(PASSES.values()))
+    manager = PassManager(chosen, name=pipeline, verify_each=verify_each)
     return manager.run(graph, PassContext(calibration, options), inputs)
 
 

@@ -275,6 +275,7 @@ ATTENTION_REPARAM_PASSES = [
         attention_reparam,
         exact=True,
         doc="q/k and V per-channel ranges migrated into the attention projections (exact)",
+        options=frozenset({"qk_alpha", "v_alpha"}),
     )
 ]
 

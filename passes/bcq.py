@@ -65,7 +65,7 @@ from reshift.passes.bcq_fit import (
 from reshift.passes.bcq_progress import LayerProgress
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
-from reshift.passes.quant_common import LayerPlan, quantize_linears, relative_output_error
+from reshift.passes.quant_common import LAYER_OPTIONS, LayerPlan, quantize_linears, relative_output_error
 from reshift.passes.rules import RuleStats
 
 DEFAULT_GROUP_SIZE = 128
@@ -497,9 +497,25 @@ def ternary_weights(graph: Graph, ctx: PassContext) -> RuleStats:
     return _with_progress(graph, ctx, "linear_to_ternary", _plan_ternary)
 
 
+# read by the GPTQ-style fits (_plan, _plan_ternary), _float_inputs, _sequential and the progress bars
+_FIT_OPTIONS = frozenset(
+    {"damp", "act_order", "gptq_rounds", "group_size", "asymmetric", "sequential", "bits", "progress"}
+)
 BCQ_PASSES = [
-    Pass("bcq_weights", bcq_weights, exact=False, doc="linear -> bcq_linear, W = sum alpha_i B_i (ShiftAddLLM)"),
-    Pass("ternary_weights", ternary_weights, exact=False, doc="linear -> ternary_linear (BitNet b1.58)"),
+    Pass(
+        "bcq_weights",
+        bcq_weights,
+        exact=False,
+        doc="linear -> bcq_linear, W = sum alpha_i B_i (ShiftAddLLM)",
+        options=_FIT_OPTIONS | {"bcq_iters", "bcq_q", "bit_choices"} | LAYER_OPTIONS,
+    ),
+    Pass(
+        "ternary_weights",
+        ternary_weights,
+        exact=False,
+        doc="linear -> ternary_linear (BitNet b1.58)",
+        options=_FIT_OPTIONS | {"ternary_refit"} | LAYER_OPTIONS,
+    ),
 ]
 
 __all__ = [

@@ -308,6 +308,7 @@ BINARY_ATTENTION_PASSES = [
         binary_attention_pass,
         exact=False,
         doc="softmax(q k^T s) v -> ShiftAddViT binary-code linear attention (hash fitted on calibration)",
+        options=frozenset({"hash_bits", "binary_init", "seed"}),
     )
 ]
 

@@ -164,12 +164,16 @@ def log2_activations(graph: Graph, ctx: PassContext, bits: int = 4, adaptive: bo
     return stats
 
 
+LOG2_OPTIONS = frozenset({"a_bits", "base_kind", "log2_gelu"})  # read by log2_activations
+
+
 def log2_pass(bits: int) -> Pass:
     return Pass(
         f"log2_a{bits}",
         lambda graph, ctx: log2_activations(graph, ctx, bits, adaptive=False),
         exact=False,
         doc=f"RepQ-ViT log-sqrt2 {bits}-bit quantizer on post-softmax attention",
+        options=LOG2_OPTIONS,
     )
 
 
@@ -179,6 +183,7 @@ def adalog_pass(bits: int) -> Pass:
         lambda graph, ctx: log2_activations(graph, ctx, bits, adaptive=True),
         exact=False,
         doc=f"AdaLog adaptive-base {bits}-bit quantizer on post-softmax and (bias-reparameterized) post-GELU",
+        options=LOG2_OPTIONS,
     )
 
 

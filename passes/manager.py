@@ -40,6 +40,32 @@ class Pass:
     run: Callable[[Graph, PassContext], RuleStats]
     exact: bool = True
     doc: str = ""
+    options: frozenset[str] = frozenset()  # the PassContext.options keys it reads (check_options)
+
+
+def check_options(pipeline: str, passes: list[Pass], options: dict[str, Any], registered: list[Pass]) -> None:
+    """Refuse an option no registered pass reads; warn about one only other pipelines' passes read.
+
+    A misspelt option (``shif_bits=4``) would be silently ignored: it is a PassError naming the
+    likely intended name among every ``registered`` pass's options. An option of another pipeline
+    (``bcq_q`` given to ``shift``, as when one option set serves several pipelines) is a warning
+    naming the passes that read it, as compilers warn about flags unused by the chosen mode.
+    """
+    import difflib
+    import warnings
+
+    read = set().union(*(p.options for p in passes))
+    accepted = ", ".join(sorted(read)) or "none"
+    for name in sorted(set(options) - read):
+        readers = [p.name for p in registered if name in p.options]
+        if readers:
+            message = f"option {name!r} is ignored: pipeline {pipeline!r} does not read it, only {', '.join(readers)}"
+            warnings.warn(f"{message} (it reads: {accepted})", stacklevel=3)
+            continue
+        known = sorted(set().union(*(p.options for p in registered)))
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise PassError(f"unknown pass option {name!r}{hint} (pipeline {pipeline!r} reads: {accepted})")
 
 
 def rule_pass(name: str, rules: list[Rule], doc: str = "", exact: bool = True) -> Pass:

@@ -42,9 +42,9 @@ from reshift.ir.ops_lowbit import quantize_rows_int8
 from reshift.ir.ops_moe import multiplications_removed, route_rows, shift_rows_blas
 from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
-from reshift.passes.quant_common import LINEAR, LayerPlan, apply_plans, plan_layers
+from reshift.passes.quant_common import LAYER_OPTIONS, LINEAR, LayerPlan, apply_plans, plan_layers
 from reshift.passes.rules import RewriteContext, RuleStats
-from reshift.passes.shift import _overflow_reason, quantize_shift, shift_options
+from reshift.passes.shift import SHIFT_OPTIONS, _overflow_reason, quantize_shift, shift_options
 
 ACTIVATIONS = ("gelu", "relu", "silu")
 DEFAULT_SHIFT_SHARE = 0.5
@@ -200,6 +200,7 @@ MOE_PASSES = [
         moe_mlp,
         exact=False,
         doc="MLP linear -> moe_linear: float32 and shift experts, int8 router fitted on calibration (ShiftAddViT)",
+        options=SHIFT_OPTIONS | {"expert_latency", "moe_shift_share"} | LAYER_OPTIONS,
     )
 ]
 

@@ -59,6 +59,10 @@ def skip_reason(node: Node, weight: Value, graph: Graph, patterns) -> str | None
     return None
 
 
+# options every pass built on plan_layers / candidate_reason reads
+LAYER_OPTIONS = frozenset({"skip", "calib_rows"})
+
+
 def candidate_reason(m: Match, graph: Graph, users: dict[Value, list[Node]], options: dict) -> str | None:
     """Why the matched ``linear`` or ``conv2d`` may not be quantized at all (before any fitting), or None."""
     weight = m["weight"]

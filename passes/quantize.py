@@ -372,6 +372,10 @@ def quantize_pass(w_bits: int, a_bits: int) -> Pass:
         exact=False,
         doc=f"linear -> int8_linear, conv2d -> int8_conv2d (W{w_bits} per channel, A{a_bits} per "
         f"{'row, dynamic' if default_act_granularity(a_bits) == 'row' else 'tensor'}), matmul inputs fake-quantized",
+        options=frozenset(
+            {"w_bits", "a_bits", "act_method", "weight_method", "weight_rounding", "act_granularity", "smooth_alpha"}
+            | {"quantize_convs", "quantize_matmuls", "skip"}
+        ),
     )
 
 

@@ -150,6 +150,7 @@ def scale_reparam_pass(bits: int) -> Pass:
         lambda graph, ctx: scale_reparam(graph, ctx, bits),
         exact=True,
         doc=f"RepQ-ViT post-LayerNorm scale reparameterization for {bits}-bit per-tensor activations",
+        options=frozenset({"a_bits", "reparam_stat", "reparam_post_norm"}),
     )
 
 

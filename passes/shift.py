@@ -49,6 +49,7 @@ from reshift.passes.manager import Pass, PassContext
 from reshift.passes.pattern import Match
 from reshift.passes.quant_common import (
     CONV,
+    LAYER_OPTIONS,
     LINEAR,
     LayerPlan,
     apply_plans,
@@ -64,6 +65,9 @@ DEFAULT_SHIFT_LEVELS = 7  # at DEFAULT_SHIFT_BITS: the int8 kernels' codes (modu
 DEPTHWISE_KEPT = (
     "depthwise conv kept float32 (its per-window int8 codes cost more than its multiplies; shift_depthwise=True)"
 )
+
+
+SHIFT_OPTIONS = frozenset({"shift_bits", "shift_levels"})  # read by shift_options
 
 
 def shift_options(options: dict) -> tuple[int, int]:
@@ -190,6 +194,7 @@ SHIFT_PASSES = [
         shift_weights,
         exact=False,
         doc="linear -> shift_linear, conv2d -> shift_conv2d, W = scale*sign*2^-p (DeepShift-PS)",
+        options=SHIFT_OPTIONS | {"shift_depthwise"} | LAYER_OPTIONS,
     )
 ]
 

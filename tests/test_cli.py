@@ -117,6 +117,8 @@ def test_pass_options_reach_the_passes(files, tmp_path, capsys):
     assert "shift_levels=9 must be in 1..8" in capsys.readouterr().err
     assert main([*argv, "--option", "shift_bits"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main([*argv, "--option", "shift_bit=4"]) == 2  # a typo is refused, not silently ignored
+    assert "did you mean 'shift_bits'?" in capsys.readouterr().err
 
 
 def test_tune_exits_0_or_2_cleanly(files, tmp_path):

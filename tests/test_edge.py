@@ -25,6 +25,7 @@ import pytest
 from examples.edge import deploy, device
 from reshift import cli
 from reshift.runtime import remote as remote_api
+from tests.system_tools import require_tool
 
 pytestmark = pytest.mark.edge
 KEY = "reshift-edge-test"
@@ -63,6 +64,7 @@ def edge_device(rootfs):
 
 @pytest.fixture(scope="module")
 def arm64_lib(tmp_path_factory):
+    require_tool("aarch64-linux-gnu-gcc")
     return deploy.build_arm64_library(tmp_path_factory.mktemp("edge") / "conv_relu_arm64.so")
 
 
@@ -220,6 +222,7 @@ def test_int8_kernels_are_bit_exact_on_the_device(target, edge_device, tmp_path,
 @pytest.fixture(scope="module")
 def tiny_artifacts(tmp_path_factory):
     """conv+relu for arm64 and for this x86 host, both written as reshift artifacts."""
+    require_tool("aarch64-linux-gnu-gcc")
     import torch
 
     import reshift
