@@ -84,6 +84,19 @@ class LowerContext:
         readers = self.users.get(value, [])
         return readers[0] if len(readers) == 1 and value not in self.graph_outputs else None
 
+    def residual_add(self, value: Value) -> tuple[Node, Value] | None:
+        """``(add, other)`` when ``value``'s only reader is ``add(value, other)`` with ``other`` an
+        already lowered, materialized tensor of ``value``'s type: a kernel producing ``value`` can add
+        ``other`` in its epilogue (a residual connection) and compute the add's output instead."""
+        reader = self.only_reader(value)
+        if reader is None or reader.op != "add" or len(reader.inputs) != 2:
+            return None
+        other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
+        ready = self.env.get(other)
+        if other is value or other.type != value.type or reader.outputs[0].type != value.type:
+            return None
+        return (reader, other) if ready is not None and ready is not ABSORBED else None
+
     def dim(self, dim: Dim) -> int | tirx.PrimExpr:
         """An IR dimension as a TIR expression: ``"12*N*S"`` -> ``N * S * 12`` over the input vars."""
         coefficient, symbols = dim_terms(dim)

@@ -84,12 +84,15 @@ def shape_key(
     oc: int,
     out: OutputLayout,
     relu: bool,
+    residual: bool = False,
 ) -> knob_db.Shape:
-    """Everything one ocvec kernel instance is specialized to, as the knob database's shape."""
+    """Everything one ocvec kernel instance is specialized to, as the knob database's shape (``residual``
+    only where set, so the keys of instances without one, in databases tuned before it, still match)."""
     names = ("n", "c", "kh", "kw", "sh", "sw", "dh", "dw", "row", "plane", "oh", "ow", "oc")
     values = (n, channels, *kernel, *stride, *dilation, row, plane, *out_hw, oc)
     layout = {"out_top": out.top, "out_left": out.left, "out_row": out.row, "out_rows": out.grid_rows}
-    return {**dict(zip(names, (int(v) for v in values), strict=True)), **layout, "relu": int(relu)}
+    key = {**dict(zip(names, (int(v) for v in values), strict=True)), **layout, "relu": int(relu)}
+    return {**key, "residual": 1} if residual else key
 
 
 def default_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
@@ -127,6 +130,8 @@ def instance(shape: knob_db.Shape, knobs: knob_db.Knobs, rng: np.random.Generato
     packed = pack_filters(w, knobs["vo"])
     width = packed.shape[0] * packed.shape[2]
     b = rng.standard_normal(width).astype(np.float32)
+    residual = bool(shape.get("residual", 0))
+    res = rng.standard_normal((shape["n"], width, shape["oh"] * shape["ow"])).astype(np.float32) if residual else b
     func = conv_ocvec_func(
         shape["c"],
         kernel,
@@ -140,8 +145,9 @@ def instance(shape: knob_db.Shape, knobs: knob_db.Knobs, rng: np.random.Generato
         knobs["vo"],
         out,
         bool(shape["relu"]),
+        residual,
     )
-    return knob_db.Instance(func, [x, packed, b], [((shape["n"], width, out.plane), "float32")])
+    return knob_db.Instance(func, [x, packed, b, res], [((shape["n"], width, out.plane), "float32")])
 
 
 KNOBS = knob_db.register(knob_db.KnobSpace("conv2d_ocvec_f32", default_knobs, candidate_knobs, check_knobs, instance))
@@ -166,12 +172,16 @@ def conv_ocvec_func(
     vo: int,
     out: OutputLayout | None = None,
     relu: bool = False,
+    residual: bool = False,
 ) -> tirx.PrimFunc:
     """``y[n, oc, p] = b[oc] + sum_{c,i,j} w[oc / 16vo, (c*kh + i)*kw + j, oc % 16vo] * xpad[n, c, ...]``.
 
     ``x`` is the zero padded image flattened to ``[n, channels, plane]`` (rows of ``row`` columns);
-    ``y`` is ``[n, oc_blocks * 16 * vo, out.plane]`` (default: unpadded, ``oh * ow``), with
-    ``max(y, 0)`` when ``relu``; the batch ``n`` is symbolic.
+    ``y`` is ``[n, oc_blocks * 16 * vo, out.plane]`` (default: unpadded, ``oh * ow``). When ``residual``,
+    ``+ res[n, oc, p]`` (``[n, oc_blocks * 16 * vo, oh * ow]``, the other operand of a ResNet block's
+    ``add``), then ``max(., 0)`` when ``relu``: the add and ReLU that would each re-read and re-write
+    the output; without ``residual`` the ``res`` operand is not read (pass any tensor). The batch
+    ``n`` is symbolic.
     """
     kh, kw = kernel
     s0, s1 = stride
@@ -194,15 +204,20 @@ def conv_ocvec_func(
         x_h: T.handle,
         w: T.Buffer((oc_blocks, k, width), "float32"),
         b: T.Buffer((out_channels,), "float32"),
+        res_h: T.handle,
         y_h: T.handle,
     ):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(x_h, (n, channels, plane), "float32")
         y = T.match_buffer(y_h, (n, out_channels, out_plane), "float32")
+        if residual:
+            res = T.match_buffer(res_h, (n, out_channels, oh * ow), "float32")
         xf = T.decl_buffer((n * channels * plane,), "float32", data=x.data)
         wf = T.decl_buffer((oc_blocks * k * width,), "float32", data=w.data)
         yf = T.decl_buffer((n * out_channels * out_plane,), "float32", data=y.data)
+        if residual:
+            resf = T.decl_buffer((n * out_channels * oh * ow,), "float32", data=res.data)
         for job in jobs(n * oc_blocks * oh):
             img = job // (oc_blocks * oh)
             ob = job % (oc_blocks * oh) // oh
@@ -251,6 +266,20 @@ def conv_ocvec_func(
                                     )
                 for t in T.unroll(pt):
                     for v in T.unroll(vo):
+                        if residual:
+                            acc[t, v, lanes] = (
+                                acc[t, v, lanes]
+                                + resf[
+                                    T.Ramp(
+                                        (img * out_channels + ob * width + v * LANES) * (oh * ow)
+                                        + r * ow
+                                        + tile * pt
+                                        + t,
+                                        oh * ow,
+                                        LANES,
+                                    )
+                                ]
+                            )
                         if relu:
                             acc[t, v, lanes] = T.max(acc[t, v, lanes], zero)
                         yf[

@@ -104,10 +104,16 @@ def input_transform_func(channels: int, row: int, plane: int, tiles_hw: tuple[in
 
 
 def output_transform_func(
-    width: int, tiles_hw: tuple[int, int], out_hw: tuple[int, int], out: OutputLayout, relu: bool
+    width: int,
+    tiles_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    out: OutputLayout,
+    relu: bool,
+    residual: bool = False,
 ) -> tirx.PrimFunc:
     """``y[n, oc, ...] = (A^T M A)[...] + b[oc]`` from ``M [16, n*T, width]``, into layout ``out``
-    (the border of a padded layout written as zero), ReLU'd when ``relu``."""
+    (the border of a padded layout written as zero), ``+ r[n, oc, oh*ow]`` when ``residual`` (a
+    ResNet block's add; ``r`` is not read otherwise), then ReLU'd when ``relu``."""
     th, tw = tiles_hw
     oh, ow = out_hw
     per_image = th * tw
@@ -116,12 +122,17 @@ def output_transform_func(
     zero = tirx.const(0, "float32")
     with IRBuilder() as ib, Tb.prim_func(is_private=True):
         _header("winograd_output")
-        m_h, b_h, y_h = Tb.arg("m", Tb.handle()), Tb.arg("b", Tb.handle()), Tb.arg("y", Tb.handle())
+        m_h, b_h = Tb.arg("m", Tb.handle()), Tb.arg("b", Tb.handle())
+        r_h, y_h = Tb.arg("r", Tb.handle()), Tb.arg("y", Tb.handle())
         n = Tb.int64()
         m = Tb.match_buffer(m_h, (16, n * per_image, width), "float32")
         b = Tb.match_buffer(b_h, (width,), "float32")
+        if residual:
+            r3 = Tb.match_buffer(r_h, (n, width, oh * ow), "float32")
         y = Tb.match_buffer(y_h, (n, width, plane), "float32")
         yf = Tb.decl_buffer((n * width * plane,), "float32", data=y.data)
+        if residual:
+            r = Tb.decl_buffer((n * width * oh * ow,), "float32", data=r3.data)
         cv = width // LANES
         with Tb.parallel(0, n * th * cv) as job:  # (image, tile row, 16 channels)
             img, ty, c0 = job // (th * cv), job % (th * cv) // cv, job % cv
@@ -132,6 +143,9 @@ def output_transform_func(
                 for p in range(TILE):
                     for q, value in enumerate(_at([rows[c][p] for c in range(4)])):
                         value = value + b[lanes]
+                        if residual:
+                            at = (img * width + c0 * LANES) * (oh * ow) + (ty * TILE + p) * ow + tx * TILE + q
+                            value = value + r[tirx.Ramp(at, oh * ow, LANES)]
                         pos = (img * width + c0 * LANES) * plane + (ty * TILE + p + out.top) * out.row
                         index = tirx.Ramp(pos + out.left + tx * TILE + q, plane, LANES)
                         Tb.buffer_store(yf, tirx.max(value, zero_vec) if relu else value, [index])

@@ -341,13 +341,33 @@ def _cpu_conv(ctx: LowerContext, node: Node) -> _Conv | None:
     )
 
 
-def _padded_consumers(ctx: LowerContext, conv: _Conv) -> tuple[Node | None, conv2d_ocvec_cpu.OutputLayout] | None:
-    """``(relu or None, layout)`` when this conv's output (through one ReLU, or directly) is read
-    only by ocvec convs that all want the same padded input layout; else None."""
-    value, relu = conv.node.outputs[0], None
+@dataclass(frozen=True)
+class _Epilogue:
+    """The nodes after an fp32 conv its kernel computes: ``conv [-> add(., residual)] [-> relu]``
+    (ResNet's block end, or a plain conv + ReLU), each the only reader of the previous value."""
+
+    add: Node | None
+    residual: Value | None
+    relu: Node | None
+    value: Value  # what the kernel's output is: the last node's output, or the conv's
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [n for n in (self.add, self.relu) if n is not None]
+
+
+def _epilogue(ctx: LowerContext, conv: _Conv) -> _Epilogue:
+    value, add, residual = conv.node.outputs[0], None, None
+    found = ctx.residual_add(value)
+    if found is not None:
+        (add, residual), value = found, found[0].outputs[0]
     reader = ctx.only_reader(value)
-    if reader is not None and reader.op == "relu":
-        relu, value = reader, reader.outputs[0]
+    relu = reader if reader is not None and reader.op == "relu" and reader.inputs[0] is value else None
+    return _Epilogue(add, residual, relu, relu.outputs[0] if relu is not None else value)
+
+
+def _padded_consumers(ctx: LowerContext, value: Value) -> conv2d_ocvec_cpu.OutputLayout | None:
+    """The padded input layout when ``value`` is read only by ocvec convs that all want the same one."""
     readers = ctx.users.get(value, [])
     if not readers or value in ctx.graph_outputs:
         return None
@@ -357,11 +377,14 @@ def _padded_consumers(ctx: LowerContext, conv: _Conv) -> tuple[Node | None, conv
         if consumer is None or not consumer.ocvec or node.inputs[0] is not value or value in node.inputs[1:]:
             return None
         layouts.add(consumer.input_layout)
-    return (relu, layouts.pop()) if len(layouts) == 1 else None
+    return layouts.pop() if len(layouts) == 1 else None
 
 
-def _winograd(ctx: LowerContext, conv: _Conv, src: relax.Expr, b: np.ndarray, out, relu: bool) -> relax.Expr:
-    """The three Winograd F(2x2, 3x3) kernels of ``conv2d_winograd_cpu.py`` on the padded input ``src``."""
+def _winograd(
+    ctx: LowerContext, conv: _Conv, src: relax.Expr, b: np.ndarray, out, relu: bool, res: relax.Expr | None
+) -> relax.Expr:
+    """The three Winograd F(2x2, 3x3) kernels of ``conv2d_winograd_cpu.py`` on the padded input ``src``;
+    the output transform adds ``res`` (a residual, ``[n, oc, oh*ow]``) when given."""
     n, channels = conv.shape[0], conv.shape[1]
     width = b.shape[0]
     (oh, ow), layout = conv.out_hw, conv.input_layout
@@ -375,15 +398,21 @@ def _winograd(ctx: LowerContext, conv: _Conv, src: relax.Expr, b: np.ndarray, ou
     u, zero = relax.const(winograd.transformed_filters(conv.w)), relax.const(np.zeros((16, width), np.float32))
     m = ctx.emit(relax.op.call_tir(gv_gemm, [v, u, zero], out_ty=relax.TensorType((16, rows, width), "float32")))
     out = out or conv2d_ocvec_cpu.OutputLayout.plain(oh, ow)
-    gv_out = ctx.bb.add_func(winograd.output_transform_func(width, tiles, (oh, ow), out, relu), "winograd_output")
+    func = winograd.output_transform_func(width, tiles, (oh, ow), out, relu, residual=res is not None)
+    bias = relax.const(b)
     return ctx.emit(
-        relax.op.call_tir(gv_out, [m, relax.const(b)], out_ty=relax.TensorType((n, width, out.plane), "float32"))
+        relax.op.call_tir(
+            ctx.bb.add_func(func, "winograd_output"),
+            [m, bias, bias if res is None else res],  # the kernel does not read an absent residual
+            out_ty=relax.TensorType((n, width, out.plane), "float32"),
+        )
     )
 
 
 def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
-    """The ocvec kernel; it reads a producer's padded output when there is one and, when its own
-    readers allow, writes theirs (ReLU applied) and leaves its plain output unmaterialized."""
+    """The ocvec kernel; it reads a producer's padded output when there is one, computes the
+    residual add and ReLU after it (:func:`_epilogue`) and, when its readers allow, writes their
+    padded input, leaving the plain output unmaterialized."""
     channels, h, wd = conv.shape[1:]
     oc, _, kh, kw = conv.w.shape
     pt, vo = conv2d_ocvec_cpu.choose_tile(oc, conv.out_hw[1])
@@ -394,13 +423,17 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
         assert written == layout, (written, layout)
     else:
         src = _padded_flat(ctx, x, conv.shape, conv.pads, layout.grid_rows, layout.row)
-    fusion = _padded_consumers(ctx, conv) if width == oc else None
-    relu, out = fusion if fusion is not None else (None, None)
+    # whole channel vectors only: otherwise the output is sliced to ``oc`` after the kernel
+    epi = _epilogue(ctx, conv) if width == oc else _Epilogue(None, None, None, conv.node.outputs[0])
+    relu = epi.relu
+    out = _padded_consumers(ctx, epi.value) if width == oc else None
     plane = out.plane if out is not None else conv.out_hw[0] * conv.out_hw[1]
+    n, (oh, ow) = conv.shape[0], conv.out_hw
+    res = None if epi.add is None else ctx.emit(op.reshape(ctx.env[epi.residual], (n, oc, oh * ow)))
     if not conv.winograd and isinstance(conv.shape[0], int):  # the tuned tile keeps ``width`` (check_knobs)
         key = conv2d_ocvec_cpu.shape_key(
             conv.shape[0], channels, (kh, kw), conv.stride, conv.dilation, layout.row, layout.plane, conv.out_hw, oc,
-            out or conv2d_ocvec_cpu.OutputLayout.plain(*conv.out_hw), relu is not None,
+            out or conv2d_ocvec_cpu.OutputLayout.plain(*conv.out_hw), relu is not None, res is not None,
         )  # fmt: skip
         chosen = knob_db.choose("conv2d_ocvec_f32", key)
         pt, vo = chosen["pt"], chosen["vo"]
@@ -409,7 +442,7 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
     if conv.bias is not None:
         b[:oc] = conv.bias
     if conv.winograd:
-        y = _winograd(ctx, conv, src, b, out, relu is not None)
+        y = _winograd(ctx, conv, src, b, out, relu is not None, res)
     else:
         func = conv2d_ocvec_cpu.conv_ocvec_func(
             channels,
@@ -424,22 +457,29 @@ def _conv2d_ocvec(ctx: LowerContext, conv: _Conv, x: relax.Expr) -> relax.Expr:
             vo,
             out,
             relu is not None,
+            res is not None,
         )
+        bias = relax.const(b)
         y = ctx.emit(
             relax.op.call_tir(
                 ctx.bb.add_func(func, "conv2d_ocvec_f32"),
-                [src, relax.const(conv2d_ocvec_cpu.pack_filters(conv.w, vo)), relax.const(b)],
-                out_ty=relax.TensorType((conv.shape[0], width, plane), "float32"),
+                [src, relax.const(conv2d_ocvec_cpu.pack_filters(conv.w, vo)), bias, bias if res is None else res],
+                out_ty=relax.TensorType((n, width, plane), "float32"),
             )
         )
     if out is not None:
-        if relu is not None:
-            ctx.fused[relu] = [ABSORBED]
-        ctx.padded[(relu or conv.node).outputs[0]] = (y, out)
+        for node in epi.nodes:
+            ctx.fused[node] = [ABSORBED]
+        ctx.padded[epi.value] = (y, out)
         return ABSORBED
     if width != oc:
         y = ctx.emit(op.strided_slice(y, axes=[1], begin=[0], end=[oc]))
-    return ctx.emit(op.reshape(y, (conv.shape[0], oc, *conv.out_hw)))
+    y = ctx.emit(op.reshape(y, (n, oc, oh, ow)))
+    if not epi.nodes:
+        return y
+    for node in epi.nodes:  # the conv's and the add's outputs are never materialized
+        ctx.fused[node] = [y if node is epi.nodes[-1] else ABSORBED]
+    return ABSORBED
 
 
 def conv2d(ctx: LowerContext, node: Node, x: relax.Expr) -> relax.Expr | None:

@@ -576,21 +576,12 @@ def _epilogue_chain(ctx: LowerContext, node) -> _Chain:
     reader = ctx.only_reader(value)
     if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
         chain.relu, value = reader, reader.outputs[0]
+    residual = ctx.residual_add(value)
+    if residual is not None:
+        (chain.add, chain.residual), value = residual, residual[0].outputs[0]
         reader = ctx.only_reader(value)
-    if reader is not None and reader.op == "add" and len(reader.inputs) == 2:
-        other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
-        ready = ctx.env.get(other)
-        if (
-            other is not value
-            and other.type == value.type
-            and reader.outputs[0].type == value.type
-            and ready is not None
-            and ready is not ABSORBED
-        ):
-            chain.add, chain.residual, value = reader, other, reader.outputs[0]
-            reader = ctx.only_reader(value)
-            if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
-                chain.relu_after, value = reader, reader.outputs[0]
+        if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
+            chain.relu_after, value = reader, reader.outputs[0]
     readers = ctx.users.get(value, [])
     chain.channel_last = (
         chain.add is None
