@@ -357,8 +357,10 @@ class _Epilogue:
 
 
 def _epilogue(ctx: LowerContext, conv: _Conv) -> _Epilogue:
+    """``RESHIFT_CONV_RESIDUAL=0`` leaves the add a separate op (``benchmarks/conv_epilogue.py``'s A/B)."""
     value, add, residual = conv.node.outputs[0], None, None
-    found = ctx.residual_add(value)
+    fuse = os.environ.get("RESHIFT_CONV_RESIDUAL", "1") != "0"
+    found = ctx.residual_add(value) if fuse else None
     if found is not None:
         (add, residual), value = found, found[0].outputs[0]
     reader = ctx.only_reader(value)
