@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -626,11 +628,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"reshift {command}: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # "reshift CMD: warning: ...", not a source path and line of reshift's code
+                warnings.showwarning = functools.partial(_show_warning, args.command)
+            return COMMANDS[args.command](args)
     except ReshiftError as exc:
         if args.debug:
             raise

@@ -119,6 +119,10 @@ def test_pass_options_reach_the_passes(files, tmp_path, capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert main([*argv, "--option", "shift_bit=4"]) == 2  # a typo is refused, not silently ignored
     assert "did you mean 'shift_bits'?" in capsys.readouterr().err
+    assert main([*argv, "--option", "bcq_q=2"]) == 0  # another pipeline's option: a one-line warning
+    err = capsys.readouterr().err
+    assert "reshift inspect: warning: option 'bcq_q' is ignored: pipeline 'shift' does not read it" in err
+    assert "UserWarning" not in err
 
 
 def test_tune_exits_0_or_2_cleanly(files, tmp_path):
