@@ -84,6 +84,11 @@ class LowerContext:
         readers = self.users.get(value, [])
         return readers[0] if len(readers) == 1 and value not in self.graph_outputs else None
 
+    def relu_of(self, value: Value) -> Node | None:
+        """The ``relu`` node that is ``value``'s only reader (a producer's kernel can apply it), if any."""
+        reader = self.only_reader(value)
+        return reader if reader is not None and reader.op == "relu" and reader.inputs[0] is value else None
+
     def residual_add(self, value: Value) -> tuple[Node, Value] | None:
         """``(add, other)`` when ``value``'s only reader is ``add(value, other)`` with ``other`` an
         already lowered, materialized tensor of ``value``'s type: a kernel producing ``value`` can add

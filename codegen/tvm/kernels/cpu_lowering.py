@@ -363,8 +363,7 @@ def _epilogue(ctx: LowerContext, conv: _Conv) -> _Epilogue:
     found = ctx.residual_add(value) if fuse else None
     if found is not None:
         (add, residual), value = found, found[0].outputs[0]
-    reader = ctx.only_reader(value)
-    relu = reader if reader is not None and reader.op == "relu" and reader.inputs[0] is value else None
+    relu = ctx.relu_of(value)
     return _Epilogue(add, residual, relu, relu.outputs[0] if relu is not None else value)
 
 

@@ -444,11 +444,10 @@ def _epilogue_chain(ctx: LowerContext, node: Node) -> tuple[Node | None, Node | 
     """``(relu, next_conv)``: a ReLU reading only this conv's output, and a VNNI ``int8_conv2d`` reading
     only that (or this conv's output directly), which this conv's kernel can compute for them."""
     value = node.outputs[0]
+    relu = ctx.relu_of(value)
+    if relu is not None:
+        value = relu.outputs[0]
     reader = ctx.only_reader(value)
-    relu = None
-    if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
-        relu, value = reader, reader.outputs[0]
-        reader = ctx.only_reader(value)
     if reader is not None and reader.op == "int8_conv2d" and reader.inputs[0] is value and vnni_conv_ok(reader):
         return relu, reader
     return relu, None

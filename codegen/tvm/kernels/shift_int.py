@@ -573,15 +573,15 @@ def _epilogue_chain(ctx: LowerContext, node) -> _Chain:
     previous value, as far as they go; then whether the result can stay channel-last."""
     chain = _Chain()
     value = node.outputs[0]
-    reader = ctx.only_reader(value)
-    if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
-        chain.relu, value = reader, reader.outputs[0]
+    chain.relu = ctx.relu_of(value)
+    if chain.relu is not None:
+        value = chain.relu.outputs[0]
     residual = ctx.residual_add(value)
     if residual is not None:
         (chain.add, chain.residual), value = residual, residual[0].outputs[0]
-        reader = ctx.only_reader(value)
-        if reader is not None and reader.op == "relu" and reader.inputs[0] is value:
-            chain.relu_after, value = reader, reader.outputs[0]
+        chain.relu_after = ctx.relu_of(value)
+        if chain.relu_after is not None:
+            value = chain.relu_after.outputs[0]
     readers = ctx.users.get(value, [])
     chain.channel_last = (
         chain.add is None
