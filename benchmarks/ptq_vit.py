@@ -495,14 +495,17 @@ def speed_study(depth: int = 12, repeat: int = 10) -> None:
 def attention_speed(repeat: int = 20) -> list[dict]:
     """ViT-S attention ``P @ V`` (6 heads, 197 tokens, head dim 64): fp32 matmul vs the fake-quant
     path (log2_quant + quantize_uniform + fp32 matmul) vs the shift-add ``log2_matmul`` kernel
-    (4-bit log-sqrt2 codes, 8-bit V; and AdaLog's base ``2^(11/16)``, 16 accumulators), each compiled
-    by reshift, batch 1 and 8, 2 threads."""
+    (4-bit log-sqrt2 codes, 8-bit V; AdaLog's base ``2^(11/16)``, 16 accumulators; and 6-bit
+    log-sqrt2 codes, whose levels below ``2^-15`` the int32 bound drops, ``fuse_log2_matmul``'s
+    floor at 197 tokens), each compiled by reshift, batch 1 and 8, 2 threads."""
     from reshift.ir.builder import GraphBuilder
+    from reshift.ir.ops_quant import largest_floor_exponent
 
     rng = np.random.default_rng(0)
     heads, tokens, dim = 6, 197, 64
     attrs = {"bits": 4, "base_kind": "log_sqrt2", "scale": 1.0}
     v_attrs = {"v_scale": 0.03, "v_zero_point": 128, "v_bits": 8}
+    floor = largest_floor_exponent(8, tokens)
 
     def graph(kind: str):
         b = GraphBuilder(f"attention_{kind}")
@@ -510,35 +513,55 @@ def attention_speed(repeat: int = 20) -> list[dict]:
         v = b.input("v", f"f32[N,{heads},{tokens},{dim}]")
         if kind == "fp32":
             y = b.matmul(p, v)
-        elif kind == "fake-quant":
+        elif kind.startswith("fake-quant"):
             vq = b.quantize_uniform(v, scale=(v_attrs["v_scale"],), zero_point=(float(v_attrs["v_zero_point"]),))
-            y = b.matmul(b.log2_quant(p, **attrs), vq)
+            y = b.matmul(b.log2_quant(p, **{**attrs, "bits": 6 if "6-bit" in kind else 4}), vq)
         elif kind == "log2_matmul":
             y = b.log2_matmul(p, v, **attrs, **v_attrs)
+        elif kind == "log2_matmul 6-bit":
+            y = b.log2_matmul(p, v, **{**attrs, "bits": 6}, **v_attrs, floor_exponent=floor)
         else:
             y = b.log2_matmul(p, v, **{**attrs, "base_kind": "adaptive", "base": 2 ** (11 / 16)}, **v_attrs)
         return b.build(y)
 
-    kinds = ("fp32", "fake-quant", "log2_matmul", "log2_matmul adaptive")
+    kinds = ("fp32", "fake-quant", "log2_matmul", "log2_matmul adaptive", "fake-quant 6-bit", "log2_matmul 6-bit")
     compiled = {kind: reshift.compile(graph(kind), pipeline="none") for kind in kinds}
     rows = []
     print(f"\nViT-S attention P @ V ({heads} heads, {tokens} tokens, head dim {dim}); CPU: {cpu_name()}; 2 threads")
+    print(f"6-bit log-sqrt2 codes run with floor_exponent {floor}: levels below 2^-{floor} dropped")
     for batch in (1, 8):
         logits = rng.standard_normal((batch, heads, tokens, tokens)).astype(np.float32) * 3
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
         v = rng.standard_normal((batch, heads, tokens, dim)).astype(np.float32)
         times = {k: _median_ms(lambda m=m, p=p, v=v: m(p, v), repeat) for k, m in compiled.items()}
-        y, ref = np.asarray(compiled["log2_matmul"](p, v)), np.asarray(compiled["fake-quant"](p, v))
-        err = float(np.abs(y - ref).max() / np.abs(ref).max())
+        err = {}
+        for bits in ("", " 6-bit"):
+            y, ref = np.asarray(compiled["log2_matmul" + bits](p, v)), np.asarray(compiled["fake-quant" + bits](p, v))
+            err[bits.strip() or "4-bit"] = float(np.abs(y - ref).max() / np.abs(ref).max())
         zero = float(np.mean(p < 2**-7.25))  # log-sqrt2 4-bit: below the smallest level -> zero code, skipped
         base = times["fp32"]
         print(
             f"batch {batch}: "
             + ", ".join(f"{k} {t:.3f} ms ({base / t:.2f}x vs fp32)" for k, t in times.items())
-            + f"; log2_matmul vs fake-quant max rel. diff {err:.1e}; {zero:.0%} zero codes"
+            + "; log2_matmul vs fake-quant max rel. diff "
+            + ", ".join(f"{k} {e:.1e}" for k, e in err.items())
+            + f"; {zero:.0%} zero codes at 4 bits"
         )
-        rows.append({"batch": batch, "ms": times, "speedup_vs_fp32": base / times["log2_matmul"], "zero_codes": zero})
+        slower = [k for k in kinds if k.startswith("log2_matmul") and times[k] > base]
+        if slower:
+            print(f"  slower than the fp32 matmul: {', '.join(slower)}")
+        rows.append(
+            {
+                "batch": batch,
+                "ms": times,
+                "speedup_vs_fp32": base / times["log2_matmul"],
+                "speedup_vs_fp32_6bit": base / times["log2_matmul 6-bit"],
+                "max_rel_diff_vs_fake_quant": err,
+                "zero_codes": zero,
+                "floor_exponent_6bit": floor,
+            }
+        )
     return rows
 
 

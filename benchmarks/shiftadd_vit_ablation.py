@@ -12,7 +12,7 @@ post-training, then ``reshift.recover`` with each recovery recipe of ``--recipes
 renders per step (seed 5); calibration: 64 renders (seed 2), as the main benchmark.
 
     .venv/bin/python benchmarks/shiftadd_vit_ablation.py [--pipelines shift,moe,binary_attention,shiftadd_vit]
-        [--recipes 200:1e-4:0:0,1000:1e-3:50:1] [--hash-bits 16]
+        [--recipes 200:1e-4:0:0,1000:1e-3:50:1] [--hash-bits 16] [--local-taps 9]
 
 Results: ``benchmarks/results/shiftadd_vit_ablation-<time>.json`` / ``.txt``.
 """
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--pipelines", default="shift,moe,binary_attention,shiftadd_vit")
     parser.add_argument("--recipes", default="200:1e-4:0:0,1000:1e-3:50:1")
     parser.add_argument("--hash-bits", type=int, default=16)
+    parser.add_argument("--local-taps", type=int, default=9, help="binary_local_taps (0: no local token mix)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     recipes = [parse_recipe(t) for t in args.recipes.split(",") if t]
@@ -90,12 +91,15 @@ def main() -> None:
     calib_x, _ = train_batch(torch.Generator().manual_seed(2), 64)
     calib = [{"x": calib_x[i : i + 16]} for i in range(0, 64, 16)]
     pipelines = [p for p in args.pipelines.split(",") if p]
-    options: dict = {"hash_bits": args.hash_bits}
+    options: dict = {"hash_bits": args.hash_bits, "binary_local_taps": args.local_taps}
     if {"moe", "shiftadd_vit"} & set(pipelines):  # the router's share from the experts' measured latencies
         options["expert_latency"], _ = expert_latency_option(graph, 1 + (config["img"] // config["patch"]) ** 2, {})
     load = os.getloadavg()
     say(f"shiftadd_vit ablation on {describe_host_cpu()}, {THREADS} threads, load {load[0]:.1f}, {load[1]:.1f}")
-    say(f"tiny ViT (dim 96, depth 4, 37 tokens), {len(x_test)} test images, hash_bits {args.hash_bits}")
+    say(
+        f"tiny ViT (dim 96, depth 4, 37 tokens), {len(x_test)} test images, hash_bits {args.hash_bits}, "
+        f"local mix taps {args.local_taps}"
+    )
     fp32 = ptq_vit.top1(graph, x_test, y_test)
     say(f"  {'fp32':<64} top-1 {fp32:6.2f}%")
     rows: list[dict] = [{"pipeline": "fp32", "row": "fp32", "top1": fp32, "drop": 0.0}]

@@ -13,7 +13,8 @@
 * ``log2_quant``: a float64 decomposition (``Log``, ``Round``, ``Pow``, ``Where``) of the reference;
   with ``custom_ops="domain"`` it stays one ``ai.reshift`` node instead.
 * ``log2_matmul``: the float graph it replaces, ``MatMul(log2_quant(p), QDQ(v))`` (equal to the
-  integer reference within float32 rounding); with ``custom_ops="domain"`` one ``ai.reshift`` node.
+  integer reference within float32 rounding; a ``floor_exponent`` drops the codes past it there too);
+  with ``custom_ops="domain"`` one ``ai.reshift`` node.
 
 These lowerings always run (both ``custom_ops`` modes) for the uniform ops, which standard ONNX
 expresses; they match the references within float32 rounding (NaN inputs are not specified by
@@ -27,7 +28,7 @@ from onnx import TensorProto
 
 from reshift.codegen.onnx import OnnxEmitter, register_decomposition
 from reshift.ir import Node
-from reshift.ir.ops_quant import log_step, uniform_range
+from reshift.ir.ops_quant import last_kept_code, log_step, uniform_range
 
 STANDARD_QDQ_OPS = ("quantize_uniform", "int8_linear", "int8_conv2d")  # exported as standard ONNX in every mode
 
@@ -157,7 +158,8 @@ def _log2_levels(em, x: str, a: dict) -> str:
     t = em.one("Mul", [em.one("Log", [em.one("Div", [x64, d(a["scale"])])]), d(-1.0 / (np.log(2.0) * step))])
     q = em.one("Max", [em.one("Round", [t]), d(0.0)])
     level = em.one("Mul", [em.one("Pow", [d(2.0), em.one("Mul", [q, d(-step)])]), d(a["scale"])])
-    keep = em.one("And", [em.one("Greater", [x64, d(0.0)]), em.one("Less", [q, d(2 ** a["bits"] - 1)])])
+    last = last_kept_code(a["bits"], a["base_kind"], a["base"], a["table_size"], a.get("floor_exponent", -1))
+    keep = em.one("And", [em.one("Greater", [x64, d(0.0)]), em.one("LessOrEqual", [q, d(float(last))])])
     y = em.one("Cast", [em.one("Where", [keep, level, d(0.0)])], to=TensorProto.FLOAT)
     return em.one("Where", [em.one("IsNaN", [x]), x, y])
 

@@ -92,11 +92,14 @@ def _macs(out_shape, *_) -> int:
     return int(np.prod(out_shape))
 
 
-def binary_attention_mults(tokens: int, keys: int, dim: int, v_dim: int, bits: int) -> tuple[int, int]:
+def binary_attention_mults(
+    tokens: int, keys: int, dim: int, v_dim: int, bits: int, local_taps: int = 0
+) -> tuple[int, int]:
     """Multiplications per head of ``softmax(q k^T s) v`` (``q k^T``, the scale, softmax's normalizing
-    divide, ``P V``) and of its binary-code replacement (the two hash projections, one divide per output)."""
+    divide, ``P V``) and of its binary-code replacement (the two hash projections, one divide per output,
+    and ``local_taps`` multiply-adds per value element for the pass's local token mix)."""
     softmax_form = tokens * keys * dim + 2 * tokens * keys + tokens * keys * v_dim
-    code_form = tokens * dim * bits + keys * dim * bits + tokens * v_dim
+    code_form = tokens * dim * bits + keys * dim * bits + tokens * v_dim + local_taps * keys * v_dim
     return softmax_form, code_form
 
 

@@ -42,7 +42,11 @@ Each numpy reference is the exact specification passes and kernels are checked a
   ``y = float32(float64(t) * C)`` with ``C = float64(scale) * float64(v_scale) * 2^-(E+S)`` (exact in
   float64): no add after a multiply, so a kernel with FMA contraction gives the same bits.
   ``y[m, j]`` is NaN where row ``m`` of ``p`` or column ``j`` of ``v`` holds NaN (as the float matmul
-  of the fake-quantized operands).
+  of the fake-quantized operands). ``floor_exponent = W >= 0`` keeps only the levels with ``e <= W``
+  (the others count as the zero code) and takes ``E = min(E, W)``: 6- and 8-bit codes, whose
+  smallest levels (``2^-31`` log-sqrt2 at 6 bits, ``2^-62`` log2) overflow any int32 shift, run
+  with ``W`` as large as the bound allows (``fuse_log2_matmul`` picks it); a dropped level is below
+  ``2^-W scale``, so a row moves by at most ``(its dropped probability mass) * max|v|``.
 
 Registered into :data:`reshift.ir.ops.OPS` (imported at the end of ``ir/ops.py``), tagged ``custom``.
 """
@@ -231,14 +235,38 @@ def adaptive_period(base: float, table_size: int) -> tuple[int, int, int]:
     return p, table_size // g, g
 
 
-def smallest_level_exponent(bits: int, base_kind: str, base: float = 2.0, table_size: int = 16) -> int:
-    """``E``: the power-of-two exponent of the last (smallest) level, code ``2^bits - 2``."""
-    last = 2**bits - 2
+def level_exponent(q, base_kind: str, base: float = 2.0, table_size: int = 16):
+    """``e`` of code ``q`` (int or int64 array): its level is ``2^-e`` times the class numerator."""
     if base_kind == "log2":
-        return last
+        return q
     if base_kind == "log_sqrt2":
-        return (last + 1) // 2
-    return last * adaptive_exponent(base, table_size) // table_size
+        return (q + 1) // 2
+    return q * adaptive_exponent(base, table_size) // table_size
+
+
+def last_kept_code(bits: int, base_kind: str, base: float = 2.0, table_size: int = 16, floor_exponent: int = -1) -> int:
+    """The largest code ``log2_matmul`` accumulates: ``2^bits - 2``, or with ``floor_exponent = W >= 0``
+    the largest whose exponent is at most ``W`` (``e`` grows with ``q``)."""
+    q = 2**bits - 2
+    while floor_exponent >= 0 and q > 0 and level_exponent(q, base_kind, base, table_size) > floor_exponent:
+        q -= 1
+    return q
+
+
+def smallest_level_exponent(
+    bits: int, base_kind: str, base: float = 2.0, table_size: int = 16, floor_exponent: int = -1
+) -> int:
+    """``E``: the power-of-two exponent of the last kept level (code ``2^bits - 2`` without a floor)."""
+    last = last_kept_code(bits, base_kind, base, table_size, floor_exponent)
+    return level_exponent(last, base_kind, base, table_size)
+
+
+def largest_floor_exponent(v_bits: int, k: int) -> int:
+    """The largest ``W`` with ``(2^v_bits - 1) * k * 2^W`` within the int32 accumulator (-1: none)."""
+    w = -1
+    while (2**v_bits - 1) * k * 2 ** (w + 1) <= ACC_LIMIT:
+        w += 1
+    return w
 
 
 def residue_numerators(base_kind: str, base: float = 2.0, table_size: int = 16) -> tuple[np.ndarray, int]:
@@ -254,18 +282,26 @@ def residue_numerators(base_kind: str, base: float = 2.0, table_size: int = 16) 
     return np.rint(table * 2.0**TABLE_SHIFT).astype(np.int64), TABLE_SHIFT
 
 
-def log2_matmul_bound(bits: int, base_kind: str, v_bits: int, k: int, base: float = 2.0, table_size: int = 16) -> int:
+def log2_matmul_bound(
+    bits: int, base_kind: str, v_bits: int, k: int, base: float = 2.0, table_size: int = 16, floor_exponent: int = -1
+) -> int:
     """The largest ``|acc|`` an int32 accumulator of ``log2_matmul`` can reach over ``k`` terms."""
-    return (2**v_bits - 1) * k * 2 ** smallest_level_exponent(bits, base_kind, base, table_size)
+    return (2**v_bits - 1) * k * 2 ** smallest_level_exponent(bits, base_kind, base, table_size, floor_exponent)
 
 
 def log2_shift_codes(
-    p: np.ndarray, bits: int, base_kind: str, scale: float, base: float = 2.0, table_size: int = 16
+    p: np.ndarray,
+    bits: int,
+    base_kind: str,
+    scale: float,
+    base: float = 2.0,
+    table_size: int = 16,
+    floor_exponent: int = -1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(shift, residue)`` int64 per element of ``p``: ``shift = E - e`` (``-1`` for the zero code and NaN),
-    ``residue`` the accumulator of the level (see :func:`residue_numerators`)."""
+    """``(shift, residue)`` int64 per element of ``p``: ``shift = E - e`` (``-1`` for the zero code, NaN
+    and codes past the floor), ``residue`` the accumulator of the level (see :func:`residue_numerators`)."""
     q = log2_codes(p, bits, log_step(base_kind, base, table_size), scale)
-    skip = np.isnan(q) | (q == 2**bits - 1)
+    skip = np.isnan(q) | (q > last_kept_code(bits, base_kind, base, table_size, floor_exponent))
     qi = np.where(skip, 0, q).astype(np.int64)
     if base_kind == "log2":
         e, residue = qi, np.zeros_like(qi)
@@ -274,7 +310,7 @@ def log2_shift_codes(
     else:
         step, periods, g = adaptive_period(base, table_size)
         e, residue = qi * step // table_size, (qi * step // g) % periods
-    shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind, base, table_size) - e)
+    shift = np.where(skip, -1, smallest_level_exponent(bits, base_kind, base, table_size, floor_exponent) - e)
     return shift, np.where(skip, 0, residue)
 
 
@@ -288,20 +324,37 @@ def quantize_v_int(v: np.ndarray, v_scale: float, v_zero_point: int, v_bits: int
 
 
 def log2_matmul_rescale(
-    bits: int, base_kind: str, scale: float, v_scale: float, base: float = 2.0, table_size: int = 16
+    bits: int,
+    base_kind: str,
+    scale: float,
+    v_scale: float,
+    base: float = 2.0,
+    table_size: int = 16,
+    floor_exponent: int = -1,
 ) -> float:
     """``C = scale * v_scale * 2^-(E+S)`` in float64 (exact: float32 operands, a power of two)."""
-    e = smallest_level_exponent(bits, base_kind, base, table_size)
+    e = smallest_level_exponent(bits, base_kind, base, table_size, floor_exponent)
     shift = residue_numerators(base_kind, base, table_size)[1]
     return float(np.float64(np.float32(scale)) * np.float64(np.float32(v_scale)) * 2.0 ** -(e + shift))
 
 
 def log2_matmul_ref(
-    p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed=False, base=2.0, table_size=16
+    p,
+    v,
+    bits,
+    base_kind,
+    scale,
+    v_scale,
+    v_zero_point,
+    v_bits,
+    v_signed=False,
+    base=2.0,
+    table_size=16,
+    floor_exponent=-1,
 ):
     """Shift-and-add attention, stated exactly (see module docstring)."""
     p, v = np.asarray(p, np.float32), np.asarray(v, np.float32)
-    shift, residue = log2_shift_codes(p, bits, base_kind, scale, base, table_size)
+    shift, residue = log2_shift_codes(p, bits, base_kind, scale, base, table_size, floor_exponent)
     v_int = quantize_v_int(v, v_scale, v_zero_point, v_bits, v_signed).astype(np.float64)
     power = np.where(shift >= 0, np.ldexp(1.0, np.maximum(shift, 0)), 0.0)  # 2^(E - e), exact in float64
     # float64 matmuls are exact here: every partial sum is an integer below 2^31 (the type check's bound)
@@ -309,13 +362,15 @@ def log2_matmul_ref(
     t = sum(
         np.matmul(np.where(residue == r, power, 0.0), v_int).astype(np.int64) * int(n) for r, n in enumerate(numerators)
     )
-    rescale = log2_matmul_rescale(bits, base_kind, scale, v_scale, base, table_size)
+    rescale = log2_matmul_rescale(bits, base_kind, scale, v_scale, base, table_size, floor_exponent)
     y = (t.astype(np.float64) * rescale).astype(np.float32)
     nan = np.isnan(p).any(axis=-1)[..., :, None] | np.isnan(v).any(axis=-2)[..., None, :]
     return np.where(nan, np.float32(np.nan), y).astype(np.float32)
 
 
-def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed, base, table_size):
+def _log2_matmul_infer(
+    p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed, base, table_size, floor_exponent
+):
     require_float(p, "log2_matmul")
     require_float(v, "log2_matmul")
     if p.rank < 2 or v.rank < 2 or p.shape[-1] != v.shape[-2]:
@@ -335,12 +390,15 @@ def _log2_matmul_infer(p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bi
     k = p.shape[-1]
     if not isinstance(k, int):
         raise IRTypeError(f"log2_matmul: the contraction dimension of {p} must be static (int32 bound)")
-    bound = log2_matmul_bound(bits, base_kind, v_bits, k, base, table_size)
+    if floor_exponent < -1:
+        raise IRTypeError(f"log2_matmul: floor_exponent {floor_exponent} must be -1 (every level) or >= 0")
+    bound = log2_matmul_bound(bits, base_kind, v_bits, k, base, table_size, floor_exponent)
     if bound > ACC_LIMIT:
-        e = smallest_level_exponent(bits, base_kind, base, table_size)
+        e = smallest_level_exponent(bits, base_kind, base, table_size, floor_exponent)
         raise IRTypeError(
             f"log2_matmul: {bits}-bit {base_kind} levels reach 2^-{e}; {2**v_bits - 1} * {k} * 2^{e} overflows "
-            "the int32 accumulator: keep log2_quant + matmul, or use fewer bits"
+            f"the int32 accumulator: set floor_exponent <= {largest_floor_exponent(v_bits, k)}, keep "
+            "log2_quant + matmul, or use fewer bits"
         )
     return _matmul_infer(p, v)
 
@@ -358,12 +416,14 @@ register(
         "v_signed": Attr("bool", False),
         "base": Attr("float", 2.0),
         "table_size": Attr("int", 16),
+        "floor_exponent": Attr("int", -1),
     },
     _log2_matmul_infer,
     log2_matmul_ref,
     "y = float32(float64(sum_r acc_r * N_r) * scale * v_scale * 2^-(E+S)), acc_r = int32 sum_k v_int[k] << (E - e_k) "
     "over the log2 codes of p in residue class r (zero code skipped; N, S: 2^23 and 11863283 with S=23 for "
-    "log2 / log-sqrt2, float32 table entries times 2^24 for adaptive bases), v_int = per-tensor uniform codes of v",
+    "log2 / log-sqrt2, float32 table entries times 2^24 for adaptive bases), v_int = per-tensor uniform codes of v; "
+    "floor_exponent W >= 0: levels with e > W skipped, E = min(E, W)",
     macs=lambda out, p, v, *_, **__: int(np.prod([d if isinstance(d, int) else 1 for d in out])) * int(p[-1]),
     tags={"custom", "contraction"},
 )
@@ -544,6 +604,9 @@ __all__ = [
     "int8_linear_ref",
     "log2_codes",
     "log2_levels",
+    "largest_floor_exponent",
+    "last_kept_code",
+    "level_exponent",
     "log2_matmul_bound",
     "DIAG_LIMIT",
     "adaptive_period",

@@ -18,11 +18,22 @@ initialisation that recovery fine-tuning then trains):
   (SimHash); with ``binary_init="auto"`` the one with the lower output error on calibration wins.
 * the positive scale ``s`` disappears: ``sign`` is scale free.
 
+Beside the code form, a **local token mix** (Castling-ViT, You et al., CVPR 2023, Sec. 3.2, which
+ShiftAddViT's attention keeps: a depthwise convolution of ``v`` over the token axis, kernel 9 per
+head): ``out = binary_attention(qh, kh, v) + sum_t w_ht v_{i+t-p}``, the ``conv2d`` of ``v [B, H, S,
+Dv]`` with an ``[H, 1, taps, 1]`` filter (``groups=H``; causal sites pad only the past, so no query
+sees a later key). The linear code form spreads its weights over all keys (``1 + m_ij`` lies in
+``1 .. b+1``), the local mix gives back the sharp near-diagonal part of softmax attention. Its taps are
+fitted per head by least squares on calibration, to the residual ``softmax attention - code form``
+(and then train in recovery); ``taps * Dv`` multiply-adds per token, in the reported count.
+``binary_local_taps=0`` drops it (self-attention only: ``T == S`` with a static head count).
+
 Refused, with the reason in the report: a softmax over another axis than the keys; a scale that is
 not a positive constant scalar; additive score biases or float masks (relative position bias);
 run-time masks (padding) and constant masks other than the causal triangle (``causal=True`` is the
 prefix-sum form); probabilities or scores also read elsewhere; non-float32 attention. Options:
-``hash_bits`` (default 16), ``binary_init`` (``auto`` | ``pca_itq`` | ``random``), ``seed``.
+``hash_bits`` (default 16), ``binary_init`` (``auto`` | ``pca_itq`` | ``random``),
+``binary_local_taps`` (default 9, ShiftAddViT's ``res_kernel_size``; 0: none), ``seed``.
 The report gives, per layer, the output error on calibration and the fraction of multiplications
 removed (``ir.ops_attention.binary_attention_mults``).
 """
@@ -45,6 +56,8 @@ RULE = "binary_attention"
 ITQ_ITERATIONS = 30
 MASK_FILL_MAX = -1e30  # a where() fill at or below this is a mask, not a score edit
 FIT_SAMPLES = 4096  # rows per head for the projection fit
+LOCAL_TAPS = 9  # Castling-ViT / ShiftAddViT res_kernel_size
+LOCAL_RIDGE = 1e-6  # relative to the Gram matrix's mean diagonal: keeps the taps finite on constant v
 
 
 @dataclass
@@ -185,11 +198,14 @@ class Fit:
     projection: np.ndarray  # [H, D, b] (rank-3 sites: [D, b])
     key_offset: np.ndarray  # [H, 1, b] (rank-3 sites: [1, b])
     init: str
-    output_error: float
+    output_error: float  # relative error of the site's output (code form + local mix) on calibration
+    code_form_error: float  # the code form's alone
+    local_mix: np.ndarray | None = None  # [H, taps] token-mix taps (None: no local mix)
 
 
-def fit_projection(q, kt, v, scale: float, causal: bool, bits: int, init: str, seed: int) -> Fit:
-    """The per-head hash projection with the lower output error (see module docstring)."""
+def fit_projection(q, kt, v, scale: float, causal: bool, bits: int, init: str, seed: int, taps: int = 0) -> Fit:
+    """The per-head hash projection with the lower output error, then (``taps > 0``) the local mix's
+    least-squares taps on what the code form leaves (see module docstring)."""
     rng = np.random.default_rng(seed)
     k = np.swapaxes(kt, -1, -2)
     qh_, kh_ = _heads(q), _heads(k)
@@ -213,10 +229,63 @@ def fit_projection(q, kt, v, scale: float, causal: bool, bits: int, init: str, s
             p32, offset = p32[0], offset[0]
         qh = np.matmul(q, p32)
         kh = np.matmul(k, p32) - offset
-        err = _relative(binary_attention_ref(qh, kh, v, causal).astype(np.float64), ref)
+        out = binary_attention_ref(qh, kh, v, causal).astype(np.float64)
+        err = _relative(out, ref)
         if best is None or err < best.output_error:
-            best = Fit(p32, offset, name, err)
+            best, best_out = Fit(p32, offset, name, err, err), out
+    if taps:
+        w = fit_local_mix(v, ref - best_out, taps, causal)
+        best.local_mix = w.astype(np.float32)
+        best.output_error = _relative(best_out + local_mix_ref(v, best.local_mix.astype(np.float64), causal), ref)
     return best
+
+
+def local_padding(taps: int, causal: bool) -> tuple[int, int]:
+    """Token-axis padding ``(before, after)`` of the local mix: centred, or only the past when causal."""
+    return (taps - 1, 0) if causal else ((taps - 1) // 2, taps // 2)
+
+
+def _as_heads4(v: np.ndarray) -> np.ndarray:
+    """``[B, H, S, D]`` (rank-3 ``[B, S, D]``: one head)."""
+    return v[:, None] if v.ndim == 3 else v
+
+
+def _token_taps(v4: np.ndarray, taps: int, causal: bool) -> list[np.ndarray]:
+    """The ``taps`` shifted copies ``v[..., i + t - before, :]`` (zeros outside), each ``[B, H, S, D]``."""
+    before, after = local_padding(taps, causal)
+    pad = np.pad(v4, ((0, 0), (0, 0), (before, after), (0, 0)))
+    s = v4.shape[2]
+    return [pad[:, :, t : t + s] for t in range(taps)]
+
+
+def local_mix_ref(v: np.ndarray, w: np.ndarray, causal: bool) -> np.ndarray:
+    """``sum_t w[h, t] v[..., h, i + t - before, :]`` in float64 (``w [H, taps]``): the ``conv2d`` the rewrite emits."""
+    v4 = _as_heads4(np.asarray(v, np.float64))
+    out = sum(w[None, :, t, None, None] * x for t, x in enumerate(_token_taps(v4, w.shape[1], causal)))
+    return out[:, 0] if np.ndim(v) == 3 else out
+
+
+def fit_local_mix(v: np.ndarray, residual: np.ndarray, taps: int, causal: bool) -> np.ndarray:
+    """``[H, taps]`` least-squares taps: ``min_w ||residual - local_mix(v, w)||^2`` per head (ridge-damped)."""
+    v4, r4 = _as_heads4(np.asarray(v, np.float64)), _as_heads4(np.asarray(residual, np.float64))
+    shifted = _token_taps(v4, taps, causal)
+    gram = np.empty((v4.shape[1], taps, taps))
+    rhs = np.stack([np.einsum("bhsd,bhsd->h", x, r4) for x in shifted], axis=1)
+    for t in range(taps):
+        for u in range(t, taps):
+            gram[:, t, u] = gram[:, u, t] = np.einsum("bhsd,bhsd->h", shifted[t], shifted[u])
+    damp = LOCAL_RIDGE * np.maximum(np.trace(gram, axis1=1, axis2=2) / taps, 1e-30)
+    gram += damp[:, None, None] * np.eye(taps)
+    return np.linalg.solve(gram, rhs[..., None])[..., 0]
+
+
+def local_mix_reason(q: Value, v: Value) -> str | None:
+    """Why a site takes no local mix (cross-attention, symbolic heads, other ranks), or None."""
+    if q.shape[-2] != v.shape[-2]:
+        return f"queries {q.type} and keys {v.type} differ in length: no token-aligned local mix"
+    if v.type.rank not in (3, 4) or not all(isinstance(d, int) for d in v.shape[-3 if v.type.rank == 4 else -2 :]):
+        return f"values {v.type} are not [B, H, S, D] / [B, S, D] with static heads, tokens and channels"
+    return None
 
 
 # -- the rewrite ----------------------------------------------------------------------------------
@@ -224,6 +293,19 @@ def _insert(graph: Graph, before: Node, op: str, inputs: list, attrs: dict | Non
     node = create_node(graph, op, inputs, attrs or {}, graph.fresh_name(hint or op))
     graph.nodes.insert(graph.nodes.index(before), node)
     return node.outputs[0]
+
+
+def _local_mix(graph: Graph, root: Node, v: Value, w: np.ndarray, causal: bool, name: str) -> Value:
+    """``conv2d`` of ``v`` over the token axis with the per-head taps ``w [H, taps]`` (rank 3: one head)."""
+    heads, taps = w.shape
+    v4 = v if v.type.rank == 4 else _insert(graph, root, "reshape", [v], {"shape": (-1, 1) + tuple(v.shape[-2:])})
+    before, after = local_padding(taps, causal)
+    filt = graph.add_constant(w.reshape(heads, 1, taps, 1).astype(np.float32), f"{name}_local_mix")
+    attrs = {"padding": (before, 0, after, 0), "groups": heads}
+    mixed = _insert(graph, root, "conv2d", [v4, filt], attrs, hint=f"{name}_local_mix")
+    if v.type.rank == 4:
+        return mixed
+    return _insert(graph, root, "reshape", [mixed], {"shape": (-1,) + tuple(v.shape[-2:])})
 
 
 def _rewrite(graph: Graph, site: Site, fit: Fit, producers) -> Value:
@@ -244,7 +326,34 @@ def _rewrite(graph: Graph, site: Site, fit: Fit, producers) -> Value:
         [_insert(graph, root, "matmul", [k, p], hint=f"{name}_k_proj"), offset],
         hint=f"{name}_k_hash",
     )
-    return _insert(graph, root, "binary_attention", [qh, kh, site.v], {"causal": site.causal}, hint=f"{name}_binary")
+    out = _insert(graph, root, "binary_attention", [qh, kh, site.v], {"causal": site.causal}, hint=f"{name}_binary")
+    if fit.local_mix is None:
+        return out
+    local = _local_mix(graph, root, site.v, fit.local_mix, site.causal, name)
+    return _insert(graph, root, "add", [out, local], hint=f"{name}_attention")
+
+
+def attention_result(node: Node, users, producers) -> Value:
+    """The value a rewritten site hands on: the ``binary_attention`` output, or the ``add`` of its local mix."""
+    out = node.outputs[0]
+    readers = users.get(out, [])
+    if len(readers) == 1 and readers[0].op == "add":
+        other = next((v for v in readers[0].inputs if v is not out), None)
+        mix = producers.get(other)
+        if mix is not None and mix.op in ("conv2d", "reshape") and node.inputs[2] in _mix_sources(mix, producers):
+            return readers[0].outputs[0]
+    return out
+
+
+def _mix_sources(mix: Node, producers) -> list[Value]:
+    """The values a local mix reads: ``conv2d(v)`` or ``reshape(conv2d(reshape(v)))``."""
+    if mix.op == "reshape":
+        mix = producers.get(mix.inputs[0])
+        if mix is None or mix.op != "conv2d":
+            return []
+    src = mix.inputs[0]
+    inner = producers.get(src)
+    return [src] + ([inner.inputs[0]] if inner is not None and inner.op == "reshape" else [])
 
 
 def _scale_of(site: Site) -> float:
@@ -265,6 +374,9 @@ def binary_attention_pass(graph: Graph, ctx: PassContext) -> RuleStats:
         raise ValueError(f"binary_init {init!r}: choose auto, pca_itq or random")
     if not 1 <= bits <= 64:
         raise ValueError(f"hash_bits {bits}: choose 1..64")
+    taps = int(opts.get("binary_local_taps", LOCAL_TAPS))
+    if not 0 <= taps <= 64:
+        raise ValueError(f"binary_local_taps {taps}: choose 0 (no local mix) .. 64")
     producers, users = graph.producers(), graph.users()
     sites = []
     for node in [n for n in graph.nodes if n.op == "matmul"]:
@@ -284,17 +396,22 @@ def binary_attention_pass(graph: Graph, ctx: PassContext) -> RuleStats:
             seen[n].append(env[n])
     for site in sites:
         q, kt, v = (np.concatenate(seen[t.name]) for t in (site.q, site.kt, site.v))
-        fit = fit_projection(q, kt, v, _scale_of(site), site.causal, bits, init, seed)
+        no_mix = local_mix_reason(site.q, site.v) if taps else "binary_local_taps=0"
+        site_taps = 0 if no_mix else taps
+        fit = fit_projection(q, kt, v, _scale_of(site), site.causal, bits, init, seed, site_taps)
         out = _rewrite(graph, site, fit, producers)
         replace_value(graph, site.matmul.outputs[0], out)  # a fresh node output: always accepted
         tokens, dim, keys, v_dim = q.shape[-2], q.shape[-1], v.shape[-2], v.shape[-1]
-        before, after = binary_attention_mults(tokens, keys, dim, v_dim, bits)
+        before, after = binary_attention_mults(tokens, keys, dim, v_dim, bits, site_taps)
         stats.matches[RULE] = stats.matches.get(RULE, 0) + 1
         stats.details[site.matmul.name] = {
             "bits": bits,
             "init": fit.init,
             "causal": site.causal,
+            "local_taps": site_taps,
+            **({"no_local_mix": no_mix} if no_mix and taps else {}),
             "output_error": fit.output_error,
+            "code_form_error": fit.code_form_error,
             "mults_per_head": (before, after),
             "mults_removed": 1.0 - after / before,
         }
@@ -308,8 +425,20 @@ BINARY_ATTENTION_PASSES = [
         binary_attention_pass,
         exact=False,
         doc="softmax(q k^T s) v -> ShiftAddViT binary-code linear attention (hash fitted on calibration)",
-        options=frozenset({"hash_bits", "binary_init", "seed"}),
+        options=frozenset({"hash_bits", "binary_init", "binary_local_taps", "seed"}),
     )
 ]
 
-__all__ = ["BINARY_ATTENTION_PASSES", "Fit", "Site", "binary_attention_pass", "find_site", "fit_projection", "pca_itq"]
+__all__ = [
+    "BINARY_ATTENTION_PASSES",
+    "LOCAL_TAPS",
+    "Fit",
+    "Site",
+    "attention_result",
+    "binary_attention_pass",
+    "find_site",
+    "fit_local_mix",
+    "fit_projection",
+    "local_mix_ref",
+    "pca_itq",
+]

@@ -21,9 +21,13 @@
   multiplied once by its table entry at the end), zero codes skipped, one rescale by
   ``scale * v_scale``. Exact up to float32 rounding against the fake-quantized graph it replaces (it
   carries the same codes and the same calibrated per-tensor V scale). Refused, with the reason in
-  the report: a float or per-channel V, and code ranges whose shifts overflow int32
+  the report: a float or per-channel V. Code ranges whose shifts overflow int32
   (``(2^v_bits - 1) * tokens * 2^E``: 4-bit codes fit 197 tokens; 6- and 8-bit log-sqrt2 codes,
-  down to ``2^-31`` and ``2^-127``, do not).
+  down to ``2^-31`` and ``2^-127``, do not) run with the op's ``floor_exponent`` ``W``, the largest
+  the bound allows (``W = 15`` for 197 tokens and 8-bit V, ``13`` for 785): levels below ``2^-W``
+  of the top level count as zero, moving an output row by at most its dropped probability mass
+  times ``max |v|`` (under ``tokens * 2^-W``; 4-bit log-sqrt2 itself zeroes everything below
+  ``2^-7``). Below ``W = MIN_FLOOR_EXPONENT`` (``2^-8``) the site stays fake-quant, with the reason.
 
 Passes: ``log2_a{bits}`` (RepQ-ViT, softmax only; option ``base_kind``), ``adalog_a{bits}``
 (adaptive base on softmax and post-GELU) and ``fuse_log2_matmul``. Option ``a_bits`` overrides the bits.
@@ -38,6 +42,7 @@ from reshift.ir.graph import Graph, Node, Value
 from reshift.ir.ops_quant import (
     ACC_LIMIT,
     LOG2_MATMUL_KINDS,
+    largest_floor_exponent,
     log2_matmul_bound,
     log2_quant_ref,
     smallest_level_exponent,
@@ -51,6 +56,7 @@ from reshift.passes.rules import RewriteContext, Rule, RuleStats
 GELU_SHIFT = 0.17  # >= -min_x GELU(x) = 0.16997...
 TABLE_SIZE = 16
 SCALE_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+MIN_FLOOR_EXPONENT = 8  # a log2_matmul floor below 2^-8 would drop real attention mass: stay fake-quant
 
 
 def _softmax_edges(graph: Graph, producers) -> list[tuple[Value, list[Node]]]:
@@ -205,18 +211,27 @@ def _log2_matmul_check(m: Match, graph: Graph) -> str | None:
     k = m["p"].shape[-1]
     if not isinstance(k, int):
         return f"contraction dimension {k!r} is symbolic: no static int32 bound"
-    bound = log2_matmul_bound(a["bits"], a["base_kind"], vq.attrs["bits"], k, a["base"], a["table_size"])
-    if bound > ACC_LIMIT:
+    floor = floor_exponent_for(a, vq.attrs["bits"], k)
+    if floor is not None and floor < MIN_FLOOR_EXPONENT:
         e = smallest_level_exponent(a["bits"], a["base_kind"], a["base"], a["table_size"])
         return (
             f"{a['bits']}-bit {a['base_kind']} levels reach 2^-{e}: {2 ** vq.attrs['bits'] - 1} * {k} tokens * 2^{e} "
-            "overflows the int32 accumulator; stays fake-quant"
+            f"overflows the int32 accumulator, and a floor of 2^-{floor} (below 2^-{MIN_FLOOR_EXPONENT}) would "
+            "drop attention mass; stays fake-quant"
         )
     return None
 
 
+def floor_exponent_for(a: dict, v_bits: int, k: int) -> int | None:
+    """The ``log2_matmul`` floor a site needs: None when every level fits int32, else the largest allowed."""
+    if log2_matmul_bound(a["bits"], a["base_kind"], v_bits, k, a["base"], a["table_size"]) <= ACC_LIMIT:
+        return None
+    return largest_floor_exponent(v_bits, k)
+
+
 def _log2_matmul_rewrite(m: Match, ctx: RewriteContext) -> Value:
     a, v = m.nodes["pq"].attrs, ctx.graph.producers()[m["vq"]]
+    floor = floor_exponent_for(a, v.attrs["bits"], m["p"].shape[-1])
     return ctx.op(
         "log2_matmul",
         m["p"],
@@ -230,6 +245,7 @@ def _log2_matmul_rewrite(m: Match, ctx: RewriteContext) -> Value:
         v_zero_point=int(v.attrs["zero_point"][0]),
         v_bits=v.attrs["bits"],
         v_signed=v.attrs["signed"],
+        floor_exponent=-1 if floor is None else floor,
     )
 
 
@@ -239,7 +255,8 @@ LOG2_MATMUL_RULES = [
 FUSE_LOG2_MATMUL = rule_pass(
     "fuse_log2_matmul",
     LOG2_MATMUL_RULES,
-    doc="matmul(log2_quant(A), quantize_uniform(V)) -> log2_matmul (int32 shifts and adds, RepQ-ViT)",
+    doc="matmul(log2_quant(A), quantize_uniform(V)) -> log2_matmul (int32 shifts and adds, RepQ-ViT; "
+    "6/8-bit codes with a floor on the smallest level)",
     exact=True,
 )
 

@@ -347,7 +347,9 @@ def quantizer_table(graph: Graph, report, batch: dict[str, np.ndarray]) -> str:
             scale = "run time" if row else f"{a['x_scale']:.4g} (z={a['x_zero_point']})"
         elif n.op == "log2_matmul":  # vs the float attention product it replaces
             ref = x @ env[n.inputs[1].name]
-            kind = f"log2_matmul (P {a['base_kind']} codes x V int{a['v_bits']}, shift-add)"
+            floor = a.get("floor_exponent", -1)
+            floor_note = f", levels below 2^-{floor} dropped" if floor >= 0 else ""
+            kind = f"log2_matmul (P {a['base_kind']} codes x V int{a['v_bits']}, shift-add{floor_note})"
             bits, scale = a["bits"], f"{a['scale']:.4g} / V {a['v_scale']:.4g}"
         elif n.op == "log2_quant":
             ref, kind, bits = x, f"log2_quant ({a['base_kind']}, base {a['base']:.4g})", a["bits"]

@@ -34,6 +34,7 @@ import numpy as np
 from reshift.errors import InputError
 from reshift.ir.graph import Graph
 from reshift.ir.interpret import bind_inputs
+from reshift.passes.binary_attention import attention_result
 
 DEFAULT_LR_SCALES = {"weight": 1.0, "shift": 10.0, "scale": 1.0}
 OPTIMIZERS = ("adam", "adamw")
@@ -115,13 +116,14 @@ def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
 
 
 def _attention_features(student: Graph, teacher: Graph) -> list[str]:
+    """The values right after each binary-code attention (after its local token mix, where it has one)."""
     names = {v.name for n in teacher.nodes for v in n.outputs}
-    users = student.users()
+    users, producers = student.users(), student.producers()
     found: list[str] = []
     for node in student.nodes:
         if node.op != "binary_attention":
             continue
-        for reader in users.get(node.outputs[0], []):
+        for reader in users.get(attention_result(node, users, producers), []):
             found += [v.name for v in reader.outputs if v.name in names and v.name not in found]
     return found
 

@@ -9,6 +9,7 @@ from reshift import ir, passes
 from reshift.errors import IRTypeError, PassError
 from reshift.ir.builder import GraphBuilder
 from reshift.ir.ops_attention import binary_attention_mults, binary_attention_ref, binary_codes, matching_weights
+from reshift.passes.binary_attention import LOCAL_TAPS, fit_local_mix, local_mix_ref
 
 from .helpers import refused
 
@@ -122,13 +123,75 @@ def test_pass_replaces_softmax_attention_with_the_fitted_code_form(rng, between,
     (detail,) = report.details.values()
     assert detail["init"] in ("pca_itq", "random") and 0 < detail["mults_removed"] < 1
     before, after = detail["mults_per_head"]
-    assert before == T * T * D * 2 + 2 * T * T and after == 2 * T * D * 4 + T * D
+    assert detail["local_taps"] == LOCAL_TAPS
+    assert before == T * T * D * 2 + 2 * T * T and after == 2 * T * D * 4 + T * D + LOCAL_TAPS * T * D
     # the op, recomputed from the rewritten graph's own hash projections, is what the graph computes
     env = ir.interpret(g2, data[0], return_all=True)
     qh, kh, v = (env[i.name] for i in node.inputs)
-    np.testing.assert_array_equal(env[node.outputs[0].name], binary_attention_ref(qh, kh, v, causal))
-    # lossy but fitted: the reported error is the error of the attention output on calibration
-    assert detail["output_error"] < 1.0
+    coded = env[node.outputs[0].name]
+    np.testing.assert_array_equal(coded, binary_attention_ref(qh, kh, v, causal))
+    # plus the local token mix: a depthwise conv2d of v over the tokens, its taps a graph constant
+    (conv,) = [n for n in g2.nodes if n.op == "conv2d"]
+    (add,) = [n for n in g2.nodes if n.op == "add" and node.outputs[0] in n.inputs]
+    assert conv.inputs[0] is node.inputs[2] and conv.attrs["groups"] == H
+    taps = conv.inputs[1].data.reshape(H, LOCAL_TAPS)
+    np.testing.assert_allclose(env[conv.outputs[0].name], local_mix_ref(v, taps, causal), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(env[add.outputs[0].name], coded + env[conv.outputs[0].name])
+    # lossy but fitted: the reported error is the error of the attention output on calibration, and
+    # the least-squares taps never make it worse than the code form alone (zero taps are a candidate)
+    assert detail["output_error"] <= detail["code_form_error"] < 1.0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_mix_fit_recovers_known_taps_and_causal_taps_see_no_later_token(rng, causal):
+    v = rng.standard_normal((6, H, T, D))
+    truth = rng.standard_normal((H, 5))
+    residual = local_mix_ref(v, truth, causal)
+    np.testing.assert_allclose(fit_local_mix(v, residual, 5, causal), truth, rtol=1e-4, atol=1e-5)
+    later = v.copy()
+    later[:, :, 4:] += 10.0  # tokens 4.. change
+    moved = np.abs(local_mix_ref(later, truth, causal) - residual).max(axis=(0, 1, 3))
+    assert (moved[:4] == 0).all() if causal else moved[:4].max() > 0
+    assert fit_local_mix(v[:, :1, :, :].squeeze(1), residual[:, 0], 5, causal).shape == (1, 5)  # rank 3: one head
+
+
+def test_causal_site_output_ignores_later_tokens_with_the_local_mix(rng):
+    g = vit_attention(rng, between=_causal)
+    data = calib(rng)
+    g2, report = passes.run(g, "binary_attention", calibration=data, hash_bits=4)
+    assert next(iter(report.details.values()))["local_taps"] == LOCAL_TAPS
+    x = data[0]["x"]
+    later = x.copy()
+    later[:, 5:] = rng.standard_normal(later[:, 5:].shape)
+    out, moved = (ir.interpret(g2, {"x": a})[g2.outputs[0].name] for a in (x, later))
+    np.testing.assert_array_equal(out[:, :5], moved[:, :5])
+
+
+def test_local_mix_options_and_sites_without_one(rng):
+    g = vit_attention(rng)
+    data = calib(rng)
+    g0, report = passes.run(g, "binary_attention", calibration=data, binary_local_taps=0)
+    (detail,) = report.details.values()
+    assert "conv2d" not in g0.op_histogram() and detail["local_taps"] == 0
+    assert detail["output_error"] == detail["code_form_error"] and "no_local_mix" not in detail
+    with pytest.raises(ValueError, match="binary_local_taps"):
+        passes.run(g, "binary_attention", calibration=data, binary_local_taps=-1)
+    # cross-attention (5 queries, 9 keys): no token-aligned mix; the site is still rewritten, and says why
+    b = GraphBuilder("cross")
+    q, k, v = (
+        b.input("q", f"f32[N,{H},5,{D}]"),
+        b.input("k", f"f32[N,{H},{T},{D}]"),
+        b.input("v", f"f32[N,{H},{T},{D}]"),
+    )
+    cross = b.build(b.matmul(b.softmax(b.matmul(q, b.transpose(k, perm=[0, 1, 3, 2])), axis=-1), v))
+    feeds = {"q": rng.standard_normal((2, H, 5, D)), "k": rng.standard_normal((2, H, T, D))}
+    feeds = {n: a.astype(np.float32) for n, a in feeds.items()} | {
+        "v": rng.standard_normal((2, H, T, D)).astype(np.float32)
+    }
+    g2, report = passes.run(cross, "binary_attention", calibration=[feeds])
+    (detail,) = report.details.values()
+    assert report.matches == {"binary_attention": 1} and "conv2d" not in g2.op_histogram()
+    assert detail["local_taps"] == 0 and "differ in length" in detail["no_local_mix"]
 
 
 def test_fit_keeps_the_better_candidate_and_bits_option(rng):
@@ -138,7 +201,7 @@ def test_fit_keeps_the_better_candidate_and_bits_option(rng):
     for init in ("pca_itq", "random", "auto"):
         _, report = passes.run(g, "binary_attention", calibration=data, binary_init=init, hash_bits=8)
         (detail,) = report.details.values()
-        errors[init] = detail["output_error"]
+        errors[init] = detail["code_form_error"]
         assert detail["bits"] == 8 and (init == "auto" or detail["init"] == init)
     assert errors["auto"] == min(errors["pca_itq"], errors["random"])
     with pytest.raises(ValueError, match="binary_init"):
@@ -152,7 +215,7 @@ def test_more_bits_track_softmax_attention_better(rng):
     err = {}
     for bits in (2, 32):
         _, report = passes.run(g, "binary_attention", calibration=data, hash_bits=bits, binary_init="pca_itq")
-        err[bits] = next(iter(report.details.values()))["output_error"]
+        err[bits] = next(iter(report.details.values()))["code_form_error"]
     assert err[32] < err[2]
 
 
@@ -266,7 +329,7 @@ def test_pass_matches_every_attention_of_a_torch_vit(rng):
     g2, report = passes.run(g, "binary_attention", calibration=calib)
     assert report.matches == {"binary_attention": 2} and not refused(report, "binary_attention")
     # 17 tokens, 16 dims, 16 bits: few multiplications removed at this size (92% at ViT-S 197 tokens)
-    before, after = binary_attention_mults(17, 17, 16, 16, 16)
+    before, after = binary_attention_mults(17, 17, 16, 16, 16, LOCAL_TAPS)
     assert all(d["mults_removed"] == pytest.approx(1 - after / before) for d in report.details.values())
     assert binary_attention_mults(197, 197, 64, 64, 16)[1] / binary_attention_mults(197, 197, 64, 64, 16)[0] < 0.09
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)

@@ -137,3 +137,61 @@ def test_cuda_build_of_the_portable_kernel(kind, base):
     cuda = build(g, "cuda-sm90")
     source = next(m for m in cuda.executable.mod.imports[0].imports if m.kind == "cuda").inspect_source()
     assert "__global__" in source and source.count("<<") >= 1  # the shifts survive into the device code
+
+
+# -- 6- and 8-bit codes: the floor on the smallest level ---------------------------------------------
+FLOORED = [(6, "log_sqrt2", 2.0), (8, "log2", 2.0), (6, "adaptive", 2 ** (15 / 16)), (8, "adaptive", 2 ** (5 / 16))]
+
+
+@pytest.mark.parametrize("bits,kind,base", FLOORED)
+def test_floor_drops_exactly_the_levels_past_it(rng, bits, kind, base):
+    """With ``floor_exponent = W`` the reference is the fake-quant product with every level whose
+    exponent passes ``W`` zeroed; those levels are below ``2^-W``, so the product moves by at most the
+    dropped probability mass times max |v|."""
+    from reshift.ir.ops_quant import last_kept_code, level_exponent, log_step
+
+    p, v = probabilities(rng, (2, 2, 197, 197)), rng.standard_normal((2, 2, 197, 8)).astype(np.float32)
+    floor = 15
+    y = log2_matmul_ref(p, v, bits, kind, 1.0, **V_ATTRS, base=base, floor_exponent=floor)
+    levels = log2_quant_ref(p, bits, kind, base, 1.0, 16)
+    last = last_kept_code(bits, kind, base, 16, floor)
+    assert level_exponent(last, kind, base, 16) <= floor < level_exponent(last + 1, kind, base, 16)
+    kept = np.where(levels >= np.float32(2.0 ** (-last * log_step(kind, base, 16))), levels, 0)
+    v_q = quantize_uniform_ref(v, (V_ATTRS["v_scale"],), (float(V_ATTRS["v_zero_point"]),), 8, -1)
+    ref = kept @ v_q
+    assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
+    dropped = (levels - kept).sum(-1, keepdims=True)  # per row
+    full = levels @ v_q
+    assert (np.abs(y - full) <= dropped * np.abs(v_q).max() * (1 + 1e-5) + 1e-6).all()
+    assert 0 < dropped.max() < 197 * 2.0**-floor  # something was dropped, and little
+
+
+def test_floor_type_check_and_pass_choice():
+    from reshift.ir.ops_quant import largest_floor_exponent
+    from reshift.passes.log2 import MIN_FLOOR_EXPONENT, floor_exponent_for
+
+    assert largest_floor_exponent(8, 197) == 15 and largest_floor_exponent(8, 785) == 13
+    assert 255 * 197 * 2**15 < 2**31 <= 255 * 197 * 2**16
+    b = GraphBuilder("floor")
+    p, v = b.input("p", "f32[N,197,197]"), b.input("v", "f32[N,197,64]")
+    b.log2_matmul(p, v, bits=6, base_kind="log_sqrt2", floor_exponent=15, **V_ATTRS)
+    with pytest.raises(Exception, match="set floor_exponent <= 15"):
+        b.log2_matmul(p, v, bits=6, base_kind="log_sqrt2", floor_exponent=16, **V_ATTRS)
+    with pytest.raises(Exception, match="must be -1"):
+        b.log2_matmul(p, v, bits=4, base_kind="log_sqrt2", floor_exponent=-2, **V_ATTRS)
+    four = {"bits": 4, "base_kind": "log_sqrt2", "base": 2.0, "table_size": 16}
+    assert floor_exponent_for(four, 8, 197) is None  # 4-bit codes fit: no floor
+    assert floor_exponent_for({**four, "bits": 6}, 8, 197) == 15
+    assert floor_exponent_for({**four, "bits": 8}, 8, 40000) < MIN_FLOOR_EXPONENT  # the pass refuses that
+
+
+@pytest.mark.parametrize("bits,kind,base", FLOORED)
+def test_compiled_floored_kernel_is_bit_exact(rng, bits, kind, base):
+    import reshift
+
+    g = attention_graph(2, 197, 16, bits=bits, base_kind=kind, base=base, floor_exponent=15)
+    p = probabilities(rng, (1, 2, 197, 197))
+    p[0, 0, 0, :6] = [2.0**-15, 2.0**-15.4, 2.0**-16, 2.0**-15.6, 1.0, 0.0]  # around the floor
+    v = (rng.standard_normal((1, 2, 197, 16)) * 2).astype(np.float32)
+    out = reshift.compile(g, pipeline="none")(p, v)
+    np.testing.assert_array_equal(out, ir.interpret(g, {"p": p, "v": v})[g.outputs[0].name])

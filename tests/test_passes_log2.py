@@ -7,7 +7,7 @@ import pytest
 
 from reshift import ir, passes
 from reshift.ir.builder import GraphBuilder
-from reshift.ir.ops_quant import SQRT2, fraction_table, log2_quant_ref
+from reshift.ir.ops_quant import SQRT2, fraction_table, largest_floor_exponent, log2_quant_ref
 from reshift.passes.log2 import GELU_SHIFT
 
 from .conftest import max_relative_error
@@ -176,8 +176,9 @@ def test_fused_log2_matmul_matches_fake_quant_on_tiny_vit_attention(rng, pipelin
 
 
 def test_fuse_log2_matmul_refuses_with_reasons(rng):
-    """Float V (no quantizer) and 6-bit log-sqrt2 codes (int32 overflow) stay fake-quant; adaptive
-    bases fuse."""
+    """Float V (no quantizer) stays fake-quant; 6-bit log-sqrt2 codes (their smallest level 2^-31
+    overflows int32 shifts) fuse with a floor, an 8-bit one over 40,000 tokens (floor below 2^-8) does
+    not; adaptive bases fuse."""
     from reshift.passes import PASSES, PassContext, PassManager
 
     g, calib = mlp_attention(rng), batches(rng, 2)
@@ -185,9 +186,20 @@ def test_fuse_log2_matmul_refuses_with_reasons(rng):
     g_float_v, report = fuse.run(g, PassContext(calib, {}))
     assert "log2_matmul" not in g_float_v.op_histogram() and g_float_v.op_histogram()["log2_quant"] == 1
     assert any("is not quantized" in r.reason for r in report.refusals)
-    _, g6, report6 = _unfused_and_fused(g, "w6a6_log2", calib, skip=())
-    assert "log2_matmul" not in g6.op_histogram()
-    assert any("overflows the int32 accumulator" in r.reason for r in report6.refusals)
+    unfused6, g6, report6 = _unfused_and_fused(g, "w6a6_log2", calib, skip=())
+    (node6,) = [n for n in g6.nodes if n.op == "log2_matmul"]
+    tokens = node6.inputs[0].shape[-1]
+    assert node6.attrs["bits"] == 6 and node6.attrs["floor_exponent"] == largest_floor_exponent(node6.attrs["v_bits"], tokens)
+    name = g.outputs[0].name
+    x = batches(rng, 1)[0]
+    assert max_relative_error(ir.interpret(g6, x)[name], ir.interpret(unfused6, x)[name]) < 1e-3
+    b = GraphBuilder("long")
+    p, v = b.input("p", "f32[1,40000,40000]"), b.input("v", "f32[1,40000,8]")
+    vq = b.quantize_uniform(v, scale=(0.05,), zero_point=(128.0,), bits=8)
+    long = b.build(b.matmul(b.log2_quant(p, bits=8, base_kind="log2"), vq))
+    _, report_long = PassManager([PASSES["fuse_log2_matmul"]]).run(long, PassContext(None, {}))
+    assert report_long.matches == {}
+    assert any("would drop attention mass" in r.reason for r in report_long.refusals)
     _, g_ada, report_ada = _unfused_and_fused(g, "w4a4_log2", calib, skip=(), base_kind="adaptive")
     node = next(n for n in g_ada.nodes if n.op == "log2_matmul")
     assert node.attrs["base_kind"] == "adaptive" and report_ada.matches == {"log2_matmul": 1}
@@ -205,7 +217,8 @@ def test_log2_matmul_onnx_decomposition_and_domain(rng):
     y_ada = b.log2_matmul(
         p, v, bits=4, base_kind="adaptive", base=2 ** (11 / 16), v_scale=0.05, v_zero_point=7, v_bits=4
     )
-    g = b.build(b.add(y, y_ada))
+    y_floor = b.log2_matmul(p, v, bits=8, base_kind="log2", floor_exponent=3, v_scale=0.05, v_zero_point=7, v_bits=4)
+    g = b.build(b.add(b.add(y, y_ada), y_floor))
     logits = rng.standard_normal((3, 2, 7, 7))
     pin = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
     feeds = {"p": pin, "v": rng.standard_normal((3, 2, 7, 8)).astype(np.float32)}
@@ -214,4 +227,8 @@ def test_log2_matmul_onnx_decomposition_and_domain(rng):
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert max_relative_error(out, ir.interpret(g, feeds)[g.outputs[0].name]) < 1e-5
     domain = to_onnx(g, custom_ops="domain")
-    assert [n.domain for n in domain.graph.node if n.op_type == "log2_matmul"] == ["ai.reshift"] * 2
+    assert [n.domain for n in domain.graph.node if n.op_type == "log2_matmul"] == ["ai.reshift"] * 3
+    from reshift.frontend import from_onnx
+
+    floors = sorted(n.attrs["floor_exponent"] for n in from_onnx(domain).nodes if n.op == "log2_matmul")
+    assert floors == [-1, -1, 3]

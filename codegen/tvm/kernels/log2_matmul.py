@@ -39,6 +39,7 @@ from reshift.ir.graph import Node
 from reshift.ir.ops_quant import (
     adaptive_exponent,
     adaptive_period,
+    last_kept_code,
     log2_matmul_rescale,
     residue_numerators,
     smallest_level_exponent,
@@ -54,25 +55,30 @@ def _mantissa_bits(c: float) -> int:
     return int(np.float64(c).view(np.int64)) & _MANTISSA
 
 
-def adaptive_codes(y, bits: int, base: float, table_size: int):
+def adaptive_codes(y, bits: int, base: float, table_size: int, skip_code: int | None = None):
     """The code ``q`` of ``y = p / scale > 0`` for an adaptive base ``2^a``: ``rint(-log2(y) / a) >= j + 1``
     exactly when ``y < 2^(-(j + 1/2) a)``, so ``q`` counts the float64 thresholds above ``y`` (none of
-    them is a power of two, see module docstring); ``2^bits - 1`` thresholds tell the zero code."""
+    them is a power of two, see module docstring); ``2^bits - 1`` thresholds tell the zero code. With
+    ``skip_code`` (the first code not accumulated) the count stops there: ``q = skip_code`` means skip."""
     a = adaptive_exponent(base, table_size) / table_size
-    return sum((y < tirx.const(2.0 ** (-(j + 0.5) * a), "float64")).astype("int32") for j in range(2**bits - 1))
+    count = min(2**bits - 1, skip_code if skip_code is not None else 2**bits - 1)
+    return sum((y < tirx.const(2.0 ** (-(j + 0.5) * a), "float64")).astype("int32") for j in range(count))
 
 
-def shift_codes(p: te.Tensor, bits: int, base_kind: str, scale: float, base: float, table_size: int) -> te.Tensor:
-    """int32 ``[B, M, K]``: ``-1`` (zero code, NaN), else ``(E - e) + 32 * residue`` (see module docstring)."""
-    e_max = smallest_level_exponent(bits, base_kind, base, table_size)
-    zero_code = 2**bits - 1
+def shift_codes(
+    p: te.Tensor, bits: int, base_kind: str, scale: float, base: float, table_size: int, floor_exponent: int = -1
+) -> te.Tensor:
+    """int32 ``[B, M, K]``: ``-1`` (zero code, NaN, past the floor), else ``(E - e) + 32 * residue`` (see
+    module docstring)."""
+    e_max = smallest_level_exponent(bits, base_kind, base, table_size, floor_exponent)
+    zero_code = last_kept_code(bits, base_kind, base, table_size, floor_exponent) + 1  # this code and above: skip
     if base_kind == "adaptive":
         step, periods, unit = adaptive_period(base, table_size)  # unit = gcd(step, table_size)
 
         def adaptive(*idx):
             x = p[idx]
             y = x.astype("float64") / tirx.const(float(np.float32(scale)), "float64")
-            q = adaptive_codes(y, bits, base, table_size)
+            q = adaptive_codes(y, bits, base, table_size, zero_code)
             skip = tirx.any(tirx.isnan(x), x <= tirx.const(0, "float32"), q >= zero_code)
             n = q * step
             code = (e_max - tirx.floordiv(n, table_size)) + tirx.floormod(tirx.floordiv(n, unit), periods) * RESIDUE
@@ -219,11 +225,12 @@ def lower_log2_matmul(ctx: LowerContext, node: Node, p, v) -> relax.Expr:
     p3 = ctx.emit(op.reshape(p, (batch, m, k)))
     v3 = ctx.emit(op.reshape(v, (batch, k, d)))
     kind = (a["base_kind"], a["base"], a["table_size"])
-    code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], *kind[1:], name="log2_shift_codes")
+    floor = a.get("floor_exponent", -1)
+    code = ctx.te(shift_codes, p3, a["bits"], a["base_kind"], a["scale"], *kind[1:], floor, name="log2_shift_codes")
     vi = ctx.te(quantize_v, v3, a["v_scale"], a["v_zero_point"], a["v_bits"], a["v_signed"], name="log2_matmul_v_int")
     flags = ctx.te(nan_flags, p3, v3, name="log2_matmul_nan_flags")
     prow, vcol = ctx.emit(relax.TupleGetItem(flags, 0)), ctx.emit(relax.TupleGetItem(flags, 1))
-    rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"], *kind[1:])
+    rescale = log2_matmul_rescale(a["bits"], a["base_kind"], a["scale"], a["v_scale"], *kind[1:], floor)
     numerators = residue_numerators(*kind)[0]
     if current_target_is_gpu():
         ints = tuple(int(n) for n in numerators)  # emit_te takes no numpy arrays
