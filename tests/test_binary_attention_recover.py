@@ -41,6 +41,23 @@ def test_torch_form_equals_the_reference_and_passes_gradients(rng, causal):
         assert t.grad is not None and float(t.grad[~torch.isnan(t.grad)].abs().sum()) > 0
 
 
+def test_code_estimator_is_clipped_per_bit():
+    """Forward: the sign codes; backward: 1 / s inside |h| < s (s = STE_CLIP * mean |h| of that bit), 0
+    outside and at NaN."""
+    from reshift.codegen.torch.ops_attention import STE_CLIP, binary_codes_ste
+
+    h = torch.tensor([[[0.1, -4.0], [-0.3, 1.0], [5.0, float("nan")], [-0.2, 0.5]]], requires_grad=True)
+    codes = binary_codes_ste(h)
+    np.testing.assert_array_equal(codes.detach().numpy(), [[[1, -1], [-1, 1], [1, -1], [-1, 1]]])
+    codes.sum().backward()
+    clean = np.nan_to_num(h.detach().numpy())
+    s = STE_CLIP * np.abs(clean).mean(axis=(0, 1))  # per bit
+    expected = np.where(np.abs(clean) < s, 1.0 / s, 0.0)
+    expected[0, 2, 1] = 0.0  # NaN: no gradient
+    np.testing.assert_allclose(h.grad.numpy(), expected, rtol=1e-6)
+    assert h.grad[0, 2, 0] == 0 and h.grad[0, 0, 1] == 0  # 5.0 and -4.0 lie outside their bits' windows
+
+
 def test_recovery_trains_the_code_form_and_writes_back_a_graph_equal_to_its_module():
     g = tiny_graph()
     data = batches(4)
