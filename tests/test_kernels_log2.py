@@ -195,3 +195,19 @@ def test_compiled_floored_kernel_is_bit_exact(rng, bits, kind, base):
     v = (rng.standard_normal((1, 2, 197, 16)) * 2).astype(np.float32)
     out = reshift.compile(g, pipeline="none")(p, v)
     np.testing.assert_array_equal(out, ir.interpret(g, {"p": p, "v": v})[g.outputs[0].name])
+
+
+def test_trainable_form_drops_the_levels_past_the_floor(rng):
+    """The recovery module of a floored ``log2_matmul`` computes what the reference does."""
+    import torch
+
+    from reshift.codegen.torch import to_torch
+
+    g = attention_graph(2, 37, 8, bits=8, base_kind="log2", floor_exponent=6)
+    p, v = probabilities(rng, (2, 2, 37, 37)), rng.standard_normal((2, 2, 37, 8)).astype(np.float32)
+    ref = ir.interpret(g, {"p": p, "v": v})[g.outputs[0].name]
+    with torch.no_grad():
+        out = next(iter(to_torch(g)({"p": p, "v": v}).values())).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    deeper = ir.interpret(attention_graph(2, 37, 8, bits=8, base_kind="log2", floor_exponent=17), {"p": p, "v": v})
+    assert np.abs(next(iter(deeper.values())) - ref).max() > 0  # the floor at 2^-6 dropped something

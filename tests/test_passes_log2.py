@@ -189,7 +189,8 @@ def test_fuse_log2_matmul_refuses_with_reasons(rng):
     unfused6, g6, report6 = _unfused_and_fused(g, "w6a6_log2", calib, skip=())
     (node6,) = [n for n in g6.nodes if n.op == "log2_matmul"]
     tokens = node6.inputs[0].shape[-1]
-    assert node6.attrs["bits"] == 6 and node6.attrs["floor_exponent"] == largest_floor_exponent(node6.attrs["v_bits"], tokens)
+    assert node6.attrs["bits"] == 6
+    assert node6.attrs["floor_exponent"] == largest_floor_exponent(node6.attrs["v_bits"], tokens)
     name = g.outputs[0].name
     x = batches(rng, 1)[0]
     assert max_relative_error(ir.interpret(g6, x)[name], ir.interpret(unfused6, x)[name]) < 1e-3

@@ -15,7 +15,7 @@ import torch
 from reshift.codegen.torch.registry import NodeModule, register_torch_op
 from reshift.codegen.torch.ste import log2_fake_quant, uniform_fake_quant
 from reshift.ir.graph import Graph, Node
-from reshift.ir.ops_quant import uniform_range
+from reshift.ir.ops_quant import last_kept_code, uniform_range
 
 MIN_SCALE = 1e-12
 
@@ -73,9 +73,12 @@ class Log2Matmul(NodeModule):
         self.scale = _scalar(node.attrs["scale"])
         self.v_scale = _scalar(node.attrs["v_scale"])
 
-    def forward(self, p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed, base, table_size):
+    def forward(
+        self, p, v, bits, base_kind, scale, v_scale, v_zero_point, v_bits, v_signed, base, table_size, floor_exponent=-1
+    ):
         lo, hi = uniform_range(v_bits, v_signed)
-        pq = log2_fake_quant(p, self.scale, bits, base_kind, base, table_size)
+        last = last_kept_code(bits, base_kind, base, table_size, floor_exponent)
+        pq = log2_fake_quant(p, self.scale, bits, base_kind, base, table_size, last)
         vq = uniform_fake_quant(v, self.v_scale, torch.tensor(float(v_zero_point)), lo, hi)
         return torch.matmul(pq, vq)
 

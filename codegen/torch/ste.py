@@ -57,13 +57,17 @@ def uniform_fake_quant(
     return (q - zero_point) * scale + (through - through.detach())
 
 
-def log2_codes(x: torch.Tensor, bits: int, step: float, scale: torch.Tensor) -> torch.Tensor:
-    """``ir.ops_quant.log2_codes`` in torch (float64; ``2^bits - 1`` is the zero code; NaN stays NaN)."""
+def log2_codes(
+    x: torch.Tensor, bits: int, step: float, scale: torch.Tensor, last_code: int | None = None
+) -> torch.Tensor:
+    """``ir.ops_quant.log2_codes`` in torch (float64; ``2^bits - 1`` is the zero code; NaN stays NaN);
+    ``last_code``: codes past it also give the zero code (``log2_matmul``'s ``floor_exponent``)."""
     x64 = x.detach().double()
     t = -torch.log2(x64 / scale.detach().double()) / step
     q = torch.clamp(torch.round(t), min=0.0)
     zero_code = float(2**bits - 1)
-    q = torch.where((x64 > 0) & (q < zero_code), q, torch.full_like(q, zero_code))
+    keep_below = zero_code if last_code is None else float(min(last_code + 1, 2**bits - 1))
+    q = torch.where((x64 > 0) & (q < keep_below), q, torch.full_like(q, zero_code))
     return torch.where(torch.isnan(x64), x64, q)
 
 
@@ -90,10 +94,17 @@ def log2_level_factors(q: torch.Tensor, bits: int, base_kind: str, base: float, 
 
 
 def log2_fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, bits: int, base_kind: str, base: float, table_size: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    base_kind: str,
+    base: float,
+    table_size: int,
+    last_code: int | None = None,
 ) -> torch.Tensor:
-    """``log2_quant``'s value with the gradients of the module docstring."""
-    q = log2_codes(x, bits, log_step(base_kind, base, table_size), scale)
+    """``log2_quant``'s value with the gradients of the module docstring (``last_code``: see
+    :func:`log2_codes`)."""
+    q = log2_codes(x, bits, log_step(base_kind, base, table_size), scale, last_code)
     factor = log2_level_factors(q, bits, base_kind, base, table_size)
     y = factor * scale  # exact level, gradient y / scale to the scale
     live = (factor > 0) & torch.isfinite(x)
