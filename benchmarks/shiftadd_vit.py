@@ -21,7 +21,7 @@ fp32. Both are checked and printed as met or missed. On this CPU the shift GEMV 
 fp32 GEMM (a shift is no cheaper than a multiply-add here), so the latency-aware router gives the
 shift expert fewer than half the tokens and the mixture cannot beat fp32 on its own.
 
-    .venv/bin/python benchmarks/shiftadd_vit.py [--recover-steps 3000] [--recover-lr 1e-3] [--recover-warmup 100]
+    .venv/bin/python benchmarks/shiftadd_vit.py [--recover-steps 4500] [--recover-lr 1e-3] [--recover-warmup 100]
         [--recover-features attention] [--feature-weight 1] [--deit-steps 0] [--skip-latency]
 
 Results: ``benchmarks/results/shiftadd_vit-<time>.json`` / ``.txt`` / ``.png``.
@@ -302,7 +302,7 @@ def chart(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recover-steps", type=int, default=3000)
+    parser.add_argument("--recover-steps", type=int, default=4500)
     parser.add_argument(
         "--deit-steps", type=int, default=0, help="train the DeiT-S-shaped ViT this many steps (0: skip)"
     )
