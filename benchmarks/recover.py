@@ -111,6 +111,9 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam", choices=["adam", "adamw"])
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--scale-lr", type=float, default=1.0, help="quantizer-scale lr multiplier")
+    parser.add_argument(
+        "--features", default="auto", help="reshift.recover feature mode: auto (layer norms), auto+softmax, ..."
+    )
     parser.add_argument("--cache", default=None, help="directory to keep post-training graphs in (pickled)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -139,7 +142,7 @@ def main() -> None:
         lines = [
             f"# recovery fine-tuning, all-MiniLM-L6-v2, {args.steps} steps, lr {args.lr} ({args.optimizer}, warm-up "
             f"{args.warmup}, scale lr x{args.scale_lr}), batch {args.batch}, {len(train)} training / {len(evaluation)} "
-            f"held-out sentences, loss: relative MSE + {args.feature_weight} x layer-norm features + "
+            f"held-out sentences, loss: relative MSE + {args.feature_weight} x features ({args.features}) + "
             f"{args.cosine_weight} x cosine; {args.threads} torch threads, load {load()}",
             "| pipeline | post-training cosine (min) | recovered cosine (min) | target >= 0.95 | wall s |",
             "|---|---|---|---|---|",
@@ -177,7 +180,7 @@ def main() -> None:
             lr=args.lr,
             calibration=calib,
             seed=args.seed,
-            features="auto" if args.feature_weight else None,
+            features=args.features if args.feature_weight else None,
             feature_weight=args.feature_weight,
             cosine_weight=args.cosine_weight,
             warmup=args.warmup,

@@ -7,9 +7,10 @@ frontend's graph before the pipeline) on ``data``: loss = relative MSE of each o
 values present in both graphs by name; ``"auto"``: every ``layer_norm`` output the teacher also has;
 ``"attention"``: the values computed right after each ``binary_attention`` (its readers' outputs, which
 keep their names through the rewrite), i.e. each block's attention result, as ShiftAddViT distils the
-attention it replaces; ``"auto+attention"``: both), plus ``cosine_weight`` times ``mean(1 - cos(y, t))``
-along each output's last axis (for embedding models the metric itself: the pooled sentence vector's
-direction). ``optimizer``: ``"adam"`` or
+attention it replaces; ``"auto+attention"``: both; ``"softmax"``: every softmax output, the attention
+probabilities, as TinyBERT and TernaryBERT distil them; ``"auto+softmax"``: with the layer-norm outputs),
+plus ``cosine_weight`` times ``mean(1 - cos(y, t))`` along each output's last axis (for embedding models
+the metric itself: the pooled sentence vector's direction). ``optimizer``: ``"adam"`` or
 ``"adamw"``, ``weight_decay`` on the float weights only (decoupled for ``"adamw"``, Loshchilov & Hutter
 2019; L2 for ``"adam"``). Learning rate: linear warm-up over ``warmup`` steps, then cosine decay to 0
 (SGDR, Loshchilov & Hutter 2017, Eq. 5, one cycle). The DeepShift-PS latent exponents and signs move in level units
@@ -102,9 +103,21 @@ def read_batches(data: Any, graph: Graph, batch_size: int | None = None, what: s
     return batches
 
 
+def _outputs_of(op: str, student: Graph, teacher: Graph) -> list[str]:
+    """The outputs of every single-output ``op`` node of ``student`` that the teacher computes by name too."""
+    names = {n.output.name for n in teacher.nodes if n.op == op and len(n.outputs) == 1}
+    return [n.output.name for n in student.nodes if n.op == op and len(n.outputs) == 1 and n.output.name in names]
+
+
 def _default_features(student: Graph, teacher: Graph) -> list[str]:
-    names = {n.output.name for n in teacher.nodes if n.op == "layer_norm" and len(n.outputs) == 1}
-    return [n.output.name for n in student.nodes if n.op == "layer_norm" and n.output.name in names]
+    return _outputs_of("layer_norm", student, teacher)
+
+
+def _softmax_features(student: Graph, teacher: Graph) -> list[str]:
+    """Every attention probability matrix (softmax output) both graphs compute: TinyBERT's attention
+    distillation (Jiao et al. 2020, Eq. 7), which TernaryBERT (Zhang et al. 2020, Sec. 3.3) keeps for
+    ternary weights."""
+    return _outputs_of("softmax", student, teacher)
 
 
 def lr_factor(step: int, steps: int, warmup: int = 0) -> float:
@@ -132,6 +145,8 @@ FEATURE_MODES = {
     "auto": (_default_features,),
     "attention": (_attention_features,),
     "auto+attention": (_default_features, _attention_features),
+    "softmax": (_softmax_features,),
+    "auto+softmax": (_default_features, _softmax_features),
 }
 
 

@@ -227,6 +227,22 @@ def test_intermediate_features_join_the_loss():
     assert with_features.loss_before > plain.loss_before
 
 
+def test_softmax_features_are_the_attention_probabilities_both_graphs_compute():
+    from reshift.recovery import FEATURE_MODES
+
+    g = tiny_graph()
+    student, _ = passes.run(g, "ternary", calibration=[{"x": batches(1)["x"]}], **OPTIONS)
+
+    def names(mode: str, teacher: ir.Graph) -> list[str]:
+        return [n for find in FEATURE_MODES[mode] for n in find(student, teacher)]
+
+    assert names("softmax", g) == ["p"] and names("auto+softmax", g) == ["h", "p"]
+    assert names("softmax", parse(CONV, np.random.default_rng(0))) == []  # a teacher without them
+    _, plain = reshift.recover(g, "ternary", batches(2), steps=0, **OPTIONS)
+    _, distilled = reshift.recover(g, "ternary", batches(2), steps=0, features="softmax", feature_weight=1.0, **OPTIONS)
+    assert distilled.loss_before > plain.loss_before
+
+
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     from reshift.recovery import lr_factor
 
