@@ -6,10 +6,14 @@ so the 16 outputs of one panel are one 64-byte vector per ``k``. The micro-kerne
 ``acc[r, v] += broadcast(x[m0 + r, k]) * Wp[j0 + v, k, :]`` (LLVM emits ``vfmadd231ps`` with an
 embedded broadcast), the bias seeds the accumulators, and the output panels run in parallel.
 This is the BLIS/GotoBLAS loop nest (Goto & van de Geijn 2008, Fig. 8): each thread owns ``V``
-panels; rows go in blocks of ``ROW_BLOCK``, K in blocks of ``kc`` whose weight panels fit half of L1,
-so one block of weights is reused from L1 by every row tile, and the row block's partial sums in
-``y`` (re-read per K block) stay in L2. Rows that do not fill a tile run as a one-row tail (which is
-also the batch-1 GEMV).
+panels; rows go in blocks of ``ROW_BLOCK``, K in blocks of ``kc``: by default the whole K up to
+``FULL_K`` (the tile's weight panels are re-read from L2 by every row tile, each output is written
+once), deeper K in blocks whose weight panels fit half of L1, the row block's partial sums in ``y``
+(re-read per K block) staying in L2. The default tile is 5 x 3 (else 7 x 2, 15 x 1): the knob
+search preferred those 14-15-accumulator tiles and the unblocked K over the earlier 3 x 4 tile
+with L1-sized K blocks on ViT-S's GEMMs on both a Zen 4 and a Xeon host
+(``benchmarks/tune_kernels.py``; at K = 1536, 5.1 vs 8.3 ms for the same tile with L1 blocks). Rows
+that do not fill a tile run as a one-row tail (which is also the batch-1 GEMV).
 
 Knobs (``KNOBS``, searched per shape by ``codegen/tvm/tune_knobs.py``): ``rows_tile`` x ``panels``
 (the register tile), ``kc`` (K block depth) and ``row_block`` (rows per L2 block). Every choice
@@ -28,6 +32,7 @@ from reshift.codegen.tvm import knobs as knob_db
 LANES = 16
 ACCUMULATORS = 15  # R*V*64 B must stay under 1 KiB: larger local buffers go to the heap, not registers
 L1_WEIGHT_BYTES = 24 * 1024  # weight panels of one K block: half of a 48 KiB L1 (x rows and y share the rest)
+FULL_K = 2048  # the deepest K the default runs unblocked (3 panels x 2048 x 64 B = 384 KiB of L2)
 ROW_BLOCK = 192  # rows whose partial sums (192 x 64 floats) stay in L2 across the K blocks
 
 
@@ -53,10 +58,19 @@ def k_block(k: int, panels: int) -> int:
     return -(-k // blocks)  # equal blocks
 
 
+def default_tile(blocks: int) -> tuple[int, int]:
+    """``(R, V)`` of the default GEMM tile: 5 x 3, else 7 x 2, else 15 x 1 (the first whose panels divide
+    ``blocks``): 14-15 accumulators, fewest loads per FMA first."""
+    panels = next(v for v in (3, 2, 1) if blocks % v == 0)
+    return ACCUMULATORS // panels, panels
+
+
 def default_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
-    """The hand-picked choice: the widest tile whose panels divide ``blocks``, K blocks filling half of L1."""
-    rows_tile, panels = tile_shape(shape["blocks"])
-    return {"rows_tile": rows_tile, "panels": panels, "kc": k_block(shape["k"], panels), "row_block": ROW_BLOCK}
+    """The hand-picked choice: :func:`default_tile`; K unblocked up to ``FULL_K`` (the tile's weight panels
+    stream from L2 and each output is written once), else K blocks filling half of L1."""
+    rows_tile, panels = default_tile(shape["blocks"])
+    kc = shape["k"] if shape["k"] <= FULL_K else k_block(shape["k"], panels)
+    return {"rows_tile": rows_tile, "panels": panels, "kc": kc, "row_block": ROW_BLOCK}
 
 
 def check_knobs(shape: knob_db.Shape, knobs: knob_db.Knobs) -> str | None:
