@@ -101,6 +101,18 @@ def test_int8_gemm_candidate_matches_numpy():
     np.testing.assert_array_equal(y, acc * (info[:, 0:1] * scale) + bias)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5, 7, 8, 24, 63, 96])
+@pytest.mark.parametrize("k", [1, 7, 384, 2048, 2049, 11008])
+def test_dense_default_knobs_fit_every_shape(blocks, k):
+    """5 x 3 where 3 divides the panels, else 7 x 2, else 15 x 1; K whole up to FULL_K, else L1 blocks."""
+    shape = {"rows": 64, "k": k, "blocks": blocks, "batches": 1}
+    chosen = dense_cpu.default_knobs(shape)
+    assert dense_cpu.check_knobs(shape, chosen) is None
+    want = (5, 3) if blocks % 3 == 0 else (7, 2) if blocks % 2 == 0 else (15, 1)
+    assert (chosen["rows_tile"], chosen["panels"]) == want
+    assert (chosen["kc"] == k) == (k <= dense_cpu.FULL_K)
+
+
 def test_check_refuses_knobs_that_do_not_fit():
     assert "divide" in dense_cpu.check_knobs(DENSE, {"rows_tile": 5, "panels": 3, "kc": 40, "row_block": 192})
     assert "accumulator" in dense_cpu.check_knobs(DENSE, {"rows_tile": 8, "panels": 2, "kc": 40, "row_block": 192})
