@@ -73,6 +73,8 @@ def spliced_sentences(train: list[str], n: int, held_out: list[str], seed: int =
     holds ~4175 training sentences, so a 5000-step run sees each ~39 times; splices are new inputs of the
     same vocabulary, labelled by the teacher like any other (TinyBERT, Jiao et al. 2020, Sec. 3.3, augments
     its distillation data for the same reason)."""
+    if n and len(train) < 2:
+        raise SystemExit("--splice needs at least two training sentences")
     rng = np.random.default_rng(seed)
     out: list[str] = []
     while len(out) < n:

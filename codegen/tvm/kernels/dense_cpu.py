@@ -45,9 +45,10 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(blocks, LANES, k).transpose(0, 2, 1))
 
 
-def tile_shape(blocks: int) -> tuple[int, int]:
-    """``(R, V)``: rows and 16-wide panels per register tile (``V`` divides ``blocks``)."""
-    panels = next(v for v in (4, 3, 2, 1) if blocks % v == 0)
+def tile_shape(blocks: int, panel_order: tuple[int, ...] = (4, 3, 2, 1)) -> tuple[int, int]:
+    """``(R, V)``: rows and 16-wide panels per register tile, ``V`` the first of ``panel_order`` dividing
+    ``blocks``."""
+    panels = next(v for v in panel_order if blocks % v == 0)
     return max(1, ACCUMULATORS // panels), panels
 
 
@@ -61,8 +62,7 @@ def k_block(k: int, panels: int) -> int:
 def default_tile(blocks: int) -> tuple[int, int]:
     """``(R, V)`` of the default GEMM tile: 5 x 3, else 7 x 2, else 15 x 1 (the first whose panels divide
     ``blocks``): 14-15 accumulators, fewest loads per FMA first."""
-    panels = next(v for v in (3, 2, 1) if blocks % v == 0)
-    return ACCUMULATORS // panels, panels
+    return tile_shape(blocks, (3, 2, 1))
 
 
 def default_knobs(shape: knob_db.Shape) -> knob_db.Knobs:
